@@ -1,0 +1,1 @@
+"""The thin Typer layer: options -> config dataclass -> engine function -> renderer."""

@@ -1,0 +1,68 @@
+"""The `llmprune` command: registers the subcommands and the global options."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmprune import __version__
+from llmprune.cli import eval as eval_cli
+from llmprune.cli.common import guarded, quiet_libraries, set_debug
+
+app = typer.Typer(
+    name="llmprune",
+    help="Make Llama-style models smaller by structured pruning without breaking them, and bring them back by fine-tuning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """llmprune: prune, diagnose, evaluate and fine-tune Llama-style models."""
+    set_debug(debug)
+    quiet_libraries()
+
+
+def _not_built(name: str):
+    def command() -> None:
+        raise typer.Exit(_unavailable(name))
+
+    command.__doc__ = f"(not available yet) {name}"
+    return command
+
+
+def _unavailable(name: str) -> int:
+    from llmprune.ui.console import error_line
+
+    error_line(f"'llmprune {name}' is not available in this version", "see llmprune --help for the commands that are")
+    return 2
+
+
+app.command("eval", help="Perplexity on a text (wikitext2, ptb, c4, pydoc, local files) and a generation smoke test.")(
+    guarded(eval_cli.eval_command)
+)
+for _name, _help in (
+    ("analyze", "Per-layer importance and a non-uniform pruning plan, saved as a reusable JSON config."),
+    ("prune", "GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads."),
+    ("doctor", "Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice."),
+    ("finetune", "Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard."),
+    ("recipe", "Proven pipelines in one command: analyze -> prune -> eval -> gate -> finetune -> eval."),
+):
+    app.command(_name, help=_help)(_not_built(_name))
+
+
+def main() -> None:
+    app(prog_name="llmprune")

@@ -1,0 +1,200 @@
+"""Text sources, their tokenisation (cached), evaluation windows and calibration samples.
+
+Named sources go through `datasets` (wikitext2, ptb, c4); local files are read
+directly (.txt as one document exactly as it is, .jsonl by its `text` field,
+.parquet by its `text` column); `pydoc` is the English prose shipped with
+CPython (`pydoc_data.topics`), which exists on every machine, offline too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmprune.engine.errors import UserInputError
+from llmprune.engine.paths import cache_dir
+
+# name -> (dataset path, config, split for evaluation, split for calibration/training, text field)
+NAMED_SOURCES: dict[str, tuple[str, str | None, str, str, str]] = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "train", "text"),
+    "ptb": ("ptb-text-only/ptb_text_only", "penn_treebank", "test", "train", "sentence"),
+    "c4": ("allenai/c4", "en", "validation", "train", "text"),
+}
+BUILTIN_SOURCES = ("pydoc",)
+LOCAL_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".parquet")
+SOURCE_HELP = "wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file"
+
+
+def _join_documents(texts: list[str], joiner: str) -> str:
+    return joiner.join(texts)
+
+
+def _load_named(name: str, purpose: str) -> str:
+    path, config, eval_split, train_split, text_field = NAMED_SOURCES[name]
+    split = eval_split if purpose == "eval" else train_split
+    if name == "c4":  # the full C4 split is enormous; one shard is the field's custom
+        shard = "validation" if purpose == "eval" else "train"
+        files = {shard: f"en/c4-{shard}.00000-of-{'00008' if shard == 'validation' else '01024'}.json.gz"}
+        load_args: dict[str, Any] = {"path": path, "data_files": files, "split": shard}
+    else:
+        load_args = {"path": path, "name": config, "split": split}
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        dataset = datasets.load_dataset(**load_args)
+    except Exception as error:  # offline, missing, or renamed upstream
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise UserInputError(
+            f"cannot load the '{name}' dataset ({split} split) through datasets: {reason}",
+            "offline? pass a local file instead, e.g. --dataset ../shared/data/wikitext-2-raw/wiki.test.raw, or --dataset pydoc",
+        ) from None
+    joiner = " " if name == "ptb" else "\n\n"
+    return _join_documents([row[text_field] for row in dataset], joiner)
+
+
+def _load_local(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserInputError(f"{path} line {number} is not valid JSON", "each line must be an object with a 'text' field") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise UserInputError(f"{path} line {number} has no 'text' field", "each line must be an object with a 'text' field")
+                texts.append(record["text"])
+        return _join_documents(texts, "\n\n")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise UserInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})", "rename the text column to 'text'")
+        return _join_documents([t for t in table.column("text").to_pylist() if t], "\n\n")
+    try:  # .txt and anything else: one document, exactly as it is
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path} is not UTF-8 text", "convert it to UTF-8 or use a .jsonl/.parquet file") from None
+
+
+def _load_pydoc() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def load_text(source: str, purpose: str = "eval") -> str:
+    """The raw text of `source`; `purpose` picks the split of named sources ('eval' or 'train')."""
+    if purpose not in ("eval", "train"):
+        raise ValueError(f"purpose must be 'eval' or 'train', not {purpose!r}")
+    source = str(source).strip()
+    if source in NAMED_SOURCES:
+        return _load_named(source, purpose)
+    if source == "pydoc":
+        return _load_pydoc()
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise UserInputError(f"dataset file {path} is empty", "pass a file with text in it")
+        return _load_local(path)
+    if path.is_dir():
+        raise UserInputError(f"dataset {path} is a folder", f"pass a file or a named source ({SOURCE_HELP})")
+    raise UserInputError(f"dataset '{source}' not found: not a file and not a named source", f"use {SOURCE_HELP}")
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())[:2000] + [len(vocab)], default=str).encode())
+    digest.update(type(tokenizer).__name__.encode())
+    return digest.hexdigest()[:16]
+
+
+def tokenize(tokenizer: Any, text: str, use_cache: bool = True) -> torch.Tensor:
+    """Token ids of `text` as one stream (no special tokens), cached on disk by content.
+
+    Long corpora take seconds to tokenise; evaluation and analysis re-read the
+    same ones many times.
+    """
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:24] + "-" + _tokenizer_fingerprint(tokenizer)
+    path = cache_dir("tokens") / f"{key}.pt"
+    if use_cache and path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:
+            path.unlink(missing_ok=True)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if use_cache:
+        tmp = path.with_suffix(f".{id(ids)}.tmp")
+        torch.save(ids, tmp)
+        tmp.replace(path)
+    return ids
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """A batch-able set of token windows, all `seq_len` long."""
+
+    ids: torch.Tensor  # [n, seq_len]
+    source: str
+    total_tokens_in_source: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise UserInputError(f"--seq-len must be an integer ≥ 2, got {seq_len}", "use e.g. --seq-len 128 or 2048")
+
+
+def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, source: str = "") -> TokenWindows:
+    """Consecutive, non-overlapping windows of the token stream (the tail shorter than seq_len is dropped)."""
+    _check_seq_len(seq_len)
+    if max_windows is not None and max_windows < 1:
+        raise UserInputError(f"--max-windows must be ≥ 1, got {max_windows}", "leave it out to use every window")
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise UserInputError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}", "use a longer text or a smaller --seq-len")
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return TokenWindows(ids[: count * seq_len].view(count, seq_len).clone(), source, ids.numel())
+
+
+def random_windows(ids: torch.Tensor, count: int, seq_len: int, seed: int = 0, source: str = "") -> TokenWindows:
+    """`count` windows starting at seeded random offsets (calibration and training samples)."""
+    _check_seq_len(seq_len)
+    if count < 1:
+        raise UserInputError(f"the number of samples must be ≥ 1, got {count}", "use e.g. --samples 128")
+    if ids.numel() <= seq_len:
+        raise UserInputError(f"the text has {ids.numel()} tokens, not more than one sample of {seq_len}", "use a longer text or a smaller --seq-len")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (count,), generator=generator)
+    return TokenWindows(torch.stack([ids[s : s + seq_len] for s in starts.tolist()]), source, ids.numel())
+
+
+def load_evaluation_windows(tokenizer: Any, source: str, seq_len: int, max_windows: int | None = None) -> TokenWindows:
+    """Evaluation split of `source`, tokenised once as a stream and cut into windows."""
+    _check_seq_len(seq_len)
+    return evaluation_windows(tokenize(tokenizer, load_text(source, "eval")), seq_len, max_windows, source)
+
+
+def load_calibration_windows(tokenizer: Any, source: str, count: int, seq_len: int, seed: int = 0) -> TokenWindows:
+    """Training split of `source`, `count` seeded random windows (never the test split of named sources)."""
+    _check_seq_len(seq_len)
+    return random_windows(tokenize(tokenizer, load_text(source, "train")), count, seq_len, seed, source)

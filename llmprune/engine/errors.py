@@ -1,0 +1,20 @@
+"""Errors the engine raises on purpose.
+
+The CLI turns a `UserInputError` into one line on stderr and exit code 2; any
+other exception is a bug and keeps its traceback (with --debug).
+"""
+
+from __future__ import annotations
+
+
+class LlmpruneError(Exception):
+    """Base class of the errors llmprune raises deliberately."""
+
+
+class UserInputError(LlmpruneError):
+    """Bad input: says what is wrong and what to do about it."""
+
+    def __init__(self, problem: str, hint: str | None = None):
+        self.problem = problem
+        self.hint = hint
+        super().__init__(problem if not hint else f"{problem} — {hint}")

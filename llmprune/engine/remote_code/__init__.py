@@ -1,0 +1,1 @@
+"""Files copied next to saved non-uniform models so that transformers can load them."""

@@ -1,0 +1,1 @@
+"""Renderers: Rich output for commands, the Textual dashboard for training."""

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+
+from llmprune.engine.data import evaluation_windows, load_text, random_windows, tokenize
+from llmprune.engine.errors import UserInputError
+
+
+def test_txt_is_read_exactly(tmp_path):
+    text = "  first line\n\n second = 2 \n"
+    path = tmp_path / "a.txt"
+    path.write_text(text, encoding="utf-8")
+    assert load_text(str(path)) == text
+
+
+def test_jsonl_text_field(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n", encoding="utf-8")
+    assert load_text(str(path)) == "one\n\ntwo"
+
+
+def test_jsonl_without_text_field_is_user_error(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserInputError, match="line 1"):
+        load_text(str(path))
+
+
+def test_parquet_text_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["alpha", "beta"]}), path)
+    assert load_text(str(path)) == "alpha\n\nbeta"
+
+
+def test_pydoc_is_real_prose_offline():
+    text = load_text("pydoc")
+    assert len(text) > 100_000
+    assert "the" in text
+
+
+def test_missing_dataset_is_user_error():
+    with pytest.raises(UserInputError, match="not found"):
+        load_text("/definitely/not/here.txt")
+
+
+def test_evaluation_windows_are_consecutive_and_drop_the_tail():
+    ids = torch.arange(103)
+    windows = evaluation_windows(ids, 10)
+    assert windows.ids.shape == (10, 10)
+    assert torch.equal(windows.ids.flatten(), ids[:100])
+    assert len(evaluation_windows(ids, 10, max_windows=3)) == 3
+
+
+@pytest.mark.parametrize("seq_len,max_windows", [(0, None), (1, None), (10, 0), (10, -1)])
+def test_bad_window_arguments(seq_len, max_windows):
+    with pytest.raises(UserInputError):
+        evaluation_windows(torch.arange(100), seq_len, max_windows)
+
+
+def test_random_windows_are_seeded_and_inside_the_stream():
+    ids = torch.arange(1000)
+    first = random_windows(ids, 8, 16, seed=3)
+    again = random_windows(ids, 8, 16, seed=3)
+    other = random_windows(ids, 8, 16, seed=4)
+    assert torch.equal(first.ids, again.ids)
+    assert not torch.equal(first.ids, other.ids)
+    # each window is a contiguous slice of the stream
+    assert torch.all(first.ids[:, 1:] - first.ids[:, :-1] == 1)
+
+
+def test_tokenize_is_cached_and_identical(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path))
+    text = load_text("pydoc")[:20000]
+    first = tokenize(tiny_tokenizer, text)
+    assert list((tmp_path / "tokens").glob("*.pt")), "the token ids were not cached"
+    second = tokenize(tiny_tokenizer, text)
+    assert torch.equal(first, second)
+    assert torch.equal(first, torch.tensor(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]))
