@@ -175,15 +175,18 @@ class HealthReport:
                         ordered.append(line)
         return ordered
 
+    def _tensors_with(self, check: str) -> int:
+        return sum(1 for finding in self.findings if finding.check == check)
+
     @property
     def huge_count(self) -> int:
-        return sum(1 for finding in self.findings if finding.check == "huge")
+        return self._tensors_with("huge")
 
     def summary(self) -> list[tuple[bool, str]]:
         """The one-glance lines: (passed, text)."""
         lines = [
-            (self.nan == 0, "no NaN" if self.nan == 0 else f"{self.nan:,} NaN values"),
-            (self.inf == 0, "no Inf" if self.inf == 0 else f"{self.inf:,} Inf values"),
+            (self.nan == 0, "no NaN" if self.nan == 0 else f"NaN in {self._tensors_with('nan')} tensor(s) ({self.nan:,} values)"),
+            (self.inf == 0, "no Inf" if self.inf == 0 else f"Inf in {self._tensors_with('inf')} tensor(s) ({self.inf:,} values)"),
             (self.zero_share < ZERO_SHARE_NORMAL, f"zero share {'normal' if self.zero_share < ZERO_SHARE_NORMAL else 'high'}: {100 * self.zero_share:.1f} %"),
             (self.huge_count == 0, "no abnormally large values" if self.huge_count == 0 else f"{self.huge_count} tensor(s) with abnormally large values"),
         ]
