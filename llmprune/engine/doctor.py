@@ -15,7 +15,7 @@ from llmprune.engine.evaluate import ProgressCallback
 from llmprune.engine.findings import Advice, Finding
 from llmprune.engine.health import HealthReport, PplCheck, add_forward, build_report, ppl_verdict
 from llmprune.engine.models import LoadedModel, load_model
-from llmprune.engine.structure_check import read_structure
+from llmprune.engine.structure_check import read_structure, structure_shapes
 from llmprune.engine.tensor_scan import tensor_stats
 from llmprune.engine.weight_source import WeightSource, iter_tensors, locate_weights
 
@@ -87,7 +87,7 @@ def _scan(source: WeightSource, config: DoctorConfig) -> DoctorReport:
         shapes[name] = list(tensor.shape)
     if not all_stats:
         raise UserInputError(f"{config.model} holds no tensors", "pass a model directory or a weights file")
-    structure, problems = read_structure(shapes, source.config, config_role=source.config_role)
+    structure, problems = read_structure(structure_shapes(shapes), source.config, config_role=source.config_role)
     misfit = [p for p in problems if p.check == "fit"]
     if misfit:
         raise UserInputError(

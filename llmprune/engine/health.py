@@ -18,7 +18,7 @@ from torch import nn
 
 from llmprune.engine.findings import SEVERITIES, Advice, Finding
 from llmprune.engine.forward_probe import ForwardResult, forward_test
-from llmprune.engine.structure_check import Structure, read_structure
+from llmprune.engine.structure_check import Structure, is_adapter_tensor, read_structure, structure_shapes
 from llmprune.engine.tensor_scan import TensorStats, huge_tensors, layer_index, tensor_stats
 
 __all__ = [
@@ -234,7 +234,8 @@ def weight_findings(all_stats: list[TensorStats]) -> list[Finding]:
             findings.append(Finding("error", "nan", stats.name, f"{stats.nan:,} NaN of {stats.numel:,} values{where}", [Advice.RESTORE, Advice.LOWER_LR, Advice.BF16]))
         if stats.inf:
             findings.append(Finding("error", "inf", stats.name, f"{stats.inf:,} Inf of {stats.numel:,} values{where}", [Advice.BF16, Advice.RESTORE, Advice.LOWER_LR]))
-        if len(stats.shape) >= 2 and stats.zero_share >= ZERO_SHARE_WARNING:
+        # LoRA's B matrices start at zero by design
+        if len(stats.shape) >= 2 and stats.zero_share >= ZERO_SHARE_WARNING and not is_adapter_tensor(stats.name):
             findings.append(Finding("warning", "zeros", stats.name, f"{100 * stats.zero_share:.1f} % of the values are exactly zero{where}", [Advice.REMOVE_MASKED, Advice.REPRUNE]))
     for flagged in huge_tensors(all_stats):
         where = f" (layer {flagged.stats.layer})" if flagged.stats.layer is not None else ""
@@ -329,7 +330,7 @@ def preflight_check(model: nn.Module, tokenizer: Any = None, *, forward: bool = 
     """
     parameters = dict(model.named_parameters())  # tied weights appear once, so lm_head is absent when tied
     all_stats = [tensor_stats(name, tensor) for name, tensor in parameters.items()]
-    shapes = {name: list(tensor.shape) for name, tensor in parameters.items()}
+    shapes = structure_shapes({name: tensor.shape for name, tensor in parameters.items()})
     config = model.config.to_dict() if hasattr(model, "config") else {}
     structure, problems = read_structure(shapes, config, head_dim=model_head_dim(model), config_role="none")
     report = build_report(all_stats, structure, problems)
