@@ -145,7 +145,7 @@ def _measure_ppl(loaded: LoadedModel, config: DoctorConfig, provenance: dict, re
             f"seq_len {provenance.get('seq_len')} max_windows {provenance.get('max_windows')}, not on these settings: absolute scale used",
             ["rerun without --dataset/--seq-len/--max-windows to compare with the base, or pass --base-ppl"],
         ))
-    return PplCheck(measured.ppl, dataset, seq_len, measured.windows, "measured", ppl_verdict(measured.ppl, base))
+    return PplCheck(measured.ppl, dataset, seq_len, measured.windows, "measured", ppl_verdict(measured.ppl, base, seq_len=seq_len))
 
 
 def _recorded_ppl(config: DoctorConfig, provenance: dict) -> PplCheck | None:
@@ -153,7 +153,7 @@ def _recorded_ppl(config: DoctorConfig, provenance: dict) -> PplCheck | None:
     if provenance.get("ppl_after") is None:
         return None
     base = config.base_ppl if config.base_ppl is not None else provenance.get("ppl_before")
-    verdict = ppl_verdict(float(provenance["ppl_after"]), base)
+    verdict = ppl_verdict(float(provenance["ppl_after"]), base, seq_len=provenance.get("seq_len"))
     return PplCheck(float(provenance["ppl_after"]), str(provenance.get("dataset")), provenance.get("seq_len"),
                     provenance.get("max_windows"), "recorded by prune", verdict)
 

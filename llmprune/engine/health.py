@@ -43,7 +43,7 @@ RELATIVE_SCALE = (1.25, 2.0, 4.0)
 
 _VERDICT_ADVICE = {
     "healthy": [],
-    "acceptable": [Advice.FINETUNE, Advice.LOWER_LR, Advice.BF16],
+    "acceptable": [Advice.FINETUNE, Advice.BF16],
     "too high": [Advice.LOWER_RATIO, Advice.KEEP_MLP, Advice.PROTECT_ENDS, Advice.FINETUNE],
     "broken": [Advice.REPRUNE_LOWER, Advice.PROTECT_ENDS, Advice.KEEP_MLP],
 }
@@ -84,11 +84,12 @@ def _label(value: float, bounds: tuple[float, float, float]) -> str:
     return "broken"
 
 
-def ppl_verdict(ppl: float, base_ppl: float | None = None) -> Verdict:
+def ppl_verdict(ppl: float, base_ppl: float | None = None, *, seq_len: int | None = None) -> Verdict:
     """Judge `ppl`: relative to `base_ppl` when known, else on the Llama-3-8B-at-2048 absolute scale.
 
     relative (pruned/base): < 1.25 healthy, 1.25-2 acceptable, 2-4 too high, ≥ 4 broken.
     absolute: < 15 healthy, 15-25 acceptable, 25-50 too high, ≥ 50 broken.
+    `seq_len`, if given, only adds a caveat when the absolute scale is used on shorter windows.
     """
     if base_ppl is not None and math.isfinite(base_ppl) and base_ppl > 0:
         ratio = ppl / base_ppl if math.isfinite(ppl) else math.inf
@@ -103,6 +104,8 @@ def ppl_verdict(ppl: float, base_ppl: float | None = None) -> Verdict:
         f"PPL {ppl:.2f}: {_VERDICT_MEANING[label]} (absolute scale for Llama-3-8B-class models at 2048 tokens: "
         f"< 15 healthy, 15-25 acceptable, 25-50 too high, ≥ 50 broken; base PPL unknown, pass --base-ppl for a relative verdict)"
     )
+    if seq_len is not None and seq_len < 2048:
+        explanation += f"; measured on {seq_len}-token windows, which give a higher PPL than 2048, and small models sit higher on this scale"
     return Verdict(label, "absolute", ppl, None, None, explanation, list(_VERDICT_ADVICE[label]))
 
 

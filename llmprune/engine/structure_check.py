@@ -254,11 +254,11 @@ def _compare_with_config(structure: Structure, config: Mapping, role: str) -> li
         else:
             pruned.append(layer.index)
     if pruned:
-        findings.append(Finding("info", "shape", f"{len(pruned)} layers", f"layers {_ranges(pruned)} are smaller than the base model (pruned)", []))
+        findings.append(Finding("info", "shape", f"{len(pruned)} layers", f"layers {format_ranges(pruned)} are smaller than the base model (pruned)", []))
     return findings
 
 
-def _ranges(indices: list[int]) -> str:
+def format_ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
     parts, start = [], None
     for position, value in enumerate(indices):

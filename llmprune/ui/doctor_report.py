@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from llmprune.engine.doctor import DoctorReport
-from llmprune.engine.structure_check import Structure
+from llmprune.engine.structure_check import Structure, format_ranges
 from llmprune.ui.console import format_count
 
 MAX_FINDINGS_SHOWN = 25
@@ -34,9 +36,11 @@ def _summary(report: DoctorReport) -> Text:
         text.append(f"   forward: {f.tokens} tokens -> logits {f.output_shape}, min {f.logits_min:.2f}, max {f.logits_max:.2f}\n" if f.logits_min is not None
                     else f"   forward: logits {f.output_shape}, none finite\n", style="dim")
     if report.ppl is not None:
-        p = report.ppl
+        p, v = report.ppl, report.ppl.verdict
         windows = f", {p.windows} windows" if p.windows else ""
-        text.append(f"   PPL {p.source} on {p.dataset} (seq_len {p.seq_len}{windows}): {p.verdict.explanation}\n", style="dim")
+        scale = (f"base PPL {v.base_ppl:.2f}, ratio {v.ratio:.2f}x" if v.scale == "relative"
+                 else "base PPL unknown: absolute scale of Llama-3-8B-class models at 2048 tokens")
+        text.append(f"   PPL {p.source} on {Path(p.dataset).name} (seq_len {p.seq_len}{windows}); {scale}\n", style="dim")
     return text
 
 
@@ -50,13 +54,17 @@ def _structure(structure: Structure) -> RenderableType:
             f"MLP {layer.mlp_width}, hidden {structure.hidden_size}, vocab {structure.vocab_size}, tied embeddings: {tied}",
             style="dim",
         )
-    table = Table(title=f"Structure: {structure.num_layers} layers (non-uniform), hidden {structure.hidden_size}, tied embeddings: {tied}", title_justify="left")
-    for column in ("layer", "heads", "KV heads", "heads:kv", "MLP", "GQA"):
-        table.add_column(column, justify="right")
+    # one row per distinct shape, so that 32 pruned layers still fit on one screen
+    groups: dict[tuple, list[int]] = {}
     for layer in structure.layers:
-        ratio = f"{layer.gqa_ratio:g}" if layer.gqa_ratio is not None else "?"
-        table.add_row(str(layer.index), str(layer.heads or "?"), str(layer.kv_heads or "?"), ratio, str(layer.mlp_width),
-                      "✅" if layer.gqa_ok else "[red]❌[/]")
+        groups.setdefault((layer.heads, layer.kv_heads, layer.gqa_ratio, layer.mlp_width, layer.gqa_ok), []).append(layer.index)
+    table = Table(title=f"Structure: {structure.num_layers} layers (non-uniform), hidden {structure.hidden_size}, tied embeddings: {tied}", title_justify="left")
+    table.add_column("layers")
+    for column in ("heads", "KV heads", "heads:kv", "MLP", "GQA"):
+        table.add_column(column, justify="right")
+    for (heads, kv_heads, ratio, width, gqa_ok), indices in groups.items():
+        table.add_row(format_ranges(indices), str(heads or "?"), str(kv_heads or "?"), f"{ratio:g}" if ratio is not None else "?",
+                      str(width), "✅" if gqa_ok else "[red]❌[/]")
     return table
 
 
