@@ -62,6 +62,9 @@ def test_broken_file_names_each_planted_fault(broken_file, tiny_model_dir):
     assert located == {("nan", NAN_AT), ("inf", INF_AT), ("huge", HUGE_AT)}
     assert [layer["index"] for layer in data["layers"] if layer["findings"]] == [1, 2, 3]
     assert data["nan"] == 1 and data["inf"] == 1
+    per_tensor = {t["name"]: t for t in data["tensors"]}
+    assert per_tensor[NAN_AT]["nan"] == 1 and per_tensor[INF_AT]["inf"] == 1 and per_tensor[NAN_AT]["layer"] == 1
+    assert per_tensor[HUGE_AT]["max_abs"] > 1000 * per_tensor["model.layers.0.self_attn.o_proj.weight"]["max_abs"]
     assert data["advice"]
 
 
@@ -248,3 +251,15 @@ def test_smollm2_with_one_tensor_scaled_is_flagged(tmp_path):
     code, data = _json(path, "--base-model", "smollm2-135m")
     assert code == 1
     assert [(f["check"], f["location"]) for f in data["findings"]] == [("huge", "model.layers.12.mlp.up_proj.weight")]
+
+
+def test_tied_state_dict_counts_the_embedding_once(tmp_path, tiny_tokenizer):
+    model = make_tiny_model(tie_word_embeddings=True)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    path = tmp_path / "tied.bin"
+    torch.save(model.state_dict(), path)  # lm_head.weight and embed_tokens.weight share one storage
+    code, data = _json(path, "--base-model", base)
+    assert code == 0, data["findings"]
+    assert data["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert data["structure"]["tied_embeddings"] is True

@@ -156,6 +156,7 @@ class HealthReport:
     max_abs: float = 0.0
     max_abs_tensor: str = ""
     layers: list[LayerSummary] = field(default_factory=list)
+    tensors: list[TensorStats] = field(default_factory=list)
     structure: Structure | None = None
     forward: ForwardResult | None = None
     ppl: PplCheck | None = None
@@ -219,6 +220,7 @@ class HealthReport:
             "max_abs": self.max_abs,
             "max_abs_tensor": self.max_abs_tensor,
             "layers": [layer.to_dict() for layer in self.layers],
+            "tensors": [stats.to_dict() for stats in self.tensors],
             "structure": self.structure.to_dict() if self.structure else None,
             "forward": self.forward.to_dict() if self.forward else None,
             "ppl": self.ppl.to_dict() if self.ppl else None,
@@ -303,6 +305,7 @@ def build_report(all_stats: list[TensorStats], structure: Structure | None, stru
         max_abs=largest.max_abs if largest else 0.0,
         max_abs_tensor=largest.name if largest else "",
         layers=_layer_summaries(all_stats, findings),
+        tensors=list(all_stats),
         structure=structure,
     )
 

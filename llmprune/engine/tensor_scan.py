@@ -14,8 +14,8 @@ The "huge" rule (see `huge_tensors`). A tensor is flagged when either
 
 Why: weights of one kind have the same scale in every layer of a healthy model
 (SmolLM2-135M: the largest layer-to-layer spread is 3.6x, in
-post_attention_layernorm), so two orders of
-magnitude means a tensor was scaled or blew up during training. The floor
+post_attention_layernorm), so two orders of magnitude means a tensor was
+scaled or blew up during training. The floor
 keeps tiny tensors (zero-initialised biases and the like) from being flagged on
 a ratio alone: values below 1 cannot overflow anything. The absolute rule
 covers tensors that have no peers (embeddings, lm_head, the final norm): no

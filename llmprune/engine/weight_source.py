@@ -119,4 +119,11 @@ def iter_tensors(source: WeightSource, trust_pickle: bool = False) -> Iterator[t
             yield from _safetensors_tensors(path)
         else:
             state_dict, _ = _read_state_dict(path, trust_pickle)
-            yield from state_dict.items()
+            # a tied lm_head shares the embedding's storage: count it once, as named_parameters() does
+            seen: set[tuple[int, tuple[int, ...]]] = set()
+            for name, tensor in state_dict.items():
+                key = (tensor.data_ptr(), tuple(tensor.shape))
+                if tensor.numel() and key in seen:
+                    continue
+                seen.add(key)
+                yield name, tensor
