@@ -136,3 +136,18 @@ def test_lora_wrapped_model_is_checked_through_its_wrapper():
     report = preflight_check(model)
     assert [f.location for f in report.findings if f.check == "nan"] == ["base_model.model.model.layers.2.self_attn.q_proj.lora_A.default.weight"]
     assert report.forward.first_nonfinite_module.endswith("layers.2.self_attn.q_proj.lora_A.default")
+
+
+def test_health_report_renders_without_a_terminal(tiny_model):
+    import io
+
+    from rich.console import Console
+
+    from llmprune.ui.doctor_report import health_report
+
+    with torch.no_grad():
+        tiny_model.model.layers[0].self_attn.v_proj.weight[1, 1] = float("nan")
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(health_report(preflight_check(tiny_model)))
+    text = console.export_text()
+    assert "model.layers.0.self_attn.v_proj.weight" in text and "unsafe to train on" in text

@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmprune.engine.doctor import DoctorReport
+from llmprune.engine.health import HealthReport
 from llmprune.engine.structure_check import Structure, format_ranges
 from llmprune.ui.console import format_count
 
@@ -26,7 +27,7 @@ def _header(report: DoctorReport) -> Text:
     return text
 
 
-def _summary(report: DoctorReport) -> Text:
+def _summary(report: HealthReport) -> Text:
     text = Text()
     for passed, line in report.summary():
         text.append("✅ " if passed else "❌ ")
@@ -68,7 +69,7 @@ def _structure(structure: Structure) -> RenderableType:
     return table
 
 
-def _layers(report: DoctorReport) -> RenderableType | None:
+def _layers(report: HealthReport) -> RenderableType | None:
     flagged = [layer for layer in report.layers if layer.findings]
     if not flagged:
         return None
@@ -81,7 +82,7 @@ def _layers(report: DoctorReport) -> RenderableType | None:
     return table
 
 
-def _findings(report: DoctorReport) -> RenderableType | None:
+def _findings(report: HealthReport) -> RenderableType | None:
     if not report.findings:
         return None
     table = Table(title="Findings", title_justify="left")
@@ -97,7 +98,7 @@ def _findings(report: DoctorReport) -> RenderableType | None:
     return table
 
 
-def _advice(report: DoctorReport) -> Text | None:
+def _advice(report: HealthReport) -> Text | None:
     advice = report.advice
     if not advice:
         return None
@@ -107,7 +108,7 @@ def _advice(report: DoctorReport) -> Text | None:
     return text
 
 
-def _verdict(report: DoctorReport) -> Text:
+def _verdict(report: HealthReport) -> Text:
     if report.ok:
         warnings = len(report.by_severity("warning"))
         extra = f" ({warnings} warning(s) above)" if warnings else ""
@@ -115,10 +116,9 @@ def _verdict(report: DoctorReport) -> Text:
     return Text(f"❌ unsafe to train on: {len(report.by_severity('error'))} error(s)", style="bold red")
 
 
-def doctor_report(report: DoctorReport) -> Group:
-    """The whole report as one Rich renderable."""
+def health_report(report: HealthReport) -> Group:
+    """A HealthReport (e.g. preflight_check's, before fine-tuning) as one Rich renderable."""
     parts: list[RenderableType | None] = [
-        _header(report),
         _summary(report),
         _structure(report.structure) if report.structure and report.structure.layers else None,
         _layers(report),
@@ -127,3 +127,8 @@ def doctor_report(report: DoctorReport) -> Group:
         _verdict(report),
     ]
     return Group(*(part for part in parts if part is not None))
+
+
+def doctor_report(report: DoctorReport) -> Group:
+    """`llmprune doctor`'s whole report: what was read, then the health report."""
+    return Group(_header(report), health_report(report))
