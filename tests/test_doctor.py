@@ -263,3 +263,21 @@ def test_tied_state_dict_counts_the_embedding_once(tmp_path, tiny_tokenizer):
     assert code == 0, data["findings"]
     assert data["num_parameters"] == sum(p.numel() for p in model.parameters())
     assert data["structure"]["tied_embeddings"] is True
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    _assert_one_line_exit_2(_doctor(tmp_path), "holds no weights")
+
+
+def test_folder_with_a_truncated_shard(tmp_path):
+    make_tiny_model().save_pretrained(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    _assert_one_line_exit_2(_doctor(tmp_path), "not a readable safetensors file")
+
+
+def test_gguf_that_is_not_gguf(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_text("not a gguf file at all\n")
+    _assert_one_line_exit_2(_doctor(path), "cannot read GGUF file")
