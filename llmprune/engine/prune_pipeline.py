@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -133,6 +134,8 @@ class PruneResult:
     ppl_after: PerplexityResult | None = None
     saved_to: str | None = None
     log_dir: str | None = None
+    loaded: Any = field(default=None, repr=False)
+    """The pruned model in memory (a models.LoadedModel), for callers that go on with it; not serialised."""
 
     @property
     def removed_share(self) -> float:
@@ -150,7 +153,7 @@ class PruneResult:
         return "all layers keep " + " or ".join(f"{r}:1" for r in ratios)
 
     def to_dict(self) -> dict:
-        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "loaded"}
         data["layers"] = [layer.to_dict() for layer in self.layers]
         data["ppl_before"] = self.ppl_before.to_dict() if self.ppl_before else None
         data["ppl_after"] = self.ppl_after.to_dict() if self.ppl_after else None
@@ -282,6 +285,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
         params_before=outcome.params_before, params_after=outcome.params_after, layers=outcome.layers, rates=rates,
         importance_method=method, importance=list(scores), gqa_violations=outcome.gqa_violations,
         seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), ppl_before=ppl_before, ppl_after=ppl_after,
+        loaded=loaded,
     )
 
     run_folder = _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
