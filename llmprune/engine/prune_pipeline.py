@@ -25,7 +25,6 @@ from llmprune.engine.allocation import (
     layer_parameters,
     parse_target_params,
     solve_ratio_for_parameters,
-    unit_counts,
 )
 from llmprune.engine.analysis import (
     CalibrationOptions,
@@ -188,6 +187,36 @@ def parameter_model(model: torch.nn.Module, shapes: list[LayerShape]) -> Paramet
     return ParameterModel(sum(p.numel() for p in model.parameters()), hidden, shapes, qkv_bias, mlp_bias, totals)
 
 
+def make_plan(
+    scores: list[float],
+    counter: ParameterModel,
+    options: PlanOptions,
+    attn_unit: str = "group",
+    prune_mlp: bool = False,
+    round_to: int = 1,
+    same_in_every_layer: bool = False,
+    target_params: int | None = None,
+) -> tuple[PlanOptions, list[float], list[LayerUnits]]:
+    """Layer scores -> (options with the final ratio, per-layer rates, per-layer units).
+
+    With `target_params`, the ratio is solved so that the pruned model has about
+    that many parameters (counted exactly from the planned shapes).
+    """
+    shapes = counter.shapes
+
+    def plan_for(ratio: float) -> tuple[list[float], list[LayerUnits]]:
+        return plan_units(scores, shapes, replace(options, ratio=ratio), attn_unit, prune_mlp, round_to, same_in_every_layer)
+
+    if target_params is not None:
+        def count(ratio: float) -> int:
+            # ratios under min_rate are not plans; the smallest real one is min_rate
+            return counter.count(plan_for(ratio if ratio == 0 or ratio >= options.min_rate else options.min_rate)[1])
+
+        options = replace(options, ratio=solve_ratio_for_parameters(target_params, count, options.max_rate))
+    rates, units = plan_for(options.ratio)
+    return options, rates, units
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -255,17 +284,8 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     else:
         method, scores = "none (uniform plan)", [0.0] * len(shapes)
 
-    def plan_for(ratio: float) -> tuple[list[float], list[LayerUnits]]:
-        return plan_units(scores, shapes, replace(options, ratio=ratio), config.attn_unit, config.prune_mlp,
-                          config.round_to, same_in_every_layer=config.uniform)
-
-    if target is not None:
-        def count(ratio: float) -> int:
-            ratio = ratio if ratio == 0 or ratio >= options.min_rate else options.min_rate
-            return counter.count(plan_for(ratio)[1])
-
-        options = replace(options, ratio=solve_ratio_for_parameters(target, count, options.max_rate))
-    rates, units = plan_for(options.ratio)
+    options, rates, units = make_plan(scores, counter, options, config.attn_unit, config.prune_mlp, config.round_to,
+                                      config.uniform, target)
 
     def stage(name: str):
         return (lambda d, t: progress(name, d, t)) if progress else None
