@@ -70,8 +70,7 @@ def main() -> None:
     # layer scores do not depend on the ratio: measured once per method and sample count, kept across runs
     scores_cache: dict[str, list[float]] = json.loads(args.scores_cache.read_text()) if args.scores_cache.is_file() else {}
     for name in args.variants:
-        variant = VARIANTS[name]
-        method = variant["method"]
+        method = VARIANTS[name]["method"]
         key = f"{args.model}|{method}|{args.samples}x128|seed0"
         if method and key not in scores_cache:
             measured = layer_importance(base.model, calibration, method, batch_size=8)
@@ -79,8 +78,14 @@ def main() -> None:
             args.scores_cache.parent.mkdir(parents=True, exist_ok=True)
             args.scores_cache.write_text(json.dumps(scores_cache, indent=1) + "\n")
             print(f"{method} importance: {measured.seconds:.0f} s", flush=True)
-        scores = scores_cache[key] if method else [0.0] * base.model.config.num_hidden_layers
-        for share in args.shares:
+
+    # share-major, so that an interrupted run still compares the variants at the first share
+    for share in args.shares:
+        for name in args.variants:
+            variant = VARIANTS[name]
+            method = variant["method"]
+            key = f"{args.model}|{method}|{args.samples}x128|seed0"
+            scores = scores_cache[key] if method else [0.0] * base.model.config.num_hidden_layers
             start = time.perf_counter()
             model = load_model(args.model).model
             shapes = layer_shapes(model)
@@ -100,9 +105,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model
+            args.output.parent.mkdir(parents=True, exist_ok=True)  # after every row: a cut-short run keeps its rows
+            args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
     print("\n| variant | share of params removed | PPL |\n|---|---|---|")
     for row in rows:
         print(f"| {row['variant']} | {row.get('removed_share', 0.0):.1%} | {row['ppl']:.2f} |")

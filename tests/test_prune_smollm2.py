@@ -7,19 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
+from tests.test_smollm2_e2e import smollm2  # noqa: F401  (the shared, module-scoped fixture)
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from llmprune.engine.models import load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except Exception as error:  # the package is installed by `make install`
-        pytest.skip(f"smollm2-135m unavailable: {error}")
 
 
 def test_fast_removal_scores_equal_the_naive_ones(smollm2, wikitext_valid):

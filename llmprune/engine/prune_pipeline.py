@@ -128,7 +128,8 @@ class PruneResult:
     importance: list[float]
     gqa_violations: list[int]
     seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # peak RSS of the process on CPU (libraries included), peak allocated on CUDA
+    model_bytes: int  # the unpruned weights, for comparison with the peak
     ppl_before: PerplexityResult | None = None
     ppl_after: PerplexityResult | None = None
     saved_to: str | None = None
@@ -263,6 +264,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     if loaded.tokenizer is None:
         raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
     counter = parameter_model(model, shapes)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     target = parse_target_params(config.target_params, counter.total) if target_mode else None
 
     criterion = get_unit_importance(config.unit_importance)
@@ -292,6 +294,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
 
     ppl_before = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity before")) if eval_windows else None
     outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, config.compensation,
+                          gram=bool(getattr(config.compensation, "needs_gram", False)),
                           batch_size=calib.batch_size, progress=progress)
     ppl_after = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity after")) if eval_windows else None
 
@@ -304,7 +307,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
         model=config.model, options=resolved, ratio=options.ratio, target_params=target,
         params_before=outcome.params_before, params_after=outcome.params_after, layers=outcome.layers, rates=rates,
         importance_method=method, importance=list(scores), gqa_violations=outcome.gqa_violations,
-        seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), ppl_before=ppl_before, ppl_after=ppl_after,
+        seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), model_bytes=model_bytes, ppl_before=ppl_before, ppl_after=ppl_after,
         loaded=loaded,
     )
 
@@ -356,7 +359,8 @@ def format_log(result: PruneResult) -> str:
     for label, ppl in (("before", result.ppl_before), ("after", result.ppl_after)):
         if ppl:
             lines.append(f"PPL {label}: {ppl.ppl:.4f} ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)")
-    lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB")
+    lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB"
+                 f" (the unpruned weights: {result.model_bytes / 2**20:.0f} MiB)")
     if result.saved_to:
         lines.append(f"saved to: {result.saved_to}")
     lines.append("layer  importance  rate    heads  kv  mlp (before -> after)")
