@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
 from llmprune.engine.train import FinetuneConfig, run_finetune
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data next to the checkout, or $LLMPRUNE_SHARED_DATA (as in the tests)
+SHARED = Path(os.environ.get("LLMPRUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def main() -> None:

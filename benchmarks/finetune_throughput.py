@@ -20,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -31,7 +32,7 @@ from llmprune.engine.data import load_calibration_windows
 from llmprune.engine.models import load_model
 from llmprune.engine.train import FinetuneConfig, finetune_model, make_scheduler
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+DATA = Path(os.environ.get("LLMPRUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")) / "wikitext-2" / "wiki.valid.tokens"
 
 
 def plain_loop(model, windows, config: FinetuneConfig) -> list[float]:
