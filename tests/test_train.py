@@ -106,6 +106,23 @@ def test_nan_at_step_k_is_caught_at_k_and_rollback_restores_identical_weights(tm
     assert result.status == "completed" and result.rollbacks == 1 and result.steps == 8
 
 
+def test_tied_embeddings_survive_a_rollback(tmp_path, tiny_tokenizer, token_stream):
+    model = make_tiny_model(tie_word_embeddings=True)
+    fault = NanAtTrainingStep(model, step=3)
+    saved = {}
+
+    def listener(event):
+        fault.listener(event)
+        if isinstance(event, CheckpointSaved):
+            saved[event.step] = model.model.embed_tokens.weight.detach().clone()
+
+    result = finetune_model(model, tiny_tokenizer, config(tmp_path, save_every=1, max_rollbacks=0, on_nan="rollback"), listener,
+                            train_windows=windows(token_stream))
+    assert result.status == "stopped_by_guard" and Path(result.last_good_checkpoint).name == "step-000001"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, saved[1])
+
+
 def test_stop_mode_ends_at_once_and_keeps_the_last_good_weights(tmp_path, tiny_tokenizer, token_stream):
     model = make_tiny_model()
     fault = NanAtTrainingStep(model, step=3)
