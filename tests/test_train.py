@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
+from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from llmprune.engine import train
 from llmprune.engine.data import random_windows, tokenize
 from llmprune.engine.errors import UserInputError
@@ -17,15 +18,6 @@ from llmprune.engine.events import CheckpointSaved, GuardAlert, RolledBack, RunS
 from llmprune.engine.models import load_model
 from llmprune.engine.run_checkpoints import latest_checkpoint
 from llmprune.engine.train import FinetuneConfig, TrainingControl, UnhealthyModelError, finetune_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads cost 5-10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
