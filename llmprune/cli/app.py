@@ -10,6 +10,7 @@ from llmprune import __version__
 from llmprune.cli import analyze as analyze_cli
 from llmprune.cli import doctor as doctor_cli
 from llmprune.cli import eval as eval_cli
+from llmprune.cli import finetune as finetune_cli
 from llmprune.cli import prune as prune_cli
 from llmprune.cli.common import guarded, quiet_libraries, set_debug
 
@@ -57,20 +58,19 @@ def _unavailable(name: str) -> int:
 app.command("eval", help="Perplexity on a text (wikitext2, ptb, c4, pydoc, local files) and a generation smoke test.")(
     guarded(eval_cli.eval_command)
 )
-app.command("doctor", help="Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice.")(
-    guarded(doctor_cli.doctor_command)
-)
 app.command("analyze", help="Per-layer importance and a non-uniform pruning plan, saved as a reusable JSON config.")(
     guarded(analyze_cli.analyze_command)
 )
 app.command("prune", help="GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads.")(
     guarded(prune_cli.prune_command)
 )
-for _name, _help in (
-    ("finetune", "Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard."),
-    ("recipe", "Proven pipelines in one command: analyze -> prune -> eval -> gate -> finetune -> eval."),
-):
-    app.command(_name, help=_help)(_not_built(_name))
+app.command("finetune", help="Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard.")(
+    guarded(finetune_cli.finetune_command)
+)
+app.command("doctor", help="Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice.")(
+    guarded(doctor_cli.doctor_command)
+)
+app.command("recipe", help="Proven pipelines in one command: analyze -> prune -> eval -> gate -> finetune -> eval.")(_not_built("recipe"))
 
 
 def main() -> None:
