@@ -23,3 +23,7 @@ test: install
 
 demo: install
 	$(VENV)/bin/llmprune eval smollm2-135m --dataset ../shared/data/wikitext-2-raw/wiki.test.raw --seq-len 128 --max-windows 256 --batch-size 8 --prompt "The capital of France is"
+
+# completion scripts generated from the app (a test fails when they are stale)
+completions: install
+	$(PY) -m llmprune completion --write completions

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune import __version__
+from llmprune.cli import completion as completion_cli
 from llmprune.cli import eval as eval_cli
 from llmprune.cli.common import guarded, quiet_libraries, set_debug
 
@@ -62,6 +63,9 @@ for _name, _help in (
     ("recipe", "Proven pipelines in one command: analyze -> prune -> eval -> gate -> finetune -> eval."),
 ):
     app.command(_name, help=_help)(_not_built(_name))
+app.command("completion", help="Shell completion scripts (bash, zsh, fish) generated from this app.")(
+    guarded(completion_cli.completion_command)
+)
 
 
 def main() -> None:
