@@ -2,7 +2,7 @@
 function __llmprune_path --description 'the llmprune subcommand path typed so far'
     set -l path
     for word in (commandline -opc)[2..-1]
-        switch (string join ' ' $path $word)
+        switch (string join -- ' ' $path $word)
             case 'analyze'
                 set path $path analyze
             case 'completion'
@@ -19,7 +19,7 @@ function __llmprune_path --description 'the llmprune subcommand path typed so fa
                 set path $path recipe
         end
     end
-    string join ' ' $path
+    string join -- ' ' $path
 end
 function __llmprune_at --description 'true when the subcommand path typed so far is exactly $argv'
     set -l path (__llmprune_path)
@@ -42,15 +42,15 @@ complete -c llmprune -n '__llmprune_at completion' -l help -d 'Show the help and
 complete -c llmprune -n '__llmprune_at completion' -a 'bash zsh fish'
 complete -c llmprune -n '__llmprune_at doctor' -l help -d 'Show the help and exit.'
 complete -c llmprune -n '__llmprune_at eval' -l dataset -r -F -a 'wikitext2 ptb c4 pydoc' -d 'wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file.'
-complete -c llmprune -n '__llmprune_at eval' -l seq-len -r -d 'Tokens per evaluation window.'
-complete -c llmprune -n '__llmprune_at eval' -l max-windows -r -d 'Evaluate only the first N windows (default: all).'
-complete -c llmprune -n '__llmprune_at eval' -l batch-size -r -d 'Windows per forward pass.'
+complete -c llmprune -n '__llmprune_at eval' -l seq-len -x -d 'Tokens per evaluation window.'
+complete -c llmprune -n '__llmprune_at eval' -l max-windows -x -d 'Evaluate only the first N windows (default: all).'
+complete -c llmprune -n '__llmprune_at eval' -l batch-size -x -d 'Windows per forward pass.'
 complete -c llmprune -n '__llmprune_at eval' -l prompt -r -F -d 'Also print a short greedy generation from this prompt.'
-complete -c llmprune -n '__llmprune_at eval' -l max-new-tokens -r -d 'Tokens to generate for --prompt.'
+complete -c llmprune -n '__llmprune_at eval' -l max-new-tokens -x -d 'Tokens to generate for --prompt.'
 complete -c llmprune -n '__llmprune_at eval' -l base-model -r -F -a 'smollm2-135m' -d 'Architecture of a weights-only file (.bin/.pt/.safetensors without config.json).'
 complete -c llmprune -n '__llmprune_at eval' -l trust-pickle -d 'Allow loading a whole pickled module (e.g. LLM-Pruner'\''s). Runs code from the file: only for files you trust.'
-complete -c llmprune -n '__llmprune_at eval' -l device -r -a 'auto cpu cuda mps' -d 'auto|cpu|cuda|cuda:N|mps (auto: cuda > mps > cpu).'
-complete -c llmprune -n '__llmprune_at eval' -l dtype -r -a 'auto float32 bfloat16 float16' -d 'auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU).'
+complete -c llmprune -n '__llmprune_at eval' -l device -x -a 'auto cpu cuda mps' -d 'auto|cpu|cuda|cuda:N|mps (auto: cuda > mps > cpu).'
+complete -c llmprune -n '__llmprune_at eval' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU).'
 complete -c llmprune -n '__llmprune_at eval' -l json -d 'Print one JSON object on stdout and nothing else.'
 complete -c llmprune -n '__llmprune_at eval' -l help -d 'Show the help and exit.'
 complete -c llmprune -n '__llmprune_at eval' -F -a 'smollm2-135m'

@@ -50,3 +50,16 @@ def test_bash_script_completes_subcommands_options_and_values():
     assert _bash_complete("llmprune", "--debug", "eval", "--device", "c") == ["cpu", "cuda"]
     assert _bash_complete("llmprune", "eval", "sm") == ["smollm2-135m"]
     assert _bash_complete("llmprune", "eval", "--seq-len", "") == []  # a number: nothing to offer
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_script_completes_subcommands_options_and_values():
+    def complete(line: str) -> list[str]:
+        command = f"source {COMPLETIONS / SCRIPT_FILES['fish']}; complete -C '{line}'"
+        out = subprocess.run(["fish", "--no-config", "-c", command], capture_output=True, text=True, check=True, cwd="/")
+        return [entry.split("\t")[0] for entry in out.stdout.splitlines()]
+
+    assert complete("llmprune ev") == ["eval"]
+    assert complete("llmprune eval --dev") == ["--device"]
+    assert complete("llmprune --debug eval --device c") == ["cpu", "cuda"]
+    assert complete("llmprune eval --seq-len ") == []

@@ -162,6 +162,8 @@ def zsh_script(tree: list[CommandSpec]) -> str:
         f"#compdef {PROG}\n# {HEADER.format(shell='zsh')}\n"
         "autoload -U +X bashcompinit && bashcompinit\n"
         f"{_bash_function(tree)}\ncomplete -o filenames -F _llmprune {PROG}\n"
+        "# autoloaded from $fpath by compinit, this file runs as the completion function of the first Tab: answer it\n"
+        "[[ ${zsh_eval_context[-1]} == loadautofunc ]] && _bash_complete -o filenames -F _llmprune\n"
     )
 
 
@@ -174,7 +176,7 @@ def fish_script(tree: list[CommandSpec]) -> str:
         "function __llmprune_path --description 'the llmprune subcommand path typed so far'",
         "    set -l path",
         "    for word in (commandline -opc)[2..-1]",
-        "        switch (string join ' ' $path $word)",
+        "        switch (string join -- ' ' $path $word)",
     ]
     for spec in tree:
         for name, _ in spec.subcommands:
@@ -183,7 +185,7 @@ def fish_script(tree: list[CommandSpec]) -> str:
     lines += [
         "        end",
         "    end",
-        "    string join ' ' $path",
+        "    string join -- ' ' $path",
         "end",
         "function __llmprune_at --description 'true when the subcommand path typed so far is exactly $argv'",
         "    set -l path (__llmprune_path)",
@@ -199,7 +201,8 @@ def fish_script(tree: list[CommandSpec]) -> str:
             flags = " ".join(f"-l {n.lstrip('-')}" if n.startswith("--") else f"-s {n.lstrip('-')}" for n in option.names)
             value = ""
             if option.takes_value:
-                value = " -r" + (" -F" if option.files else "") + (f" -a {_quote(' '.join(option.words))}" if option.words else "")
+                # -x: a value is required and it is not a file; -r -F: a value that may be a file
+                value = (" -r -F" if option.files else " -x") + (f" -a {_quote(' '.join(option.words))}" if option.words else "")
             lines.append(f"complete -c {PROG} {condition} {flags}{value} -d {_quote(option.help)}")
         if spec.positional is not None:
             words, files = spec.positional
