@@ -1,0 +1,126 @@
+"""The recipe's steps as thin adapters over the engines that do the work.
+
+Everything a recipe knows about analyze/prune, eval, doctor and finetune is
+in this file: each adapter turns the recipe's settings into that engine's
+config, calls it, and returns a small JSON-able dict for `state.json`. Tests
+swap the whole object for a fake to plant a broken model or an interruption.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from llmprune.engine.errors import UserInputError
+
+if TYPE_CHECKING:
+    from llmprune.engine.recipe_run import RecipeConfig
+
+# acceptable PPL verdicts: the gate lets these through to fine-tuning
+PASSING_VERDICTS = ("healthy", "acceptable")
+
+
+def _missing_step(step: str, module: str) -> UserInputError:
+    return UserInputError(
+        f"the {step} step is not available in this llmprune (llmprune.engine.{module} is missing)",
+        "install a llmprune version that has it",
+    )
+
+
+class StepAdapters:
+    """The real steps. Each method loads what it needs, so any step can run in a fresh process."""
+
+    def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False) -> dict:
+        """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`."""
+        from llmprune.engine.data import load_evaluation_windows
+        from llmprune.engine.device import choose_placement
+        from llmprune.engine.evaluate import perplexity
+        from llmprune.engine.models import load_model
+
+        start = time.perf_counter()
+        loaded = load_model(model, placement=choose_placement(config.device, config.dtype))
+        windows = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
+        measured = perplexity(loaded.model, windows, config.batch_size)
+        result: dict[str, Any] = {"model": model, "params": loaded.num_parameters, "ppl": measured.ppl, "windows": measured.windows}
+        if health:
+            result.update(self._health(loaded.model, loaded.tokenizer, measured.ppl, base_ppl))
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+    @staticmethod
+    def _health(model: Any, tokenizer: Any, ppl: float, base_ppl: float | None) -> dict:
+        try:
+            from llmprune.engine.health import ppl_verdict, preflight_check
+        except ImportError:
+            raise _missing_step("doctor", "health") from None
+        report = preflight_check(model, tokenizer, forward=True)
+        verdict = ppl_verdict(ppl, base_ppl)
+        errors = [finding.to_dict() for finding in report.findings if finding.severity == "error"]
+        return {
+            "verdict": verdict.label,
+            "explanation": verdict.explanation,
+            "advice": [str(item) for item in verdict.advice],
+            "healthy_weights": report.ok,
+            "errors": errors,
+        }
+
+    def analyze(self, config: "RecipeConfig", out_dir: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+        """Layer importance on calibration samples, saved as a reusable JSON config in `out_dir`."""
+        try:
+            from llmprune.engine.pruning import AnalyzeConfig, run_analyze
+        except ImportError:
+            raise _missing_step("analyze", "pruning") from None
+        prune = config.recipe.prune
+        result = run_analyze(
+            AnalyzeConfig(
+                model=config.model, importance=prune.importance, dataset=config.dataset,
+                samples=config.calibration_samples, seq_len=config.seq_len, out=str(out_dir),
+                device=config.device, dtype=config.dtype,
+            ),
+            progress=progress,
+        )
+        return {"importance_config": str(result.config_path)}
+
+    def prune(self, config: "RecipeConfig", importance_config: str, ratio: float, out_dir: Path) -> dict:
+        """Prune the base model at `ratio` with the saved importance analysis; save it to `out_dir`."""
+        try:
+            from llmprune.engine.pruning import PruneConfig, run_prune
+        except ImportError:
+            raise _missing_step("prune", "pruning") from None
+        prune = config.recipe.prune
+        result = run_prune(
+            PruneConfig(
+                model=config.model, importance_config=importance_config, ratio=ratio, strategy=prune.strategy,
+                alpha=prune.alpha, prune_mlp=prune.prune_mlp, out=str(out_dir), device=config.device, dtype=config.dtype,
+            )
+        )
+        return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.share_removed}
+
+    def finetune(
+        self, config: "RecipeConfig", model_dir: str, out_dir: Path, resume: bool,
+        listener: Callable[[Any], None] | None, host: Callable[..., Any] | None,
+    ) -> dict:
+        """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`)."""
+        try:
+            from llmprune.engine.train import FinetuneConfig, run_finetune
+        except ImportError:
+            raise _missing_step("finetune", "train") from None
+        settings = config.recipe.finetune
+        finetune_config = FinetuneConfig(
+            model=model_dir, method=settings.method, dataset=config.dataset, samples=settings.samples,
+            seq_len=config.seq_len, epochs=settings.epochs, batch_size=config.batch_size, grad_accum=settings.grad_accum,
+            lr=settings.lr, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
+            merge=settings.method == "lora", out=str(out_dir), resume=resume, device=config.device, dtype=config.dtype,
+        )
+        # the host runs the training (e.g. under the dashboard); by default it runs right here
+        run = lambda listen, control=None: run_finetune(finetune_config, listen, control=control)  # noqa: E731
+        result = host(run) if host is not None else run(listener)
+        return {"status": result.status, "model_dir": result.model_dir, "run_dir": result.run_dir, "steps": result.steps,
+                "final_loss": result.final_loss, "message": result.message}
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a fine-tuning run directory holds a checkpoint to resume from."""
+    checkpoints = run_dir / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
