@@ -9,6 +9,7 @@ import typer
 from llmprune import __version__
 from llmprune.cli import completion as completion_cli
 from llmprune.cli import eval as eval_cli
+from llmprune.cli import recipe as recipe_cli
 from llmprune.cli.common import guarded, quiet_libraries, set_debug
 
 app = typer.Typer(
@@ -60,9 +61,9 @@ for _name, _help in (
     ("prune", "GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads."),
     ("doctor", "Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice."),
     ("finetune", "Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard."),
-    ("recipe", "Proven pipelines in one command: analyze -> prune -> eval -> gate -> finetune -> eval."),
 ):
     app.command(_name, help=_help)(_not_built(_name))
+app.add_typer(recipe_cli.recipe_app, name="recipe")
 app.command("completion", help="Shell completion scripts (bash, zsh, fish) generated from this app.")(
     guarded(completion_cli.completion_command)
 )
