@@ -10,6 +10,7 @@ from llmprune import __version__
 from llmprune.cli import analyze as analyze_cli
 from llmprune.cli import completion as completion_cli
 from llmprune.cli import eval as eval_cli
+from llmprune.cli import finetune as finetune_cli
 from llmprune.cli import prune as prune_cli
 from llmprune.cli import recipe as recipe_cli
 from llmprune.cli.common import guarded, quiet_libraries, set_debug
@@ -64,9 +65,11 @@ app.command("analyze", help="Per-layer importance and a non-uniform pruning plan
 app.command("prune", help="GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads.")(
     guarded(prune_cli.prune_command)
 )
+app.command("finetune", help="Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard.")(
+    guarded(finetune_cli.finetune_command)
+)
 for _name, _help in (
     ("doctor", "Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice."),
-    ("finetune", "Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard."),
 ):
     app.command(_name, help=_help)(_not_built(_name))
 app.add_typer(recipe_cli.recipe_app, name="recipe")

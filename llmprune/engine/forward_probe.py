@@ -1,0 +1,94 @@
+"""A short prompt through the model, watching every module's output for the first non-finite value."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
+
+
+@dataclass
+class ForwardResult:
+    """What one forward pass produced."""
+
+    prompt: str
+    tokens: int
+    output_shape: list[int]
+    logits_min: float | None
+    logits_max: float | None
+    nan: int
+    inf: int
+    first_nonfinite_module: str | None = None  # the module the user must look at
+    error: str | None = None  # the forward pass raised (shapes that do not fit, ...)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.nan == 0 and self.inf == 0 and self.first_nonfinite_module is None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):  # ModelOutput is a dict too
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _prompt_ids(model: nn.Module, tokenizer: Any, prompt: str) -> torch.Tensor:
+    if tokenizer is not None:
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    # no tokenizer (a bare state dict): any in-vocabulary ids exercise every layer
+    vocab = model.get_input_embeddings().num_embeddings
+    return (torch.arange(16) * 7 + 1).remainder(vocab).unsqueeze(0)
+
+
+@torch.inference_mode()
+def forward_test(model: nn.Module, tokenizer: Any = None, prompt: str = DEFAULT_PROMPT) -> ForwardResult:
+    """Run `prompt` through `model`; on non-finite output, name the first module that produced it.
+
+    Forward hooks fire in execution order and a leaf fires before its parent,
+    so the first hook that sees NaN/Inf is the module where it appears.
+    """
+    first: list[str] = []
+
+    def watch(name: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not first and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in _tensors(output)):
+                first.append(name)
+
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in model.named_modules() if name]
+    ids = _prompt_ids(model, tokenizer, prompt).to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    except Exception as error:  # a model whose shapes do not fit fails here; that is a finding, not a crash
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return ForwardResult(prompt, ids.shape[1], [], None, None, 0, 0, first[0] if first else None, f"{type(error).__name__}: {message}")
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    finite = logits[torch.isfinite(logits)]
+    return ForwardResult(
+        prompt=prompt,
+        tokens=ids.shape[1],
+        output_shape=list(logits.shape),
+        logits_min=float(finite.min()) if finite.numel() else None,
+        logits_max=float(finite.max()) if finite.numel() else None,
+        nan=int(torch.isnan(logits).sum()),
+        inf=int(torch.isinf(logits).sum()),
+        first_nonfinite_module=first[0] if first else None,
+    )

@@ -1,0 +1,103 @@
+"""Plain Rich rendering of a fine-tuning run: progress lines on stderr and the final summary.
+
+Used with --no-tui, when stdout is not a terminal, and as the fallback if the
+dashboard closes while the run goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from llmprune.engine.events import (
+    CheckpointSaved,
+    Event,
+    GuardAlert,
+    HealthChecked,
+    PerplexityMeasured,
+    RolledBack,
+    RunFinished,
+    RunStarted,
+    StepMetrics,
+)
+from llmprune.ui.console import err_console, format_count, format_ppl
+
+
+class PlainTrainingLines:
+    """A listener that prints one line every few steps, and every alert in full."""
+
+    def __init__(self, console: Console | None = None, lines: int = 40):
+        self.console = console or err_console
+        self.lines = lines
+        self.every = 1
+        self.total = 0
+
+    def __call__(self, event: Event) -> None:
+        out = self.console.print
+        if isinstance(event, RunStarted):
+            self.total = event.total_steps
+            self.every = max(1, event.total_steps // self.lines)
+            out(f"[bold]fine-tuning[/] ({event.method}, {format_count(event.trainable_parameters)} trainable of "
+                f"{format_count(event.total_parameters)}) steps {event.start_step + 1}..{event.total_steps} on {event.device} → {event.run_dir}",
+                highlight=False)
+        elif isinstance(event, StepMetrics):
+            if event.step % self.every == 0 or event.step in (1, self.total) or not event.applied:
+                loss = f"{event.loss:.4f}" if math.isfinite(event.loss) else str(event.loss)
+                out(f"step {event.step:>5}/{self.total} epoch {event.epoch} loss {loss} lr {event.lr:.3g} "
+                    f"grad_norm {event.grad_norm:.3g} {event.tokens_per_second:,.0f} tok/s"
+                    + ("" if event.applied else " [red](not applied)[/]"), highlight=False)
+        elif isinstance(event, GuardAlert):
+            out(f"[bold red]ALERT[/] [red]{event.message}[/]", highlight=False, soft_wrap=True)
+            out("[red]  advice: " + "; ".join(event.advice) + "[/]", highlight=False, soft_wrap=True)
+        elif isinstance(event, RolledBack):
+            out(f"[yellow]rolled back to step {event.restored_step}, LR x{event.lr_scale:g} (rollback {event.rollbacks})[/]", highlight=False)
+        elif isinstance(event, CheckpointSaved) and event.reason != "start":
+            out(f"[dim]checkpoint (pending until the next step confirms it): {event.path}[/]", highlight=False)
+        elif isinstance(event, PerplexityMeasured):
+            out(f"PPL {event.phase}: [bold]{format_ppl(event.ppl)}[/] ({event.dataset}, {event.windows} windows)", highlight=False)
+        elif isinstance(event, HealthChecked):
+            out("[green]health check passed[/]" if event.ok else "[red]health check failed; training anyway (--force)[/]")
+        elif isinstance(event, RunFinished):
+            style = "red" if event.status == "stopped_by_guard" else "green"
+            out(f"[{style}]finished: {event.status}[/] {event.message}", highlight=False, soft_wrap=True)
+
+
+def finetune_table(result: dict) -> Table:
+    table = Table(title="Fine-tuning", title_justify="left", show_header=False)
+    table.add_column("", style="dim")
+    table.add_column("")
+    status_style = "red" if result["status"] == "stopped_by_guard" else "green"
+    rows = [
+        ("status", f"[{status_style}]{result['status']}[/]"),
+        ("steps", f"{result['steps']} / {result['total_steps']}"),
+        ("best loss", "—" if result["best_loss"] is None else f"{result['best_loss']:.4f}"),
+        ("PPL before", format_ppl(result["ppl_before"])),
+        ("PPL after", format_ppl(result["ppl_after"])),
+        ("alerts", str(len(result["alerts"]))),
+        ("rollbacks", str(result["rollbacks"])),
+        ("tokens/s", f"{result['tokens_per_second']:,.0f}"),
+        ("last good checkpoint", result["last_good_checkpoint"] or "—"),
+        ("model", result["model_dir"] or result["adapter_dir"] or "—"),
+        ("run directory", str(Path(result["run_dir"]))),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    if result.get("message"):
+        table.add_row("note", result["message"])
+    return table
+
+
+def health_findings_table(report: dict) -> Table:
+    """doctor's findings (severity, check, where, what, advice) as a table."""
+    table = Table(title="Pre-flight health check", title_justify="left")
+    for column in ("severity", "check", "where", "finding", "advice"):
+        table.add_column(column)
+    for finding in report.get("findings", []):
+        severity = str(finding.get("severity", ""))
+        style = "red" if severity in ("error", "critical", "fail") else "yellow"
+        table.add_row(f"[{style}]{severity}[/]", str(finding.get("check", "")), str(finding.get("location", "")),
+                      str(finding.get("message", "")), str(finding.get("advice", "")))
+    return table
