@@ -23,8 +23,30 @@ _llmprune() {
             cmds='analyze completion doctor eval finetune prune recipe'
             ;;
         'analyze')
-            opts='--help'
+            opts='--importance-method --importance-samples --seq-len --dataset --seed --batch-size --ratio --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --attn-unit --prune-mlp --no-prune-mlp --round-to --output -o --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
+            args='smollm2-135m' argfiles=1
+            case "$prev" in
+                --importance-method) valued=1 values='' files=1 ;;
+                --importance-samples) valued=1 values='' files=0 ;;
+                --seq-len) valued=1 values='' files=0 ;;
+                --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --seed) valued=1 values='' files=0 ;;
+                --batch-size) valued=1 values='' files=0 ;;
+                --ratio) valued=1 values='' files=0 ;;
+                --pruning-strategy) valued=1 values='' files=1 ;;
+                --alpha) valued=1 values='' files=0 ;;
+                --min-pruning-rate) valued=1 values='' files=0 ;;
+                --max-pruning-rate) valued=1 values='' files=0 ;;
+                --layer-start) valued=1 values='' files=0 ;;
+                --layer-end) valued=1 values='' files=0 ;;
+                --attn-unit) valued=1 values='' files=1 ;;
+                --round-to) valued=1 values='' files=0 ;;
+                --output|-o) valued=1 values='' files=1 ;;
+                --base-model) valued=1 values='smollm2-135m' files=1 ;;
+                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
+                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
+            esac
             ;;
         'completion')
             opts='--write --help'
@@ -55,19 +77,79 @@ _llmprune() {
             esac
             ;;
         'finetune')
-            opts='--help'
+            opts='--method --lora-r --lora-alpha --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --on-nan --loss-limit --max-rollbacks --save-every --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --no-tui --watch --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
+            args='smollm2-135m' argfiles=1
+            case "$prev" in
+                --method) valued=1 values='' files=1 ;;
+                --lora-r) valued=1 values='' files=0 ;;
+                --lora-alpha) valued=1 values='' files=0 ;;
+                --lora-targets) valued=1 values='' files=1 ;;
+                --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --samples) valued=1 values='' files=0 ;;
+                --seq-len) valued=1 values='' files=0 ;;
+                --epochs) valued=1 values='' files=0 ;;
+                --batch-size) valued=1 values='' files=0 ;;
+                --grad-accum) valued=1 values='' files=0 ;;
+                --lr) valued=1 values='' files=0 ;;
+                --warmup-steps) valued=1 values='' files=0 ;;
+                --schedule) valued=1 values='' files=1 ;;
+                --max-grad-norm) valued=1 values='' files=0 ;;
+                --weight-decay) valued=1 values='' files=0 ;;
+                --seed) valued=1 values='' files=0 ;;
+                --on-nan) valued=1 values='' files=1 ;;
+                --loss-limit) valued=1 values='' files=0 ;;
+                --max-rollbacks) valued=1 values='' files=0 ;;
+                --save-every) valued=1 values='' files=0 ;;
+                --out) valued=1 values='' files=1 ;;
+                --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --eval-windows) valued=1 values='' files=0 ;;
+                --watch) valued=1 values='' files=1 ;;
+                --base-model) valued=1 values='smollm2-135m' files=1 ;;
+                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
+                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
+            esac
             ;;
         'prune')
-            opts='--help'
+            opts='--ratio --target-params --prune-mlp --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
+            args='smollm2-135m' argfiles=1
+            case "$prev" in
+                --ratio) valued=1 values='' files=0 ;;
+                --target-params) valued=1 values='' files=1 ;;
+                --attn-unit) valued=1 values='' files=1 ;;
+                --unit-importance) valued=1 values='' files=1 ;;
+                --round-to) valued=1 values='' files=0 ;;
+                --importance-config) valued=1 values='' files=1 ;;
+                --importance-method) valued=1 values='' files=1 ;;
+                --importance-samples) valued=1 values='' files=0 ;;
+                --seq-len) valued=1 values='' files=0 ;;
+                --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --seed) valued=1 values='' files=0 ;;
+                --batch-size) valued=1 values='' files=0 ;;
+                --pruning-strategy) valued=1 values='' files=1 ;;
+                --alpha) valued=1 values='' files=0 ;;
+                --min-pruning-rate) valued=1 values='' files=0 ;;
+                --max-pruning-rate) valued=1 values='' files=0 ;;
+                --layer-start) valued=1 values='' files=0 ;;
+                --layer-end) valued=1 values='' files=0 ;;
+                --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --eval-seq-len) valued=1 values='' files=0 ;;
+                --max-windows) valued=1 values='' files=0 ;;
+                --out) valued=1 values='' files=1 ;;
+                --log-dir) valued=1 values='' files=1 ;;
+                --save-ckpt-log-name) valued=1 values='' files=1 ;;
+                --base-model) valued=1 values='smollm2-135m' files=1 ;;
+                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
+                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
+            esac
             ;;
         'recipe')
             opts='--list --json --help'
             cmds='attn-only safe'
             ;;
         'recipe attn-only')
-            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --device --dtype --json --help'
+            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -79,6 +161,8 @@ _llmprune() {
                 --importance) valued=1 values='' files=1 ;;
                 --strategy) valued=1 values='' files=1 ;;
                 --alpha) valued=1 values='' files=0 ;;
+                --layer-start) valued=1 values='' files=0 ;;
+                --layer-end) valued=1 values='' files=0 ;;
                 --method) valued=1 values='' files=1 ;;
                 --lr) valued=1 values='' files=0 ;;
                 --epochs) valued=1 values='' files=0 ;;
@@ -97,7 +181,7 @@ _llmprune() {
             esac
             ;;
         'recipe safe')
-            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --device --dtype --json --help'
+            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -109,6 +193,8 @@ _llmprune() {
                 --importance) valued=1 values='' files=1 ;;
                 --strategy) valued=1 values='' files=1 ;;
                 --alpha) valued=1 values='' files=0 ;;
+                --layer-start) valued=1 values='' files=0 ;;
+                --layer-end) valued=1 values='' files=0 ;;
                 --method) valued=1 values='' files=1 ;;
                 --lr) valued=1 values='' files=0 ;;
                 --epochs) valued=1 values='' files=0 ;;

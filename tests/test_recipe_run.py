@@ -48,7 +48,7 @@ class ScriptedSteps:
         self.calls.append(("analyze",))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "layer_importance_config.json").write_text("{}")
-        return {"importance_config": str(out_dir / "layer_importance_config.json")}
+        return {"importance_config": str(out_dir / "layer_importance_config.json"), "method": "removal", "scores": [0.1] * 6}
 
     def prune(self, config, importance_config, ratio, out_dir):
         self.calls.append(("prune", ratio))
@@ -105,6 +105,7 @@ def test_the_gate_stops_a_broken_model_and_fine_tunes_nothing(tmp_path):
     assert report.status == "stopped_at_gate" and "finetune" not in steps.names()
     assert report.row("pruned").verdict == "broken" and report.row("fine-tuned") is None
     assert any("--ratio 0.4" in line for line in report.advice) and any("attn-only" in line for line in report.advice)
+    assert any("--layer-start 2 --layer-end 4" in line for line in report.advice)  # 6 layers: protect 0-1 and 4-5
     assert any(isinstance(e, Notice) and e.level == "error" and "gate" in e.message for e in events)
 
 

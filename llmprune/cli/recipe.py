@@ -6,13 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded
+from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded, stdout_is_terminal
 from llmprune.engine.recipe_run import RecipeConfig, run_recipe
 from llmprune.engine.recipes import RECIPES, Recipe
 from llmprune.ui.console import console, print_json
+from llmprune.ui.train_lines import PlainTrainingLines
 from llmprune.ui.recipe_view import (
     print_recipe_event,
-    print_training_event,
     recipe_summaries,
     recipes_table,
     report_footer,
@@ -55,6 +55,8 @@ def _command_for(recipe: Recipe):
         strategy: Annotated[str, typer.Option("--strategy", help="Per-layer allocation strategy.")] = prune.strategy,
         alpha: Annotated[float, typer.Option("--alpha", help="Strength of the inverse allocation.")] = prune.alpha,
         mlp: Annotated[bool, typer.Option("--mlp/--no-mlp", help="Prune MLP channels too.")] = prune.prune_mlp,
+        layer_start: Annotated[int, typer.Option("--layer-start", help="First prunable layer (earlier ones are protected).")] = prune.layer_start,
+        layer_end: Annotated[Optional[int], typer.Option("--layer-end", help="One past the last prunable layer (default: all but the last).")] = prune.layer_end,
         method: Annotated[str, typer.Option("--method", help="Fine-tuning: full or lora.")] = train.method,
         lr: Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate.")] = train.lr,
         epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs.")] = train.epochs,
@@ -71,12 +73,14 @@ def _command_for(recipe: Recipe):
         retreat_step: Annotated[float, typer.Option("--retreat-step", help="Ratio decrement per retreat.")] = 0.05,
         min_ratio: Annotated[float, typer.Option("--min-ratio", help="The auto-retreat gives up below this ratio.")] = 0.05,
         restart: Annotated[bool, typer.Option("--restart", help="Discard a previous run of the same name instead of resuming it.")] = False,
+        no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")] = False,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "auto",
         json_output: JsonOpt = False,
     ) -> None:
         chosen = recipe.with_overrides(
-            prune={"ratio": ratio, "importance": importance, "strategy": strategy, "alpha": alpha, "prune_mlp": mlp},
+            prune={"ratio": ratio, "importance": importance, "strategy": strategy, "alpha": alpha, "prune_mlp": mlp,
+                   "layer_start": layer_start, "layer_end": layer_end},
             finetune={"method": method, "lr": lr, "epochs": epochs, "samples": samples, "grad_accum": grad_accum,
                       "max_grad_norm": max_grad_norm, "warmup_steps": warmup_steps},
         )
@@ -86,8 +90,13 @@ def _command_for(recipe: Recipe):
             skip_finetune=skip_finetune, auto_retreat=auto_retreat, retreat_step=retreat_step, min_ratio=min_ratio,
             restart=restart, device=device, dtype=dtype,
         )
-        quiet = json_output
-        report = run_recipe(config, None if quiet else print_recipe_event, finetune_listener=None if quiet else print_training_event)
+        lines = None if json_output else PlainTrainingLines()
+        host = None
+        if not (no_tui or json_output) and stdout_is_terminal():
+            from llmprune.ui.tui import run_with_dashboard  # the same dashboard as `llmprune finetune`
+
+            host = lambda train: run_with_dashboard(train, fallback=lines)  # noqa: E731
+        report = run_recipe(config, None if json_output else print_recipe_event, finetune_listener=lines, finetune_host=host)
         if json_output:
             print_json(report.to_dict())
         else:

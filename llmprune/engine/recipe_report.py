@@ -67,14 +67,19 @@ class RecipeReport:
 
 
 def _gate_advice(config: "RecipeConfig", state: "RunState", check: dict) -> list[str]:
-    """What to do when the gate stopped the run: doctor's advice plus the recipe's own options."""
-    ratio = state.ratio or config.recipe.prune.ratio
-    lower = max(round(ratio - 0.05, 2), 0.05)
-    advice = [f"prune less: --ratio {lower:g}" + ("" if config.auto_retreat else ", or --auto-retreat to let the recipe find a ratio that passes")]
-    if config.recipe.prune.prune_mlp:
-        advice.append("leave the MLP alone: llmprune recipe attn-only")
-    advice.append("protect more layers from pruning (the first and last layers matter most)")
-    advice += [item for item in check.get("advice", []) if item not in advice]
+    """What to do when the gate stopped the run, in this recipe's own options."""
+    prune = config.recipe.prune
+    ratio = state.ratio or prune.ratio
+    advice = [check["explanation"]] if check.get("explanation") else []
+    lower = max(round(ratio - config.retreat_step, 4), config.min_ratio)
+    advice.append(f"prune less: --ratio {lower:g}" + ("" if config.auto_retreat else ", or --auto-retreat to let the recipe find a ratio that passes"))
+    if prune.prune_mlp:
+        advice.append(f"leave the MLP alone: llmprune recipe attn-only --ratio {ratio:g}")
+    layers = len(state.result("analyze").get("scores", []))
+    if layers:
+        end = (layers - 1 if prune.layer_end is None else prune.layer_end) - 1
+        advice.append(f"protect more layers at both ends: --layer-start {prune.layer_start + 1} --layer-end {end}")
+    advice += [f"doctor: {error.get('message', error)}" for error in check.get("errors", [])]
     return advice
 
 

@@ -244,10 +244,13 @@ def _summary(step: str, result: dict) -> str:
         return f"PPL {result['ppl']:.2f}{verdict}, {result['params']:,} parameters"
     if step == "prune":
         return f"ratio {result['ratio']:g}: {result['params']:,} parameters, {result['share_removed']:.1%} of all removed"
+    if step == "analyze":
+        return f"{result['method']} importance of {len(result['scores'])} layers → {result['importance_config']}"
     if step == "gate":
         return f"passed ({result['verdict']})"
     if step == "finetune":
-        return f"{result['steps']} steps, final loss {result['final_loss']}"
+        loss = f"{result['final_loss']:.4f}" if result.get("final_loss") is not None else "—"
+        return f"{result['steps']} steps, final loss {loss} → {result['model_dir']}"
     return ", ".join(f"{key} {value}" for key, value in result.items())
 
 

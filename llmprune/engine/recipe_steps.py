@@ -12,20 +12,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from llmprune.engine.errors import UserInputError
-
 if TYPE_CHECKING:
     from llmprune.engine.recipe_run import RecipeConfig
 
 # acceptable PPL verdicts: the gate lets these through to fine-tuning
 PASSING_VERDICTS = ("healthy", "acceptable")
-
-
-def _missing_step(step: str, module: str) -> UserInputError:
-    return UserInputError(
-        f"the {step} step is not available in this llmprune (llmprune.engine.{module} is missing)",
-        "install a llmprune version that has it",
-    )
 
 
 class StepAdapters:
@@ -50,10 +41,8 @@ class StepAdapters:
 
     @staticmethod
     def _health(model: Any, tokenizer: Any, ppl: float, base_ppl: float | None) -> dict:
-        try:
-            from llmprune.engine.health import ppl_verdict, preflight_check
-        except ImportError:
-            raise _missing_step("doctor", "health") from None
+        from llmprune.engine.health import ppl_verdict, preflight_check
+
         report = preflight_check(model, tokenizer, forward=True)
         verdict = ppl_verdict(ppl, base_ppl)
         errors = [finding.to_dict() for finding in report.findings if finding.severity == "error"]
@@ -65,57 +54,70 @@ class StepAdapters:
             "errors": errors,
         }
 
-    def analyze(self, config: "RecipeConfig", out_dir: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+    @staticmethod
+    def _calibration(config: "RecipeConfig") -> Any:
+        from llmprune.engine.analysis import CalibrationOptions
+
+        return CalibrationOptions(dataset=config.dataset, samples=config.calibration_samples, seq_len=config.seq_len,
+                                  batch_size=config.batch_size)
+
+    def analyze(self, config: "RecipeConfig", out_dir: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
         """Layer importance on calibration samples, saved as a reusable JSON config in `out_dir`."""
-        try:
-            from llmprune.engine.pruning import AnalyzeConfig, run_analyze
-        except ImportError:
-            raise _missing_step("analyze", "pruning") from None
+        from llmprune.engine.allocation import PlanOptions
+        from llmprune.engine.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, run_analyze
+
         prune = config.recipe.prune
         result = run_analyze(
             AnalyzeConfig(
-                model=config.model, importance=prune.importance, dataset=config.dataset,
-                samples=config.calibration_samples, seq_len=config.seq_len, out=str(out_dir),
-                device=config.device, dtype=config.dtype,
+                model=config.model, importance_method=prune.importance, calibration=self._calibration(config),
+                plan=PlanOptions(ratio=prune.ratio, strategy=prune.strategy, alpha=prune.alpha,
+                                 layer_start=prune.layer_start, layer_end=prune.layer_end),
+                prune_mlp=prune.prune_mlp, output=out_dir / DEFAULT_CONFIG_NAME, device=config.device, dtype=config.dtype,
             ),
             progress=progress,
         )
-        return {"importance_config": str(result.config_path)}
+        return {"importance_config": str(result.config_path), "method": result.importance.method,
+                "scores": list(result.importance.scores)}
 
     def prune(self, config: "RecipeConfig", importance_config: str, ratio: float, out_dir: Path) -> dict:
-        """Prune the base model at `ratio` with the saved importance analysis; save it to `out_dir`."""
-        try:
-            from llmprune.engine.pruning import PruneConfig, run_prune
-        except ImportError:
-            raise _missing_step("prune", "pruning") from None
+        """Prune the base model at `ratio` with the saved importance scores; save it to `out_dir`."""
+        from llmprune.engine.prune_pipeline import PruneConfig, run_prune
+
         prune = config.recipe.prune
         result = run_prune(
             PruneConfig(
-                model=config.model, importance_config=importance_config, ratio=ratio, strategy=prune.strategy,
-                alpha=prune.alpha, prune_mlp=prune.prune_mlp, out=str(out_dir), device=config.device, dtype=config.dtype,
+                model=config.model, ratio=ratio, prune_mlp=prune.prune_mlp, importance_config=Path(importance_config),
+                importance_method=prune.importance, calibration=self._calibration(config), strategy=prune.strategy,
+                alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end, out=out_dir,
+                log_dir=out_dir.parent / "prune_log", log_name="pruned", device=config.device, dtype=config.dtype,
             )
         )
-        return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.share_removed}
+        return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.removed_share,
+                "gqa": result.gqa_summary()}
 
     def finetune(
         self, config: "RecipeConfig", model_dir: str, out_dir: Path, resume: bool,
         listener: Callable[[Any], None] | None, host: Callable[..., Any] | None,
     ) -> dict:
         """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`)."""
-        try:
-            from llmprune.engine.train import FinetuneConfig, run_finetune
-        except ImportError:
-            raise _missing_step("finetune", "train") from None
+        from llmprune.engine.train import FinetuneConfig, UnhealthyModelError, run_finetune
+
         settings = config.recipe.finetune
         finetune_config = FinetuneConfig(
             model=model_dir, method=settings.method, dataset=config.dataset, samples=settings.samples,
-            seq_len=config.seq_len, epochs=settings.epochs, batch_size=config.batch_size, grad_accum=settings.grad_accum,
+            seq_len=config.seq_len, epochs=settings.epochs, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
             lr=settings.lr, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
             merge=settings.method == "lora", out=str(out_dir), resume=resume, device=config.device, dtype=config.dtype,
         )
-        # the host runs the training (e.g. under the dashboard); by default it runs right here
-        run = lambda listen, control=None: run_finetune(finetune_config, listen, control=control)  # noqa: E731
-        result = host(run) if host is not None else run(listener)
+
+        def run(listen: Callable[[Any], None] | None, control: Any = None) -> Any:
+            return run_finetune(finetune_config, listen, control=control)
+
+        try:  # the host runs the training (e.g. under the dashboard); by default it runs right here
+            result = host(run) if host is not None else run(listener)
+        except UnhealthyModelError:
+            return {"status": "refused_unhealthy", "model_dir": None, "run_dir": str(out_dir), "steps": 0, "final_loss": None,
+                    "message": "finetune's pre-flight health check refused the pruned model"}
         return {"status": result.status, "model_dir": result.model_dir, "run_dir": result.run_dir, "steps": result.steps,
                 "final_loss": result.final_loss, "message": result.message}
 

@@ -24,14 +24,18 @@ class PruneSettings:
 
     ratio: float
     """Fraction of the prunable structures removed (attention groups, and MLP channels when `prune_mlp`)."""
-    importance: str = "layer_removal"
-    """Layer importance criterion of the analysis (layer_removal: PPL rise when the layer is skipped)."""
+    importance: str = "removal"
+    """Layer importance criterion of the analysis (removal: how much the output changes when the layer is skipped)."""
     strategy: str = "inverse"
     """How per-layer rates follow the scores (inverse: important layers are pruned less)."""
     alpha: float = 1.2
     """Strength of the non-uniformity of the inverse strategy."""
     prune_mlp: bool = True
     """Prune MLP channels too (False: attention groups only)."""
+    layer_start: int = 1
+    """First prunable layer: the layers before it are protected."""
+    layer_end: int | None = None
+    """One past the last prunable layer (None: all but the last layer, which stays protected)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class FinetuneSettings:
     """Training windows."""
     method: str = "full"
     """full or lora."""
+    batch_size: int = 1
+    """Windows per forward pass."""
     grad_accum: int = 1
     """Forward passes per optimizer step."""
     max_grad_norm: float = 1.0
@@ -80,7 +86,7 @@ RECIPES: dict[str, Recipe] = {
             name="safe",
             summary="the conservative path: 15 % of attention groups and MLP channels, layer-removal importance, "
             "inverse allocation, then a very gentle full fine-tune",
-            prune=PruneSettings(ratio=0.15, importance="layer_removal", strategy="inverse", alpha=1.2, prune_mlp=True),
+            prune=PruneSettings(ratio=0.15, importance="removal", strategy="inverse", alpha=1.2, prune_mlp=True),
             finetune=FinetuneSettings(lr=5e-7, epochs=2, samples=1000, grad_accum=4, max_grad_norm=0.5, warmup_steps=50),
         ),
         Recipe(

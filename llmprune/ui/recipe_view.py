@@ -18,11 +18,13 @@ RECIPE_VALUES = (
     ("strategy", lambda r: r.prune.strategy),
     ("alpha", lambda r: f"{r.prune.alpha:g}"),
     ("prune MLP", lambda r: "yes" if r.prune.prune_mlp else "no"),
+    ("prunable layers", lambda r: f"{r.prune.layer_start} .. " + ("last-1" if r.prune.layer_end is None else str(r.prune.layer_end - 1))),
     ("fine-tune", lambda r: r.finetune.method),
     ("lr", lambda r: f"{r.finetune.lr:g}"),
     ("epochs", lambda r: str(r.finetune.epochs)),
     ("samples", lambda r: str(r.finetune.samples)),
     ("grad accum", lambda r: str(r.finetune.grad_accum)),
+    ("batch size", lambda r: str(r.finetune.batch_size)),
     ("max grad norm", lambda r: f"{r.finetune.max_grad_norm:g}"),
     ("warmup steps", lambda r: str(r.finetune.warmup_steps)),
 )
@@ -54,17 +56,6 @@ def print_recipe_event(event: Any) -> None:
     elif isinstance(event, Notice):
         style = {"info": "dim", "warning": "yellow", "error": "bold red"}[event.level]
         err_console.print(f"[{style}]{event.message}[/]", highlight=False, soft_wrap=True)
-
-
-def print_training_event(event: Any) -> None:
-    """Plain lines for fine-tuning events when the dashboard is off (duck-typed on finetune's events)."""
-    kind = type(event).__name__
-    if kind == "RunStarted":
-        err_console.print(f"[dim]training {event.total_steps} steps from step {event.start_step} on {event.device}[/]")
-    elif kind == "StepMetrics":
-        err_console.print(f"[dim]  step {event.step}: loss {event.loss:.4f}, lr {event.lr:.2e}, grad norm {event.grad_norm:.3f}[/]")
-    elif kind == "GuardAlert":
-        err_console.print(f"[yellow]  step {event.step}: {event.message} ({event.action})[/]", highlight=False)
 
 
 def report_rich_table(report: RecipeReport) -> Table:
