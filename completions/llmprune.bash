@@ -14,6 +14,7 @@ _llmprune() {
             'recipe') path="${path:+$path }$word" ;;
             'recipe attn-only') path="${path:+$path }$word" ;;
             'recipe safe') path="${path:+$path }$word" ;;
+            'recipe sweep') path="${path:+$path }$word" ;;
         esac
     done
     local opts='' cmds='' values='' files=0 valued=0 args='' argfiles=0
@@ -146,7 +147,7 @@ _llmprune() {
             ;;
         'recipe')
             opts='--list --json --help'
-            cmds='attn-only safe'
+            cmds='attn-only safe sweep'
             ;;
         'recipe attn-only')
             opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
@@ -208,6 +209,25 @@ _llmprune() {
                 --batch-size) valued=1 values='' files=0 ;;
                 --retreat-step) valued=1 values='' files=0 ;;
                 --min-ratio) valued=1 values='' files=0 ;;
+                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
+                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
+            esac
+            ;;
+        'recipe sweep')
+            opts='--ratio --recipe --mlp --no-mlp --importance-config --dataset --eval-dataset --seq-len --calibration-samples --eval-windows --batch-size --out --device --dtype --json --help'
+            cmds=''
+            args='smollm2-135m' argfiles=1
+            case "$prev" in
+                --ratio) valued=1 values='' files=1 ;;
+                --recipe) valued=1 values='' files=1 ;;
+                --importance-config) valued=1 values='' files=1 ;;
+                --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --seq-len) valued=1 values='' files=0 ;;
+                --calibration-samples) valued=1 values='' files=0 ;;
+                --eval-windows) valued=1 values='' files=0 ;;
+                --batch-size) valued=1 values='' files=0 ;;
+                --out) valued=1 values='' files=1 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
                 --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
             esac

@@ -21,6 +21,8 @@ function __llmprune_path --description 'the llmprune subcommand path typed so fa
                 set path $path attn-only
             case 'recipe safe'
                 set path $path safe
+            case 'recipe sweep'
+                set path $path sweep
         end
     end
     string join -- ' ' $path
@@ -156,6 +158,7 @@ complete -c llmprune -n '__llmprune_at prune' -l help -d 'Show the help and exit
 complete -c llmprune -n '__llmprune_at prune' -F -a 'smollm2-135m'
 complete -c llmprune -n '__llmprune_at recipe' -a attn-only -d 'Recipe '\''attn-only'\'': the safer path: 20 % of attention groups only (MLP untouched), then a full fine-tune. Rerunning the same command resumes an interrupted run.'
 complete -c llmprune -n '__llmprune_at recipe' -a safe -d 'Recipe '\''safe'\'': the conservative path: 15 % of attention groups and MLP channels, layer-removal importance, inverse allocation, then a very gentle full fine-tune. Rerunning the same command resumes an interrupted run.'
+complete -c llmprune -n '__llmprune_at recipe' -a sweep -d 'Prune MODEL at several ratios with one importance analysis; a table of size, PPL and verdict, a JSON and a chart.'
 complete -c llmprune -n '__llmprune_at recipe' -l list -d 'Show the recipes and their exact values.'
 complete -c llmprune -n '__llmprune_at recipe' -l json -d 'Print one JSON object on stdout and nothing else.'
 complete -c llmprune -n '__llmprune_at recipe' -l help -d 'Show the help and exit.'
@@ -225,3 +228,19 @@ complete -c llmprune -n '__llmprune_at recipe safe' -l device -x -a 'auto cpu cu
 complete -c llmprune -n '__llmprune_at recipe safe' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU).'
 complete -c llmprune -n '__llmprune_at recipe safe' -l json -d 'Print one JSON object on stdout and nothing else.'
 complete -c llmprune -n '__llmprune_at recipe safe' -l help -d 'Show the help and exit.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l ratio -r -F -d 'A pruning ratio to try; repeat it (e.g. --ratio 0.15 --ratio 0.2).'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l recipe -r -F -d 'Recipe whose pruning settings are used (safe, attn-only, ...).'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l mlp -l no-mlp -d 'Override the recipe: prune MLP channels too, or not.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l importance-config -r -F -d 'Reuse this layer_importance_config.json.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l dataset -r -F -a 'wikitext2 ptb c4 pydoc' -d 'wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l eval-dataset -r -F -a 'wikitext2 ptb c4 pydoc' -d 'Evaluation text (its test split).'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l seq-len -x -d 'Tokens per window.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l calibration-samples -x -d 'Calibration windows.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l eval-windows -x -d 'Evaluation windows per PPL.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l batch-size -x -d 'Windows per forward pass.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l out -r -F -d 'Folder that receives MODEL-sweep/.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l device -x -a 'auto cpu cuda mps' -d 'auto|cpu|cuda|cuda:N|mps (auto: cuda > mps > cpu).'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU).'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l json -d 'Print one JSON object on stdout and nothing else.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -l help -d 'Show the help and exit.'
+complete -c llmprune -n '__llmprune_at recipe sweep' -F -a 'smollm2-135m'

@@ -31,8 +31,8 @@ class BreaksAbove(StepAdapters):
         self.threshold = threshold
         self.finetuned = False
 
-    def prune(self, config, importance_config, ratio, out_dir):
-        result = super().prune(config, importance_config, ratio, out_dir)
+    def prune(self, config, importance_config, ratio, out_dir, progress=None):
+        result = super().prune(config, importance_config, ratio, out_dir, progress)
         if ratio > self.threshold:
             loaded = load_model(str(out_dir))
             with torch.no_grad():
@@ -82,10 +82,10 @@ def test_auto_retreat_re_prunes_lower_until_the_verdict_passes(tiny_model_dir, p
 
 
 class InterruptedCheck(StepAdapters):
-    def evaluate(self, model, config, base_ppl=None, health=False):
+    def evaluate(self, model, config, base_ppl=None, health=False, progress=None):
         if health:
             raise KeyboardInterrupt  # Ctrl-C while the pruned model is being evaluated
-        return super().evaluate(model, config, base_ppl, health)
+        return super().evaluate(model, config, base_ppl, health, progress)
 
 
 def test_a_run_interrupted_after_pruning_resumes_at_the_evaluation(tiny_model_dir, pydoc_text_file, tmp_path):

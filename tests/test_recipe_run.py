@@ -28,7 +28,7 @@ class ScriptedSteps:
             self.interrupt_at = None
             raise KeyboardInterrupt
 
-    def evaluate(self, model, config, base_ppl=None, health=False):
+    def evaluate(self, model, config, base_ppl=None, health=False, progress=None):
         step = "baseline" if base_ppl is None else ("final_eval" if "finetune" in model else "check")
         self.calls.append((step, model))
         self._maybe_interrupt(step)
@@ -50,7 +50,7 @@ class ScriptedSteps:
         (out_dir / "layer_importance_config.json").write_text("{}")
         return {"importance_config": str(out_dir / "layer_importance_config.json"), "method": "removal", "scores": [0.1] * 6}
 
-    def prune(self, config, importance_config, ratio, out_dir):
+    def prune(self, config, importance_config, ratio, out_dir, progress=None):
         self.calls.append(("prune", ratio))
         self._maybe_interrupt("prune")
         out_dir.mkdir(parents=True, exist_ok=True)

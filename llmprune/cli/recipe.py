@@ -6,13 +6,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmprune.cli.recipe_sweep import sweep_command
 from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded, stdout_is_terminal
 from llmprune.engine.recipe_run import RecipeConfig, run_recipe
 from llmprune.engine.recipes import RECIPES, Recipe
 from llmprune.ui.console import console, print_json
 from llmprune.ui.train_lines import PlainTrainingLines
 from llmprune.ui.recipe_view import (
-    print_recipe_event,
+    RecipeLines,
     recipe_summaries,
     recipes_table,
     report_footer,
@@ -96,7 +97,12 @@ def _command_for(recipe: Recipe):
             from llmprune.ui.tui import run_with_dashboard  # the same dashboard as `llmprune finetune`
 
             host = lambda train: run_with_dashboard(train, fallback=lines)  # noqa: E731
-        report = run_recipe(config, None if json_output else print_recipe_event, finetune_listener=lines, finetune_host=host)
+        view = None if json_output else RecipeLines()
+        try:
+            report = run_recipe(config, view, finetune_listener=lines, finetune_host=host, progress=view and view.progress)
+        finally:
+            if view is not None:
+                view.close()
         if json_output:
             print_json(report.to_dict())
         else:
@@ -110,3 +116,4 @@ def _command_for(recipe: Recipe):
 
 for _recipe in RECIPES.values():
     recipe_app.command(_recipe.name)(guarded(_command_for(_recipe)))
+recipe_app.command("sweep")(guarded(sweep_command))

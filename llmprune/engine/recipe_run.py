@@ -21,7 +21,7 @@ from typing import Any, Callable
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.recipe_report import RecipeReport, build_report, write_report
 from llmprune.engine.recipe_state import RunState, describe_resume, open_run
-from llmprune.engine.recipe_steps import PASSING_VERDICTS, StepAdapters, has_checkpoint
+from llmprune.engine.recipe_steps import PASSING_VERDICTS, StageProgress, StepAdapters, has_checkpoint
 from llmprune.engine.recipes import Recipe
 
 # step name -> what it does (in the order they run)
@@ -175,8 +175,9 @@ class _Run:
     """One execution of the pipeline over a RunState."""
 
     def __init__(self, config: RecipeConfig, state: RunState, steps: StepAdapters, emit: RecipeListener,
-                 finetune_listener: RecipeListener | None, finetune_host: Callable[..., Any] | None):
-        self.config, self.state, self.steps, self.emit = config, state, steps, emit
+                 finetune_listener: RecipeListener | None, finetune_host: Callable[..., Any] | None,
+                 progress: StageProgress | None):
+        self.config, self.state, self.steps, self.emit, self.progress = config, state, steps, emit, progress
         self.finetune_listener, self.finetune_host = finetune_listener, finetune_host
 
     @property
@@ -184,17 +185,18 @@ class _Run:
         return self.state.run_dir
 
     def baseline(self) -> dict:
-        return self.steps.evaluate(self.config.model, self.config)
+        return self.steps.evaluate(self.config.model, self.config, progress=self.progress)
 
     def analyze(self) -> dict:
-        return self.steps.analyze(self.config, self.run_dir / "analysis")
+        return self.steps.analyze(self.config, self.run_dir / "analysis", self.progress)
 
     def prune(self) -> dict:
         importance = self.state.result("analyze")["importance_config"]
-        return {"ratio": self.state.ratio, **self.steps.prune(self.config, importance, self.state.ratio, self.run_dir / "pruned")}
+        return {"ratio": self.state.ratio, **self.steps.prune(self.config, importance, self.state.ratio, self.run_dir / "pruned", self.progress)}
 
     def check(self) -> dict:
-        result = self.steps.evaluate(str(self.run_dir / "pruned"), self.config, base_ppl=self.state.result("baseline")["ppl"], health=True)
+        base_ppl = self.state.result("baseline")["ppl"]
+        result = self.steps.evaluate(str(self.run_dir / "pruned"), self.config, base_ppl=base_ppl, health=True, progress=self.progress)
         result["ratio"] = self.state.ratio
         self.state.attempts.append({key: result.get(key) for key in ("ratio", "params", "ppl", "verdict", "healthy_weights")})
         return result
@@ -235,7 +237,8 @@ class _Run:
 
     def final_eval(self) -> dict:
         model_dir = self.state.result("finetune")["model_dir"]
-        return self.steps.evaluate(model_dir, self.config, base_ppl=self.state.result("baseline")["ppl"], health=True)
+        base_ppl = self.state.result("baseline")["ppl"]
+        return self.steps.evaluate(model_dir, self.config, base_ppl=base_ppl, health=True, progress=self.progress)
 
 
 def _summary(step: str, result: dict) -> str:
@@ -270,13 +273,15 @@ def run_recipe(
     steps: StepAdapters | None = None,
     finetune_listener: RecipeListener | None = None,
     finetune_host: Callable[..., Any] | None = None,
+    progress: StageProgress | None = None,
 ) -> RecipeReport:
     """Run (or resume) the recipe; returns the final report, also saved as report.json/.txt in the run directory.
 
     `listener` receives StepStarted/StepFinished/StepSkipped/Notice events;
     `finetune_listener` the fine-tuning events (finetune's own event types);
     `finetune_host(run)` may run the training elsewhere, e.g. under the dashboard,
-    where `run(listener, control)` starts it and returns finetune's result.
+    where `run(listener, control)` starts it and returns finetune's result;
+    `progress(stage, done, total)` follows the long loops inside the steps.
     """
     config.validate()
     emit = listener or (lambda event: None)
@@ -289,7 +294,7 @@ def run_recipe(
     resuming = describe_resume(state, list(STEPS))
     if resuming:
         emit(Notice(resuming))
-    run = _Run(config, state, steps or StepAdapters(), emit, finetune_listener, finetune_host)
+    run = _Run(config, state, steps or StepAdapters(), emit, finetune_listener, finetune_host, progress)
     order = list(STEPS)
     index = 0
     try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from llmprune.engine.recipe_run import RecipeConfig
 
+StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
 # acceptable PPL verdicts: the gate lets these through to fine-tuning
 PASSING_VERDICTS = ("healthy", "acceptable")
 
@@ -22,7 +23,8 @@ PASSING_VERDICTS = ("healthy", "acceptable")
 class StepAdapters:
     """The real steps. Each method loads what it needs, so any step can run in a fresh process."""
 
-    def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False) -> dict:
+    def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False,
+                 progress: StageProgress | None = None) -> dict:
         """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`."""
         from llmprune.engine.data import load_evaluation_windows
         from llmprune.engine.device import choose_placement
@@ -32,7 +34,8 @@ class StepAdapters:
         start = time.perf_counter()
         loaded = load_model(model, placement=choose_placement(config.device, config.dtype))
         windows = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
-        measured = perplexity(loaded.model, windows, config.batch_size)
+        update = (lambda done, total: progress(f"PPL of {Path(model).name}", done, total)) if progress else None
+        measured = perplexity(loaded.model, windows, config.batch_size, update)
         result: dict[str, Any] = {"model": model, "params": loaded.num_parameters, "ppl": measured.ppl, "windows": measured.windows}
         if health:
             result.update(self._health(loaded.model, loaded.tokenizer, measured.ppl, base_ppl))
@@ -61,7 +64,7 @@ class StepAdapters:
         return CalibrationOptions(dataset=config.dataset, samples=config.calibration_samples, seq_len=config.seq_len,
                                   batch_size=config.batch_size)
 
-    def analyze(self, config: "RecipeConfig", out_dir: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    def analyze(self, config: "RecipeConfig", out_dir: Path, progress: StageProgress | None = None) -> dict:
         """Layer importance on calibration samples, saved as a reusable JSON config in `out_dir`."""
         from llmprune.engine.allocation import PlanOptions
         from llmprune.engine.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, run_analyze
@@ -79,7 +82,8 @@ class StepAdapters:
         return {"importance_config": str(result.config_path), "method": result.importance.method,
                 "scores": list(result.importance.scores)}
 
-    def prune(self, config: "RecipeConfig", importance_config: str, ratio: float, out_dir: Path) -> dict:
+    def prune(self, config: "RecipeConfig", importance_config: str, ratio: float, out_dir: Path,
+              progress: StageProgress | None = None) -> dict:
         """Prune the base model at `ratio` with the saved importance scores; save it to `out_dir`."""
         from llmprune.engine.prune_pipeline import PruneConfig, run_prune
 
@@ -90,7 +94,8 @@ class StepAdapters:
                 importance_method=prune.importance, calibration=self._calibration(config), strategy=prune.strategy,
                 alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end, out=out_dir,
                 log_dir=out_dir.parent / "prune_log", log_name="pruned", device=config.device, dtype=config.dtype,
-            )
+            ),
+            progress=progress,
         )
         return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.removed_share,
                 "gqa": result.gqa_summary()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from llmprune.engine.recipe_report import STATUS_TEXT, RecipeReport, report_table
@@ -42,6 +43,36 @@ def recipes_table(recipes: list[Recipe]) -> Table:
 
 def recipe_summaries(recipes: list[Recipe]) -> str:
     return "\n".join(f"[bold]{recipe.name}[/]: {recipe.summary}" for recipe in recipes)
+
+
+class RecipeLines:
+    """The recipe's listener and progress callback on stderr: a line per step, a transient bar per long loop.
+
+    The bar is stopped at every step event, so that nothing of it is live when the
+    fine-tuning dashboard takes the terminal.
+    """
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.tasks: dict[str, Any] = {}
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None:
+            columns = (TextColumn("  {task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+            self.bar = Progress(*columns, console=err_console, transient=True)
+            self.bar.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        self.bar, self.tasks = None, {}
+
+    def __call__(self, event: Any) -> None:
+        self.close()
+        print_recipe_event(event)
 
 
 def print_recipe_event(event: Any) -> None:
