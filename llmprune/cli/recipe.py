@@ -68,7 +68,7 @@ def _command_for(recipe: Recipe):
         seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window (calibration, evaluation, training).")] = 256,
         calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="Windows for the importance analysis.")] = 32,
         eval_windows: Annotated[int, typer.Option("--eval-windows", help="Evaluation windows per PPL measurement.")] = 64,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 1,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass when measuring.")] = 8,
         skip_finetune: Annotated[bool, typer.Option("--skip-finetune", help="Stop after the gate.")] = False,
         auto_retreat: Annotated[bool, typer.Option("--auto-retreat", help="If the gate fails, re-prune lower until it passes.")] = False,
         retreat_step: Annotated[float, typer.Option("--retreat-step", help="Ratio decrement per retreat.")] = 0.05,

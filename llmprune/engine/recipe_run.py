@@ -22,7 +22,7 @@ from llmprune.engine.errors import UserInputError
 from llmprune.engine.recipe_report import RecipeReport, build_report, write_report
 from llmprune.engine.recipe_state import RunState, describe_resume, open_run
 from llmprune.engine.recipe_steps import PASSING_VERDICTS, StageProgress, StepAdapters, has_checkpoint
-from llmprune.engine.recipes import Recipe
+from llmprune.engine.recipes import PipelineSettings, Recipe
 
 # step name -> what it does (in the order they run)
 STEPS: dict[str, str] = {
@@ -39,30 +39,14 @@ FINETUNE_STEPS = ("finetune", "final_eval")
 OUTPUTS = ("analysis", "pruned", "finetune", "state.json", "report.json", "report.txt")
 
 
-@dataclass
-class RecipeConfig:
-    """What `llmprune recipe NAME` does: a recipe (with overrides) and the run's budget."""
+@dataclass(kw_only=True)
+class RecipeConfig(PipelineSettings):
+    """What `llmprune recipe NAME` does: a recipe (with overrides), the model, the text and the budget."""
 
     recipe: Recipe
     """The recipe with any overridden values already applied."""
-    model: str = "smollm2-135m"
-    """Base model spec."""
-    out: str = "llmprune-runs"
-    """Folder that holds the run directories."""
     name: str | None = None
     """Run directory name under `out` (default: <model>-<recipe>-<ratio %>)."""
-    dataset: str = "wikitext2"
-    """Calibration and training text (its training split)."""
-    eval_dataset: str = "wikitext2"
-    """Evaluation text (its test split)."""
-    seq_len: int = 256
-    """Tokens per window, for calibration, evaluation and training."""
-    calibration_samples: int = 32
-    """Calibration windows for the importance analysis."""
-    eval_windows: int | None = 64
-    """Evaluation windows (None: the whole split)."""
-    batch_size: int = 1
-    """Windows per forward pass."""
     skip_finetune: bool = False
     """Stop after the gate (the pruned model is the result)."""
     auto_retreat: bool = False
@@ -73,12 +57,10 @@ class RecipeConfig:
     """The auto-retreat gives up below this ratio."""
     restart: bool = False
     """Discard a previous run in the same directory instead of resuming it."""
-    device: str = "auto"
-    dtype: str = "auto"
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out).expanduser() / (self.name or default_run_name(self.model, self.recipe))
+        return Path(self.out).expanduser() / (self.name or f"{self.model_stem()}-{self.recipe.name}-{self.recipe.prune.ratio * 100:g}")
 
     def settings(self) -> dict:
         """The values that decide the run's outputs: a rerun resumes only when they are unchanged.
@@ -95,25 +77,16 @@ class RecipeConfig:
             if not condition:
                 raise UserInputError(problem, hint)
 
+        self.validate_budget()
         prune, finetune = self.recipe.prune, self.recipe.finetune
         need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
         need(finetune.lr > 0, f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
-        for option, value in (("--epochs", finetune.epochs), ("--samples", finetune.samples), ("--grad-accum", finetune.grad_accum),
-                              ("--calibration-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
+        for option, value in (("--epochs", finetune.epochs), ("--samples", finetune.samples), ("--grad-accum", finetune.grad_accum)):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
-        need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
-        need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "use e.g. 64")
         need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")
         need(0 < self.min_ratio <= prune.ratio, f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}", "use e.g. 0.05")
         if self.name is not None:
             need(bool(re.fullmatch(r"[\w.+-]+", self.name)), f"--name '{self.name}' is not a plain folder name", "use letters, digits, - _ . +")
-
-
-def default_run_name(model: str, recipe: Recipe) -> str:
-    """e.g. smollm2-135m-safe-15: the same command always lands in (and resumes) the same folder."""
-    stem = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
-    stem = re.sub(r"[^\w.+-]+", "-", stem).strip("-") or "model"
-    return f"{stem}-{recipe.name}-{recipe.prune.ratio * 100:g}"
 
 
 # ---------------------------------------------------------------- events

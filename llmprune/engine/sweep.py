@@ -16,44 +16,25 @@ from typing import Callable
 
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.paths import atomic_write_json
-from llmprune.engine.recipes import Recipe
+from llmprune.engine.recipes import PipelineSettings, Recipe
 
 StageProgress = Callable[[str, int, int], None]
 
 
-@dataclass
-class SweepConfig:
-    """What `llmprune recipe sweep` does."""
+@dataclass(kw_only=True)
+class SweepConfig(PipelineSettings):
+    """What `llmprune recipe sweep` does (the results go to <out>/<model>-sweep/)."""
 
     ratios: list[float]
     """The pruning ratios to compare."""
     recipe: Recipe
     """Where the pruning settings (importance, strategy, alpha, MLP, layer range) come from."""
-    model: str = "smollm2-135m"
-    """Base model spec."""
-    out: str = "llmprune-runs"
-    """Folder that receives <model>-sweep/ (sweep.json, the chart, the importance config)."""
     importance_config: str | None = None
     """Reuse this layer_importance_config.json instead of measuring importance."""
-    dataset: str = "wikitext2"
-    """Calibration text (its training split)."""
-    eval_dataset: str = "wikitext2"
-    """Evaluation text (its test split)."""
-    seq_len: int = 256
-    """Tokens per window."""
-    calibration_samples: int = 32
-    """Calibration windows (importance and unit selection)."""
-    eval_windows: int | None = 64
-    """Evaluation windows per PPL."""
-    batch_size: int = 8
-    """Windows per forward pass."""
-    device: str = "auto"
-    dtype: str = "auto"
 
     @property
     def run_dir(self) -> Path:
-        stem = Path(self.model.rstrip("/")).name.removesuffix(".gguf") or "model"
-        return Path(self.out).expanduser() / f"{stem}-sweep"
+        return Path(self.out).expanduser() / f"{self.model_stem()}-sweep"
 
     def validate(self) -> None:
         if not self.ratios:
@@ -61,8 +42,7 @@ class SweepConfig:
         bad = [r for r in self.ratios if not (0 < r < 1)]
         if bad:
             raise UserInputError(f"--ratio must be between 0 and 1, got {bad[0]}", "e.g. --ratio 0.15 --ratio 0.2")
-        if self.seq_len < 2 or self.calibration_samples < 1 or self.batch_size < 1 or (self.eval_windows is not None and self.eval_windows < 1):
-            raise UserInputError("--seq-len must be ≥ 2 and the sample/window/batch counts ≥ 1", "e.g. --seq-len 128 --eval-windows 32")
+        self.validate_budget()
 
 
 @dataclass
