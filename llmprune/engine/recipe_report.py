@@ -107,6 +107,13 @@ def build_report(config: "RecipeConfig", state: "RunState") -> RecipeReport:
     )
 
 
+def _format_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(int(n))
+
+
 def _format_ppl(ppl: float) -> str:
     return f"{ppl:,.2f}" if math.isfinite(ppl) else "inf"
 
@@ -116,7 +123,7 @@ def report_table(report: RecipeReport) -> list[list[str]]:
     table = [["model", "params", "removed", "PPL", "× base", "verdict", "time"]]
     for row in report.rows:
         table.append([
-            row.stage, f"{row.params / 1e6:,.1f} M", f"{row.share_removed:.1%}", _format_ppl(row.ppl),
+            row.stage, _format_count(row.params), f"{row.share_removed:.1%}", _format_ppl(row.ppl),
             f"{row.ppl_vs_base:.2f}" if row.ppl_vs_base is not None else "—", row.verdict, f"{row.seconds:,.0f} s",
         ])
     return table

@@ -36,7 +36,7 @@ STEPS: dict[str, str] = {
 }
 FINETUNE_STEPS = ("finetune", "final_eval")
 # run-directory entries written by the steps (a --restart removes exactly these)
-OUTPUTS = ("analysis", "pruned", "finetune", "state.json", "report.json", "report.txt")
+OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "state.json", "report.json", "report.txt")
 
 
 @dataclass(kw_only=True)

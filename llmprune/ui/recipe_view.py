@@ -57,6 +57,8 @@ class RecipeLines:
         self.tasks: dict[str, Any] = {}
 
     def progress(self, stage: str, done: int, total: int) -> None:
+        if not err_console.is_terminal:  # a log file gets the step lines only
+            return
         if self.bar is None:
             columns = (TextColumn("  {task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
             self.bar = Progress(*columns, console=err_console, transient=True)
