@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +25,6 @@ from llmprune.engine.allocation import (
     layer_parameters,
     parse_target_params,
     solve_ratio_for_parameters,
-    unit_counts,
 )
 from llmprune.engine.analysis import (
     CalibrationOptions,
@@ -128,11 +128,14 @@ class PruneResult:
     importance: list[float]
     gqa_violations: list[int]
     seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # peak RSS of the process on CPU (libraries included), peak allocated on CUDA
+    model_bytes: int  # the unpruned weights, for comparison with the peak
     ppl_before: PerplexityResult | None = None
     ppl_after: PerplexityResult | None = None
     saved_to: str | None = None
     log_dir: str | None = None
+    loaded: Any = field(default=None, repr=False)
+    """The pruned model in memory (a models.LoadedModel), for callers that go on with it; not serialised."""
 
     @property
     def removed_share(self) -> float:
@@ -150,7 +153,7 @@ class PruneResult:
         return "all layers keep " + " or ".join(f"{r}:1" for r in ratios)
 
     def to_dict(self) -> dict:
-        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "loaded"}
         data["layers"] = [layer.to_dict() for layer in self.layers]
         data["ppl_before"] = self.ppl_before.to_dict() if self.ppl_before else None
         data["ppl_after"] = self.ppl_after.to_dict() if self.ppl_after else None
@@ -183,6 +186,36 @@ def parameter_model(model: torch.nn.Module, shapes: list[LayerShape]) -> Paramet
         for s in shapes
     ]
     return ParameterModel(sum(p.numel() for p in model.parameters()), hidden, shapes, qkv_bias, mlp_bias, totals)
+
+
+def make_plan(
+    scores: list[float],
+    counter: ParameterModel,
+    options: PlanOptions,
+    attn_unit: str = "group",
+    prune_mlp: bool = False,
+    round_to: int = 1,
+    same_in_every_layer: bool = False,
+    target_params: int | None = None,
+) -> tuple[PlanOptions, list[float], list[LayerUnits]]:
+    """Layer scores -> (options with the final ratio, per-layer rates, per-layer units).
+
+    With `target_params`, the ratio is solved so that the pruned model has about
+    that many parameters (counted exactly from the planned shapes).
+    """
+    shapes = counter.shapes
+
+    def plan_for(ratio: float) -> tuple[list[float], list[LayerUnits]]:
+        return plan_units(scores, shapes, replace(options, ratio=ratio), attn_unit, prune_mlp, round_to, same_in_every_layer)
+
+    if target_params is not None:
+        def count(ratio: float) -> int:
+            # ratios under min_rate are not plans; the smallest real one is min_rate
+            return counter.count(plan_for(ratio if ratio == 0 or ratio >= options.min_rate else options.min_rate)[1])
+
+        options = replace(options, ratio=solve_ratio_for_parameters(target_params, count, options.max_rate))
+    rates, units = plan_for(options.ratio)
+    return options, rates, units
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -231,6 +264,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     if loaded.tokenizer is None:
         raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
     counter = parameter_model(model, shapes)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     target = parse_target_params(config.target_params, counter.total) if target_mode else None
 
     criterion = get_unit_importance(config.unit_importance)
@@ -252,23 +286,15 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     else:
         method, scores = "none (uniform plan)", [0.0] * len(shapes)
 
-    def plan_for(ratio: float) -> tuple[list[float], list[LayerUnits]]:
-        return plan_units(scores, shapes, replace(options, ratio=ratio), config.attn_unit, config.prune_mlp,
-                          config.round_to, same_in_every_layer=config.uniform)
-
-    if target is not None:
-        def count(ratio: float) -> int:
-            ratio = ratio if ratio == 0 or ratio >= options.min_rate else options.min_rate
-            return counter.count(plan_for(ratio)[1])
-
-        options = replace(options, ratio=solve_ratio_for_parameters(target, count, options.max_rate))
-    rates, units = plan_for(options.ratio)
+    options, rates, units = make_plan(scores, counter, options, config.attn_unit, config.prune_mlp, config.round_to,
+                                      config.uniform, target)
 
     def stage(name: str):
         return (lambda d, t: progress(name, d, t)) if progress else None
 
     ppl_before = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity before")) if eval_windows else None
     outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, config.compensation,
+                          gram=bool(getattr(config.compensation, "needs_gram", False)),
                           batch_size=calib.batch_size, progress=progress)
     ppl_after = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity after")) if eval_windows else None
 
@@ -281,7 +307,8 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
         model=config.model, options=resolved, ratio=options.ratio, target_params=target,
         params_before=outcome.params_before, params_after=outcome.params_after, layers=outcome.layers, rates=rates,
         importance_method=method, importance=list(scores), gqa_violations=outcome.gqa_violations,
-        seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), ppl_before=ppl_before, ppl_after=ppl_after,
+        seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), model_bytes=model_bytes, ppl_before=ppl_before, ppl_after=ppl_after,
+        loaded=loaded,
     )
 
     run_folder = _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
@@ -332,7 +359,8 @@ def format_log(result: PruneResult) -> str:
     for label, ppl in (("before", result.ppl_before), ("after", result.ppl_after)):
         if ppl:
             lines.append(f"PPL {label}: {ppl.ppl:.4f} ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)")
-    lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB")
+    lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB"
+                 f" (the unpruned weights: {result.model_bytes / 2**20:.0f} MiB)")
     if result.saved_to:
         lines.append(f"saved to: {result.saved_to}")
     lines.append("layer  importance  rate    heads  kv  mlp (before -> after)")
