@@ -121,3 +121,33 @@ def test_relative_scale_is_used_even_when_absolute_would_differ():
     assert ppl_verdict(40.0).label == "too high"
     assert ppl_verdict(40.0, base_ppl=38.0).advice == []
     assert ppl_verdict(400.0, base_ppl=38.0).unsafe
+
+
+def test_lora_wrapped_model_is_checked_through_its_wrapper():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    report = preflight_check(model)
+    # LoRA B matrices start at zero and PEFT renames the base weights: neither is a finding
+    assert report.ok and report.findings == []
+    assert [layer.kv_heads for layer in report.structure.layers] == [2, 2, 2, 2]
+    with torch.no_grad():
+        model.base_model.model.model.layers[2].self_attn.q_proj.lora_A["default"].weight[0, 0] = float("nan")
+    report = preflight_check(model)
+    assert [f.location for f in report.findings if f.check == "nan"] == ["base_model.model.model.layers.2.self_attn.q_proj.lora_A.default.weight"]
+    assert report.forward.first_nonfinite_module.endswith("layers.2.self_attn.q_proj.lora_A.default")
+
+
+def test_health_report_renders_without_a_terminal(tiny_model):
+    import io
+
+    from rich.console import Console
+
+    from llmprune.ui.doctor_report import health_report
+
+    with torch.no_grad():
+        tiny_model.model.layers[0].self_attn.v_proj.weight[1, 1] = float("nan")
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(health_report(preflight_check(tiny_model)))
+    text = console.export_text()
+    assert "model.layers.0.self_attn.v_proj.weight" in text and "unsafe to train on" in text

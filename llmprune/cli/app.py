@@ -9,6 +9,7 @@ import typer
 from llmprune import __version__
 from llmprune.cli import analyze as analyze_cli
 from llmprune.cli import completion as completion_cli
+from llmprune.cli import doctor as doctor_cli
 from llmprune.cli import eval as eval_cli
 from llmprune.cli import finetune as finetune_cli
 from llmprune.cli import prune as prune_cli
@@ -68,10 +69,9 @@ app.command("prune", help="GQA-aware structured pruning of attention groups and 
 app.command("finetune", help="Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard.")(
     guarded(finetune_cli.finetune_command)
 )
-for _name, _help in (
-    ("doctor", "Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice."),
-):
-    app.command(_name, help=_help)(_not_built(_name))
+app.command("doctor", help="Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice.")(
+    guarded(doctor_cli.doctor_command)
+)
 app.add_typer(recipe_cli.recipe_app, name="recipe")
 app.command("completion", help="Shell completion scripts (bash, zsh, fish) generated from this app.")(
     guarded(completion_cli.completion_command)

@@ -9,7 +9,6 @@ building the model first.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,8 +17,9 @@ from torch import nn
 
 from llmprune.engine.findings import SEVERITIES, Advice, Finding
 from llmprune.engine.forward_probe import ForwardResult, forward_test
-from llmprune.engine.structure_check import Structure, read_structure
+from llmprune.engine.structure_check import Structure, is_adapter_tensor, read_structure, structure_shapes
 from llmprune.engine.tensor_scan import TensorStats, huge_tensors, layer_index, tensor_stats
+from llmprune.engine.verdicts import VERDICT_LABELS, PplCheck, Verdict, ppl_verdict
 
 __all__ = [
     "Finding", "HealthReport", "LayerSummary", "Verdict", "PplCheck", "preflight_check", "ppl_verdict",
@@ -30,95 +30,6 @@ __all__ = [
 ZERO_SHARE_WARNING = 0.5
 # Above this share of exact zeros over the whole model, the summary stops calling it normal.
 ZERO_SHARE_NORMAL = 0.10
-
-
-# ---------------------------------------------------------------- perplexity verdicts
-
-VERDICT_LABELS = ("healthy", "acceptable", "too high", "broken")
-# Llama-3-8B-class models at 2048 tokens (the field guide): upper bounds of each label.
-ABSOLUTE_SCALE = (15.0, 25.0, 50.0)
-# pruned / base. A healthy Llama-3-8B sits near PPL 12 on that scale, so 15, 25 and 50
-# become 15/12 = 1.25, 25/12 ≈ 2.1 and 50/12 ≈ 4.2; rounded to 1.25, 2 and 4.
-RELATIVE_SCALE = (1.25, 2.0, 4.0)
-
-_VERDICT_ADVICE = {
-    "healthy": [],
-    "acceptable": [Advice.FINETUNE, Advice.LOWER_LR, Advice.BF16],
-    "too high": [Advice.LOWER_RATIO, Advice.KEEP_MLP, Advice.PROTECT_ENDS, Advice.FINETUNE],
-    "broken": [Advice.REPRUNE_LOWER, Advice.PROTECT_ENDS, Advice.KEEP_MLP],
-}
-_VERDICT_MEANING = {
-    "healthy": "healthy",
-    "acceptable": "acceptable, but fine-tune carefully",
-    "too high": "too high: prune less",
-    "broken": "broken: re-prune",
-}
-
-
-@dataclass
-class Verdict:
-    """A perplexity judged on the relative (pruned/base) or the absolute scale."""
-
-    label: str  # one of VERDICT_LABELS
-    scale: str  # "relative" | "absolute"
-    ppl: float
-    base_ppl: float | None
-    ratio: float | None  # ppl / base_ppl on the relative scale
-    explanation: str
-    advice: list[str] = field(default_factory=list)
-
-    @property
-    def unsafe(self) -> bool:
-        return self.label == "broken"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _label(value: float, bounds: tuple[float, float, float]) -> str:
-    if not math.isfinite(value):
-        return "broken"
-    for bound, label in zip(bounds, VERDICT_LABELS):
-        if value < bound:
-            return label
-    return "broken"
-
-
-def ppl_verdict(ppl: float, base_ppl: float | None = None) -> Verdict:
-    """Judge `ppl`: relative to `base_ppl` when known, else on the Llama-3-8B-at-2048 absolute scale.
-
-    relative (pruned/base): < 1.25 healthy, 1.25-2 acceptable, 2-4 too high, ≥ 4 broken.
-    absolute: < 15 healthy, 15-25 acceptable, 25-50 too high, ≥ 50 broken.
-    """
-    if base_ppl is not None and math.isfinite(base_ppl) and base_ppl > 0:
-        ratio = ppl / base_ppl if math.isfinite(ppl) else math.inf
-        label = _label(ratio, RELATIVE_SCALE)
-        explanation = (
-            f"PPL {ppl:.2f} is {ratio:.2f}x the base model's {base_ppl:.2f}: {_VERDICT_MEANING[label]} "
-            f"(relative scale: < {RELATIVE_SCALE[0]}x healthy, < {RELATIVE_SCALE[1]:g}x acceptable, < {RELATIVE_SCALE[2]:g}x too high, else broken)"
-        )
-        return Verdict(label, "relative", ppl, base_ppl, ratio, explanation, list(_VERDICT_ADVICE[label]))
-    label = _label(ppl, ABSOLUTE_SCALE)
-    explanation = (
-        f"PPL {ppl:.2f}: {_VERDICT_MEANING[label]} (absolute scale for Llama-3-8B-class models at 2048 tokens: "
-        f"< 15 healthy, 15-25 acceptable, 25-50 too high, ≥ 50 broken; base PPL unknown, pass --base-ppl for a relative verdict)"
-    )
-    return Verdict(label, "absolute", ppl, None, None, explanation, list(_VERDICT_ADVICE[label]))
-
-
-@dataclass
-class PplCheck:
-    """A perplexity, where it came from, and its verdict."""
-
-    ppl: float
-    dataset: str
-    seq_len: int | None
-    windows: int | None
-    source: str  # "measured" | "recorded by prune"
-    verdict: Verdict
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "verdict": self.verdict.to_dict()}
 
 
 # ---------------------------------------------------------------- the report
@@ -153,6 +64,7 @@ class HealthReport:
     max_abs: float = 0.0
     max_abs_tensor: str = ""
     layers: list[LayerSummary] = field(default_factory=list)
+    tensors: list[TensorStats] = field(default_factory=list)
     structure: Structure | None = None
     forward: ForwardResult | None = None
     ppl: PplCheck | None = None
@@ -175,15 +87,18 @@ class HealthReport:
                         ordered.append(line)
         return ordered
 
+    def _tensors_with(self, check: str) -> int:
+        return sum(1 for finding in self.findings if finding.check == check)
+
     @property
     def huge_count(self) -> int:
-        return sum(1 for finding in self.findings if finding.check == "huge")
+        return self._tensors_with("huge")
 
     def summary(self) -> list[tuple[bool, str]]:
         """The one-glance lines: (passed, text)."""
         lines = [
-            (self.nan == 0, "no NaN" if self.nan == 0 else f"{self.nan:,} NaN values"),
-            (self.inf == 0, "no Inf" if self.inf == 0 else f"{self.inf:,} Inf values"),
+            (self.nan == 0, "no NaN" if self.nan == 0 else f"NaN in {self._tensors_with('nan')} tensor(s) ({self.nan:,} values)"),
+            (self.inf == 0, "no Inf" if self.inf == 0 else f"Inf in {self._tensors_with('inf')} tensor(s) ({self.inf:,} values)"),
             (self.zero_share < ZERO_SHARE_NORMAL, f"zero share {'normal' if self.zero_share < ZERO_SHARE_NORMAL else 'high'}: {100 * self.zero_share:.1f} %"),
             (self.huge_count == 0, "no abnormally large values" if self.huge_count == 0 else f"{self.huge_count} tensor(s) with abnormally large values"),
         ]
@@ -213,6 +128,7 @@ class HealthReport:
             "max_abs": self.max_abs,
             "max_abs_tensor": self.max_abs_tensor,
             "layers": [layer.to_dict() for layer in self.layers],
+            "tensors": [stats.to_dict() for stats in self.tensors],
             "structure": self.structure.to_dict() if self.structure else None,
             "forward": self.forward.to_dict() if self.forward else None,
             "ppl": self.ppl.to_dict() if self.ppl else None,
@@ -231,7 +147,8 @@ def weight_findings(all_stats: list[TensorStats]) -> list[Finding]:
             findings.append(Finding("error", "nan", stats.name, f"{stats.nan:,} NaN of {stats.numel:,} values{where}", [Advice.RESTORE, Advice.LOWER_LR, Advice.BF16]))
         if stats.inf:
             findings.append(Finding("error", "inf", stats.name, f"{stats.inf:,} Inf of {stats.numel:,} values{where}", [Advice.BF16, Advice.RESTORE, Advice.LOWER_LR]))
-        if len(stats.shape) >= 2 and stats.zero_share >= ZERO_SHARE_WARNING:
+        # LoRA's B matrices start at zero by design
+        if len(stats.shape) >= 2 and stats.zero_share >= ZERO_SHARE_WARNING and not is_adapter_tensor(stats.name):
             findings.append(Finding("warning", "zeros", stats.name, f"{100 * stats.zero_share:.1f} % of the values are exactly zero{where}", [Advice.REMOVE_MASKED, Advice.REPRUNE]))
     for flagged in huge_tensors(all_stats):
         where = f" (layer {flagged.stats.layer})" if flagged.stats.layer is not None else ""
@@ -296,6 +213,7 @@ def build_report(all_stats: list[TensorStats], structure: Structure | None, stru
         max_abs=largest.max_abs if largest else 0.0,
         max_abs_tensor=largest.name if largest else "",
         layers=_layer_summaries(all_stats, findings),
+        tensors=list(all_stats),
         structure=structure,
     )
 
@@ -326,7 +244,7 @@ def preflight_check(model: nn.Module, tokenizer: Any = None, *, forward: bool = 
     """
     parameters = dict(model.named_parameters())  # tied weights appear once, so lm_head is absent when tied
     all_stats = [tensor_stats(name, tensor) for name, tensor in parameters.items()]
-    shapes = {name: list(tensor.shape) for name, tensor in parameters.items()}
+    shapes = structure_shapes({name: tensor.shape for name, tensor in parameters.items()})
     config = model.config.to_dict() if hasattr(model, "config") else {}
     structure, problems = read_structure(shapes, config, head_dim=model_head_dim(model), config_role="none")
     report = build_report(all_stats, structure, problems)

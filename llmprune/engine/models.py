@@ -185,8 +185,9 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Te
                 "if you trust its origin, pass --trust-pickle",
             ) from None
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserInputError(f"{path} is not a readable PyTorch checkpoint ({str(error).splitlines()[0]})", "the file is truncated or corrupt") from None
+    except Exception as error:  # a damaged pickle fails in many ways (IndexError, KeyError, EOFError, ...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(f"{path} is not a readable PyTorch checkpoint ({reason})", "the file is truncated or corrupt") from None
     tokenizer = None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], nn.Module):
         tokenizer = obj.get("tokenizer")

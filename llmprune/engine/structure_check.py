@@ -88,6 +88,31 @@ class Structure:
         }
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+ADAPTER_MARKERS = (".lora_", ".lora_magnitude_vector", ".modules_to_save.")
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """LoRA/PEFT adapter tensors: scanned for NaN/Inf, but not part of the model's structure."""
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
+def canonical_name(name: str) -> str:
+    """The plain Llama tensor name behind DDP/compile/PEFT wrappers (PEFT's base_layer included)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name.replace(".base_layer.", ".")
+
+
+def structure_shapes(named_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """{canonical name: shape} without adapter tensors: what read_structure expects."""
+    return {canonical_name(name): list(shape) for name, shape in named_shapes.items() if not is_adapter_tensor(name)}
+
+
 def config_head_dim(config: Mapping) -> int | None:
     if config.get("head_dim"):
         return int(config["head_dim"])
@@ -229,11 +254,11 @@ def _compare_with_config(structure: Structure, config: Mapping, role: str) -> li
         else:
             pruned.append(layer.index)
     if pruned:
-        findings.append(Finding("info", "shape", f"{len(pruned)} layers", f"layers {_ranges(pruned)} are smaller than the base model (pruned)", []))
+        findings.append(Finding("info", "shape", f"{len(pruned)} layers", f"layers {format_ranges(pruned)} are smaller than the base model (pruned)", []))
     return findings
 
 
-def _ranges(indices: list[int]) -> str:
+def format_ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
     parts, start = [], None
     for position, value in enumerate(indices):

@@ -14,8 +14,8 @@ The "huge" rule (see `huge_tensors`). A tensor is flagged when either
 
 Why: weights of one kind have the same scale in every layer of a healthy model
 (SmolLM2-135M: the largest layer-to-layer spread is 3.6x, in
-post_attention_layernorm), so two orders of
-magnitude means a tensor was scaled or blew up during training. The floor
+post_attention_layernorm), so two orders of magnitude means a tensor was
+scaled or blew up during training. The floor
 keeps tiny tensors (zero-initialised biases and the like) from being flagged on
 a ratio alone: values below 1 cannot overflow anything. The absolute rule
 covers tensors that have no peers (embeddings, lm_head, the final norm): no
@@ -88,22 +88,21 @@ def tensor_stats(name: str, tensor: torch.Tensor) -> TensorStats:
     max_abs = 0.0
     square_sum = 0.0
     finite_count = 0
-    is_float = flat.is_floating_point()
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start : start + _CHUNK].float()
-        if is_float:
-            nan_mask = torch.isnan(chunk)
-            inf_mask = torch.isinf(chunk)
-            nan += int(nan_mask.sum())
-            inf += int(inf_mask.sum())
-            finite = chunk[~(nan_mask | inf_mask)]
-        else:
-            finite = chunk
-        zeros += int((finite == 0).sum())
-        if finite.numel():
-            max_abs = max(max_abs, float(finite.abs().max()))
-            square_sum += float(finite.double().square().sum())
-            finite_count += finite.numel()
+        norm = torch.linalg.vector_norm(chunk)
+        if not torch.isfinite(norm):  # rare (NaN, Inf, or values beyond 1e19): count the bad values, leave them out
+            chunk_nan = int(torch.isnan(chunk).sum())
+            chunk_inf = int(torch.isinf(chunk).sum())
+            nan, inf = nan + chunk_nan, inf + chunk_inf
+            chunk = chunk[torch.isfinite(chunk)]
+            norm = torch.linalg.vector_norm(chunk, dtype=torch.float64)
+        zeros += chunk.numel() - int(torch.count_nonzero(chunk))
+        if chunk.numel():
+            low, high = torch.aminmax(chunk)
+            max_abs = max(max_abs, -float(low), float(high))
+            square_sum += float(norm) ** 2
+            finite_count += chunk.numel()
     return TensorStats(
         name=name,
         shape=list(tensor.shape),
@@ -140,7 +139,7 @@ def huge_tensors(all_stats: list[TensorStats]) -> list[HugeTensor]:
         peers = [other.max_abs for other in by_kind[stats.kind] if other is not stats]
         reference = statistics.median(peers) if peers else None
         if reference and stats.max_abs >= RELATIVE_FLOOR and stats.max_abs >= HUGE_RELATIVE * reference:
-            rule = f"max |w| {stats.max_abs:.3g} is {stats.max_abs / reference:,.0f}x the median {reference:.3g} of {stats.kind}"
+            rule = f"max |w| {stats.max_abs:.3g} is {stats.max_abs / reference:,.0f}x that of the same tensor in other layers ({reference:.3g})"
             flagged.append(HugeTensor(stats, reference, rule))
         elif stats.max_abs >= HUGE_ABSOLUTE:
             flagged.append(HugeTensor(stats, None, f"max |w| {stats.max_abs:.3g} ≥ {HUGE_ABSOLUTE:g}"))
