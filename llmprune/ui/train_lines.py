@@ -97,7 +97,8 @@ def health_findings_table(report: dict) -> Table:
         table.add_column(column)
     for finding in report.get("findings", []):
         severity = str(finding.get("severity", ""))
-        style = "red" if severity in ("error", "critical", "fail") else "yellow"
+        style = "red" if severity == "error" else "yellow" if severity == "warning" else "dim"
+        advice = finding.get("advice") or []
         table.add_row(f"[{style}]{severity}[/]", str(finding.get("check", "")), str(finding.get("location", "")),
-                      str(finding.get("message", "")), str(finding.get("advice", "")))
+                      str(finding.get("message", "")), "; ".join(advice) if isinstance(advice, list) else str(advice))
     return table

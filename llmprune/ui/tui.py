@@ -163,6 +163,7 @@ class Dashboard(App):
     .chart-label { color: $text-muted; }
     Sparkline { height: 3; margin-bottom: 1; }
     #progress-row { height: 1; padding: 0 1; }
+    #progress-label { margin-left: 2; }
     #alerts { height: 1fr; min-height: 4; border: round $error; }
     """
     BINDINGS = [
@@ -202,6 +203,7 @@ class Dashboard(App):
                     yield Sparkline([], id=f"{key}-chart", summary_function=max)
         with Horizontal(id="progress-row"):
             yield ProgressBar(total=None, show_eta=False, id="progress")
+            yield Label(id="progress-label")
         yield RichLog(id="alerts", wrap=True, markup=False, max_lines=500)
         yield Footer()
 
@@ -227,8 +229,10 @@ class Dashboard(App):
         self.show(message.event)
 
     def on_dashboard_training_ended(self, message: TrainingEnded) -> None:
-        if self._close_when_finished or not self.state.status.startswith("finished"):
-            self.set_timer(1.0 if self.state.status.startswith("finished") else 0.0, self.exit)
+        if not self.state.status.startswith("finished"):
+            self.exit()  # the training raised: the caller reports the error
+        elif self._close_when_finished:
+            self.set_timer(1.0, self.exit)  # a last look at the final numbers
 
     def show(self, event: Event) -> None:
         self.state.apply(event)
@@ -259,6 +263,10 @@ class Dashboard(App):
         bar = self.query_one("#progress", ProgressBar)
         if state.total_steps:
             bar.update(total=state.total_steps, progress=state.step)
+        self.query_one("#progress-label", Label).update(
+            f"step {state.step}/{state.total_steps or '?'}   ETA {_format_duration(state.eta_seconds)}   "
+            f"{_fmt(state.tokens_per_second, ',.0f')} tok/s"
+        )
 
     def _poll_metrics(self) -> None:
         for event in self._watch.poll():
@@ -360,6 +368,7 @@ def run_with_dashboard(
     *,
     fallback: Listener | None = None,
     close_when_finished: bool = True,
+    headless: bool = False,
 ) -> T:
     """Run `train(listener, control)` in a thread with the dashboard attached; return its result.
 
@@ -392,7 +401,7 @@ def run_with_dashboard(
 
     app.on_mounted = start
     try:
-        app.run()
+        app.run(headless=headless)
     finally:
         relay.target = None  # the app is gone: later events go to the fallback
     if thread.ident is None:
