@@ -58,8 +58,19 @@ _llmprune() {
             esac
             ;;
         'doctor')
-            opts='--help'
+            opts='--test-forward --ppl --base-ppl --dataset --seq-len --max-windows --batch-size --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
+            args='smollm2-135m' argfiles=1
+            case "$prev" in
+                --base-ppl) valued=1 values='' files=0 ;;
+                --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --seq-len) valued=1 values='' files=0 ;;
+                --max-windows) valued=1 values='' files=0 ;;
+                --batch-size) valued=1 values='' files=0 ;;
+                --base-model) valued=1 values='smollm2-135m' files=1 ;;
+                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
+                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
+            esac
             ;;
         'eval')
             opts='--dataset --seq-len --max-windows --batch-size --prompt --max-new-tokens --base-model --trust-pickle --device --dtype --json --help'
