@@ -149,7 +149,9 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoint(tmp_path):
     config = config_for(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(config, steps=steps)
-    (config.run_dir / "finetune" / "checkpoints" / "step-2").mkdir(parents=True)  # what finetune leaves behind
+    checkpoints = config.run_dir / "finetune" / "checkpoints"  # what an interrupted finetune leaves behind
+    (checkpoints / "step-000002").mkdir(parents=True)
+    (checkpoints / "latest.json").write_text(json.dumps({"path": "step-000002"}))
     resumed = ScriptedSteps()
     run_recipe(config, steps=resumed)
     assert resumed.calls[0] == ("finetune", True)
@@ -178,3 +180,13 @@ def test_other_settings_in_the_same_run_directory_are_refused(tmp_path):
 def test_bad_settings_are_user_errors(tmp_path, kwargs, needle):
     with pytest.raises(UserInputError, match=needle):
         config_for(tmp_path, **kwargs).validate()
+
+
+def test_a_run_stopped_at_the_gate_continues_with_auto_retreat_on_the_same_command(tmp_path):
+    first = ScriptedSteps()
+    assert run_recipe(config_for(tmp_path, ratio=0.3), steps=first).status == "stopped_at_gate"
+    again = ScriptedSteps()
+    report = run_recipe(config_for(tmp_path, ratio=0.3, auto_retreat=True), steps=again)
+    assert again.names()[:2] == ["prune", "check"] and again.calls[0] == ("prune", 0.25)  # no new baseline or analysis
+    assert report.status == "done" and report.ratio_used == 0.2
+    assert [attempt["ratio"] for attempt in report.attempts] == [0.3, 0.25, 0.2]

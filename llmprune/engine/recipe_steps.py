@@ -128,6 +128,7 @@ class StepAdapters:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    """Whether a fine-tuning run directory holds a checkpoint to resume from."""
-    checkpoints = run_dir / "checkpoints"
-    return checkpoints.is_dir() and any(checkpoints.iterdir())
+    """Whether a fine-tuning run directory holds a confirmed checkpoint to resume from (finetune's own test)."""
+    from llmprune.engine.run_checkpoints import latest_checkpoint
+
+    return latest_checkpoint(run_dir / "checkpoints") is not None
