@@ -120,20 +120,25 @@ def _bash_function(tree: list[CommandSpec]) -> str:
         "    local opts='' cmds='' values='' files=0 valued=0 args='' argfiles=0",
         '    case "$path" in',
     ]
+    # commands with the same options (e.g. every recipe) share one branch: the body is the key
+    branches: dict[str, list[str]] = {}
     for spec in tree:
-        lines.append(f"        {_quote(' '.join(spec.path))})")
-        lines.append(f"            opts={_quote(' '.join(n for o in spec.options for n in o.names))}")
-        lines.append(f"            cmds={_quote(' '.join(name for name, _ in spec.subcommands))}")
+        body = [
+            f"            opts={_quote(' '.join(n for o in spec.options for n in o.names))}",
+            f"            cmds={_quote(' '.join(name for name, _ in spec.subcommands))}",
+        ]
         if spec.positional is not None:
-            lines.append(f"            args={_quote(' '.join(spec.positional[0]))} argfiles={int(spec.positional[1])}")
+            body.append(f"            args={_quote(' '.join(spec.positional[0]))} argfiles={int(spec.positional[1])}")
         valued = [o for o in spec.options if o.takes_value]
         if valued:
-            lines.append('            case "$prev" in')
+            body.append('            case "$prev" in')
             for option in valued:
                 pattern = "|".join(option.names)
-                lines.append(f"                {pattern}) valued=1 values={_quote(' '.join(option.words))} files={int(option.files)} ;;")
-            lines.append("            esac")
-        lines.append("            ;;")
+                body.append(f"                {pattern}) valued=1 values={_quote(' '.join(option.words))} files={int(option.files)} ;;")
+            body.append("            esac")
+        branches.setdefault("\n".join(body), []).append(_quote(" ".join(spec.path)))
+    for body, patterns in branches.items():
+        lines += [f"        {'|'.join(patterns)})", body, "            ;;"]
     lines += [
         "    esac",
         "    COMPREPLY=()",
