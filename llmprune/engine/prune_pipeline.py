@@ -30,13 +30,14 @@ from llmprune.engine.analysis import (
     CalibrationOptions,
     StageProgress,
     check_config_fits,
+    measure_importance,
     plan_units,
     read_importance_config,
 )
 from llmprune.engine.architecture import LayerShape, layer_shapes, require_llama_style
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.evaluate import PerplexityResult, perplexity
-from llmprune.engine.importance import LAYER_METHODS, get_unit_importance, layer_importance
+from llmprune.engine.importance import LAYER_METHODS, get_unit_importance
 from llmprune.engine.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.pruning import Compensation, LayerChange, prune_model
 
@@ -280,8 +281,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     if saved_config:
         method, scores = saved_config.method, saved_config.scores
     elif needs_scores:
-        callback = (lambda d, t: progress(f"layer importance ({config.importance_method})", d, t)) if progress else None
-        measured = layer_importance(model, windows, config.importance_method, calib.batch_size, callback)
+        measured = measure_importance(model, windows, config.importance_method, calib.batch_size, progress)
         method, scores = measured.method, measured.scores
     else:
         method, scores = "none (uniform plan)", [0.0] * len(shapes)
