@@ -209,8 +209,10 @@ def test_unhealthy_model_is_refused_unless_forced(tmp_path, tiny_tokenizer, toke
     assert not refused.value.report.ok
     assert any(f.check == "nan" for f in refused.value.report.findings)
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
-    forced = finetune_model(model, tiny_tokenizer, config(tmp_path, force=True, on_nan="stop"), train_windows=windows(token_stream))
-    assert forced.status == "stopped_by_guard" and forced.steps == 1  # NaN weights give a NaN loss at once
+    forced = finetune_model(model, tiny_tokenizer, config(tmp_path, force=True), train_windows=windows(token_stream))
+    # NaN weights give a NaN loss at once; with no state proved good there is nothing to roll back to
+    assert forced.status == "stopped_by_guard" and forced.steps == 1 and forced.rollbacks == 0
+    assert forced.model_dir is None and "no state was proved good" in forced.message
 
 
 def test_a_failing_listener_does_not_stop_training(tmp_path, tiny_tokenizer, token_stream):

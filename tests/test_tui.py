@@ -121,3 +121,32 @@ def test_layout_snapshot(snap_compare):
         await pilot.pause()
 
     assert snap_compare(Dashboard(), terminal_size=SIZE, run_before=feed)
+
+
+def test_when_the_dashboard_closes_early_the_fallback_takes_over_with_the_run_frame():
+    import threading
+
+    from llmprune.engine.events import RunStarted as Started
+
+    received, closed = [], threading.Event()
+    original_mount = Dashboard.on_mount
+
+    def close_at_once(self):
+        original_mount(self)
+        self.exit()  # as if the UI had crashed or been closed while training goes on
+
+    def training(listener, control):
+        closed.wait(5)
+        for event in stream_with_a_nan():
+            listener(event)
+        return "done"
+
+    Dashboard.on_mount = close_at_once
+    try:
+        timer = threading.Timer(1.0, closed.set)
+        timer.start()
+        assert run_with_dashboard(training, fallback=received.append, headless=True) == "done"
+    finally:
+        Dashboard.on_mount = original_mount
+    # the fallback saw every event (and the frame of the run first)
+    assert isinstance(received[0], Started) and sum(isinstance(e, StepMetrics) for e in received) == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -66,9 +67,11 @@ def finetune_command(
         base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
     )
     config.validate()
-    lines = None if json_output else PlainTrainingLines()
+    # under `accelerate launch` every process runs this command: only the first one talks
+    main_process = os.environ.get("RANK", "0") == "0"
+    lines = None if json_output or not main_process else PlainTrainingLines()
     try:
-        if not (no_tui or json_output) and stdout_is_terminal():
+        if main_process and not (no_tui or json_output) and stdout_is_terminal():
             from llmprune.ui.tui import run_with_dashboard
 
             result = run_with_dashboard(lambda listener, control: run_finetune(config, listener, control=control), fallback=lines)
@@ -83,6 +86,8 @@ def finetune_command(
             error_line("the model failed the pre-flight health check, so training was not started",
                        "fix what doctor reports (see advice above), or pass --force to train anyway")
         raise typer.Exit(1) from None
+    if not main_process:
+        raise typer.Exit(0 if result.ok else 1)
     if json_output:
         print_json(result.to_dict())
     else:

@@ -498,8 +498,8 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
             else:
                 store.discard_pending()
                 action = config.on_nan
-                if action == "rollback" and progress.rollbacks >= config.max_rollbacks:
-                    action = "stop"
+                if action == "rollback" and (progress.rollbacks >= config.max_rollbacks or store.latest() is None):
+                    action = "stop"  # out of rollbacks, or no step has proved any state good yet
                 alert = make_alert(progress.step, verdict, action, lr, fp16)
                 all_alerts.append(alert)
                 emit(alert)
@@ -523,8 +523,9 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
             if alert is not None and alert.action == "rollback":
                 _rollback(store, progress, scheduler, optimizer, emit)
                 continue
-            if verdict.ok and (progress.step % config.save_every == 0 or control.take_save_request()):
-                emit(CheckpointSaved(step=progress.step, path=str(store.save(progress.step)), reason="interval"))
+            requested = verdict.ok and control.take_save_request()
+            if verdict.ok and (requested or progress.step % config.save_every == 0):
+                emit(CheckpointSaved(step=progress.step, path=str(store.save(progress.step)), reason="request" if requested else "interval"))
             if control.stop_requested:
                 status, message = "stopped_by_user", f"stopped on request after step {progress.step}"
                 break
@@ -547,9 +548,13 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
         ppl_after = measured.ppl
         emit(measured)
         log.info("PPL after: %.3f", measured.ppl)
-    model_dir, adapter_dir = _save_outputs(unwrapped, tokenizer, config, run_dir, accelerator, provenance, {
-        "status": status, "steps": progress.step, "ppl_before": ppl_before, "ppl_after": ppl_after,
-    })
+    model_dir = adapter_dir = None
+    if status == "stopped_by_guard" and last_good is None:
+        message += "; no state was proved good, so no model was saved (the input model is unchanged on disk)"
+    else:
+        model_dir, adapter_dir = _save_outputs(unwrapped, tokenizer, config, run_dir, accelerator, provenance, {
+            "status": status, "steps": progress.step, "ppl_before": ppl_before, "ppl_after": ppl_after,
+        })
     result = FinetuneResult(
         run_dir=str(run_dir), status=status, steps=progress.step, total_steps=total_steps, method=config.method,
         best_loss=progress.best_loss, final_loss=last_loss, ppl_before=ppl_before, ppl_after=ppl_after,

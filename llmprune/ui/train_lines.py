@@ -55,7 +55,8 @@ class PlainTrainingLines:
         elif isinstance(event, RolledBack):
             out(f"[yellow]rolled back to step {event.restored_step}, LR x{event.lr_scale:g} (rollback {event.rollbacks})[/]", highlight=False)
         elif isinstance(event, CheckpointSaved) and event.reason != "start":
-            out(f"[dim]checkpoint (pending until the next step confirms it): {event.path}[/]", highlight=False)
+            note = "" if event.reason == "final" else " (becomes the last good one once the next step passes the guard)"
+            out(f"[dim]checkpoint {event.path}{note}[/]", highlight=False)
         elif isinstance(event, PerplexityMeasured):
             out(f"PPL {event.phase}: [bold]{format_ppl(event.ppl)}[/] ({event.dataset}, {event.windows} windows)", highlight=False)
         elif isinstance(event, HealthChecked):

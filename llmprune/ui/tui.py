@@ -356,11 +356,20 @@ class _Relay:
     def __init__(self, fallback: Listener | None):
         self.target: Listener | None = None
         self.fallback = fallback
+        self.started: RunStarted | None = None
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.started = event
         target = self.target or self.fallback
         if target is not None:
             target(event)
+
+    def to_fallback(self) -> None:
+        """The dashboard is gone: later events go to the fallback, which first learns what the run is."""
+        self.target = None
+        if self.fallback is not None and self.started is not None:
+            self.fallback(self.started)
 
 
 def run_with_dashboard(
@@ -403,7 +412,10 @@ def run_with_dashboard(
     try:
         app.run(headless=headless)
     finally:
-        relay.target = None  # the app is gone: later events go to the fallback
+        if done.is_set():
+            relay.target = None
+        else:
+            relay.to_fallback()
     if thread.ident is None:
         thread.start()  # the app failed before mounting: train without it
     while True:

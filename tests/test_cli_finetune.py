@@ -1,0 +1,75 @@
+"""`llmprune finetune` through the real Typer app: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmprune.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def finetune(*args: str):
+    return runner.invoke(app, ["finetune", *args])
+
+
+def common(tiny_model_dir, pydoc_text_file, out: Path) -> list[str]:
+    return [str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--samples", "6", "--seq-len", "32", "--out", str(out)]
+
+
+def test_json_run_writes_the_run_directory(tiny_model_dir, pydoc_text_file, tmp_path):
+    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--lr", "1e-4", "--json",
+                      "--test-after", "--eval-dataset", str(pydoc_text_file), "--eval-windows", "2")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["status"] == "completed" and data["steps"] == 6 and data["ppl_after"] > 1
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 7))
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_second", "alerts"} <= set(json.loads(lines[0]))
+    assert (run / "training.log").read_text().count("step") >= 1
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    assert (run / "model" / "config.json").is_file()
+
+
+def test_huge_lr_triggers_the_guard_and_exits_1_with_a_checkpoint(tiny_model_dir, pydoc_text_file, tmp_path):
+    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--lr", "1e3", "--max-rollbacks", "1", "--no-tui")
+    assert result.exit_code == 1
+    assert "ALERT" in result.stderr and "stopped_by_guard" in result.stdout
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert Path(run_json["last_good_checkpoint"]).is_dir()
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--on-nan", "explode"], "--on-nan"),
+        (["--method", "qlora"], "--method"),
+        (["--resume"], "--resume needs"),
+        (["--samples", "0"], "--samples"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(tiny_model_dir, args, message):
+    result = finetune(str(tiny_model_dir), *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_missing_model_and_bad_watch_dir_are_user_errors(tmp_path):
+    assert finetune().exit_code == 2
+    result = finetune("--watch", str(tmp_path))
+    assert result.exit_code == 2 and "not a fine-tuning run directory" in result.stderr

@@ -1,0 +1,31 @@
+"""The training loop under two CPU processes (DDP over gloo), as `accelerate launch`/torchrun run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_steps_and_write_one_run(tmp_path, pydoc_text_file):
+    run = tmp_path / "run"
+    run.with_suffix(".txt").write_text(pydoc_text_file.read_text()[:60_000])
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(REPO_ROOT / "tests" / "ddp_finetune_script.py"), str(run)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # 8 windows, batch 1 per process, 2 processes: 4 optimizer steps, the same on both ranks
+    assert [(r["world"], r["steps"], r["status"]) for r in ranks] == [(2, 4, "completed")] * 2
+    assert ranks[0]["best_loss"] == ranks[1]["best_loss"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert sorted(p.name for p in (run / "checkpoints" / "step-000004").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert (run / "model" / "model.safetensors").is_file()
