@@ -29,7 +29,7 @@ def save_sweep_chart(result, path: str | Path) -> Path:
         axes.annotate("base" if row.ratio == 0 else f"{row.ratio:g}", (size, row.ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    axes.legend(unique.values(), unique.keys(), loc="upper right", fontsize=8)
+    axes.legend(unique.values(), unique.keys(), loc="upper left", fontsize=8)  # PPL grows to the right
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(ScalarFormatter())
     axes.yaxis.set_minor_formatter(ScalarFormatter())
