@@ -19,8 +19,9 @@ def test_attn_only_recipe_on_smollm2(wikitext_valid, wikitext_test, tmp_path):
         pytest.skip(f"smollm2-135m unavailable: {error}")
     result = CliRunner().invoke(app, [
         "recipe", "attn-only", "--dataset", str(wikitext_valid), "--eval-dataset", str(wikitext_test), "--out", str(tmp_path),
-        "--seq-len", "64", "--calibration-samples", "2", "--eval-windows", "4", "--batch-size", "4",
-        "--samples", "4", "--epochs", "1", "--json",
+        # one-pass importance and two windows everywhere keep this to seconds of compute
+        "--importance", "block-influence", "--seq-len", "64", "--calibration-samples", "2", "--eval-windows", "2",
+        "--batch-size", "2", "--samples", "2", "--epochs", "1", "--json",
     ])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
