@@ -9,17 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from llmprune.cli.app import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def finetune(*args: str):

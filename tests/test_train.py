@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
+from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from llmprune.engine import train
 from llmprune.engine.data import random_windows, tokenize
 from llmprune.engine.errors import UserInputError
@@ -17,15 +18,6 @@ from llmprune.engine.events import CheckpointSaved, GuardAlert, RolledBack, RunS
 from llmprune.engine.models import load_model
 from llmprune.engine.run_checkpoints import latest_checkpoint
 from llmprune.engine.train import FinetuneConfig, TrainingControl, UnhealthyModelError, finetune_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads cost 5-10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +96,23 @@ def test_nan_at_step_k_is_caught_at_k_and_rollback_restores_identical_weights(tm
     assert lines[3]["step"] == 4 and not lines[3]["applied"] and lines[3]["alerts"][0]["kind"] == "nan_loss"
     assert lines[4]["lr"] == pytest.approx(0.5e-3)  # constant schedule, halved by the rollback
     assert result.status == "completed" and result.rollbacks == 1 and result.steps == 8
+
+
+def test_tied_embeddings_survive_a_rollback(tmp_path, tiny_tokenizer, token_stream):
+    model = make_tiny_model(tie_word_embeddings=True)
+    fault = NanAtTrainingStep(model, step=3)
+    saved = {}
+
+    def listener(event):
+        fault.listener(event)
+        if isinstance(event, CheckpointSaved):
+            saved[event.step] = model.model.embed_tokens.weight.detach().clone()
+
+    result = finetune_model(model, tiny_tokenizer, config(tmp_path, save_every=1, max_rollbacks=0, on_nan="rollback"), listener,
+                            train_windows=windows(token_stream))
+    assert result.status == "stopped_by_guard" and Path(result.last_good_checkpoint).name == "step-000001"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, saved[1])
 
 
 def test_stop_mode_ends_at_once_and_keeps_the_last_good_weights(tmp_path, tiny_tokenizer, token_stream):

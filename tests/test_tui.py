@@ -9,7 +9,7 @@ import pytest
 
 from llmprune.engine.events import CheckpointSaved, RunFinished, RunStarted, StepMetrics
 from llmprune.engine.guards import check_step, make_alert
-from llmprune.ui.tui import Dashboard, run_with_dashboard
+from llmprune.ui.tui import Dashboard, WatchDashboard, run_with_dashboard
 
 SIZE = (110, 34)
 
@@ -82,7 +82,7 @@ async def test_watch_mode_replays_a_run_directory(tmp_path):
     records = [event.to_dict() for event in stream_with_a_nan() if isinstance(event, StepMetrics)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
     (tmp_path / "run.json").write_text(json.dumps({"config": {"method": "lora", "seq_len": 256}, "total_steps": 10, "status": "running"}))
-    app = Dashboard(watch_dir=tmp_path)
+    app = WatchDashboard(watch_dir=tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert app.state.step == 3 and app.state.method == "lora" and not app.state.alerts
@@ -92,6 +92,8 @@ async def test_watch_mode_replays_a_run_directory(tmp_path):
         await pilot.pause(0.7)
         assert app.state.step == 4 and [a.step for a in app.state.alerts] == [4]
         assert alert_lines(app)[0].startswith("⚠ step 4")
+        await pilot.press("q")
+    assert app.return_code == 0
 
 
 def test_run_with_dashboard_returns_the_result_and_survives_listener_use():

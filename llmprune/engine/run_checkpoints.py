@@ -14,6 +14,7 @@ Ctrl-C at any point leaves `latest.json` naming a complete, good checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -73,6 +74,9 @@ class CheckpointStore:
         if acc.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         acc.wait_for_everyone()
+        # accelerate warns that it drops the tied lm_head copy from the safetensors file;
+        # that is expected (load_state re-ties it) and would only scribble over the dashboard
+        logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
         try:
             acc.save_state(str(staging))
             acc.wait_for_everyone()

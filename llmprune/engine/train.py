@@ -337,13 +337,15 @@ def _prepare_run_dir(config: FinetuneConfig) -> Path:
     return run_dir
 
 
-def _measure_ppl(model: torch.nn.Module, tokenizer: Any, config: FinetuneConfig, phase: str) -> PerplexityMeasured:
+def _measure_ppl(model: torch.nn.Module, tokenizer: Any, config: FinetuneConfig, phase: str, emit: Listener) -> float:
     from llmprune.engine.data import load_evaluation_windows
     from llmprune.engine.evaluate import perplexity
 
     windows = load_evaluation_windows(tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
     result = perplexity(model, windows)
-    return PerplexityMeasured(phase=phase, ppl=result.ppl, dataset=config.eval_dataset, windows=result.windows)
+    emit(PerplexityMeasured(phase=phase, ppl=result.ppl, dataset=config.eval_dataset, windows=result.windows))
+    log.info("PPL %s: %.3f", phase, result.ppl)
+    return result.ppl
 
 
 # ---------------------------------------------------------------- the loop
@@ -410,12 +412,7 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
         if not report.ok:
             log.warning("health check failed; training anyway because of --force")
 
-    ppl_before = None
-    if config.test_before:
-        measured = _measure_ppl(model, tokenizer, config, "before")
-        ppl_before = measured.ppl
-        emit(measured)
-        log.info("PPL before: %.3f", measured.ppl)
+    ppl_before = _measure_ppl(model, tokenizer, config, "before", emit) if config.test_before else None
 
     if config.method == "lora":
         model = apply_lora(model, config)
@@ -542,12 +539,7 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
     elapsed = time.perf_counter() - started
 
     unwrapped = accelerator.unwrap_model(model)
-    ppl_after = None
-    if config.test_after:
-        measured = _measure_ppl(unwrapped, tokenizer, config, "after")
-        ppl_after = measured.ppl
-        emit(measured)
-        log.info("PPL after: %.3f", measured.ppl)
+    ppl_after = _measure_ppl(unwrapped, tokenizer, config, "after", emit) if config.test_after else None
     model_dir = adapter_dir = None
     if status == "stopped_by_guard" and last_good is None:
         message += "; no state was proved good, so no model was saved (the input model is unchanged on disk)"

@@ -430,6 +430,12 @@ def run_with_dashboard(
     return outcome["result"]
 
 
+class WatchDashboard(Dashboard, inherit_bindings=False):
+    """The dashboard on a run directory: it only reads, so its one key closes it."""
+
+    BINDINGS = [Binding("q", "quit", "Close (the run goes on)"), Binding("ctrl+c", "quit", "Close", show=False)]
+
+
 def watch_run(run_dir: str | Path) -> None:
     """Open the dashboard on a run directory (going or finished); q closes it."""
-    Dashboard(watch_dir=run_dir).run()
+    WatchDashboard(watch_dir=run_dir).run()
