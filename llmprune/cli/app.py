@@ -8,10 +8,12 @@ import typer
 
 from llmprune import __version__
 from llmprune.cli import analyze as analyze_cli
+from llmprune.cli import completion as completion_cli
 from llmprune.cli import doctor as doctor_cli
 from llmprune.cli import eval as eval_cli
 from llmprune.cli import finetune as finetune_cli
 from llmprune.cli import prune as prune_cli
+from llmprune.cli import recipe as recipe_cli
 from llmprune.cli.common import guarded, quiet_libraries, set_debug
 
 app = typer.Typer(
@@ -40,21 +42,6 @@ def main_callback(
     quiet_libraries()
 
 
-def _not_built(name: str):
-    def command() -> None:
-        raise typer.Exit(_unavailable(name))
-
-    command.__doc__ = f"(not available yet) {name}"
-    return command
-
-
-def _unavailable(name: str) -> int:
-    from llmprune.ui.console import error_line
-
-    error_line(f"'llmprune {name}' is not available in this version", "see llmprune --help for the commands that are")
-    return 2
-
-
 app.command("eval", help="Perplexity on a text (wikitext2, ptb, c4, pydoc, local files) and a generation smoke test.")(
     guarded(eval_cli.eval_command)
 )
@@ -70,7 +57,10 @@ app.command("finetune", help="Recovery fine-tuning (full or LoRA) with NaN guard
 app.command("doctor", help="Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice.")(
     guarded(doctor_cli.doctor_command)
 )
-app.command("recipe", help="Proven pipelines in one command: analyze -> prune -> eval -> gate -> finetune -> eval.")(_not_built("recipe"))
+app.add_typer(recipe_cli.recipe_app, name="recipe")
+app.command("completion", help="Shell completion scripts (bash, zsh, fish) generated from this app.")(
+    guarded(completion_cli.completion_command)
+)
 
 
 def main() -> None:

@@ -1,0 +1,34 @@
+"""`llmprune completion`: print or write the shell completion scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmprune.cli.completion_scripts import SCRIPT_FILES, SHELLS, completion_script
+from llmprune.engine.errors import UserInputError
+from llmprune.engine.paths import atomic_write_text
+from llmprune.ui.console import info
+
+
+def completion_command(
+    shell: Annotated[Optional[str], typer.Argument(help="bash, zsh or fish: print that shell's script.")] = None,
+    write: Annotated[
+        Optional[Path], typer.Option("--write", help="Write all three scripts into this folder (the repository's is completions/).")
+    ] = None,
+) -> None:
+    """Shell completion scripts generated from this very app (see README: Shell completions)."""
+    from llmprune.cli.app import app  # the app registers this command, so import it late
+
+    if write is None and shell is None:
+        raise UserInputError("name a shell or pass --write DIR", f"e.g. llmprune completion bash, or llmprune completion --write completions")
+    if shell is not None and shell not in SHELLS:
+        raise UserInputError(f"unknown shell '{shell}'", f"use one of {', '.join(SHELLS)}")
+    if write is None:
+        print(completion_script(app, shell), end="")
+        return
+    for name in (shell,) if shell else SHELLS:
+        atomic_write_text(write / SCRIPT_FILES[name], completion_script(app, name))
+        info(f"wrote {write / SCRIPT_FILES[name]}")

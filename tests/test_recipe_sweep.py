@@ -1,0 +1,41 @@
+"""`llmprune recipe sweep` on a tiny random Llama: one analysis, one row per ratio, JSON and chart."""
+
+import json
+
+from typer.testing import CliRunner
+
+from llmprune.cli.app import app
+
+
+def sweep(model_dir, corpus, out, *extra):
+    args = ["recipe", "sweep", str(model_dir), "--dataset", str(corpus), "--eval-dataset", str(corpus), "--seq-len", "32",
+            "--calibration-samples", "4", "--eval-windows", "4", "--out", str(out), "--ratio", "0.5", "--ratio", "0.25", *extra, "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_sweep_compares_ratios_in_one_table_with_json_and_chart(tiny_model_dir, pydoc_text_file, tmp_path):
+    data = sweep(tiny_model_dir, pydoc_text_file, tmp_path)
+    rows = data["rows"]
+    assert [row["ratio"] for row in rows] == [0.0, 0.25, 0.5]
+    assert rows[0]["verdict"] == "reference" and rows[0]["share_removed"] == 0.0
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
+    assert all(row["verdict"] in ("healthy", "acceptable", "too high", "broken") for row in rows[1:])
+    run_dir = tmp_path / f"{tiny_model_dir.name}-sweep"
+    assert json.loads((run_dir / "sweep.json").read_text())["rows"] == rows
+    assert (run_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["importance_config"] == str(run_dir / "layer_importance_config.json")
+
+
+def test_sweep_reuses_a_saved_importance_analysis(tiny_model_dir, pydoc_text_file, tmp_path):
+    first = sweep(tiny_model_dir, pydoc_text_file, tmp_path / "a")
+    again = sweep(tiny_model_dir, pydoc_text_file, tmp_path / "b", "--importance-config", first["importance_config"])
+    assert again["importance_config"] == first["importance_config"]
+    assert not (tmp_path / "b" / f"{tiny_model_dir.name}-sweep" / "layer_importance_config.json").exists()
+    assert [(r["ratio"], r["params"]) for r in again["rows"]] == [(r["ratio"], r["params"]) for r in first["rows"]]
+
+
+def test_sweep_without_ratios_is_exit_2(tmp_path):
+    result = CliRunner().invoke(app, ["recipe", "sweep", "smollm2-135m", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--ratio" in result.output
