@@ -24,7 +24,7 @@ import torch
 from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
 from llmprune.engine.depth import drop_layers, least_influential
 from llmprune.engine.evaluate import perplexity
-from llmprune.engine.layerwise import CalibratedPruneOptions, InMemoryLayers, LayerRunner, measure_units, prune_to_target
+from llmprune.engine.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, measure_units, prune_to_target
 from llmprune.engine.models import load_model
 
 import os

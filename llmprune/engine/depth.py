@@ -2,7 +2,7 @@
 
 Which layers: the ones that change the residual stream least on calibration
 text, measured as block influence 1 - cos(h_in, h_out) (ShortGPT, Men et al.
-2024), see `llmprune.engine.layerwise.measure_units`. Dropping a layer is
+2024), see `llmprune.engine.calibrated.measure_units`. Dropping a layer is
 exact surgery on the real transformers model: the layer leaves
 `model.model.layers`, the config's layer count follows, and the remaining
 attention modules are renumbered so that a KV cache indexes them correctly.

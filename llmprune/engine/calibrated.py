@@ -41,6 +41,8 @@ __all__ = [
     "measure_units",
     "allocate",
     "prune_layers",
+    "CalibratedPruneOptions",
+    "prune_to_target",
 ]
 
 ProgressCallback = Callable[[str, int, int], None]  # (phase, layers done, layers total)
@@ -63,6 +65,8 @@ class LayerStore(Protocol):
 
     def release(self, index: int, layer: nn.Module, changed: bool) -> None: ...
 
+    def begin_pruning(self) -> None: ...
+
 
 class InMemoryLayers:
     """The layers of a loaded model; nothing moves."""
@@ -84,6 +88,9 @@ class InMemoryLayers:
         return self.model.model.layers[index]
 
     def release(self, index: int, layer: nn.Module, changed: bool) -> None:
+        pass
+
+    def begin_pruning(self) -> None:
         pass
 
 
@@ -198,6 +205,7 @@ class LayerScores:
     channel_params: int  # parameters one MLP channel costs (gate, up rows and down column)
     input_energy: float  # mean ‖h‖² of the tokens entering the layer
     influence: float = 0.0  # 1 - cos(h_in, h_out), averaged over tokens (ShortGPT block influence)
+    missing_bias_params: int = 0  # output-bias parameters compensation would add (o_proj, down_proj)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -250,6 +258,7 @@ def measure_units(
                 channel_params=channel_params,
                 input_energy=float(hidden.double().pow(2).sum(-1).mean()),
                 influence=_cosine_gap(hidden, out),
+                missing_bias_params=sum(p.out_features for p in (layer.self_attn.o_proj, layer.mlp.down_proj) if p.bias is None),
             )
         )
         hidden = out
@@ -433,17 +442,6 @@ class CalibratedPruneOptions:
     """Ridge added to the least-squares normal equations, relative to their mean diagonal."""
 
 
-def bias_parameters_added(store: LayerStore, compensation: str) -> int:
-    """Output biases that compensation adds (they count against the parameter budget)."""
-    if compensation == "none":
-        return 0
-    layer = store.load(0)
-    hidden = layer.self_attn.o_proj.out_features
-    added = (layer.self_attn.o_proj.bias is None) * hidden + (layer.mlp.down_proj.bias is None) * hidden
-    store.release(0, layer, changed=False)
-    return added * store.num_layers
-
-
 def prune_to_target(
     store: LayerStore,
     ids: torch.Tensor,
@@ -455,7 +453,9 @@ def prune_to_target(
     """Measure the dense model, allocate the cut, then prune layer by layer."""
     options = options or CalibratedPruneOptions()
     scores = measure_units(store, ids, runner, options.unit_score, progress)
-    target = params_to_remove + bias_parameters_added(store, options.compensation)
-    plans = allocate(scores, target, options.attention, options.max_channel_ratio, options.allocation)
+    # the output biases compensation adds count against the budget
+    added = sum(s.missing_bias_params for s in scores) if options.compensation != "none" and params_to_remove > 0 else 0
+    plans = allocate(scores, params_to_remove + added, options.attention, options.max_channel_ratio, options.allocation)
+    store.begin_pruning()
     reports = prune_layers(store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress)
     return scores, plans, reports

@@ -1,0 +1,73 @@
+"""Layer-streamed pruning gives the same model as the in-memory path, one layer in memory at a time."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import make_tiny_model
+from llmprune.engine.architecture import layer_shapes
+from llmprune.engine.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
+from llmprune.engine.models import load_model
+from llmprune.engine.streaming import StreamedLayers
+
+SEQ = 32
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 384, (12, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def _in_memory(options: CalibratedPruneOptions, share: float):
+    model = make_tiny_model()  # the same weights as tiny_model_dir
+    runner = LayerRunner(model.config, model.model.rotary_emb, SEQ, torch.device("cpu"), torch.float32)
+    target = int(share * sum(p.numel() for p in model.parameters()))
+    _, plans, reports = prune_to_target(InMemoryLayers(model), _ids(), runner, target, options)
+    return model, plans, reports, target
+
+
+def _streamed(directory, out, options, target, tokenizer):
+    store = StreamedLayers(directory, output=out)
+    _, plans, reports = prune_to_target(store, _ids(), store.runner(SEQ), target, options)
+    # every layer went back to `meta` after being written: nothing of the model stays in memory
+    assert all(p.device.type == "meta" for p in store.skeleton.model.layers.parameters())
+    store.finish_output(tokenizer, {"pruned": "streamed"})
+    return plans, reports
+
+
+def test_streamed_prune_equals_in_memory_prune(tiny_model_dir, tiny_tokenizer, tmp_path):
+    options = CalibratedPruneOptions()
+    model, plans, reports, target = _in_memory(options, 0.25)
+    streamed_plans, streamed_reports = _streamed(tiny_model_dir, tmp_path / "streamed", options, target, tiny_tokenizer)
+    assert streamed_plans == plans
+    assert [r.kept_groups for r in streamed_reports] == [r.kept_groups for r in reports]
+
+    reloaded = load_model(str(tmp_path / "streamed"))
+    assert reloaded.kind == "llmprune" and reloaded.provenance["pruned"] == "streamed"
+    assert layer_shapes(reloaded.model) == layer_shapes(model)
+    ids = _ids()[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_streamed_uniform_export_is_a_stock_llama(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    options = CalibratedPruneOptions(compensation="bias", allocation="uniform", attention=False)
+    model, _, _, target = _in_memory(options, 0.15)
+    _streamed(tiny_model_dir, tmp_path / "stock", options, target, tiny_tokenizer)
+    config = json.loads((tmp_path / "stock" / "config.json").read_text())
+    assert "layer_shapes" not in config and config["mlp_bias"] is True
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock")
+    ids = _ids()[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_a_failed_stream_leaves_no_output(tiny_model_dir, tmp_path):
+    store = StreamedLayers(tiny_model_dir, output=tmp_path / "never")
+    store.begin_pruning()
+    store.release(0, store.load(0), changed=False)
+    store.abort_output(RuntimeError("stopped"))
+    assert not (tmp_path / "never").exists()
