@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune import __version__
+from llmprune.cli import analyze as analyze_cli
 from llmprune.cli import eval as eval_cli
+from llmprune.cli import prune as prune_cli
 from llmprune.cli.common import guarded, quiet_libraries, set_debug
 
 app = typer.Typer(
@@ -54,9 +56,13 @@ def _unavailable(name: str) -> int:
 app.command("eval", help="Perplexity on a text (wikitext2, ptb, c4, pydoc, local files) and a generation smoke test.")(
     guarded(eval_cli.eval_command)
 )
+app.command("analyze", help="Per-layer importance and a non-uniform pruning plan, saved as a reusable JSON config.")(
+    guarded(analyze_cli.analyze_command)
+)
+app.command("prune", help="GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads.")(
+    guarded(prune_cli.prune_command)
+)
 for _name, _help in (
-    ("analyze", "Per-layer importance and a non-uniform pruning plan, saved as a reusable JSON config."),
-    ("prune", "GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads."),
     ("doctor", "Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice."),
     ("finetune", "Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard."),
     ("recipe", "Proven pipelines in one command: analyze -> prune -> eval -> gate -> finetune -> eval."),

@@ -1,0 +1,68 @@
+"""`llmprune analyze`: per-layer importance and a non-uniform pruning plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt
+from llmprune.cli.pruning_options import (
+    AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
+    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
+)
+from llmprune.engine.allocation import PlanOptions
+from llmprune.engine.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, CalibrationOptions, run_analyze
+from llmprune.ui.console import console, print_json
+from llmprune.ui.prune_report import analyze_table, importance_bars, stage_progress
+
+
+def analyze_command(
+    model: OptionalModelArg = "smollm2-135m",
+    importance_method: ImportanceMethodOpt = "removal",
+    importance_samples: SamplesOpt = 50,
+    seq_len: CalibSeqLenOpt = 128,
+    dataset: CalibDatasetOpt = "wikitext2",
+    seed: SeedOpt = 0,
+    batch_size: CalibBatchOpt = 8,
+    ratio: Annotated[float, typer.Option("--ratio", help="Mean fraction of the prunable units the plan removes.")] = 0.2,
+    pruning_strategy: StrategyOpt = None,
+    alpha: AlphaOpt = None,
+    min_pruning_rate: MinRateOpt = None,
+    max_pruning_rate: MaxRateOpt = None,
+    layer_start: LayerStartOpt = None,
+    layer_end: LayerEndOpt = None,
+    attn_unit: AttnUnitOpt = "group",
+    prune_mlp: Annotated[bool, typer.Option("--prune-mlp/--no-prune-mlp", help="Plan MLP channel rates too.")] = True,
+    round_to: RoundToOpt = 1,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The JSON config to write (the chart PNG goes next to it).")] = Path(DEFAULT_CONFIG_NAME),
+    base_model: BaseModelOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Measure how much each decoder layer matters and turn it into a per-layer pruning plan."""
+    plan = PlanOptions(ratio=ratio).with_overrides(
+        strategy=pruning_strategy, alpha=alpha, min_rate=min_pruning_rate, max_rate=max_pruning_rate,
+        layer_start=layer_start, layer_end=layer_end,
+    )
+    config = AnalyzeConfig(
+        model=model, importance_method=importance_method,
+        calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
+        plan=plan, attn_unit=attn_unit, prune_mlp=prune_mlp, round_to=round_to, output=output,
+        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+    )
+    with stage_progress(enabled=not json_output) as progress:
+        result = run_analyze(config, progress=progress)
+    from llmprune.ui.charts import save_importance_chart
+
+    result.chart_path = str(save_importance_chart(result, Path(output).with_suffix(".png")))
+    if json_output:
+        print_json(result.to_dict())
+        return
+    console.print(analyze_table(result))
+    console.print(importance_bars(result))
+    console.print(f"[bold]plan saved:[/] {result.config_path}  [bold]chart:[/] {result.chart_path}", highlight=False)
+    console.print(f"[dim]next: llmprune prune {model} --importance-config {result.config_path}[/]", highlight=False)

@@ -1,0 +1,79 @@
+"""`llmprune prune`: GQA-aware structured pruning that saves a reloadable model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt
+from llmprune.cli.pruning_options import (
+    AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
+    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
+)
+from llmprune.engine.analysis import DEFAULT_CONFIG_NAME, CalibrationOptions
+from llmprune.engine.prune_pipeline import PruneConfig, run_prune
+from llmprune.ui.console import console, print_json
+from llmprune.ui.prune_report import prune_summary, prune_table, stage_progress
+
+
+def prune_command(
+    model: OptionalModelArg = "smollm2-135m",
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of the prunable units (KV groups, + MLP channels with --prune-mlp) removed on average in the prunable layers (default 0.2).")] = None,
+    target_params: Annotated[Optional[str], typer.Option("--target-params", help="Instead of --ratio: the size to land on, e.g. 6.5B, 110M, or 0.8 (keep 80 % of the parameters).")] = None,
+    prune_mlp: Annotated[bool, typer.Option("--prune-mlp", help="Also prune MLP channels.")] = False,
+    attn_unit: AttnUnitOpt = "group",
+    unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: activation (weight norm × calibration activation norm) or magnitude (L2).")] = "activation",
+    round_to: RoundToOpt = 1,
+    uniform: Annotated[bool, typer.Option("--uniform", help="Same shape in every layer (no protected layers); saves a stock Llama config.")] = False,
+    importance_config: Annotated[Optional[Path], typer.Option("--importance-config", help="Reuse the scores (and plan options, as defaults) of `llmprune analyze`'s JSON instead of measuring.")] = None,
+    skip_importance_analysis: Annotated[bool, typer.Option("--skip-importance-analysis", help=f"Same as --importance-config {DEFAULT_CONFIG_NAME}.")] = False,
+    importance_method: ImportanceMethodOpt = "removal",
+    importance_samples: SamplesOpt = 50,
+    seq_len: CalibSeqLenOpt = 128,
+    dataset: CalibDatasetOpt = "wikitext2",
+    seed: SeedOpt = 0,
+    batch_size: CalibBatchOpt = 8,
+    pruning_strategy: StrategyOpt = None,
+    alpha: AlphaOpt = None,
+    min_pruning_rate: MinRateOpt = None,
+    max_pruning_rate: MaxRateOpt = None,
+    layer_start: LayerStartOpt = None,
+    layer_end: LayerEndOpt = None,
+    test_after_prune: Annotated[bool, typer.Option("--test-after-prune", help="Measure perplexity before and after pruning.")] = False,
+    eval_dataset: Annotated[str, typer.Option("--eval-dataset", help="Text for --test-after-prune (its test split).")] = "wikitext2",
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = 128,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate the first N windows (default 256).")] = 256,
+    save_model: Annotated[bool, typer.Option("--save-model", help="Save the pruned model into the run's log folder (or --out).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Save the pruned model in this folder.")] = None,
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="Root of the run logs.")] = Path("prune_log"),
+    log_name: Annotated[Optional[str], typer.Option("--save-ckpt-log-name", help="Run folder name (default: the model's name).")] = None,
+    base_model: BaseModelOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Remove whole KV groups (and MLP channels) layer by layer, keeping GQA valid, and report what changed."""
+    if skip_importance_analysis and importance_config is None:
+        importance_config = Path(DEFAULT_CONFIG_NAME)
+    config = PruneConfig(
+        model=model, ratio=ratio, target_params=target_params, prune_mlp=prune_mlp, attn_unit=attn_unit,
+        unit_importance=unit_importance, round_to=round_to, uniform=uniform, importance_config=importance_config,
+        importance_method=importance_method,
+        calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
+        strategy=pruning_strategy, alpha=alpha, min_rate=min_pruning_rate, max_rate=max_pruning_rate,
+        layer_start=layer_start, layer_end=layer_end, test_after_prune=test_after_prune, eval_dataset=eval_dataset,
+        eval_seq_len=eval_seq_len, max_windows=max_windows, save_model=save_model, out=out, log_dir=log_dir,
+        log_name=log_name, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+    )
+    with stage_progress(enabled=not json_output) as progress:
+        result = run_prune(config, progress=progress)
+    if json_output:
+        print_json(result.to_dict())
+    else:
+        console.print(prune_table(result))
+        console.print(prune_summary(result))
+    if not result.healthy:
+        raise typer.Exit(1)

@@ -1,0 +1,356 @@
+"""`llmprune prune`: load -> importance (or a saved config) -> plan -> prune -> PPL -> save -> log.
+
+`run_prune(PruneConfig) -> PruneResult` is what the command calls; everything
+it does to the model goes through `pruning.prune_model`, which works on an
+already-loaded model for callers that keep the model in memory.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmprune.engine.allocation import (
+    ATTENTION_UNITS,
+    LayerUnits,
+    ParameterModel,
+    PlanOptions,
+    layer_parameters,
+    parse_target_params,
+    solve_ratio_for_parameters,
+    unit_counts,
+)
+from llmprune.engine.analysis import (
+    CalibrationOptions,
+    StageProgress,
+    check_config_fits,
+    plan_units,
+    read_importance_config,
+)
+from llmprune.engine.architecture import LayerShape, layer_shapes, require_llama_style
+from llmprune.engine.errors import UserInputError
+from llmprune.engine.evaluate import PerplexityResult, perplexity
+from llmprune.engine.importance import LAYER_METHODS, get_unit_importance, layer_importance
+from llmprune.engine.paths import atomic_write_json, atomic_write_text
+from llmprune.engine.pruning import Compensation, LayerChange, prune_model
+
+@dataclass
+class PruneConfig:
+    """What `llmprune prune` does. Plan options left at None come from --importance-config, else the defaults."""
+
+    model: str = "smollm2-135m"
+    """Model spec (alias, folder, file or hub id)."""
+    ratio: float | None = None
+    """Mean fraction of the prunable units removed in the prunable layers (default 0.2)."""
+    target_params: str | None = None
+    """Instead of ratio: the size to land on ('6.5B', '110M', or a fraction ≤ 1 of the model to keep)."""
+    prune_mlp: bool = False
+    """Also prune MLP channels (attention KV groups are always pruned)."""
+    attn_unit: str = "group"
+    """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group."""
+    unit_importance: str = "activation"
+    """Criterion choosing which units go inside a layer (magnitude | activation | registered ones)."""
+    round_to: int = 1
+    """MLP widths are rounded to a multiple of this."""
+    uniform: bool = False
+    """Same shape in every layer (no protected layers) and a stock Llama config on save."""
+    importance_config: Path | None = None
+    """A layer_importance_config.json from `analyze`: reuse its scores (and plan options as defaults)."""
+    importance_method: str = "removal"
+    """Layer importance when no config is given: removal | block-influence | taylor."""
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    """Calibration text (training split) for layer and unit importance."""
+    strategy: str | None = None
+    alpha: float | None = None
+    min_rate: float | None = None
+    max_rate: float | None = None
+    layer_start: int | None = None
+    layer_end: int | None = None
+    test_after_prune: bool = False
+    """Measure perplexity before and after."""
+    eval_dataset: str = "wikitext2"
+    """Text for that perplexity (its evaluation/test split)."""
+    eval_seq_len: int = 128
+    max_windows: int | None = 256
+    eval_batch_size: int = 8
+    save_model: bool = False
+    """Save the pruned model (into the run's log folder unless `out` is given)."""
+    out: Path | None = None
+    """Save the pruned model here."""
+    log_dir: Path = Path("prune_log")
+    log_name: str | None = None
+    """Run folder name under log_dir (default: from the model name)."""
+    compensation: Compensation | None = None
+    """Python API only: per-layer step after surgery (see pruning.LayerPruneContext)."""
+    base_model: str | None = None
+    trust_pickle: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        if self.ratio is not None and self.target_params is not None:
+            raise UserInputError("--ratio and --target-params were both given", "give one of them")
+        if self.ratio is not None and not (0 <= self.ratio < 1):
+            raise UserInputError(f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units")
+        if self.attn_unit not in ATTENTION_UNITS:
+            raise UserInputError(f"unknown --attn-unit '{self.attn_unit}'", f"use one of {', '.join(ATTENTION_UNITS)}")
+        if self.importance_method not in LAYER_METHODS:
+            raise UserInputError(f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}")
+        get_unit_importance(self.unit_importance)
+        if self.round_to < 1:
+            raise UserInputError(f"--round-to must be ≥ 1, got {self.round_to}", "e.g. --round-to 8 or 64")
+        self.calibration.validate()
+        if self.test_after_prune and (self.eval_seq_len < 2 or (self.max_windows is not None and self.max_windows < 1)):
+            raise UserInputError("--eval-seq-len must be ≥ 2 and --max-windows ≥ 1", "e.g. --eval-seq-len 128 --max-windows 256")
+        if self.out is not None and Path(self.out).is_file():
+            raise UserInputError(f"--out {self.out} is a file", "name a folder for the pruned model")
+
+
+@dataclass
+class PruneResult:
+    """Everything the report shows, and what `llmprune.json` records."""
+
+    model: str
+    options: dict
+    ratio: float
+    target_params: int | None
+    params_before: int
+    params_after: int
+    layers: list[LayerChange]
+    rates: list[float]
+    importance_method: str
+    importance: list[float]
+    gqa_violations: list[int]
+    seconds: float
+    peak_memory_bytes: int
+    ppl_before: PerplexityResult | None = None
+    ppl_after: PerplexityResult | None = None
+    saved_to: str | None = None
+    log_dir: str | None = None
+    loaded: Any = field(default=None, repr=False)
+    """The pruned model in memory (a models.LoadedModel), for callers that go on with it; not serialised."""
+
+    @property
+    def removed_share(self) -> float:
+        return 1 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def healthy(self) -> bool:
+        finite = self.ppl_after is None or (self.ppl_after.ppl == self.ppl_after.ppl and self.ppl_after.ppl != float("inf"))
+        return not self.gqa_violations and finite
+
+    def gqa_summary(self) -> str:
+        if self.gqa_violations:
+            return f"GQA broken in layers {self.gqa_violations}"
+        ratios = sorted({a.after.num_attention_heads // a.after.num_key_value_heads for a in self.layers})
+        return "all layers keep " + " or ".join(f"{r}:1" for r in ratios)
+
+    def to_dict(self) -> dict:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "loaded"}
+        data["layers"] = [layer.to_dict() for layer in self.layers]
+        data["ppl_before"] = self.ppl_before.to_dict() if self.ppl_before else None
+        data["ppl_after"] = self.ppl_after.to_dict() if self.ppl_after else None
+        data["removed_share"] = self.removed_share
+        data["gqa"] = self.gqa_summary()
+        data["healthy"] = self.healthy
+        return data
+
+
+def resolve_plan_options(config: PruneConfig, file_plan: dict, num_layers: int) -> PlanOptions:
+    """Explicit option > the importance config's > the default; --uniform overrides the layer range and strategy."""
+
+    # the file's layer_end may be null (its default), which must stay null rather than fall back
+    from_file = PlanOptions(**{k: v for k, v in file_plan.items() if k in PlanOptions.__dataclass_fields__})
+    options = from_file.with_overrides(
+        ratio=config.ratio, strategy=config.strategy, alpha=config.alpha, min_rate=config.min_rate,
+        max_rate=config.max_rate, layer_start=config.layer_start, layer_end=config.layer_end,
+    )
+    if config.uniform:
+        options = replace(options, strategy="uniform", layer_start=0, layer_end=num_layers)
+    return options
+
+
+def parameter_model(model: torch.nn.Module, shapes: list[LayerShape]) -> ParameterModel:
+    layer = model.model.layers[0]
+    qkv_bias, mlp_bias = layer.self_attn.q_proj.bias is not None, layer.mlp.gate_proj.bias is not None
+    hidden = model.config.hidden_size
+    totals = [
+        layer_parameters(hidden, s, LayerUnits(s.num_key_value_heads, s.num_attention_heads, s.intermediate_size), qkv_bias, mlp_bias)
+        for s in shapes
+    ]
+    return ParameterModel(sum(p.numel() for p in model.parameters()), hidden, shapes, qkv_bias, mlp_bias, totals)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _run_folder(log_dir: Path, name: str) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    folder = log_dir / name / stamp
+    suffix = 1
+    while folder.exists():
+        suffix += 1
+        folder = log_dir / name / f"{stamp}-{suffix}"
+    return folder
+
+
+def default_log_name(model: str) -> str:
+    name = Path(model.rstrip("/")).name or model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> PruneResult:
+    """The whole `llmprune prune` (see the module docstring); bad input fails before anything is written."""
+    from llmprune.engine.checkpoint import save_model
+    from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
+    from llmprune.engine.device import choose_placement
+    from llmprune.engine.models import load_model
+
+    start = time.perf_counter()
+    config.validate()
+    saved_config = read_importance_config(config.importance_config) if config.importance_config else None
+    placement = choose_placement(config.device, config.dtype)
+    loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
+    model = loaded.model
+    require_llama_style(model)
+    shapes = layer_shapes(model)
+    if saved_config:
+        check_config_fits(saved_config, shapes, config.model)
+    file_plan = saved_config.plan if saved_config else {}
+    options = resolve_plan_options(config, file_plan, len(shapes))
+    target_mode = config.target_params is not None
+    # with a parameter target the ratio is solved later; the rest of the options must hold already
+    (replace(options, ratio=0.0) if target_mode else options).validate(len(shapes))
+    if loaded.tokenizer is None:
+        raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+    counter = parameter_model(model, shapes)
+    target = parse_target_params(config.target_params, counter.total) if target_mode else None
+
+    criterion = get_unit_importance(config.unit_importance)
+    needs_scores = saved_config is None and options.strategy != "uniform"
+    needs_windows = needs_scores or criterion.needs_activations or config.compensation is not None
+    calib = config.calibration
+    windows = load_calibration_windows(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed) if needs_windows else None
+    eval_windows = (
+        load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.eval_seq_len, config.max_windows)
+        if config.test_after_prune else None
+    )
+
+    if saved_config:
+        method, scores = saved_config.method, saved_config.scores
+    elif needs_scores:
+        callback = (lambda d, t: progress(f"layer importance ({config.importance_method})", d, t)) if progress else None
+        measured = layer_importance(model, windows, config.importance_method, calib.batch_size, callback)
+        method, scores = measured.method, measured.scores
+    else:
+        method, scores = "none (uniform plan)", [0.0] * len(shapes)
+
+    def plan_for(ratio: float) -> tuple[list[float], list[LayerUnits]]:
+        return plan_units(scores, shapes, replace(options, ratio=ratio), config.attn_unit, config.prune_mlp,
+                          config.round_to, same_in_every_layer=config.uniform)
+
+    if target is not None:
+        def count(ratio: float) -> int:
+            ratio = ratio if ratio == 0 or ratio >= options.min_rate else options.min_rate
+            return counter.count(plan_for(ratio)[1])
+
+        options = replace(options, ratio=solve_ratio_for_parameters(target, count, options.max_rate))
+    rates, units = plan_for(options.ratio)
+
+    def stage(name: str):
+        return (lambda d, t: progress(name, d, t)) if progress else None
+
+    ppl_before = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity before")) if eval_windows else None
+    outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, config.compensation,
+                          batch_size=calib.batch_size, progress=progress)
+    ppl_after = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity after")) if eval_windows else None
+
+    resolved = {
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(config, compensation=None)).items()},
+        "plan": options.to_dict(),
+        "compensation": getattr(config.compensation, "__name__", type(config.compensation).__name__) if config.compensation else None,
+    }
+    result = PruneResult(
+        model=config.model, options=resolved, ratio=options.ratio, target_params=target,
+        params_before=outcome.params_before, params_after=outcome.params_after, layers=outcome.layers, rates=rates,
+        importance_method=method, importance=list(scores), gqa_violations=outcome.gqa_violations,
+        seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), ppl_before=ppl_before, ppl_after=ppl_after,
+        loaded=loaded,
+    )
+
+    run_folder = _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
+    if config.save_model or config.out is not None:
+        out = Path(config.out) if config.out is not None else run_folder / "model"
+        save_model(model, loaded.tokenizer, out, provenance=provenance(result, config))
+        result.saved_to = str(out)
+    result.seconds = time.perf_counter() - start
+    result.log_dir = str(run_folder)
+    write_run_log(result, run_folder)
+    return result
+
+
+def provenance(result: PruneResult, config: PruneConfig) -> dict:
+    """What llmprune.json records (doctor reads base_model, ppl_before/ppl_after, dataset, seq_len, max_windows)."""
+    return {
+        "base_model": result.model,
+        "ppl_before": result.ppl_before.ppl if result.ppl_before else None,
+        "ppl_after": result.ppl_after.ppl if result.ppl_after else None,
+        "dataset": config.eval_dataset if result.ppl_after else None,
+        "seq_len": config.eval_seq_len if result.ppl_after else None,
+        "max_windows": config.max_windows if result.ppl_after else None,
+        "pruning": {
+            "options": result.options,
+            "ratio": result.ratio,
+            "target_params": result.target_params,
+            "params_before": result.params_before,
+            "params_after": result.params_after,
+            "removed_share": result.removed_share,
+            "importance_method": result.importance_method,
+            "importance": result.importance,
+            "rates": result.rates,
+            "layers": [layer.to_dict() for layer in result.layers],
+        },
+    }
+
+
+def format_log(result: PruneResult) -> str:
+    """training.log: every figure of the run, readable without tools."""
+    lines = [
+        f"llmprune prune {result.model}",
+        f"finished: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"importance: {result.importance_method}",
+        f"ratio: {result.ratio:.4f}" + (f" (solved for --target-params {result.target_params:,})" if result.target_params else ""),
+        f"parameters: {result.params_before:,} -> {result.params_after:,} (removed {result.removed_share:.2%} of all parameters)",
+        f"GQA: {result.gqa_summary()}",
+    ]
+    for label, ppl in (("before", result.ppl_before), ("after", result.ppl_after)):
+        if ppl:
+            lines.append(f"PPL {label}: {ppl.ppl:.4f} ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)")
+    lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB")
+    if result.saved_to:
+        lines.append(f"saved to: {result.saved_to}")
+    lines.append("layer  importance  rate    heads  kv  mlp (before -> after)")
+    for change, score, rate in zip(result.layers, result.importance, result.rates):
+        b, a = change.before, change.after
+        lines.append(
+            f"{change.index:>5}  {score:>10.4f}  {rate:>5.3f}  {b.num_attention_heads:>3}->{a.num_attention_heads:<3}"
+            f" {b.num_key_value_heads}->{a.num_key_value_heads}  {b.intermediate_size}->{a.intermediate_size}"
+        )
+    lines.append("options: " + ", ".join(f"{k}={v}" for k, v in result.options.items()))
+    return "\n".join(lines) + "\n"
+
+
+def write_run_log(result: PruneResult, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "training.log", format_log(result))
+    atomic_write_json(folder / "report.json", result.to_dict())

@@ -1,0 +1,117 @@
+"""Rich rendering of `analyze` and `prune` results, and their multi-stage progress."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from llmprune.ui.console import err_console, format_count, format_ppl
+
+BAR_WIDTH = 40
+
+
+@contextmanager
+def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A (stage, done, total) callback: one Rich progress bar per stage, on stderr."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=err_console, transient=True)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if tasks:
+            bar.stop()
+
+
+def _pct(value: float) -> str:
+    return f"{value:.0%}" if value else "—"
+
+
+def analyze_table(result) -> Table:
+    protected = set(result.protected())
+    table = Table(title=f"Layer importance of {result.model} ({result.importance.method}, {result.importance.samples} × {result.importance.seq_len} tokens)", title_justify="left")
+    for column in ("layer", "importance", "plan rate", "attention", "MLP", "heads/kv", "MLP width"):
+        table.add_column(column, justify="right")
+    for i, (shape, units, score, rate, attn, mlp) in enumerate(
+        zip(result.shapes, result.units, result.importance.scores, result.rates, result.attention_rates(), result.mlp_rates())
+    ):
+        table.add_row(
+            str(i), f"{score:.4f}", "protected" if i in protected else f"{rate:.3f}", _pct(attn), _pct(mlp),
+            f"{units.heads}/{units.kv_heads}", str(units.intermediate_size),
+        )
+    table.caption = f"base loss {result.importance.base_loss:.4f}; analysis took {result.importance.seconds:.1f} s; plan: {result.plan.strategy}, alpha {result.plan.alpha}, ratio {result.plan.ratio}"
+    return table
+
+
+def importance_bars(result) -> Group:
+    """The layer-sensitivity profile at a glance: one bar per layer, protected layers dim."""
+    scores = result.importance.scores
+    top = max((abs(s) for s in scores), default=0.0) or 1.0
+    protected = set(result.protected())
+    lines = [Text(f"importance per layer ({result.importance.method}); ▒ = protected", style="bold")]
+    for i, score in enumerate(scores):
+        length = int(round(BAR_WIDTH * abs(score) / top))
+        glyph = "▒" if i in protected else "█"
+        style = "red" if score < 0 else ("dim" if i in protected else "cyan")
+        line = Text(f"{i:>3} ")
+        line.append(glyph * length if length else "▏", style=style)
+        line.append(f" {score:.4f}", style="dim")
+        lines.append(line)
+    return Group(*lines)
+
+
+def prune_table(result) -> Table:
+    table = Table(title=f"Pruned {result.model}", title_justify="left")
+    for column in ("layer", "importance", "rate", "heads", "KV heads", "MLP width"):
+        table.add_column(column, justify="right")
+    for change, score, rate in zip(result.layers, result.importance, result.rates):
+        b, a = change.before, change.after
+
+        def arrow(x: int, y: int) -> str:
+            return str(x) if x == y else f"{x} → [bold]{y}[/]"
+
+        table.add_row(
+            str(change.index), f"{score:.4f}", f"{rate:.3f}" if rate else "—",
+            arrow(b.num_attention_heads, a.num_attention_heads), arrow(b.num_key_value_heads, a.num_key_value_heads),
+            arrow(b.intermediate_size, a.intermediate_size),
+        )
+    return table
+
+
+def prune_summary(result) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    gqa_style = "red" if result.gqa_violations else "green"
+    rows = [
+        ("ratio", f"{result.ratio:.4f} of the prunable units" + (f" (solved for {format_count(result.target_params)} parameters)" if result.target_params else "")),
+        ("parameters", f"{format_count(result.params_before)} → {format_count(result.params_after)}  ({result.params_before:,} → {result.params_after:,})"),
+        ("actual pruning rate", f"{result.removed_share:.2%} of all parameters removed"),
+        ("GQA", f"[{gqa_style}]{result.gqa_summary()}[/]"),
+    ]
+    if result.ppl_before and result.ppl_after:
+        ppl = result.ppl_after
+        rows.append(("PPL", f"{format_ppl(result.ppl_before.ppl)} → {format_ppl(ppl.ppl)}  ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)"))
+    rows.append(("time", f"{result.seconds:.1f} s (peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB)"))
+    if result.saved_to:
+        rows.append(("saved to", result.saved_to))
+    rows.append(("log", result.log_dir))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
