@@ -1,7 +1,7 @@
 """Pruned-model quality: llmprune's methods side by side, no fine-tuning.
 
-    python benchmarks/quality.py                       # the README table (~25 min on 2 CPU cores)
-    python benchmarks/quality.py --eval-windows 64 --methods default,bias --ratios 0.2
+    python benchmarks/quality.py                       # the README table
+    python benchmarks/quality.py --eval-windows 64 --runs default@0.2,bias@0.2
 
 SmolLM2-135M-Instruct, a share of *all* parameters removed (tied embedding
 counted once), wikitext-2 test PPL at seq_len 128 over the first 256 windows;
@@ -80,8 +80,11 @@ def depth(model, calibration, share: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratios", default="0.1,0.2,0.3", help="shares of all parameters to remove")
-    parser.add_argument("--methods", default="default,bias,no-compensation,wanda+lstsq,mlp-only,uniform-mlp+lstsq,depth")
+    parser.add_argument(
+        "--runs",
+        default="default@0.2,depth@0.2,bias@0.2,no-compensation@0.2,default@0.1,default@0.3,depth@0.1,depth@0.3,mlp-only@0.2,wanda+lstsq@0.2",
+        help="method@share pairs, in order (methods: " + ", ".join([*WIDTH_METHODS, "depth"]) + ")",
+    )
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -102,16 +105,17 @@ def main() -> None:
     if not args.json:
         print(f"{'method':<22} {'cut':>5} {'params':>9} {'PPL':>12} {'seconds':>9}")
     report("dense", 0.0, dense, 0.0)
-    for share in [float(r) for r in args.ratios.split(",")]:
-        for method in args.methods.split(","):
-            model = copy.deepcopy(dense)
-            start = time.perf_counter()
-            if method == "depth":
-                depth(model, calibration, share)
-            else:
-                width(model, calibration, share, WIDTH_METHODS[method])
-            report(method, share, model, time.perf_counter() - start)
-            del model
+    for run in args.runs.split(","):
+        method, share = run.split("@")
+        share = float(share)
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        if method == "depth":
+            depth(model, calibration, share)
+        else:
+            width(model, calibration, share, WIDTH_METHODS[method])
+        report(method, share, model, time.perf_counter() - start)
+        del model
 
 
 if __name__ == "__main__":

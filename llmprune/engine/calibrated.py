@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from llmprune.engine import compensation as comp
+from llmprune.engine.errors import UserInputError
 from llmprune.engine.surgery import attention_counts, prune_kv_groups, prune_mlp_channels
 
 __all__ = [
@@ -356,7 +357,7 @@ class LayerReport:
     kept_channels: int
     groups_before: int
     channels_before: int
-    output_error: float = 0.0  # ‖pruned - dense‖² / ‖dense - input‖² on the calibration tokens
+    kept_channel_indices: list[int] | None = None  # None: every channel kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -412,7 +413,7 @@ def prune_layers(
             dense_weight, dense_bias = mlp.down_proj.weight.data.clone(), None if mlp.down_proj.bias is None else mlp.down_proj.bias.data.clone()
             prune_mlp_channels(layer, keep)
             _compensate(mlp.down_proj, dense_weight, dense_bias, stats, keep, compensation, damping)
-            report.kept_channels, changed = len(keep), True
+            report.kept_channels, report.kept_channel_indices, changed = len(keep), keep, True
         hidden = runner.mlp_block(layer, middle)
         reports.append(report)
         store.release(index, layer, changed=changed)
@@ -442,6 +443,13 @@ class CalibratedPruneOptions:
     """Ridge added to the least-squares normal equations, relative to their mean diagonal."""
 
 
+def _removed_parameters(scores: Sequence[LayerScores], plans: Sequence[LayerPlan]) -> int:
+    return sum(
+        (len(s.group_scores) - p.keep_groups) * s.group_params + (len(s.channel_scores) - p.keep_channels) * s.channel_params
+        for s, p in zip(scores, plans)
+    )
+
+
 def prune_to_target(
     store: LayerStore,
     ids: torch.Tensor,
@@ -456,6 +464,56 @@ def prune_to_target(
     # the output biases compensation adds count against the budget
     added = sum(s.missing_bias_params for s in scores) if options.compensation != "none" and params_to_remove > 0 else 0
     plans = allocate(scores, params_to_remove + added, options.attention, options.max_channel_ratio, options.allocation)
+    removable = _removed_parameters(scores, plans)
+    if removable < params_to_remove + added:
+        raise UserInputError(
+            f"the parameter target cannot be reached: at most {removable - added:,} parameters can go "
+            f"({params_to_remove:,} asked; every layer keeps one KV group and {1 - options.max_channel_ratio:.0%} of its MLP channels)",
+            "ask for a larger model, or add --drop-layers to remove whole layers",
+        )
     store.begin_pruning()
     reports = prune_layers(store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress)
     return scores, plans, reports
+
+
+# ---------------------------------------------------------------- a loaded model, depth and width
+
+
+@dataclass
+class CalibratedOutcome:
+    """What `prune_loaded_model` did."""
+
+    dropped_layers: list[int]  # original indices of the decoder layers removed whole
+    scores: list[LayerScores]  # of the layers that remained, measured on the dense model
+    plans: list[LayerPlan]
+    reports: list[LayerReport]
+
+
+def prune_loaded_model(
+    model: nn.Module,
+    ids: torch.Tensor,
+    params_to_remove: int,
+    options: CalibratedPruneOptions | None = None,
+    drop: int = 0,
+    batch_size: int = 8,
+    progress: ProgressCallback | None = None,
+) -> CalibratedOutcome:
+    """Depth then width: drop the `drop` least influential layers, then prune units to the remaining budget."""
+    from llmprune.engine.depth import drop_layers, least_influential
+
+    options = options or CalibratedPruneOptions()
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    runner = LayerRunner(model.config, model.model.rotary_emb, ids.shape[1], device, dtype, batch_size)
+    store = InMemoryLayers(model)
+    dropped: list[int] = []
+    if drop > 0:
+        influence = [s.influence for s in measure_units(store, ids, runner, "magnitude", progress)]
+        dropped = least_influential(influence, drop)
+        before = sum(p.numel() for p in model.parameters())
+        drop_layers(model, dropped)
+        params_to_remove -= before - sum(p.numel() for p in model.parameters())
+    if params_to_remove > 0:
+        scores, plans, reports = prune_to_target(store, ids, runner, params_to_remove, options, progress)
+    else:
+        scores, plans, reports = [], [], []
+    return CalibratedOutcome(dropped, scores, plans, reports)
