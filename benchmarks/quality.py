@@ -5,7 +5,7 @@
 
 SmolLM2-135M-Instruct, a share of *all* parameters removed (tied embedding
 counted once), wikitext-2 test PPL at seq_len 128 over the first 256 windows;
-calibration on 128 random windows of wikitext-2 *validation* (never the test
+calibration on 64 random windows of wikitext-2 *validation* (never the test
 split). Every method starts from a fresh copy of the dense model. Prints
 method, share removed, parameters left, PPL and seconds (pruning only), and
 one JSON line per row with --json.
@@ -82,11 +82,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
         "--runs",
-        default="default@0.2,depth@0.2,bias@0.2,no-compensation@0.2,default@0.1,default@0.3,depth@0.1,depth@0.3,mlp-only@0.2,wanda+lstsq@0.2",
+        default="default@0.2,depth@0.2,default@0.1,default@0.3,bias@0.2,no-compensation@0.2,depth@0.1,depth@0.3,mlp-only@0.2,wanda+lstsq@0.2",
         help="method@share pairs, in order (methods: " + ", ".join([*WIDTH_METHODS, "depth"]) + ")",
     )
     parser.add_argument("--eval-windows", type=int, default=256)
-    parser.add_argument("--calib-windows", type=int, default=128)
+    parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -71,3 +71,35 @@ def test_a_failed_stream_leaves_no_output(tiny_model_dir, tmp_path):
     store.release(0, store.load(0), changed=False)
     store.abort_output(RuntimeError("stopped"))
     assert not (tmp_path / "never").exists()
+
+
+def test_prune_cli_streams_and_matches_the_in_memory_default(tiny_model_dir, pydoc_text_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmprune.cli.app import app
+
+    common = ["--target-params", "0.8", "--dataset", str(pydoc_text_file), "--importance-samples", "8", "--seq-len", "32",
+              "--log-dir", str(tmp_path / "logs"), "--json"]
+    runner = CliRunner()
+    streamed = runner.invoke(app, ["prune", str(tiny_model_dir), "--stream", "--out", str(tmp_path / "s"), *common])
+    assert streamed.exit_code == 0, streamed.output
+    in_memory = runner.invoke(app, ["prune", str(tiny_model_dir), "--no-stream", "--out", str(tmp_path / "m"), *common])
+    assert in_memory.exit_code == 0, in_memory.output
+    report_s, report_m = json.loads(streamed.stdout), json.loads(in_memory.stdout)
+    assert report_s["params_after"] == report_m["params_after"] <= 0.8 * report_m["params_before"]
+    assert [layer["after"] for layer in report_s["layers"]] == [layer["after"] for layer in report_m["layers"]]
+    a, b = load_model(str(tmp_path / "s")).model, load_model(str(tmp_path / "m")).model
+    assert sum(p.numel() for p in a.parameters()) == report_s["params_after"]
+    ids = _ids()[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_stream_refuses_what_needs_the_model_in_memory(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmprune.cli.app import app
+
+    result = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "--stream", "--test-after-prune", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--stream" in result.output
+    assert not (tmp_path / "x").exists()

@@ -25,6 +25,7 @@ def prune_command(
     prune_mlp: Annotated[bool, typer.Option("--prune-mlp", help="Also prune MLP channels (plan allocation; global allocation always may).")] = False,
     allocation: Annotated[str, typer.Option("--allocation", help="global: cut the least damaging KV groups/MLP channels across all layers (default) | plan: per-layer rates from layer importance (implied by any plan option).")] = "global",
     compensation: Annotated[str, typer.Option("--compensation", help="After each layer's cut: lstsq (least-squares refit of o_proj/down_proj + bias, default) | bias (removed units' mean into the bias) | none.")] = "lstsq",
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).")] = None,
     drop_layers: Annotated[int, typer.Option("--drop-layers", help="Depth pruning: remove this many whole layers (least block influence) before cutting units.")] = 0,
     attn_unit: AttnUnitOpt = "group",
     unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: fluctuation (variance of the unit's output on calibration text, default), activation (weight norm × activation norm) or magnitude (L2).")] = "fluctuation",
@@ -63,7 +64,7 @@ def prune_command(
         importance_config = Path(DEFAULT_CONFIG_NAME)
     config = PruneConfig(
         model=model, ratio=ratio, target_params=target_params, prune_mlp=prune_mlp, attn_unit=attn_unit,
-        unit_importance=unit_importance, allocation=allocation, compensation_kind=compensation, drop_layers=drop_layers,
+        unit_importance=unit_importance, allocation=allocation, compensation_kind=compensation, drop_layers=drop_layers, stream=stream,
         round_to=round_to, uniform=uniform, importance_config=importance_config,
         importance_method=importance_method,
         calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),

@@ -40,7 +40,7 @@ from llmprune.engine.analysis import (
     plan_units,
     read_importance_config,
 )
-from llmprune.engine.architecture import LayerShape, gqa_violations, layer_shapes, require_llama_style
+from llmprune.engine.architecture import LayerShape, gqa_violations, layer_shape, layer_shapes, require_llama_style
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.evaluate import PerplexityResult, perplexity
 from llmprune.engine.importance import LAYER_METHODS, get_unit_importance, layer_importance
@@ -76,6 +76,9 @@ class PruneConfig:
     compensation_kind: str = "lstsq"
     """After each layer's cut: lstsq (refit o_proj/down_proj and their biases on calibration inputs) |
     bias (fold the removed units' mean output into the bias) | none."""
+    stream: bool | None = None
+    """Layer-streamed pruning (streaming.StreamedLayers): weights stay on disk, one layer at a time in memory.
+    None: automatically when the model would not fit the device (a safetensors directory or the alias)."""
     drop_layers: int = 0
     """Depth pruning: remove this many whole layers (least block influence) before cutting units (global allocation)."""
     round_to: int = 1
@@ -140,6 +143,11 @@ class PruneConfig:
             raise UserInputError(f"unknown --compensation '{self.compensation_kind}'", f"use one of {', '.join(COMPENSATIONS)}")
         if self.drop_layers < 0:
             raise UserInputError(f"--drop-layers must be ≥ 0, got {self.drop_layers}", "e.g. --drop-layers 4")
+        if self.stream and not self.uses_global_allocation:
+            raise UserInputError("--stream works with --allocation global only", "leave out the plan options (--pruning-strategy, --uniform, ...)")
+        if self.stream and (self.drop_layers or self.test_after_prune):
+            raise UserInputError("--stream cannot be combined with --drop-layers or --test-after-prune (the model is never in memory)",
+                                 "evaluate the saved model with `llmprune eval DIR`")
         if self.drop_layers and not self.uses_global_allocation:
             raise UserInputError("--drop-layers works with --allocation global only", "leave out the plan options (--pruning-strategy, --uniform, ...)")
         if self.round_to < 1:
@@ -257,6 +265,9 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     config.validate()
     saved_config = read_importance_config(config.importance_config) if config.importance_config else None
     placement = choose_placement(config.device, config.dtype)
+    source = _wants_stream(config, placement)
+    if source is not None:
+        return _run_streamed(config, source, placement, start, progress)
     loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     model = loaded.model
     require_llama_style(model)
@@ -342,6 +353,20 @@ def _prunable_parameters(shapes: list[LayerShape], hidden: int) -> int:
     )
 
 
+def _changes(before: list[LayerShape], after: list[LayerShape], dropped: list[int], reports, hidden: int) -> tuple[list[LayerChange], list[float]]:
+    """Per remaining layer: its change (original index) and the share of its prunable parameters removed."""
+    kept = [i for i in range(len(before)) if i not in set(dropped)]
+    by_index = {kept[r.index]: r for r in reports}
+    changes, rates = [], []
+    for new_index, old_index in enumerate(kept):
+        report, was, now = by_index.get(old_index), before[old_index], after[new_index]
+        ratio_heads = was.num_attention_heads // was.num_key_value_heads
+        heads = [g * ratio_heads + j for g in report.kept_groups for j in range(ratio_heads)] if report else None
+        changes.append(LayerChange(old_index, was, now, heads, report.kept_channel_indices if report else None))
+        rates.append(1 - _prunable_parameters([now], hidden) / _prunable_parameters([was], hidden))
+    return changes, rates
+
+
 def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: int | None, start: float, progress) -> PruneResult:
     """`llmprune prune` with global allocation: calibrated depth/width pruning with compensation."""
     from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
@@ -367,17 +392,8 @@ def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: in
     outcome = prune_loaded_model(model, windows.ids.to(device), to_remove, options, config.drop_layers, calib.batch_size, progress)
     ppl_after = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity after")) if eval_windows else None
 
-    kept = [i for i in range(len(shapes)) if i not in set(outcome.dropped_layers)]
     after = layer_shapes(model)
-    reports = {kept[r.index]: r for r in outcome.reports}
-    changes, rates = [], []
-    for new_index, old_index in enumerate(kept):
-        report, before, now = reports.get(old_index), shapes[old_index], after[new_index]
-        ratio_heads = before.num_attention_heads // before.num_key_value_heads
-        heads = [g * ratio_heads + j for g in report.kept_groups for j in range(ratio_heads)] if report else None
-        changes.append(LayerChange(old_index, before, now, heads, report.kept_channel_indices if report else None))
-        prunable = _prunable_parameters([before], model.config.hidden_size)
-        rates.append(1 - _prunable_parameters([now], model.config.hidden_size) / prunable)
+    changes, rates = _changes(shapes, after, outcome.dropped_layers, outcome.reports, model.config.hidden_size)
     influence = [s.influence for s in outcome.scores] if outcome.scores else [0.0] * len(kept)
     resolved = {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(config, compensation=None)).items()},
@@ -395,13 +411,88 @@ def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: in
     return _finish(result, config, start)
 
 
-def _finish(result: PruneResult, config: PruneConfig, start: float) -> PruneResult:
-    """Save the model if asked, write the run log."""
+def stream_source(spec: str) -> Path | None:
+    """The safetensors directory a streamed prune reads for this model spec (None: it cannot stream)."""
+    from llmprune.engine.models import ALIASES, alias_path, convert_gguf
+
+    if spec in ALIASES:
+        return convert_gguf(alias_path(spec))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return path
+    return None
+
+
+def _wants_stream(config: PruneConfig, placement) -> Path | None:
+    if config.stream is False or not config.uses_global_allocation or config.drop_layers or config.test_after_prune:
+        return None
+    from llmprune.engine.streaming import should_stream
+
+    source = stream_source(config.model)
+    if config.stream and source is None:
+        raise UserInputError(f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
+                             "save the model with save_pretrained(..., safe_serialization=True) first")
+    if source is not None and (config.stream or should_stream(source, placement.device)):
+        return source
+    return None
+
+
+def _run_streamed(config: PruneConfig, source: Path, placement, start: float, progress) -> PruneResult:
+    """Global-allocation prune with the weights on disk: one layer on the device at a time, written out as it is done."""
+    from transformers import AutoTokenizer
+
+    from llmprune.engine.calibrated import prune_to_target
+    from llmprune.engine.data import load_calibration_windows
+    from llmprune.engine.streaming import StreamedLayers, parameter_count
+
+    calib = config.calibration
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    total = parameter_count(source)
+    target = parse_target_params(config.target_params, total) if config.target_params is not None else None
+    run_folder = _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
+    out = Path(config.out) if config.out is not None else run_folder / "model"
+    store = StreamedLayers(source, placement.device, placement.dtype, output=out)
+    shapes = [layer_shape(layer) for layer in store.skeleton.model.layers]
+    hidden = store.config.hidden_size
+    ratio = config.ratio if config.ratio is not None else 0.2
+    to_remove = total - target if target is not None else int(ratio * _prunable_parameters(shapes, hidden))
+    windows = load_calibration_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
+    options = CalibratedPruneOptions(unit_score=_CALIBRATED_SCORE.get(config.unit_importance, config.unit_importance),
+                                     compensation=config.compensation_kind)
+    try:
+        scores, _, reports = prune_to_target(store, windows.ids, store.runner(calib.seq_len, calib.batch_size), to_remove, options, progress)
+        after = store.output_shapes
+        changes, rates = _changes(shapes, after, [], reports, hidden)
+        resolved = {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(config, compensation=None)).items()},
+            "allocation": "global", "compensation": config.compensation_kind, "streamed": True,
+        }
+        result = PruneResult(
+            model=config.model, options=resolved, ratio=ratio if target is None else to_remove / total, target_params=target,
+            params_before=total, params_after=0, layers=changes, rates=rates,
+            importance_method=f"{config.unit_importance} (global allocation, streamed; importance = block influence)",
+            importance=[s.influence for s in scores], gqa_violations=gqa_violations(after), seconds=0.0,
+            peak_memory_bytes=0, loaded=None,
+        )
+        result.params_after = store.output_parameters()
+        store.finish_output(tokenizer, provenance(result, config))
+    except BaseException as error:
+        store.abort_output(error)
+        raise
+    result.saved_to = str(out)
+    result.peak_memory_bytes = _peak_memory_bytes(placement.device)
+    return _finish(result, config, start, run_folder=run_folder)
+
+
+def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None) -> PruneResult:
+    """Save the model if asked (and not already written by streaming), write the run log."""
     from llmprune.engine.checkpoint import save_model
 
-    model, loaded = result.loaded.model, result.loaded
-    run_folder = _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
-    if config.save_model or config.out is not None:
+    run_folder = run_folder or _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
+    if result.loaded is not None and (config.save_model or config.out is not None):
+        model, loaded = result.loaded.model, result.loaded
         out = Path(config.out) if config.out is not None else run_folder / "model"
         save_model(model, loaded.tokenizer, out, provenance=provenance(result, config))
         result.saved_to = str(out)

@@ -38,7 +38,7 @@ from llmprune.engine.calibrated import LayerRunner
 from llmprune.engine.paths import atomic_directory, atomic_write_json
 from llmprune.engine.remote_code import modeling_llmprune
 
-__all__ = ["StreamedLayers", "safetensors_index", "model_bytes", "should_stream"]
+__all__ = ["StreamedLayers", "safetensors_index", "parameter_count", "model_bytes", "should_stream"]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -54,6 +54,20 @@ def safetensors_index(directory: Path) -> dict[str, Path]:
         raise UserInputError(f"{directory} has no safetensors weights", "streaming reads model.safetensors (or a sharded index); re-save the model")
     with safe_open(str(single), framework="pt") as handle:
         return {name: single for name in handle.keys()}
+
+
+def _stored_numel(path: Path, name: str) -> int:
+    """Elements of one stored tensor, from the safetensors header (nothing is read)."""
+    with safe_open(str(path), framework="pt") as handle:
+        count = 1
+        for size in handle.get_slice(name).get_shape():
+            count *= size
+        return count
+
+
+def parameter_count(directory: str | Path) -> int:
+    """Parameters stored in the directory's safetensors (a tied LM head is stored, and counted, once)."""
+    return sum(_stored_numel(path, name) for name, path in safetensors_index(Path(directory)).items())
 
 
 def model_bytes(directory: Path) -> int:
@@ -188,6 +202,18 @@ class StreamedLayers:
         tensors = {f"model.layers.{index}.{name}": tensor for name, tensor in layer.state_dict().items()}
         self._save_shard(f"model-layer-{index:05d}.safetensors", tensors)
         self._output.shapes[index] = layer_shape(layer)
+
+    @property
+    def output_shapes(self) -> list[LayerShape]:
+        """Shapes of the layers written so far, in order."""
+        return [self._output.shapes[i] for i in sorted(self._output.shapes)]
+
+    def output_parameters(self) -> int:
+        """Parameters the finished output will hold (layers written, plus embeddings/norm and stock zero biases)."""
+        shapes = self.output_shapes
+        rest = sum(_stored_numel(self.files[name], name) for name in self.files if not name.startswith("model.layers."))
+        extra = self._stock_zero_biases(shapes[0]) if len(shapes) == self.num_layers and is_uniform(shapes) else {}
+        return self._output.parameters + rest + sum(t.numel() for t in extra.values())
 
     def finish_output(self, tokenizer: Any = None, provenance: dict | None = None) -> Path:
         """Write embeddings, norm, config, index and llmprune.json; make the directory appear."""
