@@ -43,3 +43,22 @@ def test_dropped_layers_are_skipped_exactly_and_the_model_reloads(tmp_path, tiny
 class _Identity(torch.nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
+
+
+def test_prune_cli_drops_layers_then_cuts_units_to_the_target(tiny_model_dir, pydoc_text_file, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmprune.cli.app import app
+
+    result = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "--drop-layers", "1", "--target-params", "0.7",
+                                      "--dataset", str(pydoc_text_file), "--importance-samples", "8", "--seq-len", "32",
+                                      "--out", str(tmp_path / "m"), "--log-dir", str(tmp_path / "logs"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    dropped = report["options"]["dropped_layers"]
+    assert len(dropped) == 1 and dropped[0] not in (0, 3)
+    assert len(report["layers"]) == 3 and report["params_after"] <= 0.7 * report["params_before"]
+    reloaded = load_model(str(tmp_path / "m")).model
+    assert len(reloaded.model.layers) == 3 and sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
