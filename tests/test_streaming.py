@@ -103,3 +103,37 @@ def test_stream_refuses_what_needs_the_model_in_memory(tiny_model_dir, tmp_path)
     result = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "--stream", "--test-after-prune", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--stream" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_streamed_layer_importance_equals_the_in_memory_scores(tiny_model_dir):
+    import pytest
+
+    from llmprune.engine.data import TokenWindows
+    from llmprune.engine.importance import layer_importance
+    from llmprune.engine.streamed_importance import streamed_layer_importance
+
+    windows = TokenWindows(_ids()[:6], "random", 6 * SEQ)
+    model = make_tiny_model()
+    for method in ("removal", "block-influence"):
+        expected = layer_importance(model, windows, method, batch_size=3)
+        got = streamed_layer_importance(StreamedLayers(tiny_model_dir), windows, method, batch_size=3)
+        assert got.scores == pytest.approx(expected.scores, rel=1e-4, abs=1e-6)
+        assert got.base_loss == pytest.approx(expected.base_loss, rel=1e-6)
+
+
+def test_analyze_cli_streams_to_the_same_scores(tiny_model_dir, pydoc_text_file, tmp_path):
+    import pytest
+    from typer.testing import CliRunner
+
+    from llmprune.cli.app import app
+
+    common = [str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--importance-samples", "4", "--seq-len", "32", "--json"]
+    runner = CliRunner()
+    streamed = runner.invoke(app, ["analyze", *common, "--stream", "-o", str(tmp_path / "s.json")])
+    in_memory = runner.invoke(app, ["analyze", *common, "-o", str(tmp_path / "m.json")])
+    assert streamed.exit_code == 0 and in_memory.exit_code == 0, streamed.output + in_memory.output
+    s, m = json.loads((tmp_path / "s.json").read_text()), json.loads((tmp_path / "m.json").read_text())
+    assert s["importance"]["scores"] == pytest.approx(m["importance"]["scores"], rel=1e-4, abs=1e-6)
+    assert s["architecture"] == m["architecture"]
+    refused = runner.invoke(app, ["analyze", *common, "--stream", "--importance-method", "taylor", "-o", str(tmp_path / "t.json")])
+    assert refused.exit_code == 2 and not (tmp_path / "t.json").exists()

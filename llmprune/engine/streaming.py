@@ -132,7 +132,8 @@ class StreamedLayers:
     def num_layers(self) -> int:
         return len(self.skeleton.model.layers)
 
-    def _read(self, prefix: str) -> dict[str, torch.Tensor]:
+    def read_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every stored tensor whose name starts with `prefix` (the prefix stripped), read from disk to the CPU."""
         names = [name for name in self.files if name.startswith(prefix)]
         tensors = {}
         for path in {self.files[name] for name in names}:
@@ -148,7 +149,7 @@ class StreamedLayers:
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = self._read("model.embed_tokens.")["weight"]
+        weight = self.read_tensors("model.embed_tokens.")["weight"]
         hidden = torch.nn.functional.embedding(ids, weight).to(self.device, self.dtype)
         del weight
         return hidden
@@ -156,7 +157,7 @@ class StreamedLayers:
     def load(self, index: int) -> nn.Module:
         layer = self.skeleton.model.layers[index]
         layer.to_empty(device=self.device)
-        state = self._read(f"model.layers.{index}.")
+        state = self.read_tensors(f"model.layers.{index}.")
         # a previous release may have left biases the stored checkpoint lacks: rebuild from the skeleton's shape
         layer.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=True)
         return layer.to(self.dtype)
@@ -224,7 +225,7 @@ class StreamedLayers:
         tensors = {}
         for name in rest:
             prefix, _, leaf = name.rpartition(".")
-            tensors[name] = self._read(prefix + ".")[leaf]
+            tensors[name] = self.read_tensors(prefix + ".")[leaf]
         shapes = [out.shapes[i] for i in range(self.num_layers)]
         if is_uniform(shapes):
             tensors.update(self._stock_zero_biases(shapes[0]))
