@@ -158,7 +158,7 @@ class StreamedLayers:
         layer = self.skeleton.model.layers[index]
         layer.to_empty(device=self.device)
         state = self.read_tensors(f"model.layers.{index}.")
-        # a previous release may have left biases the stored checkpoint lacks: rebuild from the skeleton's shape
+        # always the stored (unpruned) weights: release() put a fresh meta layer in the skeleton
         layer.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=True)
         return layer.to(self.dtype)
 
