@@ -15,6 +15,7 @@ from torch import nn
 
 from llmprune.engine.allocation import PlanOptions, LayerUnits, layer_rates, unit_counts
 from llmprune.engine.architecture import LayerShape, layer_shapes, require_llama_style
+from llmprune.engine.data import TokenWindows
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.importance import LAYER_METHODS, LayerImportance, layer_importance
 from llmprune.engine.paths import atomic_write_json
@@ -147,18 +148,16 @@ def plan_units(
 
 
 def measure_importance(
-    model: nn.Module, tokenizer: Any, method: str, calibration: CalibrationOptions, progress: StageProgress | None = None
+    model: nn.Module, windows: TokenWindows, method: str, batch_size: int = 8, progress: StageProgress | None = None
 ) -> LayerImportance:
-    """Calibration windows from the training split, then the layer scores."""
-    from llmprune.engine.data import load_calibration_windows
-
-    windows = load_calibration_windows(tokenizer, calibration.dataset, calibration.samples, calibration.seq_len, calibration.seed)
+    """Layer scores on calibration windows, reporting progress as a named stage."""
     callback = (lambda done, total: progress(f"layer importance ({method})", done, total)) if progress else None
-    return layer_importance(model, windows, method, calibration.batch_size, callback)
+    return layer_importance(model, windows, method, batch_size, callback)
 
 
 def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) -> AnalyzeResult:
     """Load the model, measure layer importance, make the plan, write the JSON config and the chart."""
+    from llmprune.engine.data import load_calibration_windows
     from llmprune.engine.device import choose_placement
     from llmprune.engine.models import load_model
 
@@ -175,7 +174,9 @@ def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) ->
     if not config.stream:
         if loaded.tokenizer is None:
             raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
-        importance = measure_importance(loaded.model, loaded.tokenizer, config.importance_method, config.calibration, progress)
+        calib = config.calibration
+        windows = load_calibration_windows(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
+        importance = measure_importance(loaded.model, windows, config.importance_method, calib.batch_size, progress)
     rates, units = plan_units(importance.scores, shapes, config.plan, config.attn_unit, config.prune_mlp, config.round_to)
     result = AnalyzeResult(
         model=config.model, num_parameters=num_parameters, shapes=shapes, importance=importance,

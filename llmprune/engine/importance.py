@@ -188,12 +188,11 @@ def removal_importance_naive(model: nn.Module, windows: TokenWindows, batch_size
     count = model.config.num_hidden_layers
 
     def mean_loss() -> float:
+        # the usual way: the model's own forward with labels
         total, tokens = 0.0, 0
         for first in range(0, len(windows), batch_size):
             ids = windows.ids[first : first + batch_size].to(device)
-            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-            logits = model.lm_head(hidden)
-            total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+            total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * ids[:, 1:].numel()
             tokens += ids[:, 1:].numel()
         return total / tokens
 

@@ -82,8 +82,9 @@ def advance(layer: nn.Module, batches: list[CalibrationBatch]) -> None:
 @torch.no_grad()
 def head_loss_sum(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL (fp32) of the final norm + LM head on `hidden`, and the token count."""
-    logits = model.lm_head(model.model.norm(hidden))
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    # the last position predicts nothing: leaving it out spares a copy of the (large) logits
+    logits = model.lm_head(model.model.norm(hidden[:, :-1]))
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
     return float(nll), ids[:, 1:].numel()
 
 

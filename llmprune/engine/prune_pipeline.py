@@ -31,19 +31,19 @@ from llmprune.engine.allocation import (
     layer_parameters,
     parse_target_params,
     solve_ratio_for_parameters,
-    unit_counts,
 )
 from llmprune.engine.analysis import (
     CalibrationOptions,
     StageProgress,
     check_config_fits,
+    measure_importance,
     plan_units,
     read_importance_config,
 )
 from llmprune.engine.architecture import LayerShape, gqa_violations, layer_shape, layer_shapes, require_llama_style
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.evaluate import PerplexityResult, perplexity
-from llmprune.engine.importance import LAYER_METHODS, get_unit_importance, layer_importance
+from llmprune.engine.importance import LAYER_METHODS, get_unit_importance
 from llmprune.engine.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.pruning import Compensation, LayerChange, prune_model
 from llmprune.engine.calibrated import COMPENSATIONS, CalibratedPruneOptions, prune_loaded_model
@@ -175,7 +175,8 @@ class PruneResult:
     importance: list[float]
     gqa_violations: list[int]
     seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # peak RSS of the process on CPU (libraries included), peak allocated on CUDA
+    model_bytes: int  # the unpruned weights, for comparison with the peak
     ppl_before: PerplexityResult | None = None
     ppl_after: PerplexityResult | None = None
     saved_to: str | None = None
@@ -234,6 +235,36 @@ def parameter_model(model: torch.nn.Module, shapes: list[LayerShape]) -> Paramet
     return ParameterModel(sum(p.numel() for p in model.parameters()), hidden, shapes, qkv_bias, mlp_bias, totals)
 
 
+def make_plan(
+    scores: list[float],
+    counter: ParameterModel,
+    options: PlanOptions,
+    attn_unit: str = "group",
+    prune_mlp: bool = False,
+    round_to: int = 1,
+    same_in_every_layer: bool = False,
+    target_params: int | None = None,
+) -> tuple[PlanOptions, list[float], list[LayerUnits]]:
+    """Layer scores -> (options with the final ratio, per-layer rates, per-layer units).
+
+    With `target_params`, the ratio is solved so that the pruned model has about
+    that many parameters (counted exactly from the planned shapes).
+    """
+    shapes = counter.shapes
+
+    def plan_for(ratio: float) -> tuple[list[float], list[LayerUnits]]:
+        return plan_units(scores, shapes, replace(options, ratio=ratio), attn_unit, prune_mlp, round_to, same_in_every_layer)
+
+    if target_params is not None:
+        def count(ratio: float) -> int:
+            # ratios under min_rate are not plans; the smallest real one is min_rate
+            return counter.count(plan_for(ratio if ratio == 0 or ratio >= options.min_rate else options.min_rate)[1])
+
+        options = replace(options, ratio=solve_ratio_for_parameters(target_params, count, options.max_rate))
+    rates, units = plan_for(options.ratio)
+    return options, rates, units
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -282,10 +313,11 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     if loaded.tokenizer is None:
         raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
     counter = parameter_model(model, shapes)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     target = parse_target_params(config.target_params, counter.total) if target_mode else None
 
     if config.uses_global_allocation:
-        return _run_global(config, loaded, counter, target, start, progress)
+        return _run_global(config, loaded, counter, target, start, progress, model_bytes)
 
     criterion = get_unit_importance(config.unit_importance)
     needs_scores = saved_config is None and options.strategy != "uniform"
@@ -300,23 +332,13 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     if saved_config:
         method, scores = saved_config.method, saved_config.scores
     elif needs_scores:
-        callback = (lambda d, t: progress(f"layer importance ({config.importance_method})", d, t)) if progress else None
-        measured = layer_importance(model, windows, config.importance_method, calib.batch_size, callback)
+        measured = measure_importance(model, windows, config.importance_method, calib.batch_size, progress)
         method, scores = measured.method, measured.scores
     else:
         method, scores = "none (uniform plan)", [0.0] * len(shapes)
 
-    def plan_for(ratio: float) -> tuple[list[float], list[LayerUnits]]:
-        return plan_units(scores, shapes, replace(options, ratio=ratio), config.attn_unit, config.prune_mlp,
-                          config.round_to, same_in_every_layer=config.uniform)
-
-    if target is not None:
-        def count(ratio: float) -> int:
-            ratio = ratio if ratio == 0 or ratio >= options.min_rate else options.min_rate
-            return counter.count(plan_for(ratio)[1])
-
-        options = replace(options, ratio=solve_ratio_for_parameters(target, count, options.max_rate))
-    rates, units = plan_for(options.ratio)
+    options, rates, units = make_plan(scores, counter, options, config.attn_unit, config.prune_mlp, config.round_to,
+                                      config.uniform, target)
 
     def stage(name: str):
         return (lambda d, t: progress(name, d, t)) if progress else None
@@ -326,7 +348,8 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     if compensation is None and config.compensation_kind != "none":
         compensation = compensation_step(config.compensation_kind)
     outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, compensation,
-                          gram=config.compensation_kind == "lstsq", batch_size=calib.batch_size, progress=progress)
+                          gram=bool(getattr(compensation, "needs_gram", False)),
+                          batch_size=calib.batch_size, progress=progress)
     ppl_after = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity after")) if eval_windows else None
 
     resolved = {
@@ -339,7 +362,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
         model=config.model, options=resolved, ratio=options.ratio, target_params=target,
         params_before=outcome.params_before, params_after=outcome.params_after, layers=outcome.layers, rates=rates,
         importance_method=method, importance=list(scores), gqa_violations=outcome.gqa_violations,
-        seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), ppl_before=ppl_before, ppl_after=ppl_after,
+        seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), model_bytes=model_bytes, ppl_before=ppl_before, ppl_after=ppl_after,
         loaded=loaded,
     )
     return _finish(result, config, start)
@@ -367,7 +390,8 @@ def _changes(before: list[LayerShape], after: list[LayerShape], dropped: list[in
     return changes, rates
 
 
-def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: int | None, start: float, progress) -> PruneResult:
+def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: int | None, start: float, progress,
+                model_bytes: int) -> PruneResult:
     """`llmprune prune` with global allocation: calibrated depth/width pruning with compensation."""
     from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
 
@@ -406,7 +430,7 @@ def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: in
         params_before=params_before, params_after=sum(p.numel() for p in model.parameters()), layers=changes, rates=rates,
         importance_method=f"{config.unit_importance} (global allocation; importance = block influence)", importance=influence,
         gqa_violations=gqa_violations(after), seconds=0.0, peak_memory_bytes=_peak_memory_bytes(device),
-        ppl_before=ppl_before, ppl_after=ppl_after, loaded=loaded,
+        model_bytes=model_bytes, ppl_before=ppl_before, ppl_after=ppl_after, loaded=loaded,
     )
     return _finish(result, config, start)
 
@@ -446,6 +470,7 @@ def _run_streamed(config: PruneConfig, source: Path, placement, start: float, pr
     from llmprune.engine.calibrated import prune_to_target
     from llmprune.engine.data import load_calibration_windows
     from llmprune.engine.streaming import StreamedLayers, parameter_count
+    from llmprune.engine.streaming import model_bytes as stored_bytes
 
     calib = config.calibration
     tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -474,7 +499,7 @@ def _run_streamed(config: PruneConfig, source: Path, placement, start: float, pr
             params_before=total, params_after=0, layers=changes, rates=rates,
             importance_method=f"{config.unit_importance} (global allocation, streamed; importance = block influence)",
             importance=[s.influence for s in scores], gqa_violations=gqa_violations(after), seconds=0.0,
-            peak_memory_bytes=0, loaded=None,
+            peak_memory_bytes=0, model_bytes=stored_bytes(source), loaded=None,
         )
         result.params_after = store.output_parameters()
         store.finish_output(tokenizer, provenance(result, config))
@@ -539,7 +564,8 @@ def format_log(result: PruneResult) -> str:
     for label, ppl in (("before", result.ppl_before), ("after", result.ppl_after)):
         if ppl:
             lines.append(f"PPL {label}: {ppl.ppl:.4f} ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)")
-    lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB")
+    lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB"
+                 f" (the unpruned weights: {result.model_bytes / 2**20:.0f} MiB)")
     if result.saved_to:
         lines.append(f"saved to: {result.saved_to}")
     lines.append("layer  importance  rate    heads  kv  mlp (before -> after)")

@@ -16,7 +16,9 @@ SparseGPT and FLAP do). For every layer that the plan touches:
    seam for bias compensation / least-squares reconstruction. The
    `LayerPruneContext` holds the pruned layer, the carried inputs, the dense
    outputs, the activation statistics of the unpruned layer, the kept indices
-   and the removed o_proj/down_proj columns. Default: none;
+   and the removed o_proj/down_proj columns; with `gram=True` (run_prune
+   sets it when the compensation has `needs_gram = True`) the statistics also
+   hold X^T X of the o_proj and down_proj inputs. Default: none;
 4. run the pruned layer to produce the next layer's inputs.
 
 Memory: the model is modified in place (never copied); besides it, only the

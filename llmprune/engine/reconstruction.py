@@ -91,7 +91,7 @@ def compensation_step(kind: str, damping: float = 1e-3) -> Compensation:
     """A `pruning.Compensation` that folds the removed units' mean into the output biases (bias)
     or refits o_proj/down_proj and their biases by least squares (lstsq), on the unpruned layer's inputs.
 
-    lstsq needs `prune_model(..., gram=True)`.
+    lstsq needs `prune_model(..., gram=True)` (the step says so with `needs_gram`).
     """
     if kind not in ("bias", "lstsq"):
         raise ValueError(f"unknown compensation {kind!r} (bias or lstsq)")
@@ -105,4 +105,5 @@ def compensation_step(kind: str, damping: float = 1e-3) -> Compensation:
         _fix(context.layer.mlp.down_proj, context.kept_mlp_channels.to(torch.long), context.removed_down_proj_columns, _down_stats(acts), kind, damping)
 
     compensate.__name__ = f"{kind}-compensation"
+    compensate.needs_gram = kind == "lstsq"  # prune_model collects XᵀX only when asked
     return compensate

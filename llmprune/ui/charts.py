@@ -31,6 +31,7 @@ def save_importance_chart(result, path: str | Path) -> Path:
     bottom.bar([i + width / 2 for i in layers], result.mlp_rates(), width, label="MLP", color="#ff7f0e")
     bottom.set_ylabel("planned pruning rate")
     bottom.set_xlabel("decoder layer")
+    bottom.set_xticks(layers, [str(i) for i in layers], fontsize=7)
     bottom.legend(loc="upper right")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

@@ -108,7 +108,8 @@ def prune_summary(result) -> Table:
     if result.ppl_before and result.ppl_after:
         ppl = result.ppl_after
         rows.append(("PPL", f"{format_ppl(result.ppl_before.ppl)} → {format_ppl(ppl.ppl)}  ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)"))
-    rows.append(("time", f"{result.seconds:.1f} s (peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB)"))
+    rows.append(("time", f"{result.seconds:.1f} s"))
+    rows.append(("peak memory", f"{result.peak_memory_bytes / 2**20:,.0f} MiB (the unpruned weights: {result.model_bytes / 2**20:,.0f} MiB)"))
     if result.saved_to:
         rows.append(("saved to", result.saved_to))
     rows.append(("log", result.log_dir))

@@ -1,0 +1,117 @@
+"""PPL vs. share of parameters removed on SmolLM2-135M, for several pruning methods.
+
+Calibration: wikitext-2 validation (../shared/data/wikitext-2/wiki.valid.tokens);
+evaluation: wikitext-2 test (../shared/data/wikitext-2-raw/wiki.test.raw), seq_len 128,
+the first --max-windows windows. Layer importance is measured once and reused.
+
+    PYTHONPATH=. python benchmarks/prune_quality.py --shares 0.1 0.2 0.3 --max-windows 256
+
+Variants (name: layer plan / unit criterion):
+- default: removal importance, inverse plan (alpha from --alpha), activation units, MLP pruned
+- block-influence: block-influence importance, inverse plan, activation units
+- uniform-activation: the same rate in every prunable layer, activation units
+- uniform-magnitude: the same rate in every prunable layer, L2 magnitude units (the classic baseline)
+- uniform-magnitude-all: uniform magnitude in every layer, first and last included (--uniform)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT, REPO
+
+
+VARIANTS = {
+    "default": dict(method="removal", strategy="inverse", units="activation", uniform=False),
+    "block-influence": dict(method="block-influence", strategy="inverse", units="activation", uniform=False),
+    "uniform-activation": dict(method=None, strategy="uniform", units="activation", uniform=False),
+    "uniform-magnitude": dict(method=None, strategy="uniform", units="magnitude", uniform=False),
+    "uniform-magnitude-all": dict(method=None, strategy="uniform", units="magnitude", uniform=True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="shares of all parameters to remove")
+    parser.add_argument("--variants", nargs="+", default=["default", "uniform-magnitude"], choices=sorted(VARIANTS))
+    parser.add_argument("--alpha", type=float, default=None, help="inverse-plan contrast (default: the CLI default)")
+    parser.add_argument("--max-rate", type=float, default=None)
+    parser.add_argument("--samples", type=int, default=50, help="calibration windows (layer and unit importance)")
+    parser.add_argument("--max-windows", type=int, default=256)
+    parser.add_argument("--round-to", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "prune_quality.json")
+    parser.add_argument("--scores-cache", type=Path, default=REPO / "benchmarks" / "results" / "layer_scores.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from llmprune.engine.allocation import PlanOptions
+    from llmprune.engine.architecture import layer_shapes
+    from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
+    from llmprune.engine.evaluate import perplexity
+    from llmprune.engine.importance import layer_importance
+    from llmprune.engine.models import load_model
+    from llmprune.engine.prune_pipeline import make_plan, parameter_model
+    from llmprune.engine.pruning import prune_model
+
+    torch.manual_seed(0)
+    base = load_model(args.model)
+    calibration = load_calibration_windows(base.tokenizer, CALIBRATION_TEXT, args.samples, 128, seed=0)
+    evaluation = load_evaluation_windows(base.tokenizer, EVALUATION_TEXT, 128, args.max_windows)
+    dense = perplexity(base.model, evaluation, batch_size=8)
+    print(f"dense: PPL {dense.ppl:.3f} ({dense.windows} windows, {dense.seconds:.0f} s)", flush=True)
+    rows = [{"variant": "dense", "share": 0.0, "ppl": dense.ppl, "params": base.num_parameters}]
+
+    # layer scores do not depend on the ratio: measured once per method and sample count, kept across runs
+    scores_cache: dict[str, list[float]] = json.loads(args.scores_cache.read_text()) if args.scores_cache.is_file() else {}
+    for name in args.variants:
+        method = VARIANTS[name]["method"]
+        key = f"{args.model}|{method}|{args.samples}x128|seed0"
+        if method and key not in scores_cache:
+            measured = layer_importance(base.model, calibration, method, batch_size=8)
+            scores_cache[key] = measured.scores
+            args.scores_cache.parent.mkdir(parents=True, exist_ok=True)
+            args.scores_cache.write_text(json.dumps(scores_cache, indent=1) + "\n")
+            print(f"{method} importance: {measured.seconds:.0f} s", flush=True)
+
+    # share-major, so that an interrupted run still compares the variants at the first share
+    for share in args.shares:
+        for name in args.variants:
+            variant = VARIANTS[name]
+            method = variant["method"]
+            key = f"{args.model}|{method}|{args.samples}x128|seed0"
+            scores = scores_cache[key] if method else [0.0] * base.model.config.num_hidden_layers
+            start = time.perf_counter()
+            model = load_model(args.model).model
+            shapes = layer_shapes(model)
+            counter = parameter_model(model, shapes)
+            options = PlanOptions(strategy=variant["strategy"]).with_overrides(alpha=args.alpha, max_rate=args.max_rate)
+            if variant["uniform"]:
+                options = replace(options, layer_start=0, layer_end=len(shapes))
+            options, rates, units = make_plan(scores, counter, options, "group", True, args.round_to, variant["uniform"],
+                                              target_params=round((1 - share) * counter.total))
+            outcome = prune_model(model, units, calibration, variant["units"], "group", batch_size=8)
+            measured = perplexity(model, evaluation, batch_size=8)
+            row = {
+                "variant": name, "share": share, "ratio": options.ratio, "removed_share": outcome.removed_share,
+                "params": outcome.params_after, "ppl": measured.ppl, "gqa_violations": outcome.gqa_violations,
+                "seconds": time.perf_counter() - start,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model
+            args.output.parent.mkdir(parents=True, exist_ok=True)  # after every row: a cut-short run keeps its rows
+            args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
+
+    print("\n| variant | share of params removed | PPL |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row.get('removed_share', 0.0):.1%} | {row['ppl']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
