@@ -181,8 +181,9 @@ UNIT_SCORES: dict[str, Callable[..., torch.Tensor]] = {
 COMPENSATIONS = ("none", "bias", "lstsq")
 
 
-def _needs_gram(unit_score: str, compensation: str) -> bool:
-    return unit_score == "fluctuation" or compensation == "lstsq"
+def _needs_gram(unit_score: str, compensation: str, width: int) -> bool:
+    """XᵀX is needed for least squares, and for fluctuation scores of multi-column units (KV groups) only."""
+    return compensation == "lstsq" or (unit_score == "fluctuation" and width > 1)
 
 
 # ---------------------------------------------------------------- plans and scores
@@ -380,7 +381,6 @@ def prune_layers(
     if compensation not in COMPENSATIONS:
         raise ValueError(f"unknown compensation {compensation!r}; known: {', '.join(COMPENSATIONS)}")
     score = UNIT_SCORES[unit_score]
-    gram = _needs_gram(unit_score, compensation)
     hidden = store.embed(ids)
     reports = []
     for index, plan in enumerate(plans):
@@ -396,7 +396,7 @@ def prune_layers(
             changed = True
 
         if plan.keep_groups < kv_heads:
-            with comp.record_inputs(attn.o_proj, gram=gram) as stats:
+            with comp.record_inputs(attn.o_proj, gram=_needs_gram(unit_score, compensation, _group_width(layer))) as stats:
                 runner.attention_block(layer, hidden)
             groups = _group_columns(layer)
             keep = _top(score(attn.o_proj.weight, stats, _group_width(layer)), plan.keep_groups)
@@ -407,7 +407,7 @@ def prune_layers(
         middle = runner.attention_block(layer, hidden)
 
         if plan.keep_channels < channels:
-            with comp.record_inputs(mlp.down_proj, gram=gram) as stats:
+            with comp.record_inputs(mlp.down_proj, gram=_needs_gram(unit_score, compensation, 1)) as stats:
                 runner.mlp_block(layer, middle)
             keep = _top(score(mlp.down_proj.weight, stats, 1), plan.keep_channels)
             dense_weight, dense_bias = mlp.down_proj.weight.data.clone(), None if mlp.down_proj.bias is None else mlp.down_proj.bias.data.clone()
