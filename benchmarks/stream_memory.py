@@ -1,6 +1,6 @@
 """Peak memory of a layer-streamed prune vs. the in-memory prune, each in its own process.
 
-    python benchmarks/stream_memory.py [--model smollm2-135m] [--share 0.2] [--calib-windows 32]
+    python benchmarks/stream_memory.py [--model smollm2-135m] [--share 0.2] [--calib-windows 16]
 
 Both prune SmolLM2-135M (fp32) to the same target with the default options
 (fluctuation scores, global allocation, least-squares compensation) and save
@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--share", type=float, default=0.2)
-    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
