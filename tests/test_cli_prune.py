@@ -99,7 +99,7 @@ def test_saved_pruned_models_reload_with_identical_logits(tiny_model_dir, tiny_3
 
 def test_prune_cli_report_log_and_eval_of_the_saved_model(tiny_model_dir, pydoc_text_file, tmp_path):
     out, logs = tmp_path / "model", tmp_path / "logs"
-    args = ["prune", str(tiny_model_dir), "--ratio", "0.5", "--prune-mlp", *_calib(pydoc_text_file), *_eval(pydoc_text_file),
+    args = ["prune", str(tiny_model_dir), "--ratio", "0.5", "--prune-mlp", "--allocation", "plan", *_calib(pydoc_text_file), *_eval(pydoc_text_file),
             "--out", str(out), "--log-dir", str(logs), "--save-ckpt-log-name", "run", "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

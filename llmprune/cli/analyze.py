@@ -39,6 +39,7 @@ def analyze_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="The JSON config to write (the chart PNG goes next to it).")] = Path(DEFAULT_CONFIG_NAME),
     base_model: BaseModelOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Read one layer at a time from disk (removal, block-influence): for models that do not fit in memory.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_output: JsonOpt = False,
@@ -52,7 +53,7 @@ def analyze_command(
         model=model, importance_method=importance_method,
         calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
         plan=plan, attn_unit=attn_unit, prune_mlp=prune_mlp, round_to=round_to, output=output,
-        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, stream=stream,
     )
     with stage_progress(enabled=not json_output) as progress:
         result = run_analyze(config, progress=progress)

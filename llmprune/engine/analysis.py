@@ -73,6 +73,8 @@ class AnalyzeConfig:
     trust_pickle: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    stream: bool = False
+    """Read one decoder layer at a time from the safetensors files (removal, block-influence): memory of one layer, not the model."""
 
     def validate(self) -> None:
         if self.importance_method not in LAYER_METHODS:
@@ -161,25 +163,51 @@ def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) ->
 
     config.validate()
     placement = choose_placement(config.device, config.dtype)
-    loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
-    require_llama_style(loaded.model)
-    shapes = layer_shapes(loaded.model)
+    if config.stream:
+        shapes, num_parameters, importance = _measure_streamed(config, placement, progress)
+    else:
+        loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
+        require_llama_style(loaded.model)
+        shapes, num_parameters = layer_shapes(loaded.model), loaded.num_parameters
     config.plan.validate(len(shapes))
     unit_counts([0.0] * len(shapes), shapes, config.attn_unit, True, config.prune_mlp, config.round_to)  # validates the unit options
-    if loaded.tokenizer is None:
-        raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
-    calib = config.calibration
-    windows = load_calibration_windows(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
-    importance = measure_importance(loaded.model, windows, config.importance_method, calib.batch_size, progress)
+    if not config.stream:
+        if loaded.tokenizer is None:
+            raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+        calib = config.calibration
+        windows = load_calibration_windows(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
+        importance = measure_importance(loaded.model, windows, config.importance_method, calib.batch_size, progress)
     rates, units = plan_units(importance.scores, shapes, config.plan, config.attn_unit, config.prune_mlp, config.round_to)
     result = AnalyzeResult(
-        model=config.model, num_parameters=loaded.num_parameters, shapes=shapes, importance=importance,
+        model=config.model, num_parameters=num_parameters, shapes=shapes, importance=importance,
         calibration=config.calibration, plan=config.plan, rates=rates, units=units,
         attn_unit=config.attn_unit, prune_mlp=config.prune_mlp,
     )
     result.config_path = str(config.output)
     atomic_write_json(config.output, result.to_dict())
     return result
+
+
+def _measure_streamed(config: AnalyzeConfig, placement, progress: StageProgress | None) -> tuple[list[LayerShape], int, LayerImportance]:
+    """Layer importance with the weights on disk (streamed_importance), for models that do not fit."""
+    from transformers import AutoTokenizer
+
+    from llmprune.engine.architecture import layer_shape
+    from llmprune.engine.data import load_calibration_windows
+    from llmprune.engine.prune_pipeline import stream_source
+    from llmprune.engine.streamed_importance import streamed_layer_importance
+    from llmprune.engine.streaming import StreamedLayers, parameter_count
+
+    source = stream_source(config.model)
+    if source is None:
+        raise UserInputError(f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
+                             "save the model with save_pretrained(..., safe_serialization=True) first")
+    store = StreamedLayers(source, placement.device, placement.dtype)
+    calib = config.calibration
+    windows = load_calibration_windows(AutoTokenizer.from_pretrained(str(source)), calib.dataset, calib.samples, calib.seq_len, calib.seed)
+    callback = (lambda done, total: progress(f"layer importance ({config.importance_method}, streamed)", done, total)) if progress else None
+    importance = streamed_layer_importance(store, windows, config.importance_method, calib.batch_size, callback)
+    return [layer_shape(layer) for layer in store.skeleton.model.layers], parameter_count(source), importance
 
 
 # ---------------------------------------------------------------- reading a saved config

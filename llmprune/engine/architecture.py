@@ -13,7 +13,7 @@ from torch import nn
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.remote_code.modeling_llmprune import apply_layer_shapes
 
-__all__ = ["LayerShape", "layer_shapes", "apply_layer_shapes", "is_uniform", "gqa_violations", "require_llama_style"]
+__all__ = ["LayerShape", "layer_shape", "layer_shapes", "apply_layer_shapes", "is_uniform", "gqa_violations", "require_llama_style"]
 
 
 @dataclass(frozen=True)
@@ -59,23 +59,23 @@ def require_llama_style(model: nn.Module) -> None:
         )
 
 
+def layer_shape(layer: nn.Module) -> LayerShape:
+    """One decoder layer's shape, read from its weights."""
+    attn, mlp = layer.self_attn, layer.mlp
+    head_dim = attn.head_dim
+    return LayerShape(
+        num_attention_heads=attn.q_proj.out_features // head_dim,
+        num_key_value_heads=attn.k_proj.out_features // head_dim,
+        head_dim=head_dim,
+        intermediate_size=mlp.gate_proj.out_features,
+        o_proj_bias=attn.o_proj.bias is not None,
+        down_proj_bias=mlp.down_proj.bias is not None,
+    )
+
+
 def layer_shapes(model: nn.Module) -> list[LayerShape]:
     """Read each decoder layer's shape from its weights (the truth), not from the config."""
-    shapes = []
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        head_dim = attn.head_dim
-        shapes.append(
-            LayerShape(
-                num_attention_heads=attn.q_proj.out_features // head_dim,
-                num_key_value_heads=attn.k_proj.out_features // head_dim,
-                head_dim=head_dim,
-                intermediate_size=mlp.gate_proj.out_features,
-                o_proj_bias=attn.o_proj.bias is not None,
-                down_proj_bias=mlp.down_proj.bias is not None,
-            )
-        )
-    return shapes
+    return [layer_shape(layer) for layer in model.model.layers]
 
 
 def is_uniform(shapes: list[LayerShape]) -> bool:

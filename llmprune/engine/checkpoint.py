@@ -42,9 +42,8 @@ def _make_stock_compatible(model: nn.Module, shape: LayerShape) -> None:
     """A stock Llama config has one bias flag for all of q/k/v/o (and one for gate/up/down).
 
     When pruning compensation added output biases, give the sibling projections
-    zero biases so that the flag holds; this changes no output.
+    zero biases so that the flag holds (describe_shapes sets it); this changes no output.
     """
-    config = model.config
     for layer in model.model.layers:
         if shape.o_proj_bias:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
@@ -52,15 +51,14 @@ def _make_stock_compatible(model: nn.Module, shape: LayerShape) -> None:
         if shape.down_proj_bias:
             for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                 _add_zero_bias(proj)
-    config.attention_bias = bool(config.attention_bias or shape.o_proj_bias)
-    config.mlp_bias = bool(getattr(config, "mlp_bias", False) or shape.down_proj_bias)
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict | None = None) -> Path:
-    """Write `model` (pruned or not) so that it reloads anywhere; returns the directory."""
-    out_dir = Path(out_dir)
-    shapes = layer_shapes(model)
-    config = model.config
+def describe_shapes(config: Any, shapes: list[LayerShape]) -> None:
+    """Make `config` describe these per-layer shapes: stock fields if uniform, else layer_shapes + auto_map.
+
+    Uniform shapes with output biases also set attention_bias/mlp_bias; the
+    sibling projections must then carry (zero) biases, see _make_stock_compatible.
+    """
     for stale in ("layer_shapes", "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)
@@ -70,20 +68,34 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance
         config.num_key_value_heads = first.num_key_value_heads
         config.intermediate_size = first.intermediate_size
         config.head_dim = first.head_dim
-        _make_stock_compatible(model, first)
+        config.attention_bias = bool(config.attention_bias or first.o_proj_bias)
+        config.mlp_bias = bool(getattr(config, "mlp_bias", False) or first.down_proj_bias)
     else:
         config.head_dim = shapes[0].head_dim
         config.layer_shapes = [shape.to_dict() for shape in shapes]
         config.auto_map = dict(AUTO_MAP)
     config.architectures = ["LlamaForCausalLM"]
 
-    record = {
+
+def provenance_record(shapes: list[LayerShape], num_parameters: int, provenance: dict | None) -> dict:
+    """The content of llmprune.json."""
+    return {
         "llmprune_version": __version__,
         "uniform": is_uniform(shapes),
         "layer_shapes": [shape.to_dict() for shape in shapes],
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": num_parameters,
         **(provenance or {}),
     }
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict | None = None) -> Path:
+    """Write `model` (pruned or not) so that it reloads anywhere; returns the directory."""
+    out_dir = Path(out_dir)
+    shapes = layer_shapes(model)
+    if is_uniform(shapes):
+        _make_stock_compatible(model, shapes[0])
+    describe_shapes(model.config, shapes)
+    record = provenance_record(shapes, sum(p.numel() for p in model.parameters()), provenance)
     with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         if not is_uniform(shapes):

@@ -1,8 +1,14 @@
 """`llmprune prune`: load -> importance (or a saved config) -> plan -> prune -> PPL -> save -> log.
 
-`run_prune(PruneConfig) -> PruneResult` is what the command calls; everything
-it does to the model goes through `pruning.prune_model`, which works on an
-already-loaded model for callers that keep the model in memory.
+`run_prune(PruneConfig) -> PruneResult` is what the command calls. Two ways
+to decide how much each layer loses:
+- global allocation (default): `calibrated.prune_loaded_model` measures every
+  KV group and MLP channel on calibration text, cuts the cheapest across all
+  layers, and compensates each layer (least squares by default); optionally
+  drops whole layers first (--drop-layers);
+- plan allocation (any plan option): layer importance -> per-layer rates ->
+  `pruning.prune_model`, with the same compensation plugged into its seam.
+Both work on an already-loaded model for callers that keep it in memory.
 """
 
 from __future__ import annotations
@@ -34,12 +40,18 @@ from llmprune.engine.analysis import (
     plan_units,
     read_importance_config,
 )
-from llmprune.engine.architecture import LayerShape, layer_shapes, require_llama_style
+from llmprune.engine.architecture import LayerShape, gqa_violations, layer_shape, layer_shapes, require_llama_style
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.evaluate import PerplexityResult, perplexity
 from llmprune.engine.importance import LAYER_METHODS, get_unit_importance
 from llmprune.engine.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.pruning import Compensation, LayerChange, prune_model
+from llmprune.engine.calibrated import COMPENSATIONS, CalibratedPruneOptions, prune_loaded_model
+from llmprune.engine.reconstruction import compensation_step
+
+ALLOCATIONS = ("global", "plan")
+# the calibrated path's names for the unit criteria of importance.UNIT_IMPORTANCE
+_CALIBRATED_SCORE = {"fluctuation": "fluctuation", "activation": "wanda", "magnitude": "magnitude"}
 
 @dataclass
 class PruneConfig:
@@ -55,8 +67,20 @@ class PruneConfig:
     """Also prune MLP channels (attention KV groups are always pruned)."""
     attn_unit: str = "group"
     """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group."""
-    unit_importance: str = "activation"
-    """Criterion choosing which units go inside a layer (magnitude | activation | registered ones)."""
+    unit_importance: str = "fluctuation"
+    """Criterion choosing which units go inside a layer (fluctuation | activation | magnitude | registered ones)."""
+    allocation: str = "global"
+    """global: rank every KV group and MLP channel of every layer by its measured damage per parameter
+    and cut the cheapest (calibrated.prune_loaded_model; prunes MLP channels too) | plan: per-layer rates
+    from layer importance (the plan options below; any of them, --uniform or --attn-unit query selects it)."""
+    compensation_kind: str = "lstsq"
+    """After each layer's cut: lstsq (refit o_proj/down_proj and their biases on calibration inputs) |
+    bias (fold the removed units' mean output into the bias) | none."""
+    stream: bool | None = None
+    """Layer-streamed pruning (streaming.StreamedLayers): weights stay on disk, one layer at a time in memory.
+    None: automatically when the model would not fit the device (a safetensors directory or the alias)."""
+    drop_layers: int = 0
+    """Depth pruning: remove this many whole layers (least block influence) before cutting units (global allocation)."""
     round_to: int = 1
     """MLP widths are rounded to a multiple of this."""
     uniform: bool = False
@@ -94,6 +118,15 @@ class PruneConfig:
     device: str = "auto"
     dtype: str = "auto"
 
+    @property
+    def uses_global_allocation(self) -> bool:
+        """Global allocation unless a layer-importance plan was asked for (any plan option, or a Python compensation)."""
+        plan_asked = (
+            self.importance_config is not None or self.uniform or self.attn_unit == "query" or self.compensation is not None
+            or any(v is not None for v in (self.strategy, self.alpha, self.min_rate, self.max_rate, self.layer_start, self.layer_end))
+        )
+        return self.allocation == "global" and not plan_asked
+
     def validate(self) -> None:
         if self.ratio is not None and self.target_params is not None:
             raise UserInputError("--ratio and --target-params were both given", "give one of them")
@@ -104,6 +137,19 @@ class PruneConfig:
         if self.importance_method not in LAYER_METHODS:
             raise UserInputError(f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}")
         get_unit_importance(self.unit_importance)
+        if self.allocation not in ALLOCATIONS:
+            raise UserInputError(f"unknown --allocation '{self.allocation}'", f"use one of {', '.join(ALLOCATIONS)}")
+        if self.compensation_kind not in COMPENSATIONS:
+            raise UserInputError(f"unknown --compensation '{self.compensation_kind}'", f"use one of {', '.join(COMPENSATIONS)}")
+        if self.drop_layers < 0:
+            raise UserInputError(f"--drop-layers must be ≥ 0, got {self.drop_layers}", "e.g. --drop-layers 4")
+        if self.stream and not self.uses_global_allocation:
+            raise UserInputError("--stream works with --allocation global only", "leave out the plan options (--pruning-strategy, --uniform, ...)")
+        if self.stream and (self.drop_layers or self.test_after_prune):
+            raise UserInputError("--stream cannot be combined with --drop-layers or --test-after-prune (the model is never in memory)",
+                                 "evaluate the saved model with `llmprune eval DIR`")
+        if self.drop_layers and not self.uses_global_allocation:
+            raise UserInputError("--drop-layers works with --allocation global only", "leave out the plan options (--pruning-strategy, --uniform, ...)")
         if self.round_to < 1:
             raise UserInputError(f"--round-to must be ≥ 1, got {self.round_to}", "e.g. --round-to 8 or 64")
         self.calibration.validate()
@@ -242,7 +288,6 @@ def default_log_name(model: str) -> str:
 
 def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> PruneResult:
     """The whole `llmprune prune` (see the module docstring); bad input fails before anything is written."""
-    from llmprune.engine.checkpoint import save_model
     from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
     from llmprune.engine.device import choose_placement
     from llmprune.engine.models import load_model
@@ -251,6 +296,9 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     config.validate()
     saved_config = read_importance_config(config.importance_config) if config.importance_config else None
     placement = choose_placement(config.device, config.dtype)
+    source = _wants_stream(config, placement)
+    if source is not None:
+        return _run_streamed(config, source, placement, start, progress)
     loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     model = loaded.model
     require_llama_style(model)
@@ -267,6 +315,9 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     counter = parameter_model(model, shapes)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     target = parse_target_params(config.target_params, counter.total) if target_mode else None
+
+    if config.uses_global_allocation:
+        return _run_global(config, loaded, counter, target, start, progress, model_bytes)
 
     criterion = get_unit_importance(config.unit_importance)
     needs_scores = saved_config is None and options.strategy != "uniform"
@@ -293,15 +344,19 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
         return (lambda d, t: progress(name, d, t)) if progress else None
 
     ppl_before = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity before")) if eval_windows else None
-    outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, config.compensation,
-                          gram=bool(getattr(config.compensation, "needs_gram", False)),
+    compensation = config.compensation
+    if compensation is None and config.compensation_kind != "none":
+        compensation = compensation_step(config.compensation_kind)
+    outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, compensation,
+                          gram=bool(getattr(compensation, "needs_gram", False)),
                           batch_size=calib.batch_size, progress=progress)
     ppl_after = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity after")) if eval_windows else None
 
     resolved = {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(config, compensation=None)).items()},
+        "allocation": "plan",
         "plan": options.to_dict(),
-        "compensation": getattr(config.compensation, "__name__", type(config.compensation).__name__) if config.compensation else None,
+        "compensation": getattr(compensation, "__name__", type(compensation).__name__) if compensation else None,
     }
     result = PruneResult(
         model=config.model, options=resolved, ratio=options.ratio, target_params=target,
@@ -310,9 +365,159 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
         seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), model_bytes=model_bytes, ppl_before=ppl_before, ppl_after=ppl_after,
         loaded=loaded,
     )
+    return _finish(result, config, start)
 
+
+def _prunable_parameters(shapes: list[LayerShape], hidden: int) -> int:
+    """Parameters of every KV group and MLP channel (what --ratio is a share of under global allocation)."""
+    return sum(
+        hidden * s.head_dim * (2 * s.num_attention_heads + 2 * s.num_key_value_heads) + 3 * hidden * s.intermediate_size
+        for s in shapes
+    )
+
+
+def _changes(before: list[LayerShape], after: list[LayerShape], dropped: list[int], reports, hidden: int) -> tuple[list[LayerChange], list[float]]:
+    """Per remaining layer: its change (original index) and the share of its prunable parameters removed."""
+    kept = [i for i in range(len(before)) if i not in set(dropped)]
+    by_index = {kept[r.index]: r for r in reports}
+    changes, rates = [], []
+    for new_index, old_index in enumerate(kept):
+        report, was, now = by_index.get(old_index), before[old_index], after[new_index]
+        ratio_heads = was.num_attention_heads // was.num_key_value_heads
+        heads = [g * ratio_heads + j for g in report.kept_groups for j in range(ratio_heads)] if report else None
+        changes.append(LayerChange(old_index, was, now, heads, report.kept_channel_indices if report else None))
+        rates.append(1 - _prunable_parameters([now], hidden) / _prunable_parameters([was], hidden))
+    return changes, rates
+
+
+def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: int | None, start: float, progress,
+                model_bytes: int) -> PruneResult:
+    """`llmprune prune` with global allocation: calibrated depth/width pruning with compensation."""
+    from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
+
+    model, calib = loaded.model, config.calibration
+    shapes = layer_shapes(model)
+    params_before = counter.total
+    ratio = config.ratio if config.ratio is not None else 0.2
+    to_remove = params_before - target if target is not None else int(ratio * _prunable_parameters(shapes, model.config.hidden_size))
+    windows = load_calibration_windows(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
+    eval_windows = (
+        load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.eval_seq_len, config.max_windows)
+        if config.test_after_prune else None
+    )
+
+    def stage(name: str):
+        return (lambda d, t: progress(name, d, t)) if progress else None
+
+    device = next(model.parameters()).device
+    ppl_before = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity before")) if eval_windows else None
+    options = CalibratedPruneOptions(unit_score=_CALIBRATED_SCORE.get(config.unit_importance, config.unit_importance),
+                                     compensation=config.compensation_kind)
+    outcome = prune_loaded_model(model, windows.ids.to(device), to_remove, options, config.drop_layers, calib.batch_size, progress)
+    ppl_after = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity after")) if eval_windows else None
+
+    after = layer_shapes(model)
+    changes, rates = _changes(shapes, after, outcome.dropped_layers, outcome.reports, model.config.hidden_size)
+    influence = [s.influence for s in outcome.scores] if outcome.scores else [0.0] * len(kept)
+    resolved = {
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(config, compensation=None)).items()},
+        "allocation": "global",
+        "compensation": config.compensation_kind,
+        "dropped_layers": outcome.dropped_layers,
+    }
+    result = PruneResult(
+        model=config.model, options=resolved, ratio=ratio if target is None else to_remove / params_before, target_params=target,
+        params_before=params_before, params_after=sum(p.numel() for p in model.parameters()), layers=changes, rates=rates,
+        importance_method=f"{config.unit_importance} (global allocation; importance = block influence)", importance=influence,
+        gqa_violations=gqa_violations(after), seconds=0.0, peak_memory_bytes=_peak_memory_bytes(device),
+        model_bytes=model_bytes, ppl_before=ppl_before, ppl_after=ppl_after, loaded=loaded,
+    )
+    return _finish(result, config, start)
+
+
+def stream_source(spec: str) -> Path | None:
+    """The safetensors directory a streamed prune reads for this model spec (None: it cannot stream)."""
+    from llmprune.engine.models import ALIASES, alias_path, convert_gguf
+
+    if spec in ALIASES:
+        return convert_gguf(alias_path(spec))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return path
+    return None
+
+
+def _wants_stream(config: PruneConfig, placement) -> Path | None:
+    if config.stream is False or not config.uses_global_allocation or config.drop_layers or config.test_after_prune:
+        return None
+    from llmprune.engine.streaming import should_stream
+
+    source = stream_source(config.model)
+    if config.stream and source is None:
+        raise UserInputError(f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
+                             "save the model with save_pretrained(..., safe_serialization=True) first")
+    if source is not None and (config.stream or should_stream(source, placement.device)):
+        return source
+    return None
+
+
+def _run_streamed(config: PruneConfig, source: Path, placement, start: float, progress) -> PruneResult:
+    """Global-allocation prune with the weights on disk: one layer on the device at a time, written out as it is done."""
+    from transformers import AutoTokenizer
+
+    from llmprune.engine.calibrated import prune_to_target
+    from llmprune.engine.data import load_calibration_windows
+    from llmprune.engine.streaming import StreamedLayers, parameter_count
+    from llmprune.engine.streaming import model_bytes as stored_bytes
+
+    calib = config.calibration
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    total = parameter_count(source)
+    target = parse_target_params(config.target_params, total) if config.target_params is not None else None
     run_folder = _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
-    if config.save_model or config.out is not None:
+    out = Path(config.out) if config.out is not None else run_folder / "model"
+    store = StreamedLayers(source, placement.device, placement.dtype, output=out)
+    shapes = [layer_shape(layer) for layer in store.skeleton.model.layers]
+    hidden = store.config.hidden_size
+    ratio = config.ratio if config.ratio is not None else 0.2
+    to_remove = total - target if target is not None else int(ratio * _prunable_parameters(shapes, hidden))
+    windows = load_calibration_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
+    options = CalibratedPruneOptions(unit_score=_CALIBRATED_SCORE.get(config.unit_importance, config.unit_importance),
+                                     compensation=config.compensation_kind)
+    try:
+        scores, _, reports = prune_to_target(store, windows.ids, store.runner(calib.seq_len, calib.batch_size), to_remove, options, progress)
+        after = store.output_shapes
+        changes, rates = _changes(shapes, after, [], reports, hidden)
+        resolved = {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(config, compensation=None)).items()},
+            "allocation": "global", "compensation": config.compensation_kind, "streamed": True,
+        }
+        result = PruneResult(
+            model=config.model, options=resolved, ratio=ratio if target is None else to_remove / total, target_params=target,
+            params_before=total, params_after=0, layers=changes, rates=rates,
+            importance_method=f"{config.unit_importance} (global allocation, streamed; importance = block influence)",
+            importance=[s.influence for s in scores], gqa_violations=gqa_violations(after), seconds=0.0,
+            peak_memory_bytes=0, model_bytes=stored_bytes(source), loaded=None,
+        )
+        result.params_after = store.output_parameters()
+        store.finish_output(tokenizer, provenance(result, config))
+    except BaseException as error:
+        store.abort_output(error)
+        raise
+    result.saved_to = str(out)
+    result.peak_memory_bytes = _peak_memory_bytes(placement.device)
+    return _finish(result, config, start, run_folder=run_folder)
+
+
+def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None) -> PruneResult:
+    """Save the model if asked (and not already written by streaming), write the run log."""
+    from llmprune.engine.checkpoint import save_model
+
+    run_folder = run_folder or _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
+    if result.loaded is not None and (config.save_model or config.out is not None):
+        model, loaded = result.loaded.model, result.loaded
         out = Path(config.out) if config.out is not None else run_folder / "model"
         save_model(model, loaded.tokenizer, out, provenance=provenance(result, config))
         result.saved_to = str(out)

@@ -1,0 +1,122 @@
+"""Pruned-model quality: llmprune's methods side by side, no fine-tuning.
+
+    python benchmarks/quality.py                       # the README table
+    python benchmarks/quality.py --eval-windows 64 --runs default@0.2,bias@0.2
+
+SmolLM2-135M-Instruct, a share of *all* parameters removed (tied embedding
+counted once), wikitext-2 test PPL at seq_len 128 over the first 256 windows;
+calibration on 64 random windows of wikitext-2 *validation* (never the test
+split). Every method starts from a fresh copy of the dense model. Prints
+method, share removed, parameters left, PPL and seconds (pruning only), and
+one JSON line per row with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
+from llmprune.engine.depth import drop_layers, least_influential
+from llmprune.engine.evaluate import perplexity
+from llmprune.engine.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, measure_units, prune_to_target
+from llmprune.engine.models import load_model
+
+import os
+
+
+def _shared_data() -> Path:
+    """../shared/data next to the checkout (or any parent's shared/data; override with LLMPRUNE_SHARED_DATA)."""
+    if "LLMPRUNE_SHARED_DATA" in os.environ:
+        return Path(os.environ["LLMPRUNE_SHARED_DATA"])
+    for parent in Path(__file__).resolve().parents[1:]:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+SHARED = _shared_data()
+TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+VALID = SHARED / "wikitext-2" / "wiki.valid.tokens"
+
+# name -> options for llmprune's width pruning (the first is the default of `llmprune prune`)
+WIDTH_METHODS = {
+    "default": CalibratedPruneOptions(),
+    "bias": CalibratedPruneOptions(compensation="bias"),
+    "no-compensation": CalibratedPruneOptions(compensation="none"),
+    "wanda+lstsq": CalibratedPruneOptions(unit_score="wanda"),
+    "magnitude+lstsq": CalibratedPruneOptions(unit_score="magnitude"),
+    "mlp-only": CalibratedPruneOptions(attention=False),
+    "uniform-mlp+lstsq": CalibratedPruneOptions(allocation="uniform", attention=False),
+}
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def runner_for(model, seq_len: int) -> LayerRunner:
+    return LayerRunner(model.config, model.model.rotary_emb, seq_len, model.device, model.dtype)
+
+
+def width(model, calibration, share: float, options: CalibratedPruneOptions) -> None:
+    store = InMemoryLayers(model)
+    prune_to_target(store, calibration.ids, runner_for(model, calibration.seq_len), int(share * count(model)), options)
+
+
+def depth(model, calibration, share: float) -> None:
+    """Drop the fewest least-influential layers that remove at least `share` of all parameters."""
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    layers = -(-int(share * count(model)) // per_layer)
+    scores = measure_units(InMemoryLayers(model), calibration.ids, runner_for(model, calibration.seq_len), "magnitude")
+    drop_layers(model, least_influential([s.influence for s in scores], layers))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument(
+        "--runs",
+        default="default@0.2,depth@0.2,default@0.1,default@0.3,bias@0.2,no-compensation@0.2,depth@0.1,depth@0.3,mlp-only@0.2,wanda+lstsq@0.2",
+        help="method@share pairs, in order (methods: " + ", ".join([*WIDTH_METHODS, "depth"]) + ")",
+    )
+    parser.add_argument("--eval-windows", type=int, default=256)
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    loaded = load_model(args.model)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    evaluation = load_evaluation_windows(tokenizer, str(TEST), args.seq_len, args.eval_windows)
+    calibration = load_calibration_windows(tokenizer, str(VALID), args.calib_windows, args.seq_len, seed=0)
+
+    def report(method: str, share: float, model, seconds: float) -> None:
+        ppl = perplexity(model, evaluation, batch_size=8).ppl
+        row = {"method": method, "share": share, "params_m": round(count(model) / 1e6, 2), "ppl": round(ppl, 2), "seconds": round(seconds, 1)}
+        print(json.dumps(row) if args.json else f"{method:<22} {share:>5.0%} {row['params_m']:>8.2f}M {ppl:>12.2f} {seconds:>8.1f}s", flush=True)
+
+    if not args.json:
+        print(f"{'method':<22} {'cut':>5} {'params':>9} {'PPL':>12} {'seconds':>9}")
+    report("dense", 0.0, dense, 0.0)
+    for run in args.runs.split(","):
+        method, share = run.split("@")
+        share = float(share)
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        if method == "depth":
+            depth(model, calibration, share)
+        else:
+            width(model, calibration, share, WIDTH_METHODS[method])
+        report(method, share, model, time.perf_counter() - start)
+        del model
+
+
+if __name__ == "__main__":
+    main()
