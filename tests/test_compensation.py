@@ -91,3 +91,14 @@ def test_least_squares_beats_bias_and_is_exact_when_nothing_is_removed():
     weight, bias = comp.refit_least_squares(linear.weight, None, stats, everything, damping=0.0)
     torch.testing.assert_close(weight, linear.weight.detach(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bias, torch.zeros(6), atol=1e-4, rtol=1e-4)
+
+
+def test_least_squares_with_too_few_tokens_falls_back_to_bias_compensation():
+    features = 12
+    keep = [k for k in range(features) if k not in (3, 7)]
+    x = _inputs(tokens=comp.MIN_TOKENS_PER_INPUT * len(keep) - 1, features=features)
+    linear = _linear(features)
+    stats = _stats(linear, x, chunks=1)
+    weight, bias = comp.refit_least_squares(linear.weight, linear.bias, stats, keep)
+    torch.testing.assert_close(weight, linear.weight[:, keep])
+    torch.testing.assert_close(bias, comp.compensate_bias(linear.weight, linear.bias, stats, keep))
