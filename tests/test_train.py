@@ -285,3 +285,12 @@ def test_grad_accumulation_steps_count_optimizer_steps(tmp_path, tiny_tokenizer,
 def test_training_module_has_no_ui_imports():
     source = Path(train.__file__).read_text()
     assert not any(name in source for name in ("import typer", "import rich", "from rich", "textual"))
+
+
+def test_a_loss_back_at_chance_level_is_a_collapse():
+    from llmprune.engine.guards import check_step
+
+    assert check_step(3.2, 1.0, 1e6, collapse_loss=10.26).ok
+    verdict = check_step(10.80, 0.0, 1e6, collapse_loss=10.26)  # SmolLM2 after one step at lr 1e3: uniform output
+    assert not verdict.ok and verdict.kind == "collapsed"
+    assert check_step(10.80, 0.0, 1e6).ok  # not armed: a random model starts at chance level

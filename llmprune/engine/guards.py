@@ -32,14 +32,22 @@ class StepVerdict:
     message: str = ""
 
 
-def check_step(loss: float, grad_norm: float, loss_limit: float) -> StepVerdict:
-    """Judge one optimizer step from its (process-averaged) loss and global gradient norm."""
+def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: float | None = None) -> StepVerdict:
+    """Judge one optimizer step from its (process-averaged) loss and global gradient norm.
+
+    `collapse_loss` (set once the model has shown it predicts better than chance):
+    a loss back at chance level means the weights were destroyed, even though
+    it is finite and small (a too-high LR drives a real model to uniform output,
+    loss = ln(vocab), with zero gradients, not to NaN).
+    """
     if math.isnan(loss):
         return StepVerdict(False, "nan_loss", loss, "loss is NaN")
     if math.isinf(loss):
         return StepVerdict(False, "inf_loss", loss, "loss is infinite")
     if loss > loss_limit:
         return StepVerdict(False, "loss_limit", loss, f"loss {loss:.4g} is above the limit {loss_limit:.4g}")
+    if collapse_loss is not None and loss >= collapse_loss:
+        return StepVerdict(False, "collapsed", loss, f"loss {loss:.4g} is back at chance level: the model has collapsed")
     if not math.isfinite(grad_norm):
         return StepVerdict(False, "grad_norm", grad_norm, f"gradient norm is {grad_norm}")
     return StepVerdict(True)
@@ -47,7 +55,7 @@ def check_step(loss: float, grad_norm: float, loss_limit: float) -> StepVerdict:
 
 def likely_causes(kind: str, lr: float, fp16: bool) -> str:
     causes = []
-    if kind in ("loss_limit", "grad_norm") or lr > 1e-4:
+    if kind in ("loss_limit", "grad_norm", "collapsed") or lr > 1e-4:
         causes.append(f"a learning rate too high for this model (lr {lr:.3g})")
     if fp16:
         causes.append("fp16 overflow")

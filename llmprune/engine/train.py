@@ -454,6 +454,10 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
     all_alerts: list[GuardAlert] = []
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     rank = accelerator.process_index
+    # ln(vocab) is the loss of a uniform guess; once the model has done clearly better,
+    # coming back near it means collapse (see guards.check_step)
+    chance = math.log(accelerator.unwrap_model(model).config.vocab_size)
+    collapse_loss = None
     started = time.perf_counter()
     trained_tokens = 0
     metrics_file = metrics_path.open("a", encoding="utf-8") if main else None
@@ -475,7 +479,7 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
                 losses.append(loss.detach().float())
             loss_value = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
             grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
-            verdict = check_step(loss_value, grad_norm, config.loss_limit)
+            verdict = check_step(loss_value, grad_norm, config.loss_limit, collapse_loss)
             if verdict.ok:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -491,6 +495,8 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
             if verdict.ok:
                 store.confirm()  # the weights of the pending checkpoint just gave a sane loss
                 last_loss = loss_value
+                if collapse_loss is None and loss_value < 0.8 * chance:
+                    collapse_loss = 0.95 * chance
                 progress.best_loss = loss_value if progress.best_loss is None else min(progress.best_loss, loss_value)
             else:
                 store.discard_pending()
