@@ -163,11 +163,24 @@ def _check_seq_len(seq_len: int) -> None:
         raise UserInputError(f"--seq-len must be an integer ≥ 2, got {seq_len}", "use e.g. --seq-len 128 or 2048")
 
 
+def _check_max_windows(max_windows: int | None) -> None:
+    if max_windows is not None and max_windows < 1:
+        raise UserInputError(f"--max-windows must be ≥ 1, got {max_windows}", "leave it out to use every window")
+
+
+def check_window_options(seq_len: int | None, max_windows: int | None, batch_size: int) -> None:
+    """Validate the evaluation options up front, before a model is loaded (None seq_len: not chosen yet)."""
+    if seq_len is not None:
+        _check_seq_len(seq_len)
+    _check_max_windows(max_windows)
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size must be ≥ 1, got {batch_size}", "use e.g. --batch-size 4")
+
+
 def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, source: str = "") -> TokenWindows:
     """Consecutive, non-overlapping windows of the token stream (the tail shorter than seq_len is dropped)."""
     _check_seq_len(seq_len)
-    if max_windows is not None and max_windows < 1:
-        raise UserInputError(f"--max-windows must be ≥ 1, got {max_windows}", "leave it out to use every window")
+    _check_max_windows(max_windows)
     count = ids.numel() // seq_len
     if count == 0:
         raise UserInputError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}", "use a longer text or a smaller --seq-len")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmprune.engine.data import check_window_options
 from llmprune.engine.device import Placement, choose_placement
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.evaluate import ProgressCallback
@@ -52,12 +53,7 @@ class DoctorConfig:
     dtype: str = "auto"
 
     def validate(self) -> None:
-        if self.seq_len is not None and self.seq_len < 2:
-            raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 128 or 2048")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise UserInputError(f"--max-windows must be ≥ 1, got {self.max_windows}", "leave it out to use every window")
-        if self.batch_size < 1:
-            raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "use e.g. --batch-size 4")
+        check_window_options(self.seq_len, self.max_windows, self.batch_size)
         if self.base_ppl is not None and not self.base_ppl > 0:
             raise UserInputError(f"--base-ppl must be a positive number, got {self.base_ppl}", "pass the base model's PPL, e.g. --base-ppl 12.3")
 

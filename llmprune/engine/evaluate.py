@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.engine.data import TokenWindows
+from llmprune.engine.data import TokenWindows, check_window_options
 from llmprune.engine.errors import UserInputError
 
 ProgressCallback = Callable[[int, int], None]  # (windows done, windows total)
@@ -130,12 +130,7 @@ class EvalConfig:
     dtype: str = "auto"
 
     def validate(self) -> None:
-        if self.seq_len < 2:
-            raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 128 or 2048")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise UserInputError(f"--max-windows must be ≥ 1, got {self.max_windows}", "leave it out to use every window")
-        if self.batch_size < 1:
-            raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "use e.g. --batch-size 4")
+        check_window_options(self.seq_len, self.max_windows, self.batch_size)
         if self.max_new_tokens < 1:
             raise UserInputError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}", "use e.g. --max-new-tokens 32")
 
