@@ -484,6 +484,7 @@ def _run_streamed(config: PruneConfig, source: Path, placement, start: float, pr
     ratio = config.ratio if config.ratio is not None else 0.2
     to_remove = total - target if target is not None else int(ratio * _prunable_parameters(shapes, hidden))
     windows = load_calibration_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
+    del tokenizer  # tens of MB that the layer loop does not need; read again to be saved with the output
     options = CalibratedPruneOptions(unit_score=_CALIBRATED_SCORE.get(config.unit_importance, config.unit_importance),
                                      compensation=config.compensation_kind)
     try:
@@ -502,7 +503,7 @@ def _run_streamed(config: PruneConfig, source: Path, placement, start: float, pr
             peak_memory_bytes=0, model_bytes=stored_bytes(source), loaded=None,
         )
         result.params_after = store.output_parameters()
-        store.finish_output(tokenizer, provenance(result, config))
+        store.finish_output(AutoTokenizer.from_pretrained(str(source)), provenance(result, config))
     except BaseException as error:
         store.abort_output(error)
         raise

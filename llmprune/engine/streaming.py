@@ -5,7 +5,8 @@ model directory. The model is built once on the `meta` device (structure, no
 memory); `load(i)` gives layer i real storage on the compute device and reads
 its tensors from the safetensors files; `release(i)` writes the (pruned) layer
 into its own shard of the output directory and returns it to `meta`. The
-embedding is read only to embed the calibration tokens and then freed.
+embedding is read only to embed the calibration tokens and then freed; the
+output's embeddings, norm and LM head are copied file to file.
 
 So memory holds one layer, the embedding for a moment, and the calibration
 hidden states (windows × seq_len × hidden, twice), whatever the model's depth.
@@ -37,6 +38,8 @@ from llmprune.engine.checkpoint import PROVENANCE_FILE, REMOTE_CODE_FILE, descri
 from llmprune.engine.errors import UserInputError
 from llmprune.engine.calibrated import LayerRunner
 from llmprune.engine.paths import atomic_directory, atomic_write_json
+from llmprune.engine.process_memory import return_freed_memory, serve_large_blocks_by_mmap
+from llmprune.engine.safetensors_copy import copy_tensors
 from llmprune.engine.remote_code import modeling_llmprune
 
 __all__ = ["StreamedLayers", "safetensors_index", "parameter_count", "model_bytes", "should_stream"]
@@ -91,26 +94,6 @@ def should_stream(directory: Path, device: torch.device, headroom: float = 1.5) 
     return need > free
 
 
-def _trimmer():
-    """glibc's malloc_trim, or None elsewhere."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _trimmer()
-
-
-def _return_freed_memory() -> None:
-    # glibc raises its mmap threshold after large frees, so freed layers land in the heap and are
-    # kept by the process; giving them back keeps the peak at one layer instead of creeping upwards
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 @dataclass
 class _Output:
     directory: Path
@@ -146,6 +129,8 @@ class StreamedLayers:
                 self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.output_directory = Path(output) if output is not None else None
         self._output: _Output | None = None
+        # layers come and go: without this, freed layers stay resident in the heap (see process_memory)
+        serve_large_blocks_by_mmap()
 
     # -------------------------------------------------------- reading
 
@@ -192,7 +177,7 @@ class StreamedLayers:
         # freed layers pile up until Python's allocation-count trigger fires (~10 MB per layer measured)
         del layer
         gc.collect()
-        _return_freed_memory()
+        return_freed_memory()
 
     def _fresh_layer(self, index: int) -> nn.Module:
         with torch.device("meta"):
@@ -247,15 +232,13 @@ class StreamedLayers:
         out = self._output
         if out is None or len(out.shapes) != self.num_layers:
             raise RuntimeError("finish_output needs every layer released after begin_pruning")
-        rest = {name: None for name in self.files if not name.startswith("model.layers.")}
-        tensors = {}
-        for name in rest:
-            prefix, _, leaf = name.rpartition(".")
-            tensors[name] = self.read_tensors(prefix + ".")[leaf]
+        # embeddings, final norm and LM head pass through unchanged: copied from disk, never loaded
+        rest = {name: path for name, path in self.files.items() if not name.startswith("model.layers.")}
+        out.parameters += copy_tensors(rest, out.staging / "model-rest.safetensors", metadata={"format": "pt"})
+        out.weight_map.update({name: "model-rest.safetensors" for name in rest})
         shapes = [out.shapes[i] for i in range(self.num_layers)]
-        if is_uniform(shapes):
-            tensors.update(self._stock_zero_biases(shapes[0]))
-        self._save_shard("model-rest.safetensors", tensors)
+        if is_uniform(shapes) and (biases := self._stock_zero_biases(shapes[0])):
+            self._save_shard("model-zero-biases.safetensors", biases)
         config = self.config
         describe_shapes(config, shapes)
         config.num_hidden_layers = self.num_layers
