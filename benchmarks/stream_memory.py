@@ -1,14 +1,14 @@
 """Peak memory of a layer-streamed prune vs. the in-memory prune, each in its own process.
 
-    python benchmarks/stream_memory.py [--model smollm2-135m] [--share 0.2] [--calib-windows 16]
+    python benchmarks/stream_memory.py [--model smollm2-135m] [--share 0.2] [--calib-windows 50]
 
-Both prune SmolLM2-135M (fp32) to the same target with the default options
-(fluctuation scores, global allocation, least-squares compensation) and save
-the result; the child reports its peak RSS (ru_maxrss) and the RSS it had
+Both run `llmprune prune` (`prune_pipeline.run_prune`, once with --stream and
+once without) on SmolLM2-135M (fp32) to the same parameter target with the
+default options (fluctuation scores, global allocation, least-squares
+compensation, 50 calibration windows of wikitext-2 validation) and save the
+result; the child reports its peak RSS (ru_maxrss) and the RSS it had
 after importing torch/transformers (the floor any Python process pays). The
-two saved models are compared: same shapes and same logits. Per-layer figures
-(one layer's bytes, calibration state bytes) are printed for the README's
-projection to bigger models.
+two saved models are compared: same shapes and same logits.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from shared_data import CALIBRATION_TEXT  # noqa: E402
 
 
 def _rss_now() -> int:
@@ -32,47 +34,30 @@ def _rss_now() -> int:
 
 
 def child(mode: str, model_spec: str, out: str, share: float, windows: int, seq_len: int) -> None:
-    import torch
-
-    from llmprune.engine.calibrated import InMemoryLayers, LayerRunner, prune_to_target
-    from llmprune.engine.data import load_calibration_windows
+    from llmprune.engine.analysis import CalibrationOptions
     from llmprune.engine.models import ALIASES, alias_path, convert_gguf
+    from llmprune.engine.prune_pipeline import PruneConfig, run_prune
 
     floor = _rss_now()
+    # the alias's safetensors conversion (cached), so that both modes read the same directory
     directory = convert_gguf(alias_path(model_spec)) if model_spec in ALIASES else Path(model_spec)
-    valid = next(p / "shared/data/wikitext-2/wiki.valid.tokens" for p in REPO.parents if (p / "shared/data").is_dir())
+    config = PruneConfig(
+        model=str(directory), target_params=str(1 - share), stream=mode == "stream", out=Path(out),
+        calibration=CalibrationOptions(dataset=CALIBRATION_TEXT, samples=windows, seq_len=seq_len),
+        log_dir=Path(out).parent / f"log-{mode}", device="cpu",
+    )
     start = time.perf_counter()
-    if mode == "memory":
-        from llmprune.engine.checkpoint import save_model
-        from llmprune.engine.models import load_model
-
-        loaded = load_model(str(directory))
-        model = loaded.model
-        calibration = load_calibration_windows(loaded.tokenizer, str(valid), windows, seq_len)
-        total = sum(p.numel() for p in model.parameters())
-        runner = LayerRunner(model.config, model.model.rotary_emb, seq_len, model.device, model.dtype)
-        prune_to_target(InMemoryLayers(model), calibration.ids, runner, int(share * total))
-        save_model(model, loaded.tokenizer, out)
-    else:
-        from transformers import AutoTokenizer
-
-        from llmprune.engine.streaming import StreamedLayers, parameter_count
-
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        calibration = load_calibration_windows(tokenizer, str(valid), windows, seq_len)
-        store = StreamedLayers(directory, output=out)
-        prune_to_target(store, calibration.ids, store.runner(seq_len), int(share * parameter_count(directory)))
-        store.finish_output(tokenizer)
+    result = run_prune(config)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"mode": mode, "peak_rss": peak, "import_floor_rss": floor, "seconds": seconds}))
+    print(json.dumps({"mode": mode, "peak_rss": peak, "import_floor_rss": floor, "seconds": seconds, "params_after": result.params_after}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--share", type=float, default=0.2)
-    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--calib-windows", type=int, default=50)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -99,7 +84,7 @@ def main() -> None:
         print(f"{mode:<10} {row['peak_rss'] / mib:>8.0f}MiB {(row['peak_rss'] - row['import_floor_rss']) / mib:>18.0f}MiB {row['seconds']:>9.1f}")
     print(f"streamed / in-memory peak: {stream['peak_rss'] / memory['peak_rss']:.2f} "
           f"(above the floor: {(stream['peak_rss'] - stream['import_floor_rss']) / (memory['peak_rss'] - memory['import_floor_rss']):.2f})")
-    print(f"same model: {same}")
+    print(f"same model: {same}; parameters after: {memory['params_after']:,} / {stream['params_after']:,}")
 
 
 def _compare(first: Path, second: Path) -> str:
