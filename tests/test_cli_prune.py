@@ -205,6 +205,8 @@ def gpt2_dir(tmp_path_factory, tiny_tokenizer):
         (["--importance-config", "/no/such.json"], "not found"),
         (["--model-is-gpt2"], "not a Llama-style"),
         (["--other-model-config"], "another model"),
+        (["--test-after-prune", "--eval-seq-len", "1"], "--eval-seq-len must be an integer ≥ 2"),
+        (["--test-after-prune", "--max-windows", "0"], "--max-windows must be ≥ 1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(extra, needle, tiny_model_dir, tiny_3to1_dir, gpt2_dir, pydoc_text_file, tmp_path):

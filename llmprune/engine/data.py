@@ -158,9 +158,9 @@ class TokenWindows:
         return self.ids.shape[0]
 
 
-def _check_seq_len(seq_len: int) -> None:
+def _check_seq_len(seq_len: int, option: str = "--seq-len") -> None:
     if not isinstance(seq_len, int) or seq_len < 2:
-        raise UserInputError(f"--seq-len must be an integer ≥ 2, got {seq_len}", "use e.g. --seq-len 128 or 2048")
+        raise UserInputError(f"{option} must be an integer ≥ 2, got {seq_len}", f"use e.g. {option} 128 or 2048")
 
 
 def _check_max_windows(max_windows: int | None) -> None:
@@ -168,10 +168,13 @@ def _check_max_windows(max_windows: int | None) -> None:
         raise UserInputError(f"--max-windows must be ≥ 1, got {max_windows}", "leave it out to use every window")
 
 
-def check_window_options(seq_len: int | None, max_windows: int | None, batch_size: int) -> None:
-    """Validate the evaluation options up front, before a model is loaded (None seq_len: not chosen yet)."""
+def check_window_options(seq_len: int | None, max_windows: int | None, batch_size: int, seq_len_option: str = "--seq-len") -> None:
+    """Validate the evaluation options up front, before a model is loaded (None seq_len: not chosen yet).
+
+    `seq_len_option` names the option in the message (prune calls it --eval-seq-len).
+    """
     if seq_len is not None:
-        _check_seq_len(seq_len)
+        _check_seq_len(seq_len, seq_len_option)
     _check_max_windows(max_windows)
     if batch_size < 1:
         raise UserInputError(f"--batch-size must be ≥ 1, got {batch_size}", "use e.g. --batch-size 4")

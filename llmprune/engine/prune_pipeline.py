@@ -42,6 +42,7 @@ from llmprune.engine.analysis import (
 )
 from llmprune.engine.architecture import LayerShape, gqa_violations, layer_shape, layer_shapes, require_llama_style
 from llmprune.engine.errors import UserInputError
+from llmprune.engine.data import check_window_options
 from llmprune.engine.evaluate import PerplexityResult, perplexity
 from llmprune.engine.importance import LAYER_METHODS, get_unit_importance
 from llmprune.engine.paths import atomic_write_json, atomic_write_text
@@ -153,8 +154,8 @@ class PruneConfig:
         if self.round_to < 1:
             raise UserInputError(f"--round-to must be ≥ 1, got {self.round_to}", "e.g. --round-to 8 or 64")
         self.calibration.validate()
-        if self.test_after_prune and (self.eval_seq_len < 2 or (self.max_windows is not None and self.max_windows < 1)):
-            raise UserInputError("--eval-seq-len must be ≥ 2 and --max-windows ≥ 1", "e.g. --eval-seq-len 128 --max-windows 256")
+        if self.test_after_prune:
+            check_window_options(self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len")
         if self.out is not None and Path(self.out).is_file():
             raise UserInputError(f"--out {self.out} is a file", "name a folder for the pruned model")
 
