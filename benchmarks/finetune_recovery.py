@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from llmprune.engine.train import FinetuneConfig, run_finetune
 
-# ../shared/data next to the checkout, or $LLMPRUNE_SHARED_DATA (as in the tests)
-SHARED = Path(os.environ.get("LLMPRUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def main() -> None:
@@ -40,10 +38,10 @@ def main() -> None:
 
     out = args.out or str(Path(tempfile.mkdtemp(prefix="llmprune-recovery-")) / "run")
     config = FinetuneConfig(
-        model=args.model, dataset=str(SHARED / "wikitext-2" / "wiki.valid.tokens"), samples=args.samples,
+        model=args.model, dataset=CALIBRATION_TEXT, samples=args.samples,
         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, test_before=True, test_after=True,
-        eval_dataset=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), eval_windows=args.eval_windows, out=out,
+        eval_dataset=EVALUATION_TEXT, eval_windows=args.eval_windows, out=out,
     )
     result = run_finetune(config)
     print(json.dumps({k: result.to_dict()[k] for k in ("status", "steps", "ppl_before", "ppl_after", "best_loss", "final_loss",

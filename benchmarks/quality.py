@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,22 +26,9 @@ from llmprune.engine.evaluate import perplexity
 from llmprune.engine.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, measure_units, prune_to_target
 from llmprune.engine.models import load_model
 
-import os
+from shared_data import CALIBRATION_TEXT as VALID  # noqa: E402  (benchmarks/ is the script's directory)
+from shared_data import EVALUATION_TEXT as TEST  # noqa: E402
 
-
-def _shared_data() -> Path:
-    """../shared/data next to the checkout (or any parent's shared/data; override with LLMPRUNE_SHARED_DATA)."""
-    if "LLMPRUNE_SHARED_DATA" in os.environ:
-        return Path(os.environ["LLMPRUNE_SHARED_DATA"])
-    for parent in Path(__file__).resolve().parents[1:]:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-SHARED = _shared_data()
-TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-VALID = SHARED / "wikitext-2" / "wiki.valid.tokens"
 
 # name -> options for llmprune's width pruning (the first is the default of `llmprune prune`)
 WIDTH_METHODS = {
@@ -94,8 +80,8 @@ def main() -> None:
 
     loaded = load_model(args.model)
     dense, tokenizer = loaded.model, loaded.tokenizer
-    evaluation = load_evaluation_windows(tokenizer, str(TEST), args.seq_len, args.eval_windows)
-    calibration = load_calibration_windows(tokenizer, str(VALID), args.calib_windows, args.seq_len, seed=0)
+    evaluation = load_evaluation_windows(tokenizer, TEST, args.seq_len, args.eval_windows)
+    calibration = load_calibration_windows(tokenizer, VALID, args.calib_windows, args.seq_len, seed=0)
 
     def report(method: str, share: float, model, seconds: float) -> None:
         ppl = perplexity(model, evaluation, batch_size=8).ppl
