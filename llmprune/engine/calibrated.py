@@ -117,21 +117,31 @@ class LayerRunner:
     @torch.no_grad()
     def attention_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """h + attn(norm(h)): the residual stream between attention and MLP."""
-        out = []
-        for chunk in self._chunks(hidden):
+
+        def block(chunk: torch.Tensor) -> torch.Tensor:
             attn, _ = layer.self_attn(
                 hidden_states=layer.input_layernorm(chunk),
                 attention_mask=self.mask,
                 position_ids=self.position_ids,
                 position_embeddings=self.position_embeddings,
             )
-            out.append(chunk + attn)
-        return torch.cat(out)
+            return chunk + attn
+
+        return self._by_chunks(block, hidden)
 
     @torch.no_grad()
     def mlp_block(self, layer: nn.Module, middle: torch.Tensor) -> torch.Tensor:
         """h + mlp(norm(h)): the layer's output from the residual stream after attention."""
-        return torch.cat([chunk + layer.mlp(layer.post_attention_layernorm(chunk)) for chunk in self._chunks(middle)])
+        return self._by_chunks(lambda chunk: chunk + layer.mlp(layer.post_attention_layernorm(chunk)), middle)
+
+    def _by_chunks(self, block, hidden: torch.Tensor) -> torch.Tensor:
+        # written into one preallocated tensor: a list of chunks plus torch.cat would hold the output twice
+        out = torch.empty_like(hidden)
+        first = 0
+        for chunk in self._chunks(hidden):
+            out[first : first + chunk.shape[0]] = block(chunk)
+            first += chunk.shape[0]
+        return out
 
     def layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlp_block(layer, self.attention_block(layer, hidden))
@@ -224,10 +234,31 @@ def _unit_params(layer: nn.Module) -> tuple[int, int]:
     return per_group, per_channel
 
 
+# float64 copies of all calibration hidden states would be the largest thing in a streamed run
+# (50 windows x 128 tokens x 576: 30 MB each for SmolLM2, GBs for 8B); a few windows at a time suffice
+_WINDOWS_PER_CHUNK = 8
+
+
+def _per_token_mean(values, *hidden: torch.Tensor) -> float:
+    """Mean over every token of `values(*chunks)` (per-token float64 values), a few windows at a time."""
+    total, tokens = 0.0, 0
+    for chunks in zip(*(h.split(_WINDOWS_PER_CHUNK) for h in hidden)):
+        per_token = values(*(c.flatten(0, 1).double() for c in chunks))
+        total += float(per_token.sum())
+        tokens += per_token.numel()
+    return total / tokens
+
+
 @torch.no_grad()
 def _cosine_gap(before: torch.Tensor, after: torch.Tensor) -> float:
-    cos = torch.nn.functional.cosine_similarity(before.flatten(0, 1).double(), after.flatten(0, 1).double(), dim=-1)
-    return float((1 - cos).mean())
+    """Block influence: mean over tokens of 1 - cos(h_in, h_out)."""
+    return _per_token_mean(lambda b, a: 1 - torch.nn.functional.cosine_similarity(b, a, dim=-1), before, after)
+
+
+@torch.no_grad()
+def _energy(hidden: torch.Tensor) -> float:
+    """Mean over tokens of ‖h‖²."""
+    return _per_token_mean(lambda h: h.pow(2).sum(-1), hidden)
 
 
 @torch.no_grad()
@@ -258,7 +289,7 @@ def measure_units(
                 channel_scores=channel_scores.tolist(),
                 group_params=group_params,
                 channel_params=channel_params,
-                input_energy=float(hidden.double().pow(2).sum(-1).mean()),
+                input_energy=_energy(hidden),
                 influence=_cosine_gap(hidden, out),
                 missing_bias_params=sum(p.out_features for p in (layer.self_attn.o_proj, layer.mlp.down_proj) if p.bias is None),
             )
@@ -405,6 +436,7 @@ def prune_layers(
             _compensate(attn.o_proj, dense_weight, dense_bias, stats, [c for g in keep for c in groups[g]], compensation, damping)
             report.kept_groups, changed = keep, True
         middle = runner.attention_block(layer, hidden)
+        del hidden  # the layer's input is not needed any more: one set of hidden states less at the peak
 
         if plan.keep_channels < channels:
             with comp.record_inputs(mlp.down_proj, gram=_needs_gram(unit_score, compensation, 1)) as stats:
