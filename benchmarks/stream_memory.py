@@ -1,6 +1,7 @@
 """Peak memory of a layer-streamed prune vs. the in-memory prune, each in its own process.
 
     python benchmarks/stream_memory.py [--model smollm2-135m] [--share 0.2] [--calib-windows 50]
+    python benchmarks/stream_memory.py --synthetic 1536,4096,24 --calib-windows 16   # a 0.68 B model
 
 Both run `llmprune prune` (`prune_pipeline.run_prune`, once with --stream and
 once without) on SmolLM2-135M (fp32) to the same parameter target with the
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,6 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from shared_data import CALIBRATION_TEXT  # noqa: E402
+
+
+def _peak_rss() -> int:
+    """This process image's peak RSS (VmHWM). Not ru_maxrss: after fork + exec that also counts the parent's
+    RSS at fork time, which would charge the child for the synthetic model the parent built."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _rss_now() -> int:
@@ -49,8 +57,9 @@ def child(mode: str, model_spec: str, out: str, share: float, windows: int, seq_
     start = time.perf_counter()
     result = run_prune(config)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"mode": mode, "peak_rss": peak, "import_floor_rss": floor, "seconds": seconds, "params_after": result.params_after}))
+    peak = _peak_rss()
+    print(json.dumps({"mode": mode, "peak_rss": peak, "import_floor_rss": floor, "seconds": seconds, "params_after": result.params_after,
+                      "params_before": result.params_before, "model_bytes": result.model_bytes}))
 
 
 def main() -> None:
@@ -59,15 +68,27 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.2)
     parser.add_argument("--calib-windows", type=int, default=50)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--synthetic", default=None, metavar="HIDDEN,INTERMEDIATE,LAYERS",
+                        help="instead of --model: a randomly initialised Llama of this shape (SmolLM2's vocabulary, "
+                             "tokenizer and 3:1 GQA with 64-wide heads), to see how the peaks grow with the model")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--make-synthetic", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_synthetic:
+        _synthetic_model(args.make_synthetic, Path(args.out))
+        return
     if args.child:
         child(args.child, args.model, args.out, args.share, args.calib_windows, args.seq_len)
         return
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic:
+            # built in its own process, so that this one stays small
+            args.model = str(Path(tmp) / "synthetic")
+            subprocess.run([sys.executable, __file__, "--make-synthetic", args.synthetic, "--out", args.model], check=True,
+                           capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         for mode in ("memory", "stream"):
             out = Path(tmp) / mode
             command = [sys.executable, __file__, "--child", mode, "--out", str(out), "--model", args.model,
@@ -79,12 +100,33 @@ def main() -> None:
 
     mib = 2**20
     memory, stream = results["memory"], results["stream"]
+    print(f"model: {args.synthetic and f'synthetic {args.synthetic} ' or ''}{memory['params_before']:,} parameters, "
+          f"{memory['model_bytes'] / mib:.0f} MiB of weights")
     print(f"{'mode':<10} {'peak RSS':>10} {'above import floor':>20} {'seconds':>9}")
     for mode, row in results.items():
         print(f"{mode:<10} {row['peak_rss'] / mib:>8.0f}MiB {(row['peak_rss'] - row['import_floor_rss']) / mib:>18.0f}MiB {row['seconds']:>9.1f}")
     print(f"streamed / in-memory peak: {stream['peak_rss'] / memory['peak_rss']:.2f} "
           f"(above the floor: {(stream['peak_rss'] - stream['import_floor_rss']) / (memory['peak_rss'] - memory['import_floor_rss']):.2f})")
     print(f"same model: {same}; parameters after: {memory['params_after']:,} / {stream['params_after']:,}")
+
+
+def _synthetic_model(shape: str, directory: Path) -> Path:
+    """A random Llama with SmolLM2's vocabulary and tokenizer, saved as safetensors (fp32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmprune.engine.checkpoint import save_model
+    from llmprune.engine.models import load_model
+
+    hidden, intermediate, layers = (int(v) for v in shape.split(","))
+    tokenizer = load_model("smollm2-135m").tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 192, head_dim=64, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    save_model(LlamaForCausalLM(config), tokenizer, directory)
+    return directory
 
 
 def _compare(first: Path, second: Path) -> str:

@@ -162,11 +162,11 @@ class StreamedLayers:
 
     def load(self, index: int) -> nn.Module:
         layer = self.skeleton.model.layers[index]
-        layer.to_empty(device=self.device)
         state = self.read_tensors(f"model.layers.{index}.")
-        # always the stored (unpruned) weights: release() put a fresh meta layer in the skeleton
-        layer.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=True)
-        return layer.to(self.dtype)
+        # always the stored (unpruned) weights: release() put a fresh meta layer in the skeleton.
+        # assign: the tensors just read become the parameters (filling allocated storage would hold the layer twice)
+        layer.load_state_dict({k: v.to(self.device, self.dtype) for k, v in state.items()}, strict=True, assign=True)
+        return layer
 
     def release(self, index: int, layer: nn.Module, changed: bool) -> None:
         if self._output is not None:
