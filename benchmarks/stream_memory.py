@@ -4,10 +4,10 @@
     python benchmarks/stream_memory.py --synthetic 1536,4096,24 --calib-windows 16   # a 0.68 B model
 
 Both run `llmprune prune` (`prune_pipeline.run_prune`, once with --stream and
-once without) on SmolLM2-135M (fp32) to the same parameter target with the
+once without) on SmolLM2-135M (fp32), or a synthetic model, to the same parameter target with the
 default options (fluctuation scores, global allocation, least-squares
 compensation, 50 calibration windows of wikitext-2 validation) and save the
-result; the child reports its peak RSS (ru_maxrss) and the RSS it had
+result; the child reports its peak RSS (VmHWM) and the RSS it had
 after importing torch/transformers (the floor any Python process pays). The
 two saved models are compared: same shapes and same logits.
 """
