@@ -43,6 +43,21 @@ def test_runner_reproduces_the_models_forward():
         torch.testing.assert_close(model.lm_head(model.model.norm(hidden)), model(ids).logits, rtol=0, atol=0)
 
 
+def test_block_influence_and_input_energy_are_means_over_every_token():
+    # 20 windows: measured a few windows at a time (uneven chunks), they must equal the all-at-once formulas
+    model, ids = make_tiny_model(), _ids(20)
+    store, runner = InMemoryLayers(model), _runner(model)
+    scores = measure_units(store, ids, runner, "magnitude")
+    hidden = store.embed(ids)
+    for layer, score in zip(model.model.layers, scores):
+        out = runner.layer(layer, hidden)
+        flat_in, flat_out = hidden.flatten(0, 1).double(), out.flatten(0, 1).double()
+        influence = (1 - torch.nn.functional.cosine_similarity(flat_in, flat_out, dim=-1)).mean()
+        assert score.influence == pytest.approx(float(influence), rel=1e-9)
+        assert score.input_energy == pytest.approx(float(flat_in.pow(2).sum(-1).mean()), rel=1e-9)
+        hidden = out
+
+
 @pytest.mark.parametrize("compensation", ["none", "bias", "lstsq"])
 def test_nothing_removed_changes_nothing(compensation):
     model, ids = make_tiny_model(), _ids()
