@@ -47,6 +47,22 @@ def test_missing_dataset_is_user_error():
         load_text("/definitely/not/here.txt")
 
 
+@pytest.mark.parametrize("purpose,example", [("train", "wiki.valid.tokens"), ("eval", "wiki.test.raw")])
+def test_uncached_named_dataset_offline_fails_at_once_with_a_local_example(purpose, example, monkeypatch, tmp_path):
+    import datasets.config
+    import huggingface_hub.constants
+
+    before = huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))  # nothing cached
+    with pytest.raises(UserInputError, match="cannot be reached and it is not in the local cache") as caught:
+        load_text("wikitext2", purpose)
+    # calibration and training text is never suggested from the test split
+    assert example in caught.value.hint
+    # the cache-only switch is put back afterwards
+    assert (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
+
+
 def test_evaluation_windows_are_consecutive_and_drop_the_tail():
     ids = torch.arange(103)
     windows = evaluation_windows(ids, 10)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from llmprune.engine.errors import UserInputError
+from llmprune.engine.hub import cache_only, hub_reachable
 from llmprune.engine.paths import cache_dir
 
 # name -> (dataset path, config, split for evaluation, split for calibration/training, text field)
@@ -43,16 +44,21 @@ def _load_named(name: str, purpose: str) -> str:
         load_args: dict[str, Any] = {"path": path, "data_files": files, "split": shard}
     else:
         load_args = {"path": path, "name": config, "split": split}
+    online = hub_reachable()
     try:
         import datasets
 
         datasets.logging.set_verbosity_error()
-        dataset = datasets.load_dataset(**load_args)
-    except Exception as error:  # offline, missing, or renamed upstream
+        with cache_only(not online):
+            dataset = datasets.load_dataset(**load_args)
+    except Exception as error:  # offline and not cached, missing, or renamed upstream
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        where = "" if online else " (the Hub cannot be reached and it is not in the local cache)"
+        # calibration and training must never read the test split: the example differs by purpose
+        example = "../shared/data/wikitext-2-raw/wiki.test.raw" if purpose == "eval" else "../shared/data/wikitext-2/wiki.valid.tokens"
         raise UserInputError(
-            f"cannot load the '{name}' dataset ({split} split) through datasets: {reason}",
-            "offline? pass a local file instead, e.g. --dataset ../shared/data/wikitext-2-raw/wiki.test.raw, or --dataset pydoc",
+            f"cannot load the '{name}' dataset ({split} split){where}: {reason}",
+            f"pass a local text file instead, e.g. --dataset {example}, or --dataset pydoc",
         ) from None
     joiner = " " if name == "ptb" else "\n\n"
     return _join_documents([row[text_field] for row in dataset], joiner)

@@ -22,16 +22,15 @@ import json
 import os
 import pickle
 import re
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from llmprune.engine.architecture import LayerShape, apply_layer_shapes, require_llama_style
+from llmprune.engine.hub import hub_reachable
 from llmprune.engine.checkpoint import has_layer_shapes, model_class_for, read_provenance
 from llmprune.engine.device import Placement, choose_placement
 from llmprune.engine.errors import UserInputError
@@ -294,19 +293,6 @@ def _offline_error(hub_id: str) -> UserInputError:
         f"'{hub_id}' is not in the local Hugging Face cache and the Hub cannot be reached",
         "download it on a connected machine (huggingface-cli download) and pass the local folder",
     )
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect to the Hub, so that offline machines fail at once instead of retrying for a minute."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _cached_on_this_machine(hub_id: str) -> bool:
