@@ -168,17 +168,17 @@ def refit_least_squares(
     k = keep_index.numel()
 
     # augmented normal matrix A = X̃ᵀX̃ and right-hand side X̃ᵀY with Y = X Wᵀ + 1 bᵀ
-    kept_rows = gram.index_select(0, keep_index)  # k × in, shared by A and the right-hand side
+    # no k × in block of the Gram is ever formed (for an 8B down_proj that alone would be ~1 GB):
+    # A takes the k × k block directly, the right-hand side the kept rows of the (in × out) product
     a = torch.empty(k + 1, k + 1, dtype=torch.float64, device=device)
-    a[:k, :k] = kept_rows.index_select(1, keep_index)
+    a[:k, :k] = gram[keep_index[:, None], keep_index]
     a[:k, k] = total[keep_index]
     a[k, :k] = total[keep_index]
     a[k, k] = n
     ridge = damping * a[:k, :k].diagonal().mean().clamp_min(1e-12)
     a[:k, :k] += ridge * torch.eye(k, dtype=torch.float64, device=device)
     rhs = torch.empty(k + 1, w.shape[0], dtype=torch.float64, device=device)
-    rhs[:k] = kept_rows @ w.T + torch.outer(total[keep_index], b)
-    del kept_rows
+    rhs[:k] = (gram @ w.T).index_select(0, keep_index) + torch.outer(total[keep_index], b)
     rhs[:k] += ridge * w.index_select(1, keep_index).T  # the prior: the original weights
     rhs[k] = total @ w.T + n * b
     solution = torch.linalg.solve(a, rhs)  # (k+1) × out
