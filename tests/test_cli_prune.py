@@ -231,3 +231,16 @@ def test_analyze_bad_input_writes_nothing(tiny_model_dir, pydoc_text_file, tmp_p
     result = runner.invoke(app, ["analyze", str(tiny_model_dir), *_calib(pydoc_text_file), "--alpha", "-1", "-o", str(target)])
     assert result.exit_code == 2 and "--alpha" in result.output
     assert not target.exists() and not target.with_suffix(".png").exists()
+
+
+def test_streamed_prune_of_a_damaged_safetensors_is_one_line_exit_2(tiny_model_dir, pydoc_text_file, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x05\x00garbage")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", str(damaged), "--stream", *_calib(pydoc_text_file), "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    assert result.exit_code == 2, result.output
+    assert "not a readable safetensors file" in result.output and "Traceback" not in result.output
+    assert not out.exists()

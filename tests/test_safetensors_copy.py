@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llmprune.engine.process_memory import return_freed_memory, serve_large_blocks_by_mmap
-from llmprune.engine.safetensors_copy import copy_tensors, read_header
+from llmprune.engine.errors import UserInputError
+from llmprune.engine.safetensors_copy import copy_tensors, read_header, stored_elements
 
 
 def test_copied_tensors_read_back_identical(tmp_path):
@@ -33,6 +34,18 @@ def test_copied_tensors_read_back_identical(tmp_path):
         assert handle.metadata() == {"format": "pt"}
     _, data_start = read_header(tmp_path / "out.safetensors")
     assert data_start % 8 == 0  # the data is aligned as safetensors writes it
+
+
+def test_element_counts_come_from_the_header(tmp_path):
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16)}, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    assert stored_elements(tmp_path / "x.safetensors") == {"a": 12, "b": 5}
+
+
+@pytest.mark.parametrize("content", [b"", b"\x05\x00", b"\x04\x00\x00\x00\x00\x00\x00\x00[1,2", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"])
+def test_damaged_header_is_a_user_error(content, tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(UserInputError, match="not a readable safetensors file"):
+        read_header(tmp_path / "bad.safetensors")
 
 
 def test_truncated_source_is_reported(tmp_path):

@@ -14,7 +14,9 @@ import json
 import struct
 from pathlib import Path
 
-__all__ = ["read_header", "copy_tensors"]
+from llmprune.engine.errors import UserInputError
+
+__all__ = ["read_header", "stored_elements", "copy_tensors"]
 
 _CHUNK = 16 << 20
 _ALIGN = 8  # safetensors pads the header so that the data starts 8-byte aligned
@@ -23,9 +25,27 @@ _ALIGN = 8  # safetensors pads the header so that the data starts 8-byte aligned
 def read_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a safetensors file and the byte offset where its data starts."""
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        try:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        except (struct.error, ValueError, MemoryError, OverflowError):  # ValueError covers bad JSON and UTF-8
+            raise UserInputError(f"{path} is not a readable safetensors file (damaged header)", "re-save or download the model again") from None
+    if not isinstance(header, dict):
+        raise UserInputError(f"{path} is not a readable safetensors file (damaged header)", "re-save or download the model again")
     return header, 8 + length
+
+
+def _elements(entry: dict) -> int:
+    count = 1
+    for size in entry["shape"]:
+        count *= size
+    return count
+
+
+def stored_elements(path: Path) -> dict[str, int]:
+    """Tensor name -> element count, from the file's header alone (no tensor is read)."""
+    header, _ = read_header(path)
+    return {name: _elements(entry) for name, entry in header.items() if name != "__metadata__"}
 
 
 def copy_tensors(sources: dict[str, Path], destination: Path, metadata: dict[str, str] | None = None) -> int:
@@ -37,10 +57,7 @@ def copy_tensors(sources: dict[str, Path], destination: Path, metadata: dict[str
         begin, end = entry["data_offsets"]
         layout[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + end - begin]}
         offset += end - begin
-        count = 1
-        for size in entry["shape"]:
-            count *= size
-        elements += count
+        elements += _elements(entry)
     if metadata:
         layout["__metadata__"] = metadata
     encoded = json.dumps(layout, separators=(",", ":")).encode()

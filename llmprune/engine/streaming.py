@@ -39,7 +39,7 @@ from llmprune.engine.errors import UserInputError
 from llmprune.engine.calibrated import LayerRunner
 from llmprune.engine.paths import atomic_directory, atomic_write_json
 from llmprune.engine.process_memory import return_freed_memory, serve_large_blocks_by_mmap
-from llmprune.engine.safetensors_copy import copy_tensors
+from llmprune.engine.safetensors_copy import copy_tensors, stored_elements
 from llmprune.engine.remote_code import modeling_llmprune
 
 __all__ = ["StreamedLayers", "safetensors_index", "parameter_count", "model_bytes", "should_stream"]
@@ -56,22 +56,20 @@ def safetensors_index(directory: Path) -> dict[str, Path]:
     single = directory / "model.safetensors"
     if not single.is_file():
         raise UserInputError(f"{directory} has no safetensors weights", "streaming reads model.safetensors (or a sharded index); re-save the model")
-    with safe_open(str(single), framework="pt") as handle:
-        return {name: single for name in handle.keys()}
-
-
-def _stored_numel(path: Path, name: str) -> int:
-    """Elements of one stored tensor, from the safetensors header (nothing is read)."""
-    with safe_open(str(path), framework="pt") as handle:
-        count = 1
-        for size in handle.get_slice(name).get_shape():
-            count *= size
-        return count
+    return {name: single for name in stored_elements(single)}
 
 
 def parameter_count(directory: str | Path) -> int:
     """Parameters stored in the directory's safetensors (a tied LM head is stored, and counted, once)."""
-    return sum(_stored_numel(path, name) for name, path in safetensors_index(Path(directory)).items())
+    return sum(_stored_elements(safetensors_index(Path(directory))).values())
+
+
+def _stored_elements(files: dict[str, Path]) -> dict[str, int]:
+    """Element count of every tensor in `files` (name -> file), one header read per file."""
+    counts: dict[str, int] = {}
+    for path in set(files.values()):
+        counts.update(stored_elements(path))
+    return {name: counts[name] for name in files}
 
 
 def model_bytes(directory: Path) -> int:
@@ -223,7 +221,7 @@ class StreamedLayers:
     def output_parameters(self) -> int:
         """Parameters the finished output will hold (layers written, plus embeddings/norm and stock zero biases)."""
         shapes = self.output_shapes
-        rest = sum(_stored_numel(self.files[name], name) for name in self.files if not name.startswith("model.layers."))
+        rest = sum(count for name, count in _stored_elements(self.files).items() if not name.startswith("model.layers."))
         extra = self._stock_zero_biases(shapes[0]) if len(shapes) == self.num_layers and is_uniform(shapes) else {}
         return self._output.parameters + rest + sum(t.numel() for t in extra.values())
 
