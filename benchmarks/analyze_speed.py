@@ -26,8 +26,8 @@ def main() -> None:
     import torch
 
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.importance import layer_importance, removal_importance_naive
-    from llmprune.engine.models import load_model
+    from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
+    from llmprune.engine.io.models import load_model
 
     torch.manual_seed(0)
     loaded = load_model(args.model)

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from llmprune.engine.doctor import DoctorConfig, run_doctor
-from llmprune.engine.tensor_scan import HUGE_ABSOLUTE, HUGE_RELATIVE, huge_tensors, largest_spread, tensor_stats
-from llmprune.engine.weight_source import iter_tensors, locate_weights
+from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
+from llmprune.engine.diagnose.tensor_scan import HUGE_ABSOLUTE, HUGE_RELATIVE, huge_tensors, largest_spread, tensor_stats
+from llmprune.engine.io.weight_source import iter_tensors, locate_weights
 
 FACTORS = (10.0, 100.0, 1e3, 1e4)
 

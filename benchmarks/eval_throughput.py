@@ -18,7 +18,7 @@ import torch
 
 from llmprune.engine.data import load_evaluation_windows
 from llmprune.engine.evaluate import perplexity
-from llmprune.engine.models import load_model
+from llmprune.engine.io.models import load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 

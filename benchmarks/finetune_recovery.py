@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from llmprune.engine.train import FinetuneConfig, run_finetune
+from llmprune.engine.finetune.train import FinetuneConfig, run_finetune
 
 from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT  # noqa: E402  (benchmarks/ is the script's directory)
 

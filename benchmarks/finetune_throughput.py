@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from llmprune.engine.data import load_calibration_windows
-from llmprune.engine.models import load_model
-from llmprune.engine.train import FinetuneConfig, finetune_model, make_scheduler
+from llmprune.engine.io.models import load_model
+from llmprune.engine.finetune.train import FinetuneConfig, finetune_model, make_scheduler
 
 DATA = Path(os.environ.get("LLMPRUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")) / "wikitext-2" / "wiki.valid.tokens"
 

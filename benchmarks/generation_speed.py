@@ -34,13 +34,13 @@ def main() -> None:
 
     import torch
 
-    from llmprune.engine.allocation import PlanOptions
-    from llmprune.engine.architecture import layer_shapes
+    from llmprune.engine.pruning.allocation import PlanOptions
+    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.importance import layer_importance
-    from llmprune.engine.models import load_model
-    from llmprune.engine.prune_pipeline import make_plan, parameter_model
-    from llmprune.engine.pruning import prune_model
+    from llmprune.engine.pruning.importance import layer_importance
+    from llmprune.engine.io.models import load_model
+    from llmprune.engine.pruning.pipeline import make_plan, parameter_model
+    from llmprune.engine.pruning.prune_model import prune_model
 
     dense = load_model(args.model)
     pruned = load_model(args.model).model

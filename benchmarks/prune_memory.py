@@ -34,12 +34,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()
 
-    from llmprune.engine.allocation import PlanOptions
-    from llmprune.engine.architecture import layer_shapes
+    from llmprune.engine.pruning.allocation import PlanOptions
+    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.models import load_model
-    from llmprune.engine.prune_pipeline import make_plan, parameter_model
-    from llmprune.engine.pruning import prune_model
+    from llmprune.engine.io.models import load_model
+    from llmprune.engine.pruning.pipeline import make_plan, parameter_model
+    from llmprune.engine.pruning.prune_model import prune_model
 
     after_import = rss_mib()
     loaded = load_model(args.model)

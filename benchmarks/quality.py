@@ -21,10 +21,10 @@ import time
 import torch
 
 from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
-from llmprune.engine.depth import drop_layers, least_influential
+from llmprune.engine.pruning.depth import drop_layers, least_influential
 from llmprune.engine.evaluate import perplexity
-from llmprune.engine.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, measure_units, prune_to_target
-from llmprune.engine.models import load_model
+from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, measure_units, prune_to_target
+from llmprune.engine.io.models import load_model
 
 from shared_data import CALIBRATION_TEXT as VALID  # noqa: E402  (benchmarks/ is the script's directory)
 from shared_data import EVALUATION_TEXT as TEST  # noqa: E402

@@ -42,9 +42,9 @@ def _rss_now() -> int:
 
 
 def child(mode: str, model_spec: str, out: str, share: float, windows: int, seq_len: int) -> None:
-    from llmprune.engine.analysis import CalibrationOptions
-    from llmprune.engine.models import ALIASES, alias_path, convert_gguf
-    from llmprune.engine.prune_pipeline import PruneConfig, run_prune
+    from llmprune.engine.pruning.analysis import CalibrationOptions
+    from llmprune.engine.io.models import ALIASES, alias_path, convert_gguf
+    from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
 
     floor = _rss_now()
     # the alias's safetensors conversion (cached), so that both modes read the same directory
@@ -115,8 +115,8 @@ def _synthetic_model(shape: str, directory: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmprune.engine.checkpoint import save_model
-    from llmprune.engine.models import load_model
+    from llmprune.engine.io.checkpoint import save_model
+    from llmprune.engine.io.models import load_model
 
     hidden, intermediate, layers = (int(v) for v in shape.split(","))
     tokenizer = load_model("smollm2-135m").tokenizer
@@ -132,8 +132,8 @@ def _synthetic_model(shape: str, directory: Path) -> Path:
 def _compare(first: Path, second: Path) -> str:
     import torch
 
-    from llmprune.engine.architecture import layer_shapes
-    from llmprune.engine.models import load_model
+    from llmprune.engine.io.architecture import layer_shapes
+    from llmprune.engine.io.models import load_model
 
     a, b = load_model(str(first)).model, load_model(str(second)).model
     ids = torch.randint(0, a.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ function that takes a config dataclass and returns a result object.
 
 __version__ = "0.1.0"
 
-from llmprune.engine.errors import LlmpruneError, UserInputError  # noqa: E402
-from llmprune.engine.models import LoadedModel, load_model  # noqa: E402
+from llmprune.engine.core.errors import LlmpruneError, UserInputError  # noqa: E402
+from llmprune.engine.io.models import LoadedModel, load_model  # noqa: E402
 
 __all__ = ["__version__", "LlmpruneError", "UserInputError", "LoadedModel", "load_model"]

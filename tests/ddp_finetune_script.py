@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 from llmprune.engine.data import random_windows, tokenize  # noqa: E402
-from llmprune.engine.train import FinetuneConfig, finetune_model  # noqa: E402
+from llmprune.engine.finetune.train import FinetuneConfig, finetune_model  # noqa: E402
 
 out = Path(sys.argv[1])
 resume = len(sys.argv) > 2 and sys.argv[2] == "resume"

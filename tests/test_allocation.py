@@ -2,15 +2,15 @@
 
 import pytest
 
-from llmprune.engine.allocation import (
+from llmprune.engine.pruning.allocation import (
     LayerUnits,
     PlanOptions,
     layer_rates,
     parse_target_params,
     unit_counts,
 )
-from llmprune.engine.architecture import LayerShape
-from llmprune.engine.errors import UserInputError
+from llmprune.engine.io.architecture import LayerShape
+from llmprune.engine.core.errors import UserInputError
 
 SCORES = [5.0, 0.9, 0.2, 0.1, 0.3, 0.05, 0.4, 0.8, 1.2, 3.0]  # U-shaped, like real models
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from llmprune.engine.architecture import layer_shapes
-from llmprune.engine.calibrated import (
+from llmprune.engine.io.architecture import layer_shapes
+from llmprune.engine.pruning.calibrated import (
     CalibratedPruneOptions,
     InMemoryLayers,
     LayerRunner,
@@ -15,8 +15,8 @@ from llmprune.engine.calibrated import (
     measure_units,
     prune_to_target,
 )
-from llmprune.engine.checkpoint import save_model
-from llmprune.engine.models import load_model
+from llmprune.engine.io.checkpoint import save_model
+from llmprune.engine.io.models import load_model
 
 SEQ = 32
 

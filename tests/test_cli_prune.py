@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 
 import llmprune
 from llmprune.cli.app import app
-from llmprune.engine.allocation import PlanOptions, layer_rates, unit_counts
-from llmprune.engine.analysis import CalibrationOptions
-from llmprune.engine.architecture import layer_shapes
-from llmprune.engine.checkpoint import save_model
+from llmprune.engine.pruning.allocation import PlanOptions, layer_rates, unit_counts
+from llmprune.engine.pruning.analysis import CalibrationOptions
+from llmprune.engine.io.architecture import layer_shapes
+from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.data import load_calibration_windows
-from llmprune.engine.prune_pipeline import PruneConfig, run_prune
-from llmprune.engine.pruning import prune_model
+from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
+from llmprune.engine.pruning.prune_model import prune_model
 from tests.conftest import make_tiny_model
 
 runner = CliRunner()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmprune.engine import compensation as comp
+from llmprune.engine.pruning import compensation as comp
 
 
 def _inputs(tokens: int = 512, features: int = 12, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmprune.engine.data import evaluation_windows, load_text, random_windows, tokenize
-from llmprune.engine.errors import UserInputError
+from llmprune.engine.core.errors import UserInputError
 
 
 def test_txt_is_read_exactly(tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from llmprune.engine.checkpoint import save_model
-from llmprune.engine.depth import drop_layers, least_influential
-from llmprune.engine.models import load_model
+from llmprune.engine.io.checkpoint import save_model
+from llmprune.engine.pruning.depth import drop_layers, least_influential
+from llmprune.engine.io.models import load_model
 
 
 def test_least_influential_never_picks_the_first_or_last_layer():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from llmprune.engine.device import choose_placement, resolve_device, resolve_dtype
-from llmprune.engine.errors import UserInputError
+from llmprune.engine.core.device import choose_placement, resolve_device, resolve_dtype
+from llmprune.engine.core.errors import UserInputError
 
 
 def test_auto_on_cpu_machine_is_cpu_fp32():

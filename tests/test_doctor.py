@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
-from llmprune.engine.checkpoint import save_model
-from llmprune.engine.doctor import DoctorConfig, run_doctor
+from llmprune.engine.io.checkpoint import save_model
+from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
 from tests.conftest import make_tiny_model
 
 runner = CliRunner()
@@ -241,7 +241,7 @@ def test_smollm2_passes_clean_with_forward_test():
 
 @pytest.mark.slow
 def test_smollm2_with_one_tensor_scaled_is_flagged(tmp_path):
-    from llmprune.engine.models import load_model
+    from llmprune.engine.io.models import load_model
 
     model = load_model("smollm2-135m").model
     state = {name: tensor.clone() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
-from llmprune.engine.models import load_model
+from llmprune.engine.io.models import load_model
 
 
 @pytest.mark.slow

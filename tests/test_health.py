@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmprune.engine.health import Finding, HealthReport, ppl_verdict, preflight_check
+from llmprune.engine.diagnose.health import Finding, HealthReport, ppl_verdict, preflight_check
 from tests.conftest import make_tiny_model
 
 

@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from llmprune.engine.data import TokenWindows
-from llmprune.engine.errors import UserInputError
-from llmprune.engine.importance import (
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.pruning.importance import (
     UNIT_IMPORTANCE,
     collect_activations,
     get_unit_importance,
     layer_importance,
     removal_importance_naive,
 )
-from llmprune.engine.layerwise import capture_layer_inputs
-from llmprune.engine.surgery import mask_kv_groups
+from llmprune.engine.pruning.layerwise import capture_layer_inputs
+from llmprune.engine.pruning.surgery import mask_kv_groups
 from tests.conftest import make_tiny_model
 
 

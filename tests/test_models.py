@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmprune.engine.errors import UserInputError
-from llmprune.engine.models import load_model
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.models import load_model
 
 
 def _logits(model, ids):

@@ -7,11 +7,11 @@ import torch
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
-from llmprune.engine.checkpoint import save_model
-from llmprune.engine.models import load_model
-from llmprune.engine.recipe_run import RecipeConfig, StepSkipped, StepStarted, run_recipe
-from llmprune.engine.recipe_steps import StepAdapters
-from llmprune.engine.recipes import get_recipe
+from llmprune.engine.io.checkpoint import save_model
+from llmprune.engine.io.models import load_model
+from llmprune.engine.recipes.runner import RecipeConfig, StepSkipped, StepStarted, run_recipe
+from llmprune.engine.recipes.steps import StepAdapters
+from llmprune.engine.recipes.registry import get_recipe
 
 BUDGET = ["--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4", "--samples", "8", "--epochs", "1",
           "--warmup-steps", "0", "--batch-size", "4"]

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from llmprune.engine.errors import UserInputError
-from llmprune.engine.recipe_run import Notice, RecipeConfig, StepSkipped, StepStarted, run_recipe
-from llmprune.engine.recipes import RECIPES, get_recipe
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.recipes.runner import Notice, RecipeConfig, StepSkipped, StepStarted, run_recipe
+from llmprune.engine.recipes.registry import RECIPES, get_recipe
 
 BASE_PPL = 10.0
 

@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
-from llmprune.engine.architecture import layer_shapes
-from llmprune.engine.models import load_model
+from llmprune.engine.io.architecture import layer_shapes
+from llmprune.engine.io.models import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from conftest import make_tiny_model
-from llmprune.engine import compensation as comp
-from llmprune.engine.allocation import LayerUnits
+from llmprune.engine.pruning import compensation as comp
+from llmprune.engine.pruning.allocation import LayerUnits
 from llmprune.engine.data import TokenWindows
-from llmprune.engine.importance import collect_activations, get_unit_importance
-from llmprune.engine.layerwise import capture_layer_inputs
-from llmprune.engine.pruning import prune_model
-from llmprune.engine.reconstruction import compensation_step
+from llmprune.engine.pruning.importance import collect_activations, get_unit_importance
+from llmprune.engine.pruning.layerwise import capture_layer_inputs
+from llmprune.engine.pruning.prune_model import prune_model
+from llmprune.engine.pruning.reconstruction import compensation_step
 
 
 def _windows(count: int, seed: int) -> TokenWindows:

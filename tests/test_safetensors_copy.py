@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llmprune.engine.process_memory import return_freed_memory, serve_large_blocks_by_mmap
-from llmprune.engine.errors import UserInputError
-from llmprune.engine.safetensors_copy import copy_tensors, read_header, stored_elements
+from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.safetensors_copy import copy_tensors, read_header, stored_elements
 
 
 def test_copied_tensors_read_back_identical(tmp_path):

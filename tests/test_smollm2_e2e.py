@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from llmprune.engine.models import load_model
+    from llmprune.engine.io.models import load_model
 
     try:
         return load_model("smollm2-135m")

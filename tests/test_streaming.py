@@ -7,10 +7,10 @@ import json
 import torch
 
 from conftest import make_tiny_model
-from llmprune.engine.architecture import layer_shapes
-from llmprune.engine.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
-from llmprune.engine.models import load_model
-from llmprune.engine.streaming import StreamedLayers
+from llmprune.engine.io.architecture import layer_shapes
+from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
+from llmprune.engine.io.models import load_model
+from llmprune.engine.pruning.streaming import StreamedLayers
 
 SEQ = 32
 
@@ -109,8 +109,8 @@ def test_streamed_layer_importance_equals_the_in_memory_scores(tiny_model_dir):
     import pytest
 
     from llmprune.engine.data import TokenWindows
-    from llmprune.engine.importance import layer_importance
-    from llmprune.engine.streamed_importance import streamed_layer_importance
+    from llmprune.engine.pruning.importance import layer_importance
+    from llmprune.engine.pruning.streamed_importance import streamed_layer_importance
 
     windows = TokenWindows(_ids()[:6], "random", 6 * SEQ)
     model = make_tiny_model()

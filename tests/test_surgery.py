@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from llmprune.engine.architecture import gqa_violations, layer_shapes
-from llmprune.engine.surgery import (
+from llmprune.engine.io.architecture import gqa_violations, layer_shapes
+from llmprune.engine.pruning.surgery import (
     mask_kv_groups,
     mask_mlp_channels,
     mask_query_heads,

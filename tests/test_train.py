@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_model
 from single_thread import one_thread  # noqa: F401  (autouse fixture)
-from llmprune.engine import train
+from llmprune.engine.finetune import train
 from llmprune.engine.data import random_windows, tokenize
-from llmprune.engine.errors import UserInputError
-from llmprune.engine.events import CheckpointSaved, GuardAlert, RolledBack, RunStarted, StepMetrics
-from llmprune.engine.models import load_model
-from llmprune.engine.run_checkpoints import latest_checkpoint
-from llmprune.engine.train import FinetuneConfig, TrainingControl, UnhealthyModelError, finetune_model
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.events import CheckpointSaved, GuardAlert, RolledBack, RunStarted, StepMetrics
+from llmprune.engine.io.models import load_model
+from llmprune.engine.finetune.run_checkpoints import latest_checkpoint
+from llmprune.engine.finetune.train import FinetuneConfig, TrainingControl, UnhealthyModelError, finetune_model
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_lora_merged_and_adapter_outputs(tmp_path, tiny_tokenizer, token_stream)
 
 
 def test_pruned_non_uniform_model_keeps_its_shapes(tmp_path, tiny_tokenizer, token_stream):
-    from llmprune.engine.architecture import apply_layer_shapes, layer_shapes
+    from llmprune.engine.io.architecture import apply_layer_shapes, layer_shapes
 
     model = make_tiny_model()
     shapes = [shape.to_dict() for shape in layer_shapes(model)]
@@ -288,7 +288,7 @@ def test_training_module_has_no_ui_imports():
 
 
 def test_a_loss_back_at_chance_level_is_a_collapse():
-    from llmprune.engine.guards import check_step
+    from llmprune.engine.finetune.guards import check_step
 
     assert check_step(3.2, 1.0, 1e6, collapse_loss=10.26).ok
     verdict = check_step(10.80, 0.0, 1e6, collapse_loss=10.26)  # SmolLM2 after one step at lr 1e3: uniform output

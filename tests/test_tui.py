@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from llmprune.engine.events import CheckpointSaved, RunFinished, RunStarted, StepMetrics
-from llmprune.engine.guards import check_step, make_alert
+from llmprune.engine.core.events import CheckpointSaved, RunFinished, RunStarted, StepMetrics
+from llmprune.engine.finetune.guards import check_step, make_alert
 from llmprune.ui.tui import Dashboard, WatchDashboard, run_with_dashboard
 
 SIZE = (110, 34)
@@ -128,7 +128,7 @@ def test_layout_snapshot(snap_compare):
 def test_when_the_dashboard_closes_early_the_fallback_takes_over_with_the_run_frame():
     import threading
 
-    from llmprune.engine.events import RunStarted as Started
+    from llmprune.engine.core.events import RunStarted as Started
 
     received, closed = [], threading.Event()
     original_mount = Dashboard.on_mount

@@ -12,8 +12,8 @@ from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
     LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
 )
-from llmprune.engine.allocation import PlanOptions
-from llmprune.engine.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, CalibrationOptions, run_analyze
+from llmprune.engine.pruning.allocation import PlanOptions
+from llmprune.engine.pruning.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, CalibrationOptions, run_analyze
 from llmprune.ui.console import console, print_json
 from llmprune.ui.prune_report import analyze_table, importance_bars, stage_progress
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from llmprune.engine.errors import UserInputError
+from llmprune.engine.core.errors import UserInputError
 from llmprune.ui.console import error_line, err_console
 
 ModelArg = Annotated[

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.completion_scripts import SCRIPT_FILES, SHELLS, completion_script
-from llmprune.engine.errors import UserInputError
-from llmprune.engine.paths import atomic_write_text
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.paths import atomic_write_text
 from llmprune.ui.console import info
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.common import BaseModelOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxWindowsOpt, OptionalModelArg, TrustPickleOpt
-from llmprune.engine.doctor import DoctorConfig, run_doctor
+from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
 from llmprune.ui.console import console, print_json, progress_callback
 from llmprune.ui.doctor_report import doctor_report
 

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, TrustPickleOpt, stdout_is_terminal
-from llmprune.engine.errors import UserInputError
-from llmprune.engine.train import FinetuneConfig, UnhealthyModelError, run_finetune
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
 from llmprune.ui.console import console, error_line, print_json
 from llmprune.ui.train_lines import PlainTrainingLines, finetune_table, health_findings_table
 

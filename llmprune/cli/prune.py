@@ -12,8 +12,8 @@ from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
     LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
 )
-from llmprune.engine.analysis import DEFAULT_CONFIG_NAME, CalibrationOptions
-from llmprune.engine.prune_pipeline import PruneConfig, run_prune
+from llmprune.engine.pruning.analysis import DEFAULT_CONFIG_NAME, CalibrationOptions
+from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
 from llmprune.ui.console import console, print_json
 from llmprune.ui.prune_report import prune_summary, prune_table, stage_progress
 

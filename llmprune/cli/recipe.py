@@ -8,8 +8,8 @@ import typer
 
 from llmprune.cli.recipe_sweep import sweep_command
 from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded, stdout_is_terminal
-from llmprune.engine.recipe_run import RecipeConfig, run_recipe
-from llmprune.engine.recipes import RECIPES, Recipe
+from llmprune.engine.recipes.runner import RecipeConfig, run_recipe
+from llmprune.engine.recipes.registry import RECIPES, Recipe
 from llmprune.ui.console import console, print_json
 from llmprune.ui.train_lines import PlainTrainingLines
 from llmprune.ui.recipe_view import (

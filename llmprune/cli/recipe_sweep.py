@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg
-from llmprune.engine.recipes import get_recipe
-from llmprune.engine.sweep import SweepConfig, run_sweep, save_sweep_json
+from llmprune.engine.recipes.registry import get_recipe
+from llmprune.engine.recipes.sweep import SweepConfig, run_sweep, save_sweep_json
 from llmprune.ui.console import console, print_json
 from llmprune.ui.prune_report import stage_progress
 from llmprune.ui.recipe_view import sweep_rich_table

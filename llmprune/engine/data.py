@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from llmprune.engine.errors import UserInputError
-from llmprune.engine.hub import cache_only, hub_reachable
-from llmprune.engine.paths import cache_dir
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.hub import cache_only, hub_reachable
+from llmprune.engine.core.paths import cache_dir
 
 # name -> (dataset path, config, split for evaluation, split for calibration/training, text field)
 NAMED_SOURCES: dict[str, tuple[str, str | None, str, str, str]] = {

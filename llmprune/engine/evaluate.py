@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.engine.data import TokenWindows, check_window_options
-from llmprune.engine.errors import UserInputError
+from llmprune.engine.core.errors import UserInputError
 
 ProgressCallback = Callable[[int, int], None]  # (windows done, windows total)
 
@@ -146,8 +146,8 @@ class EvalResult(PerplexityResult):
 def run_evaluation(config: EvalConfig, progress: ProgressCallback | None = None) -> EvalResult:
     """Load the model and the data, measure perplexity (and generate if asked)."""
     from llmprune.engine.data import load_evaluation_windows
-    from llmprune.engine.device import choose_placement
-    from llmprune.engine.models import load_model
+    from llmprune.engine.core.device import choose_placement
+    from llmprune.engine.io.models import load_model
 
     config.validate()
     placement = choose_placement(config.device, config.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmprune.engine.paths import atomic_write_bytes
+from llmprune.engine.core.paths import atomic_write_bytes
 
 
 def save_importance_chart(result, path: str | Path) -> Path:

@@ -8,9 +8,9 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from llmprune.engine.doctor import DoctorReport
-from llmprune.engine.health import HealthReport
-from llmprune.engine.structure_check import Structure, format_ranges
+from llmprune.engine.diagnose.doctor import DoctorReport
+from llmprune.engine.diagnose.health import HealthReport
+from llmprune.engine.diagnose.structure_check import Structure, format_ranges
 from llmprune.ui.console import format_count
 
 MAX_FINDINGS_SHOWN = 25

@@ -7,9 +7,9 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from llmprune.engine.recipe_report import STATUS_TEXT, RecipeReport, report_table
-from llmprune.engine.recipe_run import STEPS, Notice, StepFinished, StepSkipped, StepStarted
-from llmprune.engine.recipes import Recipe
+from llmprune.engine.recipes.report import STATUS_TEXT, RecipeReport, report_table
+from llmprune.engine.recipes.runner import STEPS, Notice, StepFinished, StepSkipped, StepStarted
+from llmprune.engine.recipes.registry import Recipe
 from llmprune.ui.console import err_console, format_count, format_ppl
 
 # (label, getter) of each value a recipe fixes, in the order the pipeline uses them

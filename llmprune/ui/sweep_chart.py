@@ -6,7 +6,7 @@ import io
 import math
 from pathlib import Path
 
-from llmprune.engine.paths import atomic_write_bytes
+from llmprune.engine.core.paths import atomic_write_bytes
 
 VERDICT_COLOURS = {"reference": "#1f77b4", "healthy": "#2ca02c", "acceptable": "#ff7f0e", "too high": "#d62728", "broken": "#7f0000"}
 

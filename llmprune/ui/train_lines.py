@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from llmprune.engine.events import (
+from llmprune.engine.core.events import (
     CheckpointSaved,
     Event,
     GuardAlert,

@@ -23,7 +23,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Footer, Header, Label, ProgressBar, RichLog, Sparkline, Static
 
-from llmprune.engine.events import (
+from llmprune.engine.core.events import (
     CheckpointSaved,
     Event,
     GuardAlert,
@@ -385,7 +385,7 @@ def run_with_dashboard(
     `q` asks the run to stop after saving, `s` to save a checkpoint now. If the
     dashboard crashes or is closed, the run goes on with `fallback` as listener.
     """
-    from llmprune.engine.train import TrainingControl
+    from llmprune.engine.finetune.train import TrainingControl
 
     control = TrainingControl()
     relay = _Relay(fallback)

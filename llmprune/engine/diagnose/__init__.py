@@ -1,0 +1,2 @@
+"""`doctor` and the health check: tensor scan, structure check, forward probe,
+findings, verdicts and advice."""

@@ -1,0 +1,1 @@
+"""Recovery fine-tuning: the training loop, the NaN/Inf guards, run checkpoints."""

@@ -1,0 +1,140 @@
+"""Training checkpoints that are never half-written and never trusted too early.
+
+A checkpoint is `accelerate`'s full training state (model, optimizer,
+scheduler, RNG of every process, our `TrainingProgress`), so resuming works
+the same under DDP/FSDP. It is written into a hidden `.step-N.partial` folder
+and renamed into place only when complete; `latest.json` (written atomically)
+names the last *good* one. A checkpoint taken after step k holds the weights
+that update k produced, and nobody knows whether those weights are sane until
+step k+1's forward pass: so it stays *pending* until the next step passes the
+guard (`confirm`), and a failed step discards it. An interrupted save or a
+Ctrl-C at any point leaves `latest.json` naming a complete, good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llmprune.engine.core.paths import atomic_write_json
+
+LATEST_FILE = "latest.json"
+
+
+@dataclass
+class TrainingProgress:
+    """Where the run stands; saved in every checkpoint (accelerate calls state_dict/load_state_dict)."""
+
+    step: int = 0  # optimizer steps attempted (skipped ones included); the data position follows from it
+    rollbacks: int = 0
+    lr_scale: float = 1.0
+    best_loss: float | None = None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+class CheckpointStore:
+    """The checkpoints folder of one run: atomic saves, pending/confirmed, pruning of old ones."""
+
+    def __init__(self, root: str | Path, accelerator: Any, keep: int = 2):
+        self.root = Path(root)
+        self.accelerator = accelerator
+        self.keep = max(1, keep)
+        self.pending: Path | None = None
+        if accelerator.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ reading
+
+    def latest(self) -> Path | None:
+        """The last confirmed good checkpoint, or None."""
+        return latest_checkpoint(self.root)
+
+    # ------------------------------------------------------------ writing
+
+    def save(self, step: int) -> Path:
+        """Write the full training state for `step`; it becomes the latest good one only on `confirm()`."""
+        acc = self.accelerator
+        final = self.root / step_dir_name(step)
+        staging = self.root / f".{final.name}.partial"
+        if acc.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        acc.wait_for_everyone()
+        # accelerate warns that it drops the tied lm_head copy from the safetensors file;
+        # that is expected (load_state re-ties it) and would only scribble over the dashboard
+        logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+        try:
+            acc.save_state(str(staging))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                # the latest good one may be this very folder (a save requested twice at one step)
+                if final.exists() and final != self.latest():
+                    shutil.rmtree(final)
+                if not final.exists():
+                    os.replace(staging, final)
+                else:
+                    shutil.rmtree(staging)
+        except BaseException:
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        acc.wait_for_everyone()
+        self.pending = final
+        return final
+
+    def confirm(self) -> Path | None:
+        """The step after the pending checkpoint passed the guard: make it the latest good one."""
+        if self.pending is None:
+            return None
+        confirmed, self.pending = self.pending, None
+        if self.accelerator.is_main_process:
+            step = int(confirmed.name.split("-")[1])
+            atomic_write_json(self.root / LATEST_FILE, {"step": step, "path": confirmed.name})
+            self._prune()
+        return confirmed
+
+    def discard_pending(self) -> None:
+        """The step after the pending checkpoint failed: its weights produced a bad loss."""
+        if self.pending is not None and self.accelerator.is_main_process and self.pending != self.latest():
+            shutil.rmtree(self.pending, ignore_errors=True)
+        self.pending = None
+
+    def restore(self, path: Path) -> None:
+        """Load model, optimizer, scheduler, RNG and progress from `path` on every process."""
+        self.accelerator.load_state(str(path))
+
+    def _prune(self) -> None:
+        latest = self.latest()
+        complete = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        for old in complete[: -self.keep]:
+            if old != latest:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `latest.json` names, if it is there."""
+    root = Path(root)
+    try:
+        record = json.loads((root / LATEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    path = root / str(record.get("path", ""))
+    return path if record.get("path") and path.is_dir() else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])

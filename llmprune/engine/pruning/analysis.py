@@ -1,0 +1,262 @@
+"""`llmprune analyze`: layer importance on calibration text -> a per-layer pruning plan.
+
+The result is saved as `layer_importance_config.json` (plus a bar-chart image
+next to it); `llmprune prune --importance-config FILE` reuses the scores without
+recomputing them, and takes the file's plan options as its defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from llmprune.engine.pruning.allocation import PlanOptions, LayerUnits, layer_rates, unit_counts
+from llmprune.engine.io.architecture import LayerShape, layer_shapes, require_llama_style
+from llmprune.engine.data import TokenWindows
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.pruning.importance import LAYER_METHODS, LayerImportance, layer_importance
+from llmprune.engine.core.paths import atomic_write_json
+
+CONFIG_FORMAT = "llmprune.layer_importance/1"
+DEFAULT_CONFIG_NAME = "layer_importance_config.json"
+StageProgress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CalibrationOptions:
+    """Which text the importance is measured on."""
+
+    dataset: str = "wikitext2"
+    """Text source; its training split is used (never the test split)."""
+    samples: int = 50
+    """Number of calibration windows."""
+    seq_len: int = 128
+    """Tokens per calibration window."""
+    seed: int = 0
+    """Seed of the window positions."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+
+    def validate(self) -> None:
+        if self.samples < 1:
+            raise UserInputError(f"--importance-samples must be ≥ 1, got {self.samples}", "e.g. --importance-samples 50")
+        if self.seq_len < 2:
+            raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")
+        if self.batch_size < 1:
+            raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "e.g. --batch-size 8")
+
+
+@dataclass
+class AnalyzeConfig:
+    """What `llmprune analyze` does."""
+
+    model: str = "smollm2-135m"
+    """Model spec (alias, folder, file or hub id)."""
+    importance_method: str = "removal"
+    """removal | block-influence | taylor."""
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    """Calibration text and sizes."""
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    """How scores become per-layer rates."""
+    attn_unit: str = "group"
+    """group (whole KV groups) | query (query heads, evenly in every group): for the planned attention rates."""
+    prune_mlp: bool = True
+    """Plan MLP channel rates too."""
+    round_to: int = 1
+    """MLP widths are multiples of this."""
+    output: Path = Path(DEFAULT_CONFIG_NAME)
+    """Where the JSON config goes (the CLI draws the chart image next to it)."""
+    base_model: str | None = None
+    trust_pickle: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    stream: bool = False
+    """Read one decoder layer at a time from the safetensors files (removal, block-influence): memory of one layer, not the model."""
+
+    def validate(self) -> None:
+        if self.importance_method not in LAYER_METHODS:
+            raise UserInputError(f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}")
+        self.calibration.validate()
+        if Path(self.output).is_dir():
+            raise UserInputError(f"--output {self.output} is a folder", f"name a file, e.g. {Path(self.output) / DEFAULT_CONFIG_NAME}")
+
+
+@dataclass
+class AnalyzeResult:
+    """Layer importance and the plan made from it."""
+
+    model: str
+    num_parameters: int
+    shapes: list[LayerShape]
+    importance: LayerImportance
+    calibration: CalibrationOptions
+    plan: PlanOptions
+    rates: list[float]
+    units: list[LayerUnits]
+    attn_unit: str
+    prune_mlp: bool
+    config_path: str | None = None
+    chart_path: str | None = None  # set by whoever draws the chart (the CLI)
+
+    def protected(self) -> list[int]:
+        prunable = set(self.plan.prunable(len(self.shapes)))
+        return [i for i in range(len(self.shapes)) if i not in prunable]
+
+    def attention_rates(self) -> list[float]:
+        return [1 - u.heads / s.num_attention_heads for s, u in zip(self.shapes, self.units)]
+
+    def mlp_rates(self) -> list[float]:
+        return [1 - u.intermediate_size / s.intermediate_size for s, u in zip(self.shapes, self.units)]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": CONFIG_FORMAT,
+            "model": self.model,
+            "architecture": {
+                "num_layers": len(self.shapes),
+                "num_parameters": self.num_parameters,
+                "layer_shapes": [s.to_dict() for s in self.shapes],
+            },
+            "importance": {**self.importance.to_dict(), "dataset": self.calibration.dataset, "seed": self.calibration.seed},
+            "calibration": asdict(self.calibration),
+            "plan": {
+                **self.plan.to_dict(),
+                "attn_unit": self.attn_unit,
+                "prune_mlp": self.prune_mlp,
+                "protected_layers": self.protected(),
+                "rates": self.rates,
+                "attention_rates": self.attention_rates(),
+                "mlp_rates": self.mlp_rates(),
+                "units": [u.to_dict() for u in self.units],
+            },
+            "config_path": self.config_path,
+            "chart_path": self.chart_path,
+        }
+
+
+def plan_units(
+    scores: list[float], shapes: list[LayerShape], plan: PlanOptions, attn_unit: str, prune_mlp: bool, round_to: int,
+    same_in_every_layer: bool = False,
+) -> tuple[list[float], list[LayerUnits]]:
+    """Scores -> (per-layer rates, per-layer units kept)."""
+    rates = layer_rates(scores, plan)
+    units = unit_counts(rates, shapes, attn_unit, True, prune_mlp, round_to, same_in_every_layer)
+    return rates, units
+
+
+def measure_importance(
+    model: nn.Module, windows: TokenWindows, method: str, batch_size: int = 8, progress: StageProgress | None = None
+) -> LayerImportance:
+    """Layer scores on calibration windows, reporting progress as a named stage."""
+    callback = (lambda done, total: progress(f"layer importance ({method})", done, total)) if progress else None
+    return layer_importance(model, windows, method, batch_size, callback)
+
+
+def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) -> AnalyzeResult:
+    """Load the model, measure layer importance, make the plan, write the JSON config and the chart."""
+    from llmprune.engine.data import load_calibration_windows
+    from llmprune.engine.core.device import choose_placement
+    from llmprune.engine.io.models import load_model
+
+    config.validate()
+    placement = choose_placement(config.device, config.dtype)
+    if config.stream:
+        shapes, num_parameters, importance = _measure_streamed(config, placement, progress)
+    else:
+        loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
+        require_llama_style(loaded.model)
+        shapes, num_parameters = layer_shapes(loaded.model), loaded.num_parameters
+    config.plan.validate(len(shapes))
+    unit_counts([0.0] * len(shapes), shapes, config.attn_unit, True, config.prune_mlp, config.round_to)  # validates the unit options
+    if not config.stream:
+        if loaded.tokenizer is None:
+            raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+        calib = config.calibration
+        windows = load_calibration_windows(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
+        importance = measure_importance(loaded.model, windows, config.importance_method, calib.batch_size, progress)
+    rates, units = plan_units(importance.scores, shapes, config.plan, config.attn_unit, config.prune_mlp, config.round_to)
+    result = AnalyzeResult(
+        model=config.model, num_parameters=num_parameters, shapes=shapes, importance=importance,
+        calibration=config.calibration, plan=config.plan, rates=rates, units=units,
+        attn_unit=config.attn_unit, prune_mlp=config.prune_mlp,
+    )
+    result.config_path = str(config.output)
+    atomic_write_json(config.output, result.to_dict())
+    return result
+
+
+def _measure_streamed(config: AnalyzeConfig, placement, progress: StageProgress | None) -> tuple[list[LayerShape], int, LayerImportance]:
+    """Layer importance with the weights on disk (streamed_importance), for models that do not fit."""
+    from transformers import AutoTokenizer
+
+    from llmprune.engine.io.architecture import layer_shape
+    from llmprune.engine.data import load_calibration_windows
+    from llmprune.engine.pruning.pipeline import stream_source
+    from llmprune.engine.pruning.streamed_importance import streamed_layer_importance
+    from llmprune.engine.pruning.streaming import StreamedLayers, parameter_count
+
+    source = stream_source(config.model)
+    if source is None:
+        raise UserInputError(f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
+                             "save the model with save_pretrained(..., safe_serialization=True) first")
+    store = StreamedLayers(source, placement.device, placement.dtype)
+    calib = config.calibration
+    windows = load_calibration_windows(AutoTokenizer.from_pretrained(str(source)), calib.dataset, calib.samples, calib.seq_len, calib.seed)
+    callback = (lambda done, total: progress(f"layer importance ({config.importance_method}, streamed)", done, total)) if progress else None
+    importance = streamed_layer_importance(store, windows, config.importance_method, calib.batch_size, callback)
+    return [layer_shape(layer) for layer in store.skeleton.model.layers], parameter_count(source), importance
+
+
+# ---------------------------------------------------------------- reading a saved config
+
+
+@dataclass
+class ImportanceConfig:
+    """A layer_importance_config.json, read back."""
+
+    path: str
+    model: str
+    method: str
+    scores: list[float]
+    plan: dict
+    layer_shapes: list[dict]
+    raw: dict
+
+    def plan_default(self, name: str, fallback: Any) -> Any:
+        return self.plan.get(name, fallback)
+
+
+def read_importance_config(path: str | Path) -> ImportanceConfig:
+    """Parse and sanity-check the file (clear errors for anything else)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"importance config {path} not found", "run `llmprune analyze MODEL` first, or leave out --importance-config")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserInputError(f"{path} is not valid JSON ({error})", "re-create it with `llmprune analyze`") from None
+    if not isinstance(raw, dict) or raw.get("format") != CONFIG_FORMAT:
+        raise UserInputError(f"{path} is not an llmprune layer-importance config", "re-create it with `llmprune analyze`")
+    try:
+        return ImportanceConfig(
+            path=str(path), model=str(raw["model"]), method=str(raw["importance"]["method"]),
+            scores=[float(s) for s in raw["importance"]["scores"]], plan=dict(raw["plan"]),
+            layer_shapes=list(raw["architecture"]["layer_shapes"]), raw=raw,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserInputError(f"{path} is incomplete ({error!r} missing or malformed)", "re-create it with `llmprune analyze`") from None
+
+
+def check_config_fits(config: ImportanceConfig, shapes: list[LayerShape], model_name: str) -> None:
+    """Refuse a config measured on another architecture (layer count or shapes differ)."""
+    ours = [s.to_dict() for s in shapes]
+    if len(config.scores) != len(shapes) or config.layer_shapes != ours:
+        raise UserInputError(
+            f"importance config {config.path} was made for another model ({config.model}, {len(config.scores)} layers), not {model_name} ({len(shapes)} layers)",
+            f"run `llmprune analyze {model_name}` to make one for this model",
+        )

@@ -1,0 +1,382 @@
+"""How much each decoder layer, and each unit inside a layer, matters.
+
+Layer scores (higher = more important), `layer_importance(model, windows, method)`:
+- `removal`: increase of the calibration loss when the layer is skipped. The
+  hidden states entering layer i are those of the unmodified model, so skipping
+  layer i only re-runs layers i+1..L-1 from them: L(L-1)/2 layer passes instead
+  of L(L-1) for one full forward per skipped layer (`removal_importance_naive`,
+  kept as the reference the fast way is tested and benchmarked against).
+- `block-influence`: 1 - cosine similarity of a layer's input and output hidden
+  states, averaged over tokens (ShortGPT); one forward pass.
+- `taylor`: sum over the layer's weights of |w * dL/dw| (first-order Taylor
+  estimate of the loss change when the layer's weights are zeroed, LLM-Pruner's
+  element-wise criterion summed per layer); one forward + backward pass.
+
+Unit scores (Torch-Pruning style: small classes behind one interface, looked up
+by name in `UNIT_IMPORTANCE`, so other criteria plug in with
+`register_unit_importance`):
+- `magnitude`: squared L2 norm of all the weights that belong to a unit;
+- `activation`: weight norm x input-activation norm on calibration data, i.e.
+  the expected squared contribution of the unit to the layer output
+  (sum over its input columns j of ||W[:, j]||^2 * E[x_j^2]) for o_proj inputs
+  (query heads) and down_proj inputs (MLP channels).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmprune.engine.data import TokenWindows
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.pruning.layerwise import (
+    CalibrationBatch,
+    capture_layer_inputs,
+    head_loss_sum,
+    iterate_layers,
+    run_layer,
+)
+from llmprune.engine.pruning.surgery import attention_counts
+
+LAYER_METHODS = ("removal", "block-influence", "taylor")
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class LayerImportance:
+    """One score per decoder layer (higher = more important) and how it was obtained."""
+
+    method: str
+    scores: list[float]
+    base_loss: float
+    samples: int
+    seq_len: int
+    seconds: float
+    layer_passes: int  # decoder-layer forward calls on a batch: the work done
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _tick(progress: ProgressCallback | None, done: int, total: int) -> None:
+    if progress:
+        progress(done, total)
+
+
+def _removal(model: nn.Module, batches: list[CalibrationBatch], progress: ProgressCallback | None) -> tuple[list[float], float, int]:
+    layers = [layer for _, layer in iterate_layers(model)]
+    count = len(layers)
+    skipped_nll = [0.0] * count
+    tokens = 0
+    passes = 0
+    base_nll = 0.0
+    for b_index, batch in enumerate(batches):
+        hidden_in = batch.hidden  # entering layer i of the unmodified model
+        for i in range(count):
+            hidden = hidden_in
+            for j in range(i + 1, count):
+                hidden = run_layer(layers[j], batch, hidden)
+            passes += count - i - 1
+            skipped_nll[i] += head_loss_sum(model, hidden, batch.ids)[0]
+            hidden_in = run_layer(layers[i], batch, hidden_in)
+            passes += 1
+        nll, n = head_loss_sum(model, hidden_in, batch.ids)
+        base_nll += nll
+        tokens += n
+        _tick(progress, b_index + 1, len(batches))
+    base = base_nll / tokens
+    return [s / tokens - base for s in skipped_nll], base, passes
+
+
+def _block_influence(model: nn.Module, batches: list[CalibrationBatch], progress: ProgressCallback | None) -> tuple[list[float], float, int]:
+    layers = [layer for _, layer in iterate_layers(model)]
+    totals = [0.0] * len(layers)
+    tokens = 0
+    nll_sum = 0.0
+    for b_index, batch in enumerate(batches):
+        hidden = batch.hidden
+        for i, layer in enumerate(layers):
+            out = run_layer(layer, batch, hidden)
+            totals[i] += float((1 - F.cosine_similarity(hidden.float(), out.float(), dim=-1)).sum())
+            hidden = out
+        tokens += hidden.shape[0] * hidden.shape[1]
+        nll_sum += head_loss_sum(model, hidden, batch.ids)[0]
+        _tick(progress, b_index + 1, len(batches))
+    predicted = sum(b.ids[:, 1:].numel() for b in batches)
+    return [t / tokens for t in totals], nll_sum / predicted, len(layers) * len(batches)
+
+
+def _taylor(model: nn.Module, windows: TokenWindows, batch_size: int, progress: ProgressCallback | None) -> tuple[list[float], float, int]:
+    layers = [layer for _, layer in iterate_layers(model)]
+    device = next(model.parameters()).device
+    saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layer_params = [[p for p in layer.parameters()] for layer in layers]
+    for params in layer_params:
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+    batches = max(1, -(-len(windows) // batch_size))
+    loss_sum = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        for b_index, start in enumerate(range(0, len(windows), batch_size)):
+            ids = windows.ids[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            (loss / batches).backward()
+            loss_sum += float(loss.detach())
+            _tick(progress, b_index + 1, batches)
+        with torch.no_grad():
+            scores = [float(sum((p * p.grad).abs().sum() for p in params if p.grad is not None)) for params in layer_params]
+    finally:
+        for name, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(saved_flags[name])
+        model.train(was_training)
+    return scores, loss_sum / batches, len(layers) * batches
+
+
+def layer_importance(
+    model: nn.Module,
+    windows: TokenWindows,
+    method: str = "removal",
+    batch_size: int = 8,
+    progress: ProgressCallback | None = None,
+) -> LayerImportance:
+    """Score every decoder layer on the calibration windows (the model is left unchanged)."""
+    if method not in LAYER_METHODS:
+        raise UserInputError(f"unknown --importance-method '{method}'", f"use one of {', '.join(LAYER_METHODS)}")
+    start = time.perf_counter()
+    if method == "taylor":
+        scores, base, passes = _taylor(model, windows, batch_size, progress)
+    else:
+        batches = capture_layer_inputs(model, windows, batch_size)
+        compute = _removal if method == "removal" else _block_influence
+        scores, base, passes = compute(model, batches, progress)
+    return LayerImportance(
+        method=method,
+        scores=scores,
+        base_loss=base,
+        samples=len(windows),
+        seq_len=windows.seq_len,
+        seconds=time.perf_counter() - start,
+        layer_passes=passes,
+    )
+
+
+class _SkippedLayer(nn.Module):
+    """Stands in for a decoder layer: returns its input unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+@torch.no_grad()
+def removal_importance_naive(model: nn.Module, windows: TokenWindows, batch_size: int = 8) -> LayerImportance:
+    """The reference: one full forward of the model per skipped layer (plus one unmodified)."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    layers = model.model.layers
+    count = model.config.num_hidden_layers
+
+    def mean_loss() -> float:
+        # the usual way: the model's own forward with labels
+        total, tokens = 0.0, 0
+        for first in range(0, len(windows), batch_size):
+            ids = windows.ids[first : first + batch_size].to(device)
+            total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * ids[:, 1:].numel()
+            tokens += ids[:, 1:].numel()
+        return total / tokens
+
+    base = mean_loss()
+    scores = []
+    for i in range(count):
+        original = layers[i]
+        layers[i] = _SkippedLayer()
+        try:
+            scores.append(mean_loss() - base)
+        finally:
+            layers[i] = original
+    batches = -(-len(windows) // batch_size)
+    return LayerImportance(
+        method="removal-naive", scores=scores, base_loss=base, samples=len(windows), seq_len=windows.seq_len,
+        seconds=time.perf_counter() - start, layer_passes=(count * count) * batches,
+    )
+
+
+# ---------------------------------------------------------------- calibration activations of one layer
+
+
+@dataclass
+class LayerActivations:
+    """Statistics of the inputs of o_proj (per query-head column) and down_proj (per MLP channel).
+
+    Sums are fp32 over every calibration token. `*_gram` (X^T X) is filled only
+    when asked for (`collect_activations(..., gram=True)`), for reconstruction.
+    """
+
+    tokens: int = 0
+    o_proj_sum: torch.Tensor | None = None
+    o_proj_sq: torch.Tensor | None = None
+    down_proj_sum: torch.Tensor | None = None
+    down_proj_sq: torch.Tensor | None = None
+    o_proj_gram: torch.Tensor | None = None
+    down_proj_gram: torch.Tensor | None = None
+
+    @property
+    def o_proj_mean(self) -> torch.Tensor:
+        return self.o_proj_sum / max(self.tokens, 1)
+
+    @property
+    def down_proj_mean(self) -> torch.Tensor:
+        return self.down_proj_sum / max(self.tokens, 1)
+
+    @property
+    def o_proj_mean_sq(self) -> torch.Tensor:
+        return self.o_proj_sq / max(self.tokens, 1)
+
+    @property
+    def down_proj_mean_sq(self) -> torch.Tensor:
+        return self.down_proj_sq / max(self.tokens, 1)
+
+
+@dataclass
+class _Accumulator:
+    gram: bool
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+    xtx: torch.Tensor | None = None
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        if self.total is None:
+            self.total = torch.zeros(x.shape[1], device=x.device)
+            self.squares = torch.zeros(x.shape[1], device=x.device)
+            if self.gram:
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        self.total += x.sum(0)
+        self.squares += (x * x).sum(0)
+        if self.gram:
+            self.xtx += x.T @ x
+        self.tokens += x.shape[0]
+
+
+@torch.no_grad()
+def collect_activations(
+    layer: nn.Module, batches: list[CalibrationBatch], gram: bool = False
+) -> tuple[LayerActivations, list[torch.Tensor]]:
+    """Run `layer` on every batch with hooks on o_proj/down_proj; returns the statistics and the outputs."""
+    o_acc, d_acc = _Accumulator(gram), _Accumulator(gram)
+    handles = [
+        layer.self_attn.o_proj.register_forward_pre_hook(o_acc),
+        layer.mlp.down_proj.register_forward_pre_hook(d_acc),
+    ]
+    try:
+        outputs = [run_layer(layer, batch) for batch in batches]
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = LayerActivations(
+        tokens=o_acc.tokens,
+        o_proj_sum=o_acc.total, o_proj_sq=o_acc.squares, o_proj_gram=o_acc.xtx,
+        down_proj_sum=d_acc.total, down_proj_sq=d_acc.squares, down_proj_gram=d_acc.xtx,
+    )
+    return stats, outputs
+
+
+# ---------------------------------------------------------------- unit importance
+
+
+class UnitImportance(Protocol):
+    """Scores the units of one decoder layer (higher = keep)."""
+
+    name: str
+    needs_activations: bool
+
+    def query_head_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        """[kv_heads, heads_per_group]: one score per query head, by group."""
+
+    def kv_group_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        """[kv_heads]: one score per KV group."""
+
+    def mlp_channel_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        """[intermediate_size]: one score per MLP channel."""
+
+
+def _column_sq(linear: nn.Linear) -> torch.Tensor:
+    return linear.weight.detach().float().pow(2).sum(0)
+
+
+def _row_sq(linear: nn.Linear) -> torch.Tensor:
+    return linear.weight.detach().float().pow(2).sum(1)
+
+
+def _per_head(values: torch.Tensor, head_dim: int, kv_heads: int) -> torch.Tensor:
+    """[heads * head_dim] -> [kv_heads, heads_per_group] summed over each head's dims."""
+    return values.view(-1, head_dim).sum(1).view(kv_heads, -1)
+
+
+class MagnitudeImportance:
+    """Squared L2 norm of every weight belonging to the unit (no data needed)."""
+
+    name = "magnitude"
+    needs_activations = False
+
+    def query_head_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        _, kv_heads, head_dim = attention_counts(layer)
+        attn = layer.self_attn
+        return _per_head(_row_sq(attn.q_proj) + _column_sq(attn.o_proj), head_dim, kv_heads)
+
+    def kv_group_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        _, kv_heads, head_dim = attention_counts(layer)
+        attn = layer.self_attn
+        kv = (_row_sq(attn.k_proj) + _row_sq(attn.v_proj)).view(kv_heads, head_dim).sum(1)
+        return self.query_head_scores(layer, acts).sum(1) + kv
+
+    def mlp_channel_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        mlp = layer.mlp
+        return _row_sq(mlp.gate_proj) + _row_sq(mlp.up_proj) + _column_sq(mlp.down_proj)
+
+
+class ActivationImportance:
+    """Expected squared contribution to the layer output: sum_j ||W[:, j]||^2 * E[x_j^2] (Wanda-like, per unit)."""
+
+    name = "activation"
+    needs_activations = True
+
+    def query_head_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        _, kv_heads, head_dim = attention_counts(layer)
+        return _per_head(_column_sq(layer.self_attn.o_proj) * acts.o_proj_mean_sq, head_dim, kv_heads)
+
+    def kv_group_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        return self.query_head_scores(layer, acts).sum(1)
+
+    def mlp_channel_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
+        return _column_sq(layer.mlp.down_proj) * acts.down_proj_mean_sq
+
+
+UNIT_IMPORTANCE: dict[str, UnitImportance] = {
+    "magnitude": MagnitudeImportance(),
+    "activation": ActivationImportance(),
+}
+
+
+def register_unit_importance(criterion: UnitImportance) -> None:
+    """Make a unit criterion available by its name (e.g. to `--unit-importance`)."""
+    UNIT_IMPORTANCE[criterion.name] = criterion
+
+
+def get_unit_importance(name: str) -> UnitImportance:
+    if name not in UNIT_IMPORTANCE:
+        raise UserInputError(f"unknown --unit-importance '{name}'", f"use one of {', '.join(sorted(UNIT_IMPORTANCE))}")
+    return UNIT_IMPORTANCE[name]

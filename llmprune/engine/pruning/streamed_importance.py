@@ -1,0 +1,91 @@
+"""Layer importance with the model on disk: one decoder layer in memory at a time.
+
+`removal` (loss increase when layer i is skipped) needs, for layer i, only the
+hidden states entering layer i and the layers after it. Streaming turns the
+loops around: every layer is read once, in order, and applied to every
+"skip" stream opened so far; the stream that skips layer i is opened at layer
+i with the hidden states entering it, and is not run through layer i. The
+work is the same L(L-1)/2 layer passes as the in-memory fast path
+(`importance._removal`); the memory is one layer plus one set of calibration
+hidden states per layer (windows × seq_len × hidden each), not the model.
+`block-influence` streams in one pass. `taylor` needs a backward pass through
+the whole model and does not stream.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llmprune.engine.data import TokenWindows
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.pruning.importance import LayerImportance
+from llmprune.engine.pruning.streaming import StreamedLayers
+
+__all__ = ["STREAMED_METHODS", "streamed_layer_importance"]
+
+STREAMED_METHODS = ("removal", "block-influence")
+
+
+class _Head:
+    """Final norm + LM head, read from disk once (a tied head reuses the embedding)."""
+
+    def __init__(self, store: StreamedLayers):
+        norm = store.skeleton.model.norm
+        norm.to_empty(device=store.device)
+        norm.load_state_dict({k: v.to(store.dtype) for k, v in store.read_tensors("model.norm.").items()})
+        self.norm = norm
+        weights = store.read_tensors("lm_head.") or store.read_tensors("model.embed_tokens.")
+        self.weight = weights["weight"].to(store.device, store.dtype)
+
+    @torch.no_grad()
+    def nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor, batch_size: int) -> float:
+        total = 0.0
+        for start in range(0, hidden.shape[0], batch_size):
+            logits = F.linear(self.norm(hidden[start : start + batch_size]), self.weight)
+            target = ids[start : start + batch_size, 1:].to(logits.device)
+            total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        return total
+
+
+@torch.no_grad()
+def streamed_layer_importance(
+    store: StreamedLayers,
+    windows: TokenWindows,
+    method: str = "removal",
+    batch_size: int = 8,
+    progress=None,
+) -> LayerImportance:
+    """The same scores as `importance.layer_importance`, reading one layer at a time from disk."""
+    if method not in STREAMED_METHODS:
+        raise UserInputError(f"--importance-method {method} cannot stream (it needs gradients through the whole model)",
+                             f"use one of {', '.join(STREAMED_METHODS)} with --stream, or drop --stream")
+    start = time.perf_counter()
+    ids = windows.ids
+    runner = store.runner(windows.seq_len, batch_size)
+    hidden = store.embed(ids)
+    count = store.num_layers
+    skipped: list[torch.Tensor] = []  # skipped[i]: the hidden states of the model without layer i
+    influence = [0.0] * count
+    passes = 0
+    for index in range(count):
+        layer = store.load(index)
+        if method == "removal":
+            skipped = [runner.layer(layer, stream) for stream in skipped]
+            passes += len(skipped)
+            skipped.append(hidden)
+        out = runner.layer(layer, hidden)
+        passes += 1
+        influence[index] = float((1 - F.cosine_similarity(hidden.float(), out.float(), dim=-1)).mean())
+        hidden = out
+        store.release(index, layer, changed=False)
+        if progress:
+            progress(index + 1, count)
+    head = _Head(store)
+    tokens = ids[:, 1:].numel()
+    base = head.nll_sum(hidden, ids, batch_size) / tokens
+    scores = [head.nll_sum(stream, ids, batch_size) / tokens - base for stream in skipped] if method == "removal" else influence
+    return LayerImportance(method=method, scores=scores, base_loss=base, samples=len(windows), seq_len=windows.seq_len,
+                           seconds=time.perf_counter() - start, layer_passes=passes)

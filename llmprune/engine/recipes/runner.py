@@ -1,0 +1,303 @@
+"""Running a recipe: baseline → analyze → prune → check → gate → finetune → final eval → report.
+
+Each step reads what earlier steps recorded in `state.json` and records its
+own result there once its outputs are on disk, so a rerun of the same command
+skips what is done. The gate stops the run before fine-tuning when the pruned
+model's PPL verdict is "too high" or "broken" (or its weights are unhealthy):
+fine-tuning a broken model wastes hours and usually ends in NaN. With
+`auto_retreat` the gate instead re-prunes at a lower ratio, reusing the
+importance analysis, until the verdict passes or `min_ratio` is reached.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
+from llmprune.engine.recipes.state import RunState, describe_resume, open_run
+from llmprune.engine.recipes.steps import PASSING_VERDICTS, StageProgress, StepAdapters, has_checkpoint
+from llmprune.engine.recipes.registry import PipelineSettings, Recipe
+
+# step name -> what it does (in the order they run)
+STEPS: dict[str, str] = {
+    "baseline": "measure the base model (PPL, size)",
+    "analyze": "layer importance on calibration samples",
+    "prune": "structured pruning at the ratio in force",
+    "check": "PPL, doctor's checks and the PPL verdict of the pruned model",
+    "gate": "continue only if the verdict is healthy or acceptable",
+    "finetune": "recovery fine-tuning of the pruned model",
+    "final_eval": "PPL and verdict of the fine-tuned model",
+}
+FINETUNE_STEPS = ("finetune", "final_eval")
+# run-directory entries written by the steps (a --restart removes exactly these)
+OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "state.json", "report.json", "report.txt")
+
+
+@dataclass(kw_only=True)
+class RecipeConfig(PipelineSettings):
+    """What `llmprune recipe NAME` does: a recipe (with overrides), the model, the text and the budget."""
+
+    recipe: Recipe
+    """The recipe with any overridden values already applied."""
+    name: str | None = None
+    """Run directory name under `out` (default: <model>-<recipe>-<ratio %>)."""
+    skip_finetune: bool = False
+    """Stop after the gate (the pruned model is the result)."""
+    auto_retreat: bool = False
+    """When the gate fails, re-prune at a lower ratio instead of stopping."""
+    retreat_step: float = 0.05
+    """How much lower each retreat prunes."""
+    min_ratio: float = 0.05
+    """The auto-retreat gives up below this ratio."""
+    restart: bool = False
+    """Discard a previous run in the same directory instead of resuming it."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out).expanduser() / (self.name or f"{self.model_stem()}-{self.recipe.name}-{self.recipe.prune.ratio * 100:g}")
+
+    def settings(self) -> dict:
+        """The values that decide the run's outputs: a rerun resumes only when they are unchanged.
+
+        Left out on purpose: skip_finetune and auto_retreat (rerunning without them continues
+        the run), restart, and the device (a run may be resumed on another machine).
+        """
+        keep = ("model", "dataset", "eval_dataset", "seq_len", "calibration_samples", "eval_windows", "batch_size",
+                "retreat_step", "min_ratio")
+        return {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+
+    def validate(self) -> None:
+        def need(condition: bool, problem: str, hint: str) -> None:
+            if not condition:
+                raise UserInputError(problem, hint)
+
+        self.validate_budget()
+        prune, finetune = self.recipe.prune, self.recipe.finetune
+        need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
+        need(finetune.lr > 0, f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
+        for option, value in (("--epochs", finetune.epochs), ("--samples", finetune.samples), ("--grad-accum", finetune.grad_accum)):
+            need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
+        need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")
+        need(0 < self.min_ratio <= prune.ratio, f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}", "use e.g. 0.05")
+        if self.name is not None:
+            need(bool(re.fullmatch(r"[\w.+-]+", self.name)), f"--name '{self.name}' is not a plain folder name", "use letters, digits, - _ . +")
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    step: str
+    description: str
+
+
+@dataclass(frozen=True)
+class StepFinished:
+    step: str
+    seconds: float
+    summary: str
+
+
+@dataclass(frozen=True)
+class StepSkipped:
+    step: str
+    reason: str  # "done in an earlier run" | "--skip-finetune"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should read: resuming, a retreat, the gate's decision."""
+
+    message: str
+    level: str = "info"  # info | warning | error
+
+
+RecipeListener = Callable[[Any], None]
+
+
+# ---------------------------------------------------------------- the runner
+
+
+class _Stop(Exception):
+    """Raised by a step to end the run early (the state says why)."""
+
+
+class _Retry(Exception):
+    """Raised by the gate to run the pipeline again from `step` (the auto-retreat)."""
+
+    def __init__(self, step: str):
+        self.step = step
+
+
+def _retreat_ratios(start: float, step: float, floor: float) -> list[float]:
+    ratios, ratio = [], start
+    while ratio - step >= floor - 1e-9:
+        ratio = round(ratio - step, 4)
+        ratios.append(ratio)
+    return ratios
+
+
+class _Run:
+    """One execution of the pipeline over a RunState."""
+
+    def __init__(self, config: RecipeConfig, state: RunState, steps: StepAdapters, emit: RecipeListener,
+                 finetune_listener: RecipeListener | None, finetune_host: Callable[..., Any] | None,
+                 progress: StageProgress | None):
+        self.config, self.state, self.steps, self.emit, self.progress = config, state, steps, emit, progress
+        self.finetune_listener, self.finetune_host = finetune_listener, finetune_host
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state.run_dir
+
+    def baseline(self) -> dict:
+        return self.steps.evaluate(self.config.model, self.config, progress=self.progress)
+
+    def analyze(self) -> dict:
+        return self.steps.analyze(self.config, self.run_dir / "analysis", self.progress)
+
+    def prune(self) -> dict:
+        importance = self.state.result("analyze")["importance_config"]
+        return {"ratio": self.state.ratio, **self.steps.prune(self.config, importance, self.state.ratio, self.run_dir / "pruned", self.progress)}
+
+    def check(self) -> dict:
+        base_ppl = self.state.result("baseline")["ppl"]
+        result = self.steps.evaluate(str(self.run_dir / "pruned"), self.config, base_ppl=base_ppl, health=True, progress=self.progress)
+        result["ratio"] = self.state.ratio
+        self.state.attempts.append({key: result.get(key) for key in ("ratio", "params", "ppl", "verdict", "healthy_weights")})
+        return result
+
+    def gate(self) -> dict:
+        check = self.state.result("check")
+        passed = check["verdict"] in PASSING_VERDICTS and check.get("healthy_weights", True)
+        why = check["verdict"] if check.get("healthy_weights", True) else f"{check['verdict']}, and the weights are unhealthy"
+        if passed:
+            self.emit(Notice(f"gate passed at ratio {self.state.ratio:g}: the pruned model's verdict is {check['verdict']}"))
+            return {"passed": True, "ratio": self.state.ratio, "verdict": check["verdict"]}
+        lower = _retreat_ratios(self.state.ratio, self.config.retreat_step, self.config.min_ratio)
+        if self.config.auto_retreat and lower:
+            message = f"ratio {self.state.ratio:g} gave a {why} model (PPL {check['ppl']:.2f}); re-pruning at {lower[0]:g} with the same importance analysis"
+            self.state.retreats.append(message)
+            self.emit(Notice(message, "warning"))
+            self.state.ratio = lower[0]
+            self.state.forget("prune", "check")
+            raise _Retry("prune")
+        self.state.status = "stopped_at_gate"
+        gave_up = " (the auto-retreat reached --min-ratio)" if self.config.auto_retreat else ""
+        self.emit(Notice(f"stopped at the gate: the pruned model is {why} at ratio {self.state.ratio:g}{gave_up}; nothing was fine-tuned", "error"))
+        raise _Stop()
+
+    def finetune(self) -> dict:
+        out = self.run_dir / "finetune"
+        result = self.steps.finetune(self.config, str(self.run_dir / "pruned"), out, has_checkpoint(out),
+                                     self.finetune_listener, self.finetune_host)
+        if result["status"] == "stopped_by_user":
+            self.state.status = "interrupted"
+            self.emit(Notice("fine-tuning stopped by the user; run the same command again to resume from its last checkpoint", "warning"))
+            raise _Stop()
+        if result["status"] != "completed" or not result.get("model_dir"):
+            self.state.status = "finetune_failed"
+            self.emit(Notice(f"fine-tuning did not complete ({result['status']}): {result.get('message', '')}", "error"))
+            raise _Stop()
+        return result
+
+    def final_eval(self) -> dict:
+        model_dir = self.state.result("finetune")["model_dir"]
+        base_ppl = self.state.result("baseline")["ppl"]
+        return self.steps.evaluate(model_dir, self.config, base_ppl=base_ppl, health=True, progress=self.progress)
+
+
+def _summary(step: str, result: dict) -> str:
+    if "ppl" in result:
+        verdict = f", {result['verdict']}" if "verdict" in result else ""
+        return f"PPL {result['ppl']:.2f}{verdict}, {result['params']:,} parameters"
+    if step == "prune":
+        return f"ratio {result['ratio']:g}: {result['params']:,} parameters, {result['share_removed']:.1%} of all removed"
+    if step == "analyze":
+        return f"{result['method']} importance of {len(result['scores'])} layers → {result['importance_config']}"
+    if step == "gate":
+        return f"passed ({result['verdict']})"
+    if step == "finetune":
+        loss = f"{result['final_loss']:.4f}" if result.get("final_loss") is not None else "—"
+        return f"{result['steps']} steps, final loss {loss} → {result['model_dir']}"
+    return ", ".join(f"{key} {value}" for key, value in result.items())
+
+
+def _restart(run_dir: Path) -> None:
+    for name in OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run_recipe(
+    config: RecipeConfig,
+    listener: RecipeListener | None = None,
+    *,
+    steps: StepAdapters | None = None,
+    finetune_listener: RecipeListener | None = None,
+    finetune_host: Callable[..., Any] | None = None,
+    progress: StageProgress | None = None,
+) -> RecipeReport:
+    """Run (or resume) the recipe; returns the final report, also saved as report.json/.txt in the run directory.
+
+    `listener` receives StepStarted/StepFinished/StepSkipped/Notice events;
+    `finetune_listener` the fine-tuning events (finetune's own event types);
+    `finetune_host(run)` may run the training elsewhere, e.g. under the dashboard,
+    where `run(listener, control)` starts it and returns finetune's result;
+    `progress(stage, done, total)` follows the long loops inside the steps.
+    """
+    config.validate()
+    emit = listener or (lambda event: None)
+    if config.restart:
+        _restart(config.run_dir)
+    state = open_run(config.run_dir, config.settings())
+    if state.ratio is None:
+        state.ratio = config.recipe.prune.ratio
+    state.status = "running"
+    resuming = describe_resume(state, list(STEPS))
+    if resuming:
+        emit(Notice(resuming))
+    run = _Run(config, state, steps or StepAdapters(), emit, finetune_listener, finetune_host, progress)
+    order = list(STEPS)
+    index = 0
+    try:
+        while index < len(order):
+            step = order[index]
+            index += 1
+            if step in FINETUNE_STEPS and config.skip_finetune:
+                emit(StepSkipped(step, "--skip-finetune"))
+                continue
+            if state.done(step):
+                emit(StepSkipped(step, "done in an earlier run"))
+                continue
+            emit(StepStarted(step, STEPS[step]))
+            start = time.perf_counter()
+            try:
+                result = getattr(run, step)()
+            except _Retry as retry:
+                index = order.index(retry.step)
+                continue
+            state.finish(step, result, time.perf_counter() - start)
+            emit(StepFinished(step, state.seconds(step), _summary(step, result)))
+        state.status = "done"
+    except _Stop:
+        pass
+    except KeyboardInterrupt:
+        state.status = "interrupted"
+        raise
+    finally:
+        state.save()
+    report = build_report(config, state)
+    write_report(report, state.run_dir)
+    return report
+

@@ -1,0 +1,134 @@
+"""The recipe's steps as thin adapters over the engines that do the work.
+
+Everything a recipe knows about analyze/prune, eval, doctor and finetune is
+in this file: each adapter turns the recipe's settings into that engine's
+config, calls it, and returns a small JSON-able dict for `state.json`. Tests
+swap the whole object for a fake to plant a broken model or an interruption.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from llmprune.engine.recipes.runner import RecipeConfig
+
+StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
+# acceptable PPL verdicts: the gate lets these through to fine-tuning
+PASSING_VERDICTS = ("healthy", "acceptable")
+
+
+class StepAdapters:
+    """The real steps. Each method loads what it needs, so any step can run in a fresh process."""
+
+    def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False,
+                 progress: StageProgress | None = None) -> dict:
+        """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`."""
+        from llmprune.engine.data import load_evaluation_windows
+        from llmprune.engine.core.device import choose_placement
+        from llmprune.engine.evaluate import perplexity
+        from llmprune.engine.io.models import load_model
+
+        start = time.perf_counter()
+        loaded = load_model(model, placement=choose_placement(config.device, config.dtype))
+        windows = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
+        update = (lambda done, total: progress(f"PPL of {Path(model).name}", done, total)) if progress else None
+        measured = perplexity(loaded.model, windows, config.batch_size, update)
+        result: dict[str, Any] = {"model": model, "params": loaded.num_parameters, "ppl": measured.ppl, "windows": measured.windows}
+        if health:
+            result.update(self._health(loaded.model, loaded.tokenizer, measured.ppl, base_ppl))
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+    @staticmethod
+    def _health(model: Any, tokenizer: Any, ppl: float, base_ppl: float | None) -> dict:
+        from llmprune.engine.diagnose.health import ppl_verdict, preflight_check
+
+        report = preflight_check(model, tokenizer, forward=True)
+        verdict = ppl_verdict(ppl, base_ppl)
+        errors = [finding.to_dict() for finding in report.findings if finding.severity == "error"]
+        return {
+            "verdict": verdict.label,
+            "explanation": verdict.explanation,
+            "advice": [str(item) for item in verdict.advice],
+            "healthy_weights": report.ok,
+            "errors": errors,
+        }
+
+    @staticmethod
+    def _calibration(config: "RecipeConfig") -> Any:
+        from llmprune.engine.pruning.analysis import CalibrationOptions
+
+        return CalibrationOptions(dataset=config.dataset, samples=config.calibration_samples, seq_len=config.seq_len,
+                                  batch_size=config.batch_size)
+
+    def analyze(self, config: "RecipeConfig", out_dir: Path, progress: StageProgress | None = None) -> dict:
+        """Layer importance on calibration samples, saved as a reusable JSON config in `out_dir`."""
+        from llmprune.engine.pruning.allocation import PlanOptions
+        from llmprune.engine.pruning.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, run_analyze
+
+        prune = config.recipe.prune
+        result = run_analyze(
+            AnalyzeConfig(
+                model=config.model, importance_method=prune.importance, calibration=self._calibration(config),
+                plan=PlanOptions(ratio=prune.ratio, strategy=prune.strategy, alpha=prune.alpha,
+                                 layer_start=prune.layer_start, layer_end=prune.layer_end),
+                prune_mlp=prune.prune_mlp, output=out_dir / DEFAULT_CONFIG_NAME, device=config.device, dtype=config.dtype,
+            ),
+            progress=progress,
+        )
+        return {"importance_config": str(result.config_path), "method": result.importance.method,
+                "scores": list(result.importance.scores)}
+
+    def prune(self, config: "RecipeConfig", importance_config: str, ratio: float, out_dir: Path,
+              progress: StageProgress | None = None) -> dict:
+        """Prune the base model at `ratio` with the saved importance scores; save it to `out_dir`."""
+        from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
+
+        prune = config.recipe.prune
+        result = run_prune(
+            PruneConfig(
+                model=config.model, ratio=ratio, prune_mlp=prune.prune_mlp, importance_config=Path(importance_config),
+                importance_method=prune.importance, calibration=self._calibration(config), strategy=prune.strategy,
+                alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end, out=out_dir,
+                log_dir=out_dir.parent / "prune_log", log_name="pruned", device=config.device, dtype=config.dtype,
+            ),
+            progress=progress,
+        )
+        return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.removed_share,
+                "gqa": result.gqa_summary()}
+
+    def finetune(
+        self, config: "RecipeConfig", model_dir: str, out_dir: Path, resume: bool,
+        listener: Callable[[Any], None] | None, host: Callable[..., Any] | None,
+    ) -> dict:
+        """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`)."""
+        from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
+
+        settings = config.recipe.finetune
+        finetune_config = FinetuneConfig(
+            model=model_dir, method=settings.method, dataset=config.dataset, samples=settings.samples,
+            seq_len=config.seq_len, epochs=settings.epochs, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
+            lr=settings.lr, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
+            merge=settings.method == "lora", out=str(out_dir), resume=resume, device=config.device, dtype=config.dtype,
+        )
+
+        def run(listen: Callable[[Any], None] | None, control: Any = None) -> Any:
+            return run_finetune(finetune_config, listen, control=control)
+
+        try:  # the host runs the training (e.g. under the dashboard); by default it runs right here
+            result = host(run) if host is not None else run(listener)
+        except UnhealthyModelError:
+            return {"status": "refused_unhealthy", "model_dir": None, "run_dir": str(out_dir), "steps": 0, "final_loss": None,
+                    "message": "finetune's pre-flight health check refused the pruned model"}
+        return {"status": result.status, "model_dir": result.model_dir, "run_dir": result.run_dir, "steps": result.steps,
+                "final_loss": result.final_loss, "message": result.message}
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a fine-tuning run directory holds a confirmed checkpoint to resume from (finetune's own test)."""
+    from llmprune.engine.finetune.run_checkpoints import latest_checkpoint
+
+    return latest_checkpoint(run_dir / "checkpoints") is not None
