@@ -293,4 +293,12 @@ def test_a_loss_back_at_chance_level_is_a_collapse():
     assert check_step(3.2, 1.0, 1e6, collapse_loss=10.26).ok
     verdict = check_step(10.80, 0.0, 1e6, collapse_loss=10.26)  # SmolLM2 after one step at lr 1e3: uniform output
     assert not verdict.ok and verdict.kind == "collapsed"
-    assert check_step(10.80, 0.0, 1e6).ok  # not armed: a random model starts at chance level
+    assert check_step(10.80, 1.0, 1e6).ok  # not armed: a random model starts at chance level
+
+
+def test_an_exactly_zero_gradient_is_a_collapse_even_before_the_model_beat_chance():
+    from llmprune.engine.finetune.guards import check_step
+
+    verdict = check_step(5.95, 0.0, 1e6)  # a tiny random model after one step at lr 1e3
+    assert not verdict.ok and verdict.kind == "dead_gradient"
+    assert check_step(5.95, 1e-9, 1e6).ok

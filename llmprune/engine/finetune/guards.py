@@ -35,6 +35,9 @@ class StepVerdict:
 def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: float | None = None) -> StepVerdict:
     """Judge one optimizer step from its (process-averaged) loss and global gradient norm.
 
+    A gradient of exactly zero is a collapse too, whether or not the model
+    ever beat chance (a random model that collapses never arms `collapse_loss`).
+
     `collapse_loss` (set once the model has shown it predicts better than chance):
     a loss back at chance level means the weights were destroyed, even though
     it is finite and small (a too-high LR drives a real model to uniform output,
@@ -50,12 +53,16 @@ def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: 
         return StepVerdict(False, "collapsed", loss, f"loss {loss:.4g} is back at chance level: the model has collapsed")
     if not math.isfinite(grad_norm):
         return StepVerdict(False, "grad_norm", grad_norm, f"gradient norm is {grad_norm}")
+    if grad_norm == 0.0 and loss > 0.0:
+        # a live model always has some gradient; exactly zero on a non-zero loss means
+        # saturated activations (uniform output after a huge update): nothing can learn any more
+        return StepVerdict(False, "dead_gradient", grad_norm, "gradient is exactly zero: the model has collapsed")
     return StepVerdict(True)
 
 
 def likely_causes(kind: str, lr: float, fp16: bool) -> str:
     causes = []
-    if kind in ("loss_limit", "grad_norm", "collapsed") or lr > 1e-4:
+    if kind in ("loss_limit", "grad_norm", "collapsed", "dead_gradient") or lr > 1e-4:
         causes.append(f"a learning rate too high for this model (lr {lr:.3g})")
     if fp16:
         causes.append("fp16 overflow")
