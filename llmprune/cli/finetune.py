@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, TrustPickleOpt, stdout_is_terminal
+from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, SaveDtypeOpt, TrustPickleOpt, stdout_is_terminal
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
 from llmprune.ui.console import console, error_line, print_json
@@ -50,6 +50,7 @@ def finetune_command(
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    save_dtype: SaveDtypeOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
     """Fine-tune a (pruned) model with NaN guards, atomic checkpoints, resume and a live dashboard."""
@@ -64,7 +65,7 @@ def finetune_command(
         schedule=schedule, max_grad_norm=max_grad_norm, weight_decay=weight_decay, seed=seed, on_nan=on_nan,
         loss_limit=loss_limit, max_rollbacks=max_rollbacks, save_every=save_every, out=out, resume=resume,
         test_before=test_before, test_after=test_after, eval_dataset=eval_dataset, eval_windows=eval_windows, force=force,
-        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, save_dtype=save_dtype,
     )
     config.validate()
     # under `accelerate launch` every process runs this command: only the first one talks

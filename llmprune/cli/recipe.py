@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.recipe_sweep import sweep_command
-from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded, stdout_is_terminal
+from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, SaveDtypeOpt, guarded, stdout_is_terminal
 from llmprune.engine.recipes.runner import RecipeConfig, run_recipe
 from llmprune.engine.recipes.registry import RECIPES, Recipe
 from llmprune.ui.console import console, print_json
@@ -77,6 +77,7 @@ def _command_for(recipe: Recipe):
         no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")] = False,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "auto",
+        save_dtype: SaveDtypeOpt = "auto",
         json_output: JsonOpt = False,
     ) -> None:
         chosen = recipe.with_overrides(
@@ -89,7 +90,7 @@ def _command_for(recipe: Recipe):
             recipe=chosen, model=model, out=out, name=name, dataset=dataset, eval_dataset=eval_dataset, seq_len=seq_len,
             calibration_samples=calibration_samples, eval_windows=eval_windows, batch_size=batch_size,
             skip_finetune=skip_finetune, auto_retreat=auto_retreat, retreat_step=retreat_step, min_ratio=min_ratio,
-            restart=restart, device=device, dtype=dtype,
+            restart=restart, device=device, dtype=dtype, save_dtype=save_dtype,
         )
         lines = None if json_output else PlainTrainingLines()
         host = None

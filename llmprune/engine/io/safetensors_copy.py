@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llmprune.engine.core.errors import UserInputError
 
-__all__ = ["read_header", "stored_elements", "copy_tensors"]
+__all__ = ["read_header", "stored_elements", "stored_dtype_names", "copy_tensors"]
 
 _CHUNK = 16 << 20
 _ALIGN = 8  # safetensors pads the header so that the data starts 8-byte aligned
@@ -46,6 +46,12 @@ def stored_elements(path: Path) -> dict[str, int]:
     """Tensor name -> element count, from the file's header alone (no tensor is read)."""
     header, _ = read_header(path)
     return {name: _elements(entry) for name, entry in header.items() if name != "__metadata__"}
+
+
+def stored_dtype_names(path: Path) -> dict[str, str]:
+    """Tensor name -> its stored dtype as the header spells it (BF16, F32, ...), from the header alone."""
+    header, _ = read_header(path)
+    return {name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
 
 
 def copy_tensors(sources: dict[str, Path], destination: Path, metadata: dict[str, str] | None = None) -> int:

@@ -42,6 +42,8 @@ from llmprune.engine.pruning.analysis import (
 )
 from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_shape, layer_shapes, require_llama_style
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.process_memory import PhasePeaks
+from llmprune.engine.io.checkpoint import SAVE_DTYPES
 from llmprune.engine.data import check_window_options
 from llmprune.engine.evaluate import PerplexityResult, perplexity
 from llmprune.engine.pruning.importance import LAYER_METHODS, get_unit_importance
@@ -109,6 +111,8 @@ class PruneConfig:
     """Save the pruned model (into the run's log folder unless `out` is given)."""
     out: Path | None = None
     """Save the pruned model here."""
+    save_dtype: str = "auto"
+    """dtype of the saved weights: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
     log_dir: Path = Path("prune_log")
     log_name: str | None = None
     """Run folder name under log_dir (default: from the model name)."""
@@ -156,6 +160,8 @@ class PruneConfig:
         self.calibration.validate()
         if self.test_after_prune:
             check_window_options(self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UserInputError(f"unknown --save-dtype '{self.save_dtype}'", f"use one of {'|'.join(SAVE_DTYPES)}")
         if self.out is not None and Path(self.out).is_file():
             raise UserInputError(f"--out {self.out} is a file", "name a folder for the pruned model")
 
@@ -182,6 +188,8 @@ class PruneResult:
     ppl_after: PerplexityResult | None = None
     saved_to: str | None = None
     log_dir: str | None = None
+    peak_rss_by_phase: dict[str, int] = field(default_factory=dict)
+    """Peak resident memory of each phase (load, measure, prune, save, ...) in bytes: what holds the memory."""
     loaded: Any = field(default=None, repr=False)
     """The pruned model in memory (a models.LoadedModel), for callers that go on with it; not serialised."""
 
@@ -289,17 +297,36 @@ def default_log_name(model: str) -> str:
 
 def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> PruneResult:
     """The whole `llmprune prune` (see the module docstring); bad input fails before anything is written."""
-    from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
     from llmprune.engine.core.device import choose_placement
-    from llmprune.engine.io.models import load_model
 
     start = time.perf_counter()
     config.validate()
     saved_config = read_importance_config(config.importance_config) if config.importance_config else None
     placement = choose_placement(config.device, config.dtype)
-    source = _wants_stream(config, placement)
-    if source is not None:
-        return _run_streamed(config, source, placement, start, progress)
+    phases = PhasePeaks()
+    phases.enter("load")
+    try:
+        source = _wants_stream(config, placement)
+        if source is not None:
+            return _run_streamed(config, source, placement, start, _phase_progress(progress, phases), phases)
+        return _run_in_memory(config, saved_config, placement, start, _phase_progress(progress, phases), phases)
+    finally:
+        phases.close()
+
+
+def _phase_progress(progress: StageProgress | None, phases: PhasePeaks) -> StageProgress:
+    """Each progress stage (measure, prune, perplexity before, ...) is a memory phase of its own."""
+    def update(stage: str, done: int, total: int) -> None:
+        phases.enter(stage)
+        if progress:
+            progress(stage, done, total)
+    return update
+
+
+def _run_in_memory(config: PruneConfig, saved_config, placement, start: float, progress, phases: PhasePeaks) -> PruneResult:
+    from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
+    from llmprune.engine.io.models import load_model
+
     loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     model = loaded.model
     require_llama_style(model)
@@ -317,8 +344,9 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     target = parse_target_params(config.target_params, counter.total) if target_mode else None
 
+    phases.enter("calibrate")
     if config.uses_global_allocation:
-        return _run_global(config, loaded, counter, target, start, progress, model_bytes)
+        return _run_global(config, loaded, counter, target, start, progress, model_bytes, phases)
 
     criterion = get_unit_importance(config.unit_importance)
     needs_scores = saved_config is None and options.strategy != "uniform"
@@ -366,7 +394,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
         seconds=0.0, peak_memory_bytes=_peak_memory_bytes(placement.device), model_bytes=model_bytes, ppl_before=ppl_before, ppl_after=ppl_after,
         loaded=loaded,
     )
-    return _finish(result, config, start)
+    return _finish(result, config, start, phases=phases)
 
 
 def _prunable_parameters(shapes: list[LayerShape], hidden: int) -> int:
@@ -392,7 +420,7 @@ def _changes(before: list[LayerShape], after: list[LayerShape], dropped: list[in
 
 
 def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: int | None, start: float, progress,
-                model_bytes: int) -> PruneResult:
+                model_bytes: int, phases: PhasePeaks) -> PruneResult:
     """`llmprune prune` with global allocation: calibrated depth/width pruning with compensation."""
     from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
 
@@ -433,7 +461,7 @@ def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: in
         gqa_violations=gqa_violations(after), seconds=0.0, peak_memory_bytes=_peak_memory_bytes(device),
         model_bytes=model_bytes, ppl_before=ppl_before, ppl_after=ppl_after, loaded=loaded,
     )
-    return _finish(result, config, start)
+    return _finish(result, config, start, phases=phases)
 
 
 def stream_source(spec: str) -> Path | None:
@@ -464,7 +492,7 @@ def _wants_stream(config: PruneConfig, placement) -> Path | None:
     return None
 
 
-def _run_streamed(config: PruneConfig, source: Path, placement, start: float, progress) -> PruneResult:
+def _run_streamed(config: PruneConfig, source: Path, placement, start: float, progress, phases: PhasePeaks) -> PruneResult:
     """Global-allocation prune with the weights on disk: one layer on the device at a time, written out as it is done."""
     from transformers import AutoTokenizer
 
@@ -479,7 +507,10 @@ def _run_streamed(config: PruneConfig, source: Path, placement, start: float, pr
     target = parse_target_params(config.target_params, total) if config.target_params is not None else None
     run_folder = _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
     out = Path(config.out) if config.out is not None else run_folder / "model"
-    store = StreamedLayers(source, placement.device, placement.dtype, output=out)
+    from llmprune.engine.io.checkpoint import resolve_save_dtype
+
+    save_dtype = None if config.save_dtype == "auto" else resolve_save_dtype(config.save_dtype, None, placement.dtype)
+    store = StreamedLayers(source, placement.device, placement.dtype, output=out, save_dtype=save_dtype, phases=phases)
     shapes = [layer_shape(layer) for layer in store.skeleton.model.layers]
     hidden = store.config.hidden_size
     ratio = config.ratio if config.ratio is not None else 0.2
@@ -488,6 +519,7 @@ def _run_streamed(config: PruneConfig, source: Path, placement, start: float, pr
     del tokenizer  # tens of MB that the layer loop does not need; read again to be saved with the output
     options = CalibratedPruneOptions(unit_score=_CALIBRATED_SCORE.get(config.unit_importance, config.unit_importance),
                                      compensation=config.compensation_kind)
+    phases.enter("measure")
     try:
         scores, _, reports = prune_to_target(store, windows.ids, store.runner(calib.seq_len, calib.batch_size), to_remove, options, progress)
         after = store.output_shapes
@@ -504,25 +536,35 @@ def _run_streamed(config: PruneConfig, source: Path, placement, start: float, pr
             peak_memory_bytes=0, model_bytes=stored_bytes(source), loaded=None,
         )
         result.params_after = store.output_parameters()
+        phases.enter("save")
         store.finish_output(AutoTokenizer.from_pretrained(str(source)), provenance(result, config))
     except BaseException as error:
         store.abort_output(error)
         raise
     result.saved_to = str(out)
-    result.peak_memory_bytes = _peak_memory_bytes(placement.device)
-    return _finish(result, config, start, run_folder=run_folder)
+    return _finish(result, config, start, run_folder=run_folder, phases=phases, device=placement.device)
 
 
-def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None) -> PruneResult:
+def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None,
+            phases: PhasePeaks | None = None, device: torch.device | None = None) -> PruneResult:
     """Save the model if asked (and not already written by streaming), write the run log."""
-    from llmprune.engine.io.checkpoint import save_model
+    from llmprune.engine.io.checkpoint import resolve_save_dtype, save_model
 
     run_folder = run_folder or _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
     if result.loaded is not None and (config.save_model or config.out is not None):
+        if phases is not None:
+            phases.enter("save")
         model, loaded = result.loaded.model, result.loaded
         out = Path(config.out) if config.out is not None else run_folder / "model"
-        save_model(model, loaded.tokenizer, out, provenance=provenance(result, config))
+        dtype = resolve_save_dtype(config.save_dtype, loaded.source_dtype, next(model.parameters()).dtype)
+        save_model(model, loaded.tokenizer, out, provenance=provenance(result, config), dtype=dtype)
         result.saved_to = str(out)
+    if phases is not None:
+        result.peak_rss_by_phase = phases.close()
+    if device is None and result.loaded is not None:
+        device = next(result.loaded.model.parameters()).device
+    if device is not None:  # after the save, which can hold a cast copy of the weights
+        result.peak_memory_bytes = _peak_memory_bytes(device)
     result.seconds = time.perf_counter() - start
     result.log_dir = str(run_folder)
     write_run_log(result, run_folder)
@@ -568,6 +610,8 @@ def format_log(result: PruneResult) -> str:
             lines.append(f"PPL {label}: {ppl.ppl:.4f} ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)")
     lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB"
                  f" (the unpruned weights: {result.model_bytes / 2**20:.0f} MiB)")
+    if result.peak_rss_by_phase:
+        lines.append("peak RSS by phase: " + ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in result.peak_rss_by_phase.items()))
     if result.saved_to:
         lines.append(f"saved to: {result.saved_to}")
     lines.append("layer  importance  rate    heads  kv  mlp (before -> after)")

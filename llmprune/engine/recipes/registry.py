@@ -123,6 +123,8 @@ class PipelineSettings:
     """Windows per forward pass when measuring."""
     device: str = "auto"
     dtype: str = "auto"
+    save_dtype: str = "auto"
+    """dtype of the saved models (pruned and fine-tuned): auto keeps the source's (bf16 in -> bf16 out)."""
 
     def model_stem(self) -> str:
         """The model's name as a folder name: smollm2-135m, or a directory's/file's own name."""

@@ -94,6 +94,7 @@ class StepAdapters:
                 importance_method=prune.importance, calibration=self._calibration(config), strategy=prune.strategy,
                 alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end, out=out_dir,
                 log_dir=out_dir.parent / "prune_log", log_name="pruned", device=config.device, dtype=config.dtype,
+                save_dtype=config.save_dtype,
             ),
             progress=progress,
         )
@@ -113,6 +114,7 @@ class StepAdapters:
             seq_len=config.seq_len, epochs=settings.epochs, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
             lr=settings.lr, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
             merge=settings.method == "lora", out=str(out_dir), resume=resume, device=config.device, dtype=config.dtype,
+            save_dtype=config.save_dtype,
         )
 
         def run(listen: Callable[[Any], None] | None, control: Any = None) -> Any:
