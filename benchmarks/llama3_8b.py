@@ -197,3 +197,150 @@ def checkpoint_for(root: Path, layers: int, rope_scaling: str | None) -> Path:
     if not (variant / "config.json").is_file() or json.loads((variant / "config.json").read_text()) != config:
         link_weights(plain, variant, config)
     return variant
+
+
+# ------------------------------------------------------------------ running the steps
+
+LLMPRUNE = str(Path(sys.executable).with_name("llmprune"))
+FULL_TARGET = 6.5e9  # the issue's target for the 32-layer model; smaller variants remove the same per layer
+
+
+def _target_params(config: dict) -> str:
+    """--target-params: 6.5B for 32 layers; with fewer layers, the same parameters removed per layer."""
+    full = sum(_numel(shape) for _, shape in tensor_shapes(dict(config, num_hidden_layers=32)))
+    total = sum(_numel(shape) for _, shape in tensor_shapes(config))
+    return "6.5B" if config["num_hidden_layers"] == 32 else str(int(total - (full - FULL_TARGET) * config["num_hidden_layers"] / 32))
+
+
+def _timed(name: str, command: list[str], log: Path) -> dict:
+    """Run one step under /usr/bin/time -v: wall seconds, peak RSS, exit code, its --json output."""
+    log.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    done = subprocess.run(["nice", "-n", "5", "/usr/bin/time", "-v", *command], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    seconds = time.perf_counter() - started
+    (log / f"{name}.out").write_text(done.stdout)
+    (log / f"{name}.err").write_text(done.stderr)
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    try:
+        output = json.loads(done.stdout) if done.stdout.strip().startswith("{") else None
+    except json.JSONDecodeError:
+        output = None
+    row = {"step": name, "command": " ".join(command), "exit_code": done.returncode, "seconds": round(seconds, 1),
+           "peak_rss_bytes": int(peak.group(1)) * 1024 if peak else None, "output": output}
+    print(f"{name:<22} exit {done.returncode}  {seconds:7.1f} s  peak RSS {row['peak_rss_bytes'] / GB if peak else float('nan'):.2f} GB", flush=True)
+    return row
+
+
+def _du(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.arange(1, 17)[None]
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+print('{"dtype": "%s", "finite": %s, "shape": %s}' % (str(next(model.parameters()).dtype), str(bool(torch.isfinite(logits).all())).lower(), list(logits.shape)))
+"""
+
+
+def run_steps(model_dir: Path, work: Path, reload: bool) -> dict:
+    """Every step on `model_dir`; the pruned model goes to work/pruned."""
+    config = json.loads((model_dir / "config.json").read_text())
+    out, log = work / "pruned", work / "logs"
+    shutil.rmtree(out, ignore_errors=True)
+    calib = ["--dataset", CALIBRATION_TEXT, "--importance-samples", "4", "--seq-len", "64"]
+    steps = [
+        ("doctor", [LLMPRUNE, "doctor", str(model_dir), "--json"]),
+        ("analyze", [LLMPRUNE, "analyze", str(model_dir), "--importance-method", "block-influence", "--stream", *calib,
+                     "--output", str(work / "layer_importance_config.json"), "--json"]),
+        ("prune", [LLMPRUNE, "prune", str(model_dir), "--target-params", _target_params(config), "--stream", "--save-model",
+                   "--out", str(out), "--log-dir", str(work / "prune_log"), *calib, "--json"]),
+        ("eval (source)", [LLMPRUNE, "eval", str(model_dir), "--stream", "--max-windows", "2", "--dataset", EVALUATION_TEXT, "--json"]),
+        ("eval (pruned)", [LLMPRUNE, "eval", str(out), "--stream", "--max-windows", "2", "--dataset", EVALUATION_TEXT, "--json"]),
+        ("doctor --test-forward", [LLMPRUNE, "doctor", str(out), "--test-forward", "--stream", "--json"]),
+    ]
+    if reload:  # the whole pruned model in memory: only for the few-layer variants on this machine
+        steps.append(("transformers reload", [sys.executable, "-c", RELOAD, str(out)]))
+    if subprocess.run([LLMPRUNE, "export", "--help"], capture_output=True).returncode == 0:
+        steps.append(("export --gguf", [LLMPRUNE, "export", str(out), "--gguf", "--json"]))
+    rows = [_timed(name, command, log) for name, command in steps]
+    pruned = next(r["output"] for r in rows if r["step"] == "prune") or {}
+    return {
+        "layers": config["num_hidden_layers"], "rope_scaling": config.get("rope_scaling"), "steps": rows,
+        "params_before": pruned.get("params_before"), "params_after": pruned.get("params_after"),
+        "gqa": pruned.get("gqa"), "peak_rss_by_phase": pruned.get("peak_rss_by_phase"),
+        "source_bytes": _du(model_dir), "pruned_bytes": _du(out) if out.is_dir() else None,
+        "pruned_dtype": json.loads((out / "config.json").read_text()).get("dtype") if out.is_dir() else None,
+    }
+
+
+def _figure(row: dict) -> str:
+    """The one figure a step is run for."""
+    out = row["output"] or {}
+    if row["step"].startswith("eval"):
+        return f"PPL {out.get('ppl', float('nan')):.4g} ({out.get('windows')} windows × {out.get('seq_len')} tokens)" if out else ""
+    if row["step"].startswith("doctor"):
+        forward = out.get("forward")
+        return ("healthy" if out.get("ok") else "UNHEALTHY") + (f"; forward ok: {forward.get('ok')}" if forward else "") if out else ""
+    if row["step"] == "prune" and out:
+        return f"{out['params_before'] / 1e9:.3f} B -> {out['params_after'] / 1e9:.3f} B parameters; {out['gqa']}"
+    if row["step"] == "transformers reload" and out:
+        return f"{out['dtype']}, finite logits: {out['finite']}"
+    return ""
+
+
+def results_document(runs: dict, command: str) -> dict:
+    tables = []
+    for key, run in runs.items():
+        rows = [[r["step"], r["exit_code"], r["seconds"], round(r["peak_rss_bytes"] / GB, 2) if r["peak_rss_bytes"] else None, _figure(r),
+                 "`" + r["command"].replace(str(Path(r["command"].split()[0]).parent) + "/", "") + "`"] for r in run["steps"]]
+        tables.append({"caption": f"{key}: each step's wall time and peak RSS (/usr/bin/time -v)",
+                       "columns": ["step", "exit", "seconds", "peak RSS (GB)", "result", "command"], "rows": rows})
+        phases = run.get("peak_rss_by_phase") or {}
+        size_rows = [["parameters", f"{run['params_before']:,}" if run["params_before"] else None, f"{run['params_after']:,}" if run["params_after"] else None],
+                     ["weights on disk (GB)", round(run["source_bytes"] / GB, 2), round(run["pruned_bytes"] / GB, 2) if run["pruned_bytes"] else None],
+                     ["dtype on disk", "bfloat16", run["pruned_dtype"]]]
+        size_rows += [[f"prune peak RSS, phase {name} (GB)", None, round(peak / GB, 2)] for name, peak in phases.items()]
+        tables.append({"caption": f"{key}: source vs. pruned", "columns": ["", "source", "pruned"], "rows": size_rows})
+    return {
+        "title": "Llama-3-8B-shaped checkpoint on a 2-core, 24 GiB machine",
+        "command": command, "machine": "2-core CPU, 24 GiB (shared)", "date": date.today().isoformat(),
+        "notes": ("A random checkpoint with Llama-3-8B-Instruct's exact config.json (bf16, sharded safetensors with an index, "
+                  "16 GB; its fp32 copy would not fit this machine), built by the script. Every step is the `llmprune` command, "
+                  "run alone under `nice -n 5 /usr/bin/time -v` on a machine shared with other jobs (wall times vary with the load). "
+                  "Calibration: 4 windows × 64 tokens of wikitext-2 validation; evaluation: 2 windows × 2048 tokens of wikitext-2 test "
+                  "(the PPL of random weights is near the vocabulary size: the figure shows the streamed path runs, not quality). "
+                  "Variants with fewer layers keep every width and remove the same parameters per layer."),
+        "tables": tables, "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, required=True, help="where the checkpoint and the outputs go (outside the repository)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--rope-scaling", choices=["llama3"], default=None, help="Llama-3.1-style config (rope_scaling of type llama3)")
+    parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "llama3_8b.json")
+    args = parser.parse_args()
+    model_dir = checkpoint_for(args.dir, args.layers, args.rope_scaling)
+    if args.build_only:
+        return
+    key = f"{'Llama-3.1' if args.rope_scaling else 'Llama-3'}-8B shape, {args.layers} layers"
+    run = run_steps(model_dir, args.dir / "runs" / model_dir.name, reload=args.layers <= 4)
+    previous = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    runs = {**previous.get("runs", {}), key: run}
+    commands = {**previous.get("commands", {}), key: "python benchmarks/llama3_8b.py " + " ".join(
+        a.replace(str(args.dir), "DIR") for a in sys.argv[1:] if not a.startswith("--results"))}
+    document = results_document(runs, "; ".join(commands.values()))
+    document["commands"] = commands
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(document, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

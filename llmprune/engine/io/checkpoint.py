@@ -139,13 +139,13 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance
             model.save_pretrained(staging, safe_serialization=True)
         else:
             state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-            in_memory_dtype = model.config.dtype
-            model.config.dtype = dtype  # config.json states the saved dtype
-            try:
-                model.save_pretrained(staging, safe_serialization=True, state_dict=state)
-            finally:
-                model.config.dtype = in_memory_dtype
+            model.save_pretrained(staging, safe_serialization=True, state_dict=state)
             del state
+            # save_pretrained writes the in-memory model's dtype into config.json: state the saved one
+            config_path = staging / "config.json"
+            written = json.loads(config_path.read_text(encoding="utf-8"))
+            written["dtype"] = str(dtype).removeprefix("torch.")
+            atomic_write_json(config_path, written)
         if not is_uniform(shapes):
             shutil.copyfile(modeling_llmprune.__file__, staging / REMOTE_CODE_FILE)
         if tokenizer is not None:

@@ -166,12 +166,12 @@ def _blocks(column_scores: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _magnitude(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
-    return _blocks(weight.detach().to(torch.float64).pow(2).sum(0), width)
+    return _blocks(comp.column_energy(weight), width)
 
 
 def _wanda(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
     # ‖W[:, j]‖² · E[x_j²]: the mean energy a column sends to the output (Wanda-sp, squared)
-    return _blocks(weight.detach().to(torch.float64).pow(2).sum(0) * stats.squares / max(stats.count, 1), width)
+    return _blocks(comp.column_energy(weight) * stats.squares / max(stats.count, 1), width)
 
 
 def _fluctuation(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
@@ -191,9 +191,15 @@ UNIT_SCORES: dict[str, Callable[..., torch.Tensor]] = {
 COMPENSATIONS = ("none", "bias", "lstsq")
 
 
-def _needs_gram(unit_score: str, compensation: str, width: int) -> bool:
-    """XᵀX is needed for least squares, and for fluctuation scores of multi-column units (KV groups) only."""
-    return compensation == "lstsq" or (unit_score == "fluctuation" and width > 1)
+def _needs_gram(unit_score: str, compensation: str, width: int, tokens: int | None = None, kept_inputs: int = 0) -> bool:
+    """XᵀX is needed for least squares, and for fluctuation scores of multi-column units (KV groups) only.
+
+    With `tokens` calibration tokens and `kept_inputs` kept columns, least squares falls
+    back to the bias (comp.MIN_TOKENS_PER_INPUT) and the Gram is not built: for an
+    8B down_proj it is 14,336² float64 = 1.6 GB, most of a streamed prune's peak.
+    """
+    refits = compensation == "lstsq" and (tokens is None or tokens >= comp.MIN_TOKENS_PER_INPUT * kept_inputs)
+    return refits or (unit_score == "fluctuation" and width > 1)
 
 
 # ---------------------------------------------------------------- plans and scores
@@ -439,7 +445,8 @@ def prune_layers(
         del hidden  # the layer's input is not needed any more: one set of hidden states less at the peak
 
         if plan.keep_channels < channels:
-            with comp.record_inputs(mlp.down_proj, gram=_needs_gram(unit_score, compensation, 1)) as stats:
+            gram = _needs_gram(unit_score, compensation, 1, tokens=middle.shape[0] * middle.shape[1], kept_inputs=plan.keep_channels)
+            with comp.record_inputs(mlp.down_proj, gram=gram) as stats:
                 runner.mlp_block(layer, middle)
             keep = _top(score(mlp.down_proj.weight, stats, 1), plan.keep_channels)
             dense_weight, dense_bias = mlp.down_proj.weight.data.clone(), None if mlp.down_proj.bias is None else mlp.down_proj.bias.data.clone()

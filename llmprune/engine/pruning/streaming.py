@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,7 +40,7 @@ from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.pruning.calibrated import LayerRunner
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
 from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
-from llmprune.engine.io.safetensors_copy import copy_tensors, stored_elements
+from llmprune.engine.io.safetensors_copy import copy_tensors, read_tensors, stored_elements
 from llmprune.engine.io.remote_code import modeling_llmprune
 
 __all__ = ["StreamedLayers", "safetensors_index", "parameter_count", "model_bytes", "should_stream"]
@@ -148,10 +147,8 @@ class StreamedLayers:
         names = [name for name in self.files if name.startswith(prefix)]
         tensors = {}
         for path in {self.files[name] for name in names}:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in names:
-                    if self.files[name] == path:
-                        tensors[name[len(prefix):]] = handle.get_tensor(name)
+            read = read_tensors(path, [name for name in names if self.files[name] == path])
+            tensors.update({name[len(prefix):]: tensor for name, tensor in read.items()})
         return tensors
 
     def runner(self, seq_len: int, batch_size: int = 8) -> LayerRunner:
@@ -168,15 +165,20 @@ class StreamedLayers:
     def load(self, index: int) -> nn.Module:
         layer = self.skeleton.model.layers[index]
         state = self.read_tensors(f"model.layers.{index}.")
+        for name in state:  # converted one by one: the stored copy of each goes as soon as its converted one exists
+            state[name] = state[name].to(self.device, self.dtype)
         # always the stored (unpruned) weights: release() put a fresh meta layer in the skeleton.
         # assign: the tensors just read become the parameters (filling allocated storage would hold the layer twice)
-        layer.load_state_dict({k: v.to(self.device, self.dtype) for k, v in state.items()}, strict=True, assign=True)
+        layer.load_state_dict(state, strict=True, assign=True)
         return layer
 
     def release(self, index: int, layer: nn.Module, changed: bool) -> None:
         if self._output is not None:
             self._write_layer(index, layer)
-        # back to meta: the layer's memory is freed; a later load rebuilds it from the original weights
+        # back to meta: the layer's memory is freed; a later load rebuilds it from the original weights.
+        # The caller's loop variable still names the released layer until its next load(): emptying the
+        # module in place frees its weights now, so that two layers are never in memory at once
+        layer.to("meta")
         self.skeleton.model.layers[index] = self._fresh_layer(index)
         # a forward pass leaves reference cycles around the layer's modules; without a collection the
         # freed layers pile up until Python's allocation-count trigger fires (~10 MB per layer measured)
