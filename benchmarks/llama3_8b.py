@@ -253,9 +253,11 @@ def run_steps(model_dir: Path, work: Path, reload: bool) -> dict:
     out, log = work / "pruned", work / "logs"
     shutil.rmtree(out, ignore_errors=True)
     calib = ["--dataset", CALIBRATION_TEXT, "--importance-samples", "4", "--seq-len", "64"]
+    # analyze's default plan protects the first and last layer: a 2- or 3-layer variant needs all layers prunable
+    plan = ["--layer-start", "0"] if config["num_hidden_layers"] < 4 else []
     steps = [
         ("doctor", [LLMPRUNE, "doctor", str(model_dir), "--json"]),
-        ("analyze", [LLMPRUNE, "analyze", str(model_dir), "--importance-method", "block-influence", "--stream", *calib,
+        ("analyze", [LLMPRUNE, "analyze", str(model_dir), "--importance-method", "block-influence", "--stream", *calib, *plan,
                      "--output", str(work / "layer_importance_config.json"), "--json"]),
         ("prune", [LLMPRUNE, "prune", str(model_dir), "--target-params", _target_params(config), "--stream", "--save-model",
                    "--out", str(out), "--log-dir", str(work / "prune_log"), *calib, "--json"]),

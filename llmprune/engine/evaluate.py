@@ -120,13 +120,13 @@ def streamed_perplexity(store, windows: TokenWindows, batch_size: int = 1, progr
     norm = store.skeleton.model.norm.to_empty(device=store.device)
     norm.load_state_dict({k: v.to(store.dtype) for k, v in store.read_tensors("model.norm.").items()})
     head = (store.read_tensors("lm_head.") or store.read_tensors("model.embed_tokens."))["weight"]  # stored dtype
-    per_window = torch.stack([_window_nll(norm(h[None])[0], ids[1:], head, store) for h, ids in zip(hidden, windows.ids)])
+    per_window = torch.stack([window_nll(norm(h[None])[0], ids[1:], head, store) for h, ids in zip(hidden, windows.ids)])
     if progress:
         progress(steps, steps)
     return _perplexity_result(windows, per_window.sum(), int((~torch.isfinite(per_window)).sum()), time.perf_counter() - start)
 
 
-def _window_nll(normed: torch.Tensor, targets: torch.Tensor, head: torch.Tensor, store) -> torch.Tensor:
+def window_nll(normed: torch.Tensor, targets: torch.Tensor, head: torch.Tensor, store) -> torch.Tensor:
     """Summed NLL of one window's next tokens: log-sum-exp over the vocabulary slice by slice (fp32)."""
     normed, targets = normed[:-1], targets.to(store.device)
     slice_lse, target_logit = [], torch.zeros(targets.shape[0], dtype=torch.float32, device=store.device)

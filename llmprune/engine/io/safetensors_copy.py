@@ -72,6 +72,12 @@ def read_tensors(path: Path, names: list[str]) -> dict:
         for name in names:
             entry = header[name]
             begin, end = entry["data_offsets"]
+            if entry["dtype"] not in _TORCH_DTYPES:  # a rarer dtype (fp8, ...): safetensors' own reader
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as mapped:
+                    tensors[name] = mapped.get_tensor(name)
+                continue
             tensor = torch.empty(entry["shape"], dtype=getattr(torch, _TORCH_DTYPES[entry["dtype"]]))
             handle.seek(data_start + begin)
             view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
