@@ -247,37 +247,46 @@ print('{"dtype": "%s", "finite": %s, "shape": %s}' % (str(next(model.parameters(
 """
 
 
-def run_steps(model_dir: Path, work: Path, reload: bool) -> dict:
-    """Every step on `model_dir`; the pruned model goes to work/pruned."""
+def run_steps(model_dir: Path, work: Path, reload: bool, record) -> dict:
+    """Every step on `model_dir` (the pruned model goes to work/pruned); `record(run)` after each step.
+
+    The order puts what the memory targets are about first (prune, eval, export), so that an
+    interrupted run on a busy machine still has them.
+    """
     config = json.loads((model_dir / "config.json").read_text())
-    out, log = work / "pruned", work / "logs"
+    out, log, gguf = work / "pruned", work / "logs", work / "pruned.gguf"
     shutil.rmtree(out, ignore_errors=True)
     calib = ["--dataset", CALIBRATION_TEXT, "--importance-samples", "4", "--seq-len", "64"]
     # analyze's default plan protects the first and last layer: a 2- or 3-layer variant needs all layers prunable
     plan = ["--layer-start", "0"] if config["num_hidden_layers"] < 4 else []
     steps = [
         ("doctor", [LLMPRUNE, "doctor", str(model_dir), "--json"]),
-        ("analyze", [LLMPRUNE, "analyze", str(model_dir), "--importance-method", "block-influence", "--stream", *calib, *plan,
-                     "--output", str(work / "layer_importance_config.json"), "--json"]),
         ("prune", [LLMPRUNE, "prune", str(model_dir), "--target-params", _target_params(config), "--stream", "--save-model",
                    "--out", str(out), "--log-dir", str(work / "prune_log"), *calib, "--json"]),
-        ("eval (source)", [LLMPRUNE, "eval", str(model_dir), "--stream", "--max-windows", "2", "--dataset", EVALUATION_TEXT, "--json"]),
         ("eval (pruned)", [LLMPRUNE, "eval", str(out), "--stream", "--max-windows", "2", "--dataset", EVALUATION_TEXT, "--json"]),
+        ("export --gguf", [LLMPRUNE, "export", str(out), "--gguf", str(gguf), "--json"]),
         ("doctor --test-forward", [LLMPRUNE, "doctor", str(out), "--test-forward", "--stream", "--json"]),
+        ("eval (source)", [LLMPRUNE, "eval", str(model_dir), "--stream", "--max-windows", "2", "--dataset", EVALUATION_TEXT, "--json"]),
+        ("analyze", [LLMPRUNE, "analyze", str(model_dir), "--importance-method", "block-influence", "--stream", *calib, *plan,
+                     "--output", str(work / "layer_importance_config.json"), "--json"]),
     ]
     if reload:  # the whole pruned model in memory: only for the few-layer variants on this machine
         steps.append(("transformers reload", [sys.executable, "-c", RELOAD, str(out)]))
-    if subprocess.run([LLMPRUNE, "export", "--help"], capture_output=True).returncode == 0:
-        steps.append(("export --gguf", [LLMPRUNE, "export", str(out), "--gguf", "--json"]))
-    rows = [_timed(name, command, log) for name, command in steps]
-    pruned = next(r["output"] for r in rows if r["step"] == "prune") or {}
-    return {
-        "layers": config["num_hidden_layers"], "rope_scaling": config.get("rope_scaling"), "steps": rows,
-        "params_before": pruned.get("params_before"), "params_after": pruned.get("params_after"),
-        "gqa": pruned.get("gqa"), "peak_rss_by_phase": pruned.get("peak_rss_by_phase"),
-        "source_bytes": _du(model_dir), "pruned_bytes": _du(out) if out.is_dir() else None,
-        "pruned_dtype": json.loads((out / "config.json").read_text()).get("dtype") if out.is_dir() else None,
-    }
+    run = {"layers": config["num_hidden_layers"], "rope_scaling": config.get("rope_scaling"), "steps": [],
+           "source_bytes": _du(model_dir)}
+    for name, command in steps:
+        row = _timed(name, command, log)
+        run["steps"].append(row)
+        if name == "prune":
+            pruned = row["output"] or {}
+            run.update({key: pruned.get(key) for key in ("params_before", "params_after", "gqa", "peak_rss_by_phase")})
+            run["pruned_bytes"] = _du(out) if out.is_dir() else None
+            run["pruned_dtype"] = json.loads((out / "config.json").read_text()).get("dtype") if out.is_dir() else None
+        if name.startswith("export"):
+            run["gguf_bytes"] = gguf.stat().st_size if gguf.is_file() else None
+            gguf.unlink(missing_ok=True)  # measured; its GBs of disk are better left free
+        record(run)
+    return run
 
 
 def _figure(row: dict) -> str:
@@ -290,6 +299,8 @@ def _figure(row: dict) -> str:
         return ("healthy" if out.get("ok") else "UNHEALTHY") + (f"; forward ok: {forward.get('ok')}" if forward else "") if out else ""
     if row["step"] == "prune" and out:
         return f"{out['params_before'] / 1e9:.3f} B -> {out['params_after'] / 1e9:.3f} B parameters; {out['gqa']}"
+    if row["step"].startswith("export") and out:
+        return ", ".join(f"{k}: {v}" for k, v in out.items() if k in ("architecture", "tensors", "outtype", "bytes"))
     if row["step"] == "transformers reload" and out:
         return f"{out['dtype']}, finite logits: {out['finite']}"
     return ""
@@ -303,9 +314,11 @@ def results_document(runs: dict, command: str) -> dict:
         tables.append({"caption": f"{key}: each step's wall time and peak RSS (/usr/bin/time -v)",
                        "columns": ["step", "exit", "seconds", "peak RSS (GB)", "result", "command"], "rows": rows})
         phases = run.get("peak_rss_by_phase") or {}
-        size_rows = [["parameters", f"{run['params_before']:,}" if run["params_before"] else None, f"{run['params_after']:,}" if run["params_after"] else None],
-                     ["weights on disk (GB)", round(run["source_bytes"] / GB, 2), round(run["pruned_bytes"] / GB, 2) if run["pruned_bytes"] else None],
-                     ["dtype on disk", "bfloat16", run["pruned_dtype"]]]
+        size_rows = [["parameters", f"{run['params_before']:,}" if run.get("params_before") else None,
+                      f"{run['params_after']:,}" if run.get("params_after") else None],
+                     ["weights on disk (GB)", round(run["source_bytes"] / GB, 2), round(run["pruned_bytes"] / GB, 2) if run.get("pruned_bytes") else None],
+                     ["dtype on disk", "bfloat16", run.get("pruned_dtype")],
+                     ["GGUF export of the pruned model (GB, f16)", None, round(run["gguf_bytes"] / GB, 2) if run.get("gguf_bytes") else None]]
         size_rows += [[f"prune peak RSS, phase {name} (GB)", None, round(peak / GB, 2)] for name, peak in phases.items()]
         tables.append({"caption": f"{key}: source vs. pruned", "columns": ["", "source", "pruned"], "rows": size_rows})
     return {
@@ -333,15 +346,18 @@ def main() -> None:
     if args.build_only:
         return
     key = f"{'Llama-3.1' if args.rope_scaling else 'Llama-3'}-8B shape, {args.layers} layers"
-    run = run_steps(model_dir, args.dir / "runs" / model_dir.name, reload=args.layers <= 4)
-    previous = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    runs = {**previous.get("runs", {}), key: run}
-    commands = {**previous.get("commands", {}), key: "python benchmarks/llama3_8b.py " + " ".join(
-        a.replace(str(args.dir), "DIR") for a in sys.argv[1:] if not a.startswith("--results"))}
-    document = results_document(runs, "; ".join(commands.values()))
-    document["commands"] = commands
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(document, indent=1) + "\n")
+    command = "python benchmarks/llama3_8b.py " + " ".join(a.replace(str(args.dir), "DIR") for a in sys.argv[1:] if not a.startswith("--results"))
+
+    def record(run: dict) -> None:
+        previous = json.loads(args.results.read_text()) if args.results.is_file() else {}
+        runs = {**previous.get("runs", {}), key: run}
+        commands = {**previous.get("commands", {}), key: command}
+        document = results_document(runs, "; ".join(commands.values()))
+        document["commands"] = commands
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(document, indent=1) + "\n")
+
+    run_steps(model_dir, args.dir / "runs" / model_dir.name, reload=args.layers <= 4, record=record)
 
 
 if __name__ == "__main__":
