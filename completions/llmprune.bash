@@ -168,7 +168,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
+            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;

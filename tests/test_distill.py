@@ -214,3 +214,17 @@ def test_resume_keeps_the_teacher_settings(tmp_path, tiny_tokenizer, token_strea
 def test_without_a_teacher_no_kd_part_is_recorded(tmp_path, tiny_tokenizer, token_stream):
     result = finetune_model(student(), tiny_tokenizer, config(tmp_path, teacher=None), train_windows=windows(token_stream))
     assert all(line["kd_loss"] is None and line["lm_loss"] == pytest.approx(line["loss"]) for line in metrics(result.run_dir))
+
+
+def test_the_memory_estimate_counts_teacher_weights_and_the_students_training_state(monkeypatch):
+    from llmprune.engine.core import device
+    from llmprune.engine.finetune.distill import teacher_fits
+
+    monkeypatch.setattr(device, "available_memory_bytes", lambda _device: 10 * 2**30)
+    cpu = torch.device("cpu")
+    fit = teacher_fits(135_000_000, 107_000_000, cpu)
+    # fp32 teacher (4 bytes) + full training of the student (16 bytes), with a 25 % margin
+    assert fit.needed_bytes == int((135_000_000 * 4 + 107_000_000 * 16) * 1.25) and fit.fits
+    assert teacher_fits(135_000_000, 107_000_000, cpu, "lora").needed_bytes == int((135_000_000 * 4 + 107_000_000 * 4) * 1.25)
+    big = teacher_fits(8_000_000_000, 6_500_000_000, cpu)
+    assert not big.fits and "does not fit" in big.reason

@@ -136,3 +136,36 @@ def load_teacher(spec: str, device: torch.device, *, base_model: str | None = No
     from llmprune.engine.io.models import load_model
 
     return load_model(spec, base_model=base_model, trust_pickle=trust_pickle, placement=teacher_placement(device)).model
+
+
+@dataclass(frozen=True)
+class TeacherFit:
+    """Whether a teacher fits next to the student being trained, and the estimate behind the answer."""
+
+    fits: bool
+    needed_bytes: int
+    available_bytes: int | None
+    reason: str
+
+
+# bytes per student parameter while training: fp32 weights, gradients and AdamW's two moments
+# (full), or fp32 frozen weights plus adapters (LoRA); activations and logits get a 25 % margin
+TRAINING_BYTES_PER_PARAMETER = {"full": 16, "lora": 4}
+ACTIVATION_MARGIN = 1.25
+
+
+def teacher_fits(teacher_parameters: int, student_parameters: int, device: torch.device, method: str = "full") -> TeacherFit:
+    """Estimate the memory of distillation (teacher weights in the run dtype + the student's training state)."""
+    from llmprune.engine.core.device import available_memory_bytes
+
+    teacher_bytes = teacher_parameters * teacher_placement(device).dtype.itemsize
+    student_bytes = student_parameters * TRAINING_BYTES_PER_PARAMETER.get(method, 16)
+    needed = int((teacher_bytes + student_bytes) * ACTIVATION_MARGIN)
+    available = available_memory_bytes(device)
+    where = "GPU memory" if device.type == "cuda" else "RAM"
+    if available is None:
+        return TeacherFit(True, needed, None, f"needs about {needed / 2**30:.1f} GiB; free {where} unknown")
+    fits = needed <= available
+    verdict = "fits in" if fits else "does not fit in"
+    return TeacherFit(fits, needed, available,
+                      f"teacher + student need about {needed / 2**30:.1f} GiB, which {verdict} the {available / 2**30:.1f} GiB of free {where}")
