@@ -90,7 +90,7 @@ complete -c llmprune -n '__llmprune_at eval' -l max-windows -x -d 'Evaluate only
 complete -c llmprune -n '__llmprune_at eval' -l batch-size -x -d 'Windows per forward pass.'
 complete -c llmprune -n '__llmprune_at eval' -l prompt -r -F -d 'Also print a short greedy generation from this prompt.'
 complete -c llmprune -n '__llmprune_at eval' -l max-new-tokens -x -d 'Tokens to generate for --prompt.'
-complete -c llmprune -n '__llmprune_at eval' -l tasks -r -F -d 'Comma-separated lm-eval tasks (e.g. arc_easy,hellaswag): accuracy instead of perplexity. Needs llmprune[lm-eval].'
+complete -c llmprune -n '__llmprune_at eval' -l tasks -r -F -d 'Comma-separated lm-eval tasks (e.g. arc_easy,hellaswag): accuracy instead of perplexity. Needs the lm-eval extra.'
 complete -c llmprune -n '__llmprune_at eval' -l include-path -r -F -d 'Folder of local lm-eval task YAML files (with --tasks).'
 complete -c llmprune -n '__llmprune_at eval' -l limit -x -d 'Only the first N examples per task, or a fraction if < 1 (with --tasks; for quick checks).'
 complete -c llmprune -n '__llmprune_at eval' -l num-fewshot -x -d 'Examples in each prompt (with --tasks; default: the task'\''s own, usually 0).'

@@ -18,11 +18,10 @@ from llmprune.cli.common import (
     SeqLenOpt,
     TrustPickleOpt,
 )
-from llmprune.ui.console import console, format_count, perplexity_table, print_json, progress_callback
 
 TasksOpt = Annotated[
     Optional[str],
-    typer.Option("--tasks", help="Comma-separated lm-eval tasks (e.g. arc_easy,hellaswag): accuracy instead of perplexity. Needs llmprune[lm-eval]."),
+    typer.Option("--tasks", help="Comma-separated lm-eval tasks (e.g. arc_easy,hellaswag): accuracy instead of perplexity. Needs the lm-eval extra."),
 ]
 IncludePathOpt = Annotated[Optional[str], typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")]
 LimitOpt = Annotated[Optional[float], typer.Option("--limit", help="Only the first N examples per task, or a fraction if < 1 (with --tasks; for quick checks).")]
@@ -54,6 +53,7 @@ def eval_command(
     """Perplexity of a model on a text (default: wikitext-2 test), and optionally a generation; with --tasks, lm-eval task accuracy."""
     if tasks is not None:
         from llmprune.engine.tasks import TaskEvalConfig, TaskOptions, run_task_evaluation
+        from llmprune.ui.console import console, format_count, print_json
         from llmprune.ui.task_table import task_table
 
         options = TaskOptions(tasks=split_tasks(tasks), include_path=include_path, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
@@ -69,6 +69,7 @@ def eval_command(
         return
 
     from llmprune.engine.evaluate import EvalConfig, run_evaluation
+    from llmprune.ui.console import console, perplexity_table, print_json, progress_callback
 
     config = EvalConfig(
         model=model, dataset=dataset, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
