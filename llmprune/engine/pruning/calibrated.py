@@ -29,6 +29,7 @@ from torch import nn
 
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.pruning.surgery import attention_counts, prune_kv_groups, prune_mlp_channels
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "prune_to_target",
 ]
 
-ProgressCallback = Callable[[str, int, int], None]  # (phase, layers done, layers total)
 
 
 # ---------------------------------------------------------------- where layers live
@@ -169,7 +169,7 @@ def _magnitude(weight: torch.Tensor, stats: comp.InputStatistics, width: int) ->
     return _blocks(weight.detach().to(torch.float64).pow(2).sum(0), width)
 
 
-def _wanda(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
+def _activation(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
     # ‖W[:, j]‖² · E[x_j²]: the mean energy a column sends to the output (Wanda-sp, squared)
     return _blocks(weight.detach().to(torch.float64).pow(2).sum(0) * stats.squares / max(stats.count, 1), width)
 
@@ -185,7 +185,7 @@ def _fluctuation(weight: torch.Tensor, stats: comp.InputStatistics, width: int) 
 # units are contiguous blocks of `width` input columns (a KV group, or one MLP channel with width 1)
 UNIT_SCORES: dict[str, Callable[..., torch.Tensor]] = {
     "magnitude": _magnitude,
-    "wanda": _wanda,
+    "activation": _activation,
     "fluctuation": _fluctuation,
 }
 COMPENSATIONS = ("none", "bias", "lstsq")
@@ -267,7 +267,7 @@ def measure_units(
     ids: torch.Tensor,
     runner: LayerRunner,
     unit_score: str = "fluctuation",
-    progress: ProgressCallback | None = None,
+    progress: StageProgress | None = None,
 ) -> list[LayerScores]:
     """One pass over the dense model: unit scores and block influence of every layer."""
     score = UNIT_SCORES[unit_score]
@@ -404,7 +404,7 @@ def prune_layers(
     unit_score: str = "fluctuation",
     compensation: str = "bias",
     damping: float = 1e-3,
-    progress: ProgressCallback | None = None,
+    progress: StageProgress | None = None,
 ) -> list[LayerReport]:
     """Prune every layer to its plan, in order, on the calibration inputs it really receives."""
     if unit_score not in UNIT_SCORES:
@@ -462,7 +462,7 @@ class CalibratedPruneOptions:
     """How `prune_to_target` chooses, cuts and compensates."""
 
     unit_score: str = "fluctuation"
-    """Which units of a layer to keep: fluctuation | wanda | magnitude (see UNIT_SCORES)."""
+    """Which units of a layer to keep: fluctuation | activation | magnitude (see UNIT_SCORES)."""
     compensation: str = "lstsq"
     """What to do for the removed units: none | bias (their mean, into the output bias) | lstsq (refit o_proj/down_proj)."""
     allocation: str = "global"
@@ -488,7 +488,7 @@ def prune_to_target(
     runner: LayerRunner,
     params_to_remove: int,
     options: CalibratedPruneOptions | None = None,
-    progress: ProgressCallback | None = None,
+    progress: StageProgress | None = None,
 ) -> tuple[list[LayerScores], list[LayerPlan], list[LayerReport]]:
     """Measure the dense model, allocate the cut, then prune layer by layer."""
     options = options or CalibratedPruneOptions()
@@ -528,7 +528,7 @@ def prune_loaded_model(
     options: CalibratedPruneOptions | None = None,
     drop: int = 0,
     batch_size: int = 8,
-    progress: ProgressCallback | None = None,
+    progress: StageProgress | None = None,
 ) -> CalibratedOutcome:
     """Depth then width: drop the `drop` least influential layers, then prune units to the remaining budget."""
     from llmprune.engine.pruning.depth import drop_layers, least_influential

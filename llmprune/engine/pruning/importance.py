@@ -41,9 +41,9 @@ from llmprune.engine.pruning.layerwise import (
     iterate_layers,
     run_layer,
 )
+from llmprune.engine.pruning.plan_options import LAYER_METHODS
 from llmprune.engine.pruning.surgery import attention_counts
 
-LAYER_METHODS = ("removal", "block-influence", "taylor")
 ProgressCallback = Callable[[int, int], None]
 
 

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.pruning.allocation import LayerUnits
 from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_shapes, require_llama_style
 from llmprune.engine.data import TokenWindows
@@ -41,7 +42,6 @@ from llmprune.engine.pruning.importance import LayerActivations, collect_activat
 from llmprune.engine.pruning.layerwise import CalibrationBatch, capture_layer_inputs, iterate_layers, run_layer
 from llmprune.engine.pruning.surgery import prune_kv_groups, prune_mlp_channels, prune_query_heads
 
-StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-if TYPE_CHECKING:
-    from llmprune.engine.recipes.runner import RecipeConfig
+from llmprune.engine.core.progress import StageProgress
 
-StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
+if TYPE_CHECKING:
+    from llmprune.engine.recipes.config import RecipeConfig
+
 # acceptable PPL verdicts: the gate lets these through to fine-tuning
 PASSING_VERDICTS = ("healthy", "acceptable")
 
@@ -93,7 +94,7 @@ class StepAdapters:
                 model=config.model, ratio=ratio, prune_mlp=prune.prune_mlp, importance_config=Path(importance_config),
                 importance_method=prune.importance, calibration=self._calibration(config), strategy=prune.strategy,
                 alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end, out=out_dir,
-                log_dir=out_dir.parent / "prune_log", log_name="pruned", device=config.device, dtype=config.dtype,
+                log_dir=out_dir.parent / "prune_log", save_ckpt_log_name="pruned", device=config.device, dtype=config.dtype,
             ),
             progress=progress,
         )

@@ -16,9 +16,10 @@ from typing import Callable
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import atomic_write_json
-from llmprune.engine.recipes.registry import PipelineSettings, Recipe
+from llmprune.engine.core.progress import StageProgress
+from llmprune.engine.recipes.config import PipelineSettings
+from llmprune.engine.recipes.registry import Recipe
 
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass(kw_only=True)
@@ -73,7 +74,8 @@ class SweepResult:
 def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> SweepResult:
     """Analyse once, prune a copy of the base model at each ratio, measure each; saves sweep.json."""
     from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.pruning.analysis import check_config_fits, plan_units, read_importance_config
+    from llmprune.engine.pruning.analysis import check_config_fits, read_importance_config
+    from llmprune.engine.pruning.plan import plan_units
     from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
     from llmprune.engine.core.device import choose_placement
