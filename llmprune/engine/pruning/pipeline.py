@@ -28,9 +28,8 @@ from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, prune_loa
 from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig  # noqa: F401 (re-exported)
 from llmprune.engine.pruning.plan import make_plan, parameter_model, resolve_plan_options
 from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD
-from llmprune.engine.pruning.importance import get_unit_importance
 from llmprune.engine.pruning.prune_model import LayerChange, prune_model
-from llmprune.engine.pruning.reconstruction import compensation_step
+from llmprune.engine.pruning.reconstruction import step_name
 from llmprune.engine.pruning.result import (  # noqa: F401 (re-exported)
     PruneResult,
     default_log_name,
@@ -40,6 +39,7 @@ from llmprune.engine.pruning.result import (  # noqa: F401 (re-exported)
     write_run_log,
 )
 from llmprune.engine.pruning.route import PrunePath, choose_path, stream_source  # noqa: F401 (re-exported)
+from llmprune.engine.pruning.unit_scores import get_unit_score
 
 
 def run_prune(config: PruneConfig, progress: StageProgress | None = None, loaded=None) -> PruneResult:
@@ -49,7 +49,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None, loaded
     """
     start = time.perf_counter()
     config.validate()
-    get_unit_importance(config.unit_importance)
+    get_unit_score(config.unit_importance)
     saved_config = read_importance_config(config.importance_config) if config.importance_config else None
     placement = config.placement() if loaded is None else None
     path = choose_path(config, placement.device if placement is not None else None)
@@ -114,8 +114,8 @@ class _Run:
         """Layer importance (or the saved scores) -> per-layer units -> prune_model."""
         config, model = self.config, self.model
         needs_scores = saved_config is None and options.strategy != "uniform"
-        needs_windows = (needs_scores or get_unit_importance(config.unit_importance).needs_activations
-                         or config.compensation is not None or config.compensation_kind != "none")
+        compensation = config.compensation or config.compensation_kind
+        needs_windows = needs_scores or get_unit_score(config.unit_importance).needs_statistics or compensation != "none"
         windows = self.calibration_windows() if needs_windows else None
         method = config.importance_method or DEFAULT_IMPORTANCE_METHOD
         if saved_config:
@@ -128,16 +128,12 @@ class _Run:
         options, rates, units = make_plan(scores, self.counter, options, config.attn_unit, config.prune_mlp, config.round_to,
                                           config.uniform, self.target)
         ppl_before = self.perplexity("before")
-        compensation = config.compensation
-        if compensation is None and config.compensation_kind != "none":
-            compensation = compensation_step(config.compensation_kind)
         outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, compensation,
-                              gram=bool(getattr(compensation, "needs_gram", False)),
                               batch_size=config.calibration.batch_size, progress=self.progress)
         ppl_after = self.perplexity("after")
-        name = getattr(compensation, "__name__", type(compensation).__name__) if compensation else None
         return self.result(
-            options=resolved_options(config, allocation="plan", plan=options.to_dict(), compensation=name),
+            options=resolved_options(config, allocation="plan", plan=options.to_dict(),
+                                     compensation=compensation if isinstance(compensation, str) else step_name(compensation)),
             ratio=options.ratio, params_before=outcome.params_before, params_after=outcome.params_after,
             layers=outcome.layers, rates=rates, importance_method=method, importance=list(scores),
             ppl_before=ppl_before, ppl_after=ppl_after,
@@ -189,7 +185,8 @@ def layer_changes(before: list[LayerShape], after: list[LayerShape], dropped: li
         report, was, now = by_index.get(old_index), before[old_index], after[new_index]
         ratio_heads = was.num_attention_heads // was.num_key_value_heads
         heads = [g * ratio_heads + j for g in report.kept_groups for j in range(ratio_heads)] if report else None
-        changes.append(LayerChange(old_index, was, now, heads, report.kept_channel_indices if report else None))
+        changes.append(LayerChange(old_index, was, now, heads, report.kept_channel_indices if report else None,
+                                   dict(report.compensation) if report else {}))
         rates.append(1 - prunable_parameters([now], hidden) / prunable_parameters([was], hidden))
     return changes, rates
 
