@@ -21,7 +21,7 @@ from llmprune.engine.recipes.report import RecipeReport, build_report, write_rep
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.recipes.config import OUTPUTS, RecipeConfig
-from llmprune.engine.recipes.steps import PASSING_VERDICTS, StepAdapters, has_checkpoint
+from llmprune.engine.recipes.steps import PASSING_VERDICTS, StepAdapters, choose_teacher, has_checkpoint
 
 # step name -> what it does (in the order they run)
 STEPS: dict[str, str] = {
@@ -143,8 +143,11 @@ class _Run:
 
     def finetune(self) -> dict:
         out = self.run_dir / "finetune"
+        teacher, why = choose_teacher(self.config, self.state.result("baseline")["params"], self.state.result("check")["params"], out)
+        self.emit(Notice(why))
         result = self.steps.finetune(self.config, str(self.run_dir / "pruned"), out, has_checkpoint(out),
-                                     self.finetune_listener, self.finetune_host)
+                                     self.finetune_listener, self.finetune_host, teacher=teacher)
+        result.update(teacher=teacher, teacher_choice=why)
         if result["status"] == "stopped_by_user":
             self.state.status = "interrupted"
             self.emit(Notice("fine-tuning stopped by the user; run the same command again to resume from its last checkpoint", "warning"))
