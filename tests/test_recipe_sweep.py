@@ -39,3 +39,17 @@ def test_sweep_reuses_a_saved_importance_analysis(tiny_model_dir, pydoc_text_fil
 def test_sweep_without_ratios_is_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["recipe", "sweep", "smollm2-135m", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--ratio" in result.output
+
+
+def test_a_sweep_row_predicts_the_recipe_at_that_ratio(tiny_model_dir, pydoc_text_file, tmp_path):
+    # the sweep and `recipe safe --ratio r` prune through the same run_prune with the same settings
+    data = sweep(tiny_model_dir, pydoc_text_file, tmp_path / "sweep")
+    args = ["recipe", "safe", "--model", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--eval-dataset", str(pydoc_text_file),
+            "--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4", "--out", str(tmp_path / "runs"),
+            "--ratio", "0.25", "--skip-finetune", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code in (0, 1), result.output  # the gate may stop a random model; the pruned row is there either way
+    pruned = next(row for row in json.loads(result.stdout)["rows"] if row["stage"] == "pruned")
+    row = next(row for row in data["rows"] if row["ratio"] == 0.25)
+    assert pruned["params"] == row["params"]
+    assert pruned["ppl"] == row["ppl"]

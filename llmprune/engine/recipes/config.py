@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.recipes.registry import Recipe
 
 # run-directory entries written by the steps (a --restart removes exactly these)
@@ -18,11 +19,9 @@ OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "state.json", "report.
 
 
 @dataclass(kw_only=True)
-class PipelineSettings:
-    """What a recipe run (or a ratio sweep) needs besides the recipe: the model, the text and the budget."""
+class PipelineSettings(LoadOptions):
+    """What a recipe run (or a ratio sweep) needs besides the recipe: the model (LoadOptions), the text and the budget."""
 
-    model: str = "smollm2-135m"
-    """Base model spec."""
     out: str = "llmprune-runs"
     """Folder that holds the run directories."""
     dataset: str = "wikitext2"
@@ -37,8 +36,6 @@ class PipelineSettings:
     """Evaluation windows per PPL (None: the whole split)."""
     batch_size: int = 8
     """Windows per forward pass when measuring."""
-    device: str = "auto"
-    dtype: str = "auto"
 
     def model_stem(self) -> str:
         """The model's name as a folder name: smollm2-135m, or a directory's/file's own name."""
