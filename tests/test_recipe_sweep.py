@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
@@ -9,7 +11,7 @@ from llmprune.cli.app import app
 
 def sweep(model_dir, corpus, out, *extra):
     args = ["recipe", "sweep", str(model_dir), "--dataset", str(corpus), "--eval-dataset", str(corpus), "--seq-len", "32",
-            "--calibration-samples", "4", "--eval-windows", "4", "--out", str(out), "--ratio", "0.5", "--ratio", "0.25", *extra, "--json"]
+            "--importance-samples", "4", "--eval-windows", "4", "--out", str(out), "--ratio", "0.5", "--ratio", "0.25", *extra, "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -53,3 +55,19 @@ def test_a_sweep_row_predicts_the_recipe_at_that_ratio(tiny_model_dir, pydoc_tex
     row = next(row for row in data["rows"] if row["ratio"] == 0.25)
     assert pruned["params"] == row["params"]
     assert pruned["ppl"] == row["ppl"]
+
+
+@pytest.mark.parametrize("command", [["recipe", "safe"], ["recipe", "sweep"], ["prune"], ["analyze"]])
+def test_one_name_per_option_with_the_old_names_hidden(command):
+    shown = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "250"}).output
+    for name in ("--importance-method", "--importance-samples"):
+        assert name in shown
+    if command[0] == "recipe":
+        assert "--pruning-strategy" in shown and "--prune-mlp" in shown
+        for old in ("--importance ", "--strategy ", "--calibration-samples", "--mlp "):
+            assert old not in shown
+
+
+def test_recipe_help_shows_the_recipes_own_values():
+    shown = " ".join(CliRunner().invoke(app, ["recipe", "attn-only", "--help"], env={"COLUMNS": "250"}).output.split())
+    assert "[default: 1.2]" in shown and "[default: no-prune-mlp]" in shown

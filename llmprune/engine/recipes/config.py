@@ -48,7 +48,7 @@ class PipelineSettings(LoadOptions):
                 raise UserInputError(problem, hint)
 
         need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
-        for option, value in (("--calibration-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
+        for option, value in (("--importance-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
         need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "use e.g. 64")
 
