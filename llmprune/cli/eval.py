@@ -52,6 +52,10 @@ def eval_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Perplexity of a model on a text (default: wikitext-2 test), and optionally a generation; with --tasks, lm-eval task accuracy."""
+    if tasks is not None and stream:
+        from llmprune.engine.core.errors import UserInputError
+
+        raise UserInputError("--stream measures perplexity one layer at a time; --tasks needs the model in memory", "drop --stream or --tasks")
     if tasks is not None:
         from llmprune.engine.tasks import TaskEvalConfig, TaskOptions, run_task_evaluation
         from llmprune.ui.console import console, format_count, print_json
