@@ -515,11 +515,13 @@ def _run_streamed(config: PruneConfig, source: Path, placement, start: float, pr
 
 def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None) -> PruneResult:
     """Save the model if asked (and not already written by streaming), write the run log."""
-    from llmprune.engine.io.checkpoint import save_model
+    from llmprune.engine.io.checkpoint import make_stock_compatible, save_model
 
     run_folder = run_folder or _run_folder(Path(config.log_dir), config.log_name or default_log_name(config.model))
     if result.loaded is not None and (config.save_model or config.out is not None):
         model, loaded = result.loaded.model, result.loaded
+        make_stock_compatible(model)  # zero biases a stock config demands: count what transformers will count
+        result.params_after = sum(p.numel() for p in model.parameters())
         out = Path(config.out) if config.out is not None else run_folder / "model"
         save_model(model, loaded.tokenizer, out, provenance=provenance(result, config))
         result.saved_to = str(out)
