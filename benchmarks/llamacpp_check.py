@@ -139,7 +139,7 @@ def main() -> None:
     if pruned is None:
         pruned = work / "pruned"
         llmprune("prune", args.model, "--dataset", CALIBRATION_TEXT, "--out", str(pruned), "--json")
-    exports = [("dense", args.model, "f32"), ("dense", args.model, "q8_0"), ("pruned", str(pruned), "f32"), ("pruned", str(pruned), "q8_0")]
+    exports = [("pruned", str(pruned), "f32"), ("dense", args.model, "f32"), ("pruned", str(pruned), "q8_0"), ("dense", args.model, "q8_0")]
     rows, raw = evaluate_exports(exports, tools, work, lf_text, text, args)
     reference = reference_conversion(args, tools, work, lf_text)
     write_results(args, rows, raw, reference, pruned)
@@ -159,11 +159,11 @@ def evaluate_exports(exports, tools, work, lf_text, text, args):
         export_seconds = time.perf_counter() - started
         if spec not in cache:
             loaded = load_model(spec, placement=choose_placement("cpu", "float32"))
-            cache.clear()
             ppl = transformers_perplexity(loaded.model, loaded.tokenizer, text, args.ctx, args.chunks)
             greedy = [transformers_greedy(loaded.model, loaded.tokenizer, p, 32) for p in PROMPTS]
             ids = loaded.tokenizer(text[:20000], add_special_tokens=False)["input_ids"]
             cache[spec] = (ppl, greedy, ids, loaded.num_parameters)
+            del loaded
         hf_ppl, hf_greedy, hf_ids, parameters = cache[spec]
         cpp_ppl = llama_perplexity(tools, gguf, lf_text, args.ctx, args.chunks, args.threads)
         cpp_greedy = [llama_greedy(tools, gguf, p, 32, args.threads) for p in PROMPTS]

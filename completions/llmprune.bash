@@ -175,7 +175,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
+            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --export --restart --no-tui --device --dtype --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -202,6 +202,7 @@ _llmprune() {
                 --batch-size) valued=1 values='' files=0 ;;
                 --retreat-step) valued=1 values='' files=0 ;;
                 --min-ratio) valued=1 values='' files=0 ;;
+                --export) valued=1 values='' files=1 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
                 --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
             esac

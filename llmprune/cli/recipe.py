@@ -67,6 +67,7 @@ def _command_for(recipe: Recipe):
         auto_retreat: Annotated[bool, typer.Option("--auto-retreat", help="If the gate fails, re-prune lower until it passes.")] = False,
         retreat_step: Annotated[float, typer.Option("--retreat-step", help="Ratio decrement per retreat.")] = 0.05,
         min_ratio: Annotated[float, typer.Option("--min-ratio", help="The auto-retreat gives up below this ratio.")] = 0.05,
+        export: Annotated[Optional[str], typer.Option("--export", help="Also write the final model as OUT/<run>/model.gguf for llama.cpp: gguf.")] = None,
         restart: Annotated[bool, typer.Option("--restart", help="Discard a previous run of the same name instead of resuming it.")] = False,
         no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")] = False,
         device: DeviceOpt = "auto",
@@ -88,7 +89,7 @@ def _command_for(recipe: Recipe):
             recipe=chosen, model=model, out=out, name=name, dataset=dataset, eval_dataset=eval_dataset, seq_len=seq_len,
             calibration_samples=calibration_samples, eval_windows=eval_windows, batch_size=batch_size,
             skip_finetune=skip_finetune, auto_retreat=auto_retreat, retreat_step=retreat_step, min_ratio=min_ratio,
-            restart=restart, device=device, dtype=dtype,
+            restart=restart, export=export, device=device, dtype=dtype,
         )
         lines = None if json_output else PlainTrainingLines()
         host = None

@@ -33,10 +33,12 @@ STEPS: dict[str, str] = {
     "gate": "continue only if the verdict is healthy or acceptable",
     "finetune": "recovery fine-tuning of the pruned model",
     "final_eval": "PPL and verdict of the fine-tuned model",
+    "export": "GGUF file of the final model for llama.cpp",
 }
 FINETUNE_STEPS = ("finetune", "final_eval")
 # run-directory entries written by the steps (a --restart removes exactly these)
-OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "state.json", "report.json", "report.txt")
+OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "model.gguf", "state.json", "report.json", "report.txt")
+EXPORT_FORMATS = ("gguf",)
 
 
 @dataclass(kw_only=True)
@@ -57,6 +59,8 @@ class RecipeConfig(PipelineSettings):
     """The auto-retreat gives up below this ratio."""
     restart: bool = False
     """Discard a previous run in the same directory instead of resuming it."""
+    export: str | None = None
+    """Also write the final model (fine-tuned, else pruned) in this format as the last step: gguf (model.gguf, f16)."""
 
     @property
     def run_dir(self) -> Path:
@@ -85,6 +89,8 @@ class RecipeConfig(PipelineSettings):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
         need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")
         need(0 < self.min_ratio <= prune.ratio, f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}", "use e.g. 0.05")
+        need(self.export in (None, *EXPORT_FORMATS), f"--export must be one of {', '.join(EXPORT_FORMATS)}, got '{self.export}'",
+             "use --export gguf")
         if self.name is not None:
             need(bool(re.fullmatch(r"[\w.+-]+", self.name)), f"--name '{self.name}' is not a plain folder name", "use letters, digits, - _ . +")
 
@@ -213,6 +219,11 @@ class _Run:
         base_ppl = self.state.result("baseline")["ppl"]
         return self.steps.evaluate(model_dir, self.config, base_ppl=base_ppl, health=True, progress=self.progress)
 
+    def export(self) -> dict:
+        finetuned = self.state.result("finetune") if self.state.done("finetune") else None
+        model_dir = finetuned["model_dir"] if finetuned else str(self.run_dir / "pruned")
+        return self.steps.export_gguf(model_dir, self.run_dir / "model.gguf")
+
 
 def _summary(step: str, result: dict) -> str:
     if "ppl" in result:
@@ -222,6 +233,8 @@ def _summary(step: str, result: dict) -> str:
         return f"ratio {result['ratio']:g}: {result['params']:,} parameters, {result['share_removed']:.1%} of all removed"
     if step == "analyze":
         return f"{result['method']} importance of {len(result['scores'])} layers → {result['importance_config']}"
+    if step == "export":
+        return f"{result['architecture']} GGUF, {result['bytes'] / 2**20:,.1f} MiB → {result['gguf']}"
     if step == "gate":
         return f"passed ({result['verdict']})"
     if step == "finetune":
@@ -276,6 +289,8 @@ def run_recipe(
             index += 1
             if step in FINETUNE_STEPS and config.skip_finetune:
                 emit(StepSkipped(step, "--skip-finetune"))
+                continue
+            if step == "export" and config.export is None:
                 continue
             if state.done(step):
                 emit(StepSkipped(step, "done in an earlier run"))
