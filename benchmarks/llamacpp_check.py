@@ -40,6 +40,10 @@ from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT, REPO
 
 PROMPTS = ["The capital of France is", "Once upon a time, there was a", "The most important thing about machine learning is"]
 TOOLS = ("llama-perplexity", "llama-completion", "llama-tokenize")
+# weight repacking picks AMX kernels on CPUs that report AMX; a VM that reports it without enabling it dies with
+# SIGILL on q8_0 (this machine did), so the check runs the plain kernels
+NO_REPACK = ["--no-repack"]
+EOS = "<eos>"  # both sides stop at the end-of-text token and mark it the same way
 
 
 def find_tools(directory: str | None) -> dict[str, str] | None:
@@ -59,7 +63,7 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def llama_perplexity(tools: dict, gguf: Path, text: Path, ctx: int, chunks: int, threads: int) -> float:
-    out = run([tools["llama-perplexity"], "-m", str(gguf), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)])
+    out = run([tools["llama-perplexity"], "-m", str(gguf), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads), *NO_REPACK])
     match = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
     if not match:
         raise RuntimeError(f"no PPL in llama-perplexity output:\n{out.stderr[-2000:]}")
@@ -68,8 +72,9 @@ def llama_perplexity(tools: dict, gguf: Path, text: Path, ctx: int, chunks: int,
 
 def llama_greedy(tools: dict, gguf: Path, prompt: str, tokens: int, threads: int) -> str:
     out = run([tools["llama-completion"], "-m", str(gguf), "-p", prompt, "-n", str(tokens), "--temp", "0", "--top-k", "1",
-               "-no-cnv", "--no-warmup", "-s", "0", "-t", str(threads), "--simple-io", "--no-display-prompt"], stdin=subprocess.DEVNULL)
-    return out.stdout.strip()
+               "-no-cnv", "--no-warmup", "-s", "0", "-t", str(threads), "--simple-io", "--no-display-prompt", *NO_REPACK], stdin=subprocess.DEVNULL)
+    text = out.stdout.strip()
+    return text.removesuffix("[end of text]").rstrip() + EOS if text.endswith("[end of text]") else text
 
 
 def llama_token_ids(tools: dict, gguf: Path, text_file: Path) -> list[int]:
@@ -106,7 +111,10 @@ def transformers_greedy(model, tokenizer, prompt: str, tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False).strip()
+    new = out[0, ids.shape[1]:].tolist()
+    ended = bool(new) and new[-1] == tokenizer.eos_token_id
+    text = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=False).strip()
+    return text + EOS if ended else text
 
 
 def llmprune(*args: str) -> None:
@@ -154,6 +162,11 @@ def evaluate_exports(exports, tools, work, lf_text, text, args):
     snippet.write_text(text[:20000], encoding="utf-8")
     for label, spec, outtype in exports:
         gguf = work / f"{label}-{outtype}.gguf"
+        done = work / f"{label}-{outtype}.json"  # a rerun with the same --work resumes after the last finished run
+        if done.is_file() and gguf.is_file():
+            raw.append(json.loads(done.read_text(encoding="utf-8")))
+            rows.append(_row(raw[-1]))
+            continue
         started = time.perf_counter()
         llmprune("export", spec, "--gguf", str(gguf), "--outtype", outtype, "--json")
         export_seconds = time.perf_counter() - started
@@ -170,14 +183,20 @@ def evaluate_exports(exports, tools, work, lf_text, text, args):
         same_tokens = llama_token_ids(tools, gguf, snippet) == hf_ids
         same_text = sum(a == b for a, b in zip(cpp_greedy, hf_greedy))
         diff = 100 * (cpp_ppl - hf_ppl) / hf_ppl
-        rows.append([label, f"{parameters / 1e6:.1f} M", outtype, f"{gguf.stat().st_size / 2**20:.1f}", f"{hf_ppl:.3f}", f"{cpp_ppl:.3f}",
-                     f"{diff:+.3f} %", f"{same_text}/3", "yes" if same_tokens else "no"])
         raw.append({"model": label, "spec": spec, "outtype": outtype, "parameters": parameters, "gguf_bytes": gguf.stat().st_size,
                     "export_seconds": round(export_seconds, 1), "transformers_ppl": hf_ppl, "llamacpp_ppl": cpp_ppl,
                     "difference_percent": diff, "greedy_transformers": hf_greedy, "greedy_llamacpp": cpp_greedy,
-                    "same_tokenization": same_tokens})
+                    "same_greedy": same_text, "same_tokenization": same_tokens})
+        rows.append(_row(raw[-1]))
+        done.write_text(json.dumps(raw[-1]), encoding="utf-8")
         print(json.dumps(raw[-1]), flush=True)
     return rows, raw
+
+
+def _row(run: dict) -> list:
+    return [run["model"], f"{run['parameters'] / 1e6:.1f} M", run["outtype"], f"{run['gguf_bytes'] / 2**20:.1f}",
+            f"{run['transformers_ppl']:.3f}", f"{run['llamacpp_ppl']:.3f}", f"{run['difference_percent']:+.3f} %",
+            f"{run['same_greedy']}/3", "yes" if run["same_tokenization"] else "no"]
 
 
 def reference_conversion(args, tools, work, lf_text) -> dict | None:
