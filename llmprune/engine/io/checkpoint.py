@@ -55,6 +55,17 @@ def _make_stock_compatible(model: nn.Module, shape: LayerShape) -> None:
                 _add_zero_bias(proj)
 
 
+def make_stock_compatible(model: nn.Module) -> None:
+    """Give a uniform model the zero sibling biases its stock config will demand (no-op otherwise).
+
+    Done before counting parameters, so that reports count what transformers
+    counts in the saved folder.
+    """
+    shapes = layer_shapes(model)
+    if is_uniform(shapes):
+        _make_stock_compatible(model, shapes[0])
+
+
 def describe_shapes(config: Any, shapes: list[LayerShape]) -> None:
     """Make `config` describe these per-layer shapes: stock fields if uniform, else layer_shapes + auto_map.
 
@@ -127,9 +138,8 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance
     memory is left as it is (a cast copy of its state dict is written).
     """
     out_dir = Path(out_dir)
+    make_stock_compatible(model)
     shapes = layer_shapes(model)
-    if is_uniform(shapes):
-        _make_stock_compatible(model, shapes[0])
     describe_shapes(model.config, shapes)
     record = provenance_record(shapes, sum(p.numel() for p in model.parameters()), provenance)
     model_dtype = next(model.parameters()).dtype

@@ -264,12 +264,14 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
 def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None,
             phases: PhasePeaks | None = None, device=None) -> PruneResult:
     """Save the model if asked (and not already written by streaming), write the run log."""
-    from llmprune.engine.io.checkpoint import resolve_save_dtype, save_model
+    from llmprune.engine.io.checkpoint import make_stock_compatible, resolve_save_dtype, save_model
 
     run_folder = run_folder or new_run_folder(Path(config.log_dir), config.save_ckpt_log_name or default_log_name(config.model))
     if result.loaded is not None and (config.save_model or config.out is not None):
         if phases is not None:
             phases.enter("save")
+        make_stock_compatible(result.loaded.model)  # zero biases a stock config demands: count what transformers will count
+        result.params_after = sum(p.numel() for p in result.loaded.model.parameters())
         model, loaded = result.loaded.model, result.loaded
         out = Path(config.out) if config.out is not None else run_folder / "model"
         # auto keeps the source's stored dtype (bf16 in -> bf16 out) whatever the compute dtype was
