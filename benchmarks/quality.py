@@ -33,6 +33,8 @@ from shared_data import EVALUATION_TEXT as TEST  # noqa: E402
 # name -> options for llmprune's width pruning (the first is the default of `llmprune prune`)
 WIDTH_METHODS = {
     "default": CalibratedPruneOptions(),
+    "fluctuation+lstsq": CalibratedPruneOptions(unit_score="fluctuation"),
+    "obs+lstsq": CalibratedPruneOptions(unit_score="obs"),
     "bias": CalibratedPruneOptions(compensation="bias"),
     "no-compensation": CalibratedPruneOptions(compensation="none"),
     "wanda+lstsq": CalibratedPruneOptions(unit_score="wanda"),

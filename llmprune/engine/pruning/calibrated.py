@@ -157,43 +157,57 @@ def _group_width(layer: nn.Module) -> int:
 
 
 def _group_columns(layer: nn.Module) -> list[list[int]]:
-    width = _group_width(layer)
-    return [list(range(g * width, (g + 1) * width)) for g in range(layer.self_attn.o_proj.in_features // width)]
+    return _group_columns_of(_group_width(layer), layer.self_attn.o_proj.in_features)
+
+
+def _group_columns_of(width: int, columns: int) -> list[list[int]]:
+    return [list(range(g * width, (g + 1) * width)) for g in range(columns // width)]
 
 
 def _blocks(column_scores: torch.Tensor, width: int) -> torch.Tensor:
     return column_scores.reshape(-1, width).sum(1)
 
 
-def _magnitude(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
+def _magnitude(weight: torch.Tensor, stats: comp.InputStatistics, width: int, keep: int | None = None) -> torch.Tensor:
     return _blocks(weight.detach().to(torch.float64).pow(2).sum(0), width)
 
 
-def _wanda(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
+def _wanda(weight: torch.Tensor, stats: comp.InputStatistics, width: int, keep: int | None = None) -> torch.Tensor:
     # ‖W[:, j]‖² · E[x_j²]: the mean energy a column sends to the output (Wanda-sp, squared)
     return _blocks(weight.detach().to(torch.float64).pow(2).sum(0) * stats.squares / max(stats.count, 1), width)
 
 
-def _fluctuation(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
+def _fluctuation(weight: torch.Tensor, stats: comp.InputStatistics, width: int, keep: int | None = None) -> torch.Tensor:
     if width == 1 or stats.gram is None:
         return _blocks(comp.fluctuation(weight, stats), width)
     groups = [range(g * width, (g + 1) * width) for g in range(weight.shape[1] // width)]
     return comp.group_fluctuation(weight, stats, groups)
 
 
-# name -> f(weight of o_proj/down_proj, its input statistics, columns per unit) -> one score per unit (higher = keep);
+def _obs(weight: torch.Tensor, stats: comp.InputStatistics, width: int, keep: int | None = None) -> torch.Tensor:
+    from llmprune.engine.pruning.obs import obs_unit_scores
+
+    # keep known (the pruning pass): greedy removal down to it; unknown (measuring): one-shot OBS errors
+    units = weight.shape[1] // width
+    return obs_unit_scores(weight, stats, width, remove=0 if keep is None else units - keep)
+
+
+# name -> f(weight of o_proj/down_proj, its input statistics, columns per unit, units to keep if known)
+# -> one score per unit (higher = keep);
 # units are contiguous blocks of `width` input columns (a KV group, or one MLP channel with width 1)
 UNIT_SCORES: dict[str, Callable[..., torch.Tensor]] = {
     "magnitude": _magnitude,
     "wanda": _wanda,
     "fluctuation": _fluctuation,
+    "obs": _obs,
 }
 COMPENSATIONS = ("none", "bias", "lstsq")
+REFIT_TARGETS = ("pruned", "dense")  # what the lstsq refit reproduces: the layer's own output on its inputs, or the dense model's
 
 
 def _needs_gram(unit_score: str, compensation: str, width: int) -> bool:
-    """XᵀX is needed for least squares, and for fluctuation scores of multi-column units (KV groups) only."""
-    return compensation == "lstsq" or (unit_score == "fluctuation" and width > 1)
+    """XᵀX is needed for least squares and OBS scores, and for fluctuation scores of multi-column units (KV groups) only."""
+    return compensation == "lstsq" or unit_score == "obs" or (unit_score == "fluctuation" and width > 1)
 
 
 # ---------------------------------------------------------------- plans and scores
@@ -275,12 +289,11 @@ def measure_units(
     results = []
     for index in range(store.num_layers):
         layer = store.load(index)
-        with comp.record_inputs(layer.self_attn.o_proj, gram=unit_score == "fluctuation") as attn_stats:
+        with comp.record_inputs(layer.self_attn.o_proj, gram=_needs_gram(unit_score, "none", _group_width(layer))) as attn_stats:
             middle = runner.attention_block(layer, hidden)
-        with comp.record_inputs(layer.mlp.down_proj, gram=False) as mlp_stats:
+        with comp.record_inputs(layer.mlp.down_proj, gram=_needs_gram(unit_score, "none", 1)) as mlp_stats:
             out = runner.mlp_block(layer, middle)
         group_scores = score(layer.self_attn.o_proj.weight, attn_stats, _group_width(layer))
-        # per-channel scores never need the Gram (a single column has no cross terms)
         channel_scores = score(layer.mlp.down_proj.weight, mlp_stats, 1)
         group_params, channel_params = _unit_params(layer)
         results.append(
@@ -365,12 +378,13 @@ def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | No
         linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
 
 
-def _compensate(linear: nn.Linear, dense_weight: torch.Tensor, dense_bias, stats, keep_columns: list[int], compensation: str, damping: float) -> None:
+def _compensate(linear: nn.Linear, dense_weight: torch.Tensor, dense_bias, stats, keep_columns: list[int], compensation: str, damping: float,
+                cross: torch.Tensor | None = None) -> None:
     """After surgery sliced `linear`'s input columns, fix its output for what was removed."""
     if compensation == "bias":
         _set_linear(linear, linear.weight.data, comp.compensate_bias(dense_weight, dense_bias, stats, keep_columns))
     elif compensation == "lstsq":
-        weight, bias = comp.refit_least_squares(dense_weight, dense_bias, stats, keep_columns, damping=damping)
+        weight, bias = comp.refit_least_squares(dense_weight, dense_bias, stats, keep_columns, damping=damping, cross=cross)
         _set_linear(linear, weight, bias)
 
 
@@ -395,6 +409,38 @@ class LayerReport:
         return asdict(self)
 
 
+class _capture_inputs:
+    """Context manager: keep every input of `linear` (in call order) while it is open; `.inputs` after."""
+
+    def __init__(self, linear: nn.Linear, enabled: bool = True):
+        self.linear, self.enabled, self.chunks, self._handle = linear, enabled, [], None
+
+    def __enter__(self) -> "_capture_inputs":
+        if self.enabled:
+            self._handle = self.linear.register_forward_pre_hook(lambda _m, args: self.chunks.append(args[0].detach().clone()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return torch.cat(self.chunks)
+
+
+@torch.no_grad()
+def _cross_products(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """X̃ᵀT ((in + 1) × out, float64) with X̃ = [X, 1], a few windows at a time."""
+    features = inputs.shape[-1]
+    cross = torch.zeros(features + 1, targets.shape[-1], dtype=torch.float64, device=targets.device)
+    for x, t in zip(inputs.split(_WINDOWS_PER_CHUNK), targets.split(_WINDOWS_PER_CHUNK)):
+        x, t = x.flatten(0, 1).double(), t.flatten(0, 1).double()
+        cross[:features].addmm_(x.T, t)
+        cross[features] += t.sum(0)
+    return cross
+
+
 @torch.no_grad()
 def prune_layers(
     store: LayerStore,
@@ -405,14 +451,24 @@ def prune_layers(
     compensation: str = "bias",
     damping: float = 1e-3,
     progress: ProgressCallback | None = None,
+    refit_target: str = "pruned",
 ) -> list[LayerReport]:
-    """Prune every layer to its plan, in order, on the calibration inputs it really receives."""
+    """Prune every layer to its plan, in order, on the calibration inputs it really receives.
+
+    refit_target "dense" (with lstsq): the dense model's hidden states are carried along too, and every
+    o_proj/down_proj, pruned or not, is refitted so that its block reproduces the *dense* block's output
+    from the pruned model's inputs, which also corrects what earlier layers' pruning changed.
+    """
     if unit_score not in UNIT_SCORES:
         raise ValueError(f"unknown unit score {unit_score!r}; known: {', '.join(UNIT_SCORES)}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"unknown compensation {compensation!r}; known: {', '.join(COMPENSATIONS)}")
+    if refit_target not in REFIT_TARGETS:
+        raise ValueError(f"unknown refit target {refit_target!r}; known: {', '.join(REFIT_TARGETS)}")
+    towards_dense = refit_target == "dense" and compensation == "lstsq"
     score = UNIT_SCORES[unit_score]
     hidden = store.embed(ids)
+    dense_hidden = hidden.clone() if towards_dense else None
     reports = []
     for index, plan in enumerate(plans):
         layer = store.load(index)
@@ -420,33 +476,52 @@ def prune_layers(
         _, kv_heads, _ = attention_counts(layer)
         channels = mlp.down_proj.in_features
         report = LayerReport(index, list(range(kv_heads)), channels, kv_heads, channels)
-        changed = False
-        if compensation != "none":
+        changed = compensation != "none"
+        if changed:
             _ensure_bias(attn.o_proj)
             _ensure_bias(mlp.down_proj)
-            changed = True
+        dense_middle = dense_out = None
+        if towards_dense:
+            dense_middle = runner.attention_block(layer, dense_hidden)
+            dense_out = runner.mlp_block(layer, dense_middle)
+            dense_hidden = None
 
-        if plan.keep_groups < kv_heads:
-            with comp.record_inputs(attn.o_proj, gram=_needs_gram(unit_score, compensation, _group_width(layer))) as stats:
+        if plan.keep_groups < kv_heads or towards_dense:
+            width = _group_width(layer)
+            with comp.record_inputs(attn.o_proj, gram=_needs_gram(unit_score, compensation, width)) as stats, \
+                    _capture_inputs(attn.o_proj, towards_dense) as captured:
                 runner.attention_block(layer, hidden)
-            groups = _group_columns(layer)
-            keep = _top(score(attn.o_proj.weight, stats, _group_width(layer)), plan.keep_groups)
+            keep = list(range(kv_heads))
+            if plan.keep_groups < kv_heads:
+                keep = _top(score(attn.o_proj.weight, stats, width, plan.keep_groups), plan.keep_groups)
+            cross = _cross_products(captured.inputs, dense_middle - hidden) if towards_dense else None
             dense_weight, dense_bias = attn.o_proj.weight.data.clone(), None if attn.o_proj.bias is None else attn.o_proj.bias.data.clone()
-            prune_kv_groups(layer, keep)
-            _compensate(attn.o_proj, dense_weight, dense_bias, stats, [c for g in keep for c in groups[g]], compensation, damping)
+            if len(keep) < kv_heads:
+                prune_kv_groups(layer, keep)
+            groups = _group_columns_of(width, dense_weight.shape[1])
+            _compensate(attn.o_proj, dense_weight, dense_bias, stats, [c for g in keep for c in groups[g]], compensation, damping, cross)
             report.kept_groups, changed = keep, True
+            del captured, cross
         middle = runner.attention_block(layer, hidden)
         del hidden  # the layer's input is not needed any more: one set of hidden states less at the peak
 
-        if plan.keep_channels < channels:
-            with comp.record_inputs(mlp.down_proj, gram=_needs_gram(unit_score, compensation, 1)) as stats:
+        if plan.keep_channels < channels or towards_dense:
+            with comp.record_inputs(mlp.down_proj, gram=_needs_gram(unit_score, compensation, 1)) as stats, \
+                    _capture_inputs(mlp.down_proj, towards_dense) as captured:
                 runner.mlp_block(layer, middle)
-            keep = _top(score(mlp.down_proj.weight, stats, 1), plan.keep_channels)
+            keep = list(range(channels))
+            if plan.keep_channels < channels:
+                keep = _top(score(mlp.down_proj.weight, stats, 1, plan.keep_channels), plan.keep_channels)
+            cross = _cross_products(captured.inputs, dense_out - middle) if towards_dense else None
             dense_weight, dense_bias = mlp.down_proj.weight.data.clone(), None if mlp.down_proj.bias is None else mlp.down_proj.bias.data.clone()
-            prune_mlp_channels(layer, keep)
-            _compensate(mlp.down_proj, dense_weight, dense_bias, stats, keep, compensation, damping)
-            report.kept_channels, report.kept_channel_indices, changed = len(keep), keep, True
+            if len(keep) < channels:
+                prune_mlp_channels(layer, keep)
+                report.kept_channels, report.kept_channel_indices = len(keep), keep
+            _compensate(mlp.down_proj, dense_weight, dense_bias, stats, keep, compensation, damping, cross)
+            changed = True
+            del captured, cross
         hidden = runner.mlp_block(layer, middle)
+        dense_hidden = dense_out
         reports.append(report)
         store.release(index, layer, changed=changed)
         if progress:
@@ -473,6 +548,9 @@ class CalibratedPruneOptions:
     """At most this share of a layer's MLP channels goes."""
     damping: float = 1e-3
     """Ridge added to the least-squares normal equations, relative to their mean diagonal."""
+    refit_target: str = "pruned"
+    """What the lstsq refit reproduces: pruned (each projection's own output on the pruned model's inputs) |
+    dense (the dense model's block outputs, so each layer also corrects what earlier pruning changed)."""
 
 
 def _removed_parameters(scores: Sequence[LayerScores], plans: Sequence[LayerPlan]) -> int:
@@ -504,7 +582,8 @@ def prune_to_target(
             "ask for a larger model, or add --drop-layers to remove whole layers",
         )
     store.begin_pruning()
-    reports = prune_layers(store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress)
+    reports = prune_layers(store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress,
+                           options.refit_target)
     return scores, plans, reports
 
 
