@@ -8,17 +8,8 @@ import typer
 
 from llmprune.cli.recipe_sweep import sweep_command
 from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded, stdout_is_terminal
-from llmprune.engine.recipes.runner import RecipeConfig, run_recipe
+# the registry is plain data (no torch): the subcommands and their defaults are built from it
 from llmprune.engine.recipes.registry import RECIPES, Recipe
-from llmprune.ui.console import console, print_json
-from llmprune.ui.train_lines import PlainTrainingLines
-from llmprune.ui.recipe_view import (
-    RecipeLines,
-    recipe_summaries,
-    recipes_table,
-    report_footer,
-    report_rich_table,
-)
 
 EXIT_CODES = {"done": 0, "stopped_at_gate": 1, "finetune_failed": 1, "interrupted": 130}
 recipe_app = typer.Typer(help="Proven pipelines in one command: analyze → prune → eval → gate → finetune → eval.")
@@ -33,6 +24,9 @@ def recipe_list(
     """Proven pipelines in one command. Without a recipe name: the recipes and their exact values."""
     if ctx.invoked_subcommand is not None and not list_recipes:
         return
+    from llmprune.ui.console import console, print_json
+    from llmprune.ui.recipe_view import recipe_summaries, recipes_table
+
     if json_output:
         print_json({"recipes": [recipe.to_dict() for recipe in RECIPES.values()]})
     else:
@@ -65,6 +59,7 @@ def _command_for(recipe: Recipe):
         grad_accum: Annotated[int, typer.Option("--grad-accum", help="Forward passes per optimizer step.")] = train.grad_accum,
         max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping threshold.")] = train.max_grad_norm,
         warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps.")] = train.warmup_steps,
+        teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="Distil from the base model when it fits in memory next to the pruned one.")] = train.teacher,
         seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window (calibration, evaluation, training).")] = 256,
         calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="Windows for the importance analysis.")] = 32,
         eval_windows: Annotated[int, typer.Option("--eval-windows", help="Evaluation windows per PPL measurement.")] = 64,
@@ -79,11 +74,16 @@ def _command_for(recipe: Recipe):
         dtype: DtypeOpt = "auto",
         json_output: JsonOpt = False,
     ) -> None:
+        from llmprune.engine.recipes.runner import RecipeConfig, run_recipe
+        from llmprune.ui.console import console, print_json
+        from llmprune.ui.recipe_view import RecipeLines, report_footer, report_rich_table
+        from llmprune.ui.train_lines import PlainTrainingLines
+
         chosen = recipe.with_overrides(
             prune={"ratio": ratio, "importance": importance, "strategy": strategy, "alpha": alpha, "prune_mlp": mlp,
                    "layer_start": layer_start, "layer_end": layer_end},
             finetune={"method": method, "lr": lr, "epochs": epochs, "samples": samples, "grad_accum": grad_accum,
-                      "max_grad_norm": max_grad_norm, "warmup_steps": warmup_steps},
+                      "max_grad_norm": max_grad_norm, "warmup_steps": warmup_steps, "teacher": teacher},
         )
         config = RecipeConfig(
             recipe=chosen, model=model, out=out, name=name, dataset=dataset, eval_dataset=eval_dataset, seq_len=seq_len,

@@ -520,7 +520,7 @@ def prune_layers(
             _compensate(mlp.down_proj, dense_weight, dense_bias, stats, keep, compensation, damping, cross)
             changed = True
             del captured, cross
-        hidden = runner.mlp_block(layer, middle)
+        hidden = runner.mlp_block(layer, middle)  # noqa: F841 (the next layer's input; read at the loop's top, after the `del` above)
         dense_hidden = dense_out
         reports.append(report)
         store.release(index, layer, changed=changed)
