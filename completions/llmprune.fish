@@ -160,7 +160,7 @@ complete -c llmprune -n '__llmprune_at prune' -l compensation -r -F -d 'After ea
 complete -c llmprune -n '__llmprune_at prune' -l stream -l no-stream -d 'Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).'
 complete -c llmprune -n '__llmprune_at prune' -l drop-layers -x -d 'Depth pruning: remove this many whole layers (least block influence) before cutting units.'
 complete -c llmprune -n '__llmprune_at prune' -l attn-unit -r -F -d 'group: remove whole KV groups, q:kv unchanged (default); query: remove query heads evenly from every group.'
-complete -c llmprune -n '__llmprune_at prune' -l unit-importance -r -F -d 'Which units go inside a layer: fluctuation (variance of the unit'\''s output on calibration text, default), activation (weight norm × activation norm) or magnitude (L2).'
+complete -c llmprune -n '__llmprune_at prune' -l unit-importance -r -F -d 'Which units go inside a layer: obs (greedy optimal-brain-surgeon removal: least output error after the refit, default; the plan path uses fluctuation instead), fluctuation (variance of the unit'\''s output on calibration text), activation (weight norm × activation norm) or magnitude (L2).'
 complete -c llmprune -n '__llmprune_at prune' -l round-to -x -d 'Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).'
 complete -c llmprune -n '__llmprune_at prune' -l uniform -d 'Same shape in every layer (no protected layers); saves a stock Llama config.'
 complete -c llmprune -n '__llmprune_at prune' -l importance-config -r -F -d 'Reuse the scores (and plan options, as defaults) of `llmprune analyze`'\''s JSON instead of measuring.'

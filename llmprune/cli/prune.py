@@ -25,7 +25,7 @@ def prune_command(
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).")] = None,
     drop_layers: Annotated[int, typer.Option("--drop-layers", help="Depth pruning: remove this many whole layers (least block influence) before cutting units.")] = 0,
     attn_unit: AttnUnitOpt = "group",
-    unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: fluctuation (variance of the unit's output on calibration text, default), activation (weight norm × activation norm) or magnitude (L2).")] = "fluctuation",
+    unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: obs (greedy optimal-brain-surgeon removal: least output error after the refit, default; the plan path uses fluctuation instead), fluctuation (variance of the unit's output on calibration text), activation (weight norm × activation norm) or magnitude (L2).")] = "obs",
     round_to: RoundToOpt = 1,
     uniform: Annotated[bool, typer.Option("--uniform", help="Same shape in every layer (no protected layers); saves a stock Llama config.")] = False,
     importance_config: Annotated[Optional[Path], typer.Option("--importance-config", help="Reuse the scores (and plan options, as defaults) of `llmprune analyze`'s JSON instead of measuring.")] = None,

@@ -536,8 +536,8 @@ def prune_layers(
 class CalibratedPruneOptions:
     """How `prune_to_target` chooses, cuts and compensates."""
 
-    unit_score: str = "fluctuation"
-    """Which units of a layer to keep: fluctuation | wanda | magnitude (see UNIT_SCORES)."""
+    unit_score: str = "obs"
+    """Which units of a layer to keep: obs | fluctuation | wanda | magnitude (see UNIT_SCORES)."""
     compensation: str = "lstsq"
     """What to do for the removed units: none | bias (their mean, into the output bias) | lstsq (refit o_proj/down_proj)."""
     allocation: str = "global"

@@ -52,7 +52,13 @@ from llmprune.engine.pruning.reconstruction import compensation_step
 
 ALLOCATIONS = ("global", "plan")
 # the calibrated path's names for the unit criteria of importance.UNIT_IMPORTANCE
-_CALIBRATED_SCORE = {"fluctuation": "fluctuation", "activation": "wanda", "magnitude": "magnitude"}
+_CALIBRATED_SCORE = {"obs": "obs", "fluctuation": "fluctuation", "activation": "wanda", "magnitude": "magnitude"}
+# OBS scores need the calibrated global path's Gram matrices; the layer-importance plan path uses its best criterion instead
+_PLAN_FALLBACK = {"obs": "fluctuation"}
+
+
+def _plan_unit_importance(name: str) -> str:
+    return _PLAN_FALLBACK.get(name, name)
 
 @dataclass
 class PruneConfig:
@@ -68,8 +74,9 @@ class PruneConfig:
     """Also prune MLP channels (attention KV groups are always pruned)."""
     attn_unit: str = "group"
     """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group."""
-    unit_importance: str = "fluctuation"
-    """Criterion choosing which units go inside a layer (fluctuation | activation | magnitude | registered ones)."""
+    unit_importance: str = "obs"
+    """Criterion choosing which units go inside a layer (obs | fluctuation | activation | magnitude | registered ones);
+    obs (greedy optimal-brain-surgeon removal, global allocation only) falls back to fluctuation on the plan path."""
     allocation: str = "global"
     """global: rank every KV group and MLP channel of every layer by its measured damage per parameter
     and cut the cheapest (calibrated.prune_loaded_model; prunes MLP channels too) | plan: per-layer rates
@@ -137,7 +144,7 @@ class PruneConfig:
             raise UserInputError(f"unknown --attn-unit '{self.attn_unit}'", f"use one of {', '.join(ATTENTION_UNITS)}")
         if self.importance_method not in LAYER_METHODS:
             raise UserInputError(f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}")
-        get_unit_importance(self.unit_importance)
+        get_unit_importance(_plan_unit_importance(self.unit_importance))
         if self.allocation not in ALLOCATIONS:
             raise UserInputError(f"unknown --allocation '{self.allocation}'", f"use one of {', '.join(ALLOCATIONS)}")
         if self.compensation_kind not in COMPENSATIONS:
@@ -320,7 +327,8 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     if config.uses_global_allocation:
         return _run_global(config, loaded, counter, target, start, progress, model_bytes)
 
-    criterion = get_unit_importance(config.unit_importance)
+    unit_importance = _plan_unit_importance(config.unit_importance)
+    criterion = get_unit_importance(unit_importance)
     needs_scores = saved_config is None and options.strategy != "uniform"
     needs_windows = needs_scores or criterion.needs_activations or config.compensation is not None
     calib = config.calibration
@@ -348,7 +356,7 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     compensation = config.compensation
     if compensation is None and config.compensation_kind != "none":
         compensation = compensation_step(config.compensation_kind)
-    outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, compensation,
+    outcome = prune_model(model, units, windows, unit_importance, config.attn_unit, compensation,
                           gram=bool(getattr(compensation, "needs_gram", False)),
                           batch_size=calib.batch_size, progress=progress)
     ppl_after = perplexity(model, eval_windows, config.eval_batch_size, stage("perplexity after")) if eval_windows else None
