@@ -1,4 +1,4 @@
-"""OBS unit scores and refits towards the dense model: closed forms on tiny layers, behaviour on tiny Llamas."""
+"""OBS unit scores: closed forms on tiny layers, behaviour on tiny Llamas."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny_model
 from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, _cross_products, prune_to_target
+from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.pruning.obs import obs_removal_error, obs_unit_scores
 
 SEQ = 32
@@ -54,12 +54,6 @@ def test_greedy_obs_removes_what_refitting_each_candidate_would_choose():
         alive.remove(chosen)
 
 
-def test_cross_products_are_augmented_inputs_times_targets():
-    x, t = torch.randn(20, 4, 6), torch.randn(20, 4, 3)
-    flat = torch.cat([x.flatten(0, 1), torch.ones(80, 1)], 1).double()
-    torch.testing.assert_close(_cross_products(x, t), flat.T @ t.flatten(0, 1).double())
-
-
 def _ids(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 384, (count, SEQ), generator=torch.Generator().manual_seed(seed))
 
@@ -70,26 +64,20 @@ def _prune(model, ids, share: float, **options) -> None:
     prune_to_target(InMemoryLayers(model), ids, runner, target, CalibratedPruneOptions(**options))
 
 
-@pytest.mark.parametrize("options", [dict(unit_score="obs"), dict(refit_target="dense"), dict(unit_score="obs", refit_target="dense")])
-def test_nothing_removed_changes_nothing(options):
+def test_nothing_removed_changes_nothing():
     model, ids = make_tiny_model(), _ids(40)
     with torch.no_grad():
         before = model(ids).logits
-    _prune(model, ids, 0.0, **options)
+    _prune(model, ids, 0.0, unit_score="obs")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-4)
 
 
-def test_refit_towards_the_dense_model_ends_closer_to_it_on_the_calibration_text():
-    # each layer's refit also fits away what earlier pruning changed in its inputs
-    ids = _ids(64)
-    dense = make_tiny_model()
+def test_obs_prunes_a_tiny_model_to_its_target():
+    # the greedy order is told how many units each layer keeps; the tiny model still runs and has shrunk
+    model, ids = make_tiny_model(), _ids(40)
+    before = sum(p.numel() for p in model.parameters())
+    _prune(model, ids, 0.25, unit_score="obs")
+    assert sum(p.numel() for p in model.parameters()) <= 0.75 * before
     with torch.no_grad():
-        reference = dense.model(ids).last_hidden_state
-    errors = {}
-    for target in ("pruned", "dense"):
-        model = make_tiny_model()
-        _prune(model, ids, 0.2, refit_target=target)
-        with torch.no_grad():
-            errors[target] = float((model.model(ids).last_hidden_state - reference).pow(2).mean())
-    assert errors["dense"] < errors["pruned"]
+        assert torch.isfinite(model(ids).logits).all()

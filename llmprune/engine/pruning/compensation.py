@@ -142,14 +142,8 @@ def refit_least_squares(
     stats: InputStatistics,
     keep: Sequence[int],
     damping: float = 1e-3,
-    cross: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') for the kept columns that best reproduce X·Wᵀ + b on the calibration inputs.
-
-    `cross` ((in + 1) × out, float64): X̃ᵀT for other targets T than X·Wᵀ + b
-    (X̃ = [X, 1], the rows of X in the order of T's), e.g. what the *dense*
-    model's layer produced, so that the refit also corrects the error earlier
-    pruning left in the inputs.
 
     Solves the normal equations of [X_kept, 1] in float64 with a ridge of
     damping·mean(diag) that pulls W' towards the *original* kept columns, not
@@ -184,14 +178,9 @@ def refit_least_squares(
     ridge = damping * a[:k, :k].diagonal().mean().clamp_min(1e-12)
     a[:k, :k] += ridge * torch.eye(k, dtype=torch.float64, device=device)
     rhs = torch.empty(k + 1, w.shape[0], dtype=torch.float64, device=device)
-    if cross is None:
-        rhs[:k] = (gram @ w.T).index_select(0, keep_index) + torch.outer(total[keep_index], b)
-        rhs[k] = total @ w.T + n * b
-    else:
-        cross = cross.to(torch.float64).to(device)
-        rhs[:k] = cross.index_select(0, keep_index)
-        rhs[k] = cross[-1]
+    rhs[:k] = (gram @ w.T).index_select(0, keep_index) + torch.outer(total[keep_index], b)
     rhs[:k] += ridge * w.index_select(1, keep_index).T  # the prior: the original weights
+    rhs[k] = total @ w.T + n * b
     solution = torch.linalg.solve(a, rhs)  # (k+1) × out
     new_weight = solution[:k].T.contiguous()
     new_bias = solution[k]
