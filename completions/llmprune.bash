@@ -183,7 +183,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
+            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --tasks --include-path --task-limit --no-tui --device --dtype --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -210,6 +210,9 @@ _llmprune() {
                 --batch-size) valued=1 values='' files=0 ;;
                 --retreat-step) valued=1 values='' files=0 ;;
                 --min-ratio) valued=1 values='' files=0 ;;
+                --tasks) valued=1 values='' files=1 ;;
+                --include-path) valued=1 values='' files=1 ;;
+                --task-limit) valued=1 values='' files=0 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
                 --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
             esac

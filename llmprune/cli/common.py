@@ -33,6 +33,13 @@ DatasetOpt = Annotated[str, typer.Option("--dataset", help="wikitext2, ptb, c4, 
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per evaluation window.")]
 MaxWindowsOpt = Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows (default: all).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+IncludePathOpt = Annotated[Optional[str], typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")]
+
+
+def split_tasks(tasks: str) -> list[str]:
+    """--tasks arc_easy,hellaswag -> ["arc_easy", "hellaswag"]."""
+    return [name.strip() for name in tasks.split(",") if name.strip()]
+
 
 _state = {"debug": False}
 

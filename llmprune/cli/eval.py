@@ -12,24 +12,21 @@ from llmprune.cli.common import (
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
+    IncludePathOpt,
     JsonOpt,
     MaxWindowsOpt,
     OptionalModelArg,
     SeqLenOpt,
     TrustPickleOpt,
+    split_tasks,
 )
 
 TasksOpt = Annotated[
     Optional[str],
     typer.Option("--tasks", help="Comma-separated lm-eval tasks (e.g. arc_easy,hellaswag): accuracy instead of perplexity. Needs the lm-eval extra."),
 ]
-IncludePathOpt = Annotated[Optional[str], typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")]
 LimitOpt = Annotated[Optional[float], typer.Option("--limit", help="Only the first N examples per task, or a fraction if < 1 (with --tasks; for quick checks).")]
 NumFewshotOpt = Annotated[Optional[int], typer.Option("--num-fewshot", help="Examples in each prompt (with --tasks; default: the task's own, usually 0).")]
-
-
-def split_tasks(tasks: str) -> list[str]:
-    return [name.strip() for name in tasks.split(",") if name.strip()]
 
 
 def eval_command(

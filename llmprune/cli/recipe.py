@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.recipe_sweep import sweep_command
-from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded, stdout_is_terminal
+from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, IncludePathOpt, JsonOpt, guarded, split_tasks, stdout_is_terminal
 # the registry is plain data (no torch): the subcommands and their defaults are built from it
 from llmprune.engine.recipes.registry import RECIPES, Recipe
 
@@ -69,12 +69,16 @@ def _command_for(recipe: Recipe):
         retreat_step: Annotated[float, typer.Option("--retreat-step", help="Ratio decrement per retreat.")] = 0.05,
         min_ratio: Annotated[float, typer.Option("--min-ratio", help="The auto-retreat gives up below this ratio.")] = 0.05,
         restart: Annotated[bool, typer.Option("--restart", help="Discard a previous run of the same name instead of resuming it.")] = False,
+        tasks: Annotated[Optional[str], typer.Option("--tasks", help="Also score base, pruned and fine-tuned models on these lm-eval tasks (comma-separated; needs the lm-eval extra).")] = None,
+        include_path: IncludePathOpt = None,
+        task_limit: Annotated[Optional[float], typer.Option("--task-limit", help="Only the first N examples per task (a fraction if < 1; quick checks only).")] = None,
         no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")] = False,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "auto",
         json_output: JsonOpt = False,
     ) -> None:
         from llmprune.engine.recipes.runner import RecipeConfig, run_recipe
+        from llmprune.engine.tasks import TaskOptions
         from llmprune.ui.console import console, print_json
         from llmprune.ui.recipe_view import RecipeLines, report_footer, report_rich_table
         from llmprune.ui.train_lines import PlainTrainingLines
@@ -90,6 +94,7 @@ def _command_for(recipe: Recipe):
             calibration_samples=calibration_samples, eval_windows=eval_windows, batch_size=batch_size,
             skip_finetune=skip_finetune, auto_retreat=auto_retreat, retreat_step=retreat_step, min_ratio=min_ratio,
             restart=restart, device=device, dtype=dtype,
+            tasks=TaskOptions(split_tasks(tasks), include_path=include_path, limit=task_limit, batch_size=batch_size) if tasks is not None else None,
         )
         lines = None if json_output else PlainTrainingLines()
         host = None

@@ -23,6 +23,7 @@ from llmprune.engine.recipes.report import RecipeReport, build_report, write_rep
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
 from llmprune.engine.recipes.steps import PASSING_VERDICTS, StageProgress, StepAdapters, choose_teacher, has_checkpoint
 from llmprune.engine.recipes.registry import PipelineSettings, Recipe
+from llmprune.engine.tasks import TaskOptions
 
 # step name -> what it does (in the order they run)
 STEPS: dict[str, str] = {
@@ -57,6 +58,8 @@ class RecipeConfig(PipelineSettings):
     """The auto-retreat gives up below this ratio."""
     restart: bool = False
     """Discard a previous run in the same directory instead of resuming it."""
+    tasks: TaskOptions | None = None
+    """lm-eval tasks scored on the base, pruned and fine-tuned models (None: perplexity only)."""
 
     @property
     def run_dir(self) -> Path:
@@ -70,7 +73,10 @@ class RecipeConfig(PipelineSettings):
         """
         keep = ("model", "dataset", "eval_dataset", "seq_len", "calibration_samples", "eval_windows", "batch_size",
                 "retreat_step", "min_ratio")
-        return {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+        settings = {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+        if self.tasks is not None:  # only when asked, so that runs made before --tasks existed still resume
+            settings["tasks"] = self.tasks.to_dict()
+        return settings
 
     def validate(self) -> None:
         def need(condition: bool, problem: str, hint: str) -> None:
@@ -78,6 +84,8 @@ class RecipeConfig(PipelineSettings):
                 raise UserInputError(problem, hint)
 
         self.validate_budget()
+        if self.tasks is not None:
+            self.tasks.validate()
         prune, finetune = self.recipe.prune, self.recipe.finetune
         need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
         need(finetune.lr > 0, f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")

@@ -25,7 +25,8 @@ class StepAdapters:
 
     def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False,
                  progress: StageProgress | None = None) -> dict:
-        """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`."""
+        """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`;
+        with the config's `tasks`, lm-eval's metrics per task."""
         from llmprune.engine.data import load_evaluation_windows
         from llmprune.engine.core.device import choose_placement
         from llmprune.engine.evaluate import perplexity
@@ -39,6 +40,11 @@ class StepAdapters:
         result: dict[str, Any] = {"model": model, "params": loaded.num_parameters, "ppl": measured.ppl, "windows": measured.windows}
         if health:
             result.update(self._health(loaded.model, loaded.tokenizer, measured.ppl, base_ppl))
+        if config.tasks is not None:
+            from llmprune.engine.tasks import evaluate_tasks
+
+            scores = evaluate_tasks(loaded.model, loaded.tokenizer, config.tasks)
+            result["tasks"] = {score.task: score.metrics for score in scores}
         result["seconds"] = time.perf_counter() - start
         return result
 
