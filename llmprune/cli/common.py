@@ -36,11 +36,6 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per for
 IncludePathOpt = Annotated[Optional[str], typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")]
 
 
-def split_tasks(tasks: str) -> list[str]:
-    """--tasks arc_easy,hellaswag -> ["arc_easy", "hellaswag"]."""
-    return [name.strip() for name in tasks.split(",") if name.strip()]
-
-
 _state = {"debug": False}
 
 

@@ -18,7 +18,6 @@ from llmprune.cli.common import (
     OptionalModelArg,
     SeqLenOpt,
     TrustPickleOpt,
-    split_tasks,
 )
 
 TasksOpt = Annotated[
@@ -49,11 +48,11 @@ def eval_command(
 ) -> None:
     """Perplexity of a model on a text (default: wikitext-2 test), and optionally a generation; with --tasks, lm-eval task accuracy."""
     if tasks is not None:
-        from llmprune.engine.tasks import TaskEvalConfig, TaskOptions, run_task_evaluation
+        from llmprune.engine.tasks import TaskEvalConfig, TaskOptions, run_task_evaluation, task_names
         from llmprune.ui.console import console, format_count, print_json
         from llmprune.ui.task_table import task_table
 
-        options = TaskOptions(tasks=split_tasks(tasks), include_path=include_path, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+        options = TaskOptions(tasks=task_names(tasks), include_path=include_path, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
         result = run_task_evaluation(
             TaskEvalConfig(model=model, options=options, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype)
         ).to_dict()
