@@ -20,7 +20,7 @@ from llmprune.ui.recipe_view import (
     report_rich_table,
 )
 
-EXIT_CODES = {"done": 0, "stopped_at_gate": 1, "finetune_failed": 1, "interrupted": 130}
+EXIT_CODES = {"done": 0, "stopped_at_gate": 1, "finetune_failed": 1, "base_unhealthy": 1, "interrupted": 130}
 recipe_app = typer.Typer(help="Proven pipelines in one command: analyze → prune → eval → gate → finetune → eval.")
 
 

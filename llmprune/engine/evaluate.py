@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.engine.data import TokenWindows, check_window_options
+from llmprune.engine.data import TokenWindows, check_seq_len_fits, check_text_source, check_window_options
 from llmprune.engine.core.errors import UserInputError
 
 ProgressCallback = Callable[[int, int], None]  # (windows done, windows total)
@@ -131,6 +131,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
+        check_text_source(self.dataset)
         if self.max_new_tokens < 1:
             raise UserInputError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}", "use e.g. --max-new-tokens 32")
 
@@ -154,6 +155,7 @@ def run_evaluation(config: EvalConfig, progress: ProgressCallback | None = None)
     loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     if loaded.tokenizer is None:
         raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+    check_seq_len_fits(config.seq_len, loaded.model)
     windows = load_evaluation_windows(loaded.tokenizer, config.dataset, config.seq_len, config.max_windows)
     measured = perplexity(loaded.model, windows, config.batch_size, progress)
     generation = generate_text(loaded.model, loaded.tokenizer, config.prompt, config.max_new_tokens) if config.prompt else None

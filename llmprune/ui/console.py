@@ -31,9 +31,12 @@ def _json_default(value: Any) -> Any:
 
 
 def error_line(problem: str, hint: str | None = None) -> None:
-    text = f"[bold red]error:[/] {problem}"
+    from rich.markup import escape
+
+    # paths and library messages may hold [brackets]: they are text, not markup
+    text = f"[bold red]error:[/] {escape(problem)}"
     if hint:
-        text += f" [dim]→[/] {hint}"
+        text += f" [dim]→[/] {escape(hint)}"
     err_console.print(text, highlight=False, soft_wrap=True)
 
 

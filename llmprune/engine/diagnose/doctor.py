@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmprune.engine.data import check_window_options
+from llmprune.engine.data import check_seq_len_fits, check_window_options
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.evaluate import ProgressCallback
@@ -84,6 +84,11 @@ def _scan(source: WeightSource, config: DoctorConfig) -> DoctorReport:
     if not all_stats:
         raise UserInputError(f"{config.model} holds no tensors", "pass a model directory or a weights file")
     structure, problems = read_structure(structure_shapes(shapes), source.config, config_role=source.config_role)
+    if structure.num_layers == 0:
+        raise UserInputError(
+            f"{config.model} is not a model: none of its {len(shapes)} tensor(s) belongs to a decoder layer (model.layers.N...)",
+            "pass a Llama-style checkpoint (a model folder or its weights file)",
+        )
     misfit = [p for p in problems if p.check == "fit"]
     if misfit:
         raise UserInputError(
@@ -131,6 +136,7 @@ def _measure_ppl(loaded: LoadedModel, config: DoctorConfig, provenance: dict, re
         raise UserInputError(f"{config.model} has no tokenizer, so its perplexity cannot be measured", "save the tokenizer next to the weights or use --base-model")
     settings = _ppl_settings(config, provenance)
     dataset, seq_len, max_windows = settings
+    check_seq_len_fits(seq_len, loaded.model)
     windows = load_evaluation_windows(loaded.tokenizer, dataset, seq_len, max_windows)
     measured = perplexity(loaded.model, windows, config.batch_size, progress)
     base = config.base_ppl if config.base_ppl is not None else _recorded_base_ppl(provenance, settings)

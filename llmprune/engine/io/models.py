@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,10 +145,15 @@ def _load_directory(directory: Path, placement: Placement) -> tuple[nn.Module, A
         config_dict = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise UserInputError(f"{config_path} is not valid JSON ({error})", "restore the file or re-save the model") from None
+    from llmprune.engine.io.consistency import check_config_matches_weights
+
+    if not isinstance(config_dict, dict):
+        raise UserInputError(f"{config_path} is not a model config (a JSON object)", "restore the file or re-save the model")
+    check_config_matches_weights(directory, config_dict)
     model_class = model_class_for(config_dict)
     try:
         model = model_class.from_pretrained(str(directory), dtype=placement.dtype)
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # transformers, safetensors and torch each raise their own kinds
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserInputError(f"cannot load the model in {directory}: {first_line}", "check the directory's weights and config.json") from None
     return model, _load_tokenizer(directory)
@@ -174,7 +180,9 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Te
         except Exception as error:
             raise UserInputError(f"{path} is not a readable safetensors file ({error})", "the file is truncated or corrupt: re-save it") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy/raw pickles before failing: our one line says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights_only" not in str(error) and "Unsupported global" not in str(error):
             raise UserInputError(f"{path} is not a readable PyTorch checkpoint", "the file is truncated or corrupt") from None

@@ -47,6 +47,9 @@ class CalibrationOptions:
             raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "e.g. --batch-size 8")
+        from llmprune.engine.data import check_text_source
+
+        check_text_source(self.dataset)
 
 
 @dataclass
@@ -75,6 +78,10 @@ class AnalyzeConfig:
     dtype: str = "auto"
     stream: bool = False
     """Read one decoder layer at a time from the safetensors files (removal, block-influence): memory of one layer, not the model."""
+    overwrite: bool = False
+    """Replace an existing file at `output` (without it, an existing file is refused)."""
+    force: bool = False
+    """Analyse even if the weight health check fails (NaN/Inf/huge values, broken shapes)."""
 
     def validate(self) -> None:
         if self.importance_method not in LAYER_METHODS:
@@ -161,13 +168,18 @@ def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) ->
     from llmprune.engine.core.device import choose_placement
     from llmprune.engine.io.models import load_model
 
+    from llmprune.engine.pruning.preflight import check_analyze_output, check_model_before_pruning, check_weights_on_disk
+
     config.validate()
+    check_analyze_output(config.output, config.overwrite)
     placement = choose_placement(config.device, config.dtype)
     if config.stream:
+        check_weights_on_disk(config.model, action="the analysis", force=config.force)
         shapes, num_parameters, importance = _measure_streamed(config, placement, progress)
     else:
         loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
         require_llama_style(loaded.model)
+        check_model_before_pruning(loaded.model, action="the analysis", force=config.force, seq_lens={"--seq-len": config.calibration.seq_len})
         shapes, num_parameters = layer_shapes(loaded.model), loaded.num_parameters
     config.plan.validate(len(shapes))
     unit_counts([0.0] * len(shapes), shapes, config.attn_unit, True, config.prune_mlp, config.round_to)  # validates the unit options
@@ -227,6 +239,19 @@ class ImportanceConfig:
 
     def plan_default(self, name: str, fallback: Any) -> Any:
         return self.plan.get(name, fallback)
+
+
+def is_importance_config(path: str | Path) -> bool:
+    """Whether `path` is a layer_importance_config.json written by `llmprune analyze` (a small JSON file)."""
+    import json
+
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > 64 * 2**20:
+            return False
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == CONFIG_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_importance_config(path: str | Path) -> ImportanceConfig:

@@ -42,7 +42,7 @@ from llmprune.engine.pruning.analysis import (
 )
 from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_shape, layer_shapes, require_llama_style
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.data import check_window_options
+from llmprune.engine.data import check_text_source, check_window_options
 from llmprune.engine.evaluate import PerplexityResult, perplexity
 from llmprune.engine.pruning.importance import LAYER_METHODS, get_unit_importance
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
@@ -112,6 +112,10 @@ class PruneConfig:
     log_dir: Path = Path("prune_log")
     log_name: str | None = None
     """Run folder name under log_dir (default: from the model name)."""
+    overwrite: bool = False
+    """Replace a previous llmprune output at `out` (a folder that llmprune did not write is never replaced)."""
+    force: bool = False
+    """Prune even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes)."""
     compensation: Compensation | None = None
     """Python API only: per-layer step after surgery (see pruning.LayerPruneContext)."""
     base_model: str | None = None
@@ -156,6 +160,7 @@ class PruneConfig:
         self.calibration.validate()
         if self.test_after_prune:
             check_window_options(self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len")
+            check_text_source(self.eval_dataset, "--eval-dataset")
         if self.out is not None and Path(self.out).is_file():
             raise UserInputError(f"--out {self.out} is a file", "name a folder for the pruned model")
 
@@ -293,16 +298,23 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None) -> Pru
     from llmprune.engine.core.device import choose_placement
     from llmprune.engine.io.models import load_model
 
+    from llmprune.engine.pruning.preflight import check_model_before_pruning, check_prune_outputs, check_weights_on_disk
+
     start = time.perf_counter()
     config.validate()
+    check_prune_outputs(config)
     saved_config = read_importance_config(config.importance_config) if config.importance_config else None
     placement = choose_placement(config.device, config.dtype)
     source = _wants_stream(config, placement)
     if source is not None:
+        check_weights_on_disk(str(source), action="pruning", force=config.force)
         return _run_streamed(config, source, placement, start, progress)
     loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     model = loaded.model
     require_llama_style(model)
+    seq_lens = {"--seq-len": config.calibration.seq_len, **({"--eval-seq-len": config.eval_seq_len} if config.test_after_prune else {})}
+    check_model_before_pruning(model, action="pruning", force=config.force, seq_lens=seq_lens, drop_layers=config.drop_layers)
+    check_prune_outputs(config, needed_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
     shapes = layer_shapes(model)
     if saved_config:
         check_config_fits(saved_config, shapes, config.model)

@@ -11,6 +11,7 @@ importance analysis, until the verdict passes or `min_ratio` is reached.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.outputs import check_output_folder, check_writable_location
 from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
 from llmprune.engine.recipes.steps import PASSING_VERDICTS, StageProgress, StepAdapters, has_checkpoint
@@ -79,12 +81,29 @@ class RecipeConfig(PipelineSettings):
 
         self.validate_budget()
         prune, finetune = self.recipe.prune, self.recipe.finetune
+        from llmprune.engine.pruning.allocation import STRATEGIES, PlanOptions
+        from llmprune.engine.pruning.importance import LAYER_METHODS
+
         need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
-        need(finetune.lr > 0, f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
+        highest = PlanOptions().max_rate  # no prunable layer loses more than this, so neither can their mean
+        need(prune.ratio <= highest, f"--ratio {prune.ratio:g} is more than a recipe prunes: at most {highest:g} of every prunable layer",
+             f"use --ratio {highest:g} or lower")
+        need(prune.strategy in STRATEGIES, f"unknown --strategy '{prune.strategy}'", f"use one of {', '.join(STRATEGIES)}")
+        need(prune.importance in LAYER_METHODS, f"unknown --importance '{prune.importance}'", f"use one of {', '.join(LAYER_METHODS)}")
+        need(math.isfinite(prune.alpha) and prune.alpha >= 0, f"--alpha must be a finite number ≥ 0, got {prune.alpha}", "use e.g. --alpha 4 (0: uniform)")
+        need(prune.layer_start >= 0, f"--layer-start must be ≥ 0, got {prune.layer_start}", "use e.g. --layer-start 1")
+        need(finetune.lr > 0 and math.isfinite(finetune.lr), f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
+        need(finetune.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {finetune.warmup_steps}", "use e.g. --warmup-steps 10")
+        need(math.isfinite(finetune.max_grad_norm) and finetune.max_grad_norm >= 0,
+             f"--max-grad-norm must be a finite number ≥ 0, got {finetune.max_grad_norm}", "use e.g. 1.0 (0 disables clipping)")
         for option, value in (("--epochs", finetune.epochs), ("--samples", finetune.samples), ("--grad-accum", finetune.grad_accum)):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
         need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")
         need(0 < self.min_ratio <= prune.ratio, f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}", "use e.g. 0.05")
+        from llmprune.engine.data import check_text_source
+
+        check_text_source(self.dataset)
+        check_text_source(self.eval_dataset, "--eval-dataset")
         if self.name is not None:
             need(bool(re.fullmatch(r"[\w.+-]+", self.name)), f"--name '{self.name}' is not a plain folder name", "use letters, digits, - _ . +")
 
@@ -158,7 +177,17 @@ class _Run:
         return self.state.run_dir
 
     def baseline(self) -> dict:
-        return self.steps.evaluate(self.config.model, self.config, progress=self.progress)
+        """The reference: only a healthy base model with a finite PPL can be one (nothing is pruned otherwise)."""
+        result = self.steps.evaluate(self.config.model, self.config, health=True, progress=self.progress)
+        problems = [error.get("message", str(error)) for error in result.get("errors", [])] if not result.get("healthy_weights", True) else []
+        if not math.isfinite(result["ppl"]):
+            problems.append(f"its perplexity is {result['ppl']} (no finite reference to compare the pruned model with)")
+        if problems:
+            self.state.status = "base_unhealthy"
+            self.emit(Notice(f"stopped before pruning: the base model {self.config.model} is not healthy: " + "; ".join(problems[:3])
+                             + f"; check it with `llmprune doctor {self.config.model}`", "error"))
+            raise _Stop()
+        return {key: value for key, value in result.items() if key not in ("verdict", "explanation", "advice")}
 
     def analyze(self) -> dict:
         return self.steps.analyze(self.config, self.run_dir / "analysis", self.progress)
@@ -257,6 +286,8 @@ def run_recipe(
     `progress(stage, done, total)` follows the long loops inside the steps.
     """
     config.validate()
+    check_writable_location(config.out, option="--out")
+    check_output_folder(config.run_dir, option="--out/--name", resumable=True)
     emit = listener or (lambda event: None)
     if config.restart:
         _restart(config.run_dir)
@@ -294,6 +325,10 @@ def run_recipe(
         pass
     except KeyboardInterrupt:
         state.status = "interrupted"
+        raise
+    except BaseException as error:  # bad input found by a step, a full disk, a bug: the state must not say "running"
+        state.status = "failed"
+        state.error = getattr(error, "problem", None) or f"{type(error).__name__}: {str(error).strip()[:300]}"
         raise
     finally:
         state.save()

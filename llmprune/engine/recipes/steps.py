@@ -32,7 +32,10 @@ class StepAdapters:
         from llmprune.engine.io.models import load_model
 
         start = time.perf_counter()
+        from llmprune.engine.data import check_seq_len_fits
+
         loaded = load_model(model, placement=choose_placement(config.device, config.dtype))
+        check_seq_len_fits(config.seq_len, loaded.model)
         windows = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
         update = (lambda done, total: progress(f"PPL of {Path(model).name}", done, total)) if progress else None
         measured = perplexity(loaded.model, windows, config.batch_size, update)
@@ -76,6 +79,8 @@ class StepAdapters:
                 plan=PlanOptions(ratio=prune.ratio, strategy=prune.strategy, alpha=prune.alpha,
                                  layer_start=prune.layer_start, layer_end=prune.layer_end),
                 prune_mlp=prune.prune_mlp, output=out_dir / DEFAULT_CONFIG_NAME, device=config.device, dtype=config.dtype,
+                # the run folder is the recipe's own; the baseline step already checked the base model's health
+                overwrite=True, force=True,
             ),
             progress=progress,
         )
@@ -94,6 +99,7 @@ class StepAdapters:
                 importance_method=prune.importance, calibration=self._calibration(config), strategy=prune.strategy,
                 alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end, out=out_dir,
                 log_dir=out_dir.parent / "prune_log", log_name="pruned", device=config.device, dtype=config.dtype,
+                overwrite=True, force=True,
             ),
             progress=progress,
         )
