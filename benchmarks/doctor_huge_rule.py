@@ -43,7 +43,7 @@ def main() -> None:
 
     targets = [name for name in stats if f"layers.{args.layer}." in name]
     targets += [name for name in stats if "layers." not in name]
-    print(f"\n| tensor | max abs | " + " | ".join(f"x{factor:g}" for factor in FACTORS) + " |")
+    print("\n| tensor | max abs | " + " | ".join(f"x{factor:g}" for factor in FACTORS) + " |")
     print("|---|---:|" + "---|" * len(FACTORS))
     for name in targets:
         cells = []

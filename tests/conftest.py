@@ -32,6 +32,17 @@ def wikitext_valid() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M (loaded once per test module: tests may change it); slow tests only."""
+    from llmprune.engine.io.models import load_model
+
+    try:
+        return load_model("smollm2-135m")
+    except Exception as error:  # the package is installed by `make install`
+        pytest.skip(f"smollm2-135m unavailable: {error}")
+
+
 def make_tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 384) trained in well under a second on CPython's docs."""
     from pydoc_data.topics import topics

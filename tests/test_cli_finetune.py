@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from single_thread import one_thread  # noqa: F401  (autouse fixture)

@@ -7,7 +7,6 @@ import pytest
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
-from tests.test_smollm2_e2e import smollm2  # noqa: F401  (the shared, module-scoped fixture)
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

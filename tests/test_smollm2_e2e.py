@@ -12,16 +12,6 @@ from llmprune.cli.app import app
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from llmprune.engine.io.models import load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except Exception as error:  # the package is installed by `make install`
-        pytest.skip(f"smollm2-135m unavailable: {error}")
-
-
 def test_alias_loads_a_plain_saveable_llama(smollm2):
     model = smollm2.model
     assert type(model).__name__ == "LlamaForCausalLM"

@@ -12,10 +12,7 @@ from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
     LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt, ForceOpt, OverwriteOpt,
 )
-from llmprune.engine.pruning.allocation import PlanOptions
-from llmprune.engine.pruning.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, CalibrationOptions, run_analyze
-from llmprune.ui.console import console, print_json
-from llmprune.ui.prune_report import analyze_table, importance_bars, stage_progress
+from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
 
 
 def analyze_command(
@@ -47,6 +44,12 @@ def analyze_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Measure how much each decoder layer matters and turn it into a per-layer pruning plan."""
+    from llmprune.engine.pruning.allocation import PlanOptions
+    from llmprune.engine.pruning.analysis import AnalyzeConfig, CalibrationOptions, run_analyze
+    from llmprune.ui.charts import save_importance_chart
+    from llmprune.ui.console import console, print_json
+    from llmprune.ui.prune_report import analyze_table, importance_bars, stage_progress
+
     plan = PlanOptions(ratio=ratio).with_overrides(
         strategy=pruning_strategy, alpha=alpha, min_rate=min_pruning_rate, max_rate=max_pruning_rate,
         layer_start=layer_start, layer_end=layer_end,
@@ -59,8 +62,6 @@ def analyze_command(
     )
     with stage_progress(enabled=not json_output) as progress:
         result = run_analyze(config, progress=progress)
-    from llmprune.ui.charts import save_importance_chart
-
     result.chart_path = str(save_importance_chart(result, Path(output).with_suffix(".png")))
     if json_output:
         print_json(result.to_dict())

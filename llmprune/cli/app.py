@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune import __version__
+from llmprune._version import __version__
 from llmprune.cli import analyze as analyze_cli
 from llmprune.cli import completion as completion_cli
 from llmprune.cli import doctor as doctor_cli

@@ -109,21 +109,24 @@ def _first_line(error: BaseException) -> str:
 
 
 def quiet_libraries() -> None:
-    """Keep transformers/datasets progress bars and warnings off the user's screen."""
+    """Keep transformers/datasets progress bars and warnings off the user's screen.
+
+    Through the environment, which the libraries read when they are first imported:
+    importing them here would cost seconds on every `--help`. A library already
+    imported (a test runner, a Python caller) is told directly.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    try:
+    if "huggingface_hub" in sys.modules:
         import huggingface_hub.utils as hub_utils
 
         hub_utils.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def stdout_is_terminal() -> bool:

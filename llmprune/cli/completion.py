@@ -23,7 +23,7 @@ def completion_command(
     from llmprune.cli.app import app  # the app registers this command, so import it late
 
     if write is None and shell is None:
-        raise UserInputError("name a shell or pass --write DIR", f"e.g. llmprune completion bash, or llmprune completion --write completions")
+        raise UserInputError("name a shell or pass --write DIR", "e.g. llmprune completion bash, or llmprune completion --write completions")
     if shell is not None and shell not in SHELLS:
         raise UserInputError(f"unknown shell '{shell}'", f"use one of {', '.join(SHELLS)}")
     if write is None:

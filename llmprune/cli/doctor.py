@@ -7,9 +7,6 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.common import BaseModelOpt, BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxWindowsOpt, OptionalModelArg, TrustPickleOpt
-from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
-from llmprune.ui.console import console, print_json, progress_callback
-from llmprune.ui.doctor_report import doctor_report
 
 
 def doctor_command(
@@ -32,6 +29,10 @@ def doctor_command(
     Exit code 0: healthy; 1: unsafe to train on (NaN, Inf, huge values, broken GQA/shapes,
     non-finite forward, PPL verdict "broken"); 2: the input cannot be read.
     """
+    from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
+    from llmprune.ui.console import console, print_json, progress_callback
+    from llmprune.ui.doctor_report import doctor_report
+
     config = DoctorConfig(
         model=model, base_model=base_model, trust_pickle=trust_pickle, test_forward=test_forward, ppl=ppl,
         dataset=dataset, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, base_ppl=base_ppl,

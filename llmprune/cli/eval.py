@@ -18,8 +18,6 @@ from llmprune.cli.common import (
     SeqLenOpt,
     TrustPickleOpt,
 )
-from llmprune.engine.evaluate import EvalConfig, run_evaluation
-from llmprune.ui.console import console, perplexity_table, print_json, progress_callback
 
 
 def eval_command(
@@ -37,6 +35,9 @@ def eval_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Perplexity of a model on a text (default: wikitext-2 test), and optionally a generation."""
+    from llmprune.engine.evaluate import EvalConfig, run_evaluation
+    from llmprune.ui.console import console, perplexity_table, print_json, progress_callback
+
     config = EvalConfig(
         model=model, dataset=dataset, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
         prompt=prompt, max_new_tokens=max_new_tokens, base_model=base_model, trust_pickle=trust_pickle,

@@ -9,9 +9,6 @@ import typer
 
 from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, TrustPickleOpt, stdout_is_terminal
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
-from llmprune.ui.console import console, error_line, print_json
-from llmprune.ui.train_lines import PlainTrainingLines, finetune_table, health_findings_table
 
 
 def finetune_command(
@@ -57,6 +54,10 @@ def finetune_command(
         return watch_command(watch)
     if model is None:
         raise UserInputError("no model given", "pass the model to fine-tune, e.g. llmprune finetune ./pruned --samples 200")
+    from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
+    from llmprune.ui.console import console, error_line, print_json
+    from llmprune.ui.train_lines import PlainTrainingLines, finetune_table, health_findings_table
+
     config = FinetuneConfig(
         model=model, method=method, lora_r=lora_r, lora_alpha=lora_alpha, merge=merge,
         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), dataset=dataset, samples=samples,

@@ -12,10 +12,7 @@ from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
     LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt, ForceOpt, OverwriteOpt,
 )
-from llmprune.engine.pruning.analysis import DEFAULT_CONFIG_NAME, CalibrationOptions
-from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
-from llmprune.ui.console import console, print_json
-from llmprune.ui.prune_report import prune_summary, prune_table, stage_progress
+from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
 
 
 def prune_command(
@@ -62,6 +59,11 @@ def prune_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Remove whole KV groups (and MLP channels) layer by layer, keeping GQA valid, and report what changed."""
+    from llmprune.engine.pruning.analysis import CalibrationOptions
+    from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
+    from llmprune.ui.console import console, print_json
+    from llmprune.ui.prune_report import prune_summary, prune_table, stage_progress
+
     if skip_importance_analysis and importance_config is None:
         importance_config = Path(DEFAULT_CONFIG_NAME)
     config = PruneConfig(

@@ -8,17 +8,8 @@ import typer
 
 from llmprune.cli.recipe_sweep import sweep_command
 from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded, stdout_is_terminal
-from llmprune.engine.recipes.runner import RecipeConfig, run_recipe
+# the registry is plain data (no torch): the subcommands and their defaults are built from it
 from llmprune.engine.recipes.registry import RECIPES, Recipe
-from llmprune.ui.console import console, print_json
-from llmprune.ui.train_lines import PlainTrainingLines
-from llmprune.ui.recipe_view import (
-    RecipeLines,
-    recipe_summaries,
-    recipes_table,
-    report_footer,
-    report_rich_table,
-)
 
 EXIT_CODES = {"done": 0, "stopped_at_gate": 1, "finetune_failed": 1, "base_unhealthy": 1, "interrupted": 130}
 recipe_app = typer.Typer(help="Proven pipelines in one command: analyze → prune → eval → gate → finetune → eval.")
@@ -33,6 +24,9 @@ def recipe_list(
     """Proven pipelines in one command. Without a recipe name: the recipes and their exact values."""
     if ctx.invoked_subcommand is not None and not list_recipes:
         return
+    from llmprune.ui.console import console, print_json
+    from llmprune.ui.recipe_view import recipe_summaries, recipes_table
+
     if json_output:
         print_json({"recipes": [recipe.to_dict() for recipe in RECIPES.values()]})
     else:
@@ -79,6 +73,11 @@ def _command_for(recipe: Recipe):
         dtype: DtypeOpt = "auto",
         json_output: JsonOpt = False,
     ) -> None:
+        from llmprune.engine.recipes.runner import RecipeConfig, run_recipe
+        from llmprune.ui.console import console, print_json
+        from llmprune.ui.recipe_view import RecipeLines, report_footer, report_rich_table
+        from llmprune.ui.train_lines import PlainTrainingLines
+
         chosen = recipe.with_overrides(
             prune={"ratio": ratio, "importance": importance, "strategy": strategy, "alpha": alpha, "prune_mlp": mlp,
                    "layer_start": layer_start, "layer_end": layer_end},

@@ -8,12 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg
-from llmprune.engine.recipes.registry import get_recipe
-from llmprune.engine.recipes.sweep import SweepConfig, run_sweep, save_sweep_json
-from llmprune.ui.console import console, print_json
-from llmprune.ui.prune_report import stage_progress
-from llmprune.ui.recipe_view import sweep_rich_table
-from llmprune.ui.sweep_chart import save_sweep_chart
 
 
 def sweep_command(
@@ -34,6 +28,13 @@ def sweep_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Prune MODEL at several ratios with one importance analysis; a table of size, PPL and verdict, a JSON and a chart."""
+    from llmprune.engine.recipes.registry import get_recipe
+    from llmprune.engine.recipes.sweep import SweepConfig, run_sweep, save_sweep_json
+    from llmprune.ui.console import console, print_json
+    from llmprune.ui.prune_report import stage_progress
+    from llmprune.ui.recipe_view import sweep_rich_table
+    from llmprune.ui.sweep_chart import save_sweep_chart
+
     config = SweepConfig(
         ratios=list(ratio), recipe=get_recipe(recipe).with_overrides(prune={"prune_mlp": mlp}), model=model, out=out,
         importance_config=str(importance_config) if importance_config else None, dataset=dataset, eval_dataset=eval_dataset,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune import __version__
+from llmprune._version import __version__
 from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shapes
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
 from llmprune.engine.io.remote_code import modeling_llmprune

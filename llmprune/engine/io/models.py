@@ -32,7 +32,7 @@ from torch import nn
 
 from llmprune.engine.io.architecture import LayerShape, apply_layer_shapes, require_llama_style
 from llmprune.engine.core.hub import hub_reachable
-from llmprune.engine.io.checkpoint import has_layer_shapes, model_class_for, read_provenance
+from llmprune.engine.io.checkpoint import model_class_for, read_provenance
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import atomic_directory, cache_dir

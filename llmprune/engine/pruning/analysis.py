@@ -19,9 +19,8 @@ from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.pruning.importance import LAYER_METHODS, LayerImportance, layer_importance
 from llmprune.engine.core.paths import atomic_write_json
+from llmprune.engine.pruning.importance_file import CONFIG_FORMAT, DEFAULT_CONFIG_NAME
 
-CONFIG_FORMAT = "llmprune.layer_importance/1"
-DEFAULT_CONFIG_NAME = "layer_importance_config.json"
 StageProgress = Callable[[str, int, int], None]
 
 

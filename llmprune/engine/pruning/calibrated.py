@@ -446,7 +446,7 @@ def prune_layers(
             prune_mlp_channels(layer, keep)
             _compensate(mlp.down_proj, dense_weight, dense_bias, stats, keep, compensation, damping)
             report.kept_channels, report.kept_channel_indices, changed = len(keep), keep, True
-        hidden = runner.mlp_block(layer, middle)
+        hidden = runner.mlp_block(layer, middle)  # noqa: F841 (the next layer's input; read at the loop's top, after the `del` above)
         reports.append(report)
         store.release(index, layer, changed=changed)
         if progress:

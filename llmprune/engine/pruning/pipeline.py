@@ -431,7 +431,7 @@ def _run_global(config: PruneConfig, loaded, counter: ParameterModel, target: in
 
     after = layer_shapes(model)
     changes, rates = _changes(shapes, after, outcome.dropped_layers, outcome.reports, model.config.hidden_size)
-    influence = [s.influence for s in outcome.scores] if outcome.scores else [0.0] * len(kept)
+    influence = [s.influence for s in outcome.scores] if outcome.scores else [0.0] * len(after)
     resolved = {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(config, compensation=None)).items()},
         "allocation": "global",
