@@ -9,6 +9,7 @@ _llmprune() {
             'completion') path="${path:+$path }$word" ;;
             'doctor') path="${path:+$path }$word" ;;
             'eval') path="${path:+$path }$word" ;;
+            'export') path="${path:+$path }$word" ;;
             'finetune') path="${path:+$path }$word" ;;
             'prune') path="${path:+$path }$word" ;;
             'recipe') path="${path:+$path }$word" ;;
@@ -21,7 +22,7 @@ _llmprune() {
     case "$path" in
         '')
             opts='--version --debug --help'
-            cmds='analyze completion doctor eval finetune prune recipe'
+            cmds='analyze completion doctor eval export finetune prune recipe'
             ;;
         'analyze')
             opts='--importance-method --importance-samples --seq-len --dataset --seed --batch-size --ratio --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --attn-unit --prune-mlp --no-prune-mlp --round-to --output -o --overwrite --force --base-model --trust-pickle --stream --device --dtype --json --help'
@@ -88,8 +89,18 @@ _llmprune() {
                 --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
             esac
             ;;
+        'export')
+            opts='--gguf --outtype --base-model --trust-pickle --json --help'
+            cmds=''
+            args='smollm2-135m' argfiles=1
+            case "$prev" in
+                --gguf) valued=1 values='' files=1 ;;
+                --outtype) valued=1 values='' files=1 ;;
+                --base-model) valued=1 values='smollm2-135m' files=1 ;;
+            esac
+            ;;
         'finetune')
-            opts='--method --lora-r --lora-alpha --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --on-nan --loss-limit --max-rollbacks --save-every --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --no-tui --watch --base-model --trust-pickle --device --dtype --json --help'
+            opts='--method --lora-r --lora-alpha --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --on-nan --loss-limit --max-rollbacks --save-every --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --teacher --kd-temperature --kd-weight --kd-top-k --no-tui --watch --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -116,6 +127,10 @@ _llmprune() {
                 --out) valued=1 values='' files=1 ;;
                 --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
                 --eval-windows) valued=1 values='' files=0 ;;
+                --teacher) valued=1 values='' files=1 ;;
+                --kd-temperature) valued=1 values='' files=0 ;;
+                --kd-weight) valued=1 values='' files=0 ;;
+                --kd-top-k) valued=1 values='' files=0 ;;
                 --watch) valued=1 values='' files=1 ;;
                 --base-model) valued=1 values='smollm2-135m' files=1 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
@@ -164,7 +179,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
+            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
