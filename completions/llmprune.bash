@@ -90,7 +90,7 @@ _llmprune() {
             esac
             ;;
         'export')
-            opts='--gguf --outtype --base-model --trust-pickle --json --help'
+            opts='--gguf --outtype --overwrite --base-model --trust-pickle --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in

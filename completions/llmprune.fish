@@ -104,6 +104,7 @@ complete -c llmprune -n '__llmprune_at eval' -l help -d 'Show the help and exit.
 complete -c llmprune -n '__llmprune_at eval' -F -a 'smollm2-135m'
 complete -c llmprune -n '__llmprune_at export' -l gguf -r -F -d 'Output file (.gguf).'
 complete -c llmprune -n '__llmprune_at export' -l outtype -r -F -d 'f32|f16|bf16|q8_0 for the weight matrices (norms and biases stay f32).'
+complete -c llmprune -n '__llmprune_at export' -l overwrite -d 'Replace an existing GGUF file at --gguf (any other file is never replaced).'
 complete -c llmprune -n '__llmprune_at export' -l base-model -r -F -a 'smollm2-135m' -d 'Architecture of a weights-only file (.bin/.pt/.safetensors without config.json).'
 complete -c llmprune -n '__llmprune_at export' -l trust-pickle -d 'Allow loading a whole pickled module (e.g. LLM-Pruner'\''s). Runs code from the file: only for files you trust.'
 complete -c llmprune -n '__llmprune_at export' -l json -d 'Print one JSON object on stdout and nothing else.'
