@@ -51,7 +51,7 @@ _llmprune() {
             esac
             ;;
         'completion')
-            opts='--write --help'
+            opts='--write --json --help'
             cmds=''
             args='bash zsh fish' argfiles=0
             case "$prev" in

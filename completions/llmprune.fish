@@ -73,6 +73,7 @@ complete -c llmprune -n '__llmprune_at analyze' -l json -d 'Print one JSON objec
 complete -c llmprune -n '__llmprune_at analyze' -l help -d 'Show the help and exit.'
 complete -c llmprune -n '__llmprune_at analyze' -F -a 'smollm2-135m'
 complete -c llmprune -n '__llmprune_at completion' -l write -r -F -d 'Write all three scripts into this folder (the repository'\''s is completions/).'
+complete -c llmprune -n '__llmprune_at completion' -l json -d 'Print one JSON object on stdout: the script, or the files written.'
 complete -c llmprune -n '__llmprune_at completion' -l help -d 'Show the help and exit.'
 complete -c llmprune -n '__llmprune_at completion' -a 'bash zsh fish'
 complete -c llmprune -n '__llmprune_at doctor' -l test-forward -d 'Run a short prompt through the model; name the first module whose output is not finite.'
