@@ -529,3 +529,19 @@ def test_completion_has_json_and_refuses_a_file_as_its_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _one_line(runner.invoke(app, ["completion", "--write", str(blocker)]), "is a file, not a folder")
+
+
+def test_a_command_replaces_only_its_own_kind_of_output(tiny_model_dir, pydoc_text_file, tmp_path):
+    run = tmp_path / "finetune-run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "notes.txt").write_text("keep")
+    pruned = runner.invoke(app, ["prune", str(tiny_model_dir), *_calib(pydoc_text_file), "--out", str(run), "--overwrite", "--log-dir", str(tmp_path / "l")])
+    _one_line(pruned, "holds another kind of llmprune output (it has run.json, not llmprune.json)")
+    assert (run / "notes.txt").is_file()
+    model = tmp_path / "pruned-model"
+    model.mkdir()
+    (model / "llmprune.json").write_text("{}")
+    trained = runner.invoke(app, ["finetune", str(tiny_model_dir), *_train(pydoc_text_file), "--out", str(model)])
+    _one_line(trained, "holds another kind of llmprune output (it has llmprune.json, not run.json)")
+    assert sorted(p.name for p in model.iterdir()) == ["llmprune.json"]

@@ -45,7 +45,7 @@ from llmprune.engine.core.events import (
 )
 from llmprune.engine.finetune.distill import Distiller, LossParts, check_teacher_matches, lm_only_loss, load_teacher, validate_kd_settings
 from llmprune.engine.finetune.guards import ON_NAN_CHOICES, check_step, make_alert
-from llmprune.engine.core.outputs import check_output_folder, is_disk_full
+from llmprune.engine.core.outputs import RUN_MARKER, check_output_folder, is_disk_full
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.finetune.run_checkpoints import CheckpointStore, TrainingProgress, checkpoint_step, latest_checkpoint
 
@@ -345,13 +345,16 @@ def _read_run(run_dir: Path) -> dict:
 def _prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     run_dir = check_run_dir(config, needed_bytes)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_FILE).is_file() and os.environ.get("RANK", "0") == "0":
+        # marks the folder as a run from the start, so that a run killed before its first checkpoint can be started again there
+        atomic_write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "status": "starting"})
     return run_dir
 
 
 def check_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     """Whether --out may receive this run (a new or empty folder, or the run to --resume); nothing is written."""
     run_dir = Path(config.out).expanduser() if config.out else default_run_dir()
-    check_output_folder(run_dir, option="--out", resumable=True, needed_bytes=needed_bytes)
+    check_output_folder(run_dir, option="--out", resumable=True, needed_bytes=needed_bytes, kind=RUN_MARKER)
     checkpoints = run_dir / "checkpoints"
     if config.resume:
         if latest_checkpoint(checkpoints) is None:

@@ -92,14 +92,14 @@ def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> Swe
     from llmprune.engine.pruning.prune_model import prune_model
     from llmprune.engine.recipes.steps import StepAdapters
 
-    from llmprune.engine.core.outputs import check_output_folder, check_writable_location
+    from llmprune.engine.core.outputs import SWEEP_MARKER, check_output_folder, check_writable_location
     from llmprune.engine.diagnose.health import require_healthy, weight_health
 
     config.validate()
     start = time.perf_counter()
     run_dir = config.run_dir
     check_writable_location(config.out, option="--out")
-    check_output_folder(run_dir, option="--out", resumable=True)  # a previous sweep of this model is redone in place
+    check_output_folder(run_dir, option="--out", resumable=True, kind=(SWEEP_MARKER, "layer_importance_config.json"))  # a previous sweep of this model is redone in place
     importance_path = config.importance_config or StepAdapters().analyze(config, run_dir, progress)["importance_config"]
     importance = read_importance_config(importance_path)
     loaded = load_model(config.model, placement=choose_placement(config.device, config.dtype))
