@@ -51,7 +51,7 @@ _llmprune() {
             esac
             ;;
         'completion')
-            opts='--write --help'
+            opts='--write --json --help'
             cmds=''
             args='bash zsh fish' argfiles=0
             case "$prev" in
@@ -94,7 +94,7 @@ _llmprune() {
             esac
             ;;
         'export')
-            opts='--gguf --outtype --base-model --trust-pickle --json --help'
+            opts='--gguf --outtype --overwrite --base-model --trust-pickle --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in

@@ -439,3 +439,109 @@ def test_an_error_message_with_brackets_is_printed_as_text(tmp_path):
     missing = tmp_path / "[bold]model[/bold]"
     result = runner.invoke(app, ["eval", str(missing)])
     _one_line(result, "[bold]model[/bold]")
+
+
+# ---------------------------------------------------------------- beyond the list
+
+
+@pytest.mark.parametrize("args", [
+    ["finetune", "{model}", "--weight-decay", "inf"],
+    ["finetune", "{model}", "--method", "lora", "--lora-alpha", "-3"],
+    ["doctor", "{model}", "--base-ppl", "inf"],
+    ["recipe", "safe", "--model", "{model}", "--alpha", "nan", "--no-tui"],
+    ["recipe", "safe", "--model", "{model}", "--max-grad-norm", "nan", "--no-tui"],
+    ["recipe", "sweep", "{model}", "--ratio", "0.9"],
+])
+def test_more_out_of_range_numbers_are_refused(args, tiny_model_dir, pydoc_text_file, tmp_path):
+    args = [a.replace("{model}", str(tiny_model_dir)) for a in args]
+    if args[0] == "finetune":
+        args += ["--dataset", str(pydoc_text_file), "--seq-len", "16", "--out", str(tmp_path / "run")]
+    if args[0] == "recipe":
+        args += ["--dataset", str(pydoc_text_file), "--eval-dataset", str(pydoc_text_file), "--out", str(tmp_path / "runs")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.stderr.count("error:") == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_export_never_replaces_a_foreign_file_and_replaces_a_gguf_only_with_overwrite(tiny_model_dir, tmp_path):
+    foreign = tmp_path / "notes.gguf"
+    foreign.write_text("my notes")
+    refused = runner.invoke(app, ["export", str(tiny_model_dir), "--gguf", str(foreign)])
+    _one_line(refused, "is not an llmprune output")
+    assert foreign.read_text() == "my notes"
+    out = tmp_path / "m.gguf"
+    stale = tmp_path / ".m.gguf.k2j3h4.partial"  # an export killed half-way
+    stale.write_bytes(b"GGUF half")
+    assert runner.invoke(app, ["export", str(tiny_model_dir), "--gguf", str(out), "--json"]).exit_code == 0
+    assert not stale.exists()
+    _one_line(runner.invoke(app, ["export", str(tiny_model_dir), "--gguf", str(out)]), "pass --overwrite")
+    assert runner.invoke(app, ["export", str(tiny_model_dir), "--gguf", str(out), "--overwrite", "--json"]).exit_code == 0
+
+
+def test_sweep_refuses_a_foreign_folder_and_an_unhealthy_base(tiny_model_dir, inf_model_dir, pydoc_text_file, tmp_path):
+    common = ["--ratio", "0.2", "--dataset", str(pydoc_text_file), "--eval-dataset", str(pydoc_text_file), "--seq-len", "16",
+              "--calibration-samples", "4", "--eval-windows", "2", "--batch-size", "2", "--out", str(tmp_path)]
+    foreign = tmp_path / f"{tiny_model_dir.name}-sweep"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    _one_line(runner.invoke(app, ["recipe", "sweep", str(tiny_model_dir), *common]), "holds files that llmprune did not write")
+    assert sorted(p.name for p in foreign.iterdir()) == ["mine.txt"]
+    unhealthy = runner.invoke(app, ["recipe", "sweep", str(inf_model_dir), *common])
+    _one_line(unhealthy, "failed the weight health check", code=1)
+
+
+def test_sigterm_stops_finetune_like_ctrl_c(tiny_model_dir, pydoc_text_file, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "llmprune", "finetune", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--seq-len", "16",
+               "--samples", "4000", "--no-tui", "--out", str(run)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "stopped_by_user" and 2 <= record["steps"] < 4000
+    assert (run / "model" / "llmprune.json").is_file()
+
+
+def test_a_generation_longer_than_the_context_is_refused_at_once(tiny_model_dir, pydoc_text_file):
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--seq-len", "16",
+                                 "--prompt", "hello", "--max-new-tokens", "100000"])
+    _one_line(result, "do not fit the model's context (512 tokens)")
+
+
+def test_completion_has_json_and_refuses_a_file_as_its_folder(tmp_path):
+    printed = runner.invoke(app, ["completion", "bash", "--json"])
+    assert printed.exit_code == 0 and json.loads(printed.stdout)["script"].startswith("# generated by")
+    written = runner.invoke(app, ["completion", "--write", str(tmp_path / "c"), "--json"])
+    assert written.exit_code == 0 and len(json.loads(written.stdout)["written"]) == 3
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line(runner.invoke(app, ["completion", "--write", str(blocker)]), "is a file, not a folder")
+
+
+def test_a_command_replaces_only_its_own_kind_of_output(tiny_model_dir, pydoc_text_file, tmp_path):
+    run = tmp_path / "finetune-run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "notes.txt").write_text("keep")
+    pruned = runner.invoke(app, ["prune", str(tiny_model_dir), *_calib(pydoc_text_file), "--out", str(run), "--overwrite", "--log-dir", str(tmp_path / "l")])
+    _one_line(pruned, "holds another kind of llmprune output (it has run.json, not llmprune.json)")
+    assert (run / "notes.txt").is_file()
+    model = tmp_path / "pruned-model"
+    model.mkdir()
+    (model / "llmprune.json").write_text("{}")
+    trained = runner.invoke(app, ["finetune", str(tiny_model_dir), *_train(pydoc_text_file), "--out", str(model)])
+    _one_line(trained, "holds another kind of llmprune output (it has llmprune.json, not run.json)")
+    assert sorted(p.name for p in model.iterdir()) == ["llmprune.json"]

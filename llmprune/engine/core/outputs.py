@@ -28,7 +28,7 @@ from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import remove_stale_staging
 
 # files that mark a folder as something llmprune wrote (a saved model, a fine-tuning run, a recipe run, a sweep)
-OUTPUT_MARKERS = ("llmprune.json", "run.json", "state.json", "sweep.json", "adapter_config.json")
+OUTPUT_MARKERS = ("llmprune.json", "run.json", "state.json", "sweep.json", "layer_importance_config.json", "adapter_config.json")
 # a little room for the config, the tokenizer and the provenance next to the weights
 _SPACE_MARGIN = 1.05
 _SPACE_SLACK = 64 * 2**20
@@ -42,8 +42,12 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TiB"  # pragma: no cover
 
 
-def is_llmprune_output(folder: Path) -> bool:
-    return any((folder / marker).is_file() for marker in OUTPUT_MARKERS)
+# what each kind of output carries: a command replaces or continues only its own kind
+MODEL_MARKER, RUN_MARKER, RECIPE_MARKER, SWEEP_MARKER = "llmprune.json", "run.json", "state.json", "sweep.json"
+
+
+def is_llmprune_output(folder: Path, markers: tuple[str, ...] = OUTPUT_MARKERS) -> bool:
+    return any((folder / marker).is_file() for marker in markers)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -99,11 +103,13 @@ def _check_space(anchor: Path, path: Path, needed_bytes: int | None, option: str
 
 
 def check_output_folder(path: str | os.PathLike, *, option: str, overwrite: bool = False, needed_bytes: int | None = None,
-                        resumable: bool = False) -> Path:
+                        resumable: bool = False, kind: str | tuple[str, ...] | None = None) -> Path:
     """Decide whether a folder output may be written at `path`; returns its absolute path.
 
     `resumable`: the caller continues what is in the folder (a recipe rerun, finetune --resume),
     so an existing llmprune output is accepted without --overwrite.
+    `kind`: the marker file of the output this command writes (e.g. RUN_MARKER): another kind of
+    llmprune output (a fine-tuning run where a pruned model goes) is refused like a foreign folder.
     """
     path = Path(path)
     resolved = _check_name(path, option)
@@ -114,6 +120,13 @@ def check_output_folder(path: str | os.PathLike, *, option: str, overwrite: bool
             raise UserInputError(
                 f"{option} {path} already exists and holds files that llmprune did not write",
                 f"name a new or empty folder for {option} (nothing in {path} was touched)",
+            )
+        kinds = (kind,) if isinstance(kind, str) else kind
+        if kinds and not is_llmprune_output(resolved, kinds):
+            found = next(marker for marker in OUTPUT_MARKERS if (resolved / marker).is_file())
+            raise UserInputError(
+                f"{option} {path} holds another kind of llmprune output (it has {found}, not {kinds[0]})",
+                f"name a new or empty folder for {option}",
             )
         if not (overwrite or resumable):
             raise UserInputError(f"{option} {path} already holds an llmprune output",

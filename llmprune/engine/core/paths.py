@@ -79,7 +79,10 @@ def remove_stale_staging(final: str | os.PathLike) -> list[Path]:
         pid = middle.split("-", 1)[0]
         if pid.isdigit() and "-" in middle and _process_alive(int(pid)):
             continue
-        shutil.rmtree(candidate, ignore_errors=True)
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:  # a single-file output's staging (export's .gguf)
+            candidate.unlink(missing_ok=True)
         removed.append(candidate)
     retired = final.with_name(f".{final.name}.old")
     if retired.is_dir() and not final.exists():  # killed between the two renames: the old version is the only one

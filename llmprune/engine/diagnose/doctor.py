@@ -7,6 +7,7 @@ and --ppl.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llmprune.engine.data import check_seq_len_fits, check_window_options
@@ -54,7 +55,7 @@ class DoctorConfig:
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
-        if self.base_ppl is not None and not self.base_ppl > 0:
+        if self.base_ppl is not None and not (self.base_ppl > 0 and math.isfinite(self.base_ppl)):
             raise UserInputError(f"--base-ppl must be a positive number, got {self.base_ppl}", "pass the base model's PPL, e.g. --base-ppl 12.3")
 
 

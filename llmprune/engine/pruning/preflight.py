@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.core.outputs import check_output_file, check_output_folder, check_writable_location
+from llmprune.engine.core.outputs import MODEL_MARKER, check_output_file, check_output_folder, check_writable_location
 from llmprune.engine.data import check_seq_len_fits
 
 # depth pruning never removes the first and the last layer (see depth.least_influential)
@@ -25,7 +25,8 @@ _PROTECTED_ENDS = 2
 def check_prune_outputs(config: Any, needed_bytes: int | None = None) -> None:
     """--out (or --save-model's folder under --log-dir) and --log-dir, before anything is computed."""
     if config.out is not None:
-        check_output_folder(config.out, option="--out", overwrite=getattr(config, "overwrite", False), needed_bytes=needed_bytes)
+        check_output_folder(config.out, option="--out", overwrite=getattr(config, "overwrite", False), needed_bytes=needed_bytes,
+                            kind=MODEL_MARKER)
     anchor_bytes = needed_bytes if (config.save_model and config.out is None) else None
     check_writable_location(Path(config.log_dir), option="--log-dir", needed_bytes=anchor_bytes)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.core.outputs import check_output_folder, check_writable_location
+from llmprune.engine.core.outputs import RECIPE_MARKER, check_output_folder, check_writable_location
 from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
 from llmprune.engine.recipes.steps import PASSING_VERDICTS, StageProgress, StepAdapters, choose_teacher, has_checkpoint
@@ -290,7 +290,7 @@ def run_recipe(
     """
     config.validate()
     check_writable_location(config.out, option="--out")
-    check_output_folder(config.run_dir, option="--out/--name", resumable=True)
+    check_output_folder(config.run_dir, option="--out/--name", resumable=True, kind=RECIPE_MARKER)
     emit = listener or (lambda event: None)
     if config.restart:
         _restart(config.run_dir)

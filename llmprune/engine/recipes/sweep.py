@@ -42,7 +42,16 @@ class SweepConfig(PipelineSettings):
         bad = [r for r in self.ratios if not (0 < r < 1)]
         if bad:
             raise UserInputError(f"--ratio must be between 0 and 1, got {bad[0]}", "e.g. --ratio 0.15 --ratio 0.2")
+        from llmprune.engine.data import check_text_source
+        from llmprune.engine.pruning.allocation import PlanOptions
+
+        highest = PlanOptions().max_rate
+        if max(self.ratios) > highest:
+            raise UserInputError(f"--ratio {max(self.ratios):g} is more than a recipe prunes: at most {highest:g} of every prunable layer",
+                                 f"use ratios up to {highest:g}")
         self.validate_budget()
+        check_text_source(self.dataset)
+        check_text_source(self.eval_dataset, "--eval-dataset")
 
 
 @dataclass
@@ -83,12 +92,18 @@ def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> Swe
     from llmprune.engine.pruning.prune_model import prune_model
     from llmprune.engine.recipes.steps import StepAdapters
 
+    from llmprune.engine.core.outputs import SWEEP_MARKER, check_output_folder, check_writable_location
+    from llmprune.engine.diagnose.health import require_healthy, weight_health
+
     config.validate()
     start = time.perf_counter()
     run_dir = config.run_dir
+    check_writable_location(config.out, option="--out")
+    check_output_folder(run_dir, option="--out", resumable=True, kind=(SWEEP_MARKER, "layer_importance_config.json"))  # a previous sweep of this model is redone in place
     importance_path = config.importance_config or StepAdapters().analyze(config, run_dir, progress)["importance_config"]
     importance = read_importance_config(importance_path)
     loaded = load_model(config.model, placement=choose_placement(config.device, config.dtype))
+    require_healthy(weight_health(loaded.model), "the sweep")
     shapes = layer_shapes(loaded.model)
     check_config_fits(importance, shapes, config.model)
     evaluation = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
@@ -98,6 +113,11 @@ def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> Swe
         return (lambda done, total: progress(name, done, total)) if progress else None
 
     base_ppl = perplexity(loaded.model, evaluation, config.batch_size, stage("PPL of the base model")).ppl
+    if not math.isfinite(base_ppl):
+        from llmprune.engine.core.errors import CheckFailedError
+
+        raise CheckFailedError(f"the base model's perplexity is {base_ppl}: there is no reference to compare the pruned models with",
+                               f"check the base model with `llmprune doctor {config.model} --ppl`")
     base_params = loaded.num_parameters
     rows = [SweepRow(0.0, base_params, 0.0, base_ppl, 1.0, "reference")]
     prune = config.recipe.prune
