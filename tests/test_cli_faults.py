@@ -545,3 +545,37 @@ def test_a_command_replaces_only_its_own_kind_of_output(tiny_model_dir, pydoc_te
     trained = runner.invoke(app, ["finetune", str(tiny_model_dir), *_train(pydoc_text_file), "--out", str(model)])
     _one_line(trained, "holds another kind of llmprune output (it has llmprune.json, not run.json)")
     assert sorted(p.name for p in model.iterdir()) == ["llmprune.json"]
+
+
+# ---------------------------------------------------------------- pruning options (items 4, 6)
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--alpha", "nan"], "--alpha must be ≥ 0, got nan"),
+    (["--alpha", "inf"], "--alpha must be ≥ 0, got inf"),
+    (["--allocation", "plan", "--prune-mlp", "--round-to", "10000"], "--round-to 10000 is larger than the model's MLP (128 channels)"),
+    (["--round-to", "64"], "--round-to"),  # the global path does not round: asking it to is an error, not ignored
+])
+def test_pruning_options_that_would_be_ignored_or_wrong_are_refused(extra, needle, tiny_model_dir, pydoc_text_file, tmp_path):
+    result = runner.invoke(app, ["prune", str(tiny_model_dir), *_calib(pydoc_text_file), *extra, "--log-dir", str(tmp_path / "l")])
+    _one_line(result, needle)
+    assert not (tmp_path / "l").exists()
+
+
+def test_a_nan_score_in_the_importance_config_is_refused(tiny_model_dir, pydoc_text_file, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert runner.invoke(app, ["analyze", str(tiny_model_dir), *_calib(pydoc_text_file), "-o", str(plan), "--json"]).exit_code == 0
+    data = json.loads(plan.read_text())
+    data["importance"]["scores"][2] = float("nan")
+    plan.write_text(json.dumps(data))
+    result = runner.invoke(app, ["prune", str(tiny_model_dir), *_calib(pydoc_text_file), "--importance-config", str(plan),
+                                 "--log-dir", str(tmp_path / "l")])
+    _one_line(result, "non-finite importance scores (layers 2)")
+
+
+@pytest.mark.parametrize("extra", [["--ratio", "0"], ["--target-params", "1.0"]])
+def test_a_prune_that_removes_nothing_runs_and_says_so(extra, tiny_model_dir, pydoc_text_file, tmp_path):
+    result = runner.invoke(app, ["prune", str(tiny_model_dir), *_calib(pydoc_text_file), *extra, "--log-dir", str(tmp_path / "l"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["params_after"] == report["params_before"]

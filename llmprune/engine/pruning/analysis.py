@@ -7,13 +7,19 @@ recomputing them, and takes the file's plan options as its defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from llmprune.engine.pruning.allocation import PlanOptions, LayerUnits, layer_rates, unit_counts
+from llmprune.engine.core.progress import StageProgress, named_stage
+from llmprune.engine.pruning.allocation import LayerUnits, PlanOptions, unit_counts
+from llmprune.engine.pruning.config import CalibrationOptions
+from llmprune.engine.pruning.plan import plan_units
+from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD
+from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.io.architecture import LayerShape, layer_shapes, require_llama_style
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
@@ -21,43 +27,13 @@ from llmprune.engine.pruning.importance import LAYER_METHODS, LayerImportance, l
 from llmprune.engine.core.paths import atomic_write_json
 from llmprune.engine.pruning.importance_file import CONFIG_FORMAT, DEFAULT_CONFIG_NAME
 
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass
-class CalibrationOptions:
-    """Which text the importance is measured on."""
-
-    dataset: str = "wikitext2"
-    """Text source; its training split is used (never the test split)."""
-    samples: int = 50
-    """Number of calibration windows."""
-    seq_len: int = 128
-    """Tokens per calibration window."""
-    seed: int = 0
-    """Seed of the window positions."""
-    batch_size: int = 8
-    """Windows per forward pass."""
-
-    def validate(self) -> None:
-        if self.samples < 1:
-            raise UserInputError(f"--importance-samples must be ≥ 1, got {self.samples}", "e.g. --importance-samples 50")
-        if self.seq_len < 2:
-            raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")
-        if self.batch_size < 1:
-            raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "e.g. --batch-size 8")
-        from llmprune.engine.data import check_text_source
-
-        check_text_source(self.dataset)
-
-
-@dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(LoadOptions):
     """What `llmprune analyze` does."""
 
-    model: str = "smollm2-135m"
-    """Model spec (alias, folder, file or hub id)."""
-    importance_method: str = "removal"
+    importance_method: str = DEFAULT_IMPORTANCE_METHOD
     """removal | block-influence | taylor."""
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     """Calibration text and sizes."""
@@ -71,14 +47,10 @@ class AnalyzeConfig:
     """MLP widths are multiples of this."""
     output: Path = Path(DEFAULT_CONFIG_NAME)
     """Where the JSON config goes (the CLI draws the chart image next to it)."""
-    base_model: str | None = None
-    trust_pickle: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
     stream: bool = False
     """Read one decoder layer at a time from the safetensors files (removal, block-influence): memory of one layer, not the model."""
     overwrite: bool = False
-    """Replace an existing file at `output` (without it, an existing file is refused)."""
+    """Replace a previous plan at `output` (any other existing file is refused)."""
     force: bool = False
     """Analyse even if the weight health check fails (NaN/Inf/huge values, broken shapes)."""
 
@@ -143,40 +115,26 @@ class AnalyzeResult:
         }
 
 
-def plan_units(
-    scores: list[float], shapes: list[LayerShape], plan: PlanOptions, attn_unit: str, prune_mlp: bool, round_to: int,
-    same_in_every_layer: bool = False,
-) -> tuple[list[float], list[LayerUnits]]:
-    """Scores -> (per-layer rates, per-layer units kept)."""
-    rates = layer_rates(scores, plan)
-    units = unit_counts(rates, shapes, attn_unit, True, prune_mlp, round_to, same_in_every_layer)
-    return rates, units
-
-
 def measure_importance(
     model: nn.Module, windows: TokenWindows, method: str, batch_size: int = 8, progress: StageProgress | None = None
 ) -> LayerImportance:
     """Layer scores on calibration windows, reporting progress as a named stage."""
-    callback = (lambda done, total: progress(f"layer importance ({method})", done, total)) if progress else None
-    return layer_importance(model, windows, method, batch_size, callback)
+    return layer_importance(model, windows, method, batch_size, named_stage(progress, f"layer importance ({method})"))
 
 
 def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) -> AnalyzeResult:
     """Load the model, measure layer importance, make the plan, write the JSON config and the chart."""
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.core.device import choose_placement
-    from llmprune.engine.io.models import load_model
-
     from llmprune.engine.pruning.preflight import check_analyze_output, check_model_before_pruning, check_weights_on_disk
 
     config.validate()
     check_analyze_output(config.output, config.overwrite)
-    placement = choose_placement(config.device, config.dtype)
+    placement = config.placement()
     if config.stream:
         check_weights_on_disk(config.model, action="the analysis", force=config.force)
         shapes, num_parameters, importance = _measure_streamed(config, placement, progress)
     else:
-        loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
+        loaded = config.load(placement)
         require_llama_style(loaded.model)
         check_model_before_pruning(loaded.model, action="the analysis", force=config.force, seq_lens={"--seq-len": config.calibration.seq_len})
         shapes, num_parameters = layer_shapes(loaded.model), loaded.num_parameters
@@ -205,7 +163,7 @@ def _measure_streamed(config: AnalyzeConfig, placement, progress: StageProgress 
 
     from llmprune.engine.io.architecture import layer_shape
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.pruning.pipeline import stream_source
+    from llmprune.engine.pruning.route import stream_source
     from llmprune.engine.pruning.streamed_importance import streamed_layer_importance
     from llmprune.engine.pruning.streaming import StreamedLayers, parameter_count
 
@@ -216,7 +174,7 @@ def _measure_streamed(config: AnalyzeConfig, placement, progress: StageProgress 
     store = StreamedLayers(source, placement.device, placement.dtype)
     calib = config.calibration
     windows = load_calibration_windows(AutoTokenizer.from_pretrained(str(source)), calib.dataset, calib.samples, calib.seq_len, calib.seed)
-    callback = (lambda done, total: progress(f"layer importance ({config.importance_method}, streamed)", done, total)) if progress else None
+    callback = named_stage(progress, f"layer importance ({config.importance_method}, streamed)")
     importance = streamed_layer_importance(store, windows, config.importance_method, calib.batch_size, callback)
     return [layer_shape(layer) for layer in store.skeleton.model.layers], parameter_count(source), importance
 
@@ -240,19 +198,6 @@ class ImportanceConfig:
         return self.plan.get(name, fallback)
 
 
-def is_importance_config(path: str | Path) -> bool:
-    """Whether `path` is a layer_importance_config.json written by `llmprune analyze` (a small JSON file)."""
-    import json
-
-    path = Path(path)
-    try:
-        if not path.is_file() or path.stat().st_size > 64 * 2**20:
-            return False
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == CONFIG_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def read_importance_config(path: str | Path) -> ImportanceConfig:
     """Parse and sanity-check the file (clear errors for anything else)."""
     import json
@@ -267,13 +212,34 @@ def read_importance_config(path: str | Path) -> ImportanceConfig:
     if not isinstance(raw, dict) or raw.get("format") != CONFIG_FORMAT:
         raise UserInputError(f"{path} is not an llmprune layer-importance config", "re-create it with `llmprune analyze`")
     try:
-        return ImportanceConfig(
+        config = ImportanceConfig(
             path=str(path), model=str(raw["model"]), method=str(raw["importance"]["method"]),
             scores=[float(s) for s in raw["importance"]["scores"]], plan=dict(raw["plan"]),
             layer_shapes=list(raw["architecture"]["layer_shapes"]), raw=raw,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise UserInputError(f"{path} is incomplete ({error!r} missing or malformed)", "re-create it with `llmprune analyze`") from None
+    # a NaN score would silently leave its layer unpruned (NaN compares false with every other score)
+    broken = [index for index, score in enumerate(config.scores) if not math.isfinite(score)]
+    if broken:
+        raise UserInputError(
+            f"{path} holds non-finite importance scores (layers {', '.join(map(str, broken[:8]))}): the plan would be wrong",
+            "re-create it with `llmprune analyze` on a healthy model",
+        )
+    return config
+
+
+def is_importance_config(path: str | Path) -> bool:
+    """Whether `path` is a layer_importance_config.json written by `llmprune analyze` (a small JSON file)."""
+    import json
+
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > 64 * 2**20:
+            return False
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == CONFIG_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_config_fits(config: ImportanceConfig, shapes: list[LayerShape], model_name: str) -> None:

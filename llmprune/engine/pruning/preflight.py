@@ -43,7 +43,7 @@ def check_analyze_output(output: str | Path, overwrite: bool = False) -> Path:
 
 
 def check_model_before_pruning(model: nn.Module, *, action: str, force: bool, seq_lens: dict[str, int],
-                               drop_layers: int = 0) -> Any:
+                               drop_layers: int = 0, round_to: int = 1) -> Any:
     """Weight health (unless `force`), window lengths against the context, and the depth request; returns the health report."""
     from llmprune.engine.diagnose.health import require_healthy, weight_health
 
@@ -54,6 +54,12 @@ def check_model_before_pruning(model: nn.Module, *, action: str, force: bool, se
         raise UserInputError(
             f"--drop-layers {drop_layers} is more than this model allows: it has {count} layers and the first and last are kept",
             f"use --drop-layers {max(count - _PROTECTED_ENDS, 0)} or less",
+        )
+    narrowest = min(layer.mlp.gate_proj.out_features for layer in model.model.layers)
+    if round_to > narrowest:
+        raise UserInputError(
+            f"--round-to {round_to} is larger than the model's MLP ({narrowest} channels): no width could be rounded to it",
+            f"use a --round-to that divides the MLP width, e.g. 8 or 64 (at most {narrowest})",
         )
     return require_healthy(weight_health(model), action, force)
 

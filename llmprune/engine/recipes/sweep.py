@@ -10,15 +10,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import atomic_write_json
-from llmprune.engine.recipes.registry import PipelineSettings, Recipe
+from llmprune.engine.core.progress import StageProgress, named_stage
+from llmprune.engine.recipes.config import PipelineSettings
+from llmprune.engine.recipes.registry import Recipe
 
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass(kw_only=True)
@@ -42,16 +42,8 @@ class SweepConfig(PipelineSettings):
         bad = [r for r in self.ratios if not (0 < r < 1)]
         if bad:
             raise UserInputError(f"--ratio must be between 0 and 1, got {bad[0]}", "e.g. --ratio 0.15 --ratio 0.2")
-        from llmprune.engine.data import check_text_source
-        from llmprune.engine.pruning.allocation import PlanOptions
-
-        highest = PlanOptions().max_rate
-        if max(self.ratios) > highest:
-            raise UserInputError(f"--ratio {max(self.ratios):g} is more than a recipe prunes: at most {highest:g} of every prunable layer",
-                                 f"use ratios up to {highest:g}")
+        self.validate_pruning(self.ratios)
         self.validate_budget()
-        check_text_source(self.dataset)
-        check_text_source(self.eval_dataset, "--eval-dataset")
 
 
 @dataclass
@@ -80,55 +72,46 @@ class SweepResult:
 
 
 def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> SweepResult:
-    """Analyse once, prune a copy of the base model at each ratio, measure each; saves sweep.json."""
-    from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.pruning.analysis import check_config_fits, plan_units, read_importance_config
-    from llmprune.engine.io.architecture import layer_shapes
-    from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
-    from llmprune.engine.core.device import choose_placement
-    from llmprune.engine.evaluate import perplexity
-    from llmprune.engine.diagnose.health import ppl_verdict
-    from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.prune_model import prune_model
-    from llmprune.engine.recipes.steps import StepAdapters
+    """Analyse once, prune a copy of the base model at each ratio exactly as the recipe's prune step does, measure each.
 
+    Each row goes through `run_prune` with the PruneConfig the recipe builds
+    (`steps.recipe_prune_config`), so a row predicts `recipe NAME --ratio r`.
+    Saves sweep.json (and each prune's run log under prune_log/).
+    """
+    from llmprune.engine.data import load_evaluation_windows
+    from llmprune.engine.diagnose.health import ppl_verdict
+    from llmprune.engine.evaluate import perplexity
+    from llmprune.engine.pruning.pipeline import run_prune
+    from llmprune.engine.recipes.steps import StepAdapters, recipe_prune_config
+
+    from llmprune.engine.core.errors import CheckFailedError
     from llmprune.engine.core.outputs import SWEEP_MARKER, check_output_folder, check_writable_location
+    from llmprune.engine.data import check_seq_len_fits
     from llmprune.engine.diagnose.health import require_healthy, weight_health
 
     config.validate()
     start = time.perf_counter()
     run_dir = config.run_dir
     check_writable_location(config.out, option="--out")
-    check_output_folder(run_dir, option="--out", resumable=True, kind=(SWEEP_MARKER, "layer_importance_config.json"))  # a previous sweep of this model is redone in place
+    # a previous sweep of this model is redone in place; anything else there is left alone
+    check_output_folder(run_dir, option="--out", resumable=True, kind=(SWEEP_MARKER, "layer_importance_config.json"))
+    base = config.load_options().load()
+    check_seq_len_fits(config.seq_len, base.model)
+    require_healthy(weight_health(base.model), "the sweep")  # the analysis and the prunes below trust this check
     importance_path = config.importance_config or StepAdapters().analyze(config, run_dir, progress)["importance_config"]
-    importance = read_importance_config(importance_path)
-    loaded = load_model(config.model, placement=choose_placement(config.device, config.dtype))
-    require_healthy(weight_health(loaded.model), "the sweep")
-    shapes = layer_shapes(loaded.model)
-    check_config_fits(importance, shapes, config.model)
-    evaluation = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
-    calibration = load_calibration_windows(loaded.tokenizer, config.dataset, config.calibration_samples, config.seq_len)
-
-    def stage(name: str) -> Callable[[int, int], None] | None:
-        return (lambda done, total: progress(name, done, total)) if progress else None
-
-    base_ppl = perplexity(loaded.model, evaluation, config.batch_size, stage("PPL of the base model")).ppl
+    evaluation = load_evaluation_windows(base.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
+    base_ppl = perplexity(base.model, evaluation, config.batch_size, named_stage(progress, "PPL of the base model")).ppl
     if not math.isfinite(base_ppl):
-        from llmprune.engine.core.errors import CheckFailedError
-
         raise CheckFailedError(f"the base model's perplexity is {base_ppl}: there is no reference to compare the pruned models with",
                                f"check the base model with `llmprune doctor {config.model} --ppl`")
-    base_params = loaded.num_parameters
-    rows = [SweepRow(0.0, base_params, 0.0, base_ppl, 1.0, "reference")]
-    prune = config.recipe.prune
+    rows = [SweepRow(0.0, base.num_parameters, 0.0, base_ppl, 1.0, "reference")]
     for ratio in sorted(set(config.ratios)):
-        plan = PlanOptions(ratio=ratio, strategy=prune.strategy, alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end)
-        _, units = plan_units(importance.scores, shapes, plan, "group", prune.prune_mlp, 1)
-        model = copy.deepcopy(loaded.model)  # every ratio starts from the same base weights
-        outcome = prune_model(model, units, calibration, batch_size=config.batch_size)
-        ppl = perplexity(model, evaluation, config.batch_size, stage(f"PPL at ratio {ratio:g}")).ppl
-        del model
-        rows.append(SweepRow(ratio, outcome.params_after, outcome.removed_share, ppl,
+        pruned = replace(base, model=copy.deepcopy(base.model))  # every ratio starts from the same base weights
+        prune_config = recipe_prune_config(config, importance_path, ratio, log_dir=run_dir / "prune_log", log_name=f"ratio-{ratio:g}")
+        result = run_prune(prune_config, progress, loaded=pruned)
+        ppl = perplexity(pruned.model, evaluation, config.batch_size, named_stage(progress, f"PPL at ratio {ratio:g}")).ppl
+        del pruned, result.loaded
+        rows.append(SweepRow(ratio, result.params_after, result.removed_share, ppl,
                              ppl / base_ppl if math.isfinite(ppl) else math.inf, ppl_verdict(ppl, base_ppl).label))
     result = SweepResult(model=config.model, rows=rows, importance_config=str(importance_path),
                          json_path=str(run_dir / "sweep.json"), seconds=time.perf_counter() - start)
