@@ -122,7 +122,7 @@ class StepAdapters:
         prune_config.out = out_dir
         result = run_prune(prune_config, progress=progress)
         return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.removed_share,
-                "gqa": result.gqa_summary()}
+                "gqa": result.gqa_summary(), "path": result.path}
 
     def finetune(
         self, config: "RecipeConfig", model_dir: str, out_dir: Path, resume: bool,
@@ -150,6 +150,13 @@ class StepAdapters:
                     "message": "finetune's pre-flight health check refused the pruned model"}
         return {"status": result.status, "model_dir": result.model_dir, "run_dir": result.run_dir, "steps": result.steps,
                 "final_loss": result.final_loss, "message": result.message}
+
+    def export_gguf(self, model_dir: str, out: Path) -> dict:
+        """The final model as one GGUF file (f16) for llama.cpp."""
+        from llmprune.engine.io.gguf_export import ExportConfig, export_gguf
+
+        result = export_gguf(ExportConfig(model=model_dir, out=str(out), outtype="f16"))
+        return {"gguf": result.path, "architecture": result.architecture, "bytes": result.bytes, "outtype": result.outtype}
 
 
 def choose_teacher(config: "RecipeConfig", base_parameters: int, student_parameters: int, run_dir: Path) -> tuple[str | None, str]:
