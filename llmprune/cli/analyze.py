@@ -10,20 +10,24 @@ import typer
 from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt
 from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
-    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
+    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt, ForceOpt, OverwriteOpt,
 )
+from llmprune.engine.pruning.config import CalibrationOptions
 from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
+from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, DEFAULT_RATIO
+
+_CAL = CalibrationOptions()  # the defaults --help shows are the engine's
 
 
 def analyze_command(
     model: OptionalModelArg = "smollm2-135m",
-    importance_method: ImportanceMethodOpt = "removal",
-    importance_samples: SamplesOpt = 50,
-    seq_len: CalibSeqLenOpt = 128,
-    dataset: CalibDatasetOpt = "wikitext2",
-    seed: SeedOpt = 0,
-    batch_size: CalibBatchOpt = 8,
-    ratio: Annotated[float, typer.Option("--ratio", help="Mean fraction of the prunable units the plan removes.")] = 0.2,
+    importance_method: ImportanceMethodOpt = DEFAULT_IMPORTANCE_METHOD,
+    importance_samples: SamplesOpt = _CAL.samples,
+    seq_len: CalibSeqLenOpt = _CAL.seq_len,
+    dataset: CalibDatasetOpt = _CAL.dataset,
+    seed: SeedOpt = _CAL.seed,
+    batch_size: CalibBatchOpt = _CAL.batch_size,
+    ratio: Annotated[float, typer.Option("--ratio", help="Mean fraction of the prunable units the plan removes.")] = DEFAULT_RATIO,
     pruning_strategy: StrategyOpt = None,
     alpha: AlphaOpt = None,
     min_pruning_rate: MinRateOpt = None,
@@ -34,6 +38,8 @@ def analyze_command(
     prune_mlp: Annotated[bool, typer.Option("--prune-mlp/--no-prune-mlp", help="Plan MLP channel rates too.")] = True,
     round_to: RoundToOpt = 1,
     output: Annotated[Path, typer.Option("--output", "-o", help="The JSON config to write (the chart PNG goes next to it).")] = Path(DEFAULT_CONFIG_NAME),
+    overwrite: OverwriteOpt = False,
+    force: ForceOpt = False,
     base_model: BaseModelOpt = None,
     trust_pickle: TrustPickleOpt = False,
     stream: Annotated[bool, typer.Option("--stream", help="Read one layer at a time from disk (removal, block-influence): for models that do not fit in memory.")] = False,
@@ -43,7 +49,7 @@ def analyze_command(
 ) -> None:
     """Measure how much each decoder layer matters and turn it into a per-layer pruning plan."""
     from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.pruning.analysis import AnalyzeConfig, CalibrationOptions, run_analyze
+    from llmprune.engine.pruning.analysis import AnalyzeConfig, run_analyze
     from llmprune.ui.charts import save_importance_chart
     from llmprune.ui.console import console, print_json
     from llmprune.ui.prune_report import analyze_table, importance_bars, stage_progress
@@ -56,7 +62,7 @@ def analyze_command(
         model=model, importance_method=importance_method,
         calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
         plan=plan, attn_unit=attn_unit, prune_mlp=prune_mlp, round_to=round_to, output=output,
-        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, stream=stream,
+        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, stream=stream, overwrite=overwrite, force=force,
     )
     with stage_progress(enabled=not json_output) as progress:
         result = run_analyze(config, progress=progress)

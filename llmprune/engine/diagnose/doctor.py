@@ -7,9 +7,10 @@ and --ppl.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from llmprune.engine.data import check_window_options
+from llmprune.engine.data import check_seq_len_fits, check_window_options
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.evaluate import ProgressCallback
@@ -19,6 +20,7 @@ from llmprune.engine.io.models import LoadedModel, load_model
 from llmprune.engine.diagnose.structure_check import read_structure, structure_shapes
 from llmprune.engine.diagnose.tensor_scan import tensor_stats
 from llmprune.engine.io.weight_source import WeightSource, iter_tensors, locate_weights
+from llmprune.engine.io.load_options import LoadOptions
 
 DEFAULT_DATASET = "wikitext2"
 DEFAULT_SEQ_LEN = 2048
@@ -26,15 +28,9 @@ _PPL_SEVERITY = {"broken": "error", "too high": "warning", "acceptable": "info"}
 
 
 @dataclass
-class DoctorConfig:
+class DoctorConfig(LoadOptions):
     """What `llmprune doctor` checks."""
 
-    model: str = "smollm2-135m"
-    """Model spec: alias, folder, .gguf/.safetensors/.bin/.pt file, or hub id."""
-    base_model: str | None = None
-    """Architecture of a weights-only file (its base model, for pruned state dicts)."""
-    trust_pickle: bool = False
-    """Allow a whole pickled module (runs code from the file)."""
     test_forward: bool = False
     """Run a short prompt through the model and locate the first non-finite module."""
     ppl: bool = False
@@ -49,12 +45,10 @@ class DoctorConfig:
     """Windows per forward pass."""
     base_ppl: float | None = None
     """The base model's PPL on the same data, for a relative verdict (default: recorded by prune)."""
-    device: str = "auto"
-    dtype: str = "auto"
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
-        if self.base_ppl is not None and not self.base_ppl > 0:
+        if self.base_ppl is not None and not (self.base_ppl > 0 and math.isfinite(self.base_ppl)):
             raise UserInputError(f"--base-ppl must be a positive number, got {self.base_ppl}", "pass the base model's PPL, e.g. --base-ppl 12.3")
 
 
@@ -84,6 +78,11 @@ def _scan(source: WeightSource, config: DoctorConfig) -> DoctorReport:
     if not all_stats:
         raise UserInputError(f"{config.model} holds no tensors", "pass a model directory or a weights file")
     structure, problems = read_structure(structure_shapes(shapes), source.config, config_role=source.config_role)
+    if structure.num_layers == 0:
+        raise UserInputError(
+            f"{config.model} is not a model: none of its {len(shapes)} tensor(s) belongs to a decoder layer (model.layers.N...)",
+            "pass a Llama-style checkpoint (a model folder or its weights file)",
+        )
     misfit = [p for p in problems if p.check == "fit"]
     if misfit:
         raise UserInputError(
@@ -131,6 +130,7 @@ def _measure_ppl(loaded: LoadedModel, config: DoctorConfig, provenance: dict, re
         raise UserInputError(f"{config.model} has no tokenizer, so its perplexity cannot be measured", "save the tokenizer next to the weights or use --base-model")
     settings = _ppl_settings(config, provenance)
     dataset, seq_len, max_windows = settings
+    check_seq_len_fits(seq_len, loaded.model)
     windows = load_evaluation_windows(loaded.tokenizer, dataset, seq_len, max_windows)
     measured = perplexity(loaded.model, windows, config.batch_size, progress)
     base = config.base_ppl if config.base_ppl is not None else _recorded_base_ppl(provenance, settings)
