@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # CPU wheel by default; on a CUDA machine: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo benchmarks completions
+.PHONY: install test demo benchmarks completions docs
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,7 @@ demo: install
 # completion scripts generated from the app (a test fails when they are stale)
 completions: install
 	$(PY) -m llmprune completion --write completions
+
+# docs/benchmarks.md generated from every benchmarks/results/*.json (a test fails when it is stale)
+docs: install
+	$(PY) benchmarks/render_docs.py
