@@ -9,6 +9,7 @@ _llmprune() {
             'completion') path="${path:+$path }$word" ;;
             'doctor') path="${path:+$path }$word" ;;
             'eval') path="${path:+$path }$word" ;;
+            'export') path="${path:+$path }$word" ;;
             'finetune') path="${path:+$path }$word" ;;
             'prune') path="${path:+$path }$word" ;;
             'recipe') path="${path:+$path }$word" ;;
@@ -21,7 +22,7 @@ _llmprune() {
     case "$path" in
         '')
             opts='--version --debug --help'
-            cmds='analyze completion doctor eval finetune prune recipe'
+            cmds='analyze completion doctor eval export finetune prune recipe'
             ;;
         'analyze')
             opts='--importance-method --importance-samples --seq-len --dataset --seed --batch-size --ratio --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --attn-unit --prune-mlp --no-prune-mlp --round-to --output -o --base-model --trust-pickle --stream --device --dtype --json --help'
@@ -86,6 +87,16 @@ _llmprune() {
                 --base-model) valued=1 values='smollm2-135m' files=1 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
                 --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
+            esac
+            ;;
+        'export')
+            opts='--gguf --outtype --base-model --trust-pickle --json --help'
+            cmds=''
+            args='smollm2-135m' argfiles=1
+            case "$prev" in
+                --gguf) valued=1 values='' files=1 ;;
+                --outtype) valued=1 values='' files=1 ;;
+                --base-model) valued=1 values='smollm2-135m' files=1 ;;
             esac
             ;;
         'finetune')

@@ -11,6 +11,8 @@ function __llmprune_path --description 'the llmprune subcommand path typed so fa
                 set path $path doctor
             case 'eval'
                 set path $path eval
+            case 'export'
+                set path $path export
             case 'finetune'
                 set path $path finetune
             case 'prune'
@@ -36,6 +38,7 @@ complete -c llmprune -n '__llmprune_at' -a analyze -d 'Per-layer importance and 
 complete -c llmprune -n '__llmprune_at' -a completion -d 'Shell completion scripts (bash, zsh, fish) generated from this app.'
 complete -c llmprune -n '__llmprune_at' -a doctor -d 'Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice.'
 complete -c llmprune -n '__llmprune_at' -a eval -d 'Perplexity on a text (wikitext2, ptb, c4, pydoc, local files) and a generation smoke test.'
+complete -c llmprune -n '__llmprune_at' -a export -d 'Write a model (pruned or not) as a GGUF file for llama.cpp, ollama and LM Studio.'
 complete -c llmprune -n '__llmprune_at' -a finetune -d 'Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard.'
 complete -c llmprune -n '__llmprune_at' -a prune -d 'GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads.'
 complete -c llmprune -n '__llmprune_at' -a recipe -d 'Proven pipelines in one command: analyze → prune → eval → gate → finetune → eval.'
@@ -97,6 +100,13 @@ complete -c llmprune -n '__llmprune_at eval' -l dtype -x -a 'auto float32 bfloat
 complete -c llmprune -n '__llmprune_at eval' -l json -d 'Print one JSON object on stdout and nothing else.'
 complete -c llmprune -n '__llmprune_at eval' -l help -d 'Show the help and exit.'
 complete -c llmprune -n '__llmprune_at eval' -F -a 'smollm2-135m'
+complete -c llmprune -n '__llmprune_at export' -l gguf -r -F -d 'Output file (.gguf).'
+complete -c llmprune -n '__llmprune_at export' -l outtype -r -F -d 'f32|f16|bf16|q8_0 for the weight matrices (norms and biases stay f32).'
+complete -c llmprune -n '__llmprune_at export' -l base-model -r -F -a 'smollm2-135m' -d 'Architecture of a weights-only file (.bin/.pt/.safetensors without config.json).'
+complete -c llmprune -n '__llmprune_at export' -l trust-pickle -d 'Allow loading a whole pickled module (e.g. LLM-Pruner'\''s). Runs code from the file: only for files you trust.'
+complete -c llmprune -n '__llmprune_at export' -l json -d 'Print one JSON object on stdout and nothing else.'
+complete -c llmprune -n '__llmprune_at export' -l help -d 'Show the help and exit.'
+complete -c llmprune -n '__llmprune_at export' -F -a 'smollm2-135m'
 complete -c llmprune -n '__llmprune_at finetune' -l method -r -F -d 'full (every weight) or lora (peft adapters).'
 complete -c llmprune -n '__llmprune_at finetune' -l lora-r -x -d 'LoRA rank.'
 complete -c llmprune -n '__llmprune_at finetune' -l lora-alpha -x -d 'LoRA alpha.'

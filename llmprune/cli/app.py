@@ -11,6 +11,7 @@ from llmprune.cli import analyze as analyze_cli
 from llmprune.cli import completion as completion_cli
 from llmprune.cli import doctor as doctor_cli
 from llmprune.cli import eval as eval_cli
+from llmprune.cli import export as export_cli
 from llmprune.cli import finetune as finetune_cli
 from llmprune.cli import prune as prune_cli
 from llmprune.cli import recipe as recipe_cli
@@ -56,6 +57,9 @@ app.command("finetune", help="Recovery fine-tuning (full or LoRA) with NaN guard
 )
 app.command("doctor", help="Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice.")(
     guarded(doctor_cli.doctor_command)
+)
+app.command("export", help="Write a model (pruned or not) as a GGUF file for llama.cpp, ollama and LM Studio.")(
+    guarded(export_cli.export_command)
 )
 app.add_typer(recipe_cli.recipe_app, name="recipe")
 app.command("completion", help="Shell completion scripts (bash, zsh, fish) generated from this app.")(
