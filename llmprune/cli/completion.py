@@ -20,7 +20,7 @@ def completion_command(
         Optional[Path], typer.Option("--write", help="Write all three scripts into this folder (the repository's is completions/).")
     ] = None,
 ) -> None:
-    """Shell completion scripts generated from this very app (see README: Shell completions)."""
+    """Shell completion scripts generated from this very app (docs/commands/completion.md)."""
     app = ctx.find_root().command  # the app that registered this command (importing it here would be a cycle)
     if write is None and shell is None:
         raise UserInputError("name a shell or pass --write DIR", "e.g. llmprune completion bash, or llmprune completion --write completions")

@@ -109,6 +109,20 @@ def test_no_import_cycle_anywhere_in_llmprune():
     assert [cycle for cycle in cycles if not any(set(cycle) <= pending for pending in PENDING_CYCLES)] == []
 
 
+def test_no_cycle_between_the_engines_packages():
+    def package(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:3]) if parts[:2] == ["llmprune", "engine"] else name
+
+    graph: dict[str, set[str]] = {}
+    for name, others in import_graph().items():
+        graph.setdefault(package(name), set()).update(package(o) for o in others if package(o) != package(name))
+    for others in list(graph.values()):
+        for other in others:
+            graph.setdefault(other, set())
+    assert find_cycles(graph) == []
+
+
 @pytest.mark.parametrize("name", sorted(name for name in _modules() if name.startswith("llmprune.engine")))
 def test_the_engine_imports_no_ui_library(name):
     used = {module for module in _imports(name, _modules()[name]) if module.split(".")[0] in UI_LIBRARIES}
