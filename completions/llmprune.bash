@@ -100,7 +100,7 @@ _llmprune() {
             esac
             ;;
         'finetune')
-            opts='--method --lora-r --lora-alpha --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --on-nan --loss-limit --max-rollbacks --save-every --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --no-tui --watch --base-model --trust-pickle --device --dtype --json --help'
+            opts='--method --lora-r --lora-alpha --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --on-nan --loss-limit --max-rollbacks --save-every --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --teacher --kd-temperature --kd-weight --kd-top-k --no-tui --watch --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -127,6 +127,10 @@ _llmprune() {
                 --out) valued=1 values='' files=1 ;;
                 --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
                 --eval-windows) valued=1 values='' files=0 ;;
+                --teacher) valued=1 values='' files=1 ;;
+                --kd-temperature) valued=1 values='' files=0 ;;
+                --kd-weight) valued=1 values='' files=0 ;;
+                --kd-top-k) valued=1 values='' files=0 ;;
                 --watch) valued=1 values='' files=1 ;;
                 --base-model) valued=1 values='smollm2-135m' files=1 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
@@ -175,7 +179,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
+            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;

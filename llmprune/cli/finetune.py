@@ -41,6 +41,10 @@ def finetune_command(
     eval_dataset: Annotated[str, typer.Option(help="Text for --test-before/--test-after (evaluation split).")] = "wikitext2",
     eval_windows: Annotated[int, typer.Option(help="Evaluation windows of --seq-len tokens.")] = 64,
     force: Annotated[bool, typer.Option(help="Train even if the health check fails.")] = False,
+    teacher: Annotated[Optional[str], typer.Option(help="Distil from this model (usually the unpruned base, e.g. smollm2-135m).")] = None,
+    kd_temperature: Annotated[float, typer.Option(help="Distillation softmax temperature (the KL is scaled by T²).")] = 1.0,
+    kd_weight: Annotated[float, typer.Option(help="Weight of the distillation loss; the LM loss gets 1 - weight.")] = 1.0,
+    kd_top_k: Annotated[Optional[int], typer.Option(help="Keep only the teacher's k largest logits per token (saves memory).")] = None,
     no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain progress lines instead of the dashboard.")] = False,
     watch: Annotated[Optional[str], typer.Option(help="Open the dashboard on a run directory (going or finished) and do nothing else.")] = None,
     base_model: BaseModelOpt = None,
@@ -65,6 +69,7 @@ def finetune_command(
         schedule=schedule, max_grad_norm=max_grad_norm, weight_decay=weight_decay, seed=seed, on_nan=on_nan,
         loss_limit=loss_limit, max_rollbacks=max_rollbacks, save_every=save_every, out=out, resume=resume,
         test_before=test_before, test_after=test_after, eval_dataset=eval_dataset, eval_windows=eval_windows, force=force,
+        teacher=teacher, kd_temperature=kd_temperature, kd_weight=kd_weight, kd_top_k=kd_top_k,
         base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
     )
     config.validate()

@@ -59,6 +59,7 @@ def _command_for(recipe: Recipe):
         grad_accum: Annotated[int, typer.Option("--grad-accum", help="Forward passes per optimizer step.")] = train.grad_accum,
         max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping threshold.")] = train.max_grad_norm,
         warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps.")] = train.warmup_steps,
+        teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="Distil from the base model when it fits in memory next to the pruned one.")] = train.teacher,
         seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window (calibration, evaluation, training).")] = 256,
         calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="Windows for the importance analysis.")] = 32,
         eval_windows: Annotated[int, typer.Option("--eval-windows", help="Evaluation windows per PPL measurement.")] = 64,
@@ -82,7 +83,7 @@ def _command_for(recipe: Recipe):
             prune={"ratio": ratio, "importance": importance, "strategy": strategy, "alpha": alpha, "prune_mlp": mlp,
                    "layer_start": layer_start, "layer_end": layer_end},
             finetune={"method": method, "lr": lr, "epochs": epochs, "samples": samples, "grad_accum": grad_accum,
-                      "max_grad_norm": max_grad_norm, "warmup_steps": warmup_steps},
+                      "max_grad_norm": max_grad_norm, "warmup_steps": warmup_steps, "teacher": teacher},
         )
         config = RecipeConfig(
             recipe=chosen, model=model, out=out, name=name, dataset=dataset, eval_dataset=eval_dataset, seq_len=seq_len,

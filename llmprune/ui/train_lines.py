@@ -43,10 +43,12 @@ class PlainTrainingLines:
             out(f"[bold]fine-tuning[/] ({event.method}, {format_count(event.trainable_parameters)} trainable of "
                 f"{format_count(event.total_parameters)}) steps {event.start_step + 1}..{event.total_steps} on {event.device} → {event.run_dir}",
                 highlight=False)
+            if event.teacher:
+                out(f"distilling from {event.teacher}", highlight=False)
         elif isinstance(event, StepMetrics):
             if event.step % self.every == 0 or event.step in (1, self.total) or not event.applied:
                 loss = f"{event.loss:.4f}" if math.isfinite(event.loss) else str(event.loss)
-                out(f"step {event.step:>5}/{self.total} epoch {event.epoch} loss {loss} lr {event.lr:.3g} "
+                out(f"step {event.step:>5}/{self.total} epoch {event.epoch} loss {loss}{loss_parts(event)} lr {event.lr:.3g} "
                     f"grad_norm {event.grad_norm:.3g} {event.tokens_per_second:,.0f} tok/s"
                     + ("" if event.applied else " [red](not applied)[/]"), highlight=False)
         elif isinstance(event, GuardAlert):
@@ -64,6 +66,13 @@ class PlainTrainingLines:
         elif isinstance(event, RunFinished):
             style = "red" if event.status == "stopped_by_guard" else "green"
             out(f"[{style}]finished: {event.status}[/] {event.message}", highlight=False, soft_wrap=True)
+
+
+def loss_parts(step: StepMetrics) -> str:
+    """' (KD x, LM y)' when the step was distilled, else nothing."""
+    if step.kd_loss is None or step.lm_loss is None:
+        return ""
+    return f" (KD {step.kd_loss:.4f}, LM {step.lm_loss:.4f})"
 
 
 def finetune_table(result: dict) -> Table:

@@ -66,6 +66,9 @@ class DashboardState:
     epoch: int = 0
     loss: float | None = None
     best_loss: float | None = None
+    kd_loss: float | None = None  # the two parts of the loss when distilling
+    lm_loss: float | None = None
+    teacher: str | None = None
     lr: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
@@ -90,9 +93,10 @@ class DashboardState:
         if isinstance(event, RunStarted):
             self.run_dir, self.method, self.total_steps = event.run_dir, event.method, event.total_steps
             self.step, self.tokens_per_step, self.status = event.start_step, event.tokens_per_step, "training"
+            self.teacher = event.teacher
         elif isinstance(event, StepMetrics):
             self.step, self.epoch, self.lr, self.grad_norm = event.step, event.epoch, event.lr, event.grad_norm
-            self.loss = event.loss
+            self.loss, self.kd_loss, self.lm_loss = event.loss, event.kd_loss, event.lm_loss
             if event.tokens_per_second > 0:
                 self.tokens_per_second = event.tokens_per_second
                 if self.tokens_per_step:
@@ -127,6 +131,7 @@ class DashboardState:
             ("epoch", str(self.epoch or "—")),
             ("loss", _fmt(self.loss, ".4f")),
             ("best loss", _fmt(self.best_loss, ".4f")),
+            *([("KD loss", _fmt(self.kd_loss, ".4f")), ("LM loss", _fmt(self.lm_loss, ".4f"))] if self.kd_loss is not None else []),
             ("lr", _fmt(self.lr, ".3g")),
             ("grad norm", _fmt(self.grad_norm, ".3g")),
             ("tokens/s", _fmt(self.tokens_per_second, ",.0f")),
@@ -140,6 +145,9 @@ class DashboardState:
         if self.alerts:
             text.append(f"{'alerts':>10} ", style="dim")
             text.append(f"{len(self.alerts)}\n", style="bold red")
+        if self.teacher:
+            text.append("teacher: ", style="dim")
+            text.append(f"{self.teacher}\n")
         if self.last_good_checkpoint:
             text.append("last good: ", style="dim")
             text.append(Path(self.last_good_checkpoint).name, style="bold green")
@@ -309,7 +317,7 @@ class MetricsFollower:
                 run_dir=str(self.run_dir), method=config.get("method", "?"), total_steps=int(run.get("total_steps", 0)),
                 start_step=0, epochs=int(config.get("epochs", 1)),
                 tokens_per_step=int(config.get("batch_size", 1)) * int(config.get("grad_accum", 1)) * int(config.get("seq_len", 0)),
-                trainable_parameters=0, total_parameters=0, device="",
+                trainable_parameters=0, total_parameters=0, device="", teacher=config.get("teacher"),
             ))
         events += self._new_steps()
         if run and not self._finished and run.get("status") not in (None, "running"):

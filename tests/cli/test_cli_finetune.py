@@ -53,6 +53,7 @@ def test_huge_lr_triggers_the_guard_and_exits_1_with_a_checkpoint(tiny_model_dir
         (["--method", "qlora"], "--method"),
         (["--resume"], "--resume needs"),
         (["--samples", "0"], "--samples"),
+        (["--teacher", "smollm2-135m", "--kd-weight", "2"], "--kd-weight"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(tiny_model_dir, args, message):
@@ -65,3 +66,26 @@ def test_missing_model_and_bad_watch_dir_are_user_errors(tmp_path):
     assert finetune().exit_code == 2
     result = finetune("--watch", str(tmp_path))
     assert result.exit_code == 2 and "not a fine-tuning run directory" in result.stderr
+
+
+def test_teacher_run_shows_and_records_the_kd_and_lm_parts(tiny_model_dir, pydoc_text_file, tmp_path):
+    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--lr", "1e-4", "--no-tui",
+                      "--teacher", str(tiny_model_dir), "--kd-weight", "0.5", "--kd-temperature", "2", "--kd-top-k", "32")
+    assert result.exit_code == 0, result.output
+    flat = result.stderr.replace("\n", "")  # Rich wraps long lines
+    assert f"distilling from {tiny_model_dir} (T=2, KD weight 0.5, top 32 logits)" in flat
+    assert "(KD " in flat and ", LM " in flat
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the student starts as the teacher itself: nothing to distil at step 1
+    assert lines[0]["kd_loss"] == pytest.approx(0.0, abs=1e-5)
+    assert all(line["loss"] == pytest.approx(0.5 * line["kd_loss"] + 0.5 * line["lm_loss"], rel=1e-5) for line in lines)
+    config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert (config["teacher"], config["kd_weight"], config["kd_top_k"]) == (str(tiny_model_dir), 0.5, 32)
+    provenance = json.loads((tmp_path / "run" / "model" / "llmprune.json").read_text())
+    assert provenance["finetune"]["teacher"] == str(tiny_model_dir)
+
+
+def test_a_teacher_that_cannot_be_loaded_is_one_line_and_exit_2(tiny_model_dir, pydoc_text_file, tmp_path):
+    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--teacher", str(tmp_path / "nowhere"), "--no-tui")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "nowhere" in result.stderr

@@ -57,8 +57,9 @@ class ScriptedSteps:
         (out_dir / "ratio.json").write_text(json.dumps(ratio))
         return {"model_dir": str(out_dir), "params": 800, "share_removed": 0.2}
 
-    def finetune(self, config, model_dir, out_dir, resume, listener, host):
+    def finetune(self, config, model_dir, out_dir, resume, listener, host, teacher=None):
         self.calls.append(("finetune", resume))
+        self.teacher = teacher
         self._maybe_interrupt("finetune")
         (out_dir / "model").mkdir(parents=True, exist_ok=True)
         return {"status": "completed", "model_dir": str(out_dir / "model"), "run_dir": str(out_dir), "steps": 3,
@@ -190,3 +191,25 @@ def test_a_run_stopped_at_the_gate_continues_with_auto_retreat_on_the_same_comma
     assert again.names()[:2] == ["prune", "check"] and again.calls[0] == ("prune", 0.25)  # no new baseline or analysis
     assert report.status == "done" and report.ratio_used == 0.2
     assert [attempt["ratio"] for attempt in report.attempts] == [0.3, 0.25, 0.2]
+
+
+def test_the_base_model_is_the_teacher_when_it_fits(tmp_path, monkeypatch):
+    from llmprune.engine.core import device
+
+    notices = []
+    steps = ScriptedSteps()
+    report = run_recipe(config_for(tmp_path / "fits"), lambda event: notices.append(event), steps=steps)
+    assert report.status == "done" and steps.teacher == "base-model"
+    assert any(isinstance(n, Notice) and "distilling from the base model base-model" in n.message for n in notices)
+
+    steps = ScriptedSteps()
+    opted_out = get_recipe("safe").with_overrides(finetune={"teacher": False})
+    run_recipe(RecipeConfig(recipe=opted_out, model="base-model", out=str(tmp_path / "off")), steps=steps)
+    assert steps.teacher is None
+
+    monkeypatch.setattr(device, "available_memory_bytes", lambda _device: 1000)  # 1 kB free: nothing fits
+    notices.clear()
+    steps = ScriptedSteps()
+    run_recipe(config_for(tmp_path / "tight"), lambda event: notices.append(event), steps=steps)
+    assert steps.teacher is None
+    assert any(isinstance(n, Notice) and "does not fit" in n.message for n in notices)

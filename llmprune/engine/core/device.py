@@ -82,3 +82,23 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     """Resolve both choices at once; every subcommand goes through here."""
     resolved = resolve_device(device)
     return Placement(device=resolved, dtype=resolve_dtype(dtype, resolved))
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory for new tensors on `device`: free GPU memory, or the OS's available RAM (None if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:  # Linux: MemAvailable counts reclaimable page cache, unlike MemFree
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -25,6 +25,7 @@ class RunStarted:
     trainable_parameters: int
     total_parameters: int
     device: str
+    teacher: str | None = None  # "spec (T=…, weight …)" when distilling
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class StepMetrics:
     tokens_per_second: float
     applied: bool = True  # False when a guard skipped the update
     alerts: tuple[GuardAlert, ...] = ()
+    # with a teacher, `loss` = kd_weight * kd_loss + (1 - kd_weight) * lm_loss; both parts are recorded
+    lm_loss: float | None = None
+    kd_loss: float | None = None
 
     def to_dict(self) -> dict:
         record = asdict(self)

@@ -32,7 +32,8 @@ class StepVerdict:
     message: str = ""
 
 
-def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: float | None = None) -> StepVerdict:
+def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: float | None = None,
+               teacher_finite: bool = True) -> StepVerdict:
     """Judge one optimizer step from its (process-averaged) loss and global gradient norm.
 
     A gradient of exactly zero is a collapse too, whether or not the model
@@ -42,7 +43,12 @@ def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: 
     a loss back at chance level means the weights were destroyed, even though
     it is finite and small (a too-high LR drives a real model to uniform output,
     loss = ln(vocab), with zero gradients, not to NaN).
+
+    `teacher_finite` (distillation): False when the teacher's logits held a NaN/Inf;
+    the loss is then NaN too, but the alert should name the teacher, not the student.
     """
+    if not teacher_finite:
+        return StepVerdict(False, "teacher_logits", loss, "the teacher's logits hold NaN/Inf values")
     if math.isnan(loss):
         return StepVerdict(False, "nan_loss", loss, "loss is NaN")
     if math.isinf(loss):
@@ -61,6 +67,9 @@ def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: 
 
 
 def likely_causes(kind: str, lr: float, fp16: bool) -> str:
+    if kind == "teacher_logits":
+        return ("likely causes: a broken teacher model (check it with llmprune doctor) "
+                "or overflow in its low-precision forward pass")
     causes = []
     if kind in ("loss_limit", "grad_norm", "collapsed", "dead_gradient") or lr > 1e-4:
         causes.append(f"a learning rate too high for this model (lr {lr:.3g})")

@@ -43,6 +43,7 @@ from llmprune.engine.core.events import (
     RunStarted,
     StepMetrics,
 )
+from llmprune.engine.finetune.distill import Distiller, LossParts, check_teacher_matches, lm_only_loss, load_teacher, validate_kd_settings
 from llmprune.engine.finetune.guards import ON_NAN_CHOICES, check_step, make_alert
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.finetune.run_checkpoints import CheckpointStore, TrainingProgress, checkpoint_step, latest_checkpoint
@@ -57,6 +58,8 @@ RUN_FILE = "run.json"
 LOG_FILE = "training.log"
 # fields that fix which window each step reads: a resumed run must keep them
 DATA_FIELDS = ("dataset", "samples", "seq_len", "batch_size", "grad_accum", "epochs", "seed")
+# fields that fix what each step's loss is: a resumed run must keep them too
+LOSS_FIELDS = ("teacher", "kd_temperature", "kd_weight", "kd_top_k")
 
 
 @dataclass
@@ -129,6 +132,14 @@ class FinetuneConfig:
     """Architecture for weights-only files."""
     trust_pickle: bool = False
     """Allow whole pickled modules."""
+    teacher: str | None = None
+    """Model spec of a teacher to distil from (usually the unpruned base model); None: LM loss only."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of the distillation loss (the KL is scaled by T² so its gradients keep their size)."""
+    kd_weight: float = 1.0
+    """Weight of the distillation loss; the LM loss gets 1 - weight (1: distillation only)."""
+    kd_top_k: int | None = None
+    """Keep only the teacher's k largest logits per position (renormalised); None: the whole vocabulary."""
     device: str = "auto"
     """auto|cpu|cuda|cuda:N|mps."""
     dtype: str = "auto"
@@ -155,6 +166,7 @@ class FinetuneConfig:
         need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "leave it out for 64")
         need(not (self.merge and self.method != "lora"), "--merge only applies to --method lora", "drop --merge or add --method lora")
         need(not (self.resume and not self.out), "--resume needs the run directory", "pass --out DIR of the run to continue")
+        validate_kd_settings(self.kd_temperature, self.kd_weight, self.kd_top_k)
 
     def to_dict(self) -> dict:
         record = asdict(self)
@@ -325,10 +337,10 @@ def _prepare_run_dir(config: FinetuneConfig) -> Path:
             previous = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["config"]
         except (OSError, json.JSONDecodeError, KeyError):
             raise UserInputError(f"{run_dir / RUN_FILE} is missing or unreadable", "resume only runs started by llmprune finetune") from None
-        changed = [name for name in DATA_FIELDS if previous.get(name) != getattr(config, name)]
+        changed = [name for name in DATA_FIELDS + LOSS_FIELDS if previous.get(name, FinetuneConfig.__dataclass_fields__[name].default) != getattr(config, name)]
         if changed:
             raise UserInputError(
-                f"--resume with different data settings ({', '.join(changed)}) would not continue the same run",
+                f"--resume with different data or loss settings ({', '.join(changed)}) would not continue the same run",
                 "use the settings of the original run (see run.json) or start a new --out",
             )
     elif latest_checkpoint(checkpoints) is not None:
@@ -360,11 +372,13 @@ def finetune_model(
     control: TrainingControl | None = None,
     train_windows: TokenWindows | None = None,
     provenance: dict | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> FinetuneResult:
     """Fine-tune an already-loaded model; writes the run directory and returns how it ended.
 
     `train_windows` replaces the windows read from `config.dataset` (tests, recipes).
     `provenance` is the loaded model's llmprune.json, carried into the saved model.
+    `teacher` is an already-loaded teacher (else `config.teacher` is loaded when set).
     """
     config.validate()
     control = control or TrainingControl()
@@ -374,14 +388,34 @@ def finetune_model(
     main = accelerator.is_main_process
     handler = _attach_log_file(run_dir) if main else None
     try:
-        return _train(model, tokenizer, config, accelerator, run_dir, emit if main else (lambda event: None), control, train_windows, provenance or {})
+        loss_fn = _loss_function(model, teacher, config, accelerator.device)
+        return _train(model, tokenizer, config, accelerator, run_dir, emit if main else (lambda event: None), control, train_windows,
+                      provenance or {}, loss_fn)
     finally:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
 
 
-def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_windows, provenance) -> FinetuneResult:
+def _loss_function(student: torch.nn.Module, teacher: torch.nn.Module | None, config: FinetuneConfig, device: torch.device):
+    """The step loss: the LM loss, or distillation from the teacher when there is one."""
+    if teacher is None and not config.teacher:
+        return lm_only_loss
+    if teacher is None:
+        log.info("loading the teacher %s", config.teacher)
+        teacher = load_teacher(config.teacher, device, trust_pickle=config.trust_pickle)
+    check_teacher_matches(student, teacher, config.teacher or "given")
+    return Distiller(teacher.to(device), config.kd_temperature, config.kd_weight, config.kd_top_k).loss
+
+
+def _teacher_label(config: FinetuneConfig, loss_fn) -> str | None:
+    if loss_fn is lm_only_loss:
+        return None
+    top_k = f", top {config.kd_top_k} logits" if config.kd_top_k else ""
+    return f"{config.teacher or 'given teacher'} (T={config.kd_temperature:g}, KD weight {config.kd_weight:g}{top_k})"
+
+
+def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_windows, provenance, loss_fn) -> FinetuneResult:
     from llmprune.engine.data import load_calibration_windows
 
     main = accelerator.is_main_process
@@ -447,13 +481,13 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
         run_dir=str(run_dir), method=config.method, total_steps=total_steps, start_step=progress.step,
         epochs=config.epochs, tokens_per_step=per_step * config.seq_len, trainable_parameters=n_trainable,
         total_parameters=sum(p.numel() for p in model.parameters()), device=str(accelerator.device),
+        teacher=_teacher_label(config, loss_fn),
     ))
     log.info("training %s: %d steps of %d tokens, %d trainable parameters", config.method, total_steps, per_step * config.seq_len, n_trainable)
 
     status, message, last_loss = "completed", "", None
     all_alerts: list[GuardAlert] = []
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-    rank = accelerator.process_index
     # ln(vocab) is the loss of a uniform guess; once the model has done clearly better,
     # coming back near it means collapse (see guards.check_step)
     chance = math.log(accelerator.unwrap_model(model).config.vocab_size)
@@ -467,19 +501,10 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
             order = epoch_order(len(windows), config.seed, epoch)
             lr = optimizer.param_groups[0]["lr"]
             tick = time.perf_counter()
-            losses = []
-            for micro in range(config.grad_accum):
-                # each process reads its own slice of the global batch
-                first = position * per_step + (micro * accelerator.num_processes + rank) * config.batch_size
-                ids = windows.ids[order[first : first + config.batch_size]].to(accelerator.device)
-                last_micro = micro == config.grad_accum - 1
-                with nullcontext() if last_micro else accelerator.no_sync(model):
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    accelerator.backward(loss / config.grad_accum)
-                losses.append(loss.detach().float())
-            loss_value = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
+            step_loss = _forward_backward(model, loss_fn, windows, order, position * per_step, config, accelerator)
+            loss_value = step_loss.loss
             grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
-            verdict = check_step(loss_value, grad_norm, config.loss_limit, collapse_loss)
+            verdict = check_step(loss_value, grad_norm, config.loss_limit, collapse_loss, step_loss.teacher_finite)
             if verdict.ok:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -510,7 +535,7 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
             record = StepMetrics(
                 step=progress.step, epoch=epoch + 1, loss=loss_value, lr=lr, grad_norm=grad_norm,
                 tokens_per_second=step_tokens / seconds if seconds > 0 else 0.0, applied=verdict.ok,
-                alerts=(alert,) if alert else (),
+                alerts=(alert,) if alert else (), lm_loss=step_loss.lm, kd_loss=step_loss.kd,
             )
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record.to_dict()) + "\n")
@@ -569,6 +594,44 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
     return result
 
 
+@dataclass
+class StepLoss:
+    """One optimizer step's loss and its parts, averaged over micro-batches and processes."""
+
+    loss: float
+    lm: float
+    kd: float | None = None
+    teacher_finite: bool = True
+
+
+def _forward_backward(model, loss_fn, windows: TokenWindows, order: torch.Tensor, first: int, config: FinetuneConfig, accelerator) -> StepLoss:
+    """Accumulate the gradients of one optimizer step; `first` is the step's first window in `order`."""
+    parts: list[LossParts] = []
+    for micro in range(config.grad_accum):
+        # each process reads its own slice of the global batch
+        start = first + (micro * accelerator.num_processes + accelerator.process_index) * config.batch_size
+        ids = windows.ids[order[start : start + config.batch_size]].to(accelerator.device)
+        last_micro = micro == config.grad_accum - 1
+        # gradients are synchronised across processes once, on the last micro-batch
+        with nullcontext() if last_micro else accelerator.no_sync(model):
+            loss = loss_fn(model, ids)
+            accelerator.backward(loss.total / config.grad_accum)
+        parts.append(loss)
+
+    def mean(values: list[torch.Tensor]) -> float:
+        return float(accelerator.reduce(torch.stack([v.detach().float() for v in values]).mean(), reduction="mean"))
+
+    distilled = parts[0].kd is not None
+    teacher_finite = True
+    if distilled:
+        flags = torch.stack([p.teacher_finite for p in parts]).all().float()
+        teacher_finite = bool(accelerator.reduce(flags, reduction="mean") == 1.0)  # every process's teacher was finite
+    return StepLoss(
+        loss=mean([p.total for p in parts]), lm=mean([p.lm for p in parts]),
+        kd=mean([p.kd for p in parts]) if distilled else None, teacher_finite=teacher_finite,
+    )
+
+
 def _rollback(store: CheckpointStore, progress: TrainingProgress, scheduler: Any, optimizer: Any, emit: Listener) -> None:
     """Back to the last good weights/optimizer with half the LR; the data position moves on past the bad batch."""
     at_step, rollbacks, best = progress.step, progress.rollbacks + 1, progress.best_loss
@@ -625,7 +688,7 @@ def _save_outputs(model, tokenizer, config, run_dir: Path, accelerator, provenan
     if not accelerator.is_main_process:
         return None, None
     carried = {k: v for k, v in provenance.items() if k not in ("llmprune_version", "uniform", "layer_shapes", "num_parameters")}
-    record = {**carried, "finetune": {**summary, **{k: getattr(config, k) for k in ("method", "lr", "dataset", "samples", "seq_len", "epochs", "seed")}}}
+    record = {**carried, "finetune": {**summary, **{k: getattr(config, k) for k in ("method", "lr", "dataset", "samples", "seq_len", "epochs", "seed") + LOSS_FIELDS}}}
     if config.method == "lora" and not config.merge:
         adapter_dir = run_dir / "adapter"
         from llmprune.engine.core.paths import atomic_directory

@@ -60,6 +60,8 @@ class FinetuneSettings:
     """Gradient clipping threshold."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
+    teacher: bool = True
+    """Distil from the base model (finetune --teacher) when it fits in memory next to the student; False: LM loss only."""
 
 
 @dataclass(frozen=True)

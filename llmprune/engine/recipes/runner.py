@@ -21,7 +21,7 @@ from typing import Any, Callable
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
-from llmprune.engine.recipes.steps import PASSING_VERDICTS, StageProgress, StepAdapters, has_checkpoint
+from llmprune.engine.recipes.steps import PASSING_VERDICTS, StageProgress, StepAdapters, choose_teacher, has_checkpoint
 from llmprune.engine.recipes.registry import PipelineSettings, Recipe
 
 # step name -> what it does (in the order they run)
@@ -196,8 +196,11 @@ class _Run:
 
     def finetune(self) -> dict:
         out = self.run_dir / "finetune"
+        teacher, why = choose_teacher(self.config, self.state.result("baseline")["params"], self.state.result("check")["params"], out)
+        self.emit(Notice(why))
         result = self.steps.finetune(self.config, str(self.run_dir / "pruned"), out, has_checkpoint(out),
-                                     self.finetune_listener, self.finetune_host)
+                                     self.finetune_listener, self.finetune_host, teacher=teacher)
+        result.update(teacher=teacher, teacher_choice=why)
         if result["status"] == "stopped_by_user":
             self.state.status = "interrupted"
             self.emit(Notice("fine-tuning stopped by the user; run the same command again to resume from its last checkpoint", "warning"))

@@ -102,9 +102,9 @@ class StepAdapters:
 
     def finetune(
         self, config: "RecipeConfig", model_dir: str, out_dir: Path, resume: bool,
-        listener: Callable[[Any], None] | None, host: Callable[..., Any] | None,
+        listener: Callable[[Any], None] | None, host: Callable[..., Any] | None, teacher: str | None = None,
     ) -> dict:
-        """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`)."""
+        """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`), distilling from `teacher` if given."""
         from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
 
         settings = config.recipe.finetune
@@ -113,6 +113,7 @@ class StepAdapters:
             seq_len=config.seq_len, epochs=settings.epochs, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
             lr=settings.lr, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
             merge=settings.method == "lora", out=str(out_dir), resume=resume, device=config.device, dtype=config.dtype,
+            teacher=teacher,
         )
 
         def run(listen: Callable[[Any], None] | None, control: Any = None) -> Any:
@@ -125,6 +126,27 @@ class StepAdapters:
                     "message": "finetune's pre-flight health check refused the pruned model"}
         return {"status": result.status, "model_dir": result.model_dir, "run_dir": result.run_dir, "steps": result.steps,
                 "final_loss": result.final_loss, "message": result.message}
+
+
+def choose_teacher(config: "RecipeConfig", base_parameters: int, student_parameters: int, run_dir: Path) -> tuple[str | None, str]:
+    """The base model as the teacher, when the recipe asks for one and it fits next to the student; and why."""
+    import json
+
+    from llmprune.engine.core.device import resolve_device
+    from llmprune.engine.finetune.distill import teacher_fits
+
+    if not config.recipe.finetune.teacher:
+        return None, "no teacher (--no-teacher): fine-tuning on the LM loss only"
+    if has_checkpoint(run_dir):  # a resumed fine-tune keeps the loss it started with
+        try:
+            teacher = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["config"].get("teacher")
+        except (OSError, ValueError, KeyError):
+            teacher = None
+        return teacher, f"resuming the fine-tune {'distilling from ' + teacher if teacher else 'on the LM loss only'}, as it started"
+    fit = teacher_fits(base_parameters, student_parameters, resolve_device(config.device), config.recipe.finetune.method)
+    if fit.fits:
+        return config.model, f"distilling from the base model {config.model}: {fit.reason}"
+    return None, f"no teacher: {fit.reason}; fine-tuning on the LM loss only (--no-teacher skips this check)"
 
 
 def has_checkpoint(run_dir: Path) -> bool:
