@@ -74,7 +74,7 @@ _llmprune() {
             esac
             ;;
         'eval')
-            opts='--dataset --seq-len --max-windows --batch-size --prompt --max-new-tokens --base-model --trust-pickle --device --dtype --json --help'
+            opts='--dataset --seq-len --max-windows --batch-size --prompt --max-new-tokens --tasks --include-path --limit --num-fewshot --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -84,6 +84,10 @@ _llmprune() {
                 --batch-size) valued=1 values='' files=0 ;;
                 --prompt) valued=1 values='' files=1 ;;
                 --max-new-tokens) valued=1 values='' files=0 ;;
+                --tasks) valued=1 values='' files=1 ;;
+                --include-path) valued=1 values='' files=1 ;;
+                --limit) valued=1 values='' files=0 ;;
+                --num-fewshot) valued=1 values='' files=0 ;;
                 --base-model) valued=1 values='smollm2-135m' files=1 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
                 --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;

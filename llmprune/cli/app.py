@@ -43,7 +43,7 @@ def main_callback(
     quiet_libraries()
 
 
-app.command("eval", help="Perplexity on a text (wikitext2, ptb, c4, pydoc, local files) and a generation smoke test.")(
+app.command("eval", help="Perplexity on a text (wikitext2, ptb, c4, pydoc, local files), a generation smoke test, or lm-eval task accuracy (--tasks).")(
     guarded(eval_cli.eval_command)
 )
 app.command("analyze", help="Per-layer importance and a non-uniform pruning plan, saved as a reusable JSON config.")(

@@ -1,4 +1,4 @@
-"""`llmprune eval`: perplexity and a generation smoke test."""
+"""`llmprune eval`: perplexity and a generation smoke test, or zero-shot tasks through lm-eval (--tasks)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ from llmprune.cli.common import (
     TrustPickleOpt,
 )
 
+TasksOpt = Annotated[
+    Optional[str],
+    typer.Option("--tasks", help="Comma-separated lm-eval tasks (e.g. arc_easy,hellaswag): accuracy instead of perplexity. Needs the lm-eval extra."),
+]
+IncludePathOpt = Annotated[Optional[str], typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")]
+LimitOpt = Annotated[Optional[float], typer.Option("--limit", help="Only the first N examples per task, or a fraction if < 1 (with --tasks; for quick checks).")]
+NumFewshotOpt = Annotated[Optional[int], typer.Option("--num-fewshot", help="Examples in each prompt (with --tasks; default: the task's own, usually 0).")]
+
+
+def split_tasks(tasks: str) -> list[str]:
+    return [name.strip() for name in tasks.split(",") if name.strip()]
+
 
 def eval_command(
     model: OptionalModelArg = "smollm2-135m",
@@ -28,13 +40,34 @@ def eval_command(
     batch_size: BatchSizeOpt = 1,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Also print a short greedy generation from this prompt.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate for --prompt.")] = 32,
+    tasks: TasksOpt = None,
+    include_path: IncludePathOpt = None,
+    limit: LimitOpt = None,
+    num_fewshot: NumFewshotOpt = None,
     base_model: BaseModelOpt = None,
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
-    """Perplexity of a model on a text (default: wikitext-2 test), and optionally a generation."""
+    """Perplexity of a model on a text (default: wikitext-2 test), and optionally a generation; with --tasks, lm-eval task accuracy."""
+    if tasks is not None:
+        from llmprune.engine.tasks import TaskEvalConfig, TaskOptions, run_task_evaluation
+        from llmprune.ui.console import console, format_count, print_json
+        from llmprune.ui.task_table import task_table
+
+        options = TaskOptions(tasks=split_tasks(tasks), include_path=include_path, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+        result = run_task_evaluation(
+            TaskEvalConfig(model=model, options=options, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype)
+        ).to_dict()
+        if json_output:
+            print_json(result)
+            return
+        console.print(task_table(result, title=f"lm-eval tasks on {model} ({format_count(result['params'])} parameters)"))
+        if limit is not None:
+            console.print(f"[yellow]--limit {limit:g}: only part of each task was scored; not comparable with published figures[/]")
+        return
+
     from llmprune.engine.evaluate import EvalConfig, run_evaluation
     from llmprune.ui.console import console, perplexity_table, print_json, progress_callback
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -31,9 +32,10 @@ def _json_default(value: Any) -> Any:
 
 
 def error_line(problem: str, hint: str | None = None) -> None:
-    text = f"[bold red]error:[/] {problem}"
+    # escaped: a path or an install command such as llmprune[lm-eval] is not Rich markup
+    text = f"[bold red]error:[/] {escape(problem)}"
     if hint:
-        text += f" [dim]→[/] {hint}"
+        text += f" [dim]→[/] {escape(hint)}"
     err_console.print(text, highlight=False, soft_wrap=True)
 
 
