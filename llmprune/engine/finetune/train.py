@@ -18,11 +18,10 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from llmprune.engine.data import TokenWindows
-from llmprune.engine.core.errors import LlmpruneError, UserInputError
+from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.events import (
     CheckpointSaved,
     Event,
@@ -43,197 +42,27 @@ from llmprune.engine.core.events import (
     RunStarted,
     StepMetrics,
 )
-from llmprune.engine.finetune.distill import Distiller, LossParts, check_teacher_matches, lm_only_loss, load_teacher, validate_kd_settings
-from llmprune.engine.finetune.guards import ON_NAN_CHOICES, check_step, make_alert
+from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and the rest are imported from here too)
+    DATA_FIELDS,
+    DEFAULT_LORA_TARGETS,
+    LOSS_FIELDS,
+    METHODS,
+    SCHEDULES,
+    FinetuneConfig,
+    FinetuneResult,
+    TrainingControl,
+    UnhealthyModelError,
+)
+from llmprune.engine.finetune.distill import Distiller, LossParts, check_teacher_matches, lm_only_loss, load_teacher
+from llmprune.engine.finetune.guards import StepVerdict, check_step, make_alert
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.finetune.run_checkpoints import CheckpointStore, TrainingProgress, checkpoint_step, latest_checkpoint
 
 log = logging.getLogger("llmprune.train")
 
-METHODS = ("full", "lora")
-SCHEDULES = ("linear", "cosine", "constant")
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 LOG_FILE = "training.log"
-# fields that fix which window each step reads: a resumed run must keep them
-DATA_FIELDS = ("dataset", "samples", "seq_len", "batch_size", "grad_accum", "epochs", "seed")
-# fields that fix what each step's loss is: a resumed run must keep them too
-LOSS_FIELDS = ("teacher", "kd_temperature", "kd_weight", "kd_top_k")
-
-
-@dataclass
-class FinetuneConfig:
-    """What `llmprune finetune` does."""
-
-    model: str = "smollm2-135m"
-    """Model spec (alias, folder, pruned folder, file or hub id)."""
-    method: str = "full"
-    """full: train every weight; lora: train low-rank adapters (peft)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    """Module names that get adapters."""
-    merge: bool = False
-    """LoRA only: merge the adapters into the weights and save a full model (else save the adapter)."""
-    dataset: str = "wikitext2"
-    """Training text; its training split is used (never the test split of named sources)."""
-    samples: int = 256
-    """Number of training windows (seeded random offsets)."""
-    seq_len: int = 256
-    """Tokens per training window."""
-    epochs: int = 1
-    """Passes over the training windows."""
-    batch_size: int = 1
-    """Windows per forward pass, per process."""
-    grad_accum: int = 1
-    """Forward passes accumulated into one optimizer step."""
-    lr: float = 1e-5
-    """Peak learning rate (AdamW)."""
-    warmup_steps: int = 0
-    """Linear warm-up steps before the schedule."""
-    schedule: str = "cosine"
-    """LR schedule after warm-up: linear, cosine or constant."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping threshold on the global norm (0: no clipping, the norm is still checked)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    seed: int = 0
-    """Seed for the data order, the windows and torch."""
-    loss_limit: float = 1e6
-    """A step whose loss is above this is treated like a NaN."""
-    on_nan: str = "rollback"
-    """What a refused step does: stop, skip, or rollback (to the last good checkpoint, with half the LR)."""
-    max_rollbacks: int = 3
-    """After this many rollbacks the next refused step stops the run."""
-    save_every: int = 50
-    """Checkpoint every N optimizer steps."""
-    keep_checkpoints: int = 2
-    """How many checkpoints to keep on disk (the last good one is always kept)."""
-    out: str | None = None
-    """Run directory (default: llmprune-runs/finetune-<time> under $LLMPRUNE_RUNS or the current folder)."""
-    resume: bool = False
-    """Continue the run in `out` from its last good checkpoint."""
-    test_before: bool = False
-    """Measure PPL before training."""
-    test_after: bool = False
-    """Measure PPL after training."""
-    eval_dataset: str = "wikitext2"
-    """Text for --test-before/--test-after (its evaluation split)."""
-    eval_windows: int | None = 64
-    """Evaluation windows of seq_len tokens (None: all)."""
-    force: bool = False
-    """Train even if the health check finds the model unhealthy."""
-    base_model: str | None = None
-    """Architecture for weights-only files."""
-    trust_pickle: bool = False
-    """Allow whole pickled modules."""
-    teacher: str | None = None
-    """Model spec of a teacher to distil from (usually the unpruned base model); None: LM loss only."""
-    kd_temperature: float = 1.0
-    """Softmax temperature of the distillation loss (the KL is scaled by T² so its gradients keep their size)."""
-    kd_weight: float = 1.0
-    """Weight of the distillation loss; the LM loss gets 1 - weight (1: distillation only)."""
-    kd_top_k: int | None = None
-    """Keep only the teacher's k largest logits per position (renormalised); None: the whole vocabulary."""
-    device: str = "auto"
-    """auto|cpu|cuda|cuda:N|mps."""
-    dtype: str = "auto"
-    """Compute precision: auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16, float16 (warned)."""
-
-    def validate(self) -> None:
-        def need(condition: bool, problem: str, hint: str) -> None:
-            if not condition:
-                raise UserInputError(problem, hint)
-
-        need(self.method in METHODS, f"unknown --method '{self.method}'", "use full or lora")
-        need(self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
-        need(self.on_nan in ON_NAN_CHOICES, f"unknown --on-nan '{self.on_nan}'", f"use one of {', '.join(ON_NAN_CHOICES)}")
-        for name in ("samples", "seq_len", "epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "lora_r"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be an integer ≥ 1, got {value}", "use a positive value")
-        need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}", "use e.g. --lr 1e-5")
-        need(self.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {self.warmup_steps}", "use e.g. --warmup-steps 10")
-        need(self.max_grad_norm >= 0, f"--max-grad-norm must be ≥ 0, got {self.max_grad_norm}", "use e.g. 1.0 (0 disables clipping)")
-        need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}", "use e.g. 0.01")
-        need(self.loss_limit > 0, f"--loss-limit must be > 0, got {self.loss_limit}", "use e.g. 1e6")
-        need(self.max_rollbacks >= 0, f"--max-rollbacks must be ≥ 0, got {self.max_rollbacks}", "use e.g. 3")
-        need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "leave it out for 64")
-        need(not (self.merge and self.method != "lora"), "--merge only applies to --method lora", "drop --merge or add --method lora")
-        need(not (self.resume and not self.out), "--resume needs the run directory", "pass --out DIR of the run to continue")
-        validate_kd_settings(self.kd_temperature, self.kd_weight, self.kd_top_k)
-
-    def to_dict(self) -> dict:
-        record = asdict(self)
-        record["lora_targets"] = list(self.lora_targets)
-        return record
-
-
-@dataclass
-class FinetuneResult:
-    """How the run ended and where its outputs are."""
-
-    run_dir: str
-    status: str  # completed | stopped_by_user | stopped_by_guard
-    steps: int
-    total_steps: int
-    method: str
-    best_loss: float | None
-    final_loss: float | None
-    ppl_before: float | None
-    ppl_after: float | None
-    last_good_checkpoint: str | None
-    model_dir: str | None
-    adapter_dir: str | None
-    rollbacks: int
-    alerts: list[dict] = field(default_factory=list)
-    tokens_per_second: float = 0.0
-    seconds: float = 0.0
-    health: dict | None = None
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "stopped_by_guard"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class UnhealthyModelError(LlmpruneError):
-    """The health check found the model unfit to train (and --force was not given)."""
-
-    def __init__(self, report: Any):
-        self.report = report
-        super().__init__("the model failed the pre-flight health check")
-
-
-class TrainingControl:
-    """Requests from outside the loop (the dashboard's keys, a signal handler); thread-safe."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._save = threading.Event()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    def request_save(self) -> None:
-        self._save.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    def take_save_request(self) -> bool:
-        requested = self._save.is_set()
-        self._save.clear()
-        return requested
 
 
 # ---------------------------------------------------------------- pieces
@@ -415,10 +244,43 @@ def _teacher_label(config: FinetuneConfig, loss_fn) -> str | None:
     return f"{config.teacher or 'given teacher'} (T={config.kd_temperature:g}, KD weight {config.kd_weight:g}{top_k})"
 
 
+@dataclass
+class _Run:
+    """One training run's moving parts: set up by `_prepare`, driven by `_loop`, closed by `_finish`."""
+
+    model: Any
+    config: FinetuneConfig
+    accelerator: Any
+    run_dir: Path
+    emit: Listener
+    control: TrainingControl
+    windows: TokenWindows
+    loss_fn: Any
+    optimizer: Any
+    scheduler: Any
+    store: CheckpointStore
+    progress: TrainingProgress
+    trainable: list
+    per_step: int  # windows per optimizer step, all processes together
+    steps_per_epoch: int
+    total_steps: int
+    fp16: bool
+    # how it is going
+    status: str = "completed"
+    message: str = ""
+    last_loss: float | None = None
+    alerts: list = field(default_factory=list)
+    collapse_loss: float | None = None
+    trained_tokens: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_windows, provenance, loss_fn) -> FinetuneResult:
     from llmprune.engine.data import load_calibration_windows
 
-    main = accelerator.is_main_process
     torch.manual_seed(config.seed)
     fp16 = accelerator.mixed_precision == "fp16"
     if fp16:
@@ -434,20 +296,31 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
             f"{len(windows)} training windows are fewer than one optimizer step needs ({per_step})",
             "raise --samples or lower --batch-size/--grad-accum",
         )
-    total_steps = steps_per_epoch * config.epochs
-
-    health = None
-    if not config.resume:
-        report = health_check(model, tokenizer)
-        health = report.to_dict()
-        emit(HealthChecked(ok=bool(report.ok), forced=config.force, findings=list(health.get("findings", []))))
-        if not report.ok and not config.force:
-            raise UnhealthyModelError(report)
-        if not report.ok:
-            log.warning("health check failed; training anyway because of --force")
-
+    health = None if config.resume else _preflight(model, tokenizer, config, emit)
     ppl_before = _measure_ppl(model, tokenizer, config, "before", emit) if config.test_before else None
 
+    run = _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_fn, provenance,
+                   per_step=per_step, steps_per_epoch=steps_per_epoch, fp16=fp16)
+    started = time.perf_counter()
+    _loop(run)
+    return _finish(run, tokenizer, provenance, health, ppl_before, started)
+
+
+def _preflight(model, tokenizer, config: FinetuneConfig, emit: Listener) -> dict:
+    """doctor's health check before step 1: an unhealthy model is refused unless --force."""
+    report = health_check(model, tokenizer)
+    health = report.to_dict()
+    emit(HealthChecked(ok=bool(report.ok), forced=config.force, findings=list(health.get("findings", []))))
+    if not report.ok and not config.force:
+        raise UnhealthyModelError(report)
+    if not report.ok:
+        log.warning("health check failed; training anyway because of --force")
+    return health
+
+
+def _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_fn, provenance, *, per_step, steps_per_epoch, fp16) -> _Run:
+    """Adapters, optimizer, schedule, accelerate; then the first checkpoint, or the state to resume from."""
+    total_steps = steps_per_epoch * config.epochs
     if config.method == "lora":
         model = apply_lora(model, config)
     model.train()
@@ -460,22 +333,22 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, progress)
     store = CheckpointStore(run_dir / "checkpoints", accelerator, config.keep_checkpoints)
+    run = _Run(model, config, accelerator, run_dir, emit, control, windows, loss_fn, optimizer, scheduler, store, progress,
+               trainable, per_step, steps_per_epoch, total_steps, fp16)
     metrics_path = run_dir / METRICS_FILE
-
     if config.resume:
         resumed_from = store.latest()
         store.restore(resumed_from)
-        if main:
+        if run.main:
             _trim_metrics(metrics_path, progress.step)
         log.info("resumed from %s at step %d", resumed_from, progress.step)
     else:
-        if main:
+        if run.main:
             metrics_path.write_text("", encoding="utf-8")
         store.save(0)  # the untouched model: the first good state to come back to
         emit(CheckpointSaved(step=0, path=str(store.pending), reason="start"))
-    if main:
+    if run.main:
         atomic_write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "total_steps": total_steps, "status": "running", "provenance": provenance})
-
     n_trainable = sum(p.numel() for p in trainable)
     emit(RunStarted(
         run_dir=str(run_dir), method=config.method, total_steps=total_steps, start_step=progress.step,
@@ -484,112 +357,126 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
         teacher=_teacher_label(config, loss_fn),
     ))
     log.info("training %s: %d steps of %d tokens, %d trainable parameters", config.method, total_steps, per_step * config.seq_len, n_trainable)
+    return run
 
-    status, message, last_loss = "completed", "", None
-    all_alerts: list[GuardAlert] = []
-    clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-    # ln(vocab) is the loss of a uniform guess; once the model has done clearly better,
-    # coming back near it means collapse (see guards.check_step)
-    chance = math.log(accelerator.unwrap_model(model).config.vocab_size)
-    collapse_loss = None
-    started = time.perf_counter()
-    trained_tokens = 0
-    metrics_file = metrics_path.open("a", encoding="utf-8") if main else None
+
+def _loop(run: _Run) -> None:
+    """Step until done, stopped by a guard, or asked to stop; every step is judged before it is applied."""
+    metrics_file = (run.run_dir / METRICS_FILE).open("a", encoding="utf-8") if run.main else None
     try:
-        while progress.step < total_steps:
-            epoch, position = divmod(progress.step, steps_per_epoch)
-            order = epoch_order(len(windows), config.seed, epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            tick = time.perf_counter()
-            step_loss = _forward_backward(model, loss_fn, windows, order, position * per_step, config, accelerator)
-            loss_value = step_loss.loss
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
-            verdict = check_step(loss_value, grad_norm, config.loss_limit, collapse_loss, step_loss.teacher_finite)
-            if verdict.ok:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # a skipped optimizer step makes torch warn about the order
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()  # the schedule follows the step count, skipped steps included
-            progress.step += 1
-            step_tokens = per_step * config.seq_len
-            trained_tokens += step_tokens
-            seconds = time.perf_counter() - tick
-
-            alert = None
-            if verdict.ok:
-                store.confirm()  # the weights of the pending checkpoint just gave a sane loss
-                last_loss = loss_value
-                if collapse_loss is None and loss_value < 0.8 * chance:
-                    collapse_loss = 0.95 * chance
-                progress.best_loss = loss_value if progress.best_loss is None else min(progress.best_loss, loss_value)
-            else:
-                store.discard_pending()
-                action = config.on_nan
-                if action == "rollback" and (progress.rollbacks >= config.max_rollbacks or store.latest() is None):
-                    action = "stop"  # out of rollbacks, or no step has proved any state good yet
-                alert = make_alert(progress.step, verdict, action, lr, fp16)
-                all_alerts.append(alert)
-                emit(alert)
-                log.error(alert.message)
-            record = StepMetrics(
-                step=progress.step, epoch=epoch + 1, loss=loss_value, lr=lr, grad_norm=grad_norm,
-                tokens_per_second=step_tokens / seconds if seconds > 0 else 0.0, applied=verdict.ok,
-                alerts=(alert,) if alert else (), lm_loss=step_loss.lm, kd_loss=step_loss.kd,
-            )
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record.to_dict()) + "\n")
-                metrics_file.flush()
-            emit(record)
-            if progress.step % 10 == 0 or progress.step == 1:
-                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g", progress.step, total_steps, loss_value, lr, grad_norm)
-
+        while run.progress.step < run.total_steps:
+            verdict, alert = _step(run, metrics_file)
             if alert is not None and alert.action == "stop":
-                status = "stopped_by_guard"
-                message = f"stopped at step {progress.step}: {verdict.message}"
+                run.status, run.message = "stopped_by_guard", f"stopped at step {run.progress.step}: {verdict.message}"
                 break
             if alert is not None and alert.action == "rollback":
-                _rollback(store, progress, scheduler, optimizer, emit)
+                _rollback(run.store, run.progress, run.scheduler, run.optimizer, run.emit)
                 continue
-            requested = verdict.ok and control.take_save_request()
-            if verdict.ok and (requested or progress.step % config.save_every == 0):
-                emit(CheckpointSaved(step=progress.step, path=str(store.save(progress.step)), reason="request" if requested else "interval"))
-            if control.stop_requested:
-                status, message = "stopped_by_user", f"stopped on request after step {progress.step}"
+            requested = verdict.ok and run.control.take_save_request()
+            if verdict.ok and (requested or run.progress.step % run.config.save_every == 0):
+                path = run.store.save(run.progress.step)
+                run.emit(CheckpointSaved(step=run.progress.step, path=str(path), reason="request" if requested else "interval"))
+            if run.control.stop_requested:
+                run.status, run.message = "stopped_by_user", f"stopped on request after step {run.progress.step}"
                 break
     except KeyboardInterrupt:
-        status, message = "stopped_by_user", f"interrupted after step {progress.step}"
-        log.warning(message)
+        run.status, run.message = "stopped_by_user", f"interrupted after step {run.progress.step}"
+        log.warning(run.message)
     finally:
         if metrics_file is not None:
             metrics_file.close()
 
-    last_good = _settle_final_state(model, windows, store, progress, status, accelerator, emit)
-    if status == "stopped_by_guard" and last_good is not None:
-        message += f"; weights restored to the last good checkpoint (step {checkpoint_step(last_good)})"
+
+def _step(run: _Run, metrics_file) -> tuple[StepVerdict, GuardAlert | None]:
+    """One optimizer step: gradients, the guard's verdict, the update if it passed; recorded in metrics.jsonl."""
+    config, progress = run.config, run.progress
+    epoch, position = divmod(progress.step, run.steps_per_epoch)
+    order = epoch_order(len(run.windows), config.seed, epoch)
+    lr = run.optimizer.param_groups[0]["lr"]
+    tick = time.perf_counter()
+    step_loss = _forward_backward(run.model, run.loss_fn, run.windows, order, position * run.per_step, config, run.accelerator)
+    clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+    grad_norm = float(run.accelerator.clip_grad_norm_(run.trainable, clip))
+    verdict = check_step(step_loss.loss, grad_norm, config.loss_limit, run.collapse_loss, step_loss.teacher_finite)
+    if verdict.ok:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped optimizer step makes torch warn about the order
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()  # the schedule follows the step count, skipped steps included
+    progress.step += 1
+    step_tokens = run.per_step * config.seq_len
+    run.trained_tokens += step_tokens
+    seconds = time.perf_counter() - tick
+    alert = _judge(run, verdict, step_loss.loss, lr)
+    record = StepMetrics(
+        step=progress.step, epoch=epoch + 1, loss=step_loss.loss, lr=lr, grad_norm=grad_norm,
+        tokens_per_second=step_tokens / seconds if seconds > 0 else 0.0, applied=verdict.ok,
+        alerts=(alert,) if alert else (), lm_loss=step_loss.lm, kd_loss=step_loss.kd,
+    )
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record.to_dict()) + "\n")
+        metrics_file.flush()
+    run.emit(record)
+    if progress.step % 10 == 0 or progress.step == 1:
+        log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g", progress.step, run.total_steps, step_loss.loss, lr, grad_norm)
+    return verdict, alert
+
+
+def _judge(run: _Run, verdict: StepVerdict, loss: float, lr: float) -> GuardAlert | None:
+    """Book a passed step (its pending checkpoint is now proven good), or raise the alert of a refused one."""
+    progress, store = run.progress, run.store
+    if verdict.ok:
+        store.confirm()  # the weights of the pending checkpoint just gave a sane loss
+        run.last_loss = loss
+        # ln(vocab) is the loss of a uniform guess; once the model has done clearly better,
+        # coming back near it means collapse (see guards.check_step)
+        chance = math.log(run.accelerator.unwrap_model(run.model).config.vocab_size)
+        if run.collapse_loss is None and loss < 0.8 * chance:
+            run.collapse_loss = 0.95 * chance
+        progress.best_loss = loss if progress.best_loss is None else min(progress.best_loss, loss)
+        return None
+    store.discard_pending()
+    action = run.config.on_nan
+    if action == "rollback" and (progress.rollbacks >= run.config.max_rollbacks or store.latest() is None):
+        action = "stop"  # out of rollbacks, or no step has proved any state good yet
+    alert = make_alert(progress.step, verdict, action, lr, run.fp16)
+    run.alerts.append(alert)
+    run.emit(alert)
+    log.error(alert.message)
+    return alert
+
+
+def _finish(run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_before: float | None, started: float) -> FinetuneResult:
+    """Settle the final weights, measure, save the model and the run record."""
+    config, progress, accelerator = run.config, run.progress, run.accelerator
+    last_good = _settle_final_state(run.model, run.windows, run.store, progress, run.status, accelerator, run.emit)
+    if run.status == "stopped_by_guard" and last_good is not None:
+        run.message += f"; weights restored to the last good checkpoint (step {checkpoint_step(last_good)})"
     elapsed = time.perf_counter() - started
 
-    unwrapped = accelerator.unwrap_model(model)
-    ppl_after = _measure_ppl(unwrapped, tokenizer, config, "after", emit) if config.test_after else None
+    unwrapped = accelerator.unwrap_model(run.model)
+    ppl_after = _measure_ppl(unwrapped, tokenizer, config, "after", run.emit) if config.test_after else None
     model_dir = adapter_dir = None
-    if status == "stopped_by_guard" and last_good is None:
-        message += "; no state was proved good, so no model was saved (the input model is unchanged on disk)"
+    if run.status == "stopped_by_guard" and last_good is None:
+        run.message += "; no state was proved good, so no model was saved (the input model is unchanged on disk)"
     else:
-        model_dir, adapter_dir = _save_outputs(unwrapped, tokenizer, config, run_dir, accelerator, provenance, {
-            "status": status, "steps": progress.step, "ppl_before": ppl_before, "ppl_after": ppl_after,
+        model_dir, adapter_dir = _save_outputs(unwrapped, tokenizer, config, run.run_dir, accelerator, provenance, {
+            "status": run.status, "steps": progress.step, "ppl_before": ppl_before, "ppl_after": ppl_after,
         })
     result = FinetuneResult(
-        run_dir=str(run_dir), status=status, steps=progress.step, total_steps=total_steps, method=config.method,
-        best_loss=progress.best_loss, final_loss=last_loss, ppl_before=ppl_before, ppl_after=ppl_after,
+        run_dir=str(run.run_dir), status=run.status, steps=progress.step, total_steps=run.total_steps, method=config.method,
+        best_loss=progress.best_loss, final_loss=run.last_loss, ppl_before=ppl_before, ppl_after=ppl_after,
         last_good_checkpoint=str(last_good) if last_good else None, model_dir=model_dir, adapter_dir=adapter_dir,
-        rollbacks=progress.rollbacks, alerts=[a.to_dict() for a in all_alerts],
-        tokens_per_second=trained_tokens / elapsed if elapsed > 0 else 0.0, seconds=elapsed, health=health, message=message,
+        rollbacks=progress.rollbacks, alerts=[a.to_dict() for a in run.alerts],
+        tokens_per_second=run.trained_tokens / elapsed if elapsed > 0 else 0.0, seconds=elapsed, health=health, message=run.message,
     )
-    if main:
-        atomic_write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "total_steps": total_steps, "provenance": provenance, **result.to_dict()})
-        log.info("finished: %s %s", status, message)
-    emit(RunFinished(status=status, steps=progress.step, best_loss=progress.best_loss,
-                     last_good_checkpoint=result.last_good_checkpoint, model_dir=model_dir or adapter_dir, message=message))
+    if run.main:
+        record = {"config": config.to_dict(), "total_steps": run.total_steps, "provenance": provenance, **result.to_dict()}
+        atomic_write_json(run.run_dir / RUN_FILE, record)
+        log.info("finished: %s %s", run.status, run.message)
+    run.emit(RunFinished(status=run.status, steps=progress.step, best_loss=progress.best_loss,
+                         last_good_checkpoint=result.last_good_checkpoint, model_dir=model_dir or adapter_dir, message=run.message))
     accelerator.free_memory()
     return result
 

@@ -1,0 +1,194 @@
+"""What `llmprune finetune` is asked to do (`FinetuneConfig`), how a run ended (`FinetuneResult`), and its controls."""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llmprune.engine.core.errors import LlmpruneError, UserInputError
+from llmprune.engine.finetune.distill import validate_kd_settings
+from llmprune.engine.finetune.guards import ON_NAN_CHOICES
+
+METHODS = ("full", "lora")
+SCHEDULES = ("linear", "cosine", "constant")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# fields that fix which window each step reads: a resumed run must keep them
+DATA_FIELDS = ("dataset", "samples", "seq_len", "batch_size", "grad_accum", "epochs", "seed")
+# fields that fix what each step's loss is: a resumed run must keep them too
+LOSS_FIELDS = ("teacher", "kd_temperature", "kd_weight", "kd_top_k")
+
+
+@dataclass
+class FinetuneConfig:
+    """What `llmprune finetune` does."""
+
+    model: str = "smollm2-135m"
+    """Model spec (alias, folder, pruned folder, file or hub id)."""
+    method: str = "full"
+    """full: train every weight; lora: train low-rank adapters (peft)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    """Module names that get adapters."""
+    merge: bool = False
+    """LoRA only: merge the adapters into the weights and save a full model (else save the adapter)."""
+    dataset: str = "wikitext2"
+    """Training text; its training split is used (never the test split of named sources)."""
+    samples: int = 256
+    """Number of training windows (seeded random offsets)."""
+    seq_len: int = 256
+    """Tokens per training window."""
+    epochs: int = 1
+    """Passes over the training windows."""
+    batch_size: int = 1
+    """Windows per forward pass, per process."""
+    grad_accum: int = 1
+    """Forward passes accumulated into one optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the schedule."""
+    schedule: str = "cosine"
+    """LR schedule after warm-up: linear, cosine or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold on the global norm (0: no clipping, the norm is still checked)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed for the data order, the windows and torch."""
+    loss_limit: float = 1e6
+    """A step whose loss is above this is treated like a NaN."""
+    on_nan: str = "rollback"
+    """What a refused step does: stop, skip, or rollback (to the last good checkpoint, with half the LR)."""
+    max_rollbacks: int = 3
+    """After this many rollbacks the next refused step stops the run."""
+    save_every: int = 50
+    """Checkpoint every N optimizer steps."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep on disk (the last good one is always kept)."""
+    out: str | None = None
+    """Run directory (default: llmprune-runs/finetune-<time> under $LLMPRUNE_RUNS or the current folder)."""
+    resume: bool = False
+    """Continue the run in `out` from its last good checkpoint."""
+    test_before: bool = False
+    """Measure PPL before training."""
+    test_after: bool = False
+    """Measure PPL after training."""
+    eval_dataset: str = "wikitext2"
+    """Text for --test-before/--test-after (its evaluation split)."""
+    eval_windows: int | None = 64
+    """Evaluation windows of seq_len tokens (None: all)."""
+    force: bool = False
+    """Train even if the health check finds the model unhealthy."""
+    base_model: str | None = None
+    """Architecture for weights-only files."""
+    trust_pickle: bool = False
+    """Allow whole pickled modules."""
+    teacher: str | None = None
+    """Model spec of a teacher to distil from (usually the unpruned base model); None: LM loss only."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of the distillation loss (the KL is scaled by T² so its gradients keep their size)."""
+    kd_weight: float = 1.0
+    """Weight of the distillation loss; the LM loss gets 1 - weight (1: distillation only)."""
+    kd_top_k: int | None = None
+    """Keep only the teacher's k largest logits per position (renormalised); None: the whole vocabulary."""
+    device: str = "auto"
+    """auto|cpu|cuda|cuda:N|mps."""
+    dtype: str = "auto"
+    """Compute precision: auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16, float16 (warned)."""
+
+    def validate(self) -> None:
+        def need(condition: bool, problem: str, hint: str) -> None:
+            if not condition:
+                raise UserInputError(problem, hint)
+
+        need(self.method in METHODS, f"unknown --method '{self.method}'", "use full or lora")
+        need(self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
+        need(self.on_nan in ON_NAN_CHOICES, f"unknown --on-nan '{self.on_nan}'", f"use one of {', '.join(ON_NAN_CHOICES)}")
+        for name in ("samples", "seq_len", "epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "lora_r"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be an integer ≥ 1, got {value}", "use a positive value")
+        need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}", "use e.g. --lr 1e-5")
+        need(self.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {self.warmup_steps}", "use e.g. --warmup-steps 10")
+        need(self.max_grad_norm >= 0, f"--max-grad-norm must be ≥ 0, got {self.max_grad_norm}", "use e.g. 1.0 (0 disables clipping)")
+        need(self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}", "use e.g. 0.01")
+        need(self.loss_limit > 0, f"--loss-limit must be > 0, got {self.loss_limit}", "use e.g. 1e6")
+        need(self.max_rollbacks >= 0, f"--max-rollbacks must be ≥ 0, got {self.max_rollbacks}", "use e.g. 3")
+        need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "leave it out for 64")
+        need(not (self.merge and self.method != "lora"), "--merge only applies to --method lora", "drop --merge or add --method lora")
+        need(not (self.resume and not self.out), "--resume needs the run directory", "pass --out DIR of the run to continue")
+        validate_kd_settings(self.kd_temperature, self.kd_weight, self.kd_top_k)
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        record["lora_targets"] = list(self.lora_targets)
+        return record
+
+
+@dataclass
+class FinetuneResult:
+    """How the run ended and where its outputs are."""
+
+    run_dir: str
+    status: str  # completed | stopped_by_user | stopped_by_guard
+    steps: int
+    total_steps: int
+    method: str
+    best_loss: float | None
+    final_loss: float | None
+    ppl_before: float | None
+    ppl_after: float | None
+    last_good_checkpoint: str | None
+    model_dir: str | None
+    adapter_dir: str | None
+    rollbacks: int
+    alerts: list[dict] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    seconds: float = 0.0
+    health: dict | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "stopped_by_guard"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class UnhealthyModelError(LlmpruneError):
+    """The health check found the model unfit to train (and --force was not given)."""
+
+    def __init__(self, report: Any):
+        self.report = report
+        super().__init__("the model failed the pre-flight health check")
+
+
+class TrainingControl:
+    """Requests from outside the loop (the dashboard's keys, a signal handler); thread-safe."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._save = threading.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_save(self) -> None:
+        self._save.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def take_save_request(self) -> bool:
+        requested = self._save.is_set()
+        self._save.clear()
+        return requested
