@@ -38,7 +38,7 @@ def main() -> None:
     from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.data import load_calibration_windows
     from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.pipeline import make_plan, parameter_model
+    from llmprune.engine.pruning.plan import make_plan, parameter_model
     from llmprune.engine.pruning.prune_model import prune_model
 
     after_import = rss_mib()

@@ -92,7 +92,7 @@ def main() -> None:
     from llmprune.engine.evaluate import perplexity
     from llmprune.engine.pruning.importance import layer_importance
     from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.pipeline import make_plan, parameter_model
+    from llmprune.engine.pruning.plan import make_plan, parameter_model
     from llmprune.engine.pruning.prune_model import prune_model
 
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ WIDTH_METHODS = {
     "default": CalibratedPruneOptions(),
     "bias": CalibratedPruneOptions(compensation="bias"),
     "no-compensation": CalibratedPruneOptions(compensation="none"),
-    "wanda+lstsq": CalibratedPruneOptions(unit_score="wanda"),
+    "activation+lstsq": CalibratedPruneOptions(unit_score="activation"),
     "magnitude+lstsq": CalibratedPruneOptions(unit_score="magnitude"),
     "mlp-only": CalibratedPruneOptions(attention=False),
     "uniform-mlp+lstsq": CalibratedPruneOptions(allocation="uniform", attention=False),
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
         "--runs",
-        default="default@0.2,default@0.1,default@0.3,bias@0.2,no-compensation@0.2,depth@0.2,depth@0.1,depth@0.3,wanda+lstsq@0.2,mlp-only@0.2",
+        default="default@0.2,default@0.1,default@0.3,bias@0.2,no-compensation@0.2,depth@0.2,depth@0.1,depth@0.3,activation+lstsq@0.2,mlp-only@0.2",
         help="method@share pairs, in order (methods: " + ", ".join([*WIDTH_METHODS, "depth"]) + ")",
     )
     parser.add_argument("--eval-windows", type=int, default=256)

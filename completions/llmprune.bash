@@ -183,54 +183,62 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --name --out --dataset --eval-dataset --ratio --importance --strategy --alpha --mlp --no-mlp --layer-start --layer-end --method --lr --epochs --samples --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --seq-len --calibration-samples --eval-windows --batch-size --skip-finetune --auto-retreat --retreat-step --min-ratio --restart --no-tui --device --dtype --json --help'
+            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
+                --base-model) valued=1 values='smollm2-135m' files=1 ;;
+                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
+                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
                 --name) valued=1 values='' files=1 ;;
+                --retreat-step) valued=1 values='' files=0 ;;
+                --min-ratio) valued=1 values='' files=0 ;;
                 --out) valued=1 values='' files=1 ;;
                 --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
                 --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
+                --seq-len) valued=1 values='' files=0 ;;
+                --importance-samples) valued=1 values='' files=0 ;;
+                --eval-windows) valued=1 values='' files=0 ;;
+                --batch-size) valued=1 values='' files=0 ;;
                 --ratio) valued=1 values='' files=0 ;;
-                --importance) valued=1 values='' files=1 ;;
-                --strategy) valued=1 values='' files=1 ;;
+                --importance-method) valued=1 values='' files=1 ;;
+                --pruning-strategy) valued=1 values='' files=1 ;;
                 --alpha) valued=1 values='' files=0 ;;
                 --layer-start) valued=1 values='' files=0 ;;
                 --layer-end) valued=1 values='' files=0 ;;
-                --method) valued=1 values='' files=1 ;;
                 --lr) valued=1 values='' files=0 ;;
                 --epochs) valued=1 values='' files=0 ;;
                 --samples) valued=1 values='' files=0 ;;
+                --method) valued=1 values='' files=1 ;;
+                --train-batch-size) valued=1 values='' files=0 ;;
                 --grad-accum) valued=1 values='' files=0 ;;
                 --max-grad-norm) valued=1 values='' files=0 ;;
                 --warmup-steps) valued=1 values='' files=0 ;;
-                --seq-len) valued=1 values='' files=0 ;;
-                --calibration-samples) valued=1 values='' files=0 ;;
-                --eval-windows) valued=1 values='' files=0 ;;
-                --batch-size) valued=1 values='' files=0 ;;
-                --retreat-step) valued=1 values='' files=0 ;;
-                --min-ratio) valued=1 values='' files=0 ;;
-                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
-                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
             esac
             ;;
         'recipe sweep')
-            opts='--ratio --recipe --mlp --no-mlp --importance-config --dataset --eval-dataset --seq-len --calibration-samples --eval-windows --batch-size --out --device --dtype --json --help'
+            opts='--base-model --trust-pickle --device --dtype --ratio --recipe --importance-config --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
+                --base-model) valued=1 values='smollm2-135m' files=1 ;;
+                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
+                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
                 --ratio) valued=1 values='' files=1 ;;
                 --recipe) valued=1 values='' files=1 ;;
                 --importance-config) valued=1 values='' files=1 ;;
+                --importance-method) valued=1 values='' files=1 ;;
+                --pruning-strategy) valued=1 values='' files=1 ;;
+                --alpha) valued=1 values='' files=0 ;;
+                --layer-start) valued=1 values='' files=0 ;;
+                --layer-end) valued=1 values='' files=0 ;;
+                --out) valued=1 values='' files=1 ;;
                 --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
                 --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
                 --seq-len) valued=1 values='' files=0 ;;
-                --calibration-samples) valued=1 values='' files=0 ;;
+                --importance-samples) valued=1 values='' files=0 ;;
                 --eval-windows) valued=1 values='' files=0 ;;
                 --batch-size) valued=1 values='' files=0 ;;
-                --out) valued=1 values='' files=1 ;;
-                --device) valued=1 values='auto cpu cuda mps' files=0 ;;
-                --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
             esac
             ;;
     esac

@@ -9,7 +9,7 @@ import typer
 
 from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt
 from llmprune.cli.pruning_options import (
-    AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
+    AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, LayerEndOpt, PlanImportanceMethodOpt,
     LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
 )
 from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
@@ -20,7 +20,7 @@ def prune_command(
     ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of the prunable units (KV groups, + MLP channels with --prune-mlp) removed on average in the prunable layers (default 0.2).")] = None,
     target_params: Annotated[Optional[str], typer.Option("--target-params", help="Instead of --ratio: the size to land on, e.g. 6.5B, 110M, or 0.8 (keep 80 % of the parameters).")] = None,
     prune_mlp: Annotated[bool, typer.Option("--prune-mlp", help="Also prune MLP channels (plan allocation; global allocation always may).")] = False,
-    allocation: Annotated[str, typer.Option("--allocation", help="global: cut the least damaging KV groups/MLP channels across all layers (default) | plan: per-layer rates from layer importance (implied by any plan option).")] = "global",
+    allocation: Annotated[Optional[str], typer.Option("--allocation", help="global: cut the least damaging KV groups/MLP channels across all layers (the default) | plan: per-layer rates from layer importance (selected by any field-guide option: --importance-method, --pruning-strategy, --alpha, --min/--max-pruning-rate, --layer-start/--layer-end).")] = None,
     compensation: Annotated[str, typer.Option("--compensation", help="After each layer's cut: lstsq (least-squares refit of o_proj/down_proj + bias, default) | bias (removed units' mean into the bias) | none.")] = "lstsq",
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).")] = None,
     drop_layers: Annotated[int, typer.Option("--drop-layers", help="Depth pruning: remove this many whole layers (least block influence) before cutting units.")] = 0,
@@ -30,7 +30,7 @@ def prune_command(
     uniform: Annotated[bool, typer.Option("--uniform", help="Same shape in every layer (no protected layers); saves a stock Llama config.")] = False,
     importance_config: Annotated[Optional[Path], typer.Option("--importance-config", help="Reuse the scores (and plan options, as defaults) of `llmprune analyze`'s JSON instead of measuring.")] = None,
     skip_importance_analysis: Annotated[bool, typer.Option("--skip-importance-analysis", help=f"Same as --importance-config {DEFAULT_CONFIG_NAME}.")] = False,
-    importance_method: ImportanceMethodOpt = "removal",
+    importance_method: PlanImportanceMethodOpt = None,
     importance_samples: SamplesOpt = 50,
     seq_len: CalibSeqLenOpt = 128,
     dataset: CalibDatasetOpt = "wikitext2",
@@ -49,7 +49,7 @@ def prune_command(
     save_model: Annotated[bool, typer.Option("--save-model", help="Save the pruned model into the run's log folder (or --out).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Save the pruned model in this folder.")] = None,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Root of the run logs.")] = Path("prune_log"),
-    log_name: Annotated[Optional[str], typer.Option("--save-ckpt-log-name", help="Run folder name (default: the model's name).")] = None,
+    save_ckpt_log_name: Annotated[Optional[str], typer.Option("--save-ckpt-log-name", help="Run folder name (default: the model's name).")] = None,
     base_model: BaseModelOpt = None,
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
@@ -73,7 +73,7 @@ def prune_command(
         strategy=pruning_strategy, alpha=alpha, min_rate=min_pruning_rate, max_rate=max_pruning_rate,
         layer_start=layer_start, layer_end=layer_end, test_after_prune=test_after_prune, eval_dataset=eval_dataset,
         eval_seq_len=eval_seq_len, max_windows=max_windows, save_model=save_model, out=out, log_dir=log_dir,
-        log_name=log_name, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+        save_ckpt_log_name=save_ckpt_log_name, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
     )
     with stage_progress(enabled=not json_output) as progress:
         result = run_prune(config, progress=progress)

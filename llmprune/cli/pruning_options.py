@@ -1,4 +1,8 @@
-"""Options shared by `analyze` and `prune` (importance, calibration and plan)."""
+"""Options shared by `analyze`, `prune`, the recipes and the sweep (importance, calibration and plan).
+
+One name per option everywhere (the field guide's); the defaults shown in the
+help come from the engine's dataclasses (`plan_options`), the one place they are set.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
-ImportanceMethodOpt = Annotated[
-    str,
-    typer.Option("--importance-method", help="Layer importance: removal (loss increase when the layer is skipped), block-influence (1 - cos(in, out)), taylor (|w·grad|)."),
+from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, plan_default
+
+_METHODS_HELP = "removal (loss increase when the layer is skipped), block-influence (1 - cos(in, out)), taylor (|w·grad|)"
+_PLAN = "With prune: selects the layer-importance plan path."
+ImportanceMethodOpt = Annotated[str, typer.Option("--importance-method", help=f"Layer importance: {_METHODS_HELP}.")]
+PlanImportanceMethodOpt = Annotated[
+    Optional[str],
+    typer.Option("--importance-method", help=f"Layer importance of the plan: {_METHODS_HELP} (default {DEFAULT_IMPORTANCE_METHOD}). {_PLAN}"),
 ]
 SamplesOpt = Annotated[int, typer.Option("--importance-samples", help="Calibration windows (training split of --dataset).")]
 CalibSeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
@@ -19,19 +28,19 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the calibration wi
 CalibBatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
 StrategyOpt = Annotated[
     Optional[str],
-    typer.Option("--pruning-strategy", help="inverse (important layers pruned less; default), proportional, uniform."),
+    typer.Option("--pruning-strategy", help=f"inverse (important layers pruned less), proportional, uniform (default {plan_default('strategy')}). {_PLAN}"),
 ]
 AlphaOpt = Annotated[
     Optional[float],
-    typer.Option("--alpha", help="Contrast of the inverse/proportional plan: least vs most important layer weight e^alpha (default 4; 0 = uniform)."),
+    typer.Option("--alpha", help=f"Contrast of the inverse/proportional plan: least vs most important layer weight e^alpha (default {plan_default('alpha'):g}; 0 = uniform). {_PLAN}"),
 ]
-MinRateOpt = Annotated[Optional[float], typer.Option("--min-pruning-rate", help="Lowest rate of a prunable layer (default 0).")]
-MaxRateOpt = Annotated[Optional[float], typer.Option("--max-pruning-rate", help="Highest rate of any layer (default 0.8).")]
+MinRateOpt = Annotated[Optional[float], typer.Option("--min-pruning-rate", help=f"Lowest rate of a prunable layer (default {plan_default('min_rate'):g}). {_PLAN}")]
+MaxRateOpt = Annotated[Optional[float], typer.Option("--max-pruning-rate", help=f"Highest rate of any layer (default {plan_default('max_rate'):g}). {_PLAN}")]
 LayerStartOpt = Annotated[
-    Optional[int], typer.Option("--layer-start", help="First prunable layer (default 1: the first layer is protected).")
+    Optional[int], typer.Option("--layer-start", help=f"First prunable layer (default {plan_default('layer_start')}: the first layer is protected). {_PLAN}")
 ]
 LayerEndOpt = Annotated[
-    Optional[int], typer.Option("--layer-end", help="One past the last prunable layer (default: the number of layers - 1, so the last layer is protected).")
+    Optional[int], typer.Option("--layer-end", help=f"One past the last prunable layer (default: the number of layers - 1, so the last layer is protected). {_PLAN}")
 ]
 AttnUnitOpt = Annotated[
     str, typer.Option("--attn-unit", help="group: remove whole KV groups, q:kv unchanged (default); query: remove query heads evenly from every group.")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import dataclasses
+import inspect
+from typing import Annotated
 
 import typer
 
-from llmprune.cli.recipe_sweep import sweep_command
-from llmprune.cli.common import DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, guarded, stdout_is_terminal
+from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt, guarded, stdout_is_terminal
+from llmprune.cli.settings_options import settings_parameters, settings_values, with_signature
 # the registry is plain data (no torch): the subcommands and their defaults are built from it
 from llmprune.engine.recipes.registry import RECIPES, Recipe
 
@@ -36,84 +38,82 @@ def recipe_list(
     raise typer.Exit(0)
 
 
+_LOAD = ("model", "base_model", "trust_pickle", "device", "dtype")
+
+
+def recipe_option_parameters(recipe: Recipe | None = None) -> list[inspect.Parameter]:
+    """The options of `recipe NAME` (and, without a recipe, the sweep's overrides), from the settings dataclasses."""
+    from llmprune.engine.recipes.registry import FinetuneSettings, PruneSettings
+
+    if recipe is None:
+        return settings_parameters(PruneSettings, prefix="prune__", skip=("ratio",), optional=True)
+    return (settings_parameters(PruneSettings, recipe.prune, prefix="prune__")
+            + settings_parameters(FinetuneSettings, recipe.finetune, prefix="finetune__"))
+
+
+def _load_parameters(model_as_option: bool) -> list[inspect.Parameter]:
+    """The LoadOptions of every command that loads a model, declared once (cli.common)."""
+    model = (Annotated[str, typer.Option("--model", help="Base model: smollm2-135m, a folder, a file or a hub id.")]
+             if model_as_option else OptionalModelArg)
+    declared = {"model": (model, "smollm2-135m"), "base_model": (BaseModelOpt, None), "trust_pickle": (TrustPickleOpt, False),
+                "device": (DeviceOpt, "auto"), "dtype": (DtypeOpt, "auto")}
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(name, kind, default=default, annotation=annotation) for name, (annotation, default) in declared.items()]
+
+
 def _command_for(recipe: Recipe):
-    prune, train = recipe.prune, recipe.finetune
+    from llmprune.engine.recipes.config import PipelineSettings, RecipeConfig
 
-    def command(
-        model: Annotated[str, typer.Option("--model", help="Base model: smollm2-135m, a folder, a file or a hub id.")] = "smollm2-135m",
-        name: Annotated[Optional[str], typer.Option("--name", help="Run folder name (default: MODEL-RECIPE-RATIO%).")] = None,
-        out: Annotated[str, typer.Option("--out", help="Folder holding the runs.")] = "llmprune-runs",
-        dataset: DatasetOpt = "wikitext2",
-        eval_dataset: Annotated[str, typer.Option("--eval-dataset", help="Evaluation text (its test split).")] = "wikitext2",
-        ratio: Annotated[float, typer.Option("--ratio", help="Fraction of prunable structures removed.")] = prune.ratio,
-        importance: Annotated[str, typer.Option("--importance", help="Layer importance criterion.")] = prune.importance,
-        strategy: Annotated[str, typer.Option("--strategy", help="Per-layer allocation strategy.")] = prune.strategy,
-        alpha: Annotated[float, typer.Option("--alpha", help="Strength of the inverse allocation.")] = prune.alpha,
-        mlp: Annotated[bool, typer.Option("--mlp/--no-mlp", help="Prune MLP channels too.")] = prune.prune_mlp,
-        layer_start: Annotated[int, typer.Option("--layer-start", help="First prunable layer (earlier ones are protected).")] = prune.layer_start,
-        layer_end: Annotated[Optional[int], typer.Option("--layer-end", help="One past the last prunable layer (default: all but the last).")] = prune.layer_end,
-        method: Annotated[str, typer.Option("--method", help="Fine-tuning: full or lora.")] = train.method,
-        lr: Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate.")] = train.lr,
-        epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs.")] = train.epochs,
-        samples: Annotated[int, typer.Option("--samples", help="Fine-tuning windows.")] = train.samples,
-        grad_accum: Annotated[int, typer.Option("--grad-accum", help="Forward passes per optimizer step.")] = train.grad_accum,
-        max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping threshold.")] = train.max_grad_norm,
-        warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps.")] = train.warmup_steps,
-        teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="Distil from the base model when it fits in memory next to the pruned one.")] = train.teacher,
-        seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window (calibration, evaluation, training).")] = 256,
-        calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="Windows for the importance analysis.")] = 32,
-        eval_windows: Annotated[int, typer.Option("--eval-windows", help="Evaluation windows per PPL measurement.")] = 64,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass when measuring.")] = 8,
-        skip_finetune: Annotated[bool, typer.Option("--skip-finetune", help="Stop after the gate.")] = False,
-        auto_retreat: Annotated[bool, typer.Option("--auto-retreat", help="If the gate fails, re-prune lower until it passes.")] = False,
-        retreat_step: Annotated[float, typer.Option("--retreat-step", help="Ratio decrement per retreat.")] = 0.05,
-        min_ratio: Annotated[float, typer.Option("--min-ratio", help="The auto-retreat gives up below this ratio.")] = 0.05,
-        restart: Annotated[bool, typer.Option("--restart", help="Discard a previous run of the same name instead of resuming it.")] = False,
-        no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")] = False,
-        device: DeviceOpt = "auto",
-        dtype: DtypeOpt = "auto",
-        json_output: JsonOpt = False,
-    ) -> None:
-        from llmprune.engine.recipes.runner import RecipeConfig, run_recipe
-        from llmprune.ui.console import console, print_json
-        from llmprune.ui.recipe_view import RecipeLines, report_footer, report_rich_table
-        from llmprune.ui.train_lines import PlainTrainingLines
+    parameters = (
+        _load_parameters(model_as_option=True)
+        + settings_parameters(RecipeConfig, prefix="", skip=("recipe", *(f.name for f in dataclasses.fields(PipelineSettings))))
+        + settings_parameters(PipelineSettings, prefix="", skip=_LOAD)
+        + recipe_option_parameters(recipe)
+        + [inspect.Parameter("no_tui", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+              bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")]),
+           inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOpt)]
+    )
 
-        chosen = recipe.with_overrides(
-            prune={"ratio": ratio, "importance": importance, "strategy": strategy, "alpha": alpha, "prune_mlp": mlp,
-                   "layer_start": layer_start, "layer_end": layer_end},
-            finetune={"method": method, "lr": lr, "epochs": epochs, "samples": samples, "grad_accum": grad_accum,
-                      "max_grad_norm": max_grad_norm, "warmup_steps": warmup_steps, "teacher": teacher},
-        )
-        config = RecipeConfig(
-            recipe=chosen, model=model, out=out, name=name, dataset=dataset, eval_dataset=eval_dataset, seq_len=seq_len,
-            calibration_samples=calibration_samples, eval_windows=eval_windows, batch_size=batch_size,
-            skip_finetune=skip_finetune, auto_retreat=auto_retreat, retreat_step=retreat_step, min_ratio=min_ratio,
-            restart=restart, device=device, dtype=dtype,
-        )
-        lines = None if json_output else PlainTrainingLines()
-        host = None
-        if not (no_tui or json_output) and stdout_is_terminal():
-            from llmprune.ui.tui import run_with_dashboard  # the same dashboard as `llmprune finetune`
+    def command(**values) -> None:
+        from llmprune.engine.recipes.registry import FinetuneSettings, PruneSettings
 
-            host = lambda train: run_with_dashboard(train, fallback=lines)  # noqa: E731
-        view = None if json_output else RecipeLines()
-        try:
-            report = run_recipe(config, view, finetune_listener=lines, finetune_host=host, progress=view and view.progress)
-        finally:
-            if view is not None:
-                view.close()
-        if json_output:
-            print_json(report.to_dict())
-        else:
-            console.print(report_rich_table(report))
-            console.print(report_footer(report), highlight=False)
-        raise typer.Exit(EXIT_CODES.get(report.status, 1))
+        chosen = recipe.with_overrides(prune=settings_values(PruneSettings, values, prefix="prune__"),
+                                       finetune=settings_values(FinetuneSettings, values, prefix="finetune__"))
+        config = RecipeConfig(recipe=chosen, **settings_values(RecipeConfig, values, prefix=""))
+        _run(config, values["no_tui"], values["json_output"])
 
     command.__doc__ = f"Recipe '{recipe.name}': {recipe.summary}. Rerunning the same command resumes an interrupted run."
-    return command
+    return with_signature(command, parameters)
+
+
+def _run(config, no_tui: bool, json_output: bool) -> None:
+    from llmprune.engine.recipes.runner import run_recipe
+    from llmprune.ui.console import console, print_json
+    from llmprune.ui.recipe_view import RecipeLines, report_footer, report_rich_table
+    from llmprune.ui.train_lines import PlainTrainingLines
+
+    lines = None if json_output else PlainTrainingLines()
+    host = None
+    if not (no_tui or json_output) and stdout_is_terminal():
+        from llmprune.ui.tui import run_with_dashboard  # the same dashboard as `llmprune finetune`
+
+        host = lambda train: run_with_dashboard(train, fallback=lines)  # noqa: E731
+    view = None if json_output else RecipeLines()
+    try:
+        report = run_recipe(config, view, finetune_listener=lines, finetune_host=host, progress=view and view.progress)
+    finally:
+        if view is not None:
+            view.close()
+    if json_output:
+        print_json(report.to_dict())
+    else:
+        console.print(report_rich_table(report))
+        console.print(report_footer(report), highlight=False)
+    raise typer.Exit(EXIT_CODES.get(report.status, 1))
 
 
 for _recipe in RECIPES.values():
     recipe_app.command(_recipe.name)(guarded(_command_for(_recipe)))
+from llmprune.cli.recipe_sweep import sweep_command  # noqa: E402 (it reads recipe_option_parameters above)
+
 recipe_app.command("sweep")(guarded(sweep_command))

@@ -99,7 +99,9 @@ def prune_summary(result) -> Table:
     table.add_column(style="bold")
     table.add_column()
     gqa_style = "red" if result.gqa_violations else "green"
+    path = result.path or {}
     rows = [
+        ("path", f"{path.get('name', '?')}: {path.get('reason', '')}"),
         ("ratio", f"{result.ratio:.4f} of the prunable units" + (f" (solved for {format_count(result.target_params)} parameters)" if result.target_params else "")),
         ("parameters", f"{format_count(result.params_before)} → {format_count(result.params_after)}  ({result.params_before:,} → {result.params_after:,})"),
         ("actual pruning rate", f"{result.removed_share:.2%} of all parameters removed"),

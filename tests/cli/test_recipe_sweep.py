@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
@@ -9,7 +11,7 @@ from llmprune.cli.app import app
 
 def sweep(model_dir, corpus, out, *extra):
     args = ["recipe", "sweep", str(model_dir), "--dataset", str(corpus), "--eval-dataset", str(corpus), "--seq-len", "32",
-            "--calibration-samples", "4", "--eval-windows", "4", "--out", str(out), "--ratio", "0.5", "--ratio", "0.25", *extra, "--json"]
+            "--importance-samples", "4", "--eval-windows", "4", "--out", str(out), "--ratio", "0.5", "--ratio", "0.25", *extra, "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -39,3 +41,33 @@ def test_sweep_reuses_a_saved_importance_analysis(tiny_model_dir, pydoc_text_fil
 def test_sweep_without_ratios_is_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["recipe", "sweep", "smollm2-135m", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--ratio" in result.output
+
+
+def test_a_sweep_row_predicts_the_recipe_at_that_ratio(tiny_model_dir, pydoc_text_file, tmp_path):
+    # the sweep and `recipe safe --ratio r` prune through the same run_prune with the same settings
+    data = sweep(tiny_model_dir, pydoc_text_file, tmp_path / "sweep")
+    args = ["recipe", "safe", "--model", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--eval-dataset", str(pydoc_text_file),
+            "--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4", "--out", str(tmp_path / "runs"),
+            "--ratio", "0.25", "--skip-finetune", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code in (0, 1), result.output  # the gate may stop a random model; the pruned row is there either way
+    pruned = next(row for row in json.loads(result.stdout)["rows"] if row["stage"] == "pruned")
+    row = next(row for row in data["rows"] if row["ratio"] == 0.25)
+    assert pruned["params"] == row["params"]
+    assert pruned["ppl"] == row["ppl"]
+
+
+@pytest.mark.parametrize("command", [["recipe", "safe"], ["recipe", "sweep"], ["prune"], ["analyze"]])
+def test_one_name_per_option_with_the_old_names_hidden(command):
+    shown = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "250"}).output
+    for name in ("--importance-method", "--importance-samples"):
+        assert name in shown
+    if command[0] == "recipe":
+        assert "--pruning-strategy" in shown and "--prune-mlp" in shown
+        for old in ("--importance ", "--strategy ", "--calibration-samples", "--mlp "):
+            assert old not in shown
+
+
+def test_recipe_help_shows_the_recipes_own_values():
+    shown = " ".join(CliRunner().invoke(app, ["recipe", "attn-only", "--help"], env={"COLUMNS": "250"}).output.split())
+    assert "[default: 1.2]" in shown and "[default: no-prune-mlp]" in shown

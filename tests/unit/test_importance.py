@@ -1,18 +1,14 @@
-"""Layer and unit importance: the fast removal score equals the naive one at half the work."""
+"""Layer and unit importance: the fast removal score equals the naive one at half the work; unit scores see the weights and data."""
 
 import pytest
 import torch
 
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.importance import (
-    UNIT_IMPORTANCE,
-    collect_activations,
-    get_unit_importance,
-    layer_importance,
-    removal_importance_naive,
-)
-from llmprune.engine.pruning.layerwise import capture_layer_inputs
+from llmprune.engine.pruning import compensation as comp
+from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
+from llmprune.engine.pruning.layer_store import runner_for
+from llmprune.engine.pruning.unit_scores import UNIT_SCORES, get_unit_score
 from llmprune.engine.pruning.surgery import mask_kv_groups
 from tests.conftest import make_tiny_model
 
@@ -57,20 +53,20 @@ def test_unknown_methods_are_user_errors():
     with pytest.raises(UserInputError, match="importance-method"):
         layer_importance(make_tiny_model(), _windows(), "random")
     with pytest.raises(UserInputError, match="unit-importance"):
-        get_unit_importance("random")
+        get_unit_score("random")
 
 
 def test_magnitude_scores_match_the_weights():
     model = make_tiny_model()
     layer = model.model.layers[0]
-    scores = UNIT_IMPORTANCE["magnitude"].kv_group_scores(layer, None)
+    scores = UNIT_SCORES["magnitude"].kv_groups(layer, None)
     attn = layer.self_attn
     group1 = (
         attn.q_proj.weight[32:64].pow(2).sum() + attn.o_proj.weight[:, 32:64].pow(2).sum()
         + attn.k_proj.weight[8:16].pow(2).sum() + attn.v_proj.weight[8:16].pow(2).sum()
     )
     assert scores[1].item() == pytest.approx(group1.item(), rel=1e-5)
-    channels = UNIT_IMPORTANCE["magnitude"].mlp_channel_scores(layer, None)
+    channels = UNIT_SCORES["magnitude"].mlp_channels(layer, None)
     assert channels.shape == (128,)
 
 
@@ -78,10 +74,13 @@ def test_activation_scores_see_a_dead_group():
     model = make_tiny_model()
     layer = model.model.layers[1]
     mask_kv_groups(layer, [0])  # group 1's heads contribute nothing any more
-    batches = capture_layer_inputs(model, _windows(), batch_size=3)
-    acts, outputs = collect_activations(layer, batches)
-    assert acts.tokens == 6 * 24 and len(outputs) == 2
-    scores = UNIT_IMPORTANCE["activation"].kv_group_scores(layer, acts)
+    windows = _windows()
+    runner = runner_for(model, 24, batch_size=3)
+    with comp.record_inputs(layer.self_attn.o_proj, gram=False) as stats, torch.no_grad():
+        entering = runner.layer(model.model.layers[0], model.model.embed_tokens(windows.ids))
+        runner.attention_block(layer, entering)
+    assert stats.count == 6 * 24
+    scores = UNIT_SCORES["activation"].kv_groups(layer, stats)
     assert scores[1].item() == 0.0 and scores[0].item() > 0
-    heads = UNIT_IMPORTANCE["activation"].query_head_scores(layer, acts)
+    heads = UNIT_SCORES["activation"].query_heads(layer, stats)
     assert heads.shape == (2, 4)

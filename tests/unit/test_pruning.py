@@ -76,20 +76,21 @@ def test_activation_scores_need_calibration():
         prune_model(model, _plan(model, 0.3), None, "activation")
 
 
-def test_compensation_sees_each_pruned_layer_in_order():
+def test_compensation_sees_each_pruned_projection_in_order():
     model = make_tiny_model(layers=6)
     seen = []
 
     def compensation(context):
-        seen.append(context.index)
-        removed_heads = context.removed_o_proj_columns.shape[1] // context.head_dim
-        assert removed_heads + len(context.kept_query_heads) == 8
-        assert context.removed_down_proj_columns.shape[1] + len(context.kept_mlp_channels) == 128
-        assert context.activations.tokens == 6 * 24
-        assert context.dense_outputs[0].shape == context.inputs[0].hidden.shape
-        assert context.layer.self_attn.o_proj.in_features == len(context.kept_query_heads) * context.head_dim
+        seen.append((context.index, context.projection))
+        assert context.stats.count == 6 * 24
+        assert context.linear.in_features == len(context.keep_columns)
+        assert context.dense_weight.shape[1] > len(context.keep_columns)
+        return "custom"
 
     plan = _plan(model, 0.5)
-    prune_model(model, plan, _windows(), compensation=compensation, batch_size=4)
-    touched = [i for i, u in enumerate(plan) if u.intermediate_size < 128 or u.kv_heads < 2]
-    assert seen == touched and seen == sorted(seen) and len(seen) >= 3
+    outcome = prune_model(model, plan, _windows(), compensation=compensation, batch_size=4)
+    layers = [index for index, _ in seen]
+    assert layers == sorted(layers) and len(seen) >= 3
+    for index in set(layers):  # attention first, then the MLP
+        assert [p for i, p in seen if i == index] in (["o_proj"], ["down_proj"], ["o_proj", "down_proj"])
+    assert {name for change in outcome.layers for name in change.compensation.values()} == {"custom"}

@@ -1,17 +1,16 @@
-"""Compensation and the fluctuation score inside pruning.prune_model (the plan path of `llmprune prune`)."""
+"""Compensation steps and the fluctuation score inside the one pruning pass (prune_model: the plan path of `llmprune prune`)."""
 
 from __future__ import annotations
 
 import torch
 
 from conftest import make_tiny_model
+from llmprune.engine.data import TokenWindows
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.allocation import LayerUnits
-from llmprune.engine.data import TokenWindows
-from llmprune.engine.pruning.importance import collect_activations, get_unit_importance
-from llmprune.engine.pruning.layerwise import capture_layer_inputs
+from llmprune.engine.pruning.layer_store import runner_for
 from llmprune.engine.pruning.prune_model import prune_model
-from llmprune.engine.pruning.reconstruction import compensation_step
+from llmprune.engine.pruning.unit_scores import get_unit_score
 
 
 def _windows(count: int, seed: int) -> TokenWindows:
@@ -19,16 +18,17 @@ def _windows(count: int, seed: int) -> TokenWindows:
     return TokenWindows(ids, "random", ids.numel())
 
 
-def test_fluctuation_is_registered_and_scores_the_output_variance():
+def test_fluctuation_scores_the_output_variance():
     model = make_tiny_model()
     layer = model.model.layers[1]
-    batches = capture_layer_inputs(model, _windows(4, 0), batch_size=4)
-    batches[0].hidden = model.model.layers[0](batches[0].hidden, **batches[0].layer_kwargs)
-    acts, _ = collect_activations(layer, batches)
-    with comp.record_inputs(layer.mlp.down_proj, gram=False) as stats, torch.no_grad():
-        layer(batches[0].hidden, **batches[0].layer_kwargs)
-    scores = get_unit_importance("fluctuation").mlp_channel_scores(layer, acts)
-    torch.testing.assert_close(scores.double(), comp.fluctuation(layer.mlp.down_proj.weight, stats), rtol=1e-3, atol=1e-6)
+    runner = runner_for(model, 32, batch_size=4)
+    with torch.no_grad():
+        entering = runner.layer(model.model.layers[0], model.model.embed_tokens(_windows(4, 0).ids))
+        with comp.record_inputs(layer.mlp.down_proj, gram=False) as stats:
+            runner.layer(layer, entering)
+    scores = get_unit_score("fluctuation").mlp_channels(layer, stats)
+    expected = stats.variance * layer.mlp.down_proj.weight.detach().double().pow(2).sum(0)
+    torch.testing.assert_close(scores, expected)
 
 
 def test_least_squares_step_tracks_the_dense_model_better_than_no_compensation():
@@ -40,9 +40,20 @@ def test_least_squares_step_tracks_the_dense_model_better_than_no_compensation()
     errors = {}
     for kind in ("none", "lstsq"):
         model = make_tiny_model()
-        step = compensation_step(kind) if kind != "none" else None
-        prune_model(model, plan, calibration, "fluctuation", compensation=step, gram=kind == "lstsq", batch_size=16)
+        outcome = prune_model(model, plan, calibration, "fluctuation", compensation=kind, batch_size=16)
         assert all(layer.self_attn.o_proj.bias is not None for layer in model.model.layers) == (kind == "lstsq")
+        ran = {name for change in outcome.layers for name in change.compensation.values()}
+        assert ran == ({"lstsq"} if kind == "lstsq" else set())
         with torch.no_grad():
             errors[kind] = float((model(held_out).logits - reference).pow(2).mean())
     assert errors["lstsq"] < errors["none"]
+
+
+def test_a_refit_with_too_few_tokens_is_recorded_as_the_bias_fallback():
+    model = make_tiny_model()
+    plan = [LayerUnits(kv_heads=1, heads=4, intermediate_size=100)] * 4
+    # 2 windows x 32 tokens = 64 tokens: enough for o_proj's 32 kept inputs? no (< 4 x 32); far too few for 100 channels
+    outcome = prune_model(model, plan, _windows(2, 0), "fluctuation", compensation="lstsq", batch_size=2)
+    for change in outcome.layers:
+        assert change.compensation["down_proj"].startswith("bias (lstsq fell back: 64 calibration tokens < 400)")
+        assert change.to_dict()["compensation"] == change.compensation

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from llmprune.engine.pruning.allocation import PlanOptions, LayerUnits, layer_rates, unit_counts
+from llmprune.engine.core.progress import StageProgress, named_stage
+from llmprune.engine.pruning.allocation import LayerUnits, PlanOptions, unit_counts
+from llmprune.engine.pruning.config import CalibrationOptions
+from llmprune.engine.pruning.plan import plan_units
+from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD
+from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.io.architecture import LayerShape, layer_shapes, require_llama_style
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
@@ -21,40 +26,13 @@ from llmprune.engine.pruning.importance import LAYER_METHODS, LayerImportance, l
 from llmprune.engine.core.paths import atomic_write_json
 from llmprune.engine.pruning.importance_file import CONFIG_FORMAT, DEFAULT_CONFIG_NAME
 
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass
-class CalibrationOptions:
-    """Which text the importance is measured on."""
-
-    dataset: str = "wikitext2"
-    """Text source; its training split is used (never the test split)."""
-    samples: int = 50
-    """Number of calibration windows."""
-    seq_len: int = 128
-    """Tokens per calibration window."""
-    seed: int = 0
-    """Seed of the window positions."""
-    batch_size: int = 8
-    """Windows per forward pass."""
-
-    def validate(self) -> None:
-        if self.samples < 1:
-            raise UserInputError(f"--importance-samples must be ≥ 1, got {self.samples}", "e.g. --importance-samples 50")
-        if self.seq_len < 2:
-            raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")
-        if self.batch_size < 1:
-            raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "e.g. --batch-size 8")
-
-
-@dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(LoadOptions):
     """What `llmprune analyze` does."""
 
-    model: str = "smollm2-135m"
-    """Model spec (alias, folder, file or hub id)."""
-    importance_method: str = "removal"
+    importance_method: str = DEFAULT_IMPORTANCE_METHOD
     """removal | block-influence | taylor."""
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     """Calibration text and sizes."""
@@ -68,10 +46,6 @@ class AnalyzeConfig:
     """MLP widths are multiples of this."""
     output: Path = Path(DEFAULT_CONFIG_NAME)
     """Where the JSON config goes (the CLI draws the chart image next to it)."""
-    base_model: str | None = None
-    trust_pickle: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
     stream: bool = False
     """Read one decoder layer at a time from the safetensors files (removal, block-influence): memory of one layer, not the model."""
 
@@ -136,36 +110,23 @@ class AnalyzeResult:
         }
 
 
-def plan_units(
-    scores: list[float], shapes: list[LayerShape], plan: PlanOptions, attn_unit: str, prune_mlp: bool, round_to: int,
-    same_in_every_layer: bool = False,
-) -> tuple[list[float], list[LayerUnits]]:
-    """Scores -> (per-layer rates, per-layer units kept)."""
-    rates = layer_rates(scores, plan)
-    units = unit_counts(rates, shapes, attn_unit, True, prune_mlp, round_to, same_in_every_layer)
-    return rates, units
-
-
 def measure_importance(
     model: nn.Module, windows: TokenWindows, method: str, batch_size: int = 8, progress: StageProgress | None = None
 ) -> LayerImportance:
     """Layer scores on calibration windows, reporting progress as a named stage."""
-    callback = (lambda done, total: progress(f"layer importance ({method})", done, total)) if progress else None
-    return layer_importance(model, windows, method, batch_size, callback)
+    return layer_importance(model, windows, method, batch_size, named_stage(progress, f"layer importance ({method})"))
 
 
 def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) -> AnalyzeResult:
     """Load the model, measure layer importance, make the plan, write the JSON config and the chart."""
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.core.device import choose_placement
-    from llmprune.engine.io.models import load_model
 
     config.validate()
-    placement = choose_placement(config.device, config.dtype)
+    placement = config.placement()
     if config.stream:
         shapes, num_parameters, importance = _measure_streamed(config, placement, progress)
     else:
-        loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
+        loaded = config.load(placement)
         require_llama_style(loaded.model)
         shapes, num_parameters = layer_shapes(loaded.model), loaded.num_parameters
     config.plan.validate(len(shapes))
@@ -193,7 +154,7 @@ def _measure_streamed(config: AnalyzeConfig, placement, progress: StageProgress 
 
     from llmprune.engine.io.architecture import layer_shape
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.pruning.pipeline import stream_source
+    from llmprune.engine.pruning.route import stream_source
     from llmprune.engine.pruning.streamed_importance import streamed_layer_importance
     from llmprune.engine.pruning.streaming import StreamedLayers, parameter_count
 
@@ -204,7 +165,7 @@ def _measure_streamed(config: AnalyzeConfig, placement, progress: StageProgress 
     store = StreamedLayers(source, placement.device, placement.dtype)
     calib = config.calibration
     windows = load_calibration_windows(AutoTokenizer.from_pretrained(str(source)), calib.dataset, calib.samples, calib.seq_len, calib.seed)
-    callback = (lambda done, total: progress(f"layer importance ({config.importance_method}, streamed)", done, total)) if progress else None
+    callback = named_stage(progress, f"layer importance ({config.importance_method}, streamed)")
     importance = streamed_layer_importance(store, windows, config.importance_method, calib.batch_size, callback)
     return [layer_shape(layer) for layer in store.skeleton.model.layers], parameter_count(source), importance
 

@@ -1,210 +1,43 @@
-"""Calibrated layer-by-layer pruning: score, cut, compensate, carry the hidden states on.
+"""The global path: measure every unit of the dense model, rank them across all layers, prune to a target.
 
-The model is visited one decoder layer at a time, the way `LlamaModel.forward`
-would run it: the calibration hidden states entering layer i are kept (a
-tensor windows × seq_len × hidden), layer i is pruned on *those* inputs (so it
-sees what earlier pruning did), and its output becomes the input of layer i+1.
-A layer only has to be on the device while it is processed, which is what
-`llmprune.engine.pruning.streaming` builds on: the same code runs on an in-memory model
-or on layers read from disk one by one (`LayerStore`).
-
-Per layer:
-1. attention: record the inputs of `o_proj` (its columns are the query heads of
-   each KV group), keep the best-scoring `keep_groups` KV groups, compensate;
-2. MLP: run the (already pruned) attention, record the inputs of `down_proj`,
-   keep the best `keep_channels` channels, compensate;
-3. run the pruned layer to get the next layer's inputs.
-
-Two passes make a prune: `measure_units` (dense model: unit scores, used to
-choose how many units each layer keeps, `allocate`) and `prune_layers`.
+Two passes make a prune, both walking the model with a `layer_store.LayerStore`
+(in memory, or streamed from disk by `streaming.StreamedLayers`, so the same
+code prunes a model that does not fit): `measure_units` (the dense model's
+unit scores and block influence, which `allocate` turns into how many units
+each layer keeps) and `layer_pass.prune_layers` (the one pruning pass).
+`prune_loaded_model` adds depth pruning (whole layers) before the width.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.surgery import attention_counts, prune_kv_groups, prune_mlp_channels
+from llmprune.engine.core.progress import StageProgress
+from llmprune.engine.pruning import compensation as comp
+from llmprune.engine.pruning.config import COMPENSATIONS  # noqa: F401 (re-exported)
+from llmprune.engine.pruning.layer_pass import LayerPlan, LayerReport, prune_layers
+from llmprune.engine.pruning.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for  # noqa: F401 (re-exported)
+from llmprune.engine.pruning.surgery import attention_counts
+from llmprune.engine.pruning.unit_scores import UNIT_SCORES, get_unit_score  # noqa: F401 (re-exported)
 
 __all__ = [
-    "LayerStore",
-    "InMemoryLayers",
-    "LayerRunner",
     "LayerPlan",
+    "LayerReport",
     "LayerScores",
-    "UNIT_SCORES",
-    "COMPENSATIONS",
     "measure_units",
     "allocate",
-    "prune_layers",
     "CalibratedPruneOptions",
     "prune_to_target",
+    "prune_loaded_model",
 ]
-
-ProgressCallback = Callable[[str, int, int], None]  # (phase, layers done, layers total)
-
-
-# ---------------------------------------------------------------- where layers live
-
-
-class LayerStore(Protocol):
-    """Where decoder layers come from and go to (memory, or disk for streaming)."""
-
-    config: object
-
-    @property
-    def num_layers(self) -> int: ...
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
-
-    def load(self, index: int) -> nn.Module: ...
-
-    def release(self, index: int, layer: nn.Module, changed: bool) -> None: ...
-
-    def begin_pruning(self) -> None: ...
-
-
-class InMemoryLayers:
-    """The layers of a loaded model; nothing moves."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.config = model.config
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.model.model.layers)
-
-    @torch.no_grad()
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        embed = self.model.model.embed_tokens
-        return embed(ids.to(embed.weight.device))
-
-    def load(self, index: int) -> nn.Module:
-        return self.model.model.layers[index]
-
-    def release(self, index: int, layer: nn.Module, changed: bool) -> None:
-        pass
-
-    def begin_pruning(self) -> None:
-        pass
-
-
-# ---------------------------------------------------------------- running one layer
-
-
-class LayerRunner:
-    """Runs a decoder layer on its own, with the mask and rotary embeddings LlamaModel.forward gives it."""
-
-    def __init__(self, config, rotary: nn.Module, seq_len: int, device: torch.device, dtype: torch.dtype, batch_size: int = 8):
-        from transformers.masking_utils import create_causal_mask
-
-        self.batch_size = batch_size
-        self.position_ids = torch.arange(seq_len, device=device)[None]
-        probe = torch.zeros(1, seq_len, config.hidden_size, device=device, dtype=dtype)
-        with torch.no_grad():
-            self.position_embeddings = rotary(probe, position_ids=self.position_ids)
-        self.mask = create_causal_mask(config=config, inputs_embeds=probe, attention_mask=None, cache=None, position_ids=self.position_ids)
-
-    def _chunks(self, hidden: torch.Tensor) -> Iterable[torch.Tensor]:
-        return hidden.split(self.batch_size)
-
-    @torch.no_grad()
-    def attention_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """h + attn(norm(h)): the residual stream between attention and MLP."""
-
-        def block(chunk: torch.Tensor) -> torch.Tensor:
-            attn, _ = layer.self_attn(
-                hidden_states=layer.input_layernorm(chunk),
-                attention_mask=self.mask,
-                position_ids=self.position_ids,
-                position_embeddings=self.position_embeddings,
-            )
-            return chunk + attn
-
-        return self._by_chunks(block, hidden)
-
-    @torch.no_grad()
-    def mlp_block(self, layer: nn.Module, middle: torch.Tensor) -> torch.Tensor:
-        """h + mlp(norm(h)): the layer's output from the residual stream after attention."""
-        return self._by_chunks(lambda chunk: chunk + layer.mlp(layer.post_attention_layernorm(chunk)), middle)
-
-    def _by_chunks(self, block, hidden: torch.Tensor) -> torch.Tensor:
-        # written into one preallocated tensor: a list of chunks plus torch.cat would hold the output twice
-        out = torch.empty_like(hidden)
-        first = 0
-        for chunk in self._chunks(hidden):
-            out[first : first + chunk.shape[0]] = block(chunk)
-            first += chunk.shape[0]
-        return out
-
-    def layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return self.mlp_block(layer, self.attention_block(layer, hidden))
-
-
-# ---------------------------------------------------------------- unit scores
-
-
-def _group_width(layer: nn.Module) -> int:
-    """o_proj input columns per KV group (its r query heads × head_dim); groups are contiguous blocks."""
-    heads, kv_heads, head_dim = attention_counts(layer)
-    return (heads // kv_heads) * head_dim
-
-
-def _group_columns(layer: nn.Module) -> list[list[int]]:
-    width = _group_width(layer)
-    return [list(range(g * width, (g + 1) * width)) for g in range(layer.self_attn.o_proj.in_features // width)]
-
-
-def _blocks(column_scores: torch.Tensor, width: int) -> torch.Tensor:
-    return column_scores.reshape(-1, width).sum(1)
-
-
-def _magnitude(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
-    return _blocks(weight.detach().to(torch.float64).pow(2).sum(0), width)
-
-
-def _wanda(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
-    # ‖W[:, j]‖² · E[x_j²]: the mean energy a column sends to the output (Wanda-sp, squared)
-    return _blocks(weight.detach().to(torch.float64).pow(2).sum(0) * stats.squares / max(stats.count, 1), width)
-
-
-def _fluctuation(weight: torch.Tensor, stats: comp.InputStatistics, width: int) -> torch.Tensor:
-    if width == 1 or stats.gram is None:
-        return _blocks(comp.fluctuation(weight, stats), width)
-    groups = [range(g * width, (g + 1) * width) for g in range(weight.shape[1] // width)]
-    return comp.group_fluctuation(weight, stats, groups)
-
-
-# name -> f(weight of o_proj/down_proj, its input statistics, columns per unit) -> one score per unit (higher = keep);
-# units are contiguous blocks of `width` input columns (a KV group, or one MLP channel with width 1)
-UNIT_SCORES: dict[str, Callable[..., torch.Tensor]] = {
-    "magnitude": _magnitude,
-    "wanda": _wanda,
-    "fluctuation": _fluctuation,
-}
-COMPENSATIONS = ("none", "bias", "lstsq")
-
-
-def _needs_gram(unit_score: str, compensation: str, width: int) -> bool:
-    """XᵀX is needed for least squares, and for fluctuation scores of multi-column units (KV groups) only."""
-    return compensation == "lstsq" or (unit_score == "fluctuation" and width > 1)
 
 
 # ---------------------------------------------------------------- plans and scores
-
-
-@dataclass
-class LayerPlan:
-    """How many units of one layer survive."""
-
-    keep_groups: int
-    keep_channels: int
 
 
 @dataclass
@@ -267,21 +100,21 @@ def measure_units(
     ids: torch.Tensor,
     runner: LayerRunner,
     unit_score: str = "fluctuation",
-    progress: ProgressCallback | None = None,
+    progress: StageProgress | None = None,
 ) -> list[LayerScores]:
     """One pass over the dense model: unit scores and block influence of every layer."""
-    score = UNIT_SCORES[unit_score]
+    score = get_unit_score(unit_score)
     hidden = store.embed(ids)
     results = []
     for index in range(store.num_layers):
         layer = store.load(index)
-        with comp.record_inputs(layer.self_attn.o_proj, gram=unit_score == "fluctuation") as attn_stats:
+        heads, kv_heads, head_dim = attention_counts(layer)
+        with comp.record_inputs(layer.self_attn.o_proj, gram=score.needs_gram(heads // kv_heads * head_dim)) as attn_stats:
             middle = runner.attention_block(layer, hidden)
-        with comp.record_inputs(layer.mlp.down_proj, gram=False) as mlp_stats:
+        with comp.record_inputs(layer.mlp.down_proj, gram=score.needs_gram(1)) as mlp_stats:
             out = runner.mlp_block(layer, middle)
-        group_scores = score(layer.self_attn.o_proj.weight, attn_stats, _group_width(layer))
-        # per-channel scores never need the Gram (a single column has no cross terms)
-        channel_scores = score(layer.mlp.down_proj.weight, mlp_stats, 1)
+        group_scores = score.kv_groups(layer, attn_stats)
+        channel_scores = score.mlp_channels(layer, mlp_stats)
         group_params, channel_params = _unit_params(layer)
         results.append(
             LayerScores(
@@ -351,109 +184,6 @@ def allocate(
     return plans
 
 
-# ---------------------------------------------------------------- the pruning pass
-
-
-def _top(scores: torch.Tensor, count: int) -> list[int]:
-    return sorted(torch.topk(scores, count).indices.tolist())
-
-
-def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
-    linear.in_features = weight.shape[1]
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
-
-
-def _compensate(linear: nn.Linear, dense_weight: torch.Tensor, dense_bias, stats, keep_columns: list[int], compensation: str, damping: float) -> None:
-    """After surgery sliced `linear`'s input columns, fix its output for what was removed."""
-    if compensation == "bias":
-        _set_linear(linear, linear.weight.data, comp.compensate_bias(dense_weight, dense_bias, stats, keep_columns))
-    elif compensation == "lstsq":
-        weight, bias = comp.refit_least_squares(dense_weight, dense_bias, stats, keep_columns, damping=damping)
-        _set_linear(linear, weight, bias)
-
-
-def _ensure_bias(linear: nn.Linear) -> None:
-    # every layer gets the output bias, pruned or not, so that shapes stay uniform when they can
-    if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device), requires_grad=False)
-
-
-@dataclass
-class LayerReport:
-    """What happened to one layer."""
-
-    index: int
-    kept_groups: list[int]
-    kept_channels: int
-    groups_before: int
-    channels_before: int
-    kept_channel_indices: list[int] | None = None  # None: every channel kept
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@torch.no_grad()
-def prune_layers(
-    store: LayerStore,
-    ids: torch.Tensor,
-    runner: LayerRunner,
-    plans: Sequence[LayerPlan],
-    unit_score: str = "fluctuation",
-    compensation: str = "bias",
-    damping: float = 1e-3,
-    progress: ProgressCallback | None = None,
-) -> list[LayerReport]:
-    """Prune every layer to its plan, in order, on the calibration inputs it really receives."""
-    if unit_score not in UNIT_SCORES:
-        raise ValueError(f"unknown unit score {unit_score!r}; known: {', '.join(UNIT_SCORES)}")
-    if compensation not in COMPENSATIONS:
-        raise ValueError(f"unknown compensation {compensation!r}; known: {', '.join(COMPENSATIONS)}")
-    score = UNIT_SCORES[unit_score]
-    hidden = store.embed(ids)
-    reports = []
-    for index, plan in enumerate(plans):
-        layer = store.load(index)
-        attn, mlp = layer.self_attn, layer.mlp
-        _, kv_heads, _ = attention_counts(layer)
-        channels = mlp.down_proj.in_features
-        report = LayerReport(index, list(range(kv_heads)), channels, kv_heads, channels)
-        changed = False
-        if compensation != "none":
-            _ensure_bias(attn.o_proj)
-            _ensure_bias(mlp.down_proj)
-            changed = True
-
-        if plan.keep_groups < kv_heads:
-            with comp.record_inputs(attn.o_proj, gram=_needs_gram(unit_score, compensation, _group_width(layer))) as stats:
-                runner.attention_block(layer, hidden)
-            groups = _group_columns(layer)
-            keep = _top(score(attn.o_proj.weight, stats, _group_width(layer)), plan.keep_groups)
-            dense_weight, dense_bias = attn.o_proj.weight.data.clone(), None if attn.o_proj.bias is None else attn.o_proj.bias.data.clone()
-            prune_kv_groups(layer, keep)
-            _compensate(attn.o_proj, dense_weight, dense_bias, stats, [c for g in keep for c in groups[g]], compensation, damping)
-            report.kept_groups, changed = keep, True
-        middle = runner.attention_block(layer, hidden)
-        del hidden  # the layer's input is not needed any more: one set of hidden states less at the peak
-
-        if plan.keep_channels < channels:
-            with comp.record_inputs(mlp.down_proj, gram=_needs_gram(unit_score, compensation, 1)) as stats:
-                runner.mlp_block(layer, middle)
-            keep = _top(score(mlp.down_proj.weight, stats, 1), plan.keep_channels)
-            dense_weight, dense_bias = mlp.down_proj.weight.data.clone(), None if mlp.down_proj.bias is None else mlp.down_proj.bias.data.clone()
-            prune_mlp_channels(layer, keep)
-            _compensate(mlp.down_proj, dense_weight, dense_bias, stats, keep, compensation, damping)
-            report.kept_channels, report.kept_channel_indices, changed = len(keep), keep, True
-        hidden = runner.mlp_block(layer, middle)  # noqa: F841 (the next layer's input; read at the loop's top, after the `del` above)
-        reports.append(report)
-        store.release(index, layer, changed=changed)
-        if progress:
-            progress("prune", index + 1, len(plans))
-    return reports
-
-
 # ---------------------------------------------------------------- both passes, to a parameter target
 
 
@@ -462,7 +192,7 @@ class CalibratedPruneOptions:
     """How `prune_to_target` chooses, cuts and compensates."""
 
     unit_score: str = "fluctuation"
-    """Which units of a layer to keep: fluctuation | wanda | magnitude (see UNIT_SCORES)."""
+    """Which units of a layer to keep: fluctuation | activation | magnitude (unit_scores.UNIT_SCORES)."""
     compensation: str = "lstsq"
     """What to do for the removed units: none | bias (their mean, into the output bias) | lstsq (refit o_proj/down_proj)."""
     allocation: str = "global"
@@ -488,7 +218,7 @@ def prune_to_target(
     runner: LayerRunner,
     params_to_remove: int,
     options: CalibratedPruneOptions | None = None,
-    progress: ProgressCallback | None = None,
+    progress: StageProgress | None = None,
 ) -> tuple[list[LayerScores], list[LayerPlan], list[LayerReport]]:
     """Measure the dense model, allocate the cut, then prune layer by layer."""
     options = options or CalibratedPruneOptions()
@@ -528,14 +258,13 @@ def prune_loaded_model(
     options: CalibratedPruneOptions | None = None,
     drop: int = 0,
     batch_size: int = 8,
-    progress: ProgressCallback | None = None,
+    progress: StageProgress | None = None,
 ) -> CalibratedOutcome:
     """Depth then width: drop the `drop` least influential layers, then prune units to the remaining budget."""
     from llmprune.engine.pruning.depth import drop_layers, least_influential
 
     options = options or CalibratedPruneOptions()
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    runner = LayerRunner(model.config, model.model.rotary_emb, ids.shape[1], device, dtype, batch_size)
+    runner = runner_for(model, ids.shape[1], batch_size)
     store = InMemoryLayers(model)
     dropped: list[int] = []
     if drop > 0:

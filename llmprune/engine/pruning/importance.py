@@ -12,21 +12,14 @@ Layer scores (higher = more important), `layer_importance(model, windows, method
   estimate of the loss change when the layer's weights are zeroed, LLM-Pruner's
   element-wise criterion summed per layer); one forward + backward pass.
 
-Unit scores (Torch-Pruning style: small classes behind one interface, looked up
-by name in `UNIT_IMPORTANCE`, so other criteria plug in with
-`register_unit_importance`):
-- `magnitude`: squared L2 norm of all the weights that belong to a unit;
-- `activation`: weight norm x input-activation norm on calibration data, i.e.
-  the expected squared contribution of the unit to the layer output
-  (sum over its input columns j of ||W[:, j]||^2 * E[x_j^2]) for o_proj inputs
-  (query heads) and down_proj inputs (MLP channels).
+Unit scores (which heads, groups and channels go inside a layer) are in
+`unit_scores`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +34,9 @@ from llmprune.engine.pruning.layerwise import (
     iterate_layers,
     run_layer,
 )
-from llmprune.engine.pruning.surgery import attention_counts
+from llmprune.engine.core.progress import CountProgress
+from llmprune.engine.pruning.plan_options import LAYER_METHODS
 
-LAYER_METHODS = ("removal", "block-influence", "taylor")
-ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass
@@ -63,12 +55,12 @@ class LayerImportance:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _tick(progress: ProgressCallback | None, done: int, total: int) -> None:
+def _tick(progress: CountProgress | None, done: int, total: int) -> None:
     if progress:
         progress(done, total)
 
 
-def _removal(model: nn.Module, batches: list[CalibrationBatch], progress: ProgressCallback | None) -> tuple[list[float], float, int]:
+def _removal(model: nn.Module, batches: list[CalibrationBatch], progress: CountProgress | None) -> tuple[list[float], float, int]:
     layers = [layer for _, layer in iterate_layers(model)]
     count = len(layers)
     skipped_nll = [0.0] * count
@@ -93,7 +85,7 @@ def _removal(model: nn.Module, batches: list[CalibrationBatch], progress: Progre
     return [s / tokens - base for s in skipped_nll], base, passes
 
 
-def _block_influence(model: nn.Module, batches: list[CalibrationBatch], progress: ProgressCallback | None) -> tuple[list[float], float, int]:
+def _block_influence(model: nn.Module, batches: list[CalibrationBatch], progress: CountProgress | None) -> tuple[list[float], float, int]:
     layers = [layer for _, layer in iterate_layers(model)]
     totals = [0.0] * len(layers)
     tokens = 0
@@ -111,7 +103,7 @@ def _block_influence(model: nn.Module, batches: list[CalibrationBatch], progress
     return [t / tokens for t in totals], nll_sum / predicted, len(layers) * len(batches)
 
 
-def _taylor(model: nn.Module, windows: TokenWindows, batch_size: int, progress: ProgressCallback | None) -> tuple[list[float], float, int]:
+def _taylor(model: nn.Module, windows: TokenWindows, batch_size: int, progress: CountProgress | None) -> tuple[list[float], float, int]:
     layers = [layer for _, layer in iterate_layers(model)]
     device = next(model.parameters()).device
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -149,7 +141,7 @@ def layer_importance(
     windows: TokenWindows,
     method: str = "removal",
     batch_size: int = 8,
-    progress: ProgressCallback | None = None,
+    progress: CountProgress | None = None,
 ) -> LayerImportance:
     """Score every decoder layer on the calibration windows (the model is left unchanged)."""
     if method not in LAYER_METHODS:
@@ -210,173 +202,3 @@ def removal_importance_naive(model: nn.Module, windows: TokenWindows, batch_size
         method="removal-naive", scores=scores, base_loss=base, samples=len(windows), seq_len=windows.seq_len,
         seconds=time.perf_counter() - start, layer_passes=(count * count) * batches,
     )
-
-
-# ---------------------------------------------------------------- calibration activations of one layer
-
-
-@dataclass
-class LayerActivations:
-    """Statistics of the inputs of o_proj (per query-head column) and down_proj (per MLP channel).
-
-    Sums are fp32 over every calibration token. `*_gram` (X^T X) is filled only
-    when asked for (`collect_activations(..., gram=True)`), for reconstruction.
-    """
-
-    tokens: int = 0
-    o_proj_sum: torch.Tensor | None = None
-    o_proj_sq: torch.Tensor | None = None
-    down_proj_sum: torch.Tensor | None = None
-    down_proj_sq: torch.Tensor | None = None
-    o_proj_gram: torch.Tensor | None = None
-    down_proj_gram: torch.Tensor | None = None
-
-    @property
-    def o_proj_mean(self) -> torch.Tensor:
-        return self.o_proj_sum / max(self.tokens, 1)
-
-    @property
-    def down_proj_mean(self) -> torch.Tensor:
-        return self.down_proj_sum / max(self.tokens, 1)
-
-    @property
-    def o_proj_mean_sq(self) -> torch.Tensor:
-        return self.o_proj_sq / max(self.tokens, 1)
-
-    @property
-    def down_proj_mean_sq(self) -> torch.Tensor:
-        return self.down_proj_sq / max(self.tokens, 1)
-
-
-@dataclass
-class _Accumulator:
-    gram: bool
-    total: torch.Tensor | None = None
-    squares: torch.Tensor | None = None
-    xtx: torch.Tensor | None = None
-    tokens: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        if self.total is None:
-            self.total = torch.zeros(x.shape[1], device=x.device)
-            self.squares = torch.zeros(x.shape[1], device=x.device)
-            if self.gram:
-                self.xtx = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        self.total += x.sum(0)
-        self.squares += (x * x).sum(0)
-        if self.gram:
-            self.xtx += x.T @ x
-        self.tokens += x.shape[0]
-
-
-@torch.no_grad()
-def collect_activations(
-    layer: nn.Module, batches: list[CalibrationBatch], gram: bool = False
-) -> tuple[LayerActivations, list[torch.Tensor]]:
-    """Run `layer` on every batch with hooks on o_proj/down_proj; returns the statistics and the outputs."""
-    o_acc, d_acc = _Accumulator(gram), _Accumulator(gram)
-    handles = [
-        layer.self_attn.o_proj.register_forward_pre_hook(o_acc),
-        layer.mlp.down_proj.register_forward_pre_hook(d_acc),
-    ]
-    try:
-        outputs = [run_layer(layer, batch) for batch in batches]
-    finally:
-        for handle in handles:
-            handle.remove()
-    stats = LayerActivations(
-        tokens=o_acc.tokens,
-        o_proj_sum=o_acc.total, o_proj_sq=o_acc.squares, o_proj_gram=o_acc.xtx,
-        down_proj_sum=d_acc.total, down_proj_sq=d_acc.squares, down_proj_gram=d_acc.xtx,
-    )
-    return stats, outputs
-
-
-# ---------------------------------------------------------------- unit importance
-
-
-class UnitImportance(Protocol):
-    """Scores the units of one decoder layer (higher = keep)."""
-
-    name: str
-    needs_activations: bool
-
-    def query_head_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        """[kv_heads, heads_per_group]: one score per query head, by group."""
-
-    def kv_group_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        """[kv_heads]: one score per KV group."""
-
-    def mlp_channel_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        """[intermediate_size]: one score per MLP channel."""
-
-
-def _column_sq(linear: nn.Linear) -> torch.Tensor:
-    return linear.weight.detach().float().pow(2).sum(0)
-
-
-def _row_sq(linear: nn.Linear) -> torch.Tensor:
-    return linear.weight.detach().float().pow(2).sum(1)
-
-
-def _per_head(values: torch.Tensor, head_dim: int, kv_heads: int) -> torch.Tensor:
-    """[heads * head_dim] -> [kv_heads, heads_per_group] summed over each head's dims."""
-    return values.view(-1, head_dim).sum(1).view(kv_heads, -1)
-
-
-class MagnitudeImportance:
-    """Squared L2 norm of every weight belonging to the unit (no data needed)."""
-
-    name = "magnitude"
-    needs_activations = False
-
-    def query_head_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        _, kv_heads, head_dim = attention_counts(layer)
-        attn = layer.self_attn
-        return _per_head(_row_sq(attn.q_proj) + _column_sq(attn.o_proj), head_dim, kv_heads)
-
-    def kv_group_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        _, kv_heads, head_dim = attention_counts(layer)
-        attn = layer.self_attn
-        kv = (_row_sq(attn.k_proj) + _row_sq(attn.v_proj)).view(kv_heads, head_dim).sum(1)
-        return self.query_head_scores(layer, acts).sum(1) + kv
-
-    def mlp_channel_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        mlp = layer.mlp
-        return _row_sq(mlp.gate_proj) + _row_sq(mlp.up_proj) + _column_sq(mlp.down_proj)
-
-
-class ActivationImportance:
-    """Expected squared contribution to the layer output: sum_j ||W[:, j]||^2 * E[x_j^2] (Wanda-like, per unit)."""
-
-    name = "activation"
-    needs_activations = True
-
-    def query_head_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        _, kv_heads, head_dim = attention_counts(layer)
-        return _per_head(_column_sq(layer.self_attn.o_proj) * acts.o_proj_mean_sq, head_dim, kv_heads)
-
-    def kv_group_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        return self.query_head_scores(layer, acts).sum(1)
-
-    def mlp_channel_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        return _column_sq(layer.mlp.down_proj) * acts.down_proj_mean_sq
-
-
-UNIT_IMPORTANCE: dict[str, UnitImportance] = {
-    "magnitude": MagnitudeImportance(),
-    "activation": ActivationImportance(),
-}
-
-
-def register_unit_importance(criterion: UnitImportance) -> None:
-    """Make a unit criterion available by its name (e.g. to `--unit-importance`)."""
-    UNIT_IMPORTANCE[criterion.name] = criterion
-
-
-def get_unit_importance(name: str) -> UnitImportance:
-    if name not in UNIT_IMPORTANCE:
-        raise UserInputError(f"unknown --unit-importance '{name}'", f"use one of {', '.join(sorted(UNIT_IMPORTANCE))}")
-    return UNIT_IMPORTANCE[name]

@@ -1,109 +1,97 @@
-"""llmprune's compensation and fluctuation score, plugged into `pruning.prune_model`'s seams.
+"""Compensation steps: what the pruning pass does to a projection right after its input units were cut.
 
-`pruning.prune_model` (the layer-importance plan path of `llmprune prune`)
-scores units with a criterion from `importance.UNIT_IMPORTANCE` and calls a
-`Compensation` after each layer's surgery. This module registers the
-`fluctuation` criterion there and builds that compensation step from
-`llmprune.engine.pruning.compensation`: `compensation_step("bias" | "lstsq")`.
+`layer_pass.prune_layers` calls one step for o_proj (after KV groups or query
+heads went) and one for down_proj (after MLP channels went), with the dense
+weights and the statistics of the dense layer's inputs on calibration text
+(`CompensationContext`). A step returns the name of what it really did, which
+the report records layer by layer: the least-squares refit falls back to bias
+compensation when there are too few calibration tokens for it.
+
+Built in (`compensation_step(kind)`): `bias` (the removed units' mean output,
+folded into the bias) and `lstsq` (refit the kept columns and the bias), both
+from `compensation`. A Python callable with the same signature plugs in
+instead (`PruneConfig.compensation`); `needs_gram = True` on it asks for XᵀX.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.importance import LayerActivations, register_unit_importance
-from llmprune.engine.pruning.prune_model import Compensation, LayerPruneContext
-from llmprune.engine.pruning.surgery import attention_counts
 
-__all__ = ["FluctuationImportance", "compensation_step", "statistics_from"]
+__all__ = ["CompensationContext", "Compensation", "compensation_step", "set_linear", "ensure_bias"]
 
 
-def statistics_from(count: int, total: torch.Tensor, squares: torch.Tensor, gram: torch.Tensor | None) -> comp.InputStatistics:
-    """InputStatistics from the sums `importance.collect_activations` gathered."""
-    stats = comp.InputStatistics(total.numel(), total.device, gram=False)
-    stats.count = count
-    stats.total = total.to(torch.float64)
-    stats.squares = squares.to(torch.float64)
-    stats.gram = gram.to(torch.float64) if gram is not None else None
-    return stats
+@dataclass
+class CompensationContext:
+    """One projection of one layer, right after surgery removed some of its input columns."""
+
+    index: int  # the layer's index in the pass
+    layer: nn.Module  # the decoder layer, already pruned
+    projection: str  # "o_proj" | "down_proj"
+    linear: nn.Linear  # that projection, already sliced to the kept columns
+    dense_weight: torch.Tensor  # its weight before the cut (out × in)
+    dense_bias: torch.Tensor | None
+    stats: comp.InputStatistics  # its inputs in the dense layer, on the calibration text
+    keep_columns: list[int]  # the input columns kept (original indices, ascending)
+    damping: float = 1e-3  # ridge of the least-squares refit, relative to the mean diagonal
 
 
-def _o_stats(acts: LayerActivations) -> comp.InputStatistics:
-    return statistics_from(acts.tokens, acts.o_proj_sum, acts.o_proj_sq, acts.o_proj_gram)
+Compensation = Callable[[CompensationContext], str]
 
 
-def _down_stats(acts: LayerActivations) -> comp.InputStatistics:
-    return statistics_from(acts.tokens, acts.down_proj_sum, acts.down_proj_sq, acts.down_proj_gram)
+def set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
+    linear.in_features = weight.shape[1]
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
 
 
-class FluctuationImportance:
-    """Variance of the unit's contribution to the layer output on calibration text (FLAP): Var(x_j)·‖W[:, j]‖².
-
-    Units whose output hardly varies are cheap to remove once their mean is
-    folded into the bias (`--compensation bias|lstsq`).
-    """
-
-    name = "fluctuation"
-    needs_activations = True
-
-    def query_head_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        _, kv_heads, head_dim = attention_counts(layer)
-        columns = comp.fluctuation(layer.self_attn.o_proj.weight, _o_stats(acts)).float()
-        return columns.view(-1, head_dim).sum(1).view(kv_heads, -1)
-
-    def kv_group_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        return self.query_head_scores(layer, acts).sum(1)
-
-    def mlp_channel_scores(self, layer: nn.Module, acts: LayerActivations | None) -> torch.Tensor:
-        return comp.fluctuation(layer.mlp.down_proj.weight, _down_stats(acts)).float()
+def ensure_bias(linear: nn.Linear) -> None:
+    """A zero output bias where there is none: every layer gets one, pruned or not, so shapes stay uniform."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+                                   requires_grad=False)
 
 
-register_unit_importance(FluctuationImportance())
+def _bias(context: CompensationContext) -> str:
+    bias = comp.compensate_bias(context.dense_weight, context.dense_bias, context.stats, context.keep_columns)
+    set_linear(context.linear, context.linear.weight.data, bias)
+    return "bias"
 
 
-def _dense_weight(pruned: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, size: int) -> torch.Tensor:
-    """The unpruned weight, put back together from the kept columns and the removed ones."""
-    dense = torch.empty(pruned.shape[0], size, dtype=pruned.dtype, device=pruned.device)
-    mask = torch.zeros(size, dtype=torch.bool, device=pruned.device)
-    mask[kept.to(pruned.device)] = True
-    dense[:, mask] = pruned
-    dense[:, ~mask] = removed.to(pruned.device)
-    return dense
+def _lstsq(context: CompensationContext) -> str:
+    weight, bias = comp.refit_least_squares(context.dense_weight, context.dense_bias, context.stats, context.keep_columns,
+                                            damping=context.damping)
+    set_linear(context.linear, weight, bias)
+    needed = comp.MIN_TOKENS_PER_INPUT * len(context.keep_columns)
+    if context.stats.count < needed:  # refit_least_squares fell back to the bias compensation
+        return f"bias (lstsq fell back: {context.stats.count} calibration tokens < {needed})"
+    return "lstsq"
 
 
-def _fix(linear: nn.Linear, kept_columns: torch.Tensor, removed: torch.Tensor, stats: comp.InputStatistics, kind: str, damping: float) -> None:
-    if removed.shape[1] == 0:
-        return
-    size = kept_columns.numel() + removed.shape[1]
-    dense = _dense_weight(linear.weight.data, kept_columns, removed, size)
-    keep = kept_columns.tolist()
-    if kind == "lstsq":
-        weight, bias = comp.refit_least_squares(dense, linear.bias, stats, keep, damping)
-        linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    else:
-        bias = comp.compensate_bias(dense, linear.bias, stats, keep)
-    linear.bias = nn.Parameter(bias, requires_grad=False)
+_bias.needs_gram = False  # type: ignore[attr-defined]
+_lstsq.needs_gram = True  # type: ignore[attr-defined]
+_STEPS: dict[str, Compensation] = {"bias": _bias, "lstsq": _lstsq}
 
 
-def compensation_step(kind: str, damping: float = 1e-3) -> Compensation:
-    """A `pruning.Compensation` that folds the removed units' mean into the output biases (bias)
-    or refits o_proj/down_proj and their biases by least squares (lstsq), on the unpruned layer's inputs.
+def compensation_step(kind: str | Compensation | None) -> Compensation | None:
+    """The step for a name (none | bias | lstsq), or a callable as it is."""
+    if kind is None or callable(kind):
+        return kind
+    if kind == "none":
+        return None
+    if kind not in _STEPS:
+        raise ValueError(f"unknown compensation {kind!r}; known: none, {', '.join(_STEPS)}")
+    return _STEPS[kind]
 
-    lstsq needs `prune_model(..., gram=True)` (the step says so with `needs_gram`).
-    """
-    if kind not in ("bias", "lstsq"):
-        raise ValueError(f"unknown compensation {kind!r} (bias or lstsq)")
 
-    def compensate(context: LayerPruneContext) -> None:
-        acts = context.activations
-        head_dim = context.head_dim
-        heads = context.kept_query_heads.to(torch.long)
-        o_columns = (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-        _fix(context.layer.self_attn.o_proj, o_columns, context.removed_o_proj_columns, _o_stats(acts), kind, damping)
-        _fix(context.layer.mlp.down_proj, context.kept_mlp_channels.to(torch.long), context.removed_down_proj_columns, _down_stats(acts), kind, damping)
-
-    compensate.__name__ = f"{kind}-compensation"
-    compensate.needs_gram = kind == "lstsq"  # prune_model collects XᵀX only when asked
-    return compensate
+def step_name(step: Compensation | None) -> str:
+    """How a step is recorded in the run's options."""
+    if step is None:
+        return "none"
+    return next((name for name, known in _STEPS.items() if known is step), getattr(step, "__name__", type(step).__name__))

@@ -36,7 +36,7 @@ from torch import nn
 from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shape
 from llmprune.engine.io.checkpoint import PROVENANCE_FILE, REMOTE_CODE_FILE, describe_shapes, provenance_record
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.calibrated import LayerRunner
+from llmprune.engine.pruning.layer_store import LayerRunner
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
 from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
 from llmprune.engine.io.safetensors_copy import copy_tensors, stored_elements

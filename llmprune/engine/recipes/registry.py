@@ -12,12 +12,11 @@ attention-only pruning at 20 % is gentler on the model and tolerates 1e-6.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, plan_default
 
 
 @dataclass(frozen=True)
@@ -26,17 +25,17 @@ class PruneSettings:
 
     ratio: float
     """Fraction of the prunable structures removed (attention groups, and MLP channels when `prune_mlp`)."""
-    importance: str = "removal"
+    importance: str = DEFAULT_IMPORTANCE_METHOD
     """Layer importance criterion of the analysis (removal: how much the output changes when the layer is skipped)."""
-    strategy: str = "inverse"
+    strategy: str = plan_default("strategy")
     """How per-layer rates follow the scores (inverse: important layers are pruned less)."""
-    alpha: float = 1.2
+    alpha: float = plan_default("alpha")
     """Strength of the non-uniformity of the inverse strategy."""
     prune_mlp: bool = True
     """Prune MLP channels too (False: attention groups only)."""
-    layer_start: int = 1
+    layer_start: int = plan_default("layer_start")
     """First prunable layer: the layers before it are protected."""
-    layer_end: int | None = None
+    layer_end: int | None = plan_default("layer_end")
     """One past the last prunable layer (None: all but the last layer, which stays protected)."""
 
 
@@ -96,50 +95,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="attn-only",
             summary="the safer path: 20 % of attention groups only (MLP untouched), then a full fine-tune",
-            prune=PruneSettings(ratio=0.20, prune_mlp=False),
+            prune=PruneSettings(ratio=0.20, alpha=1.2, prune_mlp=False),
             finetune=FinetuneSettings(lr=1e-6, epochs=2, samples=1000),
         ),
     )
 }
-
-
-@dataclass(kw_only=True)
-class PipelineSettings:
-    """What a recipe run (or a ratio sweep) needs besides the recipe: the model, the text and the budget."""
-
-    model: str = "smollm2-135m"
-    """Base model spec."""
-    out: str = "llmprune-runs"
-    """Folder that holds the run directories."""
-    dataset: str = "wikitext2"
-    """Calibration and training text (its training split)."""
-    eval_dataset: str = "wikitext2"
-    """Evaluation text (its test split)."""
-    seq_len: int = 256
-    """Tokens per window, for calibration, evaluation and training."""
-    calibration_samples: int = 32
-    """Calibration windows (layer importance and the choice of units)."""
-    eval_windows: int | None = 64
-    """Evaluation windows per PPL (None: the whole split)."""
-    batch_size: int = 8
-    """Windows per forward pass when measuring."""
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def model_stem(self) -> str:
-        """The model's name as a folder name: smollm2-135m, or a directory's/file's own name."""
-        stem = Path(self.model.rstrip("/")).name.removesuffix(".gguf") or "model"
-        return re.sub(r"[^\w.+-]+", "-", stem).strip("-") or "model"
-
-    def validate_budget(self) -> None:
-        def need(condition: bool, problem: str, hint: str) -> None:
-            if not condition:
-                raise UserInputError(problem, hint)
-
-        need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
-        for option, value in (("--calibration-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
-            need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
-        need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "use e.g. 64")
 
 
 def get_recipe(name: str) -> Recipe:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from llmprune.engine.recipes.runner import RecipeConfig
+    from llmprune.engine.recipes.config import RecipeConfig
     from llmprune.engine.recipes.state import RunState
 
 STATUS_TEXT = {

@@ -12,12 +12,38 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-if TYPE_CHECKING:
-    from llmprune.engine.recipes.runner import RecipeConfig
+from llmprune.engine.core.progress import StageProgress
 
-StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
+if TYPE_CHECKING:
+    from llmprune.engine.recipes.config import PipelineSettings, RecipeConfig
+
 # acceptable PPL verdicts: the gate lets these through to fine-tuning
 PASSING_VERDICTS = ("healthy", "acceptable")
+
+
+def calibration_options(config: "PipelineSettings") -> Any:
+    """The calibration text of a recipe run or a sweep (pruning.config.CalibrationOptions)."""
+    from llmprune.engine.pruning.config import CalibrationOptions
+
+    return CalibrationOptions(dataset=config.dataset, samples=config.calibration_samples, seq_len=config.seq_len,
+                              batch_size=config.batch_size)
+
+
+def recipe_prune_config(config: "PipelineSettings", importance_config: str | Path, ratio: float, log_dir: Path, log_name: str) -> Any:
+    """The PruneConfig of a recipe's prune step at `ratio`: the one place the recipe, and the sweep, say how to prune.
+
+    The recipe's pruning settings with the saved layer importance select the plan path of `run_prune`,
+    with its defaults for everything a recipe does not set (unit scores, compensation).
+    """
+    from llmprune.engine.pruning.config import PruneConfig
+
+    prune = config.recipe.prune
+    return PruneConfig(
+        ratio=ratio, prune_mlp=prune.prune_mlp, importance_config=Path(importance_config),
+        importance_method=prune.importance, calibration=calibration_options(config), strategy=prune.strategy,
+        alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end,
+        log_dir=log_dir, save_ckpt_log_name=log_name, **vars(config.load_options()),
+    )
 
 
 class StepAdapters:
@@ -26,13 +52,15 @@ class StepAdapters:
     def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False,
                  progress: StageProgress | None = None) -> dict:
         """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`."""
+        from dataclasses import replace
+
         from llmprune.engine.data import load_evaluation_windows
-        from llmprune.engine.core.device import choose_placement
         from llmprune.engine.evaluate import perplexity
-        from llmprune.engine.io.models import load_model
 
         start = time.perf_counter()
-        loaded = load_model(model, placement=choose_placement(config.device, config.dtype))
+        base = config.load_options()
+        # the base model loads as the user asked (--base-model, --trust-pickle); what the recipe saved is a plain folder
+        loaded = (base if model == config.model else replace(base, model=model, base_model=None, trust_pickle=False)).load()
         windows = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
         update = (lambda done, total: progress(f"PPL of {Path(model).name}", done, total)) if progress else None
         measured = perplexity(loaded.model, windows, config.batch_size, update)
@@ -59,10 +87,7 @@ class StepAdapters:
 
     @staticmethod
     def _calibration(config: "RecipeConfig") -> Any:
-        from llmprune.engine.pruning.analysis import CalibrationOptions
-
-        return CalibrationOptions(dataset=config.dataset, samples=config.calibration_samples, seq_len=config.seq_len,
-                                  batch_size=config.batch_size)
+        return calibration_options(config)
 
     def analyze(self, config: "RecipeConfig", out_dir: Path, progress: StageProgress | None = None) -> dict:
         """Layer importance on calibration samples, saved as a reusable JSON config in `out_dir`."""
@@ -72,10 +97,10 @@ class StepAdapters:
         prune = config.recipe.prune
         result = run_analyze(
             AnalyzeConfig(
-                model=config.model, importance_method=prune.importance, calibration=self._calibration(config),
+                importance_method=prune.importance, calibration=self._calibration(config),
                 plan=PlanOptions(ratio=prune.ratio, strategy=prune.strategy, alpha=prune.alpha,
                                  layer_start=prune.layer_start, layer_end=prune.layer_end),
-                prune_mlp=prune.prune_mlp, output=out_dir / DEFAULT_CONFIG_NAME, device=config.device, dtype=config.dtype,
+                prune_mlp=prune.prune_mlp, output=out_dir / DEFAULT_CONFIG_NAME, **vars(config.load_options()),
             ),
             progress=progress,
         )
@@ -85,18 +110,11 @@ class StepAdapters:
     def prune(self, config: "RecipeConfig", importance_config: str, ratio: float, out_dir: Path,
               progress: StageProgress | None = None) -> dict:
         """Prune the base model at `ratio` with the saved importance scores; save it to `out_dir`."""
-        from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
+        from llmprune.engine.pruning.pipeline import run_prune
 
-        prune = config.recipe.prune
-        result = run_prune(
-            PruneConfig(
-                model=config.model, ratio=ratio, prune_mlp=prune.prune_mlp, importance_config=Path(importance_config),
-                importance_method=prune.importance, calibration=self._calibration(config), strategy=prune.strategy,
-                alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end, out=out_dir,
-                log_dir=out_dir.parent / "prune_log", log_name="pruned", device=config.device, dtype=config.dtype,
-            ),
-            progress=progress,
-        )
+        prune_config = recipe_prune_config(config, importance_config, ratio, log_dir=out_dir.parent / "prune_log", log_name="pruned")
+        prune_config.out = out_dir
+        result = run_prune(prune_config, progress=progress)
         return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.removed_share,
                 "gqa": result.gqa_summary()}
 

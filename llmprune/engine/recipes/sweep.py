@@ -10,15 +10,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import atomic_write_json
-from llmprune.engine.recipes.registry import PipelineSettings, Recipe
+from llmprune.engine.core.progress import StageProgress, named_stage
+from llmprune.engine.recipes.config import PipelineSettings
+from llmprune.engine.recipes.registry import Recipe
 
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass(kw_only=True)
@@ -71,44 +71,33 @@ class SweepResult:
 
 
 def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> SweepResult:
-    """Analyse once, prune a copy of the base model at each ratio, measure each; saves sweep.json."""
-    from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.pruning.analysis import check_config_fits, plan_units, read_importance_config
-    from llmprune.engine.io.architecture import layer_shapes
-    from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
-    from llmprune.engine.core.device import choose_placement
-    from llmprune.engine.evaluate import perplexity
+    """Analyse once, prune a copy of the base model at each ratio exactly as the recipe's prune step does, measure each.
+
+    Each row goes through `run_prune` with the PruneConfig the recipe builds
+    (`steps.recipe_prune_config`), so a row predicts `recipe NAME --ratio r`.
+    Saves sweep.json (and each prune's run log under prune_log/).
+    """
+    from llmprune.engine.data import load_evaluation_windows
     from llmprune.engine.diagnose.health import ppl_verdict
-    from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.prune_model import prune_model
-    from llmprune.engine.recipes.steps import StepAdapters
+    from llmprune.engine.evaluate import perplexity
+    from llmprune.engine.pruning.pipeline import run_prune
+    from llmprune.engine.recipes.steps import StepAdapters, recipe_prune_config
 
     config.validate()
     start = time.perf_counter()
     run_dir = config.run_dir
     importance_path = config.importance_config or StepAdapters().analyze(config, run_dir, progress)["importance_config"]
-    importance = read_importance_config(importance_path)
-    loaded = load_model(config.model, placement=choose_placement(config.device, config.dtype))
-    shapes = layer_shapes(loaded.model)
-    check_config_fits(importance, shapes, config.model)
-    evaluation = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
-    calibration = load_calibration_windows(loaded.tokenizer, config.dataset, config.calibration_samples, config.seq_len)
-
-    def stage(name: str) -> Callable[[int, int], None] | None:
-        return (lambda done, total: progress(name, done, total)) if progress else None
-
-    base_ppl = perplexity(loaded.model, evaluation, config.batch_size, stage("PPL of the base model")).ppl
-    base_params = loaded.num_parameters
-    rows = [SweepRow(0.0, base_params, 0.0, base_ppl, 1.0, "reference")]
-    prune = config.recipe.prune
+    base = config.load_options().load()
+    evaluation = load_evaluation_windows(base.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
+    base_ppl = perplexity(base.model, evaluation, config.batch_size, named_stage(progress, "PPL of the base model")).ppl
+    rows = [SweepRow(0.0, base.num_parameters, 0.0, base_ppl, 1.0, "reference")]
     for ratio in sorted(set(config.ratios)):
-        plan = PlanOptions(ratio=ratio, strategy=prune.strategy, alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end)
-        _, units = plan_units(importance.scores, shapes, plan, "group", prune.prune_mlp, 1)
-        model = copy.deepcopy(loaded.model)  # every ratio starts from the same base weights
-        outcome = prune_model(model, units, calibration, batch_size=config.batch_size)
-        ppl = perplexity(model, evaluation, config.batch_size, stage(f"PPL at ratio {ratio:g}")).ppl
-        del model
-        rows.append(SweepRow(ratio, outcome.params_after, outcome.removed_share, ppl,
+        pruned = replace(base, model=copy.deepcopy(base.model))  # every ratio starts from the same base weights
+        prune_config = recipe_prune_config(config, importance_path, ratio, log_dir=run_dir / "prune_log", log_name=f"ratio-{ratio:g}")
+        result = run_prune(prune_config, progress, loaded=pruned)
+        ppl = perplexity(pruned.model, evaluation, config.batch_size, named_stage(progress, f"PPL at ratio {ratio:g}")).ppl
+        del pruned, result.loaded
+        rows.append(SweepRow(ratio, result.params_after, result.removed_share, ppl,
                              ppl / base_ppl if math.isfinite(ppl) else math.inf, ppl_verdict(ppl, base_ppl).label))
     result = SweepResult(model=config.model, rows=rows, importance_config=str(importance_path),
                          json_path=str(run_dir / "sweep.json"), seconds=time.perf_counter() - start)

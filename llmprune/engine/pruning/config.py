@@ -1,0 +1,135 @@
+"""What `llmprune prune` (and the recipe's prune step, and the sweep) is asked to do.
+
+Torch-free: the command line builds these before it imports the engine. Every
+default is set here or in `plan_options` (the plan's), nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.load_options import LoadOptions
+from llmprune.engine.pruning.plan_options import ATTENTION_UNITS, DEFAULT_RATIO, LAYER_METHODS
+
+COMPENSATIONS = ("none", "bias", "lstsq")
+DEFAULT_UNIT_IMPORTANCE = "fluctuation"
+DEFAULT_COMPENSATION = "lstsq"
+
+
+@dataclass
+class CalibrationOptions:
+    """Which text the importance is measured on."""
+
+    dataset: str = "wikitext2"
+    """Text source; its training split is used (never the test split)."""
+    samples: int = 50
+    """Number of calibration windows."""
+    seq_len: int = 128
+    """Tokens per calibration window."""
+    seed: int = 0
+    """Seed of the window positions."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+
+    def validate(self) -> None:
+        if self.samples < 1:
+            raise UserInputError(f"--importance-samples must be ≥ 1, got {self.samples}", "e.g. --importance-samples 50")
+        if self.seq_len < 2:
+            raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")
+        if self.batch_size < 1:
+            raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "e.g. --batch-size 8")
+
+
+@dataclass
+class PruneConfig(LoadOptions):
+    """What `llmprune prune` does. Plan options left at None come from --importance-config, else the defaults.
+
+    Which path runs (global / plan / streamed) is decided by `route.choose_path`.
+    """
+
+    ratio: float | None = None
+    """Mean fraction of the prunable units removed in the prunable layers (default DEFAULT_RATIO)."""
+    target_params: str | None = None
+    """Instead of ratio: the size to land on ('6.5B', '110M', or a fraction ≤ 1 of the model to keep)."""
+    prune_mlp: bool = False
+    """Also prune MLP channels on the plan path (the global path always considers them)."""
+    attn_unit: str = "group"
+    """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group (plan path)."""
+    unit_importance: str = DEFAULT_UNIT_IMPORTANCE
+    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: fluctuation | activation | magnitude)."""
+    allocation: str | None = None
+    """global | plan; None: global unless a plan option is given (route.choose_path)."""
+    compensation_kind: str = DEFAULT_COMPENSATION
+    """After each layer's cut: lstsq (refit o_proj/down_proj and their biases on calibration inputs) |
+    bias (fold the removed units' mean output into the bias) | none."""
+    stream: bool | None = None
+    """Layer-streamed pruning (streaming.StreamedLayers): weights stay on disk, one layer at a time in memory.
+    None: automatically when the model would not fit the device (a safetensors directory or the alias)."""
+    drop_layers: int = 0
+    """Depth pruning: remove this many whole layers (least block influence) before cutting units (global path)."""
+    round_to: int = 1
+    """MLP widths are rounded to a multiple of this (plan path)."""
+    uniform: bool = False
+    """Same shape in every layer (no protected layers) and a stock Llama config on save (plan path)."""
+    importance_config: Path | None = None
+    """A layer_importance_config.json from `analyze`: reuse its scores (and plan options as defaults)."""
+    importance_method: str | None = None
+    """Layer importance when no config is given (plan path): removal (default) | block-influence | taylor."""
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    """Calibration text (training split) for layer and unit importance."""
+    strategy: str | None = None
+    alpha: float | None = None
+    min_rate: float | None = None
+    max_rate: float | None = None
+    layer_start: int | None = None
+    layer_end: int | None = None
+    test_after_prune: bool = False
+    """Measure perplexity before and after."""
+    eval_dataset: str = "wikitext2"
+    """Text for that perplexity (its evaluation/test split)."""
+    eval_seq_len: int = 128
+    max_windows: int | None = 256
+    eval_batch_size: int = 8
+    save_model: bool = False
+    """Save the pruned model (into the run's log folder unless `out` is given)."""
+    out: Path | None = None
+    """Save the pruned model here."""
+    log_dir: Path = Path("prune_log")
+    save_ckpt_log_name: str | None = None
+    """Run folder name under log_dir (default: from the model name)."""
+    compensation: Callable[..., Any] | None = None
+    """Python API only: the per-layer compensation step (see layer_pass.CompensationContext); selects the plan path."""
+
+    @property
+    def resolved_ratio(self) -> float:
+        return DEFAULT_RATIO if self.ratio is None else self.ratio
+
+    def validate(self) -> None:
+        """Values on their own; which options fit together is `route.choose_path`'s job."""
+        from llmprune.engine.data import check_window_options
+
+        if self.ratio is not None and self.target_params is not None:
+            raise UserInputError("--ratio and --target-params were both given", "give one of them")
+        if self.ratio is not None and (math.isnan(self.ratio) or not (0 <= self.ratio < 1)):
+            raise UserInputError(f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units")
+        if self.attn_unit not in ATTENTION_UNITS:
+            raise UserInputError(f"unknown --attn-unit '{self.attn_unit}'", f"use one of {', '.join(ATTENTION_UNITS)}")
+        if self.importance_method is not None and self.importance_method not in LAYER_METHODS:
+            raise UserInputError(f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}")
+        if self.allocation is not None and self.allocation not in ("global", "plan"):
+            raise UserInputError(f"unknown --allocation '{self.allocation}'", "use one of global, plan")
+        if self.compensation_kind not in COMPENSATIONS:
+            raise UserInputError(f"unknown --compensation '{self.compensation_kind}'", f"use one of {', '.join(COMPENSATIONS)}")
+        if self.drop_layers < 0:
+            raise UserInputError(f"--drop-layers must be ≥ 0, got {self.drop_layers}", "e.g. --drop-layers 4")
+        if self.round_to < 1:
+            raise UserInputError(f"--round-to must be ≥ 1, got {self.round_to}", "e.g. --round-to 8 or 64")
+        self.calibration.validate()
+        if self.test_after_prune:
+            check_window_options(self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len")
+        if self.out is not None and Path(self.out).is_file():
+            raise UserInputError(f"--out {self.out} is a file", "name a folder for the pruned model")

@@ -1,0 +1,166 @@
+"""The one pruning pass: every layer, in order, cut to its plan on the inputs it really receives, then compensated.
+
+The model is walked with a `layer_store.LayerStore` (in memory or streamed
+from disk): the calibration hidden states entering layer i are held (one
+tensor, windows × seq_len × hidden), layer i is pruned on *those* inputs, so
+it sees what earlier pruning did, and its output becomes the input of layer
+i+1. Per layer:
+
+1. attention: record the inputs of o_proj (its columns are the query heads of
+   each KV group), keep the best-scoring KV groups (or the same number of
+   query heads in every group), compensate o_proj;
+2. MLP: run the (already pruned) attention, record the inputs of down_proj,
+   keep the best MLP channels, compensate down_proj;
+3. run the pruned layer to get the next layer's inputs.
+
+Scores come from `unit_scores.UNIT_SCORES`, compensation from
+`reconstruction`; the global path, the plan path (`prune_model`) and the
+streamed path all prune through `prune_layers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from llmprune.engine.core.progress import StageProgress
+from llmprune.engine.pruning import compensation as comp
+from llmprune.engine.pruning.layer_store import LayerRunner, LayerStore
+from llmprune.engine.pruning.reconstruction import Compensation, CompensationContext, compensation_step, ensure_bias
+from llmprune.engine.pruning.surgery import attention_counts, prune_kv_groups, prune_mlp_channels, prune_query_heads
+from llmprune.engine.pruning.unit_scores import UnitScore, get_unit_score, top_units
+
+
+@dataclass
+class LayerPlan:
+    """How many units of one layer survive."""
+
+    keep_groups: int
+    keep_channels: int
+    keep_heads_per_group: int | None = None  # query heads kept in every group (None: whole groups only)
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer."""
+
+    index: int
+    kept_groups: list[int]
+    kept_channels: int
+    groups_before: int
+    channels_before: int
+    kept_channel_indices: list[int] | None = None  # None: every channel kept
+    kept_query_heads: list[int] | None = None  # original indices; None: attention untouched
+    compensation: dict[str, str] = field(default_factory=dict)  # projection -> what really ran (lstsq may fall back)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _OneLayer:
+    """Cutting and compensating one layer (its attention, then its MLP)."""
+
+    def __init__(self, index: int, layer: nn.Module, runner: LayerRunner | None, score: UnitScore,
+                 step: Compensation | None, damping: float):
+        self.index, self.layer, self.runner, self.score, self.step, self.damping = index, layer, runner, score, step, damping
+        _, kv_heads, _ = attention_counts(layer)
+        channels = layer.mlp.down_proj.in_features
+        self.report = LayerReport(index, list(range(kv_heads)), channels, kv_heads, channels)
+
+    def _record(self, linear: nn.Linear, width: int, hidden: torch.Tensor | None, block) -> comp.InputStatistics | None:
+        """Statistics of `linear`'s inputs while `block` runs the dense layer (None without calibration data)."""
+        if hidden is None:
+            return None
+        gram = self.score.needs_gram(width) or bool(getattr(self.step, "needs_gram", False))
+        with comp.record_inputs(linear, gram=gram) as stats:
+            block(self.layer, hidden)
+        return stats
+
+    def _compensate(self, projection: str, linear: nn.Linear, dense: tuple, stats, keep_columns: list[int]) -> None:
+        if self.step is None:
+            return
+        context = CompensationContext(self.index, self.layer, projection, linear, dense[0], dense[1], stats, keep_columns, self.damping)
+        self.report.compensation[projection] = self.step(context)
+
+    @staticmethod
+    def _dense(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return linear.weight.data.clone(), None if linear.bias is None else linear.bias.data.clone()
+
+    def attention(self, plan: LayerPlan, hidden: torch.Tensor | None) -> bool:
+        heads, kv_heads, head_dim = attention_counts(self.layer)
+        per_group = heads // kv_heads
+        by_query = plan.keep_heads_per_group is not None and plan.keep_heads_per_group < per_group
+        if plan.keep_groups >= kv_heads and not by_query:
+            return False
+        o_proj = self.layer.self_attn.o_proj
+        stats = self._record(o_proj, head_dim if by_query else per_group * head_dim, hidden, self.runner and self.runner.attention_block)
+        dense = self._dense(o_proj)
+        if by_query:
+            scores = self.score.query_heads(self.layer, stats)
+            keep = [top_units(scores[g], plan.keep_heads_per_group) for g in range(kv_heads)]
+            prune_query_heads(self.layer, keep)
+            kept_heads = [g * per_group + j for g in range(kv_heads) for j in keep[g]]
+        else:
+            groups = top_units(self.score.kv_groups(self.layer, stats), plan.keep_groups)
+            prune_kv_groups(self.layer, groups)
+            kept_heads = [g * per_group + j for g in groups for j in range(per_group)]
+            self.report.kept_groups = groups
+        self.report.kept_query_heads = kept_heads
+        columns = [h * head_dim + d for h in kept_heads for d in range(head_dim)]
+        self._compensate("o_proj", self.layer.self_attn.o_proj, dense, stats, columns)
+        return True
+
+    def mlp(self, plan: LayerPlan, middle: torch.Tensor | None) -> bool:
+        down_proj = self.layer.mlp.down_proj
+        if plan.keep_channels >= down_proj.in_features:
+            return False
+        stats = self._record(down_proj, 1, middle, self.runner and self.runner.mlp_block)
+        keep = top_units(self.score.mlp_channels(self.layer, stats), plan.keep_channels)
+        dense = self._dense(down_proj)
+        prune_mlp_channels(self.layer, keep)
+        self._compensate("down_proj", self.layer.mlp.down_proj, dense, stats, keep)
+        self.report.kept_channels, self.report.kept_channel_indices = len(keep), keep
+        return True
+
+
+@torch.no_grad()
+def prune_layers(
+    store: LayerStore,
+    ids: torch.Tensor | None,
+    runner: LayerRunner | None,
+    plans: Sequence[LayerPlan],
+    unit_score: str = "fluctuation",
+    compensation: str | Compensation | None = "bias",
+    damping: float = 1e-3,
+    progress: StageProgress | None = None,
+) -> list[LayerReport]:
+    """Prune every layer to its plan, in order, on the calibration inputs it really receives.
+
+    `ids` (calibration windows) may be None only for a data-free score with no compensation.
+    """
+    score = get_unit_score(unit_score)
+    step = compensation_step(compensation)
+    if ids is None and (score.needs_statistics or step is not None):
+        raise ValueError(f"unit score '{score.name}' (or compensation) needs calibration windows")
+    hidden = store.embed(ids) if ids is not None else None
+    reports = []
+    for index, plan in enumerate(plans):
+        layer = store.load(index)
+        one = _OneLayer(index, layer, runner, score, step, damping)
+        changed = step is not None
+        if step is not None:
+            ensure_bias(layer.self_attn.o_proj)
+            ensure_bias(layer.mlp.down_proj)
+        changed |= one.attention(plan, hidden)
+        middle = runner.attention_block(layer, hidden) if hidden is not None else None
+        hidden = None  # the layer's input is not needed any more: one set of hidden states less at the peak
+        changed |= one.mlp(plan, middle)
+        hidden = runner.mlp_block(layer, middle) if middle is not None else None
+        reports.append(one.report)
+        store.release(index, layer, changed=changed)
+        if progress:
+            progress("prune", index + 1, len(plans))
+    return reports

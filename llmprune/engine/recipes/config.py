@@ -1,0 +1,103 @@
+"""What a recipe run (and a ratio sweep) is asked to do: the settings besides the recipe itself.
+
+Kept apart from the runner so that the steps and the report can read the
+config without importing the runner that calls them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.load_options import LoadOptions
+from llmprune.engine.recipes.registry import Recipe
+
+# run-directory entries written by the steps (a --restart removes exactly these)
+OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "state.json", "report.json", "report.txt")
+
+
+@dataclass(kw_only=True)
+class PipelineSettings(LoadOptions):
+    """What a recipe run (or a ratio sweep) needs besides the recipe: the model (LoadOptions), the text and the budget."""
+
+    out: str = "llmprune-runs"
+    """Folder that holds the run directories."""
+    dataset: str = "wikitext2"
+    """Calibration and training text (its training split)."""
+    eval_dataset: str = "wikitext2"
+    """Evaluation text (its test split)."""
+    seq_len: int = 256
+    """Tokens per window, for calibration, evaluation and training."""
+    calibration_samples: int = 32
+    """Calibration windows (layer importance and the choice of units)."""
+    eval_windows: int | None = 64
+    """Evaluation windows per PPL (None: the whole split)."""
+    batch_size: int = 8
+    """Windows per forward pass when measuring."""
+
+    def model_stem(self) -> str:
+        """The model's name as a folder name: smollm2-135m, or a directory's/file's own name."""
+        stem = Path(self.model.rstrip("/")).name.removesuffix(".gguf") or "model"
+        return re.sub(r"[^\w.+-]+", "-", stem).strip("-") or "model"
+
+    def validate_budget(self) -> None:
+        def need(condition: bool, problem: str, hint: str) -> None:
+            if not condition:
+                raise UserInputError(problem, hint)
+
+        need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
+        for option, value in (("--importance-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
+            need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
+        need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "use e.g. 64")
+
+
+@dataclass(kw_only=True)
+class RecipeConfig(PipelineSettings):
+    """What `llmprune recipe NAME` does: a recipe (with overrides), the model, the text and the budget."""
+
+    recipe: Recipe
+    """The recipe with any overridden values already applied."""
+    name: str | None = None
+    """Run directory name under `out` (default: <model>-<recipe>-<ratio %>)."""
+    skip_finetune: bool = False
+    """Stop after the gate (the pruned model is the result)."""
+    auto_retreat: bool = False
+    """When the gate fails, re-prune at a lower ratio instead of stopping."""
+    retreat_step: float = 0.05
+    """How much lower each retreat prunes."""
+    min_ratio: float = 0.05
+    """The auto-retreat gives up below this ratio."""
+    restart: bool = False
+    """Discard a previous run in the same directory instead of resuming it."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out).expanduser() / (self.name or f"{self.model_stem()}-{self.recipe.name}-{self.recipe.prune.ratio * 100:g}")
+
+    def settings(self) -> dict:
+        """The values that decide the run's outputs: a rerun resumes only when they are unchanged.
+
+        Left out on purpose: skip_finetune and auto_retreat (rerunning without them continues
+        the run), restart, and the device (a run may be resumed on another machine).
+        """
+        keep = ("model", "dataset", "eval_dataset", "seq_len", "calibration_samples", "eval_windows", "batch_size",
+                "retreat_step", "min_ratio")
+        return {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+
+    def validate(self) -> None:
+        def need(condition: bool, problem: str, hint: str) -> None:
+            if not condition:
+                raise UserInputError(problem, hint)
+
+        self.validate_budget()
+        prune, finetune = self.recipe.prune, self.recipe.finetune
+        need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
+        need(finetune.lr > 0, f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
+        for option, value in (("--epochs", finetune.epochs), ("--samples", finetune.samples), ("--grad-accum", finetune.grad_accum)):
+            need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
+        need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")
+        need(0 < self.min_ratio <= prune.ratio, f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}", "use e.g. 0.05")
+        if self.name is not None:
+            need(bool(re.fullmatch(r"[\w.+-]+", self.name)), f"--name '{self.name}' is not a plain folder name", "use letters, digits, - _ . +")
