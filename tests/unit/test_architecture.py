@@ -22,12 +22,6 @@ from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "llmprune"
 UI_LIBRARIES = ("typer", "click", "rich", "textual")
-# Cycles known on main and being removed with the one pruning core (issue 11, items 1-3); a cycle made only
-# of modules of one of these sets is tolerated until then, any other cycle fails. Delete an entry once it is gone.
-PENDING_CYCLES = [
-    {"llmprune.engine.pruning.analysis", "llmprune.engine.pruning.pipeline"},
-    {"llmprune.engine.recipes.report", "llmprune.engine.recipes.runner", "llmprune.engine.recipes.steps"},
-]
 
 
 def _module_name(path: Path) -> str:
@@ -105,8 +99,7 @@ def test_the_graph_sees_lazy_and_relative_imports():
 
 
 def test_no_import_cycle_anywhere_in_llmprune():
-    cycles = find_cycles(import_graph())
-    assert [cycle for cycle in cycles if not any(set(cycle) <= pending for pending in PENDING_CYCLES)] == []
+    assert find_cycles(import_graph()) == []
 
 
 def test_no_cycle_between_the_engines_packages():
