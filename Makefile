@@ -26,7 +26,7 @@ demo: install
 	# the main job: prune the embedded model 20 % (attention groups), check it, fine-tune it, report; a small budget for a CPU
 	$(VENV)/bin/llmprune recipe attn-only --model smollm2-135m \
 	    --dataset ../shared/data/wikitext-2/wiki.valid.tokens --eval-dataset ../shared/data/wikitext-2-raw/wiki.test.raw \
-	    --seq-len 128 --calibration-samples 4 --eval-windows 16 --batch-size 8 --samples 16 --epochs 1 --no-tui
+	    --seq-len 128 --importance-samples 4 --eval-windows 16 --batch-size 8 --samples 16 --epochs 1 --no-tui
 
 # completion scripts generated from the app (a test fails when they are stale)
 completions: install
