@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/llmprune-recovery"))
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "recovery.json")
+    parser.add_argument("--note", default="", help="a sentence appended to the results notes (e.g. why the budget was cut)")
     return parser.parse_args()
 
 
@@ -150,42 +151,32 @@ def main() -> None:
 def write_results(args: argparse.Namespace, state: State, prune_command: str) -> None:
     before = {name: state.get(f"{name}/none|eval{args.eval_windows}") for name in ("dense", "pruned")}
     after = {arm: state.get(arm_key(arm, args)) for arm in ARMS}
-    dense_ce = after["dense/CE"]
     rows = []
 
-    def row(model: str, tune: str, measured: dict | None, reference: dict | None) -> None:
+    def row(model: str, tune: str, measured: dict | None, same_budget: dict | None) -> None:
         if measured is None:
             return
-        ratios = [round(measured[t] / reference[t], 3) if reference else None for t in TEXTS]
-        rows.append([model, tune, round(measured["wiki"], 2), round(measured["pydoc"], 2), *ratios,
-                     round(measured["seconds"]) if "seconds" in measured else None])
+        ratios = [_ratio(measured, reference, text) for reference in (same_budget, before["dense"]) for text in TEXTS]
+        rows.append([model, tune, round(measured["wiki"], 2), round(measured["pydoc"], 2), *ratios, _seconds(measured)])
 
     row("dense", "none", before["dense"], before["dense"])
-    row("dense", "CE", dense_ce, dense_ce)
+    row("dense", "CE", after["dense/CE"], after["dense/CE"])
     row("pruned 20 %", "none", before["pruned"], before["dense"])
-    row("pruned 20 %", "CE", after["pruned/CE"], dense_ce)
-    row("pruned 20 %", "KD", after["pruned/KD"], dense_ce)
+    row("pruned 20 %", "CE", after["pruned/CE"], after["dense/CE"])
+    # distilling the dense model from itself leaves it as it is: its "same fine-tune" is no fine-tune
+    row("pruned 20 %", "KD", after["pruned/KD"], before["dense"])
     tokens = args.steps * args.batch_size * args.seq_len
-    kd = f"T={args.kd_temperature:g}, KD weight {args.kd_weight:g}" + (f", top {args.kd_top_k} logits" if args.kd_top_k else "")
     results = {
         "title": "Recovery after pruning: CE vs. distillation at equal tokens, next to the dense model",
         "command": "nice -n 5 .venv/bin/python " + shlex.join(["benchmarks/recovery.py", *sys.argv[1:]]),
         "prune_command": prune_command,
         "machine": "2-core CPU, 24 GiB",
         "date": date.today().isoformat(),
-        "notes": (
-            f"SmolLM2-135M-Instruct and its default 20 % prune (107.6 M parameters). Every fine-tune: {args.steps} steps x "
-            f"{args.batch_size} x {args.seq_len} tokens = {tokens:,} tokens of wikitext-2 *validation* (the same windows for every arm), "
-            f"AdamW lr {args.lr:g}, {args.warmup_steps} warm-up steps then cosine, full fine-tune in fp32. KD: `--teacher smollm2-135m` "
-            f"({kd}). PPL at seq_len {args.seq_len} over the first {args.eval_windows} windows of wikitext-2 *test* and of CPython's "
-            "`pydoc_data.topics` (neither is seen in calibration or training). The ratio columns divide by the dense model after the "
-            "same fine-tune budget: the untouched dense model for the rows without fine-tuning, the CE-fine-tuned dense model for "
-            "the CE and KD rows (distilling the dense model from itself would leave it unchanged). Seconds: the fine-tune only, on a "
-            "CPU shared with other jobs."
-        ),
+        "notes": _notes(args, tokens),
         "tables": [{
-            "caption": f"PPL before and after {tokens:,}-token fine-tunes (lower is better)",
-            "columns": ["model", "fine-tune", "wiki-2 test PPL", "pydoc PPL", "x dense (wiki)", "x dense (pydoc)", "seconds"],
+            "caption": f"PPL before and after {tokens:,}-token fine-tunes (lower is better); x dense: PPL / dense PPL",
+            "columns": ["model", "fine-tune", "wiki-2 test PPL", "pydoc PPL", "x dense, same fine-tune (wiki)",
+                        "x dense, same fine-tune (pydoc)", "x untouched dense (wiki)", "x untouched dense (pydoc)", "fine-tune seconds"],
             "rows": rows,
         }],
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -197,6 +188,28 @@ def write_results(args: argparse.Namespace, state: State, prune_command: str) ->
     for r in rows:
         print(" | ".join("—" if v is None else str(v) for v in r))
     print(f"wrote {args.output}")
+
+
+def _ratio(measured: dict, reference: dict | None, text: str) -> float | None:
+    return round(measured[text] / reference[text], 3) if reference else None
+
+
+def _seconds(measured: dict) -> int | None:
+    return round(measured["seconds"]) if "seconds" in measured else None
+
+
+def _notes(args: argparse.Namespace, tokens: int) -> str:
+    kd = f"T={args.kd_temperature:g}, KD weight {args.kd_weight:g}" + (f", top {args.kd_top_k} logits" if args.kd_top_k else "")
+    return (
+        f"SmolLM2-135M-Instruct and its default 20 % prune (107.6 M parameters). Every fine-tune: {args.steps} steps x "
+        f"{args.batch_size} x {args.seq_len} tokens = {tokens:,} tokens of wikitext-2 *validation* (the same windows for every "
+        f"arm), AdamW lr {args.lr:g}, {args.warmup_steps} warm-up steps then cosine, full fine-tune in fp32. KD: `--teacher "
+        f"smollm2-135m` ({kd}). PPL at seq_len {args.seq_len} over the first {args.eval_windows} windows of wikitext-2 *test* "
+        "and of CPython's `pydoc_data.topics` (neither is seen in calibration or training). \"x dense, same fine-tune\" divides "
+        "by the dense model after the same budget: the CE-fine-tuned dense model for the CE rows, the untouched dense model for "
+        "the rows without fine-tuning and for KD (distilling the dense model from itself leaves it unchanged). Seconds: the "
+        "fine-tune only, on a 2-core CPU shared with other jobs." + (f" {args.note}" if args.note else "")
+    )
 
 
 if __name__ == "__main__":

@@ -134,6 +134,12 @@ def test_uniform_cli_export_has_one_shape(tiny_model_dir, pydoc_text_file, tmp_p
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and "layer_shapes" not in config
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (4, 1, 64)
+    # compensation biases make the stock config demand zero sibling biases: the report counts what transformers counts
+    from transformers import AutoModelForCausalLM
+
+    assert config["attention_bias"] and config["mlp_bias"]
+    counted = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(out)).parameters())
+    assert json.loads(result.stdout)["params_after"] == counted == json.loads((out / "llmprune.json").read_text())["num_parameters"]
 
 
 def test_analyze_then_prune_reuses_the_scores(tiny_model_dir, pydoc_text_file, tmp_path):

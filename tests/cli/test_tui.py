@@ -152,3 +152,23 @@ def test_when_the_dashboard_closes_early_the_fallback_takes_over_with_the_run_fr
         Dashboard.on_mount = original_mount
     # the fallback saw every event (and the frame of the run first)
     assert isinstance(received[0], Started) and sum(isinstance(e, StepMetrics) for e in received) == 6
+
+
+def test_the_dashboard_shows_the_kd_and_lm_parts_and_the_teacher(tmp_path):
+    from llmprune.ui.tui import DashboardState, MetricsFollower
+
+    state = DashboardState()
+    state.apply(RunStarted("/runs/kd", "full", 10, 0, 1, 256, 1000, 1000, "cpu", teacher="smollm2-135m (T=1, KD weight 0.5)"))
+    state.apply(StepMetrics(1, 1, 2.25, 1e-4, 0.5, 512.0, lm_loss=3.5, kd_loss=1.0))
+    text = str(state.stats_text())
+    assert "KD loss 1.0000" in text and "LM loss 3.5000" in text and "teacher: smollm2-135m (T=1, KD weight 0.5)" in text
+    plain = DashboardState()
+    plain.apply(StepMetrics(1, 1, 2.25, 1e-4, 0.5, 512.0))
+    assert "KD loss" not in str(plain.stats_text())
+    # watch mode reads the parts back from metrics.jsonl and the teacher from run.json
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"method": "full", "teacher": "smollm2-135m"}, "total_steps": 10, "status": "running"}))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(StepMetrics(1, 1, 2.25, 1e-4, 0.5, 512.0, lm_loss=3.5, kd_loss=1.0).to_dict()) + "\n")
+    watched = DashboardState()
+    for event in MetricsFollower(tmp_path).poll():
+        watched.apply(event)
+    assert (watched.kd_loss, watched.lm_loss, watched.teacher) == (1.0, 3.5, "smollm2-135m")

@@ -173,3 +173,24 @@ def test_cli_export_json_and_bad_input(tiny_model_dir, tmp_path):
     assert payload["architecture"] == "llama" and payload["path"] == str(out) and out.is_file()
     bad = runner.invoke(app, ["export", str(tiny_model_dir), "--gguf", str(tmp_path / "x.bin")])
     assert bad.exit_code == 2 and ".gguf" in bad.output
+
+
+def test_recipe_export_gguf_writes_the_final_model_as_the_last_step(tiny_model_dir, pydoc_text_file, tmp_path):
+    from llmprune.cli.app import app
+
+    args = ["recipe", "safe", "--model", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--eval-dataset", str(pydoc_text_file),
+            "--out", str(tmp_path), "--ratio", "0.3", "--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4",
+            "--batch-size", "4", "--skip-finetune", "--export", "gguf", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / f"{tiny_model_dir.name}-safe-30"
+    state = json.loads((run_dir / "state.json").read_text())
+    exported = state["steps"]["export"]["result"]
+    assert exported["gguf"] == str(run_dir / "model.gguf")
+    reader = gguf.GGUFReader(str(run_dir / "model.gguf"))
+    pruned_heads = json.loads((run_dir / "pruned" / "llmprune.json").read_text())["layer_shapes"]
+    arch = _fields(reader)["general.architecture"]
+    heads = _fields(reader)[f"{arch}.attention.head_count"]
+    assert (heads if isinstance(heads, list) else [heads] * 4) == [shape["num_attention_heads"] for shape in pruned_heads]
+    bad = CliRunner().invoke(app, [*args[:-3], "--export", "onnx"])
+    assert bad.exit_code == 2 and "--export" in bad.output

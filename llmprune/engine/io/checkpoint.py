@@ -53,6 +53,17 @@ def _make_stock_compatible(model: nn.Module, shape: LayerShape) -> None:
                 _add_zero_bias(proj)
 
 
+def make_stock_compatible(model: nn.Module) -> None:
+    """Give a uniform model the zero sibling biases its stock config will demand (no-op otherwise).
+
+    Done before counting parameters, so that reports count what transformers
+    counts in the saved folder.
+    """
+    shapes = layer_shapes(model)
+    if is_uniform(shapes):
+        _make_stock_compatible(model, shapes[0])
+
+
 def describe_shapes(config: Any, shapes: list[LayerShape]) -> None:
     """Make `config` describe these per-layer shapes: stock fields if uniform, else layer_shapes + auto_map.
 
@@ -91,9 +102,8 @@ def provenance_record(shapes: list[LayerShape], num_parameters: int, provenance:
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict | None = None) -> Path:
     """Write `model` (pruned or not) so that it reloads anywhere; returns the directory."""
     out_dir = Path(out_dir)
+    make_stock_compatible(model)
     shapes = layer_shapes(model)
-    if is_uniform(shapes):
-        _make_stock_compatible(model, shapes[0])
     describe_shapes(model.config, shapes)
     record = provenance_record(shapes, sum(p.numel() for p in model.parameters()), provenance)
     with atomic_directory(out_dir) as staging:

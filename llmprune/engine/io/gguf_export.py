@@ -219,6 +219,9 @@ def export_gguf(config: ExportConfig, progress: ProgressCallback | None = None) 
             if progress:
                 progress(done, len(entries))
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o666 & ~umask)  # mkstemp's file is private; the export is an ordinary file
         os.replace(staging, out)
     except BaseException:
         Path(staging).unlink(missing_ok=True)

@@ -9,7 +9,8 @@ Accepted specs:
   or `base_model` naming the architecture (per-layer shapes are read from the
   tensors, so pruned state dicts load too);
 - a whole pickled module (LLM-Pruner's {'model', 'tokenizer'}) only with
-  `trust_pickle=True`, because unpickling runs arbitrary code;
+  `trust_pickle=True`, because unpickling runs arbitrary code; its own config,
+  tokenizer and (in-place shrunk) per-layer shapes are used, no base_model;
 - a Hugging Face hub id (`owner/name`), from the local cache when offline.
 """
 
@@ -20,7 +21,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from torch import nn
 
 from llmprune.engine.io.architecture import LayerShape, apply_layer_shapes, require_llama_style
 from llmprune.engine.core.hub import hub_reachable
+from llmprune.engine.io.checkpoint_file import load_checkpoint, normalise_key, state_dict_of, whole_module
 from llmprune.engine.io.checkpoint import model_class_for, read_provenance
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
@@ -162,49 +163,23 @@ def _load_tokenizer(source: str | Path, **kwargs: Any) -> Any:
         return None
 
 
-def _read_state_dict(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], Any]:
-    """Tensors from a state-dict file; (state_dict, tokenizer-or-None)."""
-    if path.stat().st_size == 0:
-        raise UserInputError(f"{path} is empty", "re-save or re-download the checkpoint")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _rebuild_pickled_module(module: nn.Module, path: Path) -> nn.Module:
+    """A fresh model of the installed transformers from a pickled module's own config and tensors.
 
-        try:
-            return load_file(str(path)), None
-        except Exception as error:
-            raise UserInputError(f"{path} is not a readable safetensors file ({error})", "the file is truncated or corrupt: re-save it") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights_only" not in str(error) and "Unsupported global" not in str(error):
-            raise UserInputError(f"{path} is not a readable PyTorch checkpoint", "the file is truncated or corrupt") from None
-        if not trust_pickle:
-            raise UserInputError(
-                f"{path} holds pickled Python objects (a whole module, as LLM-Pruner saves), and unpickling can run arbitrary code",
-                "if you trust its origin, pass --trust-pickle",
-            ) from None
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as error:  # a damaged pickle fails in many ways (IndexError, KeyError, EOFError, ...)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserInputError(f"{path} is not a readable PyTorch checkpoint ({reason})", "the file is truncated or corrupt") from None
-    tokenizer = None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], nn.Module):
-        tokenizer = obj.get("tokenizer")
-        obj = obj["model"]
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserInputError(f"{path} does not contain a state dict of tensors", "save the model with model.state_dict()")
-    return {_normalise_key(k): v for k, v in obj.items()}, tokenizer
+    LLM-Pruner shrinks layers in place and leaves the config describing the
+    original model; the per-layer shapes are read from the tensors. Rebuilding
+    (rather than using the unpickled object) also survives a pickle made with
+    another transformers version, whose modules lack attributes forward now reads.
+    """
+    from transformers import AutoConfig
 
+    config_dict = dict(module.config.to_dict())
+    for stale in ("_name_or_path", "layer_shapes", "auto_map", "quantization_config", "transformers_version"):
+        config_dict.pop(stale, None)
+    config = AutoConfig.for_model(**config_dict)
+    state_dict = {normalise_key(k): v for k, v in module.state_dict().items()}
+    return _build_from_state_dict(state_dict, config, path)
 
-def _normalise_key(key: str) -> str:
-    for prefix in ("module.", "base_model.model."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
 
 
 def infer_layer_shapes(state_dict: dict[str, torch.Tensor], config: Any) -> list[LayerShape]:
@@ -288,6 +263,33 @@ def _build_from_state_dict(
     return model
 
 
+def _load_checkpoint_file(path: Path, base_model: str | None, trust_pickle: bool) -> tuple[nn.Module, Any, str]:
+    """(model, tokenizer, kind) from a .safetensors/.bin/.pt file.
+
+    A pickled module carries its own config (and LLM-Pruner's dict its
+    tokenizer): no --base-model needed. A state dict is read against
+    --base-model, else a config.json beside it.
+    """
+    checkpoint = load_checkpoint(path, trust_pickle)
+    whole = whole_module(checkpoint)
+    if whole is not None:
+        module, tokenizer = whole
+        if tokenizer is None and base_model:
+            tokenizer = _load_tokenizer(resolve_config(base_model)[1])
+        return _rebuild_pickled_module(module, path), tokenizer, "pickle"
+    state_dict = state_dict_of(checkpoint, path)
+    if base_model:
+        config, tokenizer_source = resolve_config(base_model)
+    elif (path.parent / "config.json").is_file():
+        config, tokenizer_source = resolve_config(str(path.parent))
+    else:
+        raise UserInputError(
+            f"{path} holds only weights and there is no config.json beside it",
+            "pass --base-model naming the architecture (a model directory, hub id or smollm2-135m)",
+        )
+    return _build_from_state_dict(state_dict, config, path), _load_tokenizer(tokenizer_source), "state_dict"
+
+
 def _offline_error(hub_id: str) -> UserInputError:
     return UserInputError(
         f"'{hub_id}' is not in the local Hugging Face cache and the Hub cannot be reached",
@@ -347,19 +349,8 @@ def load_model(
         kind, source = "gguf", path
         model, tokenizer = _load_directory(convert_gguf(path), placement)
     elif path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
-        state_dict, pickled_tokenizer = _read_state_dict(path, trust_pickle)
-        kind, source = ("pickle" if pickled_tokenizer is not None else "state_dict"), path
-        if base_model:
-            config, tokenizer_source = resolve_config(base_model)
-        elif (path.parent / "config.json").is_file():
-            config, tokenizer_source = resolve_config(str(path.parent))
-        else:
-            raise UserInputError(
-                f"{path} holds only weights and there is no config.json beside it",
-                "pass --base-model naming the architecture (a model directory, hub id or smollm2-135m)",
-            )
-        model = _build_from_state_dict(state_dict, config, path)
-        tokenizer = pickled_tokenizer or _load_tokenizer(tokenizer_source)
+        source = path
+        model, tokenizer, kind = _load_checkpoint_file(path, base_model, trust_pickle)
         model = model.to(placement.dtype)
     elif path.exists():
         raise UserInputError(f"{path} is not a model file", "use a model directory or a .gguf, .safetensors, .bin or .pt file")

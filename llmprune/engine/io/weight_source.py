@@ -17,7 +17,8 @@ import torch
 
 from llmprune.engine.io.checkpoint import read_provenance
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.io.models import ALIASES, LoadedModel, _normalise_key, _read_state_dict, alias_path, convert_gguf, load_model, resolve_config
+from llmprune.engine.io.checkpoint_file import holds_whole_module, normalise_key, read_state_dict
+from llmprune.engine.io.models import ALIASES, LoadedModel, alias_path, convert_gguf, load_model, resolve_config
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -30,7 +31,7 @@ class WeightSource:
     architecture they were pruned from) or "none" (no config found).
     """
 
-    kind: str  # alias | gguf | directory | llmprune | safetensors | state_dict | hub
+    kind: str  # alias | gguf | directory | llmprune | safetensors | state_dict | pickle | hub
     source: str
     files: list[Path] = field(default_factory=list)
     config: dict | None = None
@@ -86,6 +87,10 @@ def locate_weights(spec: str, *, base_model: str | None = None, trust_pickle: bo
         raise UserInputError(f"{path} is empty", "re-save or re-download the checkpoint")
     if path.is_file() and path.suffix == ".gguf":
         return _directory_source(convert_gguf(path), "gguf", str(path))
+    if path.is_file() and path.suffix in _PICKLE_SUFFIXES and trust_pickle and holds_whole_module(path):
+        # a pickled module (LLM-Pruner's): its own config describes it, its tensors give each layer's shape
+        loaded = load_model(spec, base_model=base_model, trust_pickle=True, placement=placement)
+        return WeightSource("pickle", str(path), [], loaded.model.config.to_dict(), "weights", "the pickled module's config", {}, loaded)
     if path.is_file() and path.suffix in (".safetensors", *_PICKLE_SUFFIXES):
         config, origin = _base_config(path, base_model)
         kind = "safetensors" if path.suffix == ".safetensors" else "state_dict"
@@ -106,7 +111,7 @@ def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise UserInputError(f"{path} is not a readable safetensors file ({error})", "the file is truncated or corrupt: re-save or re-download it") from None
     with handle:
         for name in handle.keys():
-            yield _normalise_key(name), handle.get_tensor(name)
+            yield normalise_key(name), handle.get_tensor(name)
 
 
 def iter_tensors(source: WeightSource, trust_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
@@ -118,7 +123,7 @@ def iter_tensors(source: WeightSource, trust_pickle: bool = False) -> Iterator[t
         if path.suffix == ".safetensors":
             yield from _safetensors_tensors(path)
         else:
-            state_dict, _ = _read_state_dict(path, trust_pickle)
+            state_dict, _ = read_state_dict(path, trust_pickle)
             # a tied lm_head shares the embedding's storage: count it once, as named_parameters() does
             seen: set[tuple[int, tuple[int, ...]]] = set()
             for name, tensor in state_dict.items():

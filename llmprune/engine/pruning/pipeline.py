@@ -238,10 +238,12 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
 
 def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None) -> PruneResult:
     """Save the model if asked (and not already written by streaming), write the run log."""
-    from llmprune.engine.io.checkpoint import save_model
+    from llmprune.engine.io.checkpoint import make_stock_compatible, save_model
 
     run_folder = run_folder or new_run_folder(Path(config.log_dir), config.save_ckpt_log_name or default_log_name(config.model))
     if result.loaded is not None and (config.save_model or config.out is not None):
+        make_stock_compatible(result.loaded.model)  # zero biases a stock config demands: count what transformers will count
+        result.params_after = sum(p.numel() for p in result.loaded.model.parameters())
         out = Path(config.out) if config.out is not None else run_folder / "model"
         save_model(result.loaded.model, result.loaded.tokenizer, out, provenance=provenance(result, config))
         result.saved_to = str(out)

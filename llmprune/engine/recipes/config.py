@@ -15,7 +15,8 @@ from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.recipes.registry import Recipe
 
 # run-directory entries written by the steps (a --restart removes exactly these)
-OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "state.json", "report.json", "report.txt")
+OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "model.gguf", "state.json", "report.json", "report.txt")
+EXPORT_FORMATS = ("gguf",)
 
 
 @dataclass(kw_only=True)
@@ -71,6 +72,8 @@ class RecipeConfig(PipelineSettings):
     """The auto-retreat gives up below this ratio."""
     restart: bool = False
     """Discard a previous run in the same directory instead of resuming it."""
+    export: str | None = None
+    """Also write the final model (fine-tuned, else pruned) as OUT/<run>/model.gguf (f16) for llama.cpp: gguf."""
 
     @property
     def run_dir(self) -> Path:
@@ -99,5 +102,7 @@ class RecipeConfig(PipelineSettings):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
         need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")
         need(0 < self.min_ratio <= prune.ratio, f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}", "use e.g. 0.05")
+        need(self.export in (None, *EXPORT_FORMATS), f"--export must be one of {', '.join(EXPORT_FORMATS)}, got '{self.export}'",
+             "use --export gguf")
         if self.name is not None:
             need(bool(re.fullmatch(r"[\w.+-]+", self.name)), f"--name '{self.name}' is not a plain folder name", "use letters, digits, - _ . +")

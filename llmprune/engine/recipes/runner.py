@@ -32,6 +32,7 @@ STEPS: dict[str, str] = {
     "gate": "continue only if the verdict is healthy or acceptable",
     "finetune": "recovery fine-tuning of the pruned model",
     "final_eval": "PPL and verdict of the fine-tuned model",
+    "export": "GGUF file of the final model for llama.cpp",
 }
 FINETUNE_STEPS = ("finetune", "final_eval")
 
@@ -163,6 +164,11 @@ class _Run:
         base_ppl = self.state.result("baseline")["ppl"]
         return self.steps.evaluate(model_dir, self.config, base_ppl=base_ppl, health=True, progress=self.progress)
 
+    def export(self) -> dict:
+        finetuned = self.state.result("finetune") if self.state.done("finetune") else None
+        model_dir = finetuned["model_dir"] if finetuned else str(self.run_dir / "pruned")
+        return self.steps.export_gguf(model_dir, self.run_dir / "model.gguf")
+
 
 def _summary(step: str, result: dict) -> str:
     if "ppl" in result:
@@ -172,6 +178,8 @@ def _summary(step: str, result: dict) -> str:
         return f"ratio {result['ratio']:g}: {result['params']:,} parameters, {result['share_removed']:.1%} of all removed"
     if step == "analyze":
         return f"{result['method']} importance of {len(result['scores'])} layers → {result['importance_config']}"
+    if step == "export":
+        return f"{result['architecture']} GGUF, {result['bytes'] / 2**20:,.1f} MiB → {result['gguf']}"
     if step == "gate":
         return f"passed ({result['verdict']})"
     if step == "finetune":
@@ -226,6 +234,8 @@ def run_recipe(
             index += 1
             if step in FINETUNE_STEPS and config.skip_finetune:
                 emit(StepSkipped(step, "--skip-finetune"))
+                continue
+            if step == "export" and config.export is None:
                 continue
             if state.done(step):
                 emit(StepSkipped(step, "done in an earlier run"))

@@ -145,6 +145,13 @@ class StepAdapters:
         return {"status": result.status, "model_dir": result.model_dir, "run_dir": result.run_dir, "steps": result.steps,
                 "final_loss": result.final_loss, "message": result.message}
 
+    def export_gguf(self, model_dir: str, out: Path) -> dict:
+        """The final model as one GGUF file (f16) for llama.cpp."""
+        from llmprune.engine.io.gguf_export import ExportConfig, export_gguf
+
+        result = export_gguf(ExportConfig(model=model_dir, out=str(out), outtype="f16"))
+        return {"gguf": result.path, "architecture": result.architecture, "bytes": result.bytes, "outtype": result.outtype}
+
 
 def choose_teacher(config: "RecipeConfig", base_parameters: int, student_parameters: int, run_dir: Path) -> tuple[str | None, str]:
     """The base model as the teacher, when the recipe asks for one and it fits next to the student; and why."""
