@@ -12,18 +12,22 @@ from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
     LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
 )
+from llmprune.engine.pruning.config import CalibrationOptions
 from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
+from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, DEFAULT_RATIO
+
+_CAL = CalibrationOptions()  # the defaults --help shows are the engine's
 
 
 def analyze_command(
     model: OptionalModelArg = "smollm2-135m",
-    importance_method: ImportanceMethodOpt = "removal",
-    importance_samples: SamplesOpt = 50,
-    seq_len: CalibSeqLenOpt = 128,
-    dataset: CalibDatasetOpt = "wikitext2",
-    seed: SeedOpt = 0,
-    batch_size: CalibBatchOpt = 8,
-    ratio: Annotated[float, typer.Option("--ratio", help="Mean fraction of the prunable units the plan removes.")] = 0.2,
+    importance_method: ImportanceMethodOpt = DEFAULT_IMPORTANCE_METHOD,
+    importance_samples: SamplesOpt = _CAL.samples,
+    seq_len: CalibSeqLenOpt = _CAL.seq_len,
+    dataset: CalibDatasetOpt = _CAL.dataset,
+    seed: SeedOpt = _CAL.seed,
+    batch_size: CalibBatchOpt = _CAL.batch_size,
+    ratio: Annotated[float, typer.Option("--ratio", help="Mean fraction of the prunable units the plan removes.")] = DEFAULT_RATIO,
     pruning_strategy: StrategyOpt = None,
     alpha: AlphaOpt = None,
     min_pruning_rate: MinRateOpt = None,
@@ -43,7 +47,7 @@ def analyze_command(
 ) -> None:
     """Measure how much each decoder layer matters and turn it into a per-layer pruning plan."""
     from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.pruning.analysis import AnalyzeConfig, CalibrationOptions, run_analyze
+    from llmprune.engine.pruning.analysis import AnalyzeConfig, run_analyze
     from llmprune.ui.charts import save_importance_chart
     from llmprune.ui.console import console, print_json
     from llmprune.ui.prune_report import analyze_table, importance_bars, stage_progress

@@ -12,30 +12,35 @@ from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, LayerEndOpt, PlanImportanceMethodOpt,
     LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
 )
+from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig
 from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
+from llmprune.engine.pruning.plan_options import DEFAULT_RATIO
+
+# the defaults shown by --help are the engine's (set once, in the config dataclasses)
+_PRUNE, _CAL = PruneConfig(), CalibrationOptions()
 
 
 def prune_command(
     model: OptionalModelArg = "smollm2-135m",
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of the prunable units (KV groups, + MLP channels with --prune-mlp) removed on average in the prunable layers (default 0.2).")] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help=f"Fraction of the prunable units (KV groups, + MLP channels with --prune-mlp) removed on average in the prunable layers (default {DEFAULT_RATIO}).")] = None,
     target_params: Annotated[Optional[str], typer.Option("--target-params", help="Instead of --ratio: the size to land on, e.g. 6.5B, 110M, or 0.8 (keep 80 % of the parameters).")] = None,
     prune_mlp: Annotated[bool, typer.Option("--prune-mlp", help="Also prune MLP channels (plan allocation; global allocation always may).")] = False,
     allocation: Annotated[Optional[str], typer.Option("--allocation", help="global: cut the least damaging KV groups/MLP channels across all layers (the default) | plan: per-layer rates from layer importance (selected by any field-guide option: --importance-method, --pruning-strategy, --alpha, --min/--max-pruning-rate, --layer-start/--layer-end).")] = None,
-    compensation: Annotated[str, typer.Option("--compensation", help="After each layer's cut: lstsq (least-squares refit of o_proj/down_proj + bias, default) | bias (removed units' mean into the bias) | none.")] = "lstsq",
+    compensation: Annotated[str, typer.Option("--compensation", help="After each layer's cut: lstsq (least-squares refit of o_proj/down_proj + bias, default) | bias (removed units' mean into the bias) | none.")] = _PRUNE.compensation_kind,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).")] = None,
-    drop_layers: Annotated[int, typer.Option("--drop-layers", help="Depth pruning: remove this many whole layers (least block influence) before cutting units.")] = 0,
-    attn_unit: AttnUnitOpt = "group",
-    unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: fluctuation (variance of the unit's output on calibration text, default), activation (weight norm × activation norm) or magnitude (L2).")] = "fluctuation",
-    round_to: RoundToOpt = 1,
+    drop_layers: Annotated[int, typer.Option("--drop-layers", help="Depth pruning: remove this many whole layers (least block influence) before cutting units.")] = _PRUNE.drop_layers,
+    attn_unit: AttnUnitOpt = _PRUNE.attn_unit,
+    unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: fluctuation (variance of the unit's output on calibration text, default), activation (weight norm × activation norm) or magnitude (L2).")] = _PRUNE.unit_importance,
+    round_to: RoundToOpt = _PRUNE.round_to,
     uniform: Annotated[bool, typer.Option("--uniform", help="Same shape in every layer (no protected layers); saves a stock Llama config.")] = False,
     importance_config: Annotated[Optional[Path], typer.Option("--importance-config", help="Reuse the scores (and plan options, as defaults) of `llmprune analyze`'s JSON instead of measuring.")] = None,
     skip_importance_analysis: Annotated[bool, typer.Option("--skip-importance-analysis", help=f"Same as --importance-config {DEFAULT_CONFIG_NAME}.")] = False,
     importance_method: PlanImportanceMethodOpt = None,
-    importance_samples: SamplesOpt = 50,
-    seq_len: CalibSeqLenOpt = 128,
-    dataset: CalibDatasetOpt = "wikitext2",
-    seed: SeedOpt = 0,
-    batch_size: CalibBatchOpt = 8,
+    importance_samples: SamplesOpt = _CAL.samples,
+    seq_len: CalibSeqLenOpt = _CAL.seq_len,
+    dataset: CalibDatasetOpt = _CAL.dataset,
+    seed: SeedOpt = _CAL.seed,
+    batch_size: CalibBatchOpt = _CAL.batch_size,
     pruning_strategy: StrategyOpt = None,
     alpha: AlphaOpt = None,
     min_pruning_rate: MinRateOpt = None,
@@ -43,12 +48,12 @@ def prune_command(
     layer_start: LayerStartOpt = None,
     layer_end: LayerEndOpt = None,
     test_after_prune: Annotated[bool, typer.Option("--test-after-prune", help="Measure perplexity before and after pruning.")] = False,
-    eval_dataset: Annotated[str, typer.Option("--eval-dataset", help="Text for --test-after-prune (its test split).")] = "wikitext2",
-    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = 128,
-    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate the first N windows (default 256).")] = 256,
+    eval_dataset: Annotated[str, typer.Option("--eval-dataset", help="Text for --test-after-prune (its test split).")] = _PRUNE.eval_dataset,
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = _PRUNE.eval_seq_len,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate the first N windows (default 256).")] = _PRUNE.max_windows,
     save_model: Annotated[bool, typer.Option("--save-model", help="Save the pruned model into the run's log folder (or --out).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Save the pruned model in this folder.")] = None,
-    log_dir: Annotated[Path, typer.Option("--log-dir", help="Root of the run logs.")] = Path("prune_log"),
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="Root of the run logs.")] = _PRUNE.log_dir,
     save_ckpt_log_name: Annotated[Optional[str], typer.Option("--save-ckpt-log-name", help="Run folder name (default: the model's name).")] = None,
     base_model: BaseModelOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -57,8 +62,7 @@ def prune_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Remove whole KV groups (and MLP channels) layer by layer, keeping GQA valid, and report what changed."""
-    from llmprune.engine.pruning.analysis import CalibrationOptions
-    from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
+    from llmprune.engine.pruning.pipeline import run_prune
     from llmprune.ui.console import console, print_json
     from llmprune.ui.prune_report import prune_summary, prune_table, stage_progress
 

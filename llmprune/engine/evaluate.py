@@ -13,6 +13,7 @@ from torch import nn
 
 from llmprune.engine.data import TokenWindows, check_window_options
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.load_options import LoadOptions
 
 ProgressCallback = Callable[[int, int], None]  # (windows done, windows total)
 
@@ -105,11 +106,9 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
 
 
 @dataclass
-class EvalConfig:
-    """What `llmprune eval` does."""
+class EvalConfig(LoadOptions):
+    """What `llmprune eval` does (the model: LoadOptions)."""
 
-    model: str = "smollm2-135m"
-    """Model spec (alias, folder, file or hub id)."""
     dataset: str = "wikitext2"
     """Text source; its evaluation (test) split is used."""
     seq_len: int = 2048
@@ -122,12 +121,6 @@ class EvalConfig:
     """If set, also generate greedily from this prompt."""
     max_new_tokens: int = 32
     """Length of that generation."""
-    base_model: str | None = None
-    """Architecture for weights-only files."""
-    trust_pickle: bool = False
-    """Allow whole pickled modules."""
-    device: str = "auto"
-    dtype: str = "auto"
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)

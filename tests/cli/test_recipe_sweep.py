@@ -51,7 +51,9 @@ def test_a_sweep_row_predicts_the_recipe_at_that_ratio(tiny_model_dir, pydoc_tex
             "--ratio", "0.25", "--skip-finetune", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code in (0, 1), result.output  # the gate may stop a random model; the pruned row is there either way
-    pruned = next(row for row in json.loads(result.stdout)["rows"] if row["stage"] == "pruned")
+    report = json.loads(result.stdout)
+    assert report["prune_path"]["name"] == "plan" and "--importance-config" in report["prune_path"]["reason"]
+    pruned = next(row for row in report["rows"] if row["stage"] == "pruned")
     row = next(row for row in data["rows"] if row["ratio"] == 0.25)
     assert pruned["params"] == row["params"]
     assert pruned["ppl"] == row["ppl"]

@@ -19,6 +19,7 @@ from llmprune.engine.io.models import LoadedModel, load_model
 from llmprune.engine.diagnose.structure_check import read_structure, structure_shapes
 from llmprune.engine.diagnose.tensor_scan import tensor_stats
 from llmprune.engine.io.weight_source import WeightSource, iter_tensors, locate_weights
+from llmprune.engine.io.load_options import LoadOptions
 
 DEFAULT_DATASET = "wikitext2"
 DEFAULT_SEQ_LEN = 2048
@@ -26,15 +27,9 @@ _PPL_SEVERITY = {"broken": "error", "too high": "warning", "acceptable": "info"}
 
 
 @dataclass
-class DoctorConfig:
+class DoctorConfig(LoadOptions):
     """What `llmprune doctor` checks."""
 
-    model: str = "smollm2-135m"
-    """Model spec: alias, folder, .gguf/.safetensors/.bin/.pt file, or hub id."""
-    base_model: str | None = None
-    """Architecture of a weights-only file (its base model, for pruned state dicts)."""
-    trust_pickle: bool = False
-    """Allow a whole pickled module (runs code from the file)."""
     test_forward: bool = False
     """Run a short prompt through the model and locate the first non-finite module."""
     ppl: bool = False
@@ -49,8 +44,6 @@ class DoctorConfig:
     """Windows per forward pass."""
     base_ppl: float | None = None
     """The base model's PPL on the same data, for a relative verdict (default: recorded by prune)."""
-    device: str = "auto"
-    dtype: str = "auto"
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)

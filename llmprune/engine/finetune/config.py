@@ -10,6 +10,7 @@ from typing import Any
 from llmprune.engine.core.errors import LlmpruneError, UserInputError
 from llmprune.engine.finetune.distill import validate_kd_settings
 from llmprune.engine.finetune.guards import ON_NAN_CHOICES
+from llmprune.engine.io.load_options import LoadOptions
 
 METHODS = ("full", "lora")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -21,11 +22,9 @@ LOSS_FIELDS = ("teacher", "kd_temperature", "kd_weight", "kd_top_k")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(LoadOptions):
     """What `llmprune finetune` does."""
 
-    model: str = "smollm2-135m"
-    """Model spec (alias, folder, pruned folder, file or hub id)."""
     method: str = "full"
     """full: train every weight; lora: train low-rank adapters (peft)."""
     lora_r: int = 16
@@ -86,10 +85,6 @@ class FinetuneConfig:
     """Evaluation windows of seq_len tokens (None: all)."""
     force: bool = False
     """Train even if the health check finds the model unhealthy."""
-    base_model: str | None = None
-    """Architecture for weights-only files."""
-    trust_pickle: bool = False
-    """Allow whole pickled modules."""
     teacher: str | None = None
     """Model spec of a teacher to distil from (usually the unpruned base model); None: LM loss only."""
     kd_temperature: float = 1.0
@@ -98,10 +93,6 @@ class FinetuneConfig:
     """Weight of the distillation loss; the LM loss gets 1 - weight (1: distillation only)."""
     kd_top_k: int | None = None
     """Keep only the teacher's k largest logits per position (renormalised); None: the whole vocabulary."""
-    device: str = "auto"
-    """auto|cpu|cuda|cuda:N|mps."""
-    dtype: str = "auto"
-    """Compute precision: auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16, float16 (warned)."""
 
     def validate(self) -> None:
         def need(condition: bool, problem: str, hint: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +28,7 @@ from torch import nn
 
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.layerwise import (
-    CalibrationBatch,
-    capture_layer_inputs,
-    head_loss_sum,
-    iterate_layers,
-    run_layer,
-)
+from llmprune.engine.pruning.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for
 from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.pruning.plan_options import LAYER_METHODS
 
@@ -60,51 +55,57 @@ def _tick(progress: CountProgress | None, done: int, total: int) -> None:
         progress(done, total)
 
 
-def _removal(model: nn.Module, batches: list[CalibrationBatch], progress: CountProgress | None) -> tuple[list[float], float, int]:
-    layers = [layer for _, layer in iterate_layers(model)]
-    count = len(layers)
-    skipped_nll = [0.0] * count
-    tokens = 0
+@torch.no_grad()
+def walked_scores(store: LayerStore, runner: LayerRunner, head_nll: Callable[[torch.Tensor, torch.Tensor], float],
+                  ids: torch.Tensor, method: str, batch_size: int, progress: CountProgress | None = None) -> tuple[list[float], float, int]:
+    """removal / block-influence scores with the one layer walker (in memory or streamed), every layer read once.
+
+    removal: the stream that skips layer i is opened at layer i with the hidden states entering it and
+    run through every later layer; L(L-1)/2 layer passes, one set of hidden states per open stream.
+    `head_nll(hidden, ids)` is the summed next-token NLL of the final norm + LM head.
+    Returns (scores, base loss, decoder-layer calls on a batch).
+    """
+    hidden = store.embed(ids)
+    count = store.num_layers
+    skipped: list[torch.Tensor] = []  # skipped[i]: the hidden states of the model without layer i
+    influence = [0.0] * count
     passes = 0
-    base_nll = 0.0
-    for b_index, batch in enumerate(batches):
-        hidden_in = batch.hidden  # entering layer i of the unmodified model
-        for i in range(count):
-            hidden = hidden_in
-            for j in range(i + 1, count):
-                hidden = run_layer(layers[j], batch, hidden)
-            passes += count - i - 1
-            skipped_nll[i] += head_loss_sum(model, hidden, batch.ids)[0]
-            hidden_in = run_layer(layers[i], batch, hidden_in)
-            passes += 1
-        nll, n = head_loss_sum(model, hidden_in, batch.ids)
-        base_nll += nll
-        tokens += n
-        _tick(progress, b_index + 1, len(batches))
-    base = base_nll / tokens
-    return [s / tokens - base for s in skipped_nll], base, passes
+    for index in range(count):
+        layer = store.load(index)
+        if method == "removal":
+            skipped = [runner.layer(layer, stream) for stream in skipped]
+            passes += len(skipped)
+            skipped.append(hidden)
+        out = runner.layer(layer, hidden)
+        passes += 1
+        influence[index] = float((1 - F.cosine_similarity(hidden.float(), out.float(), dim=-1)).mean())
+        hidden = out
+        store.release(index, layer, changed=False)
+        _tick(progress, index + 1, count)
+    tokens = ids[:, 1:].numel()
+    base = head_nll(hidden, ids) / tokens
+    scores = [head_nll(stream, ids) / tokens - base for stream in skipped] if method == "removal" else influence
+    return scores, base, passes * -(-ids.shape[0] // batch_size)
 
 
-def _block_influence(model: nn.Module, batches: list[CalibrationBatch], progress: CountProgress | None) -> tuple[list[float], float, int]:
-    layers = [layer for _, layer in iterate_layers(model)]
-    totals = [0.0] * len(layers)
-    tokens = 0
-    nll_sum = 0.0
-    for b_index, batch in enumerate(batches):
-        hidden = batch.hidden
-        for i, layer in enumerate(layers):
-            out = run_layer(layer, batch, hidden)
-            totals[i] += float((1 - F.cosine_similarity(hidden.float(), out.float(), dim=-1)).sum())
-            hidden = out
-        tokens += hidden.shape[0] * hidden.shape[1]
-        nll_sum += head_loss_sum(model, hidden, batch.ids)[0]
-        _tick(progress, b_index + 1, len(batches))
-    predicted = sum(b.ids[:, 1:].numel() for b in batches)
-    return [t / tokens for t in totals], nll_sum / predicted, len(layers) * len(batches)
+def model_head_nll(model: nn.Module, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """Summed next-token NLL (fp32) of a loaded model's final norm + LM head, a few windows at a time."""
+
+    @torch.no_grad()
+    def nll(hidden: torch.Tensor, ids: torch.Tensor) -> float:
+        total = 0.0
+        for first in range(0, hidden.shape[0], batch_size):
+            # the last position predicts nothing: leaving it out spares a copy of the (large) logits
+            logits = model.lm_head(model.model.norm(hidden[first : first + batch_size, :-1]))
+            target = ids[first : first + batch_size, 1:].to(logits.device)
+            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        return total
+
+    return nll
 
 
 def _taylor(model: nn.Module, windows: TokenWindows, batch_size: int, progress: CountProgress | None) -> tuple[list[float], float, int]:
-    layers = [layer for _, layer in iterate_layers(model)]
+    layers = list(model.model.layers[: model.config.num_hidden_layers])
     device = next(model.parameters()).device
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for param in model.parameters():
@@ -150,9 +151,10 @@ def layer_importance(
     if method == "taylor":
         scores, base, passes = _taylor(model, windows, batch_size, progress)
     else:
-        batches = capture_layer_inputs(model, windows, batch_size)
-        compute = _removal if method == "removal" else _block_influence
-        scores, base, passes = compute(model, batches, progress)
+        runner = runner_for(model, windows.seq_len, batch_size)
+        ids = windows.ids.to(next(model.parameters()).device)
+        scores, base, passes = walked_scores(InMemoryLayers(model), runner, model_head_nll(model, batch_size), ids, method,
+                                             batch_size, progress)
     return LayerImportance(
         method=method,
         scores=scores,

@@ -6,7 +6,7 @@ loops around: every layer is read once, in order, and applied to every
 "skip" stream opened so far; the stream that skips layer i is opened at layer
 i with the hidden states entering it, and is not run through layer i. The
 work is the same L(L-1)/2 layer passes as the in-memory fast path
-(`importance._removal`); the memory is one layer plus one set of calibration
+(`importance.walked_scores`, shared with it); the memory is one layer plus one set of calibration
 hidden states per layer (windows × seq_len × hidden each), not the model.
 `block-influence` streams in one pass. `taylor` needs a backward pass through
 the whole model and does not stream.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.importance import LayerImportance
+from llmprune.engine.pruning.importance import LayerImportance, walked_scores
 from llmprune.engine.pruning.streaming import StreamedLayers
 
 __all__ = ["STREAMED_METHODS", "streamed_layer_importance"]
@@ -58,34 +58,19 @@ def streamed_layer_importance(
     batch_size: int = 8,
     progress=None,
 ) -> LayerImportance:
-    """The same scores as `importance.layer_importance`, reading one layer at a time from disk."""
+    """The same scores as `importance.layer_importance` (the same walker), reading one layer at a time from disk."""
     if method not in STREAMED_METHODS:
         raise UserInputError(f"--importance-method {method} cannot stream (it needs gradients through the whole model)",
                              f"use one of {', '.join(STREAMED_METHODS)} with --stream, or drop --stream")
     start = time.perf_counter()
-    ids = windows.ids
     runner = store.runner(windows.seq_len, batch_size)
-    hidden = store.embed(ids)
-    count = store.num_layers
-    skipped: list[torch.Tensor] = []  # skipped[i]: the hidden states of the model without layer i
-    influence = [0.0] * count
-    passes = 0
-    for index in range(count):
-        layer = store.load(index)
-        if method == "removal":
-            skipped = [runner.layer(layer, stream) for stream in skipped]
-            passes += len(skipped)
-            skipped.append(hidden)
-        out = runner.layer(layer, hidden)
-        passes += 1
-        influence[index] = float((1 - F.cosine_similarity(hidden.float(), out.float(), dim=-1)).mean())
-        hidden = out
-        store.release(index, layer, changed=False)
-        if progress:
-            progress(index + 1, count)
-    head = _Head(store)
-    tokens = ids[:, 1:].numel()
-    base = head.nll_sum(hidden, ids, batch_size) / tokens
-    scores = [head.nll_sum(stream, ids, batch_size) / tokens - base for stream in skipped] if method == "removal" else influence
+    head = None
+
+    def head_nll(hidden: torch.Tensor, ids: torch.Tensor) -> float:
+        nonlocal head
+        head = head or _Head(store)  # read once every layer has been released
+        return head.nll_sum(hidden, ids, batch_size)
+
+    scores, base, passes = walked_scores(store, runner, head_nll, windows.ids, method, batch_size, progress)
     return LayerImportance(method=method, scores=scores, base_loss=base, samples=len(windows), seq_len=windows.seq_len,
                            seconds=time.perf_counter() - start, layer_passes=passes)

@@ -53,6 +53,8 @@ class RecipeReport:
     retreats: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    prune_path: dict = field(default_factory=dict)
+    """The path the prune step took and why (route.PrunePath), as in the pruned model's llmprune.json."""
     total_seconds: float = 0.0
 
     @property
@@ -102,7 +104,7 @@ def build_report(config: "RecipeConfig", state: "RunState") -> RecipeReport:
     return RecipeReport(
         recipe=config.recipe.name, run_dir=str(state.run_dir), status=state.status, ratio_asked=config.recipe.prune.ratio,
         ratio_used=state.ratio if state.done("prune") else None, rows=rows, attempts=list(state.attempts),
-        retreats=list(state.retreats), advice=advice, settings=state.settings,
+        retreats=list(state.retreats), advice=advice, settings=state.settings, prune_path=state.result("prune").get("path") or {},
         total_seconds=sum(step.get("seconds", 0.0) for step in state.steps.values()),
     )
 

@@ -116,7 +116,7 @@ class StepAdapters:
         prune_config.out = out_dir
         result = run_prune(prune_config, progress=progress)
         return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.removed_share,
-                "gqa": result.gqa_summary()}
+                "gqa": result.gqa_summary(), "path": result.path}
 
     def finetune(
         self, config: "RecipeConfig", model_dir: str, out_dir: Path, resume: bool,
