@@ -183,7 +183,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
+            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -193,6 +193,9 @@ _llmprune() {
                 --name) valued=1 values='' files=1 ;;
                 --retreat-step) valued=1 values='' files=0 ;;
                 --min-ratio) valued=1 values='' files=0 ;;
+                --tasks) valued=1 values='' files=1 ;;
+                --include-path) valued=1 values='' files=1 ;;
+                --task-limit) valued=1 values='' files=0 ;;
                 --export) valued=1 values='' files=1 ;;
                 --out) valued=1 values='' files=1 ;;
                 --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;

@@ -33,6 +33,8 @@ DatasetOpt = Annotated[str, typer.Option("--dataset", help="wikitext2, ptb, c4, 
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per evaluation window.")]
 MaxWindowsOpt = Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows (default: all).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+IncludePathOpt = Annotated[Optional[str], typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")]
+
 
 _state = {"debug": False}
 

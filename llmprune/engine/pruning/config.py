@@ -16,7 +16,7 @@ from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.pruning.plan_options import ATTENTION_UNITS, DEFAULT_RATIO, LAYER_METHODS
 
 COMPENSATIONS = ("none", "bias", "lstsq")
-DEFAULT_UNIT_IMPORTANCE = "fluctuation"
+DEFAULT_UNIT_IMPORTANCE = "obs"
 DEFAULT_COMPENSATION = "lstsq"
 
 
@@ -60,7 +60,7 @@ class PruneConfig(LoadOptions):
     attn_unit: str = "group"
     """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group (plan path)."""
     unit_importance: str = DEFAULT_UNIT_IMPORTANCE
-    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: fluctuation | activation | magnitude)."""
+    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: obs | fluctuation | activation | magnitude)."""
     allocation: str | None = None
     """global | plan; None: global unless a plan option is given (route.choose_path)."""
     compensation_kind: str = DEFAULT_COMPENSATION

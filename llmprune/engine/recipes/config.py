@@ -13,6 +13,7 @@ from pathlib import Path
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.recipes.registry import Recipe
+from llmprune.engine.tasks import TaskOptions, task_names
 
 # run-directory entries written by the steps (a --restart removes exactly these)
 OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "model.gguf", "state.json", "report.json", "report.txt")
@@ -72,6 +73,12 @@ class RecipeConfig(PipelineSettings):
     """The auto-retreat gives up below this ratio."""
     restart: bool = False
     """Discard a previous run in the same directory instead of resuming it."""
+    tasks: str | None = None
+    """Also score the base, pruned and fine-tuned models on these lm-eval tasks (comma-separated, e.g. arc_easy,hellaswag; needs the lm-eval extra)."""
+    include_path: str | None = None
+    """Folder of local lm-eval task YAML files (with --tasks)."""
+    task_limit: float | None = None
+    """Only the first N examples of each task (a fraction if < 1; quick checks only)."""
     export: str | None = None
     """Also write the final model (fine-tuned, else pruned) as OUT/<run>/model.gguf (f16) for llama.cpp: gguf."""
 
@@ -87,7 +94,16 @@ class RecipeConfig(PipelineSettings):
         """
         keep = ("model", "dataset", "eval_dataset", "seq_len", "calibration_samples", "eval_windows", "batch_size",
                 "retreat_step", "min_ratio")
-        return {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+        settings = {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+        if self.tasks is not None:  # only when asked, so that runs made before --tasks existed still resume
+            settings["tasks"] = self.task_options().to_dict()
+        return settings
+
+    def task_options(self) -> TaskOptions | None:
+        """The lm-eval tasks to score each model on (None: perplexity only); the measuring batch size is theirs too."""
+        if self.tasks is None:
+            return None
+        return TaskOptions(task_names(self.tasks), include_path=self.include_path, limit=self.task_limit, batch_size=self.batch_size)
 
     def validate(self) -> None:
         def need(condition: bool, problem: str, hint: str) -> None:
@@ -95,6 +111,8 @@ class RecipeConfig(PipelineSettings):
                 raise UserInputError(problem, hint)
 
         self.validate_budget()
+        if self.tasks is not None:
+            self.task_options().validate()
         prune, finetune = self.recipe.prune, self.recipe.finetune
         need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
         need(finetune.lr > 0, f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")

@@ -51,7 +51,8 @@ class StepAdapters:
 
     def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False,
                  progress: StageProgress | None = None) -> dict:
-        """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`."""
+        """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`;
+        with the config's `tasks`, lm-eval's metrics per task."""
         from dataclasses import replace
 
         from llmprune.engine.data import load_evaluation_windows
@@ -67,6 +68,11 @@ class StepAdapters:
         result: dict[str, Any] = {"model": model, "params": loaded.num_parameters, "ppl": measured.ppl, "windows": measured.windows}
         if health:
             result.update(self._health(loaded.model, loaded.tokenizer, measured.ppl, base_ppl))
+        if config.tasks is not None:
+            from llmprune.engine.tasks import evaluate_tasks
+
+            scores = evaluate_tasks(loaded.model, loaded.tokenizer, config.task_options())
+            result["tasks"] = {score.task: score.metrics for score in scores}
         result["seconds"] = time.perf_counter() - start
         return result
 
