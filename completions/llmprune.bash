@@ -25,7 +25,7 @@ _llmprune() {
             cmds='analyze completion doctor eval export finetune prune recipe'
             ;;
         'analyze')
-            opts='--importance-method --importance-samples --seq-len --dataset --seed --batch-size --ratio --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --attn-unit --prune-mlp --no-prune-mlp --round-to --output -o --base-model --trust-pickle --stream --device --dtype --json --help'
+            opts='--importance-method --importance-samples --seq-len --dataset --seed --batch-size --ratio --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --attn-unit --prune-mlp --no-prune-mlp --round-to --output -o --overwrite --force --base-model --trust-pickle --stream --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -51,7 +51,7 @@ _llmprune() {
             esac
             ;;
         'completion')
-            opts='--write --help'
+            opts='--write --json --help'
             cmds=''
             args='bash zsh fish' argfiles=0
             case "$prev" in
@@ -94,7 +94,7 @@ _llmprune() {
             esac
             ;;
         'export')
-            opts='--gguf --outtype --base-model --trust-pickle --json --help'
+            opts='--gguf --outtype --overwrite --base-model --trust-pickle --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -142,7 +142,7 @@ _llmprune() {
             esac
             ;;
         'prune')
-            opts='--ratio --target-params --prune-mlp --allocation --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
+            opts='--ratio --target-params --prune-mlp --allocation --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in

@@ -15,7 +15,7 @@ from llmprune.cli.settings_options import settings_parameters, settings_values, 
 # the registry is plain data (no torch): the subcommands and their defaults are built from it
 from llmprune.engine.recipes.registry import RECIPES, Recipe
 
-EXIT_CODES = {"done": 0, "stopped_at_gate": 1, "finetune_failed": 1, "interrupted": 130}
+EXIT_CODES = {"done": 0, "stopped_at_gate": 1, "finetune_failed": 1, "base_unhealthy": 1, "interrupted": 130}
 recipe_app = typer.Typer(help="Proven pipelines in one command: analyze → prune → eval → gate → finetune → eval.")
 
 
