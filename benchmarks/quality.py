@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,6 +37,8 @@ from shared_data import EVALUATION_TEXT as TEST  # noqa: E402
 # name -> options for llmprune's width pruning (the first is the default of `llmprune prune`)
 WIDTH_METHODS = {
     "default": CalibratedPruneOptions(),
+    # the previous default (fluctuation scores before the OBS ones), for the ablation
+    "fluctuation+lstsq": CalibratedPruneOptions(unit_score="fluctuation"),
     "bias": CalibratedPruneOptions(compensation="bias"),
     "no-compensation": CalibratedPruneOptions(compensation="none"),
     "activation+lstsq": CalibratedPruneOptions(unit_score="activation"),
@@ -75,6 +81,9 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense model's row (its PPL does not change between runs)")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.json",
+                        help="results file (rewritten after every row, so a cut-short run keeps its rows)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -83,14 +92,19 @@ def main() -> None:
     evaluation = load_evaluation_windows(tokenizer, TEST, args.seq_len, args.eval_windows)
     calibration = load_calibration_windows(tokenizer, VALID, args.calib_windows, args.seq_len, seed=0)
 
+    rows: list[dict] = []
+
     def report(method: str, share: float, model, seconds: float) -> None:
         ppl = perplexity(model, evaluation, batch_size=8).ppl
         row = {"method": method, "share": share, "params_m": round(count(model) / 1e6, 2), "ppl": round(ppl, 2), "seconds": round(seconds, 1)}
         print(json.dumps(row) if args.json else f"{method:<22} {share:>5.0%} {row['params_m']:>8.2f}M {ppl:>12.2f} {seconds:>8.1f}s", flush=True)
+        rows.append(row)
+        write_results(args, rows)
 
     if not args.json:
         print(f"{'method':<22} {'cut':>5} {'params':>9} {'PPL':>12} {'seconds':>9}")
-    report("dense", 0.0, dense, 0.0)
+    if not args.no_dense:
+        report("dense", 0.0, dense, 0.0)
     for run in args.runs.split(","):
         method, share = run.split("@")
         share = float(share)
@@ -102,6 +116,33 @@ def main() -> None:
             width(model, calibration, share, WIDTH_METHODS[method])
         report(method, share, model, time.perf_counter() - start)
         del model
+
+
+def write_results(args, rows: list[dict]) -> None:
+    """benchmarks/results/quality.json in the schema `make docs` renders."""
+    from llmprune.engine.core.paths import atomic_write_text
+
+    options = {name: {k: v for k, v in vars(o).items()} for name, o in WIDTH_METHODS.items()}
+    result = {
+        "title": "Pruning quality without fine-tuning (SmolLM2-135M, wikitext-2 test)",
+        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/quality.py", *sys.argv[1:]]),
+        "machine": "2-core CPU, 24 GiB (shared with other jobs: seconds are indicative)",
+        "date": datetime.date.today().isoformat(),
+        "notes": (
+            f"PPL on the first {args.eval_windows} windows of {args.seq_len} tokens of wikitext-2 test; calibration on "
+            f"{args.calib_windows} random windows of wikitext-2 validation. `removed` is the share of *all* parameters. "
+            "`default` is what `llmprune prune` does; the other rows change one choice (options in `options`)."
+        ),
+        "tables": [{
+            "caption": "method, share of all parameters removed, parameters left, PPL, pruning seconds",
+            "columns": ["method", "removed", "params left (M)", "PPL", "seconds"],
+            "rows": [[r["method"], f"{r['share']:.0%}", r["params_m"], r["ppl"], r["seconds"]] for r in rows],
+        }],
+        "rows": rows,
+        "options": options,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

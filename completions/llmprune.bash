@@ -25,7 +25,7 @@ _llmprune() {
             cmds='analyze completion doctor eval export finetune prune recipe'
             ;;
         'analyze')
-            opts='--importance-method --importance-samples --seq-len --dataset --seed --batch-size --ratio --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --attn-unit --prune-mlp --no-prune-mlp --round-to --output -o --base-model --trust-pickle --stream --device --dtype --json --help'
+            opts='--importance-method --importance-samples --seq-len --dataset --seed --batch-size --ratio --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --attn-unit --prune-mlp --no-prune-mlp --round-to --output -o --overwrite --force --base-model --trust-pickle --stream --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -51,7 +51,7 @@ _llmprune() {
             esac
             ;;
         'completion')
-            opts='--write --help'
+            opts='--write --json --help'
             cmds=''
             args='bash zsh fish' argfiles=0
             case "$prev" in
@@ -94,7 +94,7 @@ _llmprune() {
             esac
             ;;
         'export')
-            opts='--gguf --outtype --base-model --trust-pickle --json --help'
+            opts='--gguf --outtype --overwrite --base-model --trust-pickle --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -142,7 +142,7 @@ _llmprune() {
             esac
             ;;
         'prune')
-            opts='--ratio --target-params --prune-mlp --allocation --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
+            opts='--ratio --target-params --prune-mlp --allocation --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -183,7 +183,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
+            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -193,6 +193,9 @@ _llmprune() {
                 --name) valued=1 values='' files=1 ;;
                 --retreat-step) valued=1 values='' files=0 ;;
                 --min-ratio) valued=1 values='' files=0 ;;
+                --tasks) valued=1 values='' files=1 ;;
+                --include-path) valued=1 values='' files=1 ;;
+                --task-limit) valued=1 values='' files=0 ;;
                 --export) valued=1 values='' files=1 ;;
                 --out) valued=1 values='' files=1 ;;
                 --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;

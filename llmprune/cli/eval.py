@@ -12,6 +12,7 @@ from llmprune.cli.common import (
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
+    IncludePathOpt,
     JsonOpt,
     MaxWindowsOpt,
     OptionalModelArg,
@@ -23,13 +24,8 @@ TasksOpt = Annotated[
     Optional[str],
     typer.Option("--tasks", help="Comma-separated lm-eval tasks (e.g. arc_easy,hellaswag): accuracy instead of perplexity. Needs the lm-eval extra."),
 ]
-IncludePathOpt = Annotated[Optional[str], typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")]
 LimitOpt = Annotated[Optional[float], typer.Option("--limit", help="Only the first N examples per task, or a fraction if < 1 (with --tasks; for quick checks).")]
 NumFewshotOpt = Annotated[Optional[int], typer.Option("--num-fewshot", help="Examples in each prompt (with --tasks; default: the task's own, usually 0).")]
-
-
-def split_tasks(tasks: str) -> list[str]:
-    return [name.strip() for name in tasks.split(",") if name.strip()]
 
 
 def eval_command(
@@ -52,11 +48,11 @@ def eval_command(
 ) -> None:
     """Perplexity of a model on a text (default: wikitext-2 test), and optionally a generation; with --tasks, lm-eval task accuracy."""
     if tasks is not None:
-        from llmprune.engine.tasks import TaskEvalConfig, TaskOptions, run_task_evaluation
+        from llmprune.engine.tasks import TaskEvalConfig, TaskOptions, run_task_evaluation, task_names
         from llmprune.ui.console import console, format_count, print_json
         from llmprune.ui.task_table import task_table
 
-        options = TaskOptions(tasks=split_tasks(tasks), include_path=include_path, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+        options = TaskOptions(tasks=task_names(tasks), include_path=include_path, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
         result = run_task_evaluation(
             TaskEvalConfig(model=model, options=options, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype)
         ).to_dict()

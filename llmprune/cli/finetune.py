@@ -93,11 +93,13 @@ def finetune_command(
                        "fix what doctor reports (see advice above), or pass --force to train anyway")
         raise typer.Exit(1) from None
     if not main_process:
-        raise typer.Exit(0 if result.ok else 1)
+        raise typer.Exit(130 if result.status == "stopped_by_user" else 0 if result.ok else 1)
     if json_output:
         print_json(result.to_dict())
     else:
         console.print(finetune_table(result.to_dict()))
+    if result.status == "stopped_by_user":  # saved, but not finished: `finetune && deploy` must not go on
+        raise typer.Exit(130)
     if not result.ok:
         raise typer.Exit(1)
 

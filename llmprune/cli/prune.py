@@ -10,7 +10,7 @@ import typer
 from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt
 from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, LayerEndOpt, PlanImportanceMethodOpt,
-    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
+    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt, ForceOpt, OverwriteOpt,
 )
 from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig
 from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
@@ -30,7 +30,7 @@ def prune_command(
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).")] = None,
     drop_layers: Annotated[int, typer.Option("--drop-layers", help="Depth pruning: remove this many whole layers (least block influence) before cutting units.")] = _PRUNE.drop_layers,
     attn_unit: AttnUnitOpt = _PRUNE.attn_unit,
-    unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: fluctuation (variance of the unit's output on calibration text, default), activation (weight norm × activation norm) or magnitude (L2).")] = _PRUNE.unit_importance,
+    unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: obs (greedy optimal-brain-surgeon removal: least output error after the refit, default), fluctuation (variance of the unit's output on calibration text), activation (weight norm × activation norm) or magnitude (L2).")] = _PRUNE.unit_importance,
     round_to: RoundToOpt = _PRUNE.round_to,
     uniform: Annotated[bool, typer.Option("--uniform", help="Same shape in every layer (no protected layers); saves a stock Llama config.")] = False,
     importance_config: Annotated[Optional[Path], typer.Option("--importance-config", help="Reuse the scores (and plan options, as defaults) of `llmprune analyze`'s JSON instead of measuring.")] = None,
@@ -52,7 +52,9 @@ def prune_command(
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = _PRUNE.eval_seq_len,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate the first N windows (default 256).")] = _PRUNE.max_windows,
     save_model: Annotated[bool, typer.Option("--save-model", help="Save the pruned model into the run's log folder (or --out).")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Save the pruned model in this folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Save the pruned model in this folder (new or empty; a previous pruned model only with --overwrite).")] = None,
+    overwrite: OverwriteOpt = False,
+    force: ForceOpt = False,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Root of the run logs.")] = _PRUNE.log_dir,
     save_ckpt_log_name: Annotated[Optional[str], typer.Option("--save-ckpt-log-name", help="Run folder name (default: the model's name).")] = None,
     base_model: BaseModelOpt = None,
@@ -77,7 +79,7 @@ def prune_command(
         strategy=pruning_strategy, alpha=alpha, min_rate=min_pruning_rate, max_rate=max_pruning_rate,
         layer_start=layer_start, layer_end=layer_end, test_after_prune=test_after_prune, eval_dataset=eval_dataset,
         eval_seq_len=eval_seq_len, max_windows=max_windows, save_model=save_model, out=out, log_dir=log_dir,
-        save_ckpt_log_name=save_ckpt_log_name, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+        save_ckpt_log_name=save_ckpt_log_name, overwrite=overwrite, force=force, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
     )
     with stage_progress(enabled=not json_output) as progress:
         result = run_prune(config, progress=progress)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.engine.data import TokenWindows, check_window_options
+from llmprune.engine.data import TokenWindows, check_seq_len_fits, check_text_source, check_window_options
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.load_options import LoadOptions
 
@@ -124,6 +124,7 @@ class EvalConfig(LoadOptions):
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
+        check_text_source(self.dataset)
         if self.max_new_tokens < 1:
             raise UserInputError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}", "use e.g. --max-new-tokens 32")
 
@@ -134,6 +135,20 @@ class EvalResult(PerplexityResult):
     params: int = 0
     device: str = ""
     generation: str | None = None
+
+
+def _check_generation_fits(loaded: Any, prompt: str, max_new_tokens: int) -> None:
+    """The prompt and the tokens to generate must fit the model's context (else generation runs on and on, or fails)."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    prompt_tokens = len(loaded.tokenizer(prompt)["input_ids"])
+    if prompt_tokens + max_new_tokens > limit:
+        room = limit - prompt_tokens
+        hint = f"use --max-new-tokens {room} or less" if room >= 1 else "use a shorter --prompt"
+        raise UserInputError(
+            f"--prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} do not fit the model's context ({limit} tokens)", hint,
+        )
 
 
 def run_evaluation(config: EvalConfig, progress: ProgressCallback | None = None) -> EvalResult:
@@ -147,6 +162,9 @@ def run_evaluation(config: EvalConfig, progress: ProgressCallback | None = None)
     loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     if loaded.tokenizer is None:
         raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+    check_seq_len_fits(config.seq_len, loaded.model)
+    if config.prompt:
+        _check_generation_fits(loaded, config.prompt, config.max_new_tokens)
     windows = load_evaluation_windows(loaded.tokenizer, config.dataset, config.seq_len, config.max_windows)
     measured = perplexity(loaded.model, windows, config.batch_size, progress)
     generation = generate_text(loaded.model, loaded.tokenizer, config.prompt, config.max_new_tokens) if config.prompt else None

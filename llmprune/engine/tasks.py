@@ -21,9 +21,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.load_options import LoadOptions
 
 LM_EVAL_INSTALL = "pip install 'llmprune[lm-eval]'"
 LOCAL_TASK_HINT = "define the task in a YAML file next to a local data file and pass --include-path DIR (see docs/commands/eval.md)"
+
+
+def task_names(text: str) -> list[str]:
+    """"arc_easy, hellaswag" -> ["arc_easy", "hellaswag"] (the form of --tasks)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 @dataclass
@@ -186,19 +192,11 @@ def evaluate_tasks(model: Any, tokenizer: Any, options: TaskOptions) -> list[Tas
 # ---------------------------------------------------------------- the eval command's engine (with --tasks)
 
 
-@dataclass
-class TaskEvalConfig:
-    """What `llmprune eval MODEL --tasks ...` does."""
+@dataclass(kw_only=True)
+class TaskEvalConfig(LoadOptions):
+    """What `llmprune eval MODEL --tasks ...` does: the model (loaded the llmprune way) and the tasks."""
 
-    model: str
-    """Model spec (alias, folder, file or hub id)."""
     options: TaskOptions
-    base_model: str | None = None
-    """Architecture for weights-only files."""
-    trust_pickle: bool = False
-    """Allow whole pickled modules (LLM-Pruner's)."""
-    device: str = "auto"
-    dtype: str = "auto"
 
 
 @dataclass
@@ -219,12 +217,9 @@ def run_task_evaluation(config: TaskEvalConfig) -> TaskEvalResult:
     """Load the model the llmprune way, then score it on the tasks with lm-eval."""
     import importlib.metadata
 
-    from llmprune.engine.core.device import choose_placement
-    from llmprune.engine.io.models import load_model
-
     config.options.validate()  # before the model load: a missing extra or a bad option costs nothing
-    placement = choose_placement(config.device, config.dtype)
-    loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
+    placement = config.placement()
+    loaded = config.load(placement)
     start = time.perf_counter()
     scores = evaluate_tasks(loaded.model, loaded.tokenizer, config.options)
     return TaskEvalResult(

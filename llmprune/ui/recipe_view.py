@@ -100,7 +100,7 @@ def report_rich_table(report: RecipeReport) -> Table:
     styles = {"healthy": "green", "acceptable": "yellow", "too high": "red", "broken": "bold red"}
     for row in rows:
         verdict = row[5]
-        table.add_row(*row[:5], f"[{styles.get(verdict, 'dim')}]{verdict}[/]", row[6])
+        table.add_row(*row[:5], f"[{styles.get(verdict, 'dim')}]{verdict}[/]", *row[6:])
     return table
 
 

@@ -7,9 +7,10 @@ and --ppl.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from llmprune.engine.data import check_window_options
+from llmprune.engine.data import check_seq_len_fits, check_window_options
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.evaluate import ProgressCallback
@@ -47,7 +48,7 @@ class DoctorConfig(LoadOptions):
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
-        if self.base_ppl is not None and not self.base_ppl > 0:
+        if self.base_ppl is not None and not (self.base_ppl > 0 and math.isfinite(self.base_ppl)):
             raise UserInputError(f"--base-ppl must be a positive number, got {self.base_ppl}", "pass the base model's PPL, e.g. --base-ppl 12.3")
 
 
@@ -77,6 +78,11 @@ def _scan(source: WeightSource, config: DoctorConfig) -> DoctorReport:
     if not all_stats:
         raise UserInputError(f"{config.model} holds no tensors", "pass a model directory or a weights file")
     structure, problems = read_structure(structure_shapes(shapes), source.config, config_role=source.config_role)
+    if structure.num_layers == 0:
+        raise UserInputError(
+            f"{config.model} is not a model: none of its {len(shapes)} tensor(s) belongs to a decoder layer (model.layers.N...)",
+            "pass a Llama-style checkpoint (a model folder or its weights file)",
+        )
     misfit = [p for p in problems if p.check == "fit"]
     if misfit:
         raise UserInputError(
@@ -124,6 +130,7 @@ def _measure_ppl(loaded: LoadedModel, config: DoctorConfig, provenance: dict, re
         raise UserInputError(f"{config.model} has no tokenizer, so its perplexity cannot be measured", "save the tokenizer next to the weights or use --base-model")
     settings = _ppl_settings(config, provenance)
     dataset, seq_len, max_windows = settings
+    check_seq_len_fits(seq_len, loaded.model)
     windows = load_evaluation_windows(loaded.tokenizer, dataset, seq_len, max_windows)
     measured = perplexity(loaded.model, windows, config.batch_size, progress)
     base = config.base_ppl if config.base_ppl is not None else _recorded_base_ppl(provenance, settings)

@@ -145,10 +145,15 @@ def _load_directory(directory: Path, placement: Placement) -> tuple[nn.Module, A
         config_dict = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise UserInputError(f"{config_path} is not valid JSON ({error})", "restore the file or re-save the model") from None
+    from llmprune.engine.io.consistency import check_config_matches_weights
+
+    if not isinstance(config_dict, dict):
+        raise UserInputError(f"{config_path} is not a model config (a JSON object)", "restore the file or re-save the model")
+    check_config_matches_weights(directory, config_dict)
     model_class = model_class_for(config_dict)
     try:
         model = model_class.from_pretrained(str(directory), dtype=placement.dtype)
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # transformers, safetensors and torch each raise their own kinds
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserInputError(f"cannot load the model in {directory}: {first_line}", "check the directory's weights and config.json") from None
     return model, _load_tokenizer(directory)

@@ -19,7 +19,7 @@ from torch import nn
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.config import COMPENSATIONS  # noqa: F401 (re-exported)
+from llmprune.engine.pruning.config import COMPENSATIONS, DEFAULT_UNIT_IMPORTANCE  # noqa: F401 (re-exported)
 from llmprune.engine.pruning.layer_pass import LayerPlan, LayerReport, prune_layers
 from llmprune.engine.pruning.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for  # noqa: F401 (re-exported)
 from llmprune.engine.pruning.surgery import attention_counts
@@ -99,7 +99,7 @@ def measure_units(
     store: LayerStore,
     ids: torch.Tensor,
     runner: LayerRunner,
-    unit_score: str = "fluctuation",
+    unit_score: str = DEFAULT_UNIT_IMPORTANCE,
     progress: StageProgress | None = None,
 ) -> list[LayerScores]:
     """One pass over the dense model: unit scores and block influence of every layer."""
@@ -191,8 +191,8 @@ def allocate(
 class CalibratedPruneOptions:
     """How `prune_to_target` chooses, cuts and compensates."""
 
-    unit_score: str = "fluctuation"
-    """Which units of a layer to keep: fluctuation | activation | magnitude (unit_scores.UNIT_SCORES)."""
+    unit_score: str = DEFAULT_UNIT_IMPORTANCE
+    """Which units of a layer to keep: obs | fluctuation | activation | magnitude (unit_scores.UNIT_SCORES)."""
     compensation: str = "lstsq"
     """What to do for the removed units: none | bias (their mean, into the output bias) | lstsq (refit o_proj/down_proj)."""
     allocation: str = "global"

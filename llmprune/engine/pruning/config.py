@@ -16,7 +16,7 @@ from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.pruning.plan_options import ATTENTION_UNITS, DEFAULT_RATIO, LAYER_METHODS
 
 COMPENSATIONS = ("none", "bias", "lstsq")
-DEFAULT_UNIT_IMPORTANCE = "fluctuation"
+DEFAULT_UNIT_IMPORTANCE = "obs"
 DEFAULT_COMPENSATION = "lstsq"
 
 
@@ -42,6 +42,9 @@ class CalibrationOptions:
             raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "e.g. --batch-size 8")
+        from llmprune.engine.data import check_text_source
+
+        check_text_source(self.dataset)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class PruneConfig(LoadOptions):
     attn_unit: str = "group"
     """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group (plan path)."""
     unit_importance: str = DEFAULT_UNIT_IMPORTANCE
-    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: fluctuation | activation | magnitude)."""
+    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: obs | fluctuation | activation | magnitude)."""
     allocation: str | None = None
     """global | plan; None: global unless a plan option is given (route.choose_path)."""
     compensation_kind: str = DEFAULT_COMPENSATION
@@ -101,6 +104,10 @@ class PruneConfig(LoadOptions):
     log_dir: Path = Path("prune_log")
     save_ckpt_log_name: str | None = None
     """Run folder name under log_dir (default: from the model name)."""
+    overwrite: bool = False
+    """Replace a previous pruned model at `out` (a folder that llmprune did not write is never replaced)."""
+    force: bool = False
+    """Prune even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes)."""
     compensation: Callable[..., Any] | None = None
     """Python API only: the per-layer compensation step (see layer_pass.CompensationContext); selects the plan path."""
 
@@ -110,7 +117,7 @@ class PruneConfig(LoadOptions):
 
     def validate(self) -> None:
         """Values on their own; which options fit together is `route.choose_path`'s job."""
-        from llmprune.engine.data import check_window_options
+        from llmprune.engine.data import check_text_source, check_window_options
 
         if self.ratio is not None and self.target_params is not None:
             raise UserInputError("--ratio and --target-params were both given", "give one of them")
@@ -131,5 +138,6 @@ class PruneConfig(LoadOptions):
         self.calibration.validate()
         if self.test_after_prune:
             check_window_options(self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len")
+            check_text_source(self.eval_dataset, "--eval-dataset")
         if self.out is not None and Path(self.out).is_file():
             raise UserInputError(f"--out {self.out} is a file", "name a folder for the pruned model")

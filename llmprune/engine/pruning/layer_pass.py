@@ -28,6 +28,7 @@ from torch import nn
 
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.pruning import compensation as comp
+from llmprune.engine.pruning.config import DEFAULT_UNIT_IMPORTANCE
 from llmprune.engine.pruning.layer_store import LayerRunner, LayerStore
 from llmprune.engine.pruning.reconstruction import Compensation, CompensationContext, compensation_step, ensure_bias
 from llmprune.engine.pruning.surgery import attention_counts, prune_kv_groups, prune_mlp_channels, prune_query_heads
@@ -85,6 +86,10 @@ class _OneLayer:
         context = CompensationContext(self.index, self.layer, projection, linear, dense[0], dense[1], stats, keep_columns, self.damping)
         self.report.compensation[projection] = self.step(context)
 
+    def _keep(self, count: int) -> dict:
+        """keep= for scores whose ranking depends on how many units stay (greedy OBS)."""
+        return {"keep": count} if getattr(self.score, "takes_keep", False) else {}
+
     @staticmethod
     def _dense(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         return linear.weight.data.clone(), None if linear.bias is None else linear.bias.data.clone()
@@ -104,7 +109,7 @@ class _OneLayer:
             prune_query_heads(self.layer, keep)
             kept_heads = [g * per_group + j for g in range(kv_heads) for j in keep[g]]
         else:
-            groups = top_units(self.score.kv_groups(self.layer, stats), plan.keep_groups)
+            groups = top_units(self.score.kv_groups(self.layer, stats, **self._keep(plan.keep_groups)), plan.keep_groups)
             prune_kv_groups(self.layer, groups)
             kept_heads = [g * per_group + j for g in groups for j in range(per_group)]
             self.report.kept_groups = groups
@@ -118,7 +123,7 @@ class _OneLayer:
         if plan.keep_channels >= down_proj.in_features:
             return False
         stats = self._record(down_proj, 1, middle, self.runner and self.runner.mlp_block)
-        keep = top_units(self.score.mlp_channels(self.layer, stats), plan.keep_channels)
+        keep = top_units(self.score.mlp_channels(self.layer, stats, **self._keep(plan.keep_channels)), plan.keep_channels)
         dense = self._dense(down_proj)
         prune_mlp_channels(self.layer, keep)
         self._compensate("down_proj", self.layer.mlp.down_proj, dense, stats, keep)
@@ -132,7 +137,7 @@ def prune_layers(
     ids: torch.Tensor | None,
     runner: LayerRunner | None,
     plans: Sequence[LayerPlan],
-    unit_score: str = "fluctuation",
+    unit_score: str = DEFAULT_UNIT_IMPORTANCE,
     compensation: str | Compensation | None = "bias",
     damping: float = 1e-3,
     progress: StageProgress | None = None,

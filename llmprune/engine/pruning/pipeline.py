@@ -47,17 +47,25 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None, loaded
 
     `loaded` (a models.LoadedModel) prunes a model already in memory, in place, instead of loading `config.model`.
     """
+    from llmprune.engine.pruning.preflight import check_model_before_pruning, check_prune_outputs, check_weights_on_disk
+
     start = time.perf_counter()
     config.validate()
     get_unit_score(config.unit_importance)
+    check_prune_outputs(config)
     saved_config = read_importance_config(config.importance_config) if config.importance_config else None
     placement = config.placement() if loaded is None else None
     path = choose_path(config, placement.device if placement is not None else None)
     if path.name == "streamed":
+        check_weights_on_disk(str(stream_source(config.model)), action="pruning", force=config.force)
         return _run_streamed(config, path, placement, start, progress)
     loaded = loaded if loaded is not None else config.load(placement)
     model = loaded.model
     require_llama_style(model)
+    seq_lens = {"--seq-len": config.calibration.seq_len, **({"--eval-seq-len": config.eval_seq_len} if config.test_after_prune else {})}
+    check_model_before_pruning(model, action="pruning", force=config.force, seq_lens=seq_lens, drop_layers=config.drop_layers,
+                               round_to=config.round_to)
+    check_prune_outputs(config, needed_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
     shapes = layer_shapes(model)
     if saved_config:
         check_config_fits(saved_config, shapes, config.model)

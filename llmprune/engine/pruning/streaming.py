@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shape
+from llmprune.engine.io.consistency import check_config_matches_weights
 from llmprune.engine.io.checkpoint import PROVENANCE_FILE, REMOTE_CODE_FILE, describe_shapes, provenance_record
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.pruning.layer_store import LayerRunner
@@ -120,6 +121,7 @@ class StreamedLayers:
         self.dtype = dtype
         self.files = safetensors_index(self.directory)
         self.config = AutoConfig.from_pretrained(str(self.directory))
+        check_config_matches_weights(self.directory, self.config.to_dict())
         with torch.device("meta"):
             if getattr(self.config, "layer_shapes", None):
                 self.skeleton = modeling_llmprune.LlmpruneLlamaForCausalLM(self.config)

@@ -9,9 +9,15 @@ inputs of the projection the unit feeds: o_proj for heads and groups
 - `magnitude`: squared L2 norm of every weight that belongs to the unit (no data);
 - `activation`: Σ_j ‖W[:, j]‖²·E[x_j²] over the unit's input columns, the mean
   energy it sends to the output (Wanda-sp, squared);
-- `fluctuation` (default): the variance of the unit's contribution to the
-  output, tr(W_S Cov_SS W_Sᵀ) (FLAP); a unit whose output barely moves can be
-  replaced by a constant (bias compensation).
+- `fluctuation`: the variance of the unit's contribution to the output,
+  tr(W_S Cov_SS W_Sᵀ) (FLAP); a unit whose output barely moves can be
+  replaced by a constant (bias compensation);
+- `obs` (default): the output error removing the unit leaves once the rest of
+  the projection and its bias are refitted, tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ)
+  (optimal brain surgeon; `obs.obs_unit_scores`). Told how many units a layer
+  keeps (`keep=`), it removes them greedily a few at a time, updating W and
+  H⁻¹ after each step (SlimGPT, ZipLM); without it, one-shot errors, which is
+  what the global allocation ranks.
 
 Other criteria plug in with `register_unit_score` (Torch-Pruning style).
 """
@@ -136,7 +142,34 @@ class Fluctuation:
         return comp.fluctuation(layer.mlp.down_proj.weight, stats)
 
 
-UNIT_SCORES: dict[str, UnitScore] = {score.name: score for score in (Magnitude(), Activation(), Fluctuation())}
+class OptimalBrainSurgeon:
+    name = "obs"
+    needs_statistics = True
+    takes_keep = True  # kv_groups/mlp_channels accept keep= (units the layer keeps) for the greedy order
+
+    def needs_gram(self, width: int) -> bool:
+        return True
+
+    @staticmethod
+    def _scores(linear: nn.Linear, stats: comp.InputStatistics, width: int, keep: int | None) -> torch.Tensor:
+        from llmprune.engine.pruning.obs import obs_unit_scores
+
+        units = linear.in_features // width
+        return obs_unit_scores(linear.weight, stats, width, remove=0 if keep is None else units - keep)
+
+    def query_heads(self, layer, stats) -> torch.Tensor:
+        _, kv_heads, head_dim = attention_counts(layer)
+        return self._scores(layer.self_attn.o_proj, stats, head_dim, None).reshape(kv_heads, -1)
+
+    def kv_groups(self, layer, stats, keep: int | None = None) -> torch.Tensor:
+        heads, kv_heads, head_dim = attention_counts(layer)
+        return self._scores(layer.self_attn.o_proj, stats, heads // kv_heads * head_dim, keep)
+
+    def mlp_channels(self, layer, stats, keep: int | None = None) -> torch.Tensor:
+        return self._scores(layer.mlp.down_proj, stats, 1, keep)
+
+
+UNIT_SCORES: dict[str, UnitScore] = {score.name: score for score in (Magnitude(), Activation(), Fluctuation(), OptimalBrainSurgeon())}
 
 
 def register_unit_score(score: UnitScore) -> None:

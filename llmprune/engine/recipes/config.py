@@ -6,6 +6,7 @@ config without importing the runner that calls them.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.recipes.registry import Recipe
+from llmprune.engine.tasks import TaskOptions, task_names
 
 # run-directory entries written by the steps (a --restart removes exactly these)
 OUTPUTS = ("analysis", "pruned", "prune_log", "finetune", "model.gguf", "state.json", "report.json", "report.txt")
@@ -52,6 +54,28 @@ class PipelineSettings(LoadOptions):
         for option, value in (("--importance-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
         need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "use e.g. 64")
+        from llmprune.engine.data import check_text_source
+
+        check_text_source(self.dataset)
+        check_text_source(self.eval_dataset, "--eval-dataset")
+
+    def validate_pruning(self, ratios: list[float]) -> None:
+        """The recipe's pruning settings, in the recipe's own option names, before anything runs."""
+        from llmprune.engine.pruning.importance import LAYER_METHODS
+        from llmprune.engine.pruning.plan_options import STRATEGIES, PlanOptions
+
+        def need(condition: bool, problem: str, hint: str) -> None:
+            if not condition:
+                raise UserInputError(problem, hint)
+
+        prune = self.recipe.prune
+        highest = PlanOptions().max_rate  # no prunable layer loses more than this, so neither can their mean
+        need(max(ratios) <= highest, f"--ratio {max(ratios):g} is more than a recipe prunes: at most {highest:g} of every prunable layer",
+             f"use --ratio {highest:g} or lower")
+        need(prune.strategy in STRATEGIES, f"unknown --pruning-strategy '{prune.strategy}'", f"use one of {', '.join(STRATEGIES)}")
+        need(prune.importance in LAYER_METHODS, f"unknown --importance-method '{prune.importance}'", f"use one of {', '.join(LAYER_METHODS)}")
+        need(math.isfinite(prune.alpha) and prune.alpha >= 0, f"--alpha must be a finite number ≥ 0, got {prune.alpha}", "use e.g. --alpha 4 (0: uniform)")
+        need(prune.layer_start >= 0, f"--layer-start must be ≥ 0, got {prune.layer_start}", "use e.g. --layer-start 1")
 
 
 @dataclass(kw_only=True)
@@ -72,6 +96,12 @@ class RecipeConfig(PipelineSettings):
     """The auto-retreat gives up below this ratio."""
     restart: bool = False
     """Discard a previous run in the same directory instead of resuming it."""
+    tasks: str | None = None
+    """Also score the base, pruned and fine-tuned models on these lm-eval tasks (comma-separated, e.g. arc_easy,hellaswag; needs the lm-eval extra)."""
+    include_path: str | None = None
+    """Folder of local lm-eval task YAML files (with --tasks)."""
+    task_limit: float | None = None
+    """Only the first N examples of each task (a fraction if < 1; quick checks only)."""
     export: str | None = None
     """Also write the final model (fine-tuned, else pruned) as OUT/<run>/model.gguf (f16) for llama.cpp: gguf."""
 
@@ -87,7 +117,16 @@ class RecipeConfig(PipelineSettings):
         """
         keep = ("model", "dataset", "eval_dataset", "seq_len", "calibration_samples", "eval_windows", "batch_size",
                 "retreat_step", "min_ratio")
-        return {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+        settings = {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+        if self.tasks is not None:  # only when asked, so that runs made before --tasks existed still resume
+            settings["tasks"] = self.task_options().to_dict()
+        return settings
+
+    def task_options(self) -> TaskOptions | None:
+        """The lm-eval tasks to score each model on (None: perplexity only); the measuring batch size is theirs too."""
+        if self.tasks is None:
+            return None
+        return TaskOptions(task_names(self.tasks), include_path=self.include_path, limit=self.task_limit, batch_size=self.batch_size)
 
     def validate(self) -> None:
         def need(condition: bool, problem: str, hint: str) -> None:
@@ -95,9 +134,15 @@ class RecipeConfig(PipelineSettings):
                 raise UserInputError(problem, hint)
 
         self.validate_budget()
+        if self.tasks is not None:
+            self.task_options().validate()
         prune, finetune = self.recipe.prune, self.recipe.finetune
         need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
-        need(finetune.lr > 0, f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
+        self.validate_pruning([prune.ratio])
+        need(finetune.lr > 0 and math.isfinite(finetune.lr), f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
+        need(finetune.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {finetune.warmup_steps}", "use e.g. --warmup-steps 10")
+        need(math.isfinite(finetune.max_grad_norm) and finetune.max_grad_norm >= 0,
+             f"--max-grad-norm must be a finite number ≥ 0, got {finetune.max_grad_norm}", "use e.g. 1.0 (0 disables clipping)")
         for option, value in (("--epochs", finetune.epochs), ("--samples", finetune.samples), ("--grad-accum", finetune.grad_accum)):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
         need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")

@@ -24,6 +24,8 @@ STATUS_TEXT = {
     "interrupted": "interrupted: run the same command again to resume",
     "finetune_failed": "fine-tuning stopped on a guard: see the fine-tuning run's log",
     "running": "incomplete: run the same command again to resume",
+    "base_unhealthy": "stopped before pruning: the base model is not healthy (see llmprune doctor)",
+    "failed": "failed: see the error; fix it and run the same command again",
 }
 
 
@@ -39,6 +41,7 @@ class ModelRow:
     ppl_vs_base: float | None
     verdict: str
     seconds: float
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # lm-eval task -> metric -> value
 
 
 @dataclass
@@ -95,7 +98,8 @@ def build_report(config: "RecipeConfig", state: "RunState") -> RecipeReport:
             return
         ratio = result["ppl"] / base_ppl if base_ppl and math.isfinite(result["ppl"]) else None
         share = 1 - result["params"] / base_params if base_params else 0.0
-        rows.append(ModelRow(stage, path, result["params"], share, result["ppl"], ratio, result.get("verdict", "reference"), seconds))
+        rows.append(ModelRow(stage, path, result["params"], share, result["ppl"], ratio, result.get("verdict", "reference"), seconds,
+                             result.get("tasks", {})))
 
     add("base", baseline, config.model, state.seconds("baseline"))
     add("pruned", check, str(state.run_dir / "pruned"), sum(state.seconds(s) for s in ("analyze", "prune", "check")))
@@ -121,14 +125,23 @@ def _format_ppl(ppl: float) -> str:
 
 
 def report_table(report: RecipeReport) -> list[list[str]]:
-    """The report's rows as text cells (header first); shared by the text file and the terminal."""
-    table = [["model", "params", "removed", "PPL", "× base", "verdict", "time"]]
+    """The report's rows as text cells (header first); shared by the text file and the terminal.
+
+    With lm-eval tasks, one column per task after the fixed ones: its `acc` (the JSON report has every metric).
+    """
+    tasks = list(dict.fromkeys(task for row in report.rows for task in row.tasks))
+    table = [["model", "params", "removed", "PPL", "× base", "verdict", "time", *(f"{task} acc" for task in tasks)]]
     for row in report.rows:
         table.append([
             row.stage, _format_count(row.params), f"{row.share_removed:.1%}", _format_ppl(row.ppl),
             f"{row.ppl_vs_base:.2f}" if row.ppl_vs_base is not None else "—", row.verdict, f"{row.seconds:,.0f} s",
+            *(_format_acc(row.tasks.get(task, {}).get("acc")) for task in tasks),
         ])
     return table
+
+
+def _format_acc(acc: float | None) -> str:
+    return "—" if acc is None else f"{acc:.3f}"
 
 
 def report_text(report: RecipeReport) -> str:

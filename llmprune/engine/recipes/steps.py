@@ -43,6 +43,8 @@ def recipe_prune_config(config: "PipelineSettings", importance_config: str | Pat
         importance_method=prune.importance, calibration=calibration_options(config), strategy=prune.strategy,
         alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end,
         log_dir=log_dir, save_ckpt_log_name=log_name, **vars(config.load_options()),
+        # the run folder is the recipe's own (a retreat re-prunes into it); the base model's health was checked first
+        overwrite=True, force=True,
     )
 
 
@@ -51,7 +53,8 @@ class StepAdapters:
 
     def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False,
                  progress: StageProgress | None = None) -> dict:
-        """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`."""
+        """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`;
+        with the config's `tasks`, lm-eval's metrics per task."""
         from dataclasses import replace
 
         from llmprune.engine.data import load_evaluation_windows
@@ -61,12 +64,20 @@ class StepAdapters:
         base = config.load_options()
         # the base model loads as the user asked (--base-model, --trust-pickle); what the recipe saved is a plain folder
         loaded = (base if model == config.model else replace(base, model=model, base_model=None, trust_pickle=False)).load()
+        from llmprune.engine.data import check_seq_len_fits
+
+        check_seq_len_fits(config.seq_len, loaded.model)
         windows = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
         update = (lambda done, total: progress(f"PPL of {Path(model).name}", done, total)) if progress else None
         measured = perplexity(loaded.model, windows, config.batch_size, update)
         result: dict[str, Any] = {"model": model, "params": loaded.num_parameters, "ppl": measured.ppl, "windows": measured.windows}
         if health:
             result.update(self._health(loaded.model, loaded.tokenizer, measured.ppl, base_ppl))
+        if config.tasks is not None:
+            from llmprune.engine.tasks import evaluate_tasks
+
+            scores = evaluate_tasks(loaded.model, loaded.tokenizer, config.task_options())
+            result["tasks"] = {score.task: score.metrics for score in scores}
         result["seconds"] = time.perf_counter() - start
         return result
 
@@ -101,6 +112,7 @@ class StepAdapters:
                 plan=PlanOptions(ratio=prune.ratio, strategy=prune.strategy, alpha=prune.alpha,
                                  layer_start=prune.layer_start, layer_end=prune.layer_end),
                 prune_mlp=prune.prune_mlp, output=out_dir / DEFAULT_CONFIG_NAME, **vars(config.load_options()),
+                overwrite=True, force=True,  # the recipe's own folder; the baseline step checked the base model's health
             ),
             progress=progress,
         )

@@ -22,7 +22,7 @@ from single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 pytest.importorskip("lm_eval")
 
-TASK_DIR = Path(__file__).parent / "data" / "tasks"
+TASK_DIR = Path(__file__).resolve().parents[1] / "data" / "tasks"
 TASK = "llmprune_capitals"
 runner = CliRunner()
 
@@ -101,6 +101,31 @@ def test_table_output(tiny_model_dir, in_task_dir):
     result = runner.invoke(app, ["eval", str(tiny_model_dir), "--tasks", TASK, "--include-path", str(TASK_DIR), "--limit", "4"])
     assert result.exit_code == 0, result.output
     assert TASK in result.stdout and "acc_norm" in result.stdout and "--limit 4" in result.stdout
+
+
+def test_recipe_reports_task_accuracy_of_base_pruned_and_fine_tuned(tiny_model_dir, pydoc_text_file, tmp_path, in_task_dir):
+    budget = ["--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4", "--samples", "8", "--epochs", "1",
+              "--warmup-steps", "0", "--batch-size", "4"]
+    result = runner.invoke(app, ["recipe", "safe", "--model", str(tiny_model_dir), "--dataset", str(pydoc_text_file),
+                                 "--eval-dataset", str(pydoc_text_file), "--out", str(tmp_path), "--ratio", "0.3", *budget,
+                                 "--tasks", TASK, "--include-path", str(TASK_DIR), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    base, pruned, tuned = report["rows"]
+    assert base["tasks"][TASK] == _eval_tasks(str(tiny_model_dir))["metrics"]
+    for row in (pruned, tuned):
+        loaded = load_model(row["path"])
+        assert row["tasks"][TASK] == direct_scores(loaded.model, loaded.tokenizer)
+    assert report["settings"]["tasks"]["tasks"] == [TASK]
+    assert f"{TASK} acc" in (tmp_path / f"{tiny_model_dir.name}-safe-30" / "report.txt").read_text()
+
+
+def test_recipe_checks_the_task_options_before_any_work(tiny_model_dir, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    result = runner.invoke(app, ["recipe", "safe", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--tasks", TASK])
+    _one_error_line(result, "llmprune[lm-eval]")
+    assert not any(tmp_path.iterdir())
 
 
 def _one_error_line(result, *needles: str) -> None:
