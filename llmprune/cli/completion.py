@@ -15,15 +15,15 @@ from llmprune.ui.console import info, print_json
 
 
 def completion_command(
+    ctx: typer.Context,
     shell: Annotated[Optional[str], typer.Argument(help="bash, zsh or fish: print that shell's script.")] = None,
     write: Annotated[
         Optional[Path], typer.Option("--write", help="Write all three scripts into this folder (the repository's is completions/).")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout: the script, or the files written.")] = False,
 ) -> None:
-    """Shell completion scripts generated from this very app (see README: Shell completions)."""
-    from llmprune.cli.app import app  # the app registers this command, so import it late
-
+    """Shell completion scripts generated from this very app (docs/commands/completion.md)."""
+    app = ctx.find_root().command  # the app that registered this command (importing it here would be a cycle)
     if write is None and shell is None:
         raise UserInputError("name a shell or pass --write DIR", "e.g. llmprune completion bash, or llmprune completion --write completions")
     if shell is not None and shell not in SHELLS:
