@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from results_file import table, write_results
 
 from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
 from llmprune.engine.diagnose.tensor_scan import HUGE_ABSOLUTE, HUGE_RELATIVE, huge_tensors, largest_spread, tensor_stats
@@ -45,6 +46,7 @@ def main() -> None:
     targets += [name for name in stats if "layers." not in name]
     print("\n| tensor | max abs | " + " | ".join(f"x{factor:g}" for factor in FACTORS) + " |")
     print("|---|---:|" + "---|" * len(FACTORS))
+    rows = []
     for name in targets:
         cells = []
         for factor in FACTORS:
@@ -53,11 +55,25 @@ def main() -> None:
             flagged = [flag.stats.name for flag in huge_tensors(list(scaled.values()))]
             cells.append("flagged" if flagged == [name] else "-" if not flagged else f"other: {flagged}")
         print(f"| {name} | {stats[name].max_abs:.3g} | " + " | ".join(cells) + " |")
+        rows.append([name.removeprefix("model."), float(f"{stats[name].max_abs:.3g}"), *cells])
 
     start = time.perf_counter()
     report = run_doctor(DoctorConfig(model=args.model, test_forward=True))
     print(f"\nrun_doctor(--test-forward): {time.perf_counter() - start:.2f} s, exit code {report.exit_code}, "
           f"{len(report.findings)} findings, torch threads {torch.get_num_threads()}")
+    doctor_seconds = time.perf_counter() - start
+    write_results(
+        "doctor_huge_rule", title=f"doctor's \"huge\" rule on {args.model}: no false alarm, and the scale it catches",
+        notes=(f"Rule: a tensor is flagged when its max |w| is >= {HUGE_RELATIVE:g}x the median max |w| of the same kind in the "
+               f"other layers (and >= 1), or >= {HUGE_ABSOLUTE:g}. On the healthy model ({sum(s.numel for s in stats.values()):,} "
+               f"parameters in {len(stats)} tensors, scanned in {scan_seconds:.2f} s) the largest spread of one kind is "
+               f"{spread:.2f}x ({kind}) and {len(healthy_flags)} tensors are flagged. Each row scales one tensor of layer "
+               f"{args.layer}, or one tensor without peers, at a time; \"flagged\" means it and nothing else was flagged. "
+               f"`run_doctor(--test-forward)`: {doctor_seconds:.2f} s, exit code {report.exit_code}, {len(report.findings)} findings."),
+        tables=[table("Scaling one tensor", ["tensor", "max |w|", *(f"x{factor:g}" for factor in FACTORS)], rows)],
+        healthy={"flagged": len(healthy_flags), "largest_spread": spread, "kind": kind, "scan_seconds": scan_seconds},
+        doctor={"seconds": doctor_seconds, "exit_code": report.exit_code, "findings": len(report.findings)},
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from results_file import table, write_results
 from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT, REPO
 
 
@@ -32,6 +33,41 @@ VARIANTS = {
     "uniform-magnitude": dict(method=None, strategy="uniform", units="magnitude", uniform=False),
     "uniform-magnitude-all": dict(method=None, strategy="uniform", units="magnitude", uniform=True),
 }
+SCORES_TITLE = "Layer importance of SmolLM2-135M (the scores prune_quality.py measures once and reuses)"
+
+
+QUALITY_TITLE = "Pruning quality of the layer-importance plan vs. uniform magnitude pruning (SmolLM2-135M)"
+QUALITY_NOTES = (
+    "Every row starts from the dense model and removes a share of *all* parameters (a parameter target). "
+    "`default`: removal layer importance, inverse plan, activation unit scores, MLP channels pruned "
+    "(the `--allocation plan` path); `uniform-magnitude`: the same rate in layers 1-28, L2 unit scores. "
+    "Calibration: `--samples` windows x 128 tokens of wikitext-2 validation; PPL: the first `--max-windows` "
+    "windows x 128 tokens of wikitext-2 test. Seconds include loading the model, on a shared 2-core CPU."
+)
+
+
+def quality_table(rows: list[dict]) -> dict:
+    return table(
+        "PPL on wikitext-2 test at the same share of all parameters removed",
+        ["variant", "share asked", "share removed", "parameters", "PPL", "seconds"],
+        [[row["variant"], row["share"], row.get("removed_share", 0.0), row["params"], row["ppl"], row.get("seconds")] for row in rows],
+    )
+
+
+def scores_table(scores: dict[str, list[float]]) -> dict:
+    keys = sorted(scores)
+    layers = max((len(scores[key]) for key in keys), default=0)
+    return table("Score per decoder layer (key: model|method|windows x tokens|seed)", ["layer", *keys],
+                 [[layer, *(scores[key][layer] if layer < len(scores[key]) else None for key in keys)] for layer in range(layers)])
+
+
+def write_scores(path: Path, scores: dict[str, list[float]], command: str | None = None) -> None:
+    write_results("layer_scores", path=path, title=SCORES_TITLE, command=command, tables=[scores_table(scores)], scores=scores,
+                  notes="A cache: a method's scores depend on the model and the calibration windows, not on the pruning ratio.")
+
+
+def read_scores(path: Path) -> dict[str, list[float]]:
+    return json.loads(path.read_text())["scores"] if path.is_file() else {}
 
 
 def main() -> None:
@@ -68,15 +104,14 @@ def main() -> None:
     rows = [{"variant": "dense", "share": 0.0, "ppl": dense.ppl, "params": base.num_parameters}]
 
     # layer scores do not depend on the ratio: measured once per method and sample count, kept across runs
-    scores_cache: dict[str, list[float]] = json.loads(args.scores_cache.read_text()) if args.scores_cache.is_file() else {}
+    scores_cache = read_scores(args.scores_cache)
     for name in args.variants:
         method = VARIANTS[name]["method"]
         key = f"{args.model}|{method}|{args.samples}x128|seed0"
         if method and key not in scores_cache:
             measured = layer_importance(base.model, calibration, method, batch_size=8)
             scores_cache[key] = measured.scores
-            args.scores_cache.parent.mkdir(parents=True, exist_ok=True)
-            args.scores_cache.write_text(json.dumps(scores_cache, indent=1) + "\n")
+            write_scores(args.scores_cache, scores_cache)
             print(f"{method} importance: {measured.seconds:.0f} s", flush=True)
 
     # share-major, so that an interrupted run still compares the variants at the first share
@@ -105,8 +140,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model
-            args.output.parent.mkdir(parents=True, exist_ok=True)  # after every row: a cut-short run keeps its rows
-            args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
+            # after every row: a cut-short run keeps its rows
+            write_results("prune_quality", path=args.output, title=QUALITY_TITLE, notes=QUALITY_NOTES, tables=[quality_table(rows)],
+                          args={k: str(v) for k, v in vars(args).items()}, rows=rows)
 
     print("\n| variant | share of params removed | PPL |\n|---|---|---|")
     for row in rows:

@@ -25,7 +25,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from results_file import RESULTS, table, this_command, write_results  # noqa: E402
 from shared_data import CALIBRATION_TEXT  # noqa: E402
+
+TITLE = "Peak memory of a layer-streamed prune vs. the in-memory prune"
+NOTES = (
+    "The same default prune (`--share` of all parameters, default 0.2; fluctuation scores, global allocation, least-squares "
+    "compensation) in two fresh processes, each saving its result; peak RSS is the process's high-water mark "
+    "(VmHWM), the import floor the RSS after importing torch and transformers. Both saved models are compared: "
+    "same shapes, same logits. One row pair per model; each run of the script replaces its model's rows."
+)
 
 
 def _peak_rss() -> int:
@@ -108,6 +117,29 @@ def main() -> None:
     print(f"streamed / in-memory peak: {stream['peak_rss'] / memory['peak_rss']:.2f} "
           f"(above the floor: {(stream['peak_rss'] - stream['import_floor_rss']) / (memory['peak_rss'] - memory['import_floor_rss']):.2f})")
     print(f"same model: {same}; parameters after: {memory['params_after']:,} / {stream['params_after']:,}")
+    label = f"synthetic {args.synthetic}" if args.synthetic else args.model
+    _save(label, {"command": this_command(), "same_model": same, "calib_windows": args.calib_windows, **results})
+
+
+def _save(label: str, run: dict) -> None:
+    """Keep the other models' runs of benchmarks/results/stream_memory.json, replace this one's."""
+    path = RESULTS / "stream_memory.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
+    runs[label] = run
+    mib = 2**20
+    rows = []
+    for name, entry in sorted(runs.items()):
+        memory, stream = entry["memory"], entry["stream"]
+        weights = f"{name} ({memory['model_bytes'] / mib:,.0f} MiB of weights, {entry['calib_windows']} calibration windows)"
+        for mode in ("memory", "stream"):
+            row = entry[mode]
+            rows.append([weights, "in memory" if mode == "memory" else "streamed", round(row["peak_rss"] / mib),
+                         round((row["peak_rss"] - row["import_floor_rss"]) / mib), round(row["seconds"])])
+        above = (stream["peak_rss"] - stream["import_floor_rss"]) / (memory["peak_rss"] - memory["import_floor_rss"])
+        rows.append([weights, "streamed / in memory", round(stream["peak_rss"] / memory["peak_rss"], 2), round(above, 2), None])
+    write_results("stream_memory", title=TITLE, notes=NOTES, command="\n".join(entry["command"] for _, entry in sorted(runs.items())),
+                  tables=[table("Peak RSS", ["model", "mode", "peak RSS (MiB)", "above the import floor (MiB)", "seconds"], rows)],
+                  runs=runs)
 
 
 def _synthetic_model(shape: str, directory: Path) -> Path:

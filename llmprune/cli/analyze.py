@@ -10,7 +10,7 @@ import typer
 from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt
 from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
-    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt,
+    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt, ForceOpt, OverwriteOpt,
 )
 from llmprune.engine.pruning.config import CalibrationOptions
 from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
@@ -38,6 +38,8 @@ def analyze_command(
     prune_mlp: Annotated[bool, typer.Option("--prune-mlp/--no-prune-mlp", help="Plan MLP channel rates too.")] = True,
     round_to: RoundToOpt = 1,
     output: Annotated[Path, typer.Option("--output", "-o", help="The JSON config to write (the chart PNG goes next to it).")] = Path(DEFAULT_CONFIG_NAME),
+    overwrite: OverwriteOpt = False,
+    force: ForceOpt = False,
     base_model: BaseModelOpt = None,
     trust_pickle: TrustPickleOpt = False,
     stream: Annotated[bool, typer.Option("--stream", help="Read one layer at a time from disk (removal, block-influence): for models that do not fit in memory.")] = False,
@@ -60,7 +62,7 @@ def analyze_command(
         model=model, importance_method=importance_method,
         calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
         plan=plan, attn_unit=attn_unit, prune_mlp=prune_mlp, round_to=round_to, output=output,
-        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, stream=stream,
+        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, stream=stream, overwrite=overwrite, force=force,
     )
     with stage_progress(enabled=not json_output) as progress:
         result = run_analyze(config, progress=progress)

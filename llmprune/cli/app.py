@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated, Optional
 
 import typer
@@ -67,5 +68,14 @@ app.command("completion", help="Shell completion scripts (bash, zsh, fish) gener
 )
 
 
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # `kill`, a job scheduler's SIGTERM or a closed terminal's SIGHUP stop the command like Ctrl-C:
+    # finetune saves its state, a half-written output is removed, and the exit code is 130
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _stop_like_ctrl_c)
     app(prog_name="llmprune")

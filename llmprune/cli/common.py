@@ -7,10 +7,11 @@ import os
 import sys
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 
-from llmprune.engine.core.errors import UserInputError
-from llmprune.ui.console import error_line, err_console
+from llmprune.engine.core.errors import CheckFailedError, UserInputError
+from llmprune.ui.console import err_console, error_line, print_json
 
 ModelArg = Annotated[
     str,
@@ -22,6 +23,7 @@ OptionalModelArg = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps (auto: cuda > mps > cpu).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU).")]
+SaveDtypeOpt = Annotated[str, typer.Option("--save-dtype", help="dtype of the saved weights: auto (the source's: bf16 in -> bf16 out)|float32|bfloat16|float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 BaseModelOpt = Annotated[
     Optional[str], typer.Option("--base-model", help="Architecture of a weights-only file (.bin/.pt/.safetensors without config.json).")
@@ -43,29 +45,70 @@ def set_debug(enabled: bool) -> None:
     _state["debug"] = enabled
 
 
-def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn deliberate errors into one line and exit code 2; Ctrl-C into exit 130.
+def _fail(code: int, problem: str, hint: str | None, json_output: bool, details: list[str] = ()) -> None:
+    """One line on stderr (and, with --json, one JSON object on stdout); then exit with `code`."""
+    if json_output:
+        print_json({"status": "error", "exit_code": code, "error": problem, "hint": hint, "details": list(details)})
+    error_line(problem, hint)
+    for line in list(details)[:10]:
+        err_console.print(f"  - {line}", highlight=False, soft_wrap=True, markup=False)
+    raise typer.Exit(code)
 
-    With --debug (or LLMPRUNE_DEBUG=1) the traceback is shown instead.
+
+def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The error boundary of every subcommand: no traceback without --debug.
+
+    Bad input (UserInputError, unreadable/unwritable files, a full disk) -> one line, exit 2;
+    a check that stopped the run (CheckFailedError) -> the findings, exit 1; Ctrl-C -> exit 130;
+    anything else is a bug -> one line naming it, exit 1. With --debug (or LLMPRUNE_DEBUG=1)
+    the traceback is shown instead.
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = _state["debug"] or os.environ.get("LLMPRUNE_DEBUG") == "1"
+        json_output = bool(kwargs.get("json_output"))
         try:
             return command(*args, **kwargs)
-        except UserInputError as error:
-            if debug:
-                raise
-            error_line(error.problem, error.hint)
-            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
         except KeyboardInterrupt:
             if debug:
                 raise
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - this is the boundary
+            if debug:
+                raise
+            code, problem, hint, details = describe_failure(error)
+            _fail(code, problem, hint, json_output, details)
 
     return wrapper
+
+
+def describe_failure(error: BaseException) -> tuple[int, str, str | None, list[str]]:
+    """(exit code, problem, hint, details) of an error that reached the CLI."""
+    from llmprune.engine.core.outputs import is_disk_full
+
+    if isinstance(error, UserInputError):
+        return 2, error.problem, error.hint, []
+    if isinstance(error, CheckFailedError):
+        return 1, error.problem, error.hint, error.details
+    if is_disk_full(error):
+        return 2, f"the disk is full or the file size limit was reached while writing ({_first_line(error)})", \
+            "free some space (or raise the limit, ulimit -f) and run the command again", []
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        return 2, f"{error.strerror or _first_line(error)}{where}", "check the path and its permissions", []
+    if isinstance(error, MemoryError):
+        return 2, "out of memory", "use a smaller --batch-size/--seq-len, or --stream for prune", []
+    return 1, f"unexpected error: {type(error).__name__}: {_first_line(error)}", \
+        "run again with --debug to see the traceback, and report it", []
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def quiet_libraries() -> None:

@@ -91,10 +91,10 @@ def _walk(command: Any, path: tuple[str, ...], out: list[CommandSpec]) -> None:
         _walk(sub, (*path, name), out)
 
 
-def command_tree(app: typer.Typer) -> list[CommandSpec]:
-    """Every command of the app, parents before children."""
+def command_tree(app: Any) -> list[CommandSpec]:
+    """Every command of the app (a Typer app or the click command it builds), parents before children."""
     out: list[CommandSpec] = []
-    _walk(typer.main.get_command(app), (), out)
+    _walk(typer.main.get_command(app) if isinstance(app, typer.Typer) else app, (), out)
     return out
 
 
@@ -218,6 +218,6 @@ def fish_script(tree: list[CommandSpec]) -> str:
 GENERATORS = {"bash": bash_script, "zsh": zsh_script, "fish": fish_script}
 
 
-def completion_script(app: typer.Typer, shell: str) -> str:
+def completion_script(app: Any, shell: str) -> str:
     """The completion script of `app` for `shell` (bash, zsh or fish)."""
     return GENERATORS[shell](command_tree(app))

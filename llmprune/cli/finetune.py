@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, TrustPickleOpt, stdout_is_terminal
+from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, SaveDtypeOpt, TrustPickleOpt, stdout_is_terminal
 from llmprune.engine.core.errors import UserInputError
 
 
@@ -51,6 +51,7 @@ def finetune_command(
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    save_dtype: SaveDtypeOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
     """Fine-tune a (pruned) model with NaN guards, atomic checkpoints, resume and a live dashboard."""
@@ -70,7 +71,7 @@ def finetune_command(
         loss_limit=loss_limit, max_rollbacks=max_rollbacks, save_every=save_every, out=out, resume=resume,
         test_before=test_before, test_after=test_after, eval_dataset=eval_dataset, eval_windows=eval_windows, force=force,
         teacher=teacher, kd_temperature=kd_temperature, kd_weight=kd_weight, kd_top_k=kd_top_k,
-        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, save_dtype=save_dtype,
     )
     config.validate()
     # under `accelerate launch` every process runs this command: only the first one talks
@@ -93,11 +94,13 @@ def finetune_command(
                        "fix what doctor reports (see advice above), or pass --force to train anyway")
         raise typer.Exit(1) from None
     if not main_process:
-        raise typer.Exit(0 if result.ok else 1)
+        raise typer.Exit(130 if result.status == "stopped_by_user" else 0 if result.ok else 1)
     if json_output:
         print_json(result.to_dict())
     else:
         console.print(finetune_table(result.to_dict()))
+    if result.status == "stopped_by_user":  # saved, but not finished: `finetune && deploy` must not go on
+        raise typer.Exit(130)
     if not result.ok:
         raise typer.Exit(1)
 

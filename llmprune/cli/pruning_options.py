@@ -46,3 +46,7 @@ AttnUnitOpt = Annotated[
     str, typer.Option("--attn-unit", help="group: remove whole KV groups, q:kv unchanged (default); query: remove query heads evenly from every group.")
 ]
 RoundToOpt = Annotated[int, typer.Option("--round-to", help="Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Go on even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes).")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a previous llmprune output at the output location.")]

@@ -8,12 +8,14 @@ from typing import Annotated
 
 import typer
 
-from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt, guarded, stdout_is_terminal
+from llmprune.cli.common import JsonOpt, guarded, stdout_is_terminal
+from llmprune.cli.recipe_options import LOAD_FIELDS, load_parameters, recipe_option_parameters
+from llmprune.cli.recipe_sweep import sweep_command
 from llmprune.cli.settings_options import settings_parameters, settings_values, with_signature
 # the registry is plain data (no torch): the subcommands and their defaults are built from it
 from llmprune.engine.recipes.registry import RECIPES, Recipe
 
-EXIT_CODES = {"done": 0, "stopped_at_gate": 1, "finetune_failed": 1, "interrupted": 130}
+EXIT_CODES = {"done": 0, "stopped_at_gate": 1, "finetune_failed": 1, "base_unhealthy": 1, "interrupted": 130}
 recipe_app = typer.Typer(help="Proven pipelines in one command: analyze → prune → eval → gate → finetune → eval.")
 
 
@@ -38,36 +40,13 @@ def recipe_list(
     raise typer.Exit(0)
 
 
-_LOAD = ("model", "base_model", "trust_pickle", "device", "dtype")
-
-
-def recipe_option_parameters(recipe: Recipe | None = None) -> list[inspect.Parameter]:
-    """The options of `recipe NAME` (and, without a recipe, the sweep's overrides), from the settings dataclasses."""
-    from llmprune.engine.recipes.registry import FinetuneSettings, PruneSettings
-
-    if recipe is None:
-        return settings_parameters(PruneSettings, prefix="prune__", skip=("ratio",), optional=True)
-    return (settings_parameters(PruneSettings, recipe.prune, prefix="prune__")
-            + settings_parameters(FinetuneSettings, recipe.finetune, prefix="finetune__"))
-
-
-def _load_parameters(model_as_option: bool) -> list[inspect.Parameter]:
-    """The LoadOptions of every command that loads a model, declared once (cli.common)."""
-    model = (Annotated[str, typer.Option("--model", help="Base model: smollm2-135m, a folder, a file or a hub id.")]
-             if model_as_option else OptionalModelArg)
-    declared = {"model": (model, "smollm2-135m"), "base_model": (BaseModelOpt, None), "trust_pickle": (TrustPickleOpt, False),
-                "device": (DeviceOpt, "auto"), "dtype": (DtypeOpt, "auto")}
-    kind = inspect.Parameter.KEYWORD_ONLY
-    return [inspect.Parameter(name, kind, default=default, annotation=annotation) for name, (annotation, default) in declared.items()]
-
-
 def _command_for(recipe: Recipe):
     from llmprune.engine.recipes.config import PipelineSettings, RecipeConfig
 
     parameters = (
-        _load_parameters(model_as_option=True)
+        load_parameters(model_as_option=True)
         + settings_parameters(RecipeConfig, prefix="", skip=("recipe", *(f.name for f in dataclasses.fields(PipelineSettings))))
-        + settings_parameters(PipelineSettings, prefix="", skip=_LOAD)
+        + settings_parameters(PipelineSettings, prefix="", skip=LOAD_FIELDS)
         + recipe_option_parameters(recipe)
         + [inspect.Parameter("no_tui", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
               bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")]),
@@ -114,6 +93,5 @@ def _run(config, no_tui: bool, json_output: bool) -> None:
 
 for _recipe in RECIPES.values():
     recipe_app.command(_recipe.name)(guarded(_command_for(_recipe)))
-from llmprune.cli.recipe_sweep import sweep_command  # noqa: E402 (it reads recipe_option_parameters above)
 
 recipe_app.command("sweep")(guarded(sweep_command))

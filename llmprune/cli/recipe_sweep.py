@@ -9,11 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune.cli.common import JsonOpt
+from llmprune.cli.recipe_options import LOAD_FIELDS, load_parameters, recipe_option_parameters
 from llmprune.cli.settings_options import settings_parameters, settings_values, with_signature
 
 
 def _parameters() -> list[inspect.Parameter]:
-    from llmprune.cli.recipe import _LOAD, _load_parameters, recipe_option_parameters
     from llmprune.engine.recipes.config import PipelineSettings
 
     kind = inspect.Parameter.KEYWORD_ONLY
@@ -25,8 +25,8 @@ def _parameters() -> list[inspect.Parameter]:
         inspect.Parameter("importance_config", kind, default=None, annotation=Annotated[Optional[Path], typer.Option(
             "--importance-config", help="Reuse this layer_importance_config.json.")]),
     ]
-    return (_load_parameters(model_as_option=False) + own + recipe_option_parameters(None)
-            + settings_parameters(PipelineSettings, prefix="", skip=_LOAD)
+    return (load_parameters(model_as_option=False) + own + recipe_option_parameters(None)
+            + settings_parameters(PipelineSettings, prefix="", skip=LOAD_FIELDS)
             + [inspect.Parameter("json_output", kind, default=False, annotation=JsonOpt)])
 
 

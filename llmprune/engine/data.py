@@ -66,36 +66,69 @@ def _load_named(name: str, purpose: str) -> str:
 
 def _load_local(path: Path) -> str:
     if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserInputError(f"{path} line {number} is not valid JSON", "each line must be an object with a 'text' field") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserInputError(f"{path} line {number} has no 'text' field", "each line must be an object with a 'text' field")
-                texts.append(record["text"])
-        return _join_documents(texts, "\n\n")
+        try:
+            return _load_jsonl(path)
+        except UnicodeDecodeError:
+            raise UserInputError(f"{path} is not UTF-8 text", "convert it to UTF-8") from None
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise UserInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})", "rename the text column to 'text'")
-        return _join_documents([t for t in table.column("text").to_pylist() if t], "\n\n")
+        return _load_parquet(path)
     try:  # .txt and anything else: one document, exactly as it is
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserInputError(f"{path} is not UTF-8 text", "convert it to UTF-8 or use a .jsonl/.parquet file") from None
 
 
+def _load_jsonl(path: Path) -> str:
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserInputError(f"{path} line {number} is not valid JSON", "each line must be an object with a 'text' field") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserInputError(f"{path} line {number} has no 'text' field", "each line must be an object with a 'text' field")
+            texts.append(record["text"])
+    return _join_documents(texts, "\n\n")
+
+
+def _load_parquet(path: Path) -> str:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... on a damaged file
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise UserInputError(f"{path} is not a readable Parquet file ({reason})", "pass a valid .parquet file with a 'text' column, or a .txt file") from None
+    if "text" not in table.column_names:
+        raise UserInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})", "rename the text column to 'text'")
+    texts = [t for t in table.column("text").to_pylist() if t]
+    if not all(isinstance(t, str) for t in texts):
+        raise UserInputError(f"{path}: the 'text' column does not hold strings", "store the text as a string column")
+    return _join_documents(texts, "\n\n")
+
+
 def _load_pydoc() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def check_text_source(source: str, option: str = "--dataset") -> None:
+    """A local text must exist, be a file and not be empty (cheap: checked before a model is loaded)."""
+    source = str(source).strip()
+    if source in NAMED_SOURCES or source in BUILTIN_SOURCES:
+        return
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise UserInputError(f"dataset file {path} is empty", f"pass a file with text in it to {option}")
+        return
+    if path.is_dir():
+        raise UserInputError(f"dataset {path} is a folder", f"pass a file or a named source ({SOURCE_HELP}) to {option}")
+    raise UserInputError(f"dataset '{source}' not found: not a file and not a named source", f"use {SOURCE_HELP} for {option}")
 
 
 def load_text(source: str, purpose: str = "eval") -> str:
@@ -107,14 +140,8 @@ def load_text(source: str, purpose: str = "eval") -> str:
         return _load_named(source, purpose)
     if source == "pydoc":
         return _load_pydoc()
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.stat().st_size == 0:
-            raise UserInputError(f"dataset file {path} is empty", "pass a file with text in it")
-        return _load_local(path)
-    if path.is_dir():
-        raise UserInputError(f"dataset {path} is a folder", f"pass a file or a named source ({SOURCE_HELP})")
-    raise UserInputError(f"dataset '{source}' not found: not a file and not a named source", f"use {SOURCE_HELP}")
+    check_text_source(source)
+    return _load_local(Path(source).expanduser())
 
 
 # ---------------------------------------------------------------- tokens
@@ -184,6 +211,16 @@ def check_window_options(seq_len: int | None, max_windows: int | None, batch_siz
     _check_max_windows(max_windows)
     if batch_size < 1:
         raise UserInputError(f"--batch-size must be ≥ 1, got {batch_size}", "use e.g. --batch-size 4")
+
+
+def check_seq_len_fits(seq_len: int, model: Any, option: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's context (max_position_embeddings): they would run for hours or fail."""
+    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and seq_len > limit:
+        raise UserInputError(
+            f"{option} {seq_len} is longer than the model's context ({limit} tokens, max_position_embeddings)",
+            f"use {option} {limit} or less",
+        )
 
 
 def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, source: str = "") -> TokenWindows:

@@ -18,3 +18,16 @@ class UserInputError(LlmpruneError):
         self.problem = problem
         self.hint = hint
         super().__init__(problem if not hint else f"{problem} — {hint}")
+
+
+class CheckFailedError(LlmpruneError):
+    """A check found a problem, so the command stopped before doing its work (exit code 1).
+
+    `details` are the findings, one short line each (the CLI prints the first few).
+    """
+
+    def __init__(self, problem: str, hint: str | None = None, details: list[str] | tuple[str, ...] = ()):
+        self.problem = problem
+        self.hint = hint
+        self.details = list(details)
+        super().__init__(problem if not hint else f"{problem} — {hint}")

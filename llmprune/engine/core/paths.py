@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file is an ordinary output
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -35,6 +37,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -46,16 +54,56 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(final: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders of earlier writes of `final` whose process is gone (killed mid-save).
+
+    Staging folders are named `.<name>.<pid>-<random>.partial`; one of a live process (a
+    concurrent writer) is left alone, one without a pid (an older llmprune) is stale.
+    """
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for candidate in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        middle = candidate.name[len(final.name) + 2 : -len(".partial")]
+        pid = middle.split("-", 1)[0]
+        if pid.isdigit() and "-" in middle and _process_alive(int(pid)):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:  # a single-file output's staging (export's .gguf)
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    retired = final.with_name(f".{final.name}.old")
+    if retired.is_dir() and not final.exists():  # killed between the two renames: the old version is the only one
+        os.replace(retired, final)
+    elif retired.is_dir():
+        shutil.rmtree(retired, ignore_errors=True)
+    return removed
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `final` in one rename.
 
     An interrupted write leaves `final` as it was (absent or the previous version).
     """
-    final = Path(final)
+    final = Path(os.path.abspath(Path(final).expanduser()))
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    remove_stale_staging(final)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}-", suffix=".partial"))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the folder is an ordinary output
         yield staging
         if final.exists():
             retired = final.with_name(f".{final.name}.old")

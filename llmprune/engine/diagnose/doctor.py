@@ -7,9 +7,10 @@ and --ppl.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from llmprune.engine.data import check_window_options
+from llmprune.engine.data import check_seq_len_fits, check_window_options
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.evaluate import ProgressCallback
@@ -44,10 +45,12 @@ class DoctorConfig(LoadOptions):
     """Windows per forward pass."""
     base_ppl: float | None = None
     """The base model's PPL on the same data, for a relative verdict (default: recorded by prune)."""
+    stream: bool | None = None
+    """--test-forward with the layers streamed from disk (one in memory at a time). None: when the model would not fit."""
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
-        if self.base_ppl is not None and not self.base_ppl > 0:
+        if self.base_ppl is not None and not (self.base_ppl > 0 and math.isfinite(self.base_ppl)):
             raise UserInputError(f"--base-ppl must be a positive number, got {self.base_ppl}", "pass the base model's PPL, e.g. --base-ppl 12.3")
 
 
@@ -77,6 +80,11 @@ def _scan(source: WeightSource, config: DoctorConfig) -> DoctorReport:
     if not all_stats:
         raise UserInputError(f"{config.model} holds no tensors", "pass a model directory or a weights file")
     structure, problems = read_structure(structure_shapes(shapes), source.config, config_role=source.config_role)
+    if structure.num_layers == 0:
+        raise UserInputError(
+            f"{config.model} is not a model: none of its {len(shapes)} tensor(s) belongs to a decoder layer (model.layers.N...)",
+            "pass a Llama-style checkpoint (a model folder or its weights file)",
+        )
     misfit = [p for p in problems if p.check == "fit"]
     if misfit:
         raise UserInputError(
@@ -98,6 +106,36 @@ def _build_model(source: WeightSource, config: DoctorConfig, report: DoctorRepor
             raise
         report.findings.append(Finding("error", "forward", "model", f"the model cannot be built from these tensors: {error.problem}", [Advice.RESAVE, Advice.REPRUNE]))
         return None
+
+
+def _stream_source(config: DoctorConfig, placement: Placement):
+    """The safetensors directory to stream the forward test from (None: build the model in memory)."""
+    if config.stream is False:
+        return None
+    from llmprune.engine.pruning.pipeline import stream_source
+    from llmprune.engine.pruning.streaming import should_stream
+
+    source = stream_source(config.model)
+    if config.stream and source is None:
+        raise UserInputError(f"--stream needs a model directory with safetensors weights, not {config.model}", "drop --stream")
+    return source if source is not None and (config.stream or should_stream(source, placement.device)) else None
+
+
+def _streamed_forward(report: DoctorReport, directory, placement: Placement) -> None:
+    from transformers import AutoTokenizer
+
+    from llmprune.engine.diagnose.forward_probe import streamed_forward_test
+    from llmprune.engine.pruning.streaming import StreamedLayers
+
+    try:
+        store = StreamedLayers(directory, placement.device, placement.dtype)
+    except (UserInputError, ValueError, OSError) as error:
+        if report.ok:
+            raise
+        report.findings.append(Finding("error", "forward", "model", f"the model cannot be built from these tensors: {error}", [Advice.RESAVE, Advice.REPRUNE]))
+        return
+    tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").is_file() else None
+    add_forward(report, None, result=streamed_forward_test(store, tokenizer))
 
 
 def _ppl_settings(config: DoctorConfig, provenance: dict) -> tuple[str, int, int | None]:
@@ -124,6 +162,7 @@ def _measure_ppl(loaded: LoadedModel, config: DoctorConfig, provenance: dict, re
         raise UserInputError(f"{config.model} has no tokenizer, so its perplexity cannot be measured", "save the tokenizer next to the weights or use --base-model")
     settings = _ppl_settings(config, provenance)
     dataset, seq_len, max_windows = settings
+    check_seq_len_fits(seq_len, loaded.model)
     windows = load_evaluation_windows(loaded.tokenizer, dataset, seq_len, max_windows)
     measured = perplexity(loaded.model, windows, config.batch_size, progress)
     base = config.base_ppl if config.base_ppl is not None else _recorded_base_ppl(provenance, settings)
@@ -160,7 +199,10 @@ def run_doctor(config: DoctorConfig, progress: ProgressCallback | None = None) -
     placement = choose_placement(config.device, config.dtype)
     source = locate_weights(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     report = _scan(source, config)
-    if config.test_forward or config.ppl:
+    stream_from = _stream_source(config, placement) if config.test_forward and not config.ppl else None
+    if stream_from is not None:
+        _streamed_forward(report, stream_from, placement)
+    elif config.test_forward or config.ppl:
         loaded = _build_model(source, config, report, placement)
         if loaded is not None and config.test_forward:
             add_forward(report, loaded.model, loaded.tokenizer)

@@ -218,8 +218,9 @@ def build_report(all_stats: list[TensorStats], structure: Structure | None, stru
     )
 
 
-def add_forward(report: HealthReport, model: nn.Module, tokenizer: Any = None) -> None:
-    report.forward = forward_test(model, tokenizer)
+def add_forward(report: HealthReport, model: nn.Module | None, tokenizer: Any = None, result: ForwardResult | None = None) -> None:
+    """The forward test's result and findings (`result`: one already measured, e.g. streamed)."""
+    report.forward = result if result is not None else forward_test(model, tokenizer)
     new = forward_findings(report.forward, weights_have_faults=bool(report.nan or report.inf or report.huge_count))
     report.findings.extend(new)
     for finding in new:
@@ -251,3 +252,25 @@ def preflight_check(model: nn.Module, tokenizer: Any = None, *, forward: bool = 
     if forward:
         add_forward(report, model, tokenizer)
     return report
+
+
+def require_healthy(report: HealthReport, action: str, force: bool = False) -> HealthReport:
+    """Stop `action` (e.g. "pruning") on a model whose weights are unsafe, unless forced.
+
+    Raises CheckFailedError (exit code 1) naming the findings; with `force` the report is returned as is.
+    """
+    from llmprune.engine.core.errors import CheckFailedError
+
+    if report.ok or force:
+        return report
+    errors = report.by_severity("error")
+    raise CheckFailedError(
+        f"the model failed the weight health check, so {action} was not started ({len(errors)} problem(s))",
+        "fix what `llmprune doctor` reports for this model, or pass --force to go on anyway",
+        [f"{finding.location}: {finding.message}" for finding in errors],
+    )
+
+
+def weight_health(model: nn.Module) -> HealthReport:
+    """The weight and structure part of preflight_check (no forward pass): NaN, Inf, huge values, GQA, shapes."""
+    return preflight_check(model, forward=False)

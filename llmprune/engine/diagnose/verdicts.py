@@ -79,7 +79,7 @@ def ppl_verdict(ppl: float, base_ppl: float | None = None, *, seq_len: int | Non
     label = _label(ppl, ABSOLUTE_SCALE)
     explanation = (
         f"PPL {ppl:.2f}: {_VERDICT_MEANING[label]} (absolute scale for Llama-3-8B-class models at 2048 tokens: "
-        f"< 15 healthy, 15-25 acceptable, 25-50 too high, ≥ 50 broken; base PPL unknown, pass --base-ppl for a relative verdict)"
+        f"< 15 healthy, 15-25 acceptable, 25-50 too high, ≥ 50 broken; base PPL unknown: llmprune doctor --base-ppl gives a relative verdict)"
     )
     if seq_len is not None and seq_len < 2048:
         explanation += f"; measured on {seq_len}-token windows, which give a higher PPL than 2048, and small models sit higher on this scale"

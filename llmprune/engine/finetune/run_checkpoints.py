@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.outputs import is_disk_full
 from llmprune.engine.core.paths import atomic_write_json
 
 LATEST_FILE = "latest.json"
@@ -88,9 +90,16 @@ class CheckpointStore:
                     os.replace(staging, final)
                 else:
                     shutil.rmtree(staging)
-        except BaseException:
+        except BaseException as error:
             if acc.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, Exception) and is_disk_full(error):
+                good = self.latest()
+                intact = f"the checkpoint of step {checkpoint_step(good)} is intact ({good})" if good else "no earlier checkpoint exists"
+                raise UserInputError(
+                    f"no space left on the disk (or the file size limit was reached) while saving the checkpoint of step {step}; {intact}",
+                    "free some space, then continue with --resume" if good else "free some space, then run the command again",
+                ) from None
             raise
         acc.wait_for_everyone()
         self.pending = final

@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from llmprune.engine.data import TokenWindows
-from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.errors import LlmpruneError, UserInputError
 from llmprune.engine.core.events import (
     CheckpointSaved,
     Event,
@@ -55,6 +55,7 @@ from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and
 )
 from llmprune.engine.finetune.distill import Distiller, LossParts, check_teacher_matches, lm_only_loss, load_teacher
 from llmprune.engine.finetune.guards import StepVerdict, check_step, make_alert
+from llmprune.engine.core.outputs import RUN_MARKER, check_output_folder, is_disk_full
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.finetune.run_checkpoints import CheckpointStore, TrainingProgress, checkpoint_step, latest_checkpoint
 
@@ -156,8 +157,27 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _prepare_run_dir(config: FinetuneConfig) -> Path:
+def _read_run(run_dir: Path) -> dict:
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
+    run_dir = check_run_dir(config, needed_bytes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_FILE).is_file() and os.environ.get("RANK", "0") == "0":
+        # marks the folder as a run from the start, so that a run killed before its first checkpoint can be started again there
+        atomic_write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "status": "starting"})
+    return run_dir
+
+
+def check_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
+    """Whether --out may receive this run (a new or empty folder, or the run to --resume); nothing is written."""
     run_dir = Path(config.out).expanduser() if config.out else default_run_dir()
+    check_output_folder(run_dir, option="--out", resumable=True, needed_bytes=needed_bytes, kind=RUN_MARKER)
     checkpoints = run_dir / "checkpoints"
     if config.resume:
         if latest_checkpoint(checkpoints) is None:
@@ -172,9 +192,14 @@ def _prepare_run_dir(config: FinetuneConfig) -> Path:
                 f"--resume with different data or loss settings ({', '.join(changed)}) would not continue the same run",
                 "use the settings of the original run (see run.json) or start a new --out",
             )
+        finished = _read_run(run_dir)
+        if finished.get("status") == "completed" and finished.get("steps") is not None and finished.get("steps") >= finished.get("total_steps", 0):
+            raise UserInputError(
+                f"{run_dir} is a finished run ({finished['steps']} of {finished['total_steps']} steps): there is nothing to resume",
+                f"its model is in {finished.get('model_dir') or run_dir}; to train more, start a new run on it with another --out",
+            )
     elif latest_checkpoint(checkpoints) is not None:
         raise UserInputError(f"{run_dir} already holds a run", "pass --resume to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -209,21 +234,54 @@ def finetune_model(
     `provenance` is the loaded model's llmprune.json, carried into the saved model.
     `teacher` is an already-loaded teacher (else `config.teacher` is loaded when set).
     """
+    from llmprune.engine.data import check_seq_len_fits
+
     config.validate()
+    check_seq_len_fits(config.seq_len, model)
     control = control or TrainingControl()
     emit = _safe_listener(listener)
-    run_dir = _prepare_run_dir(config)
+    # refuse an unhealthy model before anything is written (no run folder, no log file)
+    report = None if config.resume else health_check(model, tokenizer)
+    if report is not None and not report.ok and not config.force:
+        raise UnhealthyModelError(report)
+    # one checkpoint (fp32 weights and two Adam moments) and the final model, at least
+    run_dir = _prepare_run_dir(config, needed_bytes=4 * 4 * sum(p.numel() for p in model.parameters()))
     accelerator = make_accelerator(config, next(model.parameters()).device)
     main = accelerator.is_main_process
     handler = _attach_log_file(run_dir) if main else None
     try:
         loss_fn = _loss_function(model, teacher, config, accelerator.device)
         return _train(model, tokenizer, config, accelerator, run_dir, emit if main else (lambda event: None), control, train_windows,
-                      provenance or {}, loss_fn)
+                      provenance or {}, loss_fn, report)
+    except Exception as error:
+        if main:
+            _record_failure(run_dir, config, error)
+        if isinstance(error, LlmpruneError) or not is_disk_full(error):
+            raise
+        raise UserInputError(
+            f"no space left on the disk (or the file size limit was reached) while writing the run; {_intact(run_dir)}",
+            "free some space, then continue with --resume" if latest_checkpoint(run_dir / "checkpoints") else "free some space, then run the command again",
+        ) from None
     finally:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+
+
+def _intact(run_dir: Path) -> str:
+    good = latest_checkpoint(run_dir / "checkpoints")
+    return f"the checkpoint of step {checkpoint_step(good)} is intact ({good})" if good else "no checkpoint was written yet"
+
+
+def _record_failure(run_dir: Path, config: FinetuneConfig, error: BaseException) -> None:
+    """run.json says the run failed (and why), so that nobody takes it for one still running."""
+    record = _read_run(run_dir) or {"config": config.to_dict()}
+    problem = getattr(error, "problem", None) or f"{type(error).__name__}: {str(error).strip()[:300]}"
+    record.update({"status": "failed", "message": problem, "last_good_checkpoint": str(latest_checkpoint(run_dir / "checkpoints") or "") or None})
+    try:
+        atomic_write_json(run_dir / RUN_FILE, record)
+    except OSError:  # the disk may be full: the error itself is what the user needs to see
+        log.error("could not record the failure in %s", run_dir / RUN_FILE)
 
 
 def _loss_function(student: torch.nn.Module, teacher: torch.nn.Module | None, config: FinetuneConfig, device: torch.device):
@@ -278,7 +336,7 @@ class _Run:
         return self.accelerator.is_main_process
 
 
-def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_windows, provenance, loss_fn) -> FinetuneResult:
+def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_windows, provenance, loss_fn, report=None) -> FinetuneResult:
     from llmprune.engine.data import load_calibration_windows
 
     torch.manual_seed(config.seed)
@@ -296,7 +354,7 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
             f"{len(windows)} training windows are fewer than one optimizer step needs ({per_step})",
             "raise --samples or lower --batch-size/--grad-accum",
         )
-    health = None if config.resume else _preflight(model, tokenizer, config, emit)
+    health = None if report is None else _preflight(report, config, emit)
     ppl_before = _measure_ppl(model, tokenizer, config, "before", emit) if config.test_before else None
 
     run = _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_fn, provenance,
@@ -306,13 +364,10 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
     return _finish(run, tokenizer, provenance, health, ppl_before, started)
 
 
-def _preflight(model, tokenizer, config: FinetuneConfig, emit: Listener) -> dict:
-    """doctor's health check before step 1: an unhealthy model is refused unless --force."""
-    report = health_check(model, tokenizer)
+def _preflight(report, config: FinetuneConfig, emit: Listener) -> dict:
+    """Report doctor's health check (made by finetune_model before the run folder: an unhealthy model is refused there unless --force)."""
     health = report.to_dict()
     emit(HealthChecked(ok=bool(report.ok), forced=config.force, findings=list(health.get("findings", []))))
-    if not report.ok and not config.force:
-        raise UnhealthyModelError(report)
     if not report.ok:
         log.warning("health check failed; training anyway because of --force")
     return health
@@ -585,7 +640,10 @@ def _save_outputs(model, tokenizer, config, run_dir: Path, accelerator, provenan
         return None, str(adapter_dir)
     if config.method == "lora":
         model = model.merge_and_unload()
-    return str(save_model(model, tokenizer, run_dir / "model", provenance=record)), None
+    from llmprune.engine.io.checkpoint import resolve_save_dtype
+
+    dtype = resolve_save_dtype(config.save_dtype, None, next(model.parameters()).dtype)
+    return str(save_model(model, tokenizer, run_dir / "model", provenance=record, dtype=dtype)), None
 
 
 # ---------------------------------------------------------------- from a model spec
@@ -597,9 +655,13 @@ def run_finetune(config: FinetuneConfig, listener: Listener | None = None, *, co
     from llmprune.engine.io.models import load_model
 
     config.validate()
+    if config.out:
+        check_run_dir(config)  # before the model is loaded
     placement = choose_placement(config.device, "float32")  # fp32 master weights whatever the compute dtype
     loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     if loaded.tokenizer is None:
         raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
     provenance = {**loaded.provenance, "base_model": loaded.provenance.get("base_model", config.model)}
+    if config.save_dtype == "auto" and loaded.source_dtype is not None:  # bf16 in -> bf16 out
+        config = replace(config, save_dtype=str(loaded.source_dtype).removeprefix("torch."))
     return finetune_model(loaded.model, loaded.tokenizer, config, listener, control=control, provenance=provenance)

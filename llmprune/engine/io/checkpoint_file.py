@@ -9,6 +9,7 @@ the user gets a one-line refusal and the reason.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ def load_checkpoint(path: Path, trust_pickle: bool) -> Any:
         except Exception as error:
             raise UserInputError(f"{path} is not a readable safetensors file ({error})", "the file is truncated or corrupt: re-save it") from None
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy/raw pickles before failing: our one line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights_only" not in str(error) and "Unsupported global" not in str(error):
             raise UserInputError(f"{path} is not a readable PyTorch checkpoint", "the file is truncated or corrupt") from None
@@ -61,7 +64,9 @@ def holds_whole_module(path: Path) -> bool:
     a real state dict from being read into memory just to answer this.
     """
     try:
-        torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         return "weights_only" in str(error) or "Unsupported global" in str(error)
     except Exception:  # not a zip checkpoint, damaged, ...: the regular reader says what is wrong

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.paths import remove_stale_staging
 from llmprune.engine.io.gguf_tensors import Entry, LayerDims, ProgressCallback, declare, layer_dims, plan_tensors, write_data
 from llmprune.engine.io.tensor_store import SafetensorsStore, StateDictStore, TensorStore
 from llmprune.engine.io.tokenizer_gguf import write_tokenizer
@@ -45,6 +46,7 @@ class ExportConfig:
     outtype: str = "f16"  # f32 | f16 | bf16 | q8_0 (1-D tensors always f32)
     base_model: str | None = None  # architecture of a weights-only file
     trust_pickle: bool = False  # allow a whole pickled module (LLM-Pruner's pytorch_model.bin)
+    overwrite: bool = False  # replace an existing GGUF file at `out`
 
     def validate(self) -> None:
         if self.outtype not in OUTTYPES:
@@ -54,6 +56,18 @@ class ExportConfig:
         out = Path(self.out).expanduser()
         if out.is_dir():
             raise UserInputError(f"{out} is a directory", "name a .gguf file")
+        from llmprune.engine.core.outputs import check_output_file
+
+        # an existing GGUF file is replaced only with --overwrite; any other file never
+        check_output_file(out, option="--gguf", ours=_is_gguf(out), overwrite=self.overwrite)
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 @dataclass
@@ -201,7 +215,8 @@ def export_gguf(config: ExportConfig, progress: ProgressCallback | None = None) 
 
     out = Path(config.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, staging = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    remove_stale_staging(out)  # what an export killed half-way left
+    descriptor, staging = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}-", suffix=".partial")
     os.close(descriptor)
     written = 0
     try:

@@ -7,6 +7,7 @@ recomputing them, and takes the file's plan options as its defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ class AnalyzeConfig(LoadOptions):
     """Where the JSON config goes (the CLI draws the chart image next to it)."""
     stream: bool = False
     """Read one decoder layer at a time from the safetensors files (removal, block-influence): memory of one layer, not the model."""
+    overwrite: bool = False
+    """Replace a previous plan at `output` (any other existing file is refused)."""
+    force: bool = False
+    """Analyse even if the weight health check fails (NaN/Inf/huge values, broken shapes)."""
 
     def validate(self) -> None:
         if self.importance_method not in LAYER_METHODS:
@@ -120,14 +125,18 @@ def measure_importance(
 def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) -> AnalyzeResult:
     """Load the model, measure layer importance, make the plan, write the JSON config and the chart."""
     from llmprune.engine.data import load_calibration_windows
+    from llmprune.engine.pruning.preflight import check_analyze_output, check_model_before_pruning, check_weights_on_disk
 
     config.validate()
+    check_analyze_output(config.output, config.overwrite)
     placement = config.placement()
     if config.stream:
+        check_weights_on_disk(config.model, action="the analysis", force=config.force)
         shapes, num_parameters, importance = _measure_streamed(config, placement, progress)
     else:
         loaded = config.load(placement)
         require_llama_style(loaded.model)
+        check_model_before_pruning(loaded.model, action="the analysis", force=config.force, seq_lens={"--seq-len": config.calibration.seq_len})
         shapes, num_parameters = layer_shapes(loaded.model), loaded.num_parameters
     config.plan.validate(len(shapes))
     unit_counts([0.0] * len(shapes), shapes, config.attn_unit, True, config.prune_mlp, config.round_to)  # validates the unit options
@@ -203,13 +212,34 @@ def read_importance_config(path: str | Path) -> ImportanceConfig:
     if not isinstance(raw, dict) or raw.get("format") != CONFIG_FORMAT:
         raise UserInputError(f"{path} is not an llmprune layer-importance config", "re-create it with `llmprune analyze`")
     try:
-        return ImportanceConfig(
+        config = ImportanceConfig(
             path=str(path), model=str(raw["model"]), method=str(raw["importance"]["method"]),
             scores=[float(s) for s in raw["importance"]["scores"]], plan=dict(raw["plan"]),
             layer_shapes=list(raw["architecture"]["layer_shapes"]), raw=raw,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise UserInputError(f"{path} is incomplete ({error!r} missing or malformed)", "re-create it with `llmprune analyze`") from None
+    # a NaN score would silently leave its layer unpruned (NaN compares false with every other score)
+    broken = [index for index, score in enumerate(config.scores) if not math.isfinite(score)]
+    if broken:
+        raise UserInputError(
+            f"{path} holds non-finite importance scores (layers {', '.join(map(str, broken[:8]))}): the plan would be wrong",
+            "re-create it with `llmprune analyze` on a healthy model",
+        )
+    return config
+
+
+def is_importance_config(path: str | Path) -> bool:
+    """Whether `path` is a layer_importance_config.json written by `llmprune analyze` (a small JSON file)."""
+    import json
+
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > 64 * 2**20:
+            return False
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == CONFIG_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_config_fits(config: ImportanceConfig, shapes: list[LayerShape], model_name: str) -> None:

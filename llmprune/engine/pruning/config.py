@@ -42,6 +42,9 @@ class CalibrationOptions:
             raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "e.g. --batch-size 8")
+        from llmprune.engine.data import check_text_source
+
+        check_text_source(self.dataset)
 
 
 @dataclass
@@ -98,9 +101,15 @@ class PruneConfig(LoadOptions):
     """Save the pruned model (into the run's log folder unless `out` is given)."""
     out: Path | None = None
     """Save the pruned model here."""
+    save_dtype: str = "auto"
+    """dtype of the saved weights: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
     log_dir: Path = Path("prune_log")
     save_ckpt_log_name: str | None = None
     """Run folder name under log_dir (default: from the model name)."""
+    overwrite: bool = False
+    """Replace a previous pruned model at `out` (a folder that llmprune did not write is never replaced)."""
+    force: bool = False
+    """Prune even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes)."""
     compensation: Callable[..., Any] | None = None
     """Python API only: the per-layer compensation step (see layer_pass.CompensationContext); selects the plan path."""
 
@@ -110,7 +119,7 @@ class PruneConfig(LoadOptions):
 
     def validate(self) -> None:
         """Values on their own; which options fit together is `route.choose_path`'s job."""
-        from llmprune.engine.data import check_window_options
+        from llmprune.engine.data import check_text_source, check_window_options
 
         if self.ratio is not None and self.target_params is not None:
             raise UserInputError("--ratio and --target-params were both given", "give one of them")
@@ -131,5 +140,10 @@ class PruneConfig(LoadOptions):
         self.calibration.validate()
         if self.test_after_prune:
             check_window_options(self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len")
+            check_text_source(self.eval_dataset, "--eval-dataset")
+        from llmprune.engine.io.checkpoint import SAVE_DTYPES
+
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UserInputError(f"unknown --save-dtype '{self.save_dtype}'", f"use one of {'|'.join(SAVE_DTYPES)}")
         if self.out is not None and Path(self.out).is_file():
             raise UserInputError(f"--out {self.out} is a file", "name a folder for the pruned model")

@@ -53,7 +53,7 @@ class PlanOptions:
             raise UserInputError(f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units")
         if self.strategy not in STRATEGIES:
             raise UserInputError(f"unknown --pruning-strategy '{self.strategy}'", f"use one of {', '.join(STRATEGIES)}")
-        if self.alpha < 0:
+        if not math.isfinite(self.alpha) or self.alpha < 0:
             raise UserInputError(f"--alpha must be ≥ 0, got {self.alpha}", "0 gives a uniform plan, larger values a sharper one")
         if not (0.0 <= self.min_rate <= self.max_rate < 1.0):
             raise UserInputError(

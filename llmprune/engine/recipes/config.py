@@ -6,6 +6,7 @@ config without importing the runner that calls them.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ class PipelineSettings(LoadOptions):
     """Evaluation windows per PPL (None: the whole split)."""
     batch_size: int = 8
     """Windows per forward pass when measuring."""
+    save_dtype: str = "auto"
+    """dtype of the saved models (pruned, fine-tuned): auto keeps the source's stored dtype (bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
 
     def model_stem(self) -> str:
         """The model's name as a folder name: smollm2-135m, or a directory's/file's own name."""
@@ -53,6 +56,28 @@ class PipelineSettings(LoadOptions):
         for option, value in (("--importance-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
         need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "use e.g. 64")
+        from llmprune.engine.data import check_text_source
+
+        check_text_source(self.dataset)
+        check_text_source(self.eval_dataset, "--eval-dataset")
+
+    def validate_pruning(self, ratios: list[float]) -> None:
+        """The recipe's pruning settings, in the recipe's own option names, before anything runs."""
+        from llmprune.engine.pruning.importance import LAYER_METHODS
+        from llmprune.engine.pruning.plan_options import STRATEGIES, PlanOptions
+
+        def need(condition: bool, problem: str, hint: str) -> None:
+            if not condition:
+                raise UserInputError(problem, hint)
+
+        prune = self.recipe.prune
+        highest = PlanOptions().max_rate  # no prunable layer loses more than this, so neither can their mean
+        need(max(ratios) <= highest, f"--ratio {max(ratios):g} is more than a recipe prunes: at most {highest:g} of every prunable layer",
+             f"use --ratio {highest:g} or lower")
+        need(prune.strategy in STRATEGIES, f"unknown --pruning-strategy '{prune.strategy}'", f"use one of {', '.join(STRATEGIES)}")
+        need(prune.importance in LAYER_METHODS, f"unknown --importance-method '{prune.importance}'", f"use one of {', '.join(LAYER_METHODS)}")
+        need(math.isfinite(prune.alpha) and prune.alpha >= 0, f"--alpha must be a finite number ≥ 0, got {prune.alpha}", "use e.g. --alpha 4 (0: uniform)")
+        need(prune.layer_start >= 0, f"--layer-start must be ≥ 0, got {prune.layer_start}", "use e.g. --layer-start 1")
 
 
 @dataclass(kw_only=True)
@@ -115,7 +140,11 @@ class RecipeConfig(PipelineSettings):
             self.task_options().validate()
         prune, finetune = self.recipe.prune, self.recipe.finetune
         need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
-        need(finetune.lr > 0, f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
+        self.validate_pruning([prune.ratio])
+        need(finetune.lr > 0 and math.isfinite(finetune.lr), f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
+        need(finetune.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {finetune.warmup_steps}", "use e.g. --warmup-steps 10")
+        need(math.isfinite(finetune.max_grad_norm) and finetune.max_grad_norm >= 0,
+             f"--max-grad-norm must be a finite number ≥ 0, got {finetune.max_grad_norm}", "use e.g. 1.0 (0 disables clipping)")
         for option, value in (("--epochs", finetune.epochs), ("--samples", finetune.samples), ("--grad-accum", finetune.grad_accum)):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
         need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")

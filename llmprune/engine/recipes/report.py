@@ -24,6 +24,8 @@ STATUS_TEXT = {
     "interrupted": "interrupted: run the same command again to resume",
     "finetune_failed": "fine-tuning stopped on a guard: see the fine-tuning run's log",
     "running": "incomplete: run the same command again to resume",
+    "base_unhealthy": "stopped before pruning: the base model is not healthy (see llmprune doctor)",
+    "failed": "failed: see the error; fix it and run the same command again",
 }
 
 

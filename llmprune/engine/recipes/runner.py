@@ -11,12 +11,14 @@ importance analysis, until the verdict passes or `min_ratio` is reached.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from llmprune.engine.core.outputs import RECIPE_MARKER, check_output_folder, check_writable_location
 from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
 from llmprune.engine.core.progress import StageProgress
@@ -106,7 +108,17 @@ class _Run:
         return self.state.run_dir
 
     def baseline(self) -> dict:
-        return self.steps.evaluate(self.config.model, self.config, progress=self.progress)
+        """The reference: only a healthy base model with a finite PPL can be one (nothing is pruned otherwise)."""
+        result = self.steps.evaluate(self.config.model, self.config, health=True, progress=self.progress)
+        problems = [error.get("message", str(error)) for error in result.get("errors", [])] if not result.get("healthy_weights", True) else []
+        if not math.isfinite(result["ppl"]):
+            problems.append(f"its perplexity is {result['ppl']} (no finite reference to compare the pruned model with)")
+        if problems:
+            self.state.status = "base_unhealthy"
+            self.emit(Notice(f"stopped before pruning: the base model {self.config.model} is not healthy: " + "; ".join(problems[:3])
+                             + f"; check it with `llmprune doctor {self.config.model}`", "error"))
+            raise _Stop()
+        return {key: value for key, value in result.items() if key not in ("verdict", "explanation", "advice")}
 
     def analyze(self) -> dict:
         return self.steps.analyze(self.config, self.run_dir / "analysis", self.progress)
@@ -215,6 +227,8 @@ def run_recipe(
     `progress(stage, done, total)` follows the long loops inside the steps.
     """
     config.validate()
+    check_writable_location(config.out, option="--out")
+    check_output_folder(config.run_dir, option="--out/--name", resumable=True, kind=RECIPE_MARKER)
     emit = listener or (lambda event: None)
     if config.restart:
         _restart(config.run_dir)
@@ -254,6 +268,10 @@ def run_recipe(
         pass
     except KeyboardInterrupt:
         state.status = "interrupted"
+        raise
+    except BaseException as error:  # bad input found by a step, a full disk, a bug: the state must not say "running"
+        state.status = "failed"
+        state.error = getattr(error, "problem", None) or f"{type(error).__name__}: {str(error).strip()[:300]}"
         raise
     finally:
         state.save()

@@ -31,7 +31,8 @@ class RunState:
     ratio: float | None = None  # the ratio in force (lower than asked after an auto-retreat)
     attempts: list[dict] = field(default_factory=list)  # one per pruning ratio tried
     retreats: list[str] = field(default_factory=list)  # what the auto-retreat did, in words
-    status: str = "running"  # running | stopped_at_gate | interrupted | finetune_failed | done
+    status: str = "running"  # running | stopped_at_gate | interrupted | finetune_failed | base_unhealthy | failed | done
+    error: str | None = None  # why a failed run failed
 
     @property
     def path(self) -> Path:
@@ -61,6 +62,7 @@ class RunState:
         atomic_write_json(self.path, {
             "version": STATE_VERSION, "settings": self.settings, "steps": self.steps, "ratio": self.ratio,
             "attempts": self.attempts, "retreats": self.retreats, "status": self.status,
+            **({"error": self.error} if self.error else {}),
         })
 
 

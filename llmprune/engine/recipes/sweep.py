@@ -42,6 +42,7 @@ class SweepConfig(PipelineSettings):
         bad = [r for r in self.ratios if not (0 < r < 1)]
         if bad:
             raise UserInputError(f"--ratio must be between 0 and 1, got {bad[0]}", "e.g. --ratio 0.15 --ratio 0.2")
+        self.validate_pruning(self.ratios)
         self.validate_budget()
 
 
@@ -83,13 +84,26 @@ def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> Swe
     from llmprune.engine.pruning.pipeline import run_prune
     from llmprune.engine.recipes.steps import StepAdapters, recipe_prune_config
 
+    from llmprune.engine.core.errors import CheckFailedError
+    from llmprune.engine.core.outputs import SWEEP_MARKER, check_output_folder, check_writable_location
+    from llmprune.engine.data import check_seq_len_fits
+    from llmprune.engine.diagnose.health import require_healthy, weight_health
+
     config.validate()
     start = time.perf_counter()
     run_dir = config.run_dir
-    importance_path = config.importance_config or StepAdapters().analyze(config, run_dir, progress)["importance_config"]
+    check_writable_location(config.out, option="--out")
+    # a previous sweep of this model is redone in place; anything else there is left alone
+    check_output_folder(run_dir, option="--out", resumable=True, kind=(SWEEP_MARKER, "layer_importance_config.json"))
     base = config.load_options().load()
+    check_seq_len_fits(config.seq_len, base.model)
+    require_healthy(weight_health(base.model), "the sweep")  # the analysis and the prunes below trust this check
+    importance_path = config.importance_config or StepAdapters().analyze(config, run_dir, progress)["importance_config"]
     evaluation = load_evaluation_windows(base.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
     base_ppl = perplexity(base.model, evaluation, config.batch_size, named_stage(progress, "PPL of the base model")).ppl
+    if not math.isfinite(base_ppl):
+        raise CheckFailedError(f"the base model's perplexity is {base_ppl}: there is no reference to compare the pruned models with",
+                               f"check the base model with `llmprune doctor {config.model} --ppl`")
     rows = [SweepRow(0.0, base.num_parameters, 0.0, base_ppl, 1.0, "reference")]
     for ratio in sorted(set(config.ratios)):
         pruned = replace(base, model=copy.deepcopy(base.model))  # every ratio starts from the same base weights

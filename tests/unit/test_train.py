@@ -161,7 +161,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny
         return real_save(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", failing_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserInputError, match="no space left .* step 4; the checkpoint of step 2 is intact"):
         finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, save_every=2), train_windows=windows(token_stream))
     checkpoints = tmp_path / "run" / "checkpoints"
     assert latest_checkpoint(checkpoints).name == "step-000002"

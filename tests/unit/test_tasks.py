@@ -22,7 +22,7 @@ from single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 pytest.importorskip("lm_eval")
 
-TASK_DIR = Path(__file__).parent / "data" / "tasks"
+TASK_DIR = Path(__file__).resolve().parents[1] / "data" / "tasks"
 TASK = "llmprune_capitals"
 runner = CliRunner()
 

@@ -2,7 +2,6 @@
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -10,7 +9,9 @@ from typer.testing import CliRunner
 from llmprune.cli.app import app
 from llmprune.cli.completion_scripts import SCRIPT_FILES, SHELLS, completion_script
 
-COMPLETIONS = Path(__file__).resolve().parent.parent / "completions"
+from tests.conftest import REPO_ROOT
+
+COMPLETIONS = REPO_ROOT / "completions"
 
 
 @pytest.mark.parametrize("shell", SHELLS)
