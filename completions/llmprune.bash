@@ -59,7 +59,7 @@ _llmprune() {
             esac
             ;;
         'doctor')
-            opts='--test-forward --ppl --base-ppl --dataset --seq-len --max-windows --batch-size --base-model --trust-pickle --device --dtype --json --help'
+            opts='--test-forward --ppl --base-ppl --dataset --seq-len --max-windows --batch-size --base-model --trust-pickle --device --dtype --stream --no-stream --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -74,7 +74,7 @@ _llmprune() {
             esac
             ;;
         'eval')
-            opts='--dataset --seq-len --max-windows --batch-size --prompt --max-new-tokens --tasks --include-path --limit --num-fewshot --base-model --trust-pickle --device --dtype --json --help'
+            opts='--dataset --seq-len --max-windows --batch-size --prompt --max-new-tokens --tasks --include-path --limit --num-fewshot --base-model --trust-pickle --device --dtype --stream --no-stream --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -104,7 +104,7 @@ _llmprune() {
             esac
             ;;
         'finetune')
-            opts='--method --lora-r --lora-alpha --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --on-nan --loss-limit --max-rollbacks --save-every --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --teacher --kd-temperature --kd-weight --kd-top-k --no-tui --watch --base-model --trust-pickle --device --dtype --json --help'
+            opts='--method --lora-r --lora-alpha --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --on-nan --loss-limit --max-rollbacks --save-every --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --teacher --kd-temperature --kd-weight --kd-top-k --no-tui --watch --base-model --trust-pickle --device --dtype --save-dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -139,10 +139,11 @@ _llmprune() {
                 --base-model) valued=1 values='smollm2-135m' files=1 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
                 --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
+                --save-dtype) valued=1 values='' files=1 ;;
             esac
             ;;
         'prune')
-            opts='--ratio --target-params --prune-mlp --allocation --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
+            opts='--ratio --target-params --prune-mlp --allocation --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -171,6 +172,7 @@ _llmprune() {
                 --eval-seq-len) valued=1 values='' files=0 ;;
                 --max-windows) valued=1 values='' files=0 ;;
                 --out) valued=1 values='' files=1 ;;
+                --save-dtype) valued=1 values='' files=1 ;;
                 --log-dir) valued=1 values='' files=1 ;;
                 --save-ckpt-log-name) valued=1 values='' files=1 ;;
                 --base-model) valued=1 values='smollm2-135m' files=1 ;;
@@ -183,7 +185,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
+            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --save-dtype --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -204,6 +206,7 @@ _llmprune() {
                 --importance-samples) valued=1 values='' files=0 ;;
                 --eval-windows) valued=1 values='' files=0 ;;
                 --batch-size) valued=1 values='' files=0 ;;
+                --save-dtype) valued=1 values='' files=1 ;;
                 --ratio) valued=1 values='' files=0 ;;
                 --importance-method) valued=1 values='' files=1 ;;
                 --pruning-strategy) valued=1 values='' files=1 ;;
@@ -221,7 +224,7 @@ _llmprune() {
             esac
             ;;
         'recipe sweep')
-            opts='--base-model --trust-pickle --device --dtype --ratio --recipe --importance-config --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --json --help'
+            opts='--base-model --trust-pickle --device --dtype --ratio --recipe --importance-config --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --save-dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -243,6 +246,7 @@ _llmprune() {
                 --importance-samples) valued=1 values='' files=0 ;;
                 --eval-windows) valued=1 values='' files=0 ;;
                 --batch-size) valued=1 values='' files=0 ;;
+                --save-dtype) valued=1 values='' files=1 ;;
             esac
             ;;
     esac

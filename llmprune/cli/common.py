@@ -23,6 +23,7 @@ OptionalModelArg = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps (auto: cuda > mps > cpu).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU).")]
+SaveDtypeOpt = Annotated[str, typer.Option("--save-dtype", help="dtype of the saved weights: auto (the source's: bf16 in -> bf16 out)|float32|bfloat16|float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 BaseModelOpt = Annotated[
     Optional[str], typer.Option("--base-model", help="Architecture of a weights-only file (.bin/.pt/.safetensors without config.json).")

@@ -22,6 +22,7 @@ def doctor_command(
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="--test-forward one layer at a time from disk (default: automatic when the model does not fit).")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Diagnose a checkpoint: NaN/Inf, huge values, GQA and shapes, forward test, PPL verdict, and what to do.
@@ -36,7 +37,7 @@ def doctor_command(
     config = DoctorConfig(
         model=model, base_model=base_model, trust_pickle=trust_pickle, test_forward=test_forward, ppl=ppl,
         dataset=dataset, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, base_ppl=base_ppl,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, stream=stream,
     )
     with progress_callback("perplexity", enabled=not json_output) as progress:
         report = run_doctor(config, progress=progress)

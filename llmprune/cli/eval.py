@@ -44,9 +44,14 @@ def eval_command(
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Stream the layers from disk: all windows through one layer, then the next (default: automatic when the model does not fit).")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Perplexity of a model on a text (default: wikitext-2 test), and optionally a generation; with --tasks, lm-eval task accuracy."""
+    if tasks is not None and stream:
+        from llmprune.engine.core.errors import UserInputError
+
+        raise UserInputError("--stream measures perplexity one layer at a time; --tasks needs the model in memory", "drop --stream or --tasks")
     if tasks is not None:
         from llmprune.engine.tasks import TaskEvalConfig, TaskOptions, run_task_evaluation, task_names
         from llmprune.ui.console import console, format_count, print_json
@@ -70,7 +75,7 @@ def eval_command(
     config = EvalConfig(
         model=model, dataset=dataset, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
         prompt=prompt, max_new_tokens=max_new_tokens, base_model=base_model, trust_pickle=trust_pickle,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, stream=stream,
     )
     with progress_callback("evaluating", enabled=not json_output) as progress:
         result = run_evaluation(config, progress=progress)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, TrustPickleOpt, stdout_is_terminal
+from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, SaveDtypeOpt, TrustPickleOpt, stdout_is_terminal
 from llmprune.engine.core.errors import UserInputError
 
 
@@ -51,6 +51,7 @@ def finetune_command(
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    save_dtype: SaveDtypeOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
     """Fine-tune a (pruned) model with NaN guards, atomic checkpoints, resume and a live dashboard."""
@@ -70,7 +71,7 @@ def finetune_command(
         loss_limit=loss_limit, max_rollbacks=max_rollbacks, save_every=save_every, out=out, resume=resume,
         test_before=test_before, test_after=test_after, eval_dataset=eval_dataset, eval_windows=eval_windows, force=force,
         teacher=teacher, kd_temperature=kd_temperature, kd_weight=kd_weight, kd_top_k=kd_top_k,
-        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, save_dtype=save_dtype,
     )
     config.validate()
     # under `accelerate launch` every process runs this command: only the first one talks

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt
+from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, SaveDtypeOpt, TrustPickleOpt
 from llmprune.cli.pruning_options import (
     AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, LayerEndOpt, PlanImportanceMethodOpt,
     LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt, ForceOpt, OverwriteOpt,
@@ -53,6 +53,7 @@ def prune_command(
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate the first N windows (default 256).")] = _PRUNE.max_windows,
     save_model: Annotated[bool, typer.Option("--save-model", help="Save the pruned model into the run's log folder (or --out).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Save the pruned model in this folder (new or empty; a previous pruned model only with --overwrite).")] = None,
+    save_dtype: SaveDtypeOpt = "auto",
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Root of the run logs.")] = _PRUNE.log_dir,
@@ -78,7 +79,7 @@ def prune_command(
         calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
         strategy=pruning_strategy, alpha=alpha, min_rate=min_pruning_rate, max_rate=max_pruning_rate,
         layer_start=layer_start, layer_end=layer_end, test_after_prune=test_after_prune, eval_dataset=eval_dataset,
-        eval_seq_len=eval_seq_len, max_windows=max_windows, save_model=save_model, out=out, log_dir=log_dir,
+        eval_seq_len=eval_seq_len, max_windows=max_windows, save_model=save_model, out=out, save_dtype=save_dtype, log_dir=log_dir,
         save_ckpt_log_name=save_ckpt_log_name, overwrite=overwrite, force=force, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
     )
     with stage_progress(enabled=not json_output) as progress:

@@ -1,10 +1,18 @@
-"""Perplexity and a generation smoke test."""
+"""Perplexity and a generation smoke test.
+
+`perplexity` runs a model in memory; `streamed_perplexity` gives the same
+figure with the weights on disk (pruning.streaming.StreamedLayers): all
+windows go through one decoder layer, then the next, and the LM head is
+applied a slice of the vocabulary at a time, so memory holds one layer, the
+windows' hidden states and the head in its stored dtype, never the model.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -69,8 +77,12 @@ def perplexity(
         total_nll += per_window.sum()
         if progress:
             progress(min(first + batch_size, count), count)
-    seconds = time.perf_counter() - start
     model.train(was_training)
+    return _perplexity_result(windows, total_nll, nonfinite, time.perf_counter() - start)
+
+
+def _perplexity_result(windows: TokenWindows, total_nll: torch.Tensor, nonfinite: int, seconds: float) -> PerplexityResult:
+    count = len(windows)
     tokens = count * (windows.seq_len - 1)
     mean_nll = float(total_nll) / tokens
     ppl = math.exp(mean_nll) if math.isfinite(mean_nll) and mean_nll < 700 else float("inf")
@@ -85,6 +97,46 @@ def perplexity(
         tokens_per_second=count * windows.seq_len / seconds if seconds > 0 else float("inf"),
         nonfinite_windows=nonfinite,
     )
+
+
+_VOCAB_SLICE = 16384  # rows of the LM head made float at a time: logits of one window × 16 k, not × the vocabulary
+
+
+@torch.no_grad()
+def streamed_perplexity(store, windows: TokenWindows, batch_size: int = 1, progress: ProgressCallback | None = None) -> PerplexityResult:
+    """`perplexity` of the model in `store` (a StreamedLayers), one decoder layer in memory at a time.
+
+    progress counts layers (and the head as the last step), not windows.
+    """
+    start = time.perf_counter()
+    steps = store.num_layers + 1
+    hidden = store.embed(windows.ids)
+    runner = store.runner(windows.seq_len, batch_size)
+    for index in range(store.num_layers):
+        layer = store.load(index)
+        hidden = runner.layer(layer, hidden)
+        store.release(index, layer, changed=False)
+        if progress:
+            progress(index + 1, steps)
+    norm = store.skeleton.model.norm.to_empty(device=store.device)
+    norm.load_state_dict({k: v.to(store.dtype) for k, v in store.read_tensors("model.norm.").items()})
+    head = (store.read_tensors("lm_head.") or store.read_tensors("model.embed_tokens."))["weight"]  # stored dtype
+    per_window = torch.stack([window_nll(norm(h[None])[0], ids[1:], head, store) for h, ids in zip(hidden, windows.ids)])
+    if progress:
+        progress(steps, steps)
+    return _perplexity_result(windows, per_window.sum(), int((~torch.isfinite(per_window)).sum()), time.perf_counter() - start)
+
+
+def window_nll(normed: torch.Tensor, targets: torch.Tensor, head: torch.Tensor, store) -> torch.Tensor:
+    """Summed NLL of one window's next tokens: log-sum-exp over the vocabulary slice by slice (fp32)."""
+    normed, targets = normed[:-1], targets.to(store.device)
+    slice_lse, target_logit = [], torch.zeros(targets.shape[0], dtype=torch.float32, device=store.device)
+    for first in range(0, head.shape[0], _VOCAB_SLICE):
+        logits = F.linear(normed, head[first : first + _VOCAB_SLICE].to(store.device, store.dtype)).float()
+        slice_lse.append(torch.logsumexp(logits, dim=-1))
+        inside = (targets >= first) & (targets < first + logits.shape[-1])
+        target_logit[inside] = logits[inside, targets[inside] - first]
+    return (torch.logsumexp(torch.stack(slice_lse), dim=0) - target_logit).double().sum().cpu()
 
 
 @torch.inference_mode()
@@ -121,10 +173,14 @@ class EvalConfig(LoadOptions):
     """If set, also generate greedily from this prompt."""
     max_new_tokens: int = 32
     """Length of that generation."""
+    stream: bool | None = None
+    """Stream the layers from disk (the model never in memory). None: automatically when it would not fit."""
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
         check_text_source(self.dataset)
+        if self.stream and self.prompt:
+            raise UserInputError("--stream cannot generate text (--prompt needs the model in memory)", "drop --prompt, or --stream")
         if self.max_new_tokens < 1:
             raise UserInputError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}", "use e.g. --max-new-tokens 32")
 
@@ -159,6 +215,9 @@ def run_evaluation(config: EvalConfig, progress: ProgressCallback | None = None)
 
     config.validate()
     placement = choose_placement(config.device, config.dtype)
+    source = _stream_source(config, placement)
+    if source is not None:
+        return _run_streamed_evaluation(config, source, placement, progress)
     loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     if loaded.tokenizer is None:
         raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
@@ -175,3 +234,32 @@ def run_evaluation(config: EvalConfig, progress: ProgressCallback | None = None)
         device=placement.describe(),
         generation=generation,
     )
+
+
+def _stream_source(config: EvalConfig, placement) -> Path | None:
+    """The safetensors directory to stream from, or None to evaluate in memory."""
+    if config.stream is False or config.prompt:
+        return None
+    from llmprune.engine.pruning.pipeline import stream_source
+    from llmprune.engine.pruning.streaming import should_stream
+
+    source = stream_source(config.model)
+    if config.stream and source is None:
+        raise UserInputError(f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
+                             "save the model with save_pretrained(..., safe_serialization=True) first")
+    if source is not None and (config.stream or should_stream(source, placement.device)):
+        return source
+    return None
+
+
+def _run_streamed_evaluation(config: EvalConfig, source, placement, progress: ProgressCallback | None) -> EvalResult:
+    from transformers import AutoTokenizer
+
+    from llmprune.engine.data import load_evaluation_windows
+    from llmprune.engine.pruning.streaming import StreamedLayers, parameter_count
+
+    windows = load_evaluation_windows(AutoTokenizer.from_pretrained(str(source)), config.dataset, config.seq_len, config.max_windows)
+    store = StreamedLayers(source, placement.device, placement.dtype)
+    measured = streamed_perplexity(store, windows, config.batch_size, progress)
+    return EvalResult(**measured.to_dict(), model=config.model, params=parameter_count(source),
+                      device=placement.describe() + " (streamed)")

@@ -112,6 +112,8 @@ def prune_summary(result) -> Table:
         rows.append(("PPL", f"{format_ppl(result.ppl_before.ppl)} → {format_ppl(ppl.ppl)}  ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)"))
     rows.append(("time", f"{result.seconds:.1f} s"))
     rows.append(("peak memory", f"{result.peak_memory_bytes / 2**20:,.0f} MiB (the unpruned weights: {result.model_bytes / 2**20:,.0f} MiB)"))
+    if result.peak_rss_by_phase:
+        rows.append(("peak RSS by phase", ", ".join(f"{name} {peak / 2**20:,.0f} MiB" for name, peak in result.peak_rss_by_phase.items())))
     if result.saved_to:
         rows.append(("saved to", result.saved_to))
     rows.append(("log", result.log_dir))

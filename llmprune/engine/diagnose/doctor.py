@@ -45,6 +45,8 @@ class DoctorConfig(LoadOptions):
     """Windows per forward pass."""
     base_ppl: float | None = None
     """The base model's PPL on the same data, for a relative verdict (default: recorded by prune)."""
+    stream: bool | None = None
+    """--test-forward with the layers streamed from disk (one in memory at a time). None: when the model would not fit."""
 
     def validate(self) -> None:
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
@@ -104,6 +106,36 @@ def _build_model(source: WeightSource, config: DoctorConfig, report: DoctorRepor
             raise
         report.findings.append(Finding("error", "forward", "model", f"the model cannot be built from these tensors: {error.problem}", [Advice.RESAVE, Advice.REPRUNE]))
         return None
+
+
+def _stream_source(config: DoctorConfig, placement: Placement):
+    """The safetensors directory to stream the forward test from (None: build the model in memory)."""
+    if config.stream is False:
+        return None
+    from llmprune.engine.pruning.pipeline import stream_source
+    from llmprune.engine.pruning.streaming import should_stream
+
+    source = stream_source(config.model)
+    if config.stream and source is None:
+        raise UserInputError(f"--stream needs a model directory with safetensors weights, not {config.model}", "drop --stream")
+    return source if source is not None and (config.stream or should_stream(source, placement.device)) else None
+
+
+def _streamed_forward(report: DoctorReport, directory, placement: Placement) -> None:
+    from transformers import AutoTokenizer
+
+    from llmprune.engine.diagnose.forward_probe import streamed_forward_test
+    from llmprune.engine.pruning.streaming import StreamedLayers
+
+    try:
+        store = StreamedLayers(directory, placement.device, placement.dtype)
+    except (UserInputError, ValueError, OSError) as error:
+        if report.ok:
+            raise
+        report.findings.append(Finding("error", "forward", "model", f"the model cannot be built from these tensors: {error}", [Advice.RESAVE, Advice.REPRUNE]))
+        return
+    tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").is_file() else None
+    add_forward(report, None, result=streamed_forward_test(store, tokenizer))
 
 
 def _ppl_settings(config: DoctorConfig, provenance: dict) -> tuple[str, int, int | None]:
@@ -167,7 +199,10 @@ def run_doctor(config: DoctorConfig, progress: ProgressCallback | None = None) -
     placement = choose_placement(config.device, config.dtype)
     source = locate_weights(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
     report = _scan(source, config)
-    if config.test_forward or config.ppl:
+    stream_from = _stream_source(config, placement) if config.test_forward and not config.ppl else None
+    if stream_from is not None:
+        _streamed_forward(report, stream_from, placement)
+    elif config.test_forward or config.ppl:
         loaded = _build_model(source, config, report, placement)
         if loaded is not None and config.test_forward:
             add_forward(report, loaded.model, loaded.tokenizer)

@@ -92,3 +92,58 @@ def forward_test(model: nn.Module, tokenizer: Any = None, prompt: str = DEFAULT_
         inf=int(torch.isinf(logits).sum()),
         first_nonfinite_module=first[0] if first else None,
     )
+
+
+@torch.inference_mode()
+def streamed_forward_test(store: Any, tokenizer: Any = None, prompt: str = DEFAULT_PROMPT) -> ForwardResult:
+    """`forward_test` with the weights on disk (a pruning.streaming.StreamedLayers): one layer in memory at a time.
+
+    Every module of a layer is watched while the layer is loaded, so the first
+    non-finite module is named as in the in-memory test; the LM head is applied a
+    vocabulary slice at a time, as the streamed perplexity does.
+    """
+    ids = _prompt_ids(store.skeleton, tokenizer, prompt) if tokenizer is not None else (torch.arange(16) * 7 + 1).unsqueeze(0)
+    first: list[str] = []
+    try:
+        hidden = store.embed(ids)
+        if not bool(torch.isfinite(hidden).all()):
+            first.append("model.embed_tokens")
+        runner = store.runner(ids.shape[1], batch_size=1)
+        for index in range(store.num_layers):
+            layer = store.load(index)
+            handles = [module.register_forward_hook(_watch(f"model.layers.{index}.{name}" if name else f"model.layers.{index}", first))
+                       for name, module in layer.named_modules()]
+            try:
+                hidden = runner.layer(layer, hidden)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                store.release(index, layer, changed=False)
+        logits = _streamed_logits(store, hidden[0])[None]
+    except Exception as error:  # shapes that do not fit: a finding, not a crash
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return ForwardResult(prompt, ids.shape[1], [], None, None, 0, 0, first[0] if first else None, f"{type(error).__name__}: {message}")
+    if not first and not bool(torch.isfinite(logits).all()):
+        first.append("lm_head")
+    finite = logits[torch.isfinite(logits)]
+    return ForwardResult(prompt, ids.shape[1], list(logits.shape), float(finite.min()) if finite.numel() else None,
+                         float(finite.max()) if finite.numel() else None, int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum()),
+                         first[0] if first else None)
+
+
+def _watch(name: str, first: list[str]):
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        # a layer's submodules finish before the layer itself: the first hook to see NaN/Inf names where it appears
+        if not first and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in _tensors(output)):
+            first.append(name)
+    return hook
+
+
+def _streamed_logits(store: Any, hidden: torch.Tensor, rows: int = 16384) -> torch.Tensor:
+    """norm + LM head on one sequence's hidden states, the head read in its stored dtype and used a slice at a time."""
+    norm = store.skeleton.model.norm.to_empty(device=store.device)
+    norm.load_state_dict({k: v.to(store.dtype) for k, v in store.read_tensors("model.norm.").items()})
+    head = (store.read_tensors("lm_head.") or store.read_tensors("model.embed_tokens."))["weight"]
+    normed = norm(hidden)
+    return torch.cat([torch.nn.functional.linear(normed, head[i : i + rows].to(store.device, store.dtype)).float()
+                      for i in range(0, head.shape[0], rows)], dim=-1)

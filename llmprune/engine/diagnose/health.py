@@ -218,8 +218,9 @@ def build_report(all_stats: list[TensorStats], structure: Structure | None, stru
     )
 
 
-def add_forward(report: HealthReport, model: nn.Module, tokenizer: Any = None) -> None:
-    report.forward = forward_test(model, tokenizer)
+def add_forward(report: HealthReport, model: nn.Module | None, tokenizer: Any = None, result: ForwardResult | None = None) -> None:
+    """The forward test's result and findings (`result`: one already measured, e.g. streamed)."""
+    report.forward = result if result is not None else forward_test(model, tokenizer)
     new = forward_findings(report.forward, weights_have_faults=bool(report.nan or report.inf or report.huge_count))
     report.findings.extend(new)
     for finding in new:

@@ -93,6 +93,8 @@ class FinetuneConfig(LoadOptions):
     """Weight of the distillation loss; the LM loss gets 1 - weight (1: distillation only)."""
     kd_top_k: int | None = None
     """Keep only the teacher's k largest logits per position (renormalised); None: the whole vocabulary."""
+    save_dtype: str = "auto"
+    """dtype of the saved model: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
 
     def validate(self) -> None:
         def need(condition: bool, problem: str, hint: str) -> None:

@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -640,7 +640,10 @@ def _save_outputs(model, tokenizer, config, run_dir: Path, accelerator, provenan
         return None, str(adapter_dir)
     if config.method == "lora":
         model = model.merge_and_unload()
-    return str(save_model(model, tokenizer, run_dir / "model", provenance=record)), None
+    from llmprune.engine.io.checkpoint import resolve_save_dtype
+
+    dtype = resolve_save_dtype(config.save_dtype, None, next(model.parameters()).dtype)
+    return str(save_model(model, tokenizer, run_dir / "model", provenance=record, dtype=dtype)), None
 
 
 # ---------------------------------------------------------------- from a model spec
@@ -659,4 +662,6 @@ def run_finetune(config: FinetuneConfig, listener: Listener | None = None, *, co
     if loaded.tokenizer is None:
         raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
     provenance = {**loaded.provenance, "base_model": loaded.provenance.get("base_model", config.model)}
+    if config.save_dtype == "auto" and loaded.source_dtype is not None:  # bf16 in -> bf16 out
+        config = replace(config, save_dtype=str(loaded.source_dtype).removeprefix("torch."))
     return finetune_model(loaded.model, loaded.tokenizer, config, listener, control=control, provenance=provenance)

@@ -29,6 +29,8 @@ from llmprune.engine.core.paths import atomic_directory, atomic_write_json
 from llmprune.engine.io.remote_code import modeling_llmprune
 
 PROVENANCE_FILE = "llmprune.json"
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 REMOTE_CODE_FILE = "modeling_llmprune.py"
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_llmprune.LlmpruneLlamaForCausalLM"}
 
@@ -99,15 +101,61 @@ def provenance_record(shapes: list[LayerShape], num_parameters: int, provenance:
     }
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict | None = None) -> Path:
-    """Write `model` (pruned or not) so that it reloads anywhere; returns the directory."""
+def stored_dtype(directory: str | Path) -> torch.dtype | None:
+    """The floating dtype a directory's safetensors weights are stored in (the most common one), None if unknown."""
+    from llmprune.engine.io.safetensors_copy import stored_dtype_names
+
+    counts: dict[str, int] = {}
+    for path in Path(directory).glob("*.safetensors"):
+        try:
+            names = stored_dtype_names(path)
+        except Exception:  # an unreadable file is doctor's business, not the saver's
+            continue
+        for name in names.values():
+            counts[name] = counts.get(name, 0) + 1
+    floating = [name for name in sorted(counts, key=counts.get, reverse=True) if name in _SAFETENSORS_DTYPES]
+    return _SAFETENSORS_DTYPES[floating[0]] if floating else None
+
+
+def resolve_save_dtype(spec: str | torch.dtype | None, source_dtype: torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """--save-dtype: auto keeps the source's stored dtype (bf16 in -> bf16 out), else the model's own."""
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec in (None, "auto"):
+        return source_dtype or model_dtype
+    if spec not in SAVE_DTYPES:
+        from llmprune.engine.core.errors import UserInputError
+
+        raise UserInputError(f"unknown --save-dtype '{spec}'", f"use one of {'|'.join(SAVE_DTYPES)}")
+    return getattr(torch, spec)
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write `model` (pruned or not) so that it reloads anywhere; returns the directory.
+
+    `dtype`: the dtype of the saved weights (default: the model's); the model in
+    memory is left as it is (a cast copy of its state dict is written).
+    """
     out_dir = Path(out_dir)
     make_stock_compatible(model)
     shapes = layer_shapes(model)
     describe_shapes(model.config, shapes)
     record = provenance_record(shapes, sum(p.numel() for p in model.parameters()), provenance)
+    model_dtype = next(model.parameters()).dtype
+    dtype = dtype or model_dtype
     with atomic_directory(out_dir) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        if dtype == model_dtype:
+            model.save_pretrained(staging, safe_serialization=True)
+        else:
+            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+            model.save_pretrained(staging, safe_serialization=True, state_dict=state)
+            del state
+            # save_pretrained writes the in-memory model's dtype into config.json: state the saved one
+            config_path = staging / "config.json"
+            written = json.loads(config_path.read_text(encoding="utf-8"))
+            written["dtype"] = str(dtype).removeprefix("torch.")
+            atomic_write_json(config_path, written)
         if not is_uniform(shapes):
             shutil.copyfile(modeling_llmprune.__file__, staging / REMOTE_CODE_FILE)
         if tokenizer is not None:

@@ -32,7 +32,7 @@ from torch import nn
 from llmprune.engine.io.architecture import LayerShape, apply_layer_shapes, require_llama_style
 from llmprune.engine.core.hub import hub_reachable
 from llmprune.engine.io.checkpoint_file import load_checkpoint, normalise_key, state_dict_of, whole_module
-from llmprune.engine.io.checkpoint import model_class_for, read_provenance
+from llmprune.engine.io.checkpoint import model_class_for, read_provenance, stored_dtype
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import atomic_directory, cache_dir
@@ -60,6 +60,8 @@ class LoadedModel:
     source: str
     kind: str  # alias | gguf | directory | llmprune | state_dict | pickle | hub
     provenance: dict = field(default_factory=dict)
+    source_dtype: torch.dtype | None = None
+    """The dtype the weights are stored in at the source (what a save keeps by default); None if unknown."""
 
     @property
     def num_parameters(self) -> int:
@@ -341,21 +343,26 @@ def load_model(
     provenance: dict = {}
     path = Path(spec).expanduser()
 
+    source_dtype = None
     if spec in ALIASES:
         kind, source = "alias", alias_path(spec)
         model, tokenizer = _load_directory(convert_gguf(source), placement)
+        source_dtype = stored_dtype(convert_gguf(source))
     elif path.is_dir():
         kind, source = "directory", path
         model, tokenizer = _load_directory(path, placement)
+        source_dtype = stored_dtype(path)
         provenance = read_provenance(path)
         if provenance:
             kind = "llmprune"
     elif path.is_file() and path.suffix == ".gguf":
         kind, source = "gguf", path
         model, tokenizer = _load_directory(convert_gguf(path), placement)
+        source_dtype = stored_dtype(convert_gguf(path))
     elif path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
         source = path
         model, tokenizer, kind = _load_checkpoint_file(path, base_model, trust_pickle)
+        source_dtype = next(model.parameters()).dtype  # as built from the file, before the placement's dtype
         model = model.to(placement.dtype)
     elif path.exists():
         raise UserInputError(f"{path} is not a model file", "use a model directory or a .gguf, .safetensors, .bin or .pt file")
@@ -375,4 +382,5 @@ def load_model(
     model.eval()
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=str(source), kind=kind, provenance=provenance)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=str(source), kind=kind, provenance=provenance,
+                       source_dtype=source_dtype)

@@ -103,15 +103,19 @@ def locate_weights(spec: str, *, base_model: str | None = None, trust_pickle: bo
 def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
+    from llmprune.engine.io.safetensors_copy import read_tensors
+
     if path.stat().st_size == 0:
         raise UserInputError(f"{path} is empty", "re-save or re-download the checkpoint")
     try:
-        handle = safe_open(str(path), framework="pt")
+        handle = safe_open(str(path), framework="pt")  # validates the header and the file's length
     except Exception as error:  # safetensors raises its own error type for every kind of damage
         raise UserInputError(f"{path} is not a readable safetensors file ({error})", "the file is truncated or corrupt: re-save or re-download it") from None
     with handle:
-        for name in handle.keys():
-            yield normalise_key(name), handle.get_tensor(name)
+        names = list(handle.keys())
+    # read with plain reads, not through the mapping: mapped pages would count as resident next to the copy
+    for name in names:
+        yield normalise_key(name), read_tensors(path, [name])[name]
 
 
 def iter_tensors(source: WeightSource, trust_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:

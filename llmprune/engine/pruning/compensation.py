@@ -32,6 +32,7 @@ __all__ = [
     "group_fluctuation",
     "compensate_bias",
     "refit_least_squares",
+    "column_energy",
 ]
 
 
@@ -85,9 +86,22 @@ class record_inputs:
         self._handle.remove()
 
 
+def column_energy(weight: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """‖W[:, j]‖² for every input column j, in float64, a block of rows at a time.
+
+    A float64 copy of the whole weight and its square would be twice 0.47 GB for an
+    8B down_proj, the largest allocation of a streamed prune's measuring pass.
+    """
+    weight = weight.detach()
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for first in range(0, weight.shape[0], rows):
+        total += weight[first : first + rows].to(torch.float64).pow(2).sum(0)
+    return total
+
+
 def fluctuation(weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
     """Per input column j: Var(x_j)·‖W[:, j]‖², the variance that column adds to the output."""
-    return stats.variance * weight.detach().to(torch.float64).pow(2).sum(0)
+    return stats.variance * column_energy(weight)
 
 
 def group_fluctuation(weight: torch.Tensor, stats: InputStatistics, groups: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -154,11 +168,11 @@ def refit_least_squares(
     MIN_TOKENS_PER_INPUT calibration tokens per kept input it returns the kept
     columns unchanged and the bias compensation instead.
     """
-    if stats.gram is None:
-        raise ValueError("least squares needs the Gram matrix (InputStatistics(gram=True))")
     if stats.count < MIN_TOKENS_PER_INPUT * len(keep):
         kept_weight = weight.detach()[:, sorted(int(k) for k in keep)].contiguous()
         return kept_weight, compensate_bias(weight, bias, stats, keep)
+    if stats.gram is None:
+        raise ValueError("least squares needs the Gram matrix (InputStatistics(gram=True))")
     device = stats.gram.device
     keep_index = torch.as_tensor(sorted(int(k) for k in keep), dtype=torch.long, device=device)
     w = weight.detach().to(torch.float64).to(device)
@@ -176,7 +190,7 @@ def refit_least_squares(
     a[k, :k] = total[keep_index]
     a[k, k] = n
     ridge = damping * a[:k, :k].diagonal().mean().clamp_min(1e-12)
-    a[:k, :k] += ridge * torch.eye(k, dtype=torch.float64, device=device)
+    a[:k, :k].diagonal().add_(ridge)  # in place: ridge * eye(k) would be two more k × k matrices
     rhs = torch.empty(k + 1, w.shape[0], dtype=torch.float64, device=device)
     rhs[:k] = (gram @ w.T).index_select(0, keep_index) + torch.outer(total[keep_index], b)
     rhs[:k] += ridge * w.index_select(1, keep_index).T  # the prior: the original weights

@@ -101,6 +101,8 @@ class PruneConfig(LoadOptions):
     """Save the pruned model (into the run's log folder unless `out` is given)."""
     out: Path | None = None
     """Save the pruned model here."""
+    save_dtype: str = "auto"
+    """dtype of the saved weights: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
     log_dir: Path = Path("prune_log")
     save_ckpt_log_name: str | None = None
     """Run folder name under log_dir (default: from the model name)."""
@@ -139,5 +141,9 @@ class PruneConfig(LoadOptions):
         if self.test_after_prune:
             check_window_options(self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len")
             check_text_source(self.eval_dataset, "--eval-dataset")
+        from llmprune.engine.io.checkpoint import SAVE_DTYPES
+
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UserInputError(f"unknown --save-dtype '{self.save_dtype}'", f"use one of {'|'.join(SAVE_DTYPES)}")
         if self.out is not None and Path(self.out).is_file():
             raise UserInputError(f"--out {self.out} is a file", "name a folder for the pruned model")

@@ -19,6 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.process_memory import PhasePeaks
 from llmprune.engine.core.progress import StageProgress, named_stage
 from llmprune.engine.evaluate import perplexity
 from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_shape, layer_shapes, require_llama_style
@@ -47,18 +48,38 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None, loaded
 
     `loaded` (a models.LoadedModel) prunes a model already in memory, in place, instead of loading `config.model`.
     """
-    from llmprune.engine.pruning.preflight import check_model_before_pruning, check_prune_outputs, check_weights_on_disk
+    from llmprune.engine.pruning.preflight import check_prune_outputs
 
     start = time.perf_counter()
     config.validate()
     get_unit_score(config.unit_importance)
     check_prune_outputs(config)
+    phases = PhasePeaks()  # what holds the memory: the peak of each phase goes into the result
+    phases.enter("load")
+    try:
+        return _run_prune(config, _phase_progress(progress, phases), loaded, start, phases)
+    finally:
+        phases.close()
+
+
+def _phase_progress(progress: StageProgress | None, phases: PhasePeaks) -> StageProgress:
+    """Each progress stage (measure, prune, perplexity before, ...) is a memory phase of its own."""
+    def update(stage: str, done: int, total: int) -> None:
+        phases.enter(stage)
+        if progress:
+            progress(stage, done, total)
+    return update
+
+
+def _run_prune(config: PruneConfig, progress: StageProgress, loaded, start: float, phases: PhasePeaks) -> PruneResult:
+    from llmprune.engine.pruning.preflight import check_model_before_pruning, check_prune_outputs, check_weights_on_disk
+
     saved_config = read_importance_config(config.importance_config) if config.importance_config else None
     placement = config.placement() if loaded is None else None
     path = choose_path(config, placement.device if placement is not None else None)
     if path.name == "streamed":
         check_weights_on_disk(str(stream_source(config.model)), action="pruning", force=config.force)
-        return _run_streamed(config, path, placement, start, progress)
+        return _run_streamed(config, path, placement, start, progress, phases)
     loaded = loaded if loaded is not None else config.load(placement)
     model = loaded.model
     require_llama_style(model)
@@ -77,8 +98,9 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None, loaded
     counter = parameter_model(model, shapes)
     target = parse_target_params(config.target_params, counter.total) if config.target_params is not None else None
     run = _Run(config, path, loaded, counter, target, progress)
+    phases.enter("calibrate")
     result = run.plan(options, saved_config) if path.name == "plan" else run.global_allocation()
-    return _finish(result, config, start)
+    return _finish(result, config, start, phases=phases)
 
 
 def resolved_options(config: PruneConfig, **extra) -> dict:
@@ -199,7 +221,7 @@ def layer_changes(before: list[LayerShape], after: list[LayerShape], dropped: li
     return changes, rates
 
 
-def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float, progress) -> PruneResult:
+def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float, progress, phases: PhasePeaks) -> PruneResult:
     """Global-allocation prune with the weights on disk: one layer on the device at a time, written out as it is done."""
     from transformers import AutoTokenizer
 
@@ -215,7 +237,11 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
     target = parse_target_params(config.target_params, total) if config.target_params is not None else None
     run_folder = new_run_folder(Path(config.log_dir), config.save_ckpt_log_name or default_log_name(config.model))
     out = Path(config.out) if config.out is not None else run_folder / "model"
-    store = StreamedLayers(source, placement.device, placement.dtype, output=out)
+    from llmprune.engine.io.checkpoint import resolve_save_dtype
+
+    # auto: StreamedLayers keeps the source's stored dtype (bf16 in -> bf16 out)
+    save_dtype = None if config.save_dtype == "auto" else resolve_save_dtype(config.save_dtype, None, placement.dtype)
+    store = StreamedLayers(source, placement.device, placement.dtype, output=out, save_dtype=save_dtype, phases=phases)
     shapes = [layer_shape(layer) for layer in store.skeleton.model.layers]
     hidden = store.config.hidden_size
     ratio = config.resolved_ratio
@@ -223,6 +249,7 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
     windows = load_calibration_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
     del tokenizer  # tens of MB that the layer loop does not need; read again to be saved with the output
     options = CalibratedPruneOptions(unit_score=config.unit_importance, compensation=config.compensation_kind)
+    phases.enter("measure")  # store.begin_pruning() starts the "prune" phase
     try:
         scores, _, reports = prune_to_target(store, windows.ids, store.runner(calib.seq_len, calib.batch_size), to_remove, options, progress)
         after = store.output_shapes
@@ -235,26 +262,38 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
             importance=[s.influence for s in scores], gqa_violations=gqa_violations(after), seconds=0.0,
             peak_memory_bytes=0, model_bytes=stored_bytes(source), loaded=None, path=path.to_dict(),
         )
+        phases.enter("save")
         store.finish_output(AutoTokenizer.from_pretrained(str(source)), provenance(result, config))
     except BaseException as error:
         store.abort_output(error)
         raise
     result.saved_to = str(out)
-    result.peak_memory_bytes = peak_memory_bytes(placement.device)
-    return _finish(result, config, start, run_folder=run_folder)
+    return _finish(result, config, start, run_folder=run_folder, phases=phases, device=placement.device)
 
 
-def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None) -> PruneResult:
+def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None,
+            phases: PhasePeaks | None = None, device=None) -> PruneResult:
     """Save the model if asked (and not already written by streaming), write the run log."""
-    from llmprune.engine.io.checkpoint import make_stock_compatible, save_model
+    from llmprune.engine.io.checkpoint import make_stock_compatible, resolve_save_dtype, save_model
 
     run_folder = run_folder or new_run_folder(Path(config.log_dir), config.save_ckpt_log_name or default_log_name(config.model))
     if result.loaded is not None and (config.save_model or config.out is not None):
+        if phases is not None:
+            phases.enter("save")
         make_stock_compatible(result.loaded.model)  # zero biases a stock config demands: count what transformers will count
         result.params_after = sum(p.numel() for p in result.loaded.model.parameters())
+        model, loaded = result.loaded.model, result.loaded
         out = Path(config.out) if config.out is not None else run_folder / "model"
-        save_model(result.loaded.model, result.loaded.tokenizer, out, provenance=provenance(result, config))
+        # auto keeps the source's stored dtype (bf16 in -> bf16 out) whatever the compute dtype was
+        dtype = resolve_save_dtype(config.save_dtype, getattr(loaded, "source_dtype", None), next(model.parameters()).dtype)
+        save_model(model, loaded.tokenizer, out, provenance=provenance(result, config), dtype=dtype)
         result.saved_to = str(out)
+    if phases is not None:
+        result.peak_rss_by_phase = phases.close()
+    if device is None and result.loaded is not None:
+        device = next(result.loaded.model.parameters()).device
+    if device is not None:  # measured after the save, which can hold a cast copy of the weights
+        result.peak_memory_bytes = peak_memory_bytes(device)
     result.seconds = time.perf_counter() - start
     result.log_dir = str(run_folder)
     write_run_log(result, run_folder)

@@ -39,6 +39,8 @@ class PruneResult:
     ppl_after: PerplexityResult | None = None
     saved_to: str | None = None
     log_dir: str | None = None
+    peak_rss_by_phase: dict[str, int] = field(default_factory=dict)
+    """Peak resident memory of each phase (load, measure, prune, save, ...) in bytes: what holds the memory."""
     path: dict = field(default_factory=dict)
     """The path taken and why (route.PrunePath.to_dict())."""
     loaded: Any = field(default=None, repr=False)
@@ -132,6 +134,8 @@ def format_log(result: PruneResult) -> str:
             lines.append(f"PPL {label}: {ppl.ppl:.4f} ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)")
     lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB"
                  f" (the unpruned weights: {result.model_bytes / 2**20:.0f} MiB)")
+    if result.peak_rss_by_phase:
+        lines.append("peak RSS by phase: " + ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in result.peak_rss_by_phase.items()))
     if result.saved_to:
         lines.append(f"saved to: {result.saved_to}")
     lines.append("layer  importance  rate    heads  kv  mlp (before -> after)")

@@ -17,10 +17,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.evaluate import window_nll
 from llmprune.engine.pruning.importance import LayerImportance, walked_scores
 from llmprune.engine.pruning.streaming import StreamedLayers
 
@@ -30,24 +30,23 @@ STREAMED_METHODS = ("removal", "block-influence")
 
 
 class _Head:
-    """Final norm + LM head, read from disk once (a tied head reuses the embedding)."""
+    """Final norm + LM head, read from disk once (a tied head reuses the embedding).
+
+    The head stays in its stored dtype and is applied a vocabulary slice at a time
+    (evaluate.window_nll): an 8B head made fp32 at once would be 2 GB, plus its logits.
+    """
 
     def __init__(self, store: StreamedLayers):
         norm = store.skeleton.model.norm
         norm.to_empty(device=store.device)
         norm.load_state_dict({k: v.to(store.dtype) for k, v in store.read_tensors("model.norm.").items()})
         self.norm = norm
-        weights = store.read_tensors("lm_head.") or store.read_tensors("model.embed_tokens.")
-        self.weight = weights["weight"].to(store.device, store.dtype)
+        self.store = store
+        self.weight = (store.read_tensors("lm_head.") or store.read_tensors("model.embed_tokens."))["weight"]
 
     @torch.no_grad()
     def nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor, batch_size: int) -> float:
-        total = 0.0
-        for start in range(0, hidden.shape[0], batch_size):
-            logits = F.linear(self.norm(hidden[start : start + batch_size]), self.weight)
-            target = ids[start : start + batch_size, 1:].to(logits.device)
-            total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-        return total
+        return float(sum(window_nll(self.norm(h[None])[0], window[1:], self.weight, self.store) for h, window in zip(hidden, ids)))
 
 
 @torch.no_grad()

@@ -14,7 +14,9 @@ Because the pruning code is the same (`calibrated.prune_to_target`) and every
 layer sees the same inputs, the streamed result equals the in-memory one.
 
 The output is a sharded safetensors checkpoint (one shard per layer plus one
-for embeddings/norm, and `model.safetensors.index.json`) with the same config
+for embeddings/norm, and `model.safetensors.index.json`), stored in the
+source's dtype unless `save_dtype` says otherwise (a bf16 model is pruned in
+the compute dtype and written back as bf16), with the same config
 and llmprune.json as `checkpoint.save_model` writes, so `load_model` and
 `from_pretrained` read it as usual.
 """
@@ -29,18 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shape
 from llmprune.engine.io.consistency import check_config_matches_weights
-from llmprune.engine.io.checkpoint import PROVENANCE_FILE, REMOTE_CODE_FILE, describe_shapes, provenance_record
+from llmprune.engine.io.checkpoint import PROVENANCE_FILE, REMOTE_CODE_FILE, describe_shapes, provenance_record, stored_dtype
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.pruning.layer_store import LayerRunner
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
 from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
-from llmprune.engine.io.safetensors_copy import copy_tensors, stored_elements
+from llmprune.engine.io.safetensors_copy import copy_tensors, read_tensors, stored_elements
 from llmprune.engine.io.remote_code import modeling_llmprune
 
 __all__ = ["StreamedLayers", "safetensors_index", "parameter_count", "model_bytes", "should_stream"]
@@ -111,6 +112,8 @@ class StreamedLayers:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         output: str | Path | None = None,
+        save_dtype: torch.dtype | None = None,
+        phases: Any = None,
     ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -128,6 +131,9 @@ class StreamedLayers:
             else:
                 self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.output_directory = Path(output) if output is not None else None
+        # what the output is stored in: the source's own dtype unless asked otherwise (bf16 in -> bf16 out)
+        self.save_dtype = save_dtype or stored_dtype(self.directory) or dtype
+        self.phases = phases  # a process_memory.PhasePeaks (or None): pruning starts a phase of its own
         self._output: _Output | None = None
         # layers come and go: without this, freed layers stay resident in the heap (see process_memory)
         serve_large_blocks_by_mmap()
@@ -143,10 +149,8 @@ class StreamedLayers:
         names = [name for name in self.files if name.startswith(prefix)]
         tensors = {}
         for path in {self.files[name] for name in names}:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in names:
-                    if self.files[name] == path:
-                        tensors[name[len(prefix):]] = handle.get_tensor(name)
+            read = read_tensors(path, [name for name in names if self.files[name] == path])
+            tensors.update({name[len(prefix):]: tensor for name, tensor in read.items()})
         return tensors
 
     def runner(self, seq_len: int, batch_size: int = 8) -> LayerRunner:
@@ -163,15 +167,20 @@ class StreamedLayers:
     def load(self, index: int) -> nn.Module:
         layer = self.skeleton.model.layers[index]
         state = self.read_tensors(f"model.layers.{index}.")
+        for name in state:  # converted one by one: the stored copy of each goes as soon as its converted one exists
+            state[name] = state[name].to(self.device, self.dtype)
         # always the stored (unpruned) weights: release() put a fresh meta layer in the skeleton.
         # assign: the tensors just read become the parameters (filling allocated storage would hold the layer twice)
-        layer.load_state_dict({k: v.to(self.device, self.dtype) for k, v in state.items()}, strict=True, assign=True)
+        layer.load_state_dict(state, strict=True, assign=True)
         return layer
 
     def release(self, index: int, layer: nn.Module, changed: bool) -> None:
         if self._output is not None:
             self._write_layer(index, layer)
-        # back to meta: the layer's memory is freed; a later load rebuilds it from the original weights
+        # back to meta: the layer's memory is freed; a later load rebuilds it from the original weights.
+        # The caller's loop variable still names the released layer until its next load(): emptying the
+        # module in place frees its weights now, so that two layers are never in memory at once
+        layer.to("meta")
         self.skeleton.model.layers[index] = self._fresh_layer(index)
         # a forward pass leaves reference cycles around the layer's modules; without a collection the
         # freed layers pile up until Python's allocation-count trigger fires (~10 MB per layer measured)
@@ -192,6 +201,8 @@ class StreamedLayers:
 
     def begin_pruning(self) -> None:
         """From now on released layers are written to the output (atomically: nothing appears until `finish_output`)."""
+        if self.phases is not None:
+            self.phases.enter("prune")
         if self.output_directory is None:
             return
         self._context = atomic_directory(self.output_directory)
@@ -206,7 +217,7 @@ class StreamedLayers:
 
     def _save_shard(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
         out = self._output
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(out.staging / file), metadata={"format": "pt"})
+        save_file({k: v.detach().to("cpu", self.save_dtype).contiguous() for k, v in tensors.items()}, str(out.staging / file), metadata={"format": "pt"})
         out.weight_map.update({name: file for name in tensors})
         out.parameters += sum(t.numel() for t in tensors.values())
 
@@ -234,14 +245,19 @@ class StreamedLayers:
             raise RuntimeError("finish_output needs every layer released after begin_pruning")
         # embeddings, final norm and LM head pass through unchanged: copied from disk, never loaded
         rest = {name: path for name, path in self.files.items() if not name.startswith("model.layers.")}
-        out.parameters += copy_tensors(rest, out.staging / "model-rest.safetensors", metadata={"format": "pt"})
-        out.weight_map.update({name: "model-rest.safetensors" for name in rest})
+        if stored_dtype(self.directory) == self.save_dtype:
+            out.parameters += copy_tensors(rest, out.staging / "model-rest.safetensors", metadata={"format": "pt"})
+            out.weight_map.update({name: "model-rest.safetensors" for name in rest})
+        else:  # another dtype asked for (--save-dtype): read and cast them, one tensor at a time in memory
+            for name in rest:
+                self._save_shard(f"model-rest-{len(out.weight_map):05d}.safetensors", {name: self.read_tensors(name)[""]})
         shapes = [out.shapes[i] for i in range(self.num_layers)]
         if is_uniform(shapes) and (biases := self._stock_zero_biases(shapes[0])):
             self._save_shard("model-zero-biases.safetensors", biases)
         config = self.config
         describe_shapes(config, shapes)
         config.num_hidden_layers = self.num_layers
+        config.dtype = self.save_dtype
         config.save_pretrained(out.staging)
         if not is_uniform(shapes):
             shutil.copyfile(modeling_llmprune.__file__, out.staging / REMOTE_CODE_FILE)
@@ -264,12 +280,12 @@ class StreamedLayers:
                 for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
                     key = f"{prefix}self_attn.{name}.bias"
                     if key not in self._output.weight_map:
-                        extra[key] = torch.zeros(size, dtype=self.dtype)
+                        extra[key] = torch.zeros(size, dtype=self.save_dtype)
             if shape.down_proj_bias:
                 for name in ("gate_proj", "up_proj"):
                     key = f"{prefix}mlp.{name}.bias"
                     if key not in self._output.weight_map:
-                        extra[key] = torch.zeros(shape.intermediate_size, dtype=self.dtype)
+                        extra[key] = torch.zeros(shape.intermediate_size, dtype=self.save_dtype)
         return extra
 
 

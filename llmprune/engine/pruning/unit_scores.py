@@ -54,7 +54,7 @@ class UnitScore(Protocol):
 
 
 def _column_energy(linear: nn.Linear) -> torch.Tensor:
-    return linear.weight.detach().to(torch.float64).pow(2).sum(0)
+    return comp.column_energy(linear.weight)  # a block of rows at a time: no float64 copy of the whole weight
 
 
 def _row_energy(linear: nn.Linear) -> torch.Tensor:

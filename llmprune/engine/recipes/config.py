@@ -39,6 +39,8 @@ class PipelineSettings(LoadOptions):
     """Evaluation windows per PPL (None: the whole split)."""
     batch_size: int = 8
     """Windows per forward pass when measuring."""
+    save_dtype: str = "auto"
+    """dtype of the saved models (pruned, fine-tuned): auto keeps the source's stored dtype (bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
 
     def model_stem(self) -> str:
         """The model's name as a folder name: smollm2-135m, or a directory's/file's own name."""

@@ -42,7 +42,7 @@ def recipe_prune_config(config: "PipelineSettings", importance_config: str | Pat
         ratio=ratio, prune_mlp=prune.prune_mlp, importance_config=Path(importance_config),
         importance_method=prune.importance, calibration=calibration_options(config), strategy=prune.strategy,
         alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end,
-        log_dir=log_dir, save_ckpt_log_name=log_name, **vars(config.load_options()),
+        log_dir=log_dir, save_ckpt_log_name=log_name, save_dtype=config.save_dtype, **vars(config.load_options()),
         # the run folder is the recipe's own (a retreat re-prunes into it); the base model's health was checked first
         overwrite=True, force=True,
     )
@@ -143,7 +143,7 @@ class StepAdapters:
             seq_len=config.seq_len, epochs=settings.epochs, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
             lr=settings.lr, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
             merge=settings.method == "lora", out=str(out_dir), resume=resume, device=config.device, dtype=config.dtype,
-            teacher=teacher,
+            teacher=teacher, save_dtype=config.save_dtype,
         )
 
         def run(listen: Callable[[Any], None] | None, control: Any = None) -> Any:
