@@ -164,19 +164,31 @@ def _scores(results: dict) -> list[TaskScore]:
     return scores
 
 
-def evaluate_tasks(model: Any, tokenizer: Any, options: TaskOptions) -> list[TaskScore]:
-    """Run lm-eval's `simple_evaluate` on an already-loaded model; one TaskScore per task and group."""
+def prepare_tasks(options: TaskOptions) -> tuple[Any, bool]:
+    """Check the options and load every task's data, before any model is loaded: a task that
+    cannot be reached costs seconds, not a model load. Returns (task manager, offline)."""
     from llmprune.engine.core.hub import cache_only, hub_reachable
 
     options.validate()
+    offline = not hub_reachable()
+    with _quiet_lm_eval(), cache_only(offline):
+        return load_tasks(options, offline), offline
+
+
+def evaluate_tasks(model: Any, tokenizer: Any, options: TaskOptions, prepared: tuple[Any, bool] | None = None) -> list[TaskScore]:
+    """Run lm-eval's `simple_evaluate` on an already-loaded model; one TaskScore per task and group.
+
+    `prepared` is what `prepare_tasks` returned, when the caller checked the tasks before loading.
+    """
+    from llmprune.engine.core.hub import cache_only
+
     if tokenizer is None:
         raise UserInputError("this model has no tokenizer, so lm-eval cannot run tasks on it", "save the tokenizer with the model or use --base-model")
-    offline = not hub_reachable()
+    manager, offline = prepared if prepared is not None else prepare_tasks(options)
     with _quiet_lm_eval(), cache_only(offline):
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        manager = load_tasks(options, offline)
         was_training = model.training
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
         try:
@@ -217,11 +229,12 @@ def run_task_evaluation(config: TaskEvalConfig) -> TaskEvalResult:
     """Load the model the llmprune way, then score it on the tasks with lm-eval."""
     import importlib.metadata
 
-    config.options.validate()  # before the model load: a missing extra or a bad option costs nothing
+    # before the model load: a missing extra, a bad option or unreachable task data costs seconds
+    prepared = prepare_tasks(config.options)
     placement = config.placement()
     loaded = config.load(placement)
     start = time.perf_counter()
-    scores = evaluate_tasks(loaded.model, loaded.tokenizer, config.options)
+    scores = evaluate_tasks(loaded.model, loaded.tokenizer, config.options, prepared)
     return TaskEvalResult(
         model=config.model, params=loaded.num_parameters, device=placement.describe(), scores=scores,
         seconds=time.perf_counter() - start, lm_eval_version=importlib.metadata.version("lm_eval"),

@@ -27,8 +27,10 @@ UI_LIBRARIES = ("typer", "click", "rich", "textual")
 # analysis imports the preflight checks; io.consistency imports diagnose.structure_check while diagnose
 # reads models through io.
 PENDING_CYCLES = [
-    {"llmprune.engine.pruning.analysis", "llmprune.engine.pruning.preflight"},
-    {"llmprune.engine.diagnose", "llmprune.engine.evaluate", "llmprune.engine.io"},
+    {"llmprune.engine.diagnose.doctor", "llmprune.engine.evaluate", "llmprune.engine.pruning.analysis",
+     "llmprune.engine.pruning.pipeline", "llmprune.engine.pruning.preflight", "llmprune.engine.pruning.result",
+     "llmprune.engine.pruning.streamed_importance"},
+    {"llmprune.engine.diagnose", "llmprune.engine.evaluate", "llmprune.engine.io", "llmprune.engine.pruning"},
 ]
 
 

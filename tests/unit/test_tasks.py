@@ -142,8 +142,14 @@ def test_a_real_task_without_its_data_offline_is_one_line(tiny_model_dir, tmp_pa
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")  # never a cached copy
+    loads = []
+    from llmprune.engine import tasks
+
+    load = tasks.TaskEvalConfig.load
+    monkeypatch.setattr(tasks.TaskEvalConfig, "load", lambda self, *a: loads.append(1) or load(self, *a))
     result = runner.invoke(app, ["eval", str(tiny_model_dir), "--tasks", "arc_easy"])
     _one_error_line(result, "arc_easy", "offline", "--include-path")
+    assert loads == []  # the task data is checked before the model is loaded
 
 
 def test_missing_extra_is_one_line(tiny_model_dir, monkeypatch):
