@@ -240,7 +240,7 @@ def _stream_source(config: EvalConfig, placement) -> Path | None:
     """The safetensors directory to stream from, or None to evaluate in memory."""
     if config.stream is False or config.prompt:
         return None
-    from llmprune.engine.pruning.pipeline import stream_source
+    from llmprune.engine.pruning.route import stream_source
     from llmprune.engine.pruning.streaming import should_stream
 
     source = stream_source(config.model)

@@ -112,7 +112,7 @@ def _stream_source(config: DoctorConfig, placement: Placement):
     """The safetensors directory to stream the forward test from (None: build the model in memory)."""
     if config.stream is False:
         return None
-    from llmprune.engine.pruning.pipeline import stream_source
+    from llmprune.engine.pruning.route import stream_source
     from llmprune.engine.pruning.streaming import should_stream
 
     source = stream_source(config.model)

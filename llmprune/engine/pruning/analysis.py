@@ -229,19 +229,6 @@ def read_importance_config(path: str | Path) -> ImportanceConfig:
     return config
 
 
-def is_importance_config(path: str | Path) -> bool:
-    """Whether `path` is a layer_importance_config.json written by `llmprune analyze` (a small JSON file)."""
-    import json
-
-    path = Path(path)
-    try:
-        if not path.is_file() or path.stat().st_size > 64 * 2**20:
-            return False
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == CONFIG_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def check_config_fits(config: ImportanceConfig, shapes: list[LayerShape], model_name: str) -> None:
     """Refuse a config measured on another architecture (layer count or shapes differ)."""
     ours = [s.to_dict() for s in shapes]
