@@ -17,12 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +30,9 @@ from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import LlmpruneError, UserInputError
 from llmprune.engine.core.events import (
     CheckpointSaved,
-    Event,
     GuardAlert,
     HealthChecked,
     Listener,
-    PerplexityMeasured,
     RolledBack,
     RunFinished,
     RunStarted,
@@ -55,164 +51,29 @@ from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and
 )
 from llmprune.engine.finetune.distill import Distiller, LossParts, check_teacher_matches, lm_only_loss, load_teacher
 from llmprune.engine.finetune.guards import StepVerdict, check_step, make_alert
-from llmprune.engine.core.outputs import RUN_MARKER, check_output_folder, is_disk_full
-from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
+from llmprune.engine.core.outputs import is_disk_full
+from llmprune.engine.core.paths import atomic_write_json
+from llmprune.engine.finetune.run_setup import (  # noqa: F401  (make_scheduler, check_run_dir and the file names are imported from here too)
+    LOG_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    apply_lora,
+    attach_log_file,
+    check_run_dir,
+    default_run_dir,
+    epoch_order,
+    health_check,
+    make_accelerator,
+    make_scheduler,
+    measure_ppl,
+    prepare_run_dir,
+    read_run,
+    safe_listener,
+    trim_metrics,
+)
 from llmprune.engine.finetune.run_checkpoints import CheckpointStore, TrainingProgress, checkpoint_step, latest_checkpoint
 
 log = logging.getLogger("llmprune.train")
-
-METRICS_FILE = "metrics.jsonl"
-RUN_FILE = "run.json"
-LOG_FILE = "training.log"
-
-
-# ---------------------------------------------------------------- pieces
-
-
-def default_run_dir() -> Path:
-    root = Path(os.environ.get("LLMPRUNE_RUNS", "llmprune-runs"))
-    return root / f"finetune-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def health_check(model: torch.nn.Module, tokenizer: Any) -> Any:
-    """doctor's pre-flight check (NaN/Inf weights, forward test); one implementation, in health.py."""
-    from llmprune.engine.diagnose.health import preflight_check
-
-    return preflight_check(model, tokenizer, forward=True)
-
-
-def make_accelerator(config: FinetuneConfig, device: torch.device) -> Any:
-    """bf16 autocast over fp32 master weights on GPU, plain fp32 on CPU; fp16 only when asked."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    dtype = (config.dtype or "auto").lower()
-    if device.type == "cpu" or dtype in ("float32", "fp32"):
-        mixed = "no"
-    elif dtype in ("float16", "fp16", "half"):
-        mixed = "fp16"
-    else:
-        mixed = "bf16"
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = AcceleratorState._shared_state
-    if not launched and state and (state.get("_mixed_precision") != mixed or (state.get("device") is not None and state["device"].type != device.type)):
-        # a second in-process run (tests, recipes) with other settings: accelerate keeps a
-        # process-wide singleton that refuses to change, so reset it when nothing is distributed
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
-
-
-def apply_lora(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [target for target in config.lora_targets if target not in present]
-    if missing:
-        raise UserInputError(f"LoRA target module(s) {', '.join(missing)} are not in this model", f"choose among {', '.join(DEFAULT_LORA_TARGETS)}")
-    lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_targets), task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
-    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
-
-
-def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
-    """The window order of one epoch: a fixed function of (seed, epoch), so resume needs only the step."""
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def _safe_listener(listener: Listener | None) -> Listener:
-    def emit(event: Event) -> None:
-        if listener is None:
-            return
-        try:
-            listener(event)
-        except Exception:  # the UI is a guest: its bugs must not cost the user the run
-            log.exception("listener failed on %s; training goes on", type(event).__name__)
-
-    return emit
-
-
-def _attach_log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    return handler
-
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, forget steps after the checkpoint: they will be trained again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _read_run(run_dir: Path) -> dict:
-    try:
-        record = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def _prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
-    run_dir = check_run_dir(config, needed_bytes)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / RUN_FILE).is_file() and os.environ.get("RANK", "0") == "0":
-        # marks the folder as a run from the start, so that a run killed before its first checkpoint can be started again there
-        atomic_write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "status": "starting"})
-    return run_dir
-
-
-def check_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
-    """Whether --out may receive this run (a new or empty folder, or the run to --resume); nothing is written."""
-    run_dir = Path(config.out).expanduser() if config.out else default_run_dir()
-    check_output_folder(run_dir, option="--out", resumable=True, needed_bytes=needed_bytes, kind=RUN_MARKER)
-    checkpoints = run_dir / "checkpoints"
-    if config.resume:
-        if latest_checkpoint(checkpoints) is None:
-            raise UserInputError(f"{run_dir} has no checkpoint to resume from", "check --out, or start a new run without --resume")
-        try:
-            previous = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["config"]
-        except (OSError, json.JSONDecodeError, KeyError):
-            raise UserInputError(f"{run_dir / RUN_FILE} is missing or unreadable", "resume only runs started by llmprune finetune") from None
-        changed = [name for name in DATA_FIELDS + LOSS_FIELDS if previous.get(name, FinetuneConfig.__dataclass_fields__[name].default) != getattr(config, name)]
-        if changed:
-            raise UserInputError(
-                f"--resume with different data or loss settings ({', '.join(changed)}) would not continue the same run",
-                "use the settings of the original run (see run.json) or start a new --out",
-            )
-        finished = _read_run(run_dir)
-        if finished.get("status") == "completed" and finished.get("steps") is not None and finished.get("steps") >= finished.get("total_steps", 0):
-            raise UserInputError(
-                f"{run_dir} is a finished run ({finished['steps']} of {finished['total_steps']} steps): there is nothing to resume",
-                f"its model is in {finished.get('model_dir') or run_dir}; to train more, start a new run on it with another --out",
-            )
-    elif latest_checkpoint(checkpoints) is not None:
-        raise UserInputError(f"{run_dir} already holds a run", "pass --resume to continue it, or choose another --out")
-    return run_dir
-
-
-def _measure_ppl(model: torch.nn.Module, tokenizer: Any, config: FinetuneConfig, phase: str, emit: Listener) -> float:
-    from llmprune.engine.data import load_evaluation_windows
-    from llmprune.engine.evaluate import perplexity
-
-    windows = load_evaluation_windows(tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
-    result = perplexity(model, windows)
-    emit(PerplexityMeasured(phase=phase, ppl=result.ppl, dataset=config.eval_dataset, windows=result.windows))
-    log.info("PPL %s: %.3f", phase, result.ppl)
-    return result.ppl
-
 
 # ---------------------------------------------------------------- the loop
 
@@ -239,16 +100,16 @@ def finetune_model(
     config.validate()
     check_seq_len_fits(config.seq_len, model)
     control = control or TrainingControl()
-    emit = _safe_listener(listener)
+    emit = safe_listener(listener)
     # refuse an unhealthy model before anything is written (no run folder, no log file)
     report = None if config.resume else health_check(model, tokenizer)
     if report is not None and not report.ok and not config.force:
         raise UnhealthyModelError(report)
     # one checkpoint (fp32 weights and two Adam moments) and the final model, at least
-    run_dir = _prepare_run_dir(config, needed_bytes=4 * 4 * sum(p.numel() for p in model.parameters()))
+    run_dir = prepare_run_dir(config, needed_bytes=4 * 4 * sum(p.numel() for p in model.parameters()))
     accelerator = make_accelerator(config, next(model.parameters()).device)
     main = accelerator.is_main_process
-    handler = _attach_log_file(run_dir) if main else None
+    handler = attach_log_file(run_dir) if main else None
     try:
         loss_fn = _loss_function(model, teacher, config, accelerator.device)
         return _train(model, tokenizer, config, accelerator, run_dir, emit if main else (lambda event: None), control, train_windows,
@@ -275,7 +136,7 @@ def _intact(run_dir: Path) -> str:
 
 def _record_failure(run_dir: Path, config: FinetuneConfig, error: BaseException) -> None:
     """run.json says the run failed (and why), so that nobody takes it for one still running."""
-    record = _read_run(run_dir) or {"config": config.to_dict()}
+    record = read_run(run_dir) or {"config": config.to_dict()}
     problem = getattr(error, "problem", None) or f"{type(error).__name__}: {str(error).strip()[:300]}"
     record.update({"status": "failed", "message": problem, "last_good_checkpoint": str(latest_checkpoint(run_dir / "checkpoints") or "") or None})
     try:
@@ -355,7 +216,7 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
             "raise --samples or lower --batch-size/--grad-accum",
         )
     health = None if report is None else _preflight(report, config, emit)
-    ppl_before = _measure_ppl(model, tokenizer, config, "before", emit) if config.test_before else None
+    ppl_before = measure_ppl(model, tokenizer, config, "before", emit) if config.test_before else None
 
     run = _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_fn, provenance,
                    per_step=per_step, steps_per_epoch=steps_per_epoch, fp16=fp16)
@@ -395,7 +256,7 @@ def _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_f
         resumed_from = store.latest()
         store.restore(resumed_from)
         if run.main:
-            _trim_metrics(metrics_path, progress.step)
+            trim_metrics(metrics_path, progress.step)
         log.info("resumed from %s at step %d", resumed_from, progress.step)
     else:
         if run.main:
@@ -511,7 +372,7 @@ def _finish(run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_bef
     elapsed = time.perf_counter() - started
 
     unwrapped = accelerator.unwrap_model(run.model)
-    ppl_after = _measure_ppl(unwrapped, tokenizer, config, "after", run.emit) if config.test_after else None
+    ppl_after = measure_ppl(unwrapped, tokenizer, config, "after", run.emit) if config.test_after else None
     model_dir = adapter_dir = None
     if run.status == "stopped_by_guard" and last_good is None:
         run.message += "; no state was proved good, so no model was saved (the input model is unchanged on disk)"
