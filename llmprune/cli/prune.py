@@ -30,7 +30,7 @@ def prune_command(
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).")] = None,
     drop_layers: Annotated[int, typer.Option("--drop-layers", help="Depth pruning: remove this many whole layers (least block influence) before cutting units.")] = _PRUNE.drop_layers,
     attn_unit: AttnUnitOpt = _PRUNE.attn_unit,
-    unit_importance: Annotated[str, typer.Option("--unit-importance", help="Which units go inside a layer: obs (greedy optimal-brain-surgeon removal: least output error after the refit, default), fluctuation (variance of the unit's output on calibration text), activation (weight norm × activation norm) or magnitude (L2).")] = _PRUNE.unit_importance,
+    unit_importance: Annotated[Optional[str], typer.Option("--unit-importance", help="Which units go inside a layer: obs (greedy optimal-brain-surgeon removal: least output error after the refit; the default of the global path), fluctuation (variance of the unit's output on calibration text; the default of the plan path), activation (weight norm × activation norm) or magnitude (L2).", show_default=False)] = None,
     round_to: RoundToOpt = _PRUNE.round_to,
     uniform: Annotated[bool, typer.Option("--uniform", help="Same shape in every layer (no protected layers); saves a stock Llama config.")] = False,
     importance_config: Annotated[Optional[Path], typer.Option("--importance-config", help="Reuse the scores (and plan options, as defaults) of `llmprune analyze`'s JSON instead of measuring.")] = None,

@@ -92,3 +92,18 @@ def test_round_to_on_the_global_path_is_one_line_exit_2(tiny_model_dir, pydoc_te
     assert result.exit_code == 2
     assert "--round-to is not used by the global path" in result.output and "--allocation plan" in result.output
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("extra,score", [([], "obs"), (["--alpha", "1"], "fluctuation"),
+                                         (["--alpha", "1", "--unit-importance", "magnitude"], "magnitude")],
+                         ids=["global default", "plan default", "asked"])
+def test_each_path_records_the_unit_score_it_used(extra, score, tiny_model_dir, pydoc_text_file, tmp_path):
+    result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, "--ratio", "0.25", *extra)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["options"]["unit_importance"] == score
+
+
+def test_the_unit_score_default_depends_on_the_path():
+    assert PruneConfig().unit_score_for("global") == "obs"
+    assert PruneConfig().unit_score_for("plan") == "fluctuation"
+    assert PruneConfig(unit_importance="activation").unit_score_for("plan") == "activation"

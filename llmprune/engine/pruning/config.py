@@ -16,7 +16,10 @@ from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.pruning.plan_options import ATTENTION_UNITS, DEFAULT_RATIO, LAYER_METHODS
 
 COMPENSATIONS = ("none", "bias", "lstsq")
-DEFAULT_UNIT_IMPORTANCE = "obs"
+DEFAULT_UNIT_IMPORTANCE = "obs"  # the global and streamed paths (the default prune)
+# The plan path's unit score when none is asked: recipes measure on a few calibration windows, where
+# OBS's Hessian estimate is poor (make demo's attention prune: PPL 68.9 with obs, 62.0 with fluctuation).
+PLAN_UNIT_IMPORTANCE = "fluctuation"
 DEFAULT_COMPENSATION = "lstsq"
 
 
@@ -62,8 +65,9 @@ class PruneConfig(LoadOptions):
     """Also prune MLP channels on the plan path (the global path always considers them)."""
     attn_unit: str = "group"
     """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group (plan path)."""
-    unit_importance: str = DEFAULT_UNIT_IMPORTANCE
-    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: obs | fluctuation | activation | magnitude)."""
+    unit_importance: str | None = None
+    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: obs | fluctuation | activation | magnitude);
+    None: obs on the global and streamed paths, fluctuation on the plan path (see `unit_score_for`)."""
     allocation: str | None = None
     """global | plan; None: global unless a plan option is given (route.choose_path)."""
     compensation_kind: str = DEFAULT_COMPENSATION
@@ -112,6 +116,12 @@ class PruneConfig(LoadOptions):
     """Prune even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes)."""
     compensation: Callable[..., Any] | None = None
     """Python API only: the per-layer compensation step (see layer_pass.CompensationContext); selects the plan path."""
+
+    def unit_score_for(self, allocation: str) -> str:
+        """The unit score a path uses: the one asked for, else that path's default."""
+        if self.unit_importance:
+            return self.unit_importance
+        return PLAN_UNIT_IMPORTANCE if allocation == "plan" else DEFAULT_UNIT_IMPORTANCE
 
     @property
     def resolved_ratio(self) -> float:

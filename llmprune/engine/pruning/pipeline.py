@@ -52,7 +52,8 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None, loaded
 
     start = time.perf_counter()
     config.validate()
-    get_unit_score(config.unit_importance)
+    if config.unit_importance:
+        get_unit_score(config.unit_importance)  # an unknown name is one line before any work
     check_prune_outputs(config)
     phases = PhasePeaks()  # what holds the memory: the peak of each phase goes into the result
     phases.enter("load")
@@ -145,7 +146,8 @@ class _Run:
         config, model = self.config, self.model
         needs_scores = saved_config is None and options.strategy != "uniform"
         compensation = config.compensation or config.compensation_kind
-        needs_windows = needs_scores or get_unit_score(config.unit_importance).needs_statistics or compensation != "none"
+        unit_score = config.unit_score_for("plan")
+        needs_windows = needs_scores or get_unit_score(unit_score).needs_statistics or compensation != "none"
         windows = self.calibration_windows() if needs_windows else None
         method = config.importance_method or DEFAULT_IMPORTANCE_METHOD
         if saved_config:
@@ -158,11 +160,11 @@ class _Run:
         options, rates, units = make_plan(scores, self.counter, options, config.attn_unit, config.prune_mlp, config.round_to,
                                           config.uniform, self.target)
         ppl_before = self.perplexity("before")
-        outcome = prune_model(model, units, windows, config.unit_importance, config.attn_unit, compensation,
+        outcome = prune_model(model, units, windows, unit_score, config.attn_unit, compensation,
                               batch_size=config.calibration.batch_size, progress=self.progress)
         ppl_after = self.perplexity("after")
         return self.result(
-            options=resolved_options(config, allocation="plan", plan=options.to_dict(),
+            options=resolved_options(config, allocation="plan", plan=options.to_dict(), unit_importance=unit_score,
                                      compensation=compensation if isinstance(compensation, str) else step_name(compensation)),
             ratio=options.ratio, params_before=outcome.params_before, params_after=outcome.params_after,
             layers=outcome.layers, rates=rates, importance_method=method, importance=list(scores),
@@ -178,7 +180,7 @@ class _Run:
         windows = self.calibration_windows()
         ppl_before = self.perplexity("before")
         device = next(model.parameters()).device
-        options = CalibratedPruneOptions(unit_score=config.unit_importance, compensation=config.compensation_kind)
+        options = CalibratedPruneOptions(unit_score=config.unit_score_for("global"), compensation=config.compensation_kind)
         outcome = prune_loaded_model(model, windows.ids.to(device), to_remove, options, config.drop_layers,
                                      config.calibration.batch_size, self.progress)
         ppl_after = self.perplexity("after")
@@ -188,11 +190,11 @@ class _Run:
         influence = [s.influence for s in outcome.scores] if outcome.scores else [0.0] * len(after)
         return self.result(
             options=resolved_options(config, allocation="global", compensation=config.compensation_kind,
-                                     dropped_layers=outcome.dropped_layers),
+                                     dropped_layers=outcome.dropped_layers, unit_importance=options.unit_score),
             ratio=ratio if self.target is None else to_remove / self.counter.total,
             params_before=self.counter.total, params_after=sum(p.numel() for p in model.parameters()),
             layers=changes, rates=rates, importance=influence,
-            importance_method=f"{config.unit_importance} (global allocation; importance = block influence)",
+            importance_method=f"{options.unit_score} (global allocation; importance = block influence)",
             ppl_before=ppl_before, ppl_after=ppl_after,
         )
 
@@ -248,17 +250,18 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
     to_remove = total - target if target is not None else int(ratio * prunable_parameters(shapes, hidden))
     windows = load_calibration_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
     del tokenizer  # tens of MB that the layer loop does not need; read again to be saved with the output
-    options = CalibratedPruneOptions(unit_score=config.unit_importance, compensation=config.compensation_kind)
+    options = CalibratedPruneOptions(unit_score=config.unit_score_for("global"), compensation=config.compensation_kind)
     phases.enter("measure")  # store.begin_pruning() starts the "prune" phase
     try:
         scores, _, reports = prune_to_target(store, windows.ids, store.runner(calib.seq_len, calib.batch_size), to_remove, options, progress)
         after = store.output_shapes
         changes, rates = layer_changes(shapes, after, [], reports, hidden)
         result = PruneResult(
-            model=config.model, options=resolved_options(config, allocation="global", compensation=config.compensation_kind, streamed=True),
+            model=config.model, options=resolved_options(config, allocation="global", compensation=config.compensation_kind, streamed=True,
+                                                     unit_importance=options.unit_score),
             ratio=ratio if target is None else to_remove / total, target_params=target,
             params_before=total, params_after=store.output_parameters(), layers=changes, rates=rates,
-            importance_method=f"{config.unit_importance} (global allocation, streamed; importance = block influence)",
+            importance_method=f"{options.unit_score} (global allocation, streamed; importance = block influence)",
             importance=[s.influence for s in scores], gqa_violations=gqa_violations(after), seconds=0.0,
             peak_memory_bytes=0, model_bytes=stored_bytes(source), loaded=None, path=path.to_dict(),
         )
