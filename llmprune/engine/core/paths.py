@@ -24,18 +24,26 @@ def cache_dir(*parts: str) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with atomic_file(path) as staging, open(staging, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling file (`.<name>.<pid>-<random>.partial`, which `remove_stale_staging`
+    recognises); on success it replaces `final` in one rename, on failure it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}-", suffix=".partial")
+    os.close(descriptor)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file is an ordinary output
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes it private; the file is an ordinary output
+        yield Path(staging)
+        os.replace(staging, final)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        Path(staging).unlink(missing_ok=True)
         raise
 
 

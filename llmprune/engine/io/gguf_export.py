@@ -18,8 +18,6 @@ as a model first.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.core.paths import remove_stale_staging
+from llmprune.engine.core.paths import atomic_file, remove_stale_staging
 from llmprune.engine.io.gguf_tensors import Entry, LayerDims, ProgressCallback, declare, layer_dims, plan_tensors, write_data
 from llmprune.engine.io.tensor_store import SafetensorsStore, StateDictStore, TensorStore
 from llmprune.engine.io.tokenizer_gguf import write_tokenizer
@@ -214,12 +212,8 @@ def export_gguf(config: ExportConfig, progress: ProgressCallback | None = None) 
     entries, fallbacks, ignored = plan_tensors(source.store, dims, head_dim, config.outtype, tied)
 
     out = Path(config.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)  # what an export killed half-way left
-    descriptor, staging = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}-", suffix=".partial")
-    os.close(descriptor)
-    written = 0
-    try:
+    with atomic_file(out) as staging:
         writer = gguf.GGUFWriter(staging, architecture)
         _write_hyperparameters(writer, model_config, dims, head_dim, config.outtype, Path(config.model).name or config.model)
         entries = _rope_entries(writer, model_config, head_dim) + entries
@@ -230,17 +224,10 @@ def export_gguf(config: ExportConfig, progress: ProgressCallback | None = None) 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for done, entry in enumerate(entries, start=1):
-            written += write_data(writer, entry, source.store, head_dim)
+            write_data(writer, entry, source.store, head_dim)
             if progress:
                 progress(done, len(entries))
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o666 & ~umask)  # mkstemp's file is private; the export is an ordinary file
-        os.replace(staging, out)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
     return ExportResult(
         path=str(out), architecture=architecture, outtype=config.outtype, tensors=len(entries), bytes=out.stat().st_size,
         parameters=sum(math.prod(entry.shape) for entry in entries),
