@@ -13,17 +13,17 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmprune.engine.data import TokenWindows, check_seq_len_fits, check_text_source, check_window_options
+from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.load_options import LoadOptions
 
-ProgressCallback = Callable[[int, int], None]  # (windows done, windows total)
 
 
 @dataclass
@@ -53,7 +53,7 @@ def perplexity(
     model: nn.Module,
     windows: TokenWindows,
     batch_size: int = 1,
-    progress: ProgressCallback | None = None,
+    progress: CountProgress | None = None,
 ) -> PerplexityResult:
     """Evaluate `model` on the windows; NLL is summed in fp32 whatever the model dtype."""
     if batch_size < 1:
@@ -103,7 +103,7 @@ _VOCAB_SLICE = 16384  # rows of the LM head made float at a time: logits of one 
 
 
 @torch.no_grad()
-def streamed_perplexity(store, windows: TokenWindows, batch_size: int = 1, progress: ProgressCallback | None = None) -> PerplexityResult:
+def streamed_perplexity(store, windows: TokenWindows, batch_size: int = 1, progress: CountProgress | None = None) -> PerplexityResult:
     """`perplexity` of the model in `store` (a StreamedLayers), one decoder layer in memory at a time.
 
     progress counts layers (and the head as the last step), not windows.
@@ -207,7 +207,7 @@ def _check_generation_fits(loaded: Any, prompt: str, max_new_tokens: int) -> Non
         )
 
 
-def run_evaluation(config: EvalConfig, progress: ProgressCallback | None = None) -> EvalResult:
+def run_evaluation(config: EvalConfig, progress: CountProgress | None = None) -> EvalResult:
     """Load the model and the data, measure perplexity (and generate if asked)."""
     from llmprune.engine.data import load_evaluation_windows
     from llmprune.engine.core.device import choose_placement
@@ -252,7 +252,7 @@ def _stream_source(config: EvalConfig, placement) -> Path | None:
     return None
 
 
-def _run_streamed_evaluation(config: EvalConfig, source, placement, progress: ProgressCallback | None) -> EvalResult:
+def _run_streamed_evaluation(config: EvalConfig, source, placement, progress: CountProgress | None) -> EvalResult:
     from transformers import AutoTokenizer
 
     from llmprune.engine.data import load_evaluation_windows

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from llmprune.engine.data import check_seq_len_fits, check_window_options
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.evaluate import ProgressCallback
+from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.diagnose.findings import Advice, Finding
 from llmprune.engine.diagnose.health import HealthReport, PplCheck, add_forward, build_report, ppl_verdict
 from llmprune.engine.io.models import LoadedModel, load_model
@@ -154,7 +154,7 @@ def _recorded_base_ppl(provenance: dict, settings: tuple[str, int, int | None]) 
     return float(provenance["ppl_before"]) if recorded == settings else None
 
 
-def _measure_ppl(loaded: LoadedModel, config: DoctorConfig, provenance: dict, report: DoctorReport, progress: ProgressCallback | None) -> PplCheck:
+def _measure_ppl(loaded: LoadedModel, config: DoctorConfig, provenance: dict, report: DoctorReport, progress: CountProgress | None) -> PplCheck:
     from llmprune.engine.data import load_evaluation_windows
     from llmprune.engine.evaluate import perplexity
 
@@ -193,7 +193,7 @@ def _ppl_finding(check: PplCheck) -> Finding | None:
     return Finding(severity, "ppl", f"perplexity ({check.source})", check.verdict.explanation, list(check.verdict.advice))
 
 
-def run_doctor(config: DoctorConfig, progress: ProgressCallback | None = None) -> DoctorReport:
+def run_doctor(config: DoctorConfig, progress: CountProgress | None = None) -> DoctorReport:
     """Scan the weights and structure of `config.model`, then (if asked) run it; `report.exit_code` is 0 or 1."""
     config.validate()
     placement = choose_placement(config.device, config.dtype)

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import atomic_file, remove_stale_staging
-from llmprune.engine.io.gguf_tensors import Entry, LayerDims, ProgressCallback, declare, layer_dims, plan_tensors, write_data
+from llmprune.engine.io.gguf_tensors import Entry, LayerDims, declare, layer_dims, plan_tensors, write_data
 from llmprune.engine.io.tensor_store import SafetensorsStore, StateDictStore, TensorStore
 from llmprune.engine.io.tokenizer_gguf import write_tokenizer
 
@@ -197,7 +198,7 @@ def _head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
 
-def export_gguf(config: ExportConfig, progress: ProgressCallback | None = None) -> ExportResult:
+def export_gguf(config: ExportConfig, progress: CountProgress | None = None) -> ExportResult:
     """Write the model as a GGUF file (atomically: an interrupted export leaves no partial file)."""
     import gguf
 

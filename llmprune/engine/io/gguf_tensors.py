@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,5 +201,3 @@ def write_data(writer: Any, entry: Entry, store: TensorStore, head_dim: int) -> 
     writer.state = WriterState.WEIGHTS
     return written
 
-
-ProgressCallback = Callable[[int, int], None]
