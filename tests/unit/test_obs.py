@@ -9,6 +9,7 @@ from conftest import make_tiny_model
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.pruning.obs import obs_removal_error, obs_unit_scores
+from llmprune.engine.pruning.unit_scores import UNIT_SCORES
 
 SEQ = 32
 
@@ -52,6 +53,27 @@ def test_greedy_obs_removes_what_refitting_each_candidate_would_choose():
         chosen = min(alive, key=lambda j: _refit_error(x, weight, bias, stats, [k for k in alive if k != j]))
         assert chosen == expected
         alive.remove(chosen)
+
+
+def test_the_scores_the_allocation_ranks_add_up_to_the_joint_error():
+    # two copies of an important input: each alone is free to remove (the other takes over), both together are not;
+    # the allocation's scores (no keep=: the whole greedy order) charge the second copy what removing the pair costs
+    x, weight, bias, _ = _layer(inputs=8)
+    x = torch.cat([x, x[:, :1] + 1e-3 * torch.randn(x.shape[0], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))], 1)
+    weight = torch.cat([weight, weight[:, :1]], 1)
+    stats = comp.InputStatistics(9, gram=True)
+    stats.add(x)
+    unit = UNIT_SCORES["obs"]
+    linear = torch.nn.Linear(9, 5, bias=False, dtype=torch.float64)
+    linear.weight.data = weight
+    scores = unit._scores(linear, stats, 1, None)
+    one_shot = obs_unit_scores(weight, stats, 1, remove=0, damping=1e-3)
+    assert float(one_shot[0]) < float(one_shot.median()) and float(one_shot[8]) < float(one_shot.median())  # alone, each looks free
+    assert max(float(scores[0]), float(scores[8])) > float(scores.median())  # jointly, the second copy is not
+    for count in (2, 4, 6):
+        cheapest = scores.argsort()[:count].tolist()
+        joint = obs_removal_error(weight, None, stats, cheapest)
+        assert float(scores[cheapest].sum()) == pytest.approx(joint, rel=0.05)
 
 
 def _ids(count: int, seed: int = 0) -> torch.Tensor:
