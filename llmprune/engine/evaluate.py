@@ -1,7 +1,7 @@
 """Perplexity and a generation smoke test.
 
 `perplexity` runs a model in memory; `streamed_perplexity` gives the same
-figure with the weights on disk (pruning.streaming.StreamedLayers): all
+figure with the weights on disk (walk.streaming.StreamedLayers): all
 windows go through one decoder layer, then the next, and the LM head is
 applied a slice of the vocabulary at a time, so memory holds one layer, the
 windows' hidden states and the head in its stored dtype, never the model.
@@ -240,8 +240,8 @@ def _stream_source(config: EvalConfig, placement) -> Path | None:
     """The safetensors directory to stream from, or None to evaluate in memory."""
     if config.stream is False or config.prompt:
         return None
-    from llmprune.engine.pruning.route import stream_source
-    from llmprune.engine.pruning.streaming import should_stream
+    from llmprune.engine.walk.streaming import stream_source
+    from llmprune.engine.walk.streaming import should_stream
 
     source = stream_source(config.model)
     if config.stream and source is None:
@@ -256,7 +256,7 @@ def _run_streamed_evaluation(config: EvalConfig, source, placement, progress: Co
     from transformers import AutoTokenizer
 
     from llmprune.engine.data import load_evaluation_windows
-    from llmprune.engine.pruning.streaming import StreamedLayers, parameter_count
+    from llmprune.engine.walk.streaming import StreamedLayers, parameter_count
 
     windows = load_evaluation_windows(AutoTokenizer.from_pretrained(str(source)), config.dataset, config.seq_len, config.max_windows)
     store = StreamedLayers(source, placement.device, placement.dtype)

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from llmprune.engine.diagnose.doctor import DoctorReport
 from llmprune.engine.diagnose.health import HealthReport
-from llmprune.engine.diagnose.structure_check import Structure, format_ranges
+from llmprune.engine.io.structure import Structure, format_ranges
 from llmprune.ui.console import format_count
 
 MAX_FINDINGS_SHOWN = 25

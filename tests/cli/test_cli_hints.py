@@ -148,7 +148,7 @@ def test_doctor_advice_names_options_of_the_command_it_recommends(tiny_model_dir
     texts = report["advice"] + [finding["message"] for finding in report["findings"]]
     assert len(report["advice"]) >= 3
     assert [wrong for text in texts for wrong in wrong_options(text, ("doctor",))] == []
-    from llmprune.engine.diagnose.findings import Advice
+    from llmprune.engine.core.findings import Advice
 
     every_advice = [value for name, value in vars(Advice).items() if name.isupper()]
     assert [wrong for text in every_advice for wrong in wrong_options(text, ("doctor",))] == []

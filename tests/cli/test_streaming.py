@@ -10,7 +10,7 @@ from conftest import make_tiny_model
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.streaming import StreamedLayers
+from llmprune.engine.walk.streaming import StreamedLayers
 
 SEQ = 32
 

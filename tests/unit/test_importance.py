@@ -7,7 +7,7 @@ from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
-from llmprune.engine.pruning.layer_store import runner_for
+from llmprune.engine.walk.layer_store import runner_for
 from llmprune.engine.pruning.unit_scores import UNIT_SCORES, get_unit_score
 from llmprune.engine.pruning.surgery import mask_kv_groups
 from tests.conftest import make_tiny_model

@@ -8,7 +8,7 @@ from conftest import make_tiny_model
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.allocation import LayerUnits
-from llmprune.engine.pruning.layer_store import runner_for
+from llmprune.engine.walk.layer_store import runner_for
 from llmprune.engine.pruning.prune_model import prune_model
 from llmprune.engine.pruning.unit_scores import get_unit_score
 

@@ -14,10 +14,10 @@ from llmprune.engine.data import check_seq_len_fits, check_window_options
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.progress import CountProgress
-from llmprune.engine.diagnose.findings import Advice, Finding
+from llmprune.engine.core.findings import Advice, Finding
 from llmprune.engine.diagnose.health import HealthReport, PplCheck, add_forward, build_report, ppl_verdict
 from llmprune.engine.io.models import LoadedModel, load_model
-from llmprune.engine.diagnose.structure_check import read_structure, structure_shapes
+from llmprune.engine.io.structure import read_structure, structure_shapes
 from llmprune.engine.diagnose.tensor_scan import tensor_stats
 from llmprune.engine.io.weight_source import WeightSource, iter_tensors, locate_weights
 from llmprune.engine.io.load_options import LoadOptions
@@ -112,8 +112,8 @@ def _stream_source(config: DoctorConfig, placement: Placement):
     """The safetensors directory to stream the forward test from (None: build the model in memory)."""
     if config.stream is False:
         return None
-    from llmprune.engine.pruning.route import stream_source
-    from llmprune.engine.pruning.streaming import should_stream
+    from llmprune.engine.walk.streaming import stream_source
+    from llmprune.engine.walk.streaming import should_stream
 
     source = stream_source(config.model)
     if config.stream and source is None:
@@ -125,7 +125,7 @@ def _streamed_forward(report: DoctorReport, directory, placement: Placement) -> 
     from transformers import AutoTokenizer
 
     from llmprune.engine.diagnose.forward_probe import streamed_forward_test
-    from llmprune.engine.pruning.streaming import StreamedLayers
+    from llmprune.engine.walk.streaming import StreamedLayers
 
     try:
         store = StreamedLayers(directory, placement.device, placement.dtype)

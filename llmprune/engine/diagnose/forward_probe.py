@@ -96,7 +96,7 @@ def forward_test(model: nn.Module, tokenizer: Any = None, prompt: str = DEFAULT_
 
 @torch.inference_mode()
 def streamed_forward_test(store: Any, tokenizer: Any = None, prompt: str = DEFAULT_PROMPT) -> ForwardResult:
-    """`forward_test` with the weights on disk (a pruning.streaming.StreamedLayers): one layer in memory at a time.
+    """`forward_test` with the weights on disk (a walk.streaming.StreamedLayers): one layer in memory at a time.
 
     Every module of a layer is watched while the layer is loaded, so the first
     non-finite module is named as in the in-memory test; the LM head is applied a

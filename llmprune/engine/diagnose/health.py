@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from llmprune.engine.diagnose.findings import SEVERITIES, Advice, Finding
+from llmprune.engine.core.findings import SEVERITIES, Advice, Finding
 from llmprune.engine.diagnose.forward_probe import ForwardResult, forward_test
-from llmprune.engine.diagnose.structure_check import Structure, is_adapter_tensor, read_structure, structure_shapes
+from llmprune.engine.io.structure import Structure, is_adapter_tensor, read_structure, structure_shapes
 from llmprune.engine.diagnose.tensor_scan import TensorStats, huge_tensors, layer_index, tensor_stats
 from llmprune.engine.diagnose.verdicts import VERDICT_LABELS, PplCheck, Verdict, ppl_verdict
 

@@ -25,29 +25,23 @@ activations after a few multiplications.
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import torch
 
+from llmprune.engine.io.structure import LAYER_NAME, layer_index
+
 HUGE_RELATIVE = 100.0
 RELATIVE_FLOOR = 1.0
 HUGE_ABSOLUTE = 1000.0
 _CHUNK = 1 << 24  # elements per fp32 chunk (64 MiB)
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    """The decoder layer a tensor belongs to (None for embeddings, norm, lm_head)."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
 
 
 def tensor_kind(name: str) -> str:
     """The name with its layer index removed: tensors of one kind share a scale."""
-    return _LAYER.sub(lambda m: m.group(0).replace(m.group(1), "*"), name, count=1)
+    return LAYER_NAME.sub(lambda m: m.group(0).replace(m.group(1), "*"), name, count=1)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from llmprune.engine.diagnose.findings import Advice
+from llmprune.engine.core.findings import Advice
 
 VERDICT_LABELS = ("healthy", "acceptable", "too high", "broken")
 # Llama-3-8B-class models at 2048 tokens (the field guide): upper bounds of each label.

@@ -5,7 +5,7 @@ weights (a layer count, a hidden size, a vocabulary or a layer's width) either
 fails deep inside transformers with a traceback or, worse, loads and silently
 uses the wrong model (28 of 30 layers). The check reads only the safetensors
 headers (no tensor data), and uses doctor's structure reading
-(diagnose.structure_check), so every command names a mismatch the same way.
+(io.structure), so every command names a mismatch the same way.
 A file shorter than its header says (a truncated download or copy) is refused
 here too.
 """
@@ -60,7 +60,7 @@ def stored_shapes(directory: str | Path) -> dict[str, list[int]]:
 
 def config_mismatches(shapes: dict[str, list[int]], config: dict) -> list[str]:
     """What the config gets wrong about these tensors, one line each (empty: they agree)."""
-    from llmprune.engine.diagnose.structure_check import read_structure, structure_shapes
+    from llmprune.engine.io.structure import read_structure, structure_shapes
 
     _, findings = read_structure(structure_shapes(shapes), config, config_role="weights")
     return [finding.message for finding in findings if finding.severity == "error" and finding.check in ("shape", "fit")]

@@ -1,2 +1,2 @@
 """Structured pruning: importance scores, per-layer allocation, surgery on the real
-transformers modules, compensation of the removed units, layer streaming, the pipeline."""
+transformers modules, compensation of the removed units, the pipeline."""

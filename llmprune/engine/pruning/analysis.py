@@ -163,9 +163,9 @@ def _measure_streamed(config: AnalyzeConfig, placement, progress: StageProgress 
 
     from llmprune.engine.io.architecture import layer_shape
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.pruning.route import stream_source
+    from llmprune.engine.walk.streaming import stream_source
     from llmprune.engine.pruning.streamed_importance import streamed_layer_importance
-    from llmprune.engine.pruning.streaming import StreamedLayers, parameter_count
+    from llmprune.engine.walk.streaming import StreamedLayers, parameter_count
 
     source = stream_source(config.model)
     if source is None:

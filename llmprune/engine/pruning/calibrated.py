@@ -21,7 +21,7 @@ from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.config import COMPENSATIONS, DEFAULT_UNIT_IMPORTANCE  # noqa: F401 (re-exported)
 from llmprune.engine.pruning.layer_pass import LayerPlan, LayerReport, prune_layers
-from llmprune.engine.pruning.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for  # noqa: F401 (re-exported)
+from llmprune.engine.walk.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for  # noqa: F401 (re-exported)
 from llmprune.engine.pruning.surgery import attention_counts
 from llmprune.engine.pruning.unit_scores import UNIT_SCORES, get_unit_score  # noqa: F401 (re-exported)
 

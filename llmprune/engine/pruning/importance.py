@@ -28,7 +28,7 @@ from torch import nn
 
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for
+from llmprune.engine.walk.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for
 from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.pruning.plan_options import LAYER_METHODS
 

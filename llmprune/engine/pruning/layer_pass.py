@@ -29,7 +29,7 @@ from torch import nn
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.config import DEFAULT_UNIT_IMPORTANCE
-from llmprune.engine.pruning.layer_store import LayerRunner, LayerStore
+from llmprune.engine.walk.layer_store import LayerRunner, LayerStore
 from llmprune.engine.pruning.reconstruction import Compensation, CompensationContext, compensation_step, ensure_bias
 from llmprune.engine.pruning.surgery import attention_counts, prune_kv_groups, prune_mlp_channels, prune_query_heads
 from llmprune.engine.pruning.unit_scores import UnitScore, get_unit_score, top_units

@@ -39,7 +39,8 @@ from llmprune.engine.pruning.result import (  # noqa: F401 (re-exported)
     provenance,
     write_run_log,
 )
-from llmprune.engine.pruning.route import PrunePath, choose_path, stream_source  # noqa: F401 (re-exported)
+from llmprune.engine.pruning.route import PrunePath, choose_path  # noqa: F401 (re-exported)
+from llmprune.engine.walk.streaming import stream_source
 from llmprune.engine.pruning.unit_scores import get_unit_score
 
 
@@ -229,8 +230,8 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
 
     from llmprune.engine.data import load_calibration_windows
     from llmprune.engine.pruning.calibrated import prune_to_target
-    from llmprune.engine.pruning.streaming import StreamedLayers, parameter_count
-    from llmprune.engine.pruning.streaming import model_bytes as stored_bytes
+    from llmprune.engine.walk.streaming import StreamedLayers, parameter_count
+    from llmprune.engine.walk.streaming import model_bytes as stored_bytes
 
     source = stream_source(config.model)
     calib = config.calibration

@@ -26,7 +26,7 @@ from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_sh
 from llmprune.engine.pruning.allocation import LayerUnits
 from llmprune.engine.pruning.config import DEFAULT_UNIT_IMPORTANCE
 from llmprune.engine.pruning.layer_pass import LayerPlan, prune_layers
-from llmprune.engine.pruning.layer_store import InMemoryLayers, runner_for
+from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
 from llmprune.engine.pruning.reconstruction import Compensation, compensation_step
 from llmprune.engine.pruning.unit_scores import get_unit_score
 

@@ -14,7 +14,6 @@ not use is an error with a hint, never a silent switch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmprune.engine.core.errors import UserInputError
@@ -112,6 +111,8 @@ def choose_path(config: "PruneConfig", device: "torch.device | None" = None) -> 
 
 
 def _maybe_streamed(config: "PruneConfig", path: PrunePath, device) -> PrunePath:
+    from llmprune.engine.walk.streaming import model_bytes, should_stream, stream_source
+
     if config.stream and (config.drop_layers or config.test_after_prune):
         return PrunePath("streamed", "--stream")  # _check_unused says what does not combine
     if config.drop_layers or config.test_after_prune:
@@ -126,23 +127,7 @@ def _maybe_streamed(config: "PruneConfig", path: PrunePath, device) -> PrunePath
     source = stream_source(config.model)
     if source is None:
         return path
-    from llmprune.engine.pruning.streaming import model_bytes, should_stream
-
     size = model_bytes(source) / 2**30
     if should_stream(source, device):
         return PrunePath("streamed", f"the weights ({size:.2f} GiB, with 1.5× headroom) do not fit the free memory of {device}")
     return PrunePath("global", f"the default: units ranked across all layers; the weights ({size:.2f} GiB) fit {device}")
-
-
-def stream_source(spec: str) -> Path | None:
-    """The safetensors directory a streamed run reads for this model spec (None: it cannot stream)."""
-    from llmprune.engine.io.models import ALIASES, alias_path, convert_gguf
-
-    if spec in ALIASES:
-        return convert_gguf(alias_path(spec))
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
-    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
-        return path
-    return None

@@ -22,7 +22,7 @@ from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.evaluate import window_nll
 from llmprune.engine.pruning.importance import LayerImportance, walked_scores
-from llmprune.engine.pruning.streaming import StreamedLayers
+from llmprune.engine.walk.streaming import StreamedLayers
 
 __all__ = ["STREAMED_METHODS", "streamed_layer_importance"]
 

@@ -1,6 +1,6 @@
 """Layer-streamed analysis and pruning: the model stays on disk, one decoder layer at a time is in memory.
 
-`StreamedLayers` is a `llmprune.engine.pruning.calibrated.LayerStore` over a safetensors
+`StreamedLayers` is a `walk.layer_store.LayerStore` over a safetensors
 model directory. The model is built once on the `meta` device (structure, no
 memory); `load(i)` gives layer i real storage on the compute device and reads
 its tensors from the safetensors files; `release(i)` writes the (pruned) layer
@@ -38,13 +38,13 @@ from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shape
 from llmprune.engine.io.consistency import check_config_matches_weights
 from llmprune.engine.io.checkpoint import PROVENANCE_FILE, REMOTE_CODE_FILE, describe_shapes, provenance_record, stored_dtype
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.layer_store import LayerRunner
+from llmprune.engine.walk.layer_store import LayerRunner
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
 from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
 from llmprune.engine.io.safetensors_copy import copy_tensors, read_tensors, stored_elements
 from llmprune.engine.io.remote_code import modeling_llmprune
 
-__all__ = ["StreamedLayers", "safetensors_index", "parameter_count", "model_bytes", "should_stream"]
+__all__ = ["StreamedLayers", "safetensors_index", "stream_source", "parameter_count", "model_bytes", "should_stream"]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -59,6 +59,20 @@ def safetensors_index(directory: Path) -> dict[str, Path]:
     if not single.is_file():
         raise UserInputError(f"{directory} has no safetensors weights", "streaming reads model.safetensors (or a sharded index); re-save the model")
     return {name: single for name in stored_elements(single)}
+
+
+def stream_source(spec: str) -> Path | None:
+    """The safetensors directory a streamed run reads for this model spec (None: it cannot stream)."""
+    from llmprune.engine.io.models import ALIASES, alias_path, convert_gguf
+
+    if spec in ALIASES:
+        return convert_gguf(alias_path(spec))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return path
+    return None
 
 
 def parameter_count(directory: str | Path) -> int:

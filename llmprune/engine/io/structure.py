@@ -10,15 +10,23 @@ from the config, or from the model's attention modules).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from llmprune.engine.diagnose.findings import Advice, Finding
-from llmprune.engine.diagnose.tensor_scan import layer_index
+from llmprune.engine.core.findings import Advice, Finding
+
+LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a decoder layer's tensors: model.layers.<i>.…
 
 _ATTN = "self_attn"
 _REQUIRED = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
              "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (None for embeddings, norm, lm_head)."""
+    match = LAYER_NAME.search(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass
