@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.events import CheckpointSaved, Listener, RolledBack
 from llmprune.engine.core.outputs import is_disk_full
 from llmprune.engine.core.paths import atomic_write_json
 
 LATEST_FILE = "latest.json"
+log = logging.getLogger("llmprune.train")  # the training loop's logger: one log file for the whole run
 
 
 @dataclass
@@ -147,3 +153,54 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[1])
+
+
+# ---------------------------------------------------------------- coming back to a good state
+
+
+def rollback_to_last_good(store: CheckpointStore, progress: TrainingProgress, scheduler: Any, optimizer: Any, emit: Listener) -> None:
+    """Back to the last good weights/optimizer with half the LR; the data position moves on past the bad batch."""
+    at_step, rollbacks, best = progress.step, progress.rollbacks + 1, progress.best_loss
+    good = store.latest()
+    store.restore(good)  # also reloads `progress` and the scheduler as they were then
+    restored_step = progress.step
+    progress.step, progress.rollbacks, progress.best_loss = at_step, rollbacks, best
+    progress.lr_scale *= 0.5
+    scheduler.base_lrs = [base * 0.5 for base in scheduler.base_lrs]
+    # put the schedule at the current step with the new base LR
+    scheduler.last_epoch = at_step - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    event = RolledBack(at_step=at_step, restored_step=restored_step, lr_scale=progress.lr_scale, rollbacks=rollbacks)
+    log.warning("rolled back to step %d (LR x%.3g, rollback %d)", restored_step, progress.lr_scale, rollbacks)
+    emit(event)
+
+
+@torch.no_grad()
+def settle_final_state(model, windows, store, progress, status, accelerator, emit) -> Path | None:
+    """Make the weights in memory trustworthy before they are saved, and return the last good checkpoint.
+
+    After a guard stop the weights go back to the last good checkpoint. Otherwise the
+    last update has not been judged yet: one forward pass does it, and the final
+    state becomes a confirmed checkpoint (or, if that loss is bad, the last good one is restored).
+    """
+    if status != "stopped_by_guard":
+        ids = windows.ids[: 1].to(accelerator.device)
+        model.eval()
+        loss = float(accelerator.reduce(model(input_ids=ids, labels=ids, use_cache=False).loss.detach().float(), reduction="mean"))
+        model.train()
+        if math.isfinite(loss):
+            if store.pending is None or checkpoint_step(store.pending) != progress.step:
+                store.save(progress.step)
+                emit(CheckpointSaved(step=progress.step, path=str(store.pending), reason="final"))
+            store.confirm()
+            return store.latest()
+        log.error("the final weights give a non-finite loss; restoring the last good checkpoint")
+    store.discard_pending()
+    good = store.latest()
+    if good is not None:
+        counters = (progress.step, progress.rollbacks, progress.best_loss)
+        store.restore(good)
+        progress.step, progress.rollbacks, progress.best_loss = counters
+    return good

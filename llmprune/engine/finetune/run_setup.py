@@ -17,7 +17,7 @@ from llmprune.engine.core.events import Event, Listener, PerplexityMeasured
 from llmprune.engine.core.outputs import RUN_MARKER, check_output_folder
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.finetune.config import DATA_FIELDS, DEFAULT_LORA_TARGETS, LOSS_FIELDS, FinetuneConfig
-from llmprune.engine.finetune.run_checkpoints import latest_checkpoint
+from llmprune.engine.finetune.run_checkpoints import checkpoint_step, latest_checkpoint
 
 log = logging.getLogger("llmprune.train")  # the training loop's logger: one log file for the whole run
 
@@ -169,3 +169,43 @@ def measure_ppl(model: torch.nn.Module, tokenizer: Any, config: FinetuneConfig, 
     emit(PerplexityMeasured(phase=phase, ppl=result.ppl, dataset=config.eval_dataset, windows=result.windows))
     log.info("PPL %s: %.3f", phase, result.ppl)
     return result.ppl
+
+
+def intact_checkpoint(run_dir: Path) -> str:
+    good = latest_checkpoint(run_dir / "checkpoints")
+    return f"the checkpoint of step {checkpoint_step(good)} is intact ({good})" if good else "no checkpoint was written yet"
+
+
+def record_failure(run_dir: Path, config: FinetuneConfig, error: BaseException) -> None:
+    """run.json says the run failed (and why), so that nobody takes it for one still running."""
+    record = read_run(run_dir) or {"config": config.to_dict()}
+    problem = getattr(error, "problem", None) or f"{type(error).__name__}: {str(error).strip()[:300]}"
+    record.update({"status": "failed", "message": problem, "last_good_checkpoint": str(latest_checkpoint(run_dir / "checkpoints") or "") or None})
+    try:
+        atomic_write_json(run_dir / RUN_FILE, record)
+    except OSError:  # the disk may be full: the error itself is what the user needs to see
+        log.error("could not record the failure in %s", run_dir / RUN_FILE)
+
+
+def save_outputs(model, tokenizer, config, run_dir: Path, accelerator, provenance: dict, summary: dict) -> tuple[str | None, str | None]:
+    """The final model in prune's reloadable format (or the LoRA adapter), written by the main process."""
+    from llmprune.engine.io.checkpoint import save_model
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None, None
+    carried = {k: v for k, v in provenance.items() if k not in ("llmprune_version", "uniform", "layer_shapes", "num_parameters")}
+    record = {**carried, "finetune": {**summary, **{k: getattr(config, k) for k in ("method", "lr", "dataset", "samples", "seq_len", "epochs", "seed") + LOSS_FIELDS}}}
+    if config.method == "lora" and not config.merge:
+        adapter_dir = run_dir / "adapter"
+        from llmprune.engine.core.paths import atomic_directory
+
+        with atomic_directory(adapter_dir) as staging:
+            model.save_pretrained(staging)
+        return None, str(adapter_dir)
+    if config.method == "lora":
+        model = model.merge_and_unload()
+    from llmprune.engine.io.checkpoint import resolve_save_dtype
+
+    dtype = resolve_save_dtype(config.save_dtype, None, next(model.parameters()).dtype)
+    return str(save_model(model, tokenizer, run_dir / "model", provenance=record, dtype=dtype)), None

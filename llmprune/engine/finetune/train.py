@@ -19,7 +19,6 @@ import logging
 import math
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from llmprune.engine.core.events import (
     GuardAlert,
     HealthChecked,
     Listener,
-    RolledBack,
     RunFinished,
     RunStarted,
     StepMetrics,
@@ -49,7 +47,7 @@ from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and
     TrainingControl,
     UnhealthyModelError,
 )
-from llmprune.engine.finetune.distill import Distiller, LossParts, check_teacher_matches, lm_only_loss, load_teacher
+from llmprune.engine.finetune.distill import Distiller, check_teacher_matches, lm_only_loss, load_teacher
 from llmprune.engine.finetune.guards import StepVerdict, check_step, make_alert
 from llmprune.engine.core.outputs import is_disk_full
 from llmprune.engine.core.paths import atomic_write_json
@@ -63,15 +61,25 @@ from llmprune.engine.finetune.run_setup import (  # noqa: F401  (make_scheduler,
     default_run_dir,
     epoch_order,
     health_check,
+    intact_checkpoint,
     make_accelerator,
     make_scheduler,
     measure_ppl,
     prepare_run_dir,
-    read_run,
+    record_failure,
     safe_listener,
+    save_outputs,
     trim_metrics,
 )
-from llmprune.engine.finetune.run_checkpoints import CheckpointStore, TrainingProgress, checkpoint_step, latest_checkpoint
+from llmprune.engine.finetune.run_checkpoints import (
+    CheckpointStore,
+    TrainingProgress,
+    checkpoint_step,
+    latest_checkpoint,
+    rollback_to_last_good,
+    settle_final_state,
+)
+from llmprune.engine.finetune.step import forward_backward
 
 log = logging.getLogger("llmprune.train")
 
@@ -116,33 +124,17 @@ def finetune_model(
                       provenance or {}, loss_fn, report)
     except Exception as error:
         if main:
-            _record_failure(run_dir, config, error)
+            record_failure(run_dir, config, error)
         if isinstance(error, LlmpruneError) or not is_disk_full(error):
             raise
         raise UserInputError(
-            f"no space left on the disk (or the file size limit was reached) while writing the run; {_intact(run_dir)}",
+            f"no space left on the disk (or the file size limit was reached) while writing the run; {intact_checkpoint(run_dir)}",
             "free some space, then continue with --resume" if latest_checkpoint(run_dir / "checkpoints") else "free some space, then run the command again",
         ) from None
     finally:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
-
-
-def _intact(run_dir: Path) -> str:
-    good = latest_checkpoint(run_dir / "checkpoints")
-    return f"the checkpoint of step {checkpoint_step(good)} is intact ({good})" if good else "no checkpoint was written yet"
-
-
-def _record_failure(run_dir: Path, config: FinetuneConfig, error: BaseException) -> None:
-    """run.json says the run failed (and why), so that nobody takes it for one still running."""
-    record = read_run(run_dir) or {"config": config.to_dict()}
-    problem = getattr(error, "problem", None) or f"{type(error).__name__}: {str(error).strip()[:300]}"
-    record.update({"status": "failed", "message": problem, "last_good_checkpoint": str(latest_checkpoint(run_dir / "checkpoints") or "") or None})
-    try:
-        atomic_write_json(run_dir / RUN_FILE, record)
-    except OSError:  # the disk may be full: the error itself is what the user needs to see
-        log.error("could not record the failure in %s", run_dir / RUN_FILE)
 
 
 def _loss_function(student: torch.nn.Module, teacher: torch.nn.Module | None, config: FinetuneConfig, device: torch.device):
@@ -286,7 +278,7 @@ def _loop(run: _Run) -> None:
                 run.status, run.message = "stopped_by_guard", f"stopped at step {run.progress.step}: {verdict.message}"
                 break
             if alert is not None and alert.action == "rollback":
-                _rollback(run.store, run.progress, run.scheduler, run.optimizer, run.emit)
+                rollback_to_last_good(run.store, run.progress, run.scheduler, run.optimizer, run.emit)
                 continue
             requested = verdict.ok and run.control.take_save_request()
             if verdict.ok and (requested or run.progress.step % run.config.save_every == 0):
@@ -310,7 +302,7 @@ def _step(run: _Run, metrics_file) -> tuple[StepVerdict, GuardAlert | None]:
     order = epoch_order(len(run.windows), config.seed, epoch)
     lr = run.optimizer.param_groups[0]["lr"]
     tick = time.perf_counter()
-    step_loss = _forward_backward(run.model, run.loss_fn, run.windows, order, position * run.per_step, config, run.accelerator)
+    step_loss = forward_backward(run.model, run.loss_fn, run.windows, order, position * run.per_step, config, run.accelerator)
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = float(run.accelerator.clip_grad_norm_(run.trainable, clip))
     verdict = check_step(step_loss.loss, grad_norm, config.loss_limit, run.collapse_loss, step_loss.teacher_finite)
@@ -366,7 +358,7 @@ def _judge(run: _Run, verdict: StepVerdict, loss: float, lr: float) -> GuardAler
 def _finish(run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_before: float | None, started: float) -> FinetuneResult:
     """Settle the final weights, measure, save the model and the run record."""
     config, progress, accelerator = run.config, run.progress, run.accelerator
-    last_good = _settle_final_state(run.model, run.windows, run.store, progress, run.status, accelerator, run.emit)
+    last_good = settle_final_state(run.model, run.windows, run.store, progress, run.status, accelerator, run.emit)
     if run.status == "stopped_by_guard" and last_good is not None:
         run.message += f"; weights restored to the last good checkpoint (step {checkpoint_step(last_good)})"
     elapsed = time.perf_counter() - started
@@ -377,7 +369,7 @@ def _finish(run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_bef
     if run.status == "stopped_by_guard" and last_good is None:
         run.message += "; no state was proved good, so no model was saved (the input model is unchanged on disk)"
     else:
-        model_dir, adapter_dir = _save_outputs(unwrapped, tokenizer, config, run.run_dir, accelerator, provenance, {
+        model_dir, adapter_dir = save_outputs(unwrapped, tokenizer, config, run.run_dir, accelerator, provenance, {
             "status": run.status, "steps": progress.step, "ppl_before": ppl_before, "ppl_after": ppl_after,
         })
     result = FinetuneResult(
@@ -395,116 +387,6 @@ def _finish(run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_bef
                          last_good_checkpoint=result.last_good_checkpoint, model_dir=model_dir or adapter_dir, message=run.message))
     accelerator.free_memory()
     return result
-
-
-@dataclass
-class StepLoss:
-    """One optimizer step's loss and its parts, averaged over micro-batches and processes."""
-
-    loss: float
-    lm: float
-    kd: float | None = None
-    teacher_finite: bool = True
-
-
-def _forward_backward(model, loss_fn, windows: TokenWindows, order: torch.Tensor, first: int, config: FinetuneConfig, accelerator) -> StepLoss:
-    """Accumulate the gradients of one optimizer step; `first` is the step's first window in `order`."""
-    parts: list[LossParts] = []
-    for micro in range(config.grad_accum):
-        # each process reads its own slice of the global batch
-        start = first + (micro * accelerator.num_processes + accelerator.process_index) * config.batch_size
-        ids = windows.ids[order[start : start + config.batch_size]].to(accelerator.device)
-        last_micro = micro == config.grad_accum - 1
-        # gradients are synchronised across processes once, on the last micro-batch
-        with nullcontext() if last_micro else accelerator.no_sync(model):
-            loss = loss_fn(model, ids)
-            accelerator.backward(loss.total / config.grad_accum)
-        parts.append(loss)
-
-    def mean(values: list[torch.Tensor]) -> float:
-        return float(accelerator.reduce(torch.stack([v.detach().float() for v in values]).mean(), reduction="mean"))
-
-    distilled = parts[0].kd is not None
-    teacher_finite = True
-    if distilled:
-        flags = torch.stack([p.teacher_finite for p in parts]).all().float()
-        teacher_finite = bool(accelerator.reduce(flags, reduction="mean") == 1.0)  # every process's teacher was finite
-    return StepLoss(
-        loss=mean([p.total for p in parts]), lm=mean([p.lm for p in parts]),
-        kd=mean([p.kd for p in parts]) if distilled else None, teacher_finite=teacher_finite,
-    )
-
-
-def _rollback(store: CheckpointStore, progress: TrainingProgress, scheduler: Any, optimizer: Any, emit: Listener) -> None:
-    """Back to the last good weights/optimizer with half the LR; the data position moves on past the bad batch."""
-    at_step, rollbacks, best = progress.step, progress.rollbacks + 1, progress.best_loss
-    good = store.latest()
-    store.restore(good)  # also reloads `progress` and the scheduler as they were then
-    restored_step = progress.step
-    progress.step, progress.rollbacks, progress.best_loss = at_step, rollbacks, best
-    progress.lr_scale *= 0.5
-    scheduler.base_lrs = [base * 0.5 for base in scheduler.base_lrs]
-    # put the schedule at the current step with the new base LR
-    scheduler.last_epoch = at_step - 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        scheduler.step()
-    event = RolledBack(at_step=at_step, restored_step=restored_step, lr_scale=progress.lr_scale, rollbacks=rollbacks)
-    log.warning("rolled back to step %d (LR x%.3g, rollback %d)", restored_step, progress.lr_scale, rollbacks)
-    emit(event)
-
-
-@torch.no_grad()
-def _settle_final_state(model, windows, store, progress, status, accelerator, emit) -> Path | None:
-    """Make the weights in memory trustworthy before they are saved, and return the last good checkpoint.
-
-    After a guard stop the weights go back to the last good checkpoint. Otherwise the
-    last update has not been judged yet: one forward pass does it, and the final
-    state becomes a confirmed checkpoint (or, if that loss is bad, the last good one is restored).
-    """
-    if status != "stopped_by_guard":
-        ids = windows.ids[: 1].to(accelerator.device)
-        model.eval()
-        loss = float(accelerator.reduce(model(input_ids=ids, labels=ids, use_cache=False).loss.detach().float(), reduction="mean"))
-        model.train()
-        if math.isfinite(loss):
-            if store.pending is None or checkpoint_step(store.pending) != progress.step:
-                store.save(progress.step)
-                emit(CheckpointSaved(step=progress.step, path=str(store.pending), reason="final"))
-            store.confirm()
-            return store.latest()
-        log.error("the final weights give a non-finite loss; restoring the last good checkpoint")
-    store.discard_pending()
-    good = store.latest()
-    if good is not None:
-        counters = (progress.step, progress.rollbacks, progress.best_loss)
-        store.restore(good)
-        progress.step, progress.rollbacks, progress.best_loss = counters
-    return good
-
-
-def _save_outputs(model, tokenizer, config, run_dir: Path, accelerator, provenance: dict, summary: dict) -> tuple[str | None, str | None]:
-    """The final model in prune's reloadable format (or the LoRA adapter), written by the main process."""
-    from llmprune.engine.io.checkpoint import save_model
-
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return None, None
-    carried = {k: v for k, v in provenance.items() if k not in ("llmprune_version", "uniform", "layer_shapes", "num_parameters")}
-    record = {**carried, "finetune": {**summary, **{k: getattr(config, k) for k in ("method", "lr", "dataset", "samples", "seq_len", "epochs", "seed") + LOSS_FIELDS}}}
-    if config.method == "lora" and not config.merge:
-        adapter_dir = run_dir / "adapter"
-        from llmprune.engine.core.paths import atomic_directory
-
-        with atomic_directory(adapter_dir) as staging:
-            model.save_pretrained(staging)
-        return None, str(adapter_dir)
-    if config.method == "lora":
-        model = model.merge_and_unload()
-    from llmprune.engine.io.checkpoint import resolve_save_dtype
-
-    dtype = resolve_save_dtype(config.save_dtype, None, next(model.parameters()).dtype)
-    return str(save_model(model, tokenizer, run_dir / "model", provenance=record, dtype=dtype)), None
 
 
 # ---------------------------------------------------------------- from a model spec
