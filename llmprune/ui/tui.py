@@ -8,11 +8,8 @@ never depends on it: if the UI dies, the run goes on and prints plain lines.
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -24,134 +21,19 @@ from textual.message import Message
 from textual.widgets import Footer, Header, Label, ProgressBar, RichLog, Sparkline, Static
 
 from llmprune.engine.core.events import (
-    CheckpointSaved,
     Event,
     GuardAlert,
-    HealthChecked,
     Listener,
-    PerplexityMeasured,
     RolledBack,
     RunFinished,
     RunStarted,
-    StepMetrics,
-    step_events_from_record,
 )
 
+from llmprune.ui.dashboard_state import DashboardState, format_duration, format_value
+from llmprune.ui.metrics_follower import MetricsFollower
+
 T = TypeVar("T")
-CHART_POINTS = 240
 
-
-def _format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "—"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    if value is None:
-        return "—"
-    return format(value, spec) if math.isfinite(value) else str(value)
-
-
-@dataclass
-class DashboardState:
-    """Everything the dashboard shows, updated from events (no widgets: testable on its own)."""
-
-    run_dir: str = ""
-    method: str = ""
-    status: str = "starting"
-    total_steps: int = 0
-    step: int = 0
-    epoch: int = 0
-    loss: float | None = None
-    best_loss: float | None = None
-    kd_loss: float | None = None  # the two parts of the loss when distilling
-    lm_loss: float | None = None
-    teacher: str | None = None
-    lr: float | None = None
-    grad_norm: float | None = None
-    tokens_per_second: float | None = None
-    last_good_checkpoint: str | None = None
-    rollbacks: int = 0
-    ppl: dict[str, float] = field(default_factory=dict)
-    alerts: list[GuardAlert] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    losses: deque = field(default_factory=lambda: deque(maxlen=CHART_POINTS))
-    lrs: deque = field(default_factory=lambda: deque(maxlen=CHART_POINTS))
-    grad_norms: deque = field(default_factory=lambda: deque(maxlen=CHART_POINTS))
-    step_seconds: deque = field(default_factory=lambda: deque(maxlen=20))
-    tokens_per_step: int = 0
-
-    @property
-    def eta_seconds(self) -> float | None:
-        if not self.step_seconds or not self.total_steps:
-            return None
-        return (self.total_steps - self.step) * sum(self.step_seconds) / len(self.step_seconds)
-
-    def apply(self, event: Event) -> None:
-        if isinstance(event, RunStarted):
-            self.run_dir, self.method, self.total_steps = event.run_dir, event.method, event.total_steps
-            self.step, self.tokens_per_step, self.status = event.start_step, event.tokens_per_step, "training"
-            self.teacher = event.teacher
-        elif isinstance(event, StepMetrics):
-            self.step, self.epoch, self.lr, self.grad_norm = event.step, event.epoch, event.lr, event.grad_norm
-            self.loss, self.kd_loss, self.lm_loss = event.loss, event.kd_loss, event.lm_loss
-            if event.tokens_per_second > 0:
-                self.tokens_per_second = event.tokens_per_second
-                if self.tokens_per_step:
-                    self.step_seconds.append(self.tokens_per_step / event.tokens_per_second)
-            # refused steps are in the alerts, not in the charts: one 1e7 spike would flatten them
-            if event.applied and math.isfinite(event.loss) and math.isfinite(event.grad_norm):
-                self.best_loss = event.loss if self.best_loss is None else min(self.best_loss, event.loss)
-                self.losses.append(event.loss)
-                self.lrs.append(event.lr)
-                self.grad_norms.append(event.grad_norm)
-        elif isinstance(event, GuardAlert):
-            self.alerts.append(event)
-        elif isinstance(event, CheckpointSaved):
-            self.notes.append(f"checkpoint saved at step {event.step} ({event.reason})")
-        elif isinstance(event, RolledBack):
-            self.rollbacks = event.rollbacks
-            self.notes.append(f"rolled back to step {event.restored_step}; LR x{event.lr_scale:g}")
-        elif isinstance(event, PerplexityMeasured):
-            self.ppl[event.phase] = event.ppl
-        elif isinstance(event, HealthChecked):
-            self.notes.append("health check passed" if event.ok else "health check FAILED (--force)")
-        elif isinstance(event, RunFinished):
-            self.status = f"finished: {event.status}"
-            self.last_good_checkpoint = event.last_good_checkpoint
-            self.notes.append(event.message or event.status)
-
-    def stats_text(self) -> Text:
-        text = Text()
-        rows = [
-            ("status", self.status),
-            ("step", f"{self.step} / {self.total_steps or '?'}"),
-            ("epoch", str(self.epoch or "—")),
-            ("loss", _fmt(self.loss, ".4f")),
-            ("best loss", _fmt(self.best_loss, ".4f")),
-            *([("KD loss", _fmt(self.kd_loss, ".4f")), ("LM loss", _fmt(self.lm_loss, ".4f"))] if self.kd_loss is not None else []),
-            ("lr", _fmt(self.lr, ".3g")),
-            ("grad norm", _fmt(self.grad_norm, ".3g")),
-            ("tokens/s", _fmt(self.tokens_per_second, ",.0f")),
-            ("ETA", _format_duration(self.eta_seconds)),
-            ("rollbacks", str(self.rollbacks)),
-        ]
-        rows += [(f"PPL {phase}", _fmt(value, ",.2f")) for phase, value in self.ppl.items()]
-        for name, value in rows:
-            text.append(f"{name:>10} ", style="dim")
-            text.append(f"{value}\n", style="bold")
-        if self.alerts:
-            text.append(f"{'alerts':>10} ", style="dim")
-            text.append(f"{len(self.alerts)}\n", style="bold red")
-        if self.teacher:
-            text.append("teacher: ", style="dim")
-            text.append(f"{self.teacher}\n")
-        if self.last_good_checkpoint:
-            text.append("last good: ", style="dim")
-            text.append(Path(self.last_good_checkpoint).name, style="bold green")
-        return text
 
 
 def _chart_label(name: str, values: deque, spec: str) -> str:
@@ -272,8 +154,8 @@ class Dashboard(App):
         if state.total_steps:
             bar.update(total=state.total_steps, progress=state.step)
         self.query_one("#progress-label", Label).update(
-            f"step {state.step}/{state.total_steps or '?'}   ETA {_format_duration(state.eta_seconds)}   "
-            f"{_fmt(state.tokens_per_second, ',.0f')} tok/s"
+            f"step {state.step}/{state.total_steps or '?'}   ETA {format_duration(state.eta_seconds)}   "
+            f"{format_value(state.tokens_per_second, ',.0f')} tok/s"
         )
 
     def _poll_metrics(self) -> None:
@@ -296,63 +178,6 @@ class Dashboard(App):
             return
         self._on_save()
         self.notify("a checkpoint will be saved after this step")
-
-
-class MetricsFollower:
-    """Reads a run directory as it grows: run.json for the frame, metrics.jsonl for the steps."""
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self._offset = 0
-        self._started = False
-        self._finished = False
-
-    def poll(self) -> list[Event]:
-        events: list[Event] = []
-        run = _read_json(self.run_dir / "run.json")
-        if run and not self._started:
-            self._started = True
-            config = run.get("config", {})
-            events.append(RunStarted(
-                run_dir=str(self.run_dir), method=config.get("method", "?"), total_steps=int(run.get("total_steps", 0)),
-                start_step=0, epochs=int(config.get("epochs", 1)),
-                tokens_per_step=int(config.get("batch_size", 1)) * int(config.get("grad_accum", 1)) * int(config.get("seq_len", 0)),
-                trainable_parameters=0, total_parameters=0, device="", teacher=config.get("teacher"),
-            ))
-        events += self._new_steps()
-        if run and not self._finished and run.get("status") not in (None, "running"):
-            self._finished = True
-            events.append(RunFinished(
-                status=run["status"], steps=int(run.get("steps", 0)), best_loss=run.get("best_loss"),
-                last_good_checkpoint=run.get("last_good_checkpoint"), model_dir=run.get("model_dir") or run.get("adapter_dir"),
-                message=run.get("message", ""),
-            ))
-        return events
-
-    def _new_steps(self) -> list[Event]:
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            with path.open(encoding="utf-8") as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except OSError:
-            return []
-        complete, _, _ = chunk.rpartition("\n")  # a line still being written waits for the next poll
-        if not complete:
-            return []
-        self._offset += len((complete + "\n").encode("utf-8"))
-        events: list[Event] = []
-        for line in complete.splitlines():
-            if line.strip():
-                events += step_events_from_record(json.loads(line))
-        return events
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 # ---------------------------------------------------------------- running a training under the dashboard

@@ -155,7 +155,8 @@ def test_when_the_dashboard_closes_early_the_fallback_takes_over_with_the_run_fr
 
 
 def test_the_dashboard_shows_the_kd_and_lm_parts_and_the_teacher(tmp_path):
-    from llmprune.ui.tui import DashboardState, MetricsFollower
+    from llmprune.ui.dashboard_state import DashboardState
+    from llmprune.ui.metrics_follower import MetricsFollower
 
     state = DashboardState()
     state.apply(RunStarted("/runs/kd", "full", 10, 0, 1, 256, 1000, 1000, "cpu", teacher="smollm2-135m (T=1, KD weight 0.5)"))
