@@ -59,9 +59,7 @@ def finetune_command(
         return watch_command(watch)
     if model is None:
         raise UserInputError("no model given", "pass the model to fine-tune, e.g. llmprune finetune ./pruned --samples 200")
-    from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
-    from llmprune.ui.console import console, error_line, print_json
-    from llmprune.ui.train_lines import PlainTrainingLines, finetune_table, health_findings_table
+    from llmprune.engine.finetune.train import FinetuneConfig
 
     config = FinetuneConfig(
         model=model, method=method, lora_r=lora_r, lora_alpha=lora_alpha, merge=merge,
@@ -74,11 +72,20 @@ def finetune_command(
         base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, save_dtype=save_dtype,
     )
     config.validate()
+    _train_and_report(config, dashboard=not (no_tui or json_output), json_output=json_output)
+
+
+def _train_and_report(config, *, dashboard: bool, json_output: bool) -> None:
+    """Train (under the dashboard in a terminal), then print the result; the exit code says how the run ended."""
+    from llmprune.engine.finetune.train import UnhealthyModelError, run_finetune
+    from llmprune.ui.console import console, error_line, print_json
+    from llmprune.ui.train_lines import PlainTrainingLines, finetune_table, health_findings_table
+
     # under `accelerate launch` every process runs this command: only the first one talks
     main_process = os.environ.get("RANK", "0") == "0"
     lines = None if json_output or not main_process else PlainTrainingLines()
     try:
-        if main_process and not (no_tui or json_output) and stdout_is_terminal():
+        if main_process and dashboard and stdout_is_terminal():
             from llmprune.ui.tui import run_with_dashboard
 
             result = run_with_dashboard(lambda listener, control: run_finetune(config, listener, control=control), fallback=lines)
