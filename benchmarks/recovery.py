@@ -1,13 +1,14 @@
 """Recovery after pruning, measured honestly: CE vs. KD fine-tunes at equal tokens, next to the dense model.
 
     nice -n 5 .venv/bin/python benchmarks/recovery.py [--pruned DIR] [--steps 100] [--batch-size 8] [--seq-len 128]
-        [--lr 1e-4] [--kd-temperature 1] [--kd-weight 0.5] [--kd-top-k K] [--eval-windows 256] [--work DIR]
+        [--lr 1e-4] [--kd-temperature 1] [--kd-weight 1 0.5] [--kd-top-k K] [--eval-windows 256] [--work DIR]
 
 Models: the dense SmolLM2-135M and the default 20 % pruned one (`llmprune prune smollm2-135m
 --target-params 107.6M --importance-samples 64 --dataset wiki.valid`; made here unless --pruned
 is given). Fine-tunes, all on the same windows of wikitext-2 *validation* (steps x batch x seq_len
 tokens): the dense model and the pruned model with the LM loss (CE), and the pruned model distilled
-from the dense one (KD, `finetune --teacher smollm2-135m`). Each model is measured before and
+from the dense one (KD, `finetune --teacher smollm2-135m`), once per --kd-weight (1: KD alone;
+0.5: half KD, half LM loss). Each model is measured before and
 after on wikitext-2 *test* and on CPython's `pydoc_data.topics` prose, which neither training nor
 calibration sees. Every arm is kept in --work/state.json, so a rerun continues where it stopped.
 Writes benchmarks/results/recovery.json.
@@ -30,7 +31,7 @@ from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT, REPO
 DENSE = "smollm2-135m"
 PRUNE_ARGS = ["--target-params", "107.6M", "--importance-samples", "64", "--dataset", CALIBRATION_TEXT]
 TEXTS = {"wiki": EVALUATION_TEXT, "pydoc": "pydoc"}
-# arm -> (model it starts from, distil from the dense model?)
+# arm -> (model it starts from, distil from the dense model?); pruned/KD runs once per --kd-weight
 ARMS = {"dense/CE": ("dense", False), "pruned/CE": ("pruned", False), "pruned/KD": ("pruned", True)}
 
 
@@ -43,7 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--kd-temperature", type=float, default=1.0)
-    parser.add_argument("--kd-weight", type=float, default=0.5)
+    parser.add_argument("--kd-weight", type=float, nargs="+", default=[1.0, 0.5],
+                        help="one KD arm per weight (1: distillation only, the finetune default; 0.5: half LM loss)")
     parser.add_argument("--kd-top-k", type=int, default=None)
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -93,14 +95,16 @@ def measure(model_spec: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def finetune(model_spec: str, distil: bool, run_dir: Path, args: argparse.Namespace) -> dict:
+def finetune(model_spec: str, kd_weight: float | None, run_dir: Path, args: argparse.Namespace) -> dict:
+    """One arm's fine-tune; with a KD weight, distilled from the dense model."""
     from llmprune.engine.finetune.train import FinetuneConfig, run_finetune
 
     config = FinetuneConfig(
         model=model_spec, dataset=CALIBRATION_TEXT, samples=args.steps * args.batch_size, seq_len=args.seq_len,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, schedule="cosine", save_every=25,
         out=str(run_dir), resume=(run_dir / "checkpoints" / "latest.json").is_file(),
-        teacher=DENSE if distil else None, kd_temperature=args.kd_temperature, kd_weight=args.kd_weight, kd_top_k=args.kd_top_k,
+        teacher=DENSE if kd_weight is not None else None, kd_temperature=args.kd_temperature,
+        kd_weight=1.0 if kd_weight is None else kd_weight, kd_top_k=args.kd_top_k,
     )
     result = run_finetune(config, lambda event: _progress(event, run_dir.name))
     if result.status != "completed":
@@ -117,10 +121,15 @@ def _progress(event, name: str) -> None:
         print(f"  {name} step {event.step} loss {event.loss:.4f}{parts} {event.tokens_per_second:.0f} tok/s", flush=True)
 
 
-def arm_key(arm: str, args: argparse.Namespace) -> str:
+def runs(arms: list[str], args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    """(arm, KD weight or None) for every fine-tune to make: one pruned/KD run per --kd-weight."""
+    return [(arm, weight) for arm in arms for weight in (args.kd_weight if ARMS[arm][1] else [None])]
+
+
+def arm_key(arm: str, kd_weight: float | None, args: argparse.Namespace) -> str:
     budget = f"{args.steps}x{args.batch_size}x{args.seq_len}|lr{args.lr:g}|warmup{args.warmup_steps}"
-    if ARMS[arm][1]:
-        budget += f"|T{args.kd_temperature:g}|w{args.kd_weight:g}|k{args.kd_top_k}"
+    if kd_weight is not None:
+        budget += f"|T{args.kd_temperature:g}|w{kd_weight:g}|k{args.kd_top_k}"
     return f"{arm}|{budget}|eval{args.eval_windows}"
 
 
@@ -136,21 +145,21 @@ def main() -> None:
             print(f"measuring {name} before fine-tuning", flush=True)
             state.put(key, measure(spec, args))
         print(f"{name}: {state.get(key)}", flush=True)
-    for arm in args.arms:
-        key = arm_key(arm, args)
+    for arm, kd_weight in runs(args.arms, args):
+        key = arm_key(arm, kd_weight, args)
         if state.get(key) is None:
-            start, distil = ARMS[arm]
             tag = key.split("|eval")[0].replace("/", "-").replace("|", "_")
             print(f"fine-tuning {arm} ({key})", flush=True)
-            trained = finetune(models[start], distil, args.work / tag, args)
+            trained = finetune(models[ARMS[arm][0]], kd_weight, args.work / tag, args)
             state.put(key, {**trained, **measure(trained["model_dir"], args)})
-        print(f"{arm}: {state.get(key)}", flush=True)
+        print(f"{key}: {state.get(key)}", flush=True)
     write_results(args, state, prune_command)
 
 
 def write_results(args: argparse.Namespace, state: State, prune_command: str) -> None:
     before = {name: state.get(f"{name}/none|eval{args.eval_windows}") for name in ("dense", "pruned")}
-    after = {arm: state.get(arm_key(arm, args)) for arm in ARMS}
+    after = {arm_key(arm, weight, args): state.get(arm_key(arm, weight, args)) for arm, weight in runs(list(ARMS), args)}
+    dense_ce, pruned_ce = after[arm_key("dense/CE", None, args)], after[arm_key("pruned/CE", None, args)]
     rows = []
 
     def row(model: str, tune: str, measured: dict | None, same_budget: dict | None) -> None:
@@ -160,11 +169,13 @@ def write_results(args: argparse.Namespace, state: State, prune_command: str) ->
         rows.append([model, tune, round(measured["wiki"], 2), round(measured["pydoc"], 2), *ratios, _seconds(measured)])
 
     row("dense", "none", before["dense"], before["dense"])
-    row("dense", "CE", after["dense/CE"], after["dense/CE"])
+    row("dense", "CE", dense_ce, dense_ce)
     row("pruned 20 %", "none", before["pruned"], before["dense"])
-    row("pruned 20 %", "CE", after["pruned/CE"], after["dense/CE"])
-    # distilling the dense model from itself leaves it as it is: its "same fine-tune" is no fine-tune
-    row("pruned 20 %", "KD", after["pruned/KD"], before["dense"])
+    row("pruned 20 %", "CE", pruned_ce, dense_ce)
+    for weight in args.kd_weight:
+        # distilling the dense model from itself leaves it as it is: its "same fine-tune" is no fine-tune
+        label = "KD" if weight == 1 else f"KD {weight:g} + CE {1 - weight:g}"
+        row("pruned 20 %", label, after[arm_key("pruned/KD", weight, args)], before["dense"])
     tokens = args.steps * args.batch_size * args.seq_len
     results = {
         "title": "Recovery after pruning: CE vs. distillation at equal tokens, next to the dense model",
@@ -199,7 +210,8 @@ def _seconds(measured: dict) -> int | None:
 
 
 def _notes(args: argparse.Namespace, tokens: int) -> str:
-    kd = f"T={args.kd_temperature:g}, KD weight {args.kd_weight:g}" + (f", top {args.kd_top_k} logits" if args.kd_top_k else "")
+    weights = " and ".join(f"{w:g}" for w in args.kd_weight)
+    kd = f"T={args.kd_temperature:g}, KD weight {weights}" + (f", top {args.kd_top_k} logits" if args.kd_top_k else "")
     return (
         f"SmolLM2-135M-Instruct and its default 20 % prune (107.6 M parameters). Every fine-tune: {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len} tokens = {tokens:,} tokens of wikitext-2 *validation* (the same windows for every "
