@@ -240,8 +240,7 @@ def _stream_source(config: EvalConfig, placement) -> Path | None:
     """The safetensors directory to stream from, or None to evaluate in memory."""
     if config.stream is False or config.prompt:
         return None
-    from llmprune.engine.walk.streaming import stream_source
-    from llmprune.engine.walk.streaming import should_stream
+    from llmprune.engine.walk.streaming import should_stream, stream_source
 
     source = stream_source(config.model)
     if config.stream and source is None:

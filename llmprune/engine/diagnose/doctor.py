@@ -112,8 +112,7 @@ def _stream_source(config: DoctorConfig, placement: Placement):
     """The safetensors directory to stream the forward test from (None: build the model in memory)."""
     if config.stream is False:
         return None
-    from llmprune.engine.walk.streaming import stream_source
-    from llmprune.engine.walk.streaming import should_stream
+    from llmprune.engine.walk.streaming import should_stream, stream_source
 
     source = stream_source(config.model)
     if config.stream and source is None:
