@@ -158,13 +158,21 @@ def checkpoint_step(path: Path) -> int:
 # ---------------------------------------------------------------- coming back to a good state
 
 
-def rollback_to_last_good(store: CheckpointStore, progress: TrainingProgress, scheduler: Any, optimizer: Any, emit: Listener) -> None:
-    """Back to the last good weights/optimizer with half the LR; the data position moves on past the bad batch."""
-    at_step, rollbacks, best = progress.step, progress.rollbacks + 1, progress.best_loss
-    good = store.latest()
-    store.restore(good)  # also reloads `progress` and the scheduler as they were then
+def _restore_keeping_counters(store: CheckpointStore, good: Path, progress: TrainingProgress) -> int:
+    """Weights, optimizer, schedule and LR scale as `good` holds them; the run's step, rollback and best-loss
+    counters stay as they are (the data position moves on). Returns the step `good` was saved at."""
+    counters = (progress.step, progress.rollbacks, progress.best_loss)
+    store.restore(good)  # also reloads `progress` as it was then
     restored_step = progress.step
-    progress.step, progress.rollbacks, progress.best_loss = at_step, rollbacks, best
+    progress.step, progress.rollbacks, progress.best_loss = counters
+    return restored_step
+
+
+def rollback_to_last_good(store: CheckpointStore, progress: TrainingProgress, scheduler: Any, emit: Listener) -> None:
+    """Back to the last good weights/optimizer with half the LR; the data position moves on past the bad batch."""
+    at_step = progress.step
+    restored_step = _restore_keeping_counters(store, store.latest(), progress)
+    progress.rollbacks += 1
     progress.lr_scale *= 0.5
     scheduler.base_lrs = [base * 0.5 for base in scheduler.base_lrs]
     # put the schedule at the current step with the new base LR
@@ -172,8 +180,8 @@ def rollback_to_last_good(store: CheckpointStore, progress: TrainingProgress, sc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
-    event = RolledBack(at_step=at_step, restored_step=restored_step, lr_scale=progress.lr_scale, rollbacks=rollbacks)
-    log.warning("rolled back to step %d (LR x%.3g, rollback %d)", restored_step, progress.lr_scale, rollbacks)
+    event = RolledBack(at_step=at_step, restored_step=restored_step, lr_scale=progress.lr_scale, rollbacks=progress.rollbacks)
+    log.warning("rolled back to step %d (LR x%.3g, rollback %d)", restored_step, progress.lr_scale, progress.rollbacks)
     emit(event)
 
 
@@ -200,7 +208,5 @@ def settle_final_state(model, windows, store, progress, status, accelerator, emi
     store.discard_pending()
     good = store.latest()
     if good is not None:
-        counters = (progress.step, progress.rollbacks, progress.best_loss)
-        store.restore(good)
-        progress.step, progress.rollbacks, progress.best_loss = counters
+        _restore_keeping_counters(store, good, progress)
     return good

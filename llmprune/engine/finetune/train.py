@@ -278,7 +278,7 @@ def _loop(run: _Run) -> None:
                 run.status, run.message = "stopped_by_guard", f"stopped at step {run.progress.step}: {verdict.message}"
                 break
             if alert is not None and alert.action == "rollback":
-                rollback_to_last_good(run.store, run.progress, run.scheduler, run.optimizer, run.emit)
+                rollback_to_last_good(run.store, run.progress, run.scheduler, run.emit)
                 continue
             requested = verdict.ok and run.control.take_save_request()
             if verdict.ok and (requested or run.progress.step % run.config.save_every == 0):
