@@ -158,7 +158,7 @@ def main() -> None:
 
 def write_results(args: argparse.Namespace, state: State, prune_command: str) -> None:
     before = {name: state.get(f"{name}/none|eval{args.eval_windows}") for name in ("dense", "pruned")}
-    after = {arm_key(arm, weight, args): state.get(arm_key(arm, weight, args)) for arm, weight in runs(list(ARMS), args)}
+    after = {key: state.get(key) for key in (arm_key(arm, weight, args) for arm, weight in runs(list(ARMS), args))}
     dense_ce, pruned_ce = after[arm_key("dense/CE", None, args)], after[arm_key("pruned/CE", None, args)]
     rows = []
 

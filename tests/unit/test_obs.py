@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -63,10 +65,10 @@ def test_the_scores_the_allocation_ranks_add_up_to_the_joint_error():
     weight = torch.cat([weight, weight[:, :1]], 1)
     stats = comp.InputStatistics(9, gram=True)
     stats.add(x)
-    unit = UNIT_SCORES["obs"]
-    linear = torch.nn.Linear(9, 5, bias=False, dtype=torch.float64)
-    linear.weight.data = weight
-    scores = unit._scores(linear, stats, 1, None)
+    down_proj = torch.nn.Linear(9, 5, bias=False, dtype=torch.float64)
+    down_proj.weight.data = weight
+    layer = SimpleNamespace(mlp=SimpleNamespace(down_proj=down_proj))
+    scores = UNIT_SCORES["obs"].mlp_channels(layer, stats)  # as measure_units asks: no keep=
     one_shot = obs_unit_scores(weight, stats, 1, remove=0, damping=1e-3)
     assert float(one_shot[0]) < float(one_shot.median()) and float(one_shot[8]) < float(one_shot.median())  # alone, each looks free
     assert max(float(scores[0]), float(scores[8])) > float(scores.median())  # jointly, the second copy is not
