@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	$(VENV)/bin/ruff format --check llmprune tests benchmarks
 	$(VENV)/bin/ruff check llmprune tests benchmarks
 	$(PY) -m pytest -q
 

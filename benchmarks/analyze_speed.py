@@ -26,8 +26,8 @@ def main() -> None:
     import torch
 
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
     from llmprune.engine.io.models import load_model
+    from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
 
     torch.manual_seed(0)
     loaded = load_model(args.model)
@@ -35,12 +35,17 @@ def main() -> None:
     # alternate the order so that a busy machine does not favour one of them
     fast = layer_importance(loaded.model, windows, "removal", args.batch_size)
     naive = removal_importance_naive(loaded.model, windows, args.batch_size)
-    difference = max(abs(a - b) for a, b in zip(fast.scores, naive.scores))
+    difference = max(abs(a - b) for a, b in zip(fast.scores, naive.scores, strict=False))
     result = {
-        "model": args.model, "samples": args.samples, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
-        "reuse_seconds": round(fast.seconds, 2), "naive_seconds": round(naive.seconds, 2),
+        "model": args.model,
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "threads": torch.get_num_threads(),
+        "reuse_seconds": round(fast.seconds, 2),
+        "naive_seconds": round(naive.seconds, 2),
         "speedup": round(naive.seconds / fast.seconds, 2),
-        "reuse_layer_passes": fast.layer_passes, "naive_layer_passes": naive.layer_passes,
+        "reuse_layer_passes": fast.layer_passes,
+        "naive_layer_passes": naive.layer_passes,
         "max_score_difference": difference,
     }
     print(json.dumps(result, indent=2))

@@ -18,7 +18,13 @@ import torch
 from results_file import table, write_results
 
 from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
-from llmprune.engine.diagnose.tensor_scan import HUGE_ABSOLUTE, HUGE_RELATIVE, huge_tensors, largest_spread, tensor_stats
+from llmprune.engine.diagnose.tensor_scan import (
+    HUGE_ABSOLUTE,
+    HUGE_RELATIVE,
+    huge_tensors,
+    largest_spread,
+    tensor_stats,
+)
 from llmprune.engine.io.weight_source import iter_tensors, locate_weights
 
 FACTORS = (10.0, 100.0, 1e3, 1e4)
@@ -37,8 +43,14 @@ def main() -> None:
     scan_seconds = time.perf_counter() - start
     kind, spread = largest_spread(list(stats.values()))
     healthy_flags = huge_tensors(list(stats.values()))
-    print(f"{args.model}: {sum(s.numel for s in stats.values()):,} parameters in {len(stats)} tensors, scanned in {scan_seconds:.2f} s")
-    print(f"rule: max|w| >= {HUGE_RELATIVE:g}x median of the same kind in other layers (and >= 1), or >= {HUGE_ABSOLUTE:g}")
+    print(
+        f"{args.model}: {sum(s.numel for s in stats.values()):,} parameters in {len(stats)} tensors, scanned in"
+        f" {scan_seconds:.2f} s"
+    )
+    print(
+        f"rule: max|w| >= {HUGE_RELATIVE:g}x median of the same kind in other layers (and >= 1), or >="
+        f" {HUGE_ABSOLUTE:g}"
+    )
     print(f"largest healthy spread: {spread:.2f}x in {kind}")
     print(f"flagged on the healthy model: {len(healthy_flags)}")
 
@@ -59,17 +71,25 @@ def main() -> None:
 
     start = time.perf_counter()
     report = run_doctor(DoctorConfig(model=args.model, test_forward=True))
-    print(f"\nrun_doctor(--test-forward): {time.perf_counter() - start:.2f} s, exit code {report.exit_code}, "
-          f"{len(report.findings)} findings, torch threads {torch.get_num_threads()}")
+    print(
+        f"\nrun_doctor(--test-forward): {time.perf_counter() - start:.2f} s, exit code {report.exit_code}, "
+        f"{len(report.findings)} findings, torch threads {torch.get_num_threads()}"
+    )
     doctor_seconds = time.perf_counter() - start
     write_results(
-        "doctor_huge_rule", title=f"doctor's \"huge\" rule on {args.model}: no false alarm, and the scale it catches",
-        notes=(f"Rule: a tensor is flagged when its max |w| is >= {HUGE_RELATIVE:g}x the median max |w| of the same kind in the "
-               f"other layers (and >= 1), or >= {HUGE_ABSOLUTE:g}. On the healthy model ({sum(s.numel for s in stats.values()):,} "
-               f"parameters in {len(stats)} tensors, scanned in {scan_seconds:.2f} s) the largest spread of one kind is "
-               f"{spread:.2f}x ({kind}) and {len(healthy_flags)} tensors are flagged. Each row scales one tensor of layer "
-               f"{args.layer}, or one tensor without peers, at a time; \"flagged\" means it and nothing else was flagged. "
-               f"`run_doctor(--test-forward)`: {doctor_seconds:.2f} s, exit code {report.exit_code}, {len(report.findings)} findings."),
+        "doctor_huge_rule",
+        title=f'doctor\'s "huge" rule on {args.model}: no false alarm, and the scale it catches',
+        notes=(
+            f"Rule: a tensor is flagged when its max |w| is >= {HUGE_RELATIVE:g}x the median max |w| of the same kind"
+            " in the "
+            f"other layers (and >= 1), or >= {HUGE_ABSOLUTE:g}. On the healthy model"
+            f" ({sum(s.numel for s in stats.values()):,} "
+            f"parameters in {len(stats)} tensors, scanned in {scan_seconds:.2f} s) the largest spread of one kind is "
+            f"{spread:.2f}x ({kind}) and {len(healthy_flags)} tensors are flagged. Each row scales one tensor of layer "
+            f'{args.layer}, or one tensor without peers, at a time; "flagged" means it and nothing else was flagged. '
+            f"`run_doctor(--test-forward)`: {doctor_seconds:.2f} s, exit code {report.exit_code},"
+            f" {len(report.findings)} findings."
+        ),
         tables=[table("Scaling one tensor", ["tensor", "max |w|", *(f"x{factor:g}" for factor in FACTORS)], rows)],
         healthy={"flagged": len(healthy_flags), "largest_spread": spread, "kind": kind, "scan_seconds": scan_seconds},
         doctor={"seconds": doctor_seconds, "exit_code": report.exit_code, "findings": len(report.findings)},

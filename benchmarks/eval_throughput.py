@@ -56,13 +56,22 @@ def main() -> None:
     for name, ppl, tps in rows:
         print(f"{name:42s} PPL {ppl:8.3f}  {tps:8.0f} tokens/s  ratio vs plain {tps / plain_tps:5.2f}x")
     write_results(
-        "eval_throughput", title=f"Evaluation throughput: llmprune's perplexity loop vs. a plain transformers loop ({args.model})",
-        notes=(f"{args.windows} windows x {args.seq_len} tokens of `{Path(args.dataset).name}`, the same windows for every loop, "
-               f"one process, {torch.get_num_threads()} torch threads. The plain loop is the one-window-at-a-time "
-               "`model(input_ids, labels=...)` most scripts use; llmprune computes the loss from the logits itself "
-               "(no label copy, fp32 NLL summed per window) and builds no KV cache. Tokens/s depend on the machine's load; the PPLs must agree."),
-        tables=[table("Throughput", ["loop", "PPL", "tokens/s", "vs. plain"],
-                      [[name, round(ppl, 3), round(tps), f"{tps / plain_tps:.2f}x"] for name, ppl, tps in rows])],
+        "eval_throughput",
+        title=f"Evaluation throughput: llmprune's perplexity loop vs. a plain transformers loop ({args.model})",
+        notes=(
+            f"{args.windows} windows x {args.seq_len} tokens of `{Path(args.dataset).name}`, the same windows for every"
+            f" loop, one process, {torch.get_num_threads()} torch threads. The plain loop is the one-window-at-a-time"
+            " `model(input_ids, labels=...)` most scripts use; llmprune computes the loss from the logits itself (no"
+            " label copy, fp32 NLL summed per window) and builds no KV cache. Tokens/s depend on the machine's load;"
+            " the PPLs must agree."
+        ),
+        tables=[
+            table(
+                "Throughput",
+                ["loop", "PPL", "tokens/s", "vs. plain"],
+                [[name, round(ppl, 3), round(tps), f"{tps / plain_tps:.2f}x"] for name, ppl, tps in rows],
+            )
+        ],
         rows=[{"loop": name, "ppl": ppl, "tokens_per_second": tps} for name, ppl, tps in rows],
     )
 

@@ -17,9 +17,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from llmprune.engine.finetune.train import FinetuneConfig, run_finetune
-
 from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT  # noqa: E402  (benchmarks/ is the script's directory)
+
+from llmprune.engine.finetune.train import FinetuneConfig, run_finetune
 
 
 def main() -> None:
@@ -38,17 +38,47 @@ def main() -> None:
 
     out = args.out or str(Path(tempfile.mkdtemp(prefix="llmprune-recovery-")) / "run")
     config = FinetuneConfig(
-        model=args.model, dataset=CALIBRATION_TEXT, samples=args.samples,
-        seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, test_before=True, test_after=True,
-        eval_dataset=EVALUATION_TEXT, eval_windows=args.eval_windows, out=out,
+        model=args.model,
+        dataset=CALIBRATION_TEXT,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        epochs=args.epochs,
+        test_before=True,
+        test_after=True,
+        eval_dataset=EVALUATION_TEXT,
+        eval_windows=args.eval_windows,
+        out=out,
     )
     result = run_finetune(config)
-    print(json.dumps({k: result.to_dict()[k] for k in ("status", "steps", "ppl_before", "ppl_after", "best_loss", "final_loss",
-                                                       "tokens_per_second", "seconds", "rollbacks", "run_dir")}, indent=2))
-    print(f"wikitext-2 test PPL ({args.eval_windows} x {args.seq_len} tokens): {result.ppl_before:.2f} -> {result.ppl_after:.2f} "
-          f"after {result.steps} steps (lr {args.lr}, {args.samples} windows of wiki.valid, "
-          f"batch {args.batch_size} x {args.grad_accum}, {args.epochs} epoch(s), {result.seconds:.0f} s)")
+    print(
+        json.dumps(
+            {
+                k: result.to_dict()[k]
+                for k in (
+                    "status",
+                    "steps",
+                    "ppl_before",
+                    "ppl_after",
+                    "best_loss",
+                    "final_loss",
+                    "tokens_per_second",
+                    "seconds",
+                    "rollbacks",
+                    "run_dir",
+                )
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"wikitext-2 test PPL ({args.eval_windows} x {args.seq_len} tokens): {result.ppl_before:.2f} ->"
+        f" {result.ppl_after:.2f} after {result.steps} steps (lr {args.lr}, {args.samples} windows of wiki.valid, batch"
+        f" {args.batch_size} x {args.grad_accum}, {args.epochs} epoch(s), {result.seconds:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

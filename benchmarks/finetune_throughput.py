@@ -29,10 +29,14 @@ from pathlib import Path
 import torch
 
 from llmprune.engine.data import load_calibration_windows
-from llmprune.engine.io.models import load_model
 from llmprune.engine.finetune.train import FinetuneConfig, finetune_model, make_scheduler
+from llmprune.engine.io.models import load_model
 
-DATA = Path(os.environ.get("LLMPRUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")) / "wikitext-2" / "wiki.valid.tokens"
+DATA = (
+    Path(os.environ.get("LLMPRUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    / "wikitext-2"
+    / "wiki.valid.tokens"
+)
 
 
 def plain_loop(model, windows, config: FinetuneConfig) -> list[float]:
@@ -86,7 +90,10 @@ def main() -> None:
         guarded += guarded_loop(loaded.model, loaded.tokenizer, windows, config)[1:]
     tokens = args.seq_len
     plain_tps, guarded_tps = tokens / statistics.median(plain), tokens / statistics.median(guarded)
-    print(f"model {args.model}, seq_len {args.seq_len}, batch 1, {len(plain)} timed steps per loop, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, seq_len {args.seq_len}, batch 1, {len(plain)} timed steps per loop, torch threads"
+        f" {torch.get_num_threads()}"
+    )
     print(f"plain transformers loop : {plain_tps:8.1f} tokens/s")
     print(f"llmprune guarded loop   : {guarded_tps:8.1f} tokens/s")
     print(f"ratio guarded/plain     : {guarded_tps / plain_tps:8.3f}")

@@ -24,8 +24,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--share", type=float, default=0.2, help="share of all parameters removed")
-    parser.add_argument("--method", default="uniform",
-                        help="uniform (same rate in every prunable layer, L2 units: no calibration needed) or a layer-importance method")
+    parser.add_argument(
+        "--method",
+        default="uniform",
+        help=(
+            "uniform (same rate in every prunable layer, L2 units: no calibration needed) or a layer-importance method"
+        ),
+    )
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -34,11 +39,11 @@ def main() -> None:
 
     import torch
 
-    from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.pruning.importance import layer_importance
+    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.io.models import load_model
+    from llmprune.engine.pruning.allocation import PlanOptions
+    from llmprune.engine.pruning.importance import layer_importance
     from llmprune.engine.pruning.plan import make_plan, parameter_model
     from llmprune.engine.pruning.prune_model import prune_model
 
@@ -49,12 +54,20 @@ def main() -> None:
     counter = parameter_model(pruned, layer_shapes(pruned))
     target = round((1 - args.share) * counter.total)
     if args.method == "uniform":
-        _, _, units = make_plan([0.0] * len(counter.shapes), counter, PlanOptions(strategy="uniform"), prune_mlp=True,
-                                round_to=args.round_to, target_params=target)
+        _, _, units = make_plan(
+            [0.0] * len(counter.shapes),
+            counter,
+            PlanOptions(strategy="uniform"),
+            prune_mlp=True,
+            round_to=args.round_to,
+            target_params=target,
+        )
         outcome = prune_model(pruned, units, None, "magnitude")
     else:
         scores = layer_importance(pruned, windows, args.method).scores
-        _, _, units = make_plan(scores, counter, PlanOptions(), prune_mlp=True, round_to=args.round_to, target_params=target)
+        _, _, units = make_plan(
+            scores, counter, PlanOptions(), prune_mlp=True, round_to=args.round_to, target_params=target
+        )
         outcome = prune_model(pruned, units, windows)
 
     prompt = dense.tokenizer("The history of the city begins in the", return_tensors="pt")["input_ids"]
@@ -63,8 +76,13 @@ def main() -> None:
     @torch.inference_mode()
     def generation_rate(model) -> float:
         start = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                             pad_token_id=dense.tokenizer.eos_token_id)
+        out = model.generate(
+            prompt,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            pad_token_id=dense.tokenizer.eos_token_id,
+        )
         return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start)
 
     @torch.inference_mode()
@@ -80,14 +98,21 @@ def main() -> None:
             rates[f"{name}_generate"].append(generation_rate(model))
             rates[f"{name}_prefill"].append(prefill_rate(model))
     medians = {k: statistics.median(v) for k, v in rates.items()}
-    print(json.dumps({
-        "model": args.model, "threads": torch.get_num_threads(),
-        "params_dense": outcome.params_before, "params_pruned": outcome.params_after,
-        "removed_share": round(outcome.removed_share, 4),
-        **{f"{k}_tokens_per_s": round(v, 1) for k, v in medians.items()},
-        "generate_speedup": round(medians["pruned_generate"] / medians["dense_generate"], 3),
-        "prefill_speedup": round(medians["pruned_prefill"] / medians["dense_prefill"], 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "threads": torch.get_num_threads(),
+                "params_dense": outcome.params_before,
+                "params_pruned": outcome.params_after,
+                "removed_share": round(outcome.removed_share, 4),
+                **{f"{k}_tokens_per_s": round(v, 1) for k, v in medians.items()},
+                "generate_speedup": round(medians["pruned_generate"] / medians["dense_generate"], 3),
+                "prefill_speedup": round(medians["pruned_prefill"] / medians["dense_prefill"], 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

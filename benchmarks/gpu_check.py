@@ -20,29 +20,116 @@ from llama3_8b import GB, LLMPRUNE, _target_params, _timed, checkpoint_for  # no
 from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT  # noqa: E402
 
 # (eval windows × seq_len, calibration windows, fine-tuning steps, 8B-shaped layers) per device
-SIZES = {"cuda": {"eval_windows": 64, "seq_len": 512, "calib": 64, "steps": 50, "batch": 8, "layers": 32},
-         "cpu": {"eval_windows": 4, "seq_len": 128, "calib": 8, "steps": 4, "batch": 2, "layers": 2}}
+SIZES = {
+    "cuda": {"eval_windows": 64, "seq_len": 512, "calib": 64, "steps": 50, "batch": 8, "layers": 32},
+    "cpu": {"eval_windows": 4, "seq_len": 128, "calib": 8, "steps": 4, "batch": 2, "layers": 2},
+}
 
 
 def steps(device: str, work: Path, big: Path) -> list[tuple[str, list[str]]]:
     size = SIZES[device]
     dtype = ["--device", device, "--dtype", "bfloat16" if device == "cuda" else "float32"]
     pruned = work / "smollm2-pruned"
-    train = ["--dataset", CALIBRATION_TEXT, "--samples", str(size["steps"] * size["batch"]), "--batch-size", str(size["batch"]),
-             "--seq-len", str(size["seq_len"]), "--lr", "2e-5", "--save-every", "1000", "--no-tui", "--json"]
+    train = [
+        "--dataset",
+        CALIBRATION_TEXT,
+        "--samples",
+        str(size["steps"] * size["batch"]),
+        "--batch-size",
+        str(size["batch"]),
+        "--seq-len",
+        str(size["seq_len"]),
+        "--lr",
+        "2e-5",
+        "--save-every",
+        "1000",
+        "--no-tui",
+        "--json",
+    ]
     big_config = json.loads((big / "config.json").read_text())
     return [
-        ("eval smollm2", [LLMPRUNE, "eval", "smollm2-135m", "--dataset", EVALUATION_TEXT, "--seq-len", str(size["seq_len"]),
-                          "--max-windows", str(size["eval_windows"]), "--batch-size", str(size["batch"]), *dtype, "--json"]),
-        ("prune smollm2", [LLMPRUNE, "prune", "smollm2-135m", "--target-params", "0.8", "--no-stream", "--dataset", CALIBRATION_TEXT,
-                           "--importance-samples", str(size["calib"]), "--out", str(pruned), "--log-dir", str(work / "prune_log"),
-                           *dtype, "--json"]),
-        ("finetune full", [LLMPRUNE, "finetune", str(pruned), "--method", "full", "--out", str(work / "ft-full"), *train, *dtype]),
-        ("finetune lora", [LLMPRUNE, "finetune", str(pruned), "--method", "lora", "--lr", "2e-4", "--out", str(work / "ft-lora"),
-                           *train, *dtype]),
-        ("streamed prune 8B-shaped", [LLMPRUNE, "prune", str(big), "--target-params", _target_params(big_config), "--stream",
-                                      "--dataset", CALIBRATION_TEXT, "--importance-samples", "4", "--seq-len", "64",
-                                      "--out", str(work / "big-pruned"), "--log-dir", str(work / "prune_log"), *dtype, "--json"]),
+        (
+            "eval smollm2",
+            [
+                LLMPRUNE,
+                "eval",
+                "smollm2-135m",
+                "--dataset",
+                EVALUATION_TEXT,
+                "--seq-len",
+                str(size["seq_len"]),
+                "--max-windows",
+                str(size["eval_windows"]),
+                "--batch-size",
+                str(size["batch"]),
+                *dtype,
+                "--json",
+            ],
+        ),
+        (
+            "prune smollm2",
+            [
+                LLMPRUNE,
+                "prune",
+                "smollm2-135m",
+                "--target-params",
+                "0.8",
+                "--no-stream",
+                "--dataset",
+                CALIBRATION_TEXT,
+                "--importance-samples",
+                str(size["calib"]),
+                "--out",
+                str(pruned),
+                "--log-dir",
+                str(work / "prune_log"),
+                *dtype,
+                "--json",
+            ],
+        ),
+        (
+            "finetune full",
+            [LLMPRUNE, "finetune", str(pruned), "--method", "full", "--out", str(work / "ft-full"), *train, *dtype],
+        ),
+        (
+            "finetune lora",
+            [
+                LLMPRUNE,
+                "finetune",
+                str(pruned),
+                "--method",
+                "lora",
+                "--lr",
+                "2e-4",
+                "--out",
+                str(work / "ft-lora"),
+                *train,
+                *dtype,
+            ],
+        ),
+        (
+            "streamed prune 8B-shaped",
+            [
+                LLMPRUNE,
+                "prune",
+                str(big),
+                "--target-params",
+                _target_params(big_config),
+                "--stream",
+                "--dataset",
+                CALIBRATION_TEXT,
+                "--importance-samples",
+                "4",
+                "--seq-len",
+                "64",
+                "--out",
+                str(work / "big-pruned"),
+                "--log-dir",
+                str(work / "prune_log"),
+                *dtype,
+                "--json",
+            ],
+        ),
     ]
 
 
@@ -52,7 +139,10 @@ def summary(name: str, output: dict | None) -> str:
     if "ppl" in output:
         return f"PPL {output['ppl']:.3f}"
     if "params_after" in output:
-        return f"{output['params_before']:,} -> {output['params_after']:,} parameters; peak {output['peak_memory_bytes'] / GB:.2f} GB"
+        return (
+            f"{output['params_before']:,} -> {output['params_after']:,} parameters; peak"
+            f" {output['peak_memory_bytes'] / GB:.2f} GB"
+        )
     if "status" in output:
         return f"{output['status']}, {output['steps']} steps, loss {output.get('final_loss')}"
     return ""
@@ -75,12 +165,27 @@ def main() -> None:
         "command": "benchmarks/gpu_check.sh" + ("" if args.device == "cuda" else f" --device {args.device}"),
         "machine": "2-core CPU, 24 GiB (shared)" if args.device == "cpu" else "one CUDA GPU",
         "date": date.today().isoformat(),
-        "notes": f"Sizes on {args.device}: {size}. The 8B-shaped model is Llama-3-8B-Instruct's config with {size['layers']} layers "
-                 "(random bf16 weights, built by benchmarks/llama3_8b.py). Peak RSS from /usr/bin/time -v; prune also reports "
-                 "its own peak (GPU memory on CUDA).",
-        "tables": [{"caption": f"each step on {args.device}", "columns": ["step", "exit", "seconds", "peak RSS (GB)", "result"],
-                    "rows": [[r["step"], r["exit_code"], r["seconds"], round(r["peak_rss_bytes"] / GB, 2) if r["peak_rss_bytes"] else None,
-                              summary(r["step"], r["output"])] for r in rows]}],
+        "notes": (
+            f"Sizes on {args.device}: {size}. The 8B-shaped model is Llama-3-8B-Instruct's config with {size['layers']}"
+            " layers (random bf16 weights, built by benchmarks/llama3_8b.py). Peak RSS from /usr/bin/time -v; prune"
+            " also reports its own peak (GPU memory on CUDA)."
+        ),
+        "tables": [
+            {
+                "caption": f"each step on {args.device}",
+                "columns": ["step", "exit", "seconds", "peak RSS (GB)", "result"],
+                "rows": [
+                    [
+                        r["step"],
+                        r["exit_code"],
+                        r["seconds"],
+                        round(r["peak_rss_bytes"] / GB, 2) if r["peak_rss_bytes"] else None,
+                        summary(r["step"], r["output"]),
+                    ]
+                    for r in rows
+                ],
+            }
+        ],
         "steps": rows,
     }
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -63,8 +63,13 @@ LLAMA3_8B_INSTRUCT = {
 LLAMA31_CHANGES = {
     "eos_token_id": [128001, 128008, 128009],
     "max_position_embeddings": 131072,
-    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_scaling": {
+        "factor": 8.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
     "transformers_version": "4.43.0.dev0",
 }
 SHARDS = 4  # as on the hub: model-0000k-of-00004.safetensors
@@ -91,10 +96,13 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
         p = f"model.layers.{i}."
         names += [
             (p + "input_layernorm.weight", (hidden,)),
-            (p + "self_attn.q_proj.weight", (q, hidden)), (p + "self_attn.k_proj.weight", (kv, hidden)),
-            (p + "self_attn.v_proj.weight", (kv, hidden)), (p + "self_attn.o_proj.weight", (hidden, q)),
+            (p + "self_attn.q_proj.weight", (q, hidden)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, q)),
             (p + "post_attention_layernorm.weight", (hidden,)),
-            (p + "mlp.gate_proj.weight", (mlp, hidden)), (p + "mlp.up_proj.weight", (mlp, hidden)),
+            (p + "mlp.gate_proj.weight", (mlp, hidden)),
+            (p + "mlp.up_proj.weight", (mlp, hidden)),
             (p + "mlp.down_proj.weight", (hidden, mlp)),
         ]
     return names + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
@@ -166,7 +174,9 @@ def build_checkpoint(directory: Path, layers: int, rope_scaling: str | None) -> 
         _write_shard(staging / file, group, seed=number)
         weight_map.update({name: file for name, _ in group})
     total_size = 2 * sum(_numel(shape) for _, shape in tensors)
-    (staging / index_path.name).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
+    (staging / index_path.name).write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
+    )
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     AutoTokenizer.from_pretrained(str(convert_gguf(alias_path("smollm2-135m")))).save_pretrained(staging)
     shutil.rmtree(directory, ignore_errors=True)
@@ -209,15 +219,23 @@ def _target_params(config: dict) -> str:
     """--target-params: 6.5B for 32 layers; with fewer layers, the same parameters removed per layer."""
     full = sum(_numel(shape) for _, shape in tensor_shapes(dict(config, num_hidden_layers=32)))
     total = sum(_numel(shape) for _, shape in tensor_shapes(config))
-    return "6.5B" if config["num_hidden_layers"] == 32 else str(int(total - (full - FULL_TARGET) * config["num_hidden_layers"] / 32))
+    return (
+        "6.5B"
+        if config["num_hidden_layers"] == 32
+        else str(int(total - (full - FULL_TARGET) * config["num_hidden_layers"] / 32))
+    )
 
 
 def _timed(name: str, command: list[str], log: Path) -> dict:
     """Run one step under /usr/bin/time -v: wall seconds, peak RSS, exit code, its --json output."""
     log.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    done = subprocess.run(["nice", "-n", "5", "/usr/bin/time", "-v", *command], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    done = subprocess.run(
+        ["nice", "-n", "5", "/usr/bin/time", "-v", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     seconds = time.perf_counter() - started
     (log / f"{name}.out").write_text(done.stdout)
     (log / f"{name}.err").write_text(done.stderr)
@@ -226,9 +244,19 @@ def _timed(name: str, command: list[str], log: Path) -> dict:
         output = json.loads(done.stdout) if done.stdout.strip().startswith("{") else None
     except json.JSONDecodeError:
         output = None
-    row = {"step": name, "command": " ".join(command), "exit_code": done.returncode, "seconds": round(seconds, 1),
-           "peak_rss_bytes": int(peak.group(1)) * 1024 if peak else None, "output": output}
-    print(f"{name:<22} exit {done.returncode}  {seconds:7.1f} s  peak RSS {row['peak_rss_bytes'] / GB if peak else float('nan'):.2f} GB", flush=True)
+    row = {
+        "step": name,
+        "command": " ".join(command),
+        "exit_code": done.returncode,
+        "seconds": round(seconds, 1),
+        "peak_rss_bytes": int(peak.group(1)) * 1024 if peak else None,
+        "output": output,
+    }
+    print(
+        f"{name:<22} exit {done.returncode}  {seconds:7.1f} s  peak RSS"
+        f" {row['peak_rss_bytes'] / GB if peak else float('nan'):.2f} GB",
+        flush=True,
+    )
     return row
 
 
@@ -243,7 +271,8 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True
 ids = torch.arange(1, 17)[None]
 with torch.no_grad():
     logits = model(input_ids=ids).logits
-print('{"dtype": "%s", "finite": %s, "shape": %s}' % (str(next(model.parameters()).dtype), str(bool(torch.isfinite(logits).all())).lower(), list(logits.shape)))
+dtype, finite = str(next(model.parameters()).dtype), str(bool(torch.isfinite(logits).all())).lower()
+print('{"dtype": "%s", "finite": %s, "shape": %s}' % (dtype, finite, list(logits.shape)))
 """
 
 
@@ -261,19 +290,69 @@ def run_steps(model_dir: Path, work: Path, reload: bool, record) -> dict:
     plan = ["--layer-start", "0"] if config["num_hidden_layers"] < 4 else []
     steps = [
         ("doctor", [LLMPRUNE, "doctor", str(model_dir), "--json"]),
-        ("prune", [LLMPRUNE, "prune", str(model_dir), "--target-params", _target_params(config), "--stream", "--save-model",
-                   "--out", str(out), "--log-dir", str(work / "prune_log"), *calib, "--json"]),
-        ("eval (pruned)", [LLMPRUNE, "eval", str(out), "--stream", "--max-windows", "2", "--dataset", EVALUATION_TEXT, "--json"]),
+        (
+            "prune",
+            [
+                LLMPRUNE,
+                "prune",
+                str(model_dir),
+                "--target-params",
+                _target_params(config),
+                "--stream",
+                "--save-model",
+                "--out",
+                str(out),
+                "--log-dir",
+                str(work / "prune_log"),
+                *calib,
+                "--json",
+            ],
+        ),
+        (
+            "eval (pruned)",
+            [LLMPRUNE, "eval", str(out), "--stream", "--max-windows", "2", "--dataset", EVALUATION_TEXT, "--json"],
+        ),
         ("export --gguf", [LLMPRUNE, "export", str(out), "--gguf", str(gguf), "--json"]),
         ("doctor --test-forward", [LLMPRUNE, "doctor", str(out), "--test-forward", "--stream", "--json"]),
-        ("eval (source)", [LLMPRUNE, "eval", str(model_dir), "--stream", "--max-windows", "2", "--dataset", EVALUATION_TEXT, "--json"]),
-        ("analyze", [LLMPRUNE, "analyze", str(model_dir), "--importance-method", "block-influence", "--stream", *calib, *plan,
-                     "--output", str(work / "layer_importance_config.json"), "--json"]),
+        (
+            "eval (source)",
+            [
+                LLMPRUNE,
+                "eval",
+                str(model_dir),
+                "--stream",
+                "--max-windows",
+                "2",
+                "--dataset",
+                EVALUATION_TEXT,
+                "--json",
+            ],
+        ),
+        (
+            "analyze",
+            [
+                LLMPRUNE,
+                "analyze",
+                str(model_dir),
+                "--importance-method",
+                "block-influence",
+                "--stream",
+                *calib,
+                *plan,
+                "--output",
+                str(work / "layer_importance_config.json"),
+                "--json",
+            ],
+        ),
     ]
     if reload:  # the whole pruned model in memory: only for the few-layer variants on this machine
         steps.append(("transformers reload", [sys.executable, "-c", RELOAD, str(out)]))
-    run = {"layers": config["num_hidden_layers"], "rope_scaling": config.get("rope_scaling"), "steps": [],
-           "source_bytes": _du(model_dir)}
+    run = {
+        "layers": config["num_hidden_layers"],
+        "rope_scaling": config.get("rope_scaling"),
+        "steps": [],
+        "source_bytes": _du(model_dir),
+    }
     for name, command in steps:
         row = _timed(name, command, log)
         run["steps"].append(row)
@@ -293,10 +372,18 @@ def _figure(row: dict) -> str:
     """The one figure a step is run for."""
     out = row["output"] or {}
     if row["step"].startswith("eval"):
-        return f"PPL {out.get('ppl', float('nan')):.4g} ({out.get('windows')} windows × {out.get('seq_len')} tokens)" if out else ""
+        return (
+            f"PPL {out.get('ppl', float('nan')):.4g} ({out.get('windows')} windows × {out.get('seq_len')} tokens)"
+            if out
+            else ""
+        )
     if row["step"].startswith("doctor"):
         forward = out.get("forward")
-        return ("healthy" if out.get("ok") else "UNHEALTHY") + (f"; forward ok: {forward.get('ok')}" if forward else "") if out else ""
+        return (
+            ("healthy" if out.get("ok") else "UNHEALTHY") + (f"; forward ok: {forward.get('ok')}" if forward else "")
+            if out
+            else ""
+        )
     if row["step"] == "prune" and out:
         return f"{out['params_before'] / 1e9:.3f} B -> {out['params_after'] / 1e9:.3f} B parameters; {out['gqa']}"
     if row["step"].startswith("export") and out:
@@ -309,36 +396,75 @@ def _figure(row: dict) -> str:
 def results_document(runs: dict, command: str) -> dict:
     tables = []
     for key, run in runs.items():
-        rows = [[r["step"], r["exit_code"], r["seconds"], round(r["peak_rss_bytes"] / GB, 2) if r["peak_rss_bytes"] else None, _figure(r),
-                 "`" + r["command"].replace(str(Path(r["command"].split()[0]).parent) + "/", "") + "`"] for r in run["steps"]]
-        tables.append({"caption": f"{key}: each step's wall time and peak RSS (/usr/bin/time -v)",
-                       "columns": ["step", "exit", "seconds", "peak RSS (GB)", "result", "command"], "rows": rows})
+        rows = [
+            [
+                r["step"],
+                r["exit_code"],
+                r["seconds"],
+                round(r["peak_rss_bytes"] / GB, 2) if r["peak_rss_bytes"] else None,
+                _figure(r),
+                "`" + r["command"].replace(str(Path(r["command"].split()[0]).parent) + "/", "") + "`",
+            ]
+            for r in run["steps"]
+        ]
+        tables.append(
+            {
+                "caption": f"{key}: each step's wall time and peak RSS (/usr/bin/time -v)",
+                "columns": ["step", "exit", "seconds", "peak RSS (GB)", "result", "command"],
+                "rows": rows,
+            }
+        )
         phases = run.get("peak_rss_by_phase") or {}
-        size_rows = [["parameters", f"{run['params_before']:,}" if run.get("params_before") else None,
-                      f"{run['params_after']:,}" if run.get("params_after") else None],
-                     ["weights on disk (GB)", round(run["source_bytes"] / GB, 2), round(run["pruned_bytes"] / GB, 2) if run.get("pruned_bytes") else None],
-                     ["dtype on disk", "bfloat16", run.get("pruned_dtype")],
-                     ["GGUF export of the pruned model (GB, f16)", None, round(run["gguf_bytes"] / GB, 2) if run.get("gguf_bytes") else None]]
-        size_rows += [[f"prune peak RSS, phase {name} (GB)", None, round(peak / GB, 2)] for name, peak in phases.items()]
+        size_rows = [
+            [
+                "parameters",
+                f"{run['params_before']:,}" if run.get("params_before") else None,
+                f"{run['params_after']:,}" if run.get("params_after") else None,
+            ],
+            [
+                "weights on disk (GB)",
+                round(run["source_bytes"] / GB, 2),
+                round(run["pruned_bytes"] / GB, 2) if run.get("pruned_bytes") else None,
+            ],
+            ["dtype on disk", "bfloat16", run.get("pruned_dtype")],
+            [
+                "GGUF export of the pruned model (GB, f16)",
+                None,
+                round(run["gguf_bytes"] / GB, 2) if run.get("gguf_bytes") else None,
+            ],
+        ]
+        size_rows += [
+            [f"prune peak RSS, phase {name} (GB)", None, round(peak / GB, 2)] for name, peak in phases.items()
+        ]
         tables.append({"caption": f"{key}: source vs. pruned", "columns": ["", "source", "pruned"], "rows": size_rows})
     return {
         "title": "Llama-3-8B-shaped checkpoint on a 2-core, 24 GiB machine",
-        "command": command, "machine": "2-core CPU, 24 GiB (shared)", "date": date.today().isoformat(),
-        "notes": ("A random checkpoint with Llama-3-8B-Instruct's exact config.json (bf16, sharded safetensors with an index, "
-                  "16 GB; its fp32 copy would not fit this machine), built by the script. Every step is the `llmprune` command, "
-                  "run alone under `nice -n 5 /usr/bin/time -v` on a machine shared with other jobs (wall times vary with the load). "
-                  "Calibration: 4 windows × 64 tokens of wikitext-2 validation; evaluation: 2 windows × 2048 tokens of wikitext-2 test "
-                  "(the PPL of random weights is near the vocabulary size: the figure shows the streamed path runs, not quality). "
-                  "Variants with fewer layers keep every width and remove the same parameters per layer."),
-        "tables": tables, "runs": runs,
+        "command": command,
+        "machine": "2-core CPU, 24 GiB (shared)",
+        "date": date.today().isoformat(),
+        "notes": (
+            "A random checkpoint with Llama-3-8B-Instruct's exact config.json (bf16, sharded safetensors with an index,"
+            " 16 GB; its fp32 copy would not fit this machine), built by the script. Every step is the `llmprune`"
+            " command, run alone under `nice -n 5 /usr/bin/time -v` on a machine shared with other jobs (wall times"
+            " vary with the load). Calibration: 4 windows × 64 tokens of wikitext-2 validation; evaluation: 2 windows ×"
+            " 2048 tokens of wikitext-2 test (the PPL of random weights is near the vocabulary size: the figure shows"
+            " the streamed path runs, not quality). Variants with fewer layers keep every width and remove the same"
+            " parameters per layer."
+        ),
+        "tables": tables,
+        "runs": runs,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, required=True, help="where the checkpoint and the outputs go (outside the repository)")
+    parser.add_argument(
+        "--dir", type=Path, required=True, help="where the checkpoint and the outputs go (outside the repository)"
+    )
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--rope-scaling", choices=["llama3"], default=None, help="Llama-3.1-style config (rope_scaling of type llama3)")
+    parser.add_argument(
+        "--rope-scaling", choices=["llama3"], default=None, help="Llama-3.1-style config (rope_scaling of type llama3)"
+    )
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "llama3_8b.json")
     args = parser.parse_args()
@@ -346,7 +472,9 @@ def main() -> None:
     if args.build_only:
         return
     key = f"{'Llama-3.1' if args.rope_scaling else 'Llama-3'}-8B shape, {args.layers} layers"
-    command = "python benchmarks/llama3_8b.py " + " ".join(a.replace(str(args.dir), "DIR") for a in sys.argv[1:] if not a.startswith("--results"))
+    command = "python benchmarks/llama3_8b.py " + " ".join(
+        a.replace(str(args.dir), "DIR") for a in sys.argv[1:] if not a.startswith("--results")
+    )
 
     def record(run: dict) -> None:
         previous = json.loads(args.results.read_text()) if args.results.is_file() else {}

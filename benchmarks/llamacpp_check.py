@@ -38,7 +38,11 @@ from pathlib import Path
 
 from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT, REPO
 
-PROMPTS = ["The capital of France is", "Once upon a time, there was a", "The most important thing about machine learning is"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "The most important thing about machine learning is",
+]
 TOOLS = ("llama-perplexity", "llama-completion", "llama-tokenize")
 # weight repacking picks AMX kernels on CPUs that report AMX; a VM that reports it without enabling it dies with
 # SIGILL on q8_0 (this machine did), so the check runs the plain kernels
@@ -51,7 +55,9 @@ def find_tools(directory: str | None) -> dict[str, str] | None:
     found = {}
     for tool in TOOLS:
         candidates = [Path(directory, sub, tool) for sub in ("", "bin", "build/bin")] if directory else []
-        path = next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None) or (None if directory else shutil.which(tool))
+        path = next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None) or (
+            None if directory else shutil.which(tool)
+        )
         if path is None:
             return None
         found[tool] = path
@@ -63,7 +69,22 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def llama_perplexity(tools: dict, gguf: Path, text: Path, ctx: int, chunks: int, threads: int) -> float:
-    out = run([tools["llama-perplexity"], "-m", str(gguf), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads), *NO_REPACK])
+    out = run(
+        [
+            tools["llama-perplexity"],
+            "-m",
+            str(gguf),
+            "-f",
+            str(text),
+            "-c",
+            str(ctx),
+            "--chunks",
+            str(chunks),
+            "-t",
+            str(threads),
+            *NO_REPACK,
+        ]
+    )
     match = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
     if not match:
         raise RuntimeError(f"no PPL in llama-perplexity output:\n{out.stderr[-2000:]}")
@@ -71,8 +92,31 @@ def llama_perplexity(tools: dict, gguf: Path, text: Path, ctx: int, chunks: int,
 
 
 def llama_greedy(tools: dict, gguf: Path, prompt: str, tokens: int, threads: int) -> str:
-    out = run([tools["llama-completion"], "-m", str(gguf), "-p", prompt, "-n", str(tokens), "--temp", "0", "--top-k", "1",
-               "-no-cnv", "--no-warmup", "-s", "0", "-t", str(threads), "--simple-io", "--no-display-prompt", *NO_REPACK], stdin=subprocess.DEVNULL)
+    out = run(
+        [
+            tools["llama-completion"],
+            "-m",
+            str(gguf),
+            "-p",
+            prompt,
+            "-n",
+            str(tokens),
+            "--temp",
+            "0",
+            "--top-k",
+            "1",
+            "-no-cnv",
+            "--no-warmup",
+            "-s",
+            "0",
+            "-t",
+            str(threads),
+            "--simple-io",
+            "--no-display-prompt",
+            *NO_REPACK,
+        ],
+        stdin=subprocess.DEVNULL,
+    )
     text = out.stdout.strip()
     return text.removesuffix("[end of text]").rstrip() + EOS if text.endswith("[end of text]") else text
 
@@ -99,7 +143,11 @@ def transformers_perplexity(model, tokenizer, text: str, ctx: int, chunks: int) 
         for start in range(0, chunks, 8):
             rows = batch[start : start + 8]
             logits = model(rows).logits.float()
-            nll = F.cross_entropy(logits[:, first : ctx - 1].reshape(-1, logits.shape[-1]), rows[:, first + 1 :].reshape(-1), reduction="sum")
+            nll = F.cross_entropy(
+                logits[:, first : ctx - 1].reshape(-1, logits.shape[-1]),
+                rows[:, first + 1 :].reshape(-1),
+                reduction="sum",
+            )
             total += nll.item()
             count += rows.shape[0] * (ctx - 1 - first)
     return math.exp(total / count)
@@ -111,7 +159,7 @@ def transformers_greedy(model, tokenizer, prompt: str, tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     ended = bool(new) and new[-1] == tokenizer.eos_token_id
     text = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=False).strip()
     return text + EOS if ended else text
@@ -123,9 +171,18 @@ def llmprune(*args: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"), help="llama.cpp checkout or build folder (default: $LLAMA_CPP_DIR, else PATH)")
+    parser.add_argument(
+        "--llama-cpp",
+        default=os.environ.get("LLAMA_CPP_DIR"),
+        help="llama.cpp checkout or build folder (default: $LLAMA_CPP_DIR, else PATH)",
+    )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pruned", type=Path, default=None, help="an llmprune-pruned model folder (default: prune --model with prune's defaults)")
+    parser.add_argument(
+        "--pruned",
+        type=Path,
+        default=None,
+        help="an llmprune-pruned model folder (default: prune --model with prune's defaults)",
+    )
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--chunks", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -147,7 +204,12 @@ def main() -> None:
     if pruned is None:
         pruned = work / "pruned"
         llmprune("prune", args.model, "--dataset", CALIBRATION_TEXT, "--out", str(pruned), "--json")
-    exports = [("pruned", str(pruned), "f32"), ("dense", args.model, "f32"), ("pruned", str(pruned), "q8_0"), ("dense", args.model, "q8_0")]
+    exports = [
+        ("pruned", str(pruned), "f32"),
+        ("dense", args.model, "f32"),
+        ("pruned", str(pruned), "q8_0"),
+        ("dense", args.model, "q8_0"),
+    ]
     rows, raw = evaluate_exports(exports, tools, work, lf_text, text, args)
     reference = reference_conversion(args, tools, work, lf_text)
     write_results(args, rows, raw, reference, pruned)
@@ -181,12 +243,25 @@ def evaluate_exports(exports, tools, work, lf_text, text, args):
         cpp_ppl = llama_perplexity(tools, gguf, lf_text, args.ctx, args.chunks, args.threads)
         cpp_greedy = [llama_greedy(tools, gguf, p, 32, args.threads) for p in PROMPTS]
         same_tokens = llama_token_ids(tools, gguf, snippet) == hf_ids
-        same_text = sum(a == b for a, b in zip(cpp_greedy, hf_greedy))
+        same_text = sum(a == b for a, b in zip(cpp_greedy, hf_greedy, strict=False))
         diff = 100 * (cpp_ppl - hf_ppl) / hf_ppl
-        raw.append({"model": label, "spec": spec, "outtype": outtype, "parameters": parameters, "gguf_bytes": gguf.stat().st_size,
-                    "export_seconds": round(export_seconds, 1), "transformers_ppl": hf_ppl, "llamacpp_ppl": cpp_ppl,
-                    "difference_percent": diff, "greedy_transformers": hf_greedy, "greedy_llamacpp": cpp_greedy,
-                    "same_greedy": same_text, "same_tokenization": same_tokens})
+        raw.append(
+            {
+                "model": label,
+                "spec": spec,
+                "outtype": outtype,
+                "parameters": parameters,
+                "gguf_bytes": gguf.stat().st_size,
+                "export_seconds": round(export_seconds, 1),
+                "transformers_ppl": hf_ppl,
+                "llamacpp_ppl": cpp_ppl,
+                "difference_percent": diff,
+                "greedy_transformers": hf_greedy,
+                "greedy_llamacpp": cpp_greedy,
+                "same_greedy": same_text,
+                "same_tokenization": same_tokens,
+            }
+        )
         rows.append(_row(raw[-1]))
         done.write_text(json.dumps(raw[-1]), encoding="utf-8")
         print(json.dumps(raw[-1]), flush=True)
@@ -194,15 +269,25 @@ def evaluate_exports(exports, tools, work, lf_text, text, args):
 
 
 def _row(run: dict) -> list:
-    return [run["model"], f"{run['parameters'] / 1e6:.1f} M", run["outtype"], f"{run['gguf_bytes'] / 2**20:.1f}",
-            f"{run['transformers_ppl']:.3f}", f"{run['llamacpp_ppl']:.3f}", f"{run['difference_percent']:+.3f} %",
-            f"{run['same_greedy']}/3", "yes" if run["same_tokenization"] else "no"]
+    return [
+        run["model"],
+        f"{run['parameters'] / 1e6:.1f} M",
+        run["outtype"],
+        f"{run['gguf_bytes'] / 2**20:.1f}",
+        f"{run['transformers_ppl']:.3f}",
+        f"{run['llamacpp_ppl']:.3f}",
+        f"{run['difference_percent']:+.3f} %",
+        f"{run['same_greedy']}/3",
+        "yes" if run["same_tokenization"] else "no",
+    ]
 
 
 def reference_conversion(args, tools, work, lf_text) -> dict | None:
     """The dense model converted by llama.cpp's own convert_hf_to_gguf.py (f32), when the tree has it."""
     root = Path(args.llama_cpp or "")
-    converter = next((p for p in (root / "convert_hf_to_gguf.py", root.parent / "convert_hf_to_gguf.py") if p.is_file()), None)
+    converter = next(
+        (p for p in (root / "convert_hf_to_gguf.py", root.parent / "convert_hf_to_gguf.py") if p.is_file()), None
+    )
     if converter is None:
         return None
     from llmprune.engine.io.models import alias_path, convert_gguf
@@ -218,27 +303,46 @@ def reference_conversion(args, tools, work, lf_text) -> dict | None:
 def write_results(args, rows, raw, reference, pruned) -> None:
     dense = next(r for r in raw if r["model"] == "dense" and r["outtype"] == "f32")
     notes = (
-        f"llama-perplexity protocol on one LF copy of wikitext-2 test: `-c {args.ctx} --chunks {args.chunks}`, the second half of each "
-        "chunk scored; transformers computes the same on the same tokens. Greedy: 32 tokens for three prompts "
-        "(`llama-completion --temp 0 --top-k 1`) against transformers `generate(do_sample=False)`. Tokenization: "
-        "`llama-tokenize` ids of the first 20,000 characters equal transformers' ids. The pruned model is `llmprune prune` "
-        "with its defaults (per-layer shapes, output biases from compensation), exported as llama.cpp's `deci` architecture."
+        f"llama-perplexity protocol on one LF copy of wikitext-2 test: `-c {args.ctx} --chunks {args.chunks}`, the"
+        " second half of each chunk scored; transformers computes the same on the same tokens. Greedy: 32 tokens for"
+        " three prompts (`llama-completion --temp 0 --top-k 1`) against transformers `generate(do_sample=False)`."
+        " Tokenization: `llama-tokenize` ids of the first 20,000 characters equal transformers' ids. The pruned model"
+        " is `llmprune prune` with its defaults (per-layer shapes, output biases from compensation), exported as"
+        " llama.cpp's `deci` architecture."
     )
     if reference:
         gap = 100 * (dense["llamacpp_ppl"] - reference["llamacpp_ppl"]) / reference["llamacpp_ppl"]
-        notes += (f" Reference: the dense model converted by llama.cpp's own `convert_hf_to_gguf.py --outtype f32` gives "
-                  f"{reference['llamacpp_ppl']:.3f} in llama-perplexity; llmprune's f32 export {dense['llamacpp_ppl']:.3f} ({gap:+.3f} %).")
+        notes += (
+            " Reference: the dense model converted by llama.cpp's own `convert_hf_to_gguf.py --outtype f32` gives"
+            f" {reference['llamacpp_ppl']:.3f} in llama-perplexity; llmprune's f32 export {dense['llamacpp_ppl']:.3f}"
+            f" ({gap:+.3f} %)."
+        )
     result = {
         "title": "GGUF export checked against llama.cpp",
-        "command": f"PYTHONPATH=. python benchmarks/llamacpp_check.py --llama-cpp LLAMA_CPP_DIR --ctx {args.ctx} --chunks {args.chunks}"
-                   + (f" --pruned {args.pruned}" if args.pruned else ""),
+        "command": (
+            f"PYTHONPATH=. python benchmarks/llamacpp_check.py --llama-cpp LLAMA_CPP_DIR --ctx {args.ctx} --chunks"
+            f" {args.chunks}" + (f" --pruned {args.pruned}" if args.pruned else "")
+        ),
         "machine": "2-core CPU, 24 GiB",
         "date": datetime.date.today().isoformat(),
         "notes": notes,
-        "tables": [{"caption": "llama.cpp vs transformers on the same tokens",
-                    "columns": ["model", "parameters", "GGUF type", "file MiB", "transformers PPL", "llama.cpp PPL", "difference",
-                                "same greedy 32 tokens", "same tokenization"],
-                    "rows": rows}],
+        "tables": [
+            {
+                "caption": "llama.cpp vs transformers on the same tokens",
+                "columns": [
+                    "model",
+                    "parameters",
+                    "GGUF type",
+                    "file MiB",
+                    "transformers PPL",
+                    "llama.cpp PPL",
+                    "difference",
+                    "same greedy 32 tokens",
+                    "same tokenization",
+                ],
+                "rows": rows,
+            }
+        ],
         "runs": raw,
         "reference": reference,
     }

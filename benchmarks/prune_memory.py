@@ -34,10 +34,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()
 
-    from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.data import load_calibration_windows
+    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.io.models import load_model
+    from llmprune.engine.pruning.allocation import PlanOptions
     from llmprune.engine.pruning.plan import make_plan, parameter_model
     from llmprune.engine.pruning.prune_model import prune_model
 
@@ -47,14 +47,27 @@ def main() -> None:
     after_load, peak_load = rss_mib(), peak_mib()
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
     counter = parameter_model(loaded.model, layer_shapes(loaded.model))
-    _, _, units = make_plan([0.0] * len(counter.shapes), counter, PlanOptions(strategy="uniform"), prune_mlp=True,
-                            target_params=round(0.8 * counter.total))
+    _, _, units = make_plan(
+        [0.0] * len(counter.shapes),
+        counter,
+        PlanOptions(strategy="uniform"),
+        prune_mlp=True,
+        target_params=round(0.8 * counter.total),
+    )
     prune_model(loaded.model, units, windows, "activation")
-    print(json.dumps({
-        "weights_mib": round(weights), "rss_after_import_mib": round(after_import), "rss_after_load_mib": round(after_load),
-        "peak_before_pruning_mib": round(peak_load), "peak_after_pruning_mib": round(peak_mib()),
-        "pruning_added_mib": round(peak_mib() - peak_load),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "weights_mib": round(weights),
+                "rss_after_import_mib": round(after_import),
+                "rss_after_load_mib": round(after_load),
+                "peak_before_pruning_mib": round(peak_load),
+                "peak_after_pruning_mib": round(peak_mib()),
+                "pruning_added_mib": round(peak_mib() - peak_load),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

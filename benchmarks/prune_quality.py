@@ -25,7 +25,6 @@ from pathlib import Path
 from results_file import table, write_results
 from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT, REPO
 
-
 VARIANTS = {
     "default": dict(method="removal", strategy="inverse", units="activation", uniform=False),
     "block-influence": dict(method="block-influence", strategy="inverse", units="activation", uniform=False),
@@ -50,20 +49,36 @@ def quality_table(rows: list[dict]) -> dict:
     return table(
         "PPL on wikitext-2 test at the same share of all parameters removed",
         ["variant", "share asked", "share removed", "parameters", "PPL", "seconds"],
-        [[row["variant"], row["share"], row.get("removed_share", 0.0), row["params"], row["ppl"], row.get("seconds")] for row in rows],
+        [
+            [row["variant"], row["share"], row.get("removed_share", 0.0), row["params"], row["ppl"], row.get("seconds")]
+            for row in rows
+        ],
     )
 
 
 def scores_table(scores: dict[str, list[float]]) -> dict:
     keys = sorted(scores)
     layers = max((len(scores[key]) for key in keys), default=0)
-    return table("Score per decoder layer (key: model|method|windows x tokens|seed)", ["layer", *keys],
-                 [[layer, *(scores[key][layer] if layer < len(scores[key]) else None for key in keys)] for layer in range(layers)])
+    return table(
+        "Score per decoder layer (key: model|method|windows x tokens|seed)",
+        ["layer", *keys],
+        [
+            [layer, *(scores[key][layer] if layer < len(scores[key]) else None for key in keys)]
+            for layer in range(layers)
+        ],
+    )
 
 
 def write_scores(path: Path, scores: dict[str, list[float]], command: str | None = None) -> None:
-    write_results("layer_scores", path=path, title=SCORES_TITLE, command=command, tables=[scores_table(scores)], scores=scores,
-                  notes="A cache: a method's scores depend on the model and the calibration windows, not on the pruning ratio.")
+    write_results(
+        "layer_scores",
+        path=path,
+        title=SCORES_TITLE,
+        command=command,
+        tables=[scores_table(scores)],
+        scores=scores,
+        notes="A cache: a method's scores depend on the model and the calibration windows, not on the pruning ratio.",
+    )
 
 
 def read_scores(path: Path) -> dict[str, list[float]]:
@@ -73,7 +88,9 @@ def read_scores(path: Path) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="shares of all parameters to remove")
+    parser.add_argument(
+        "--shares", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="shares of all parameters to remove"
+    )
     parser.add_argument("--variants", nargs="+", default=["default", "uniform-magnitude"], choices=sorted(VARIANTS))
     parser.add_argument("--alpha", type=float, default=None, help="inverse-plan contrast (default: the CLI default)")
     parser.add_argument("--max-rate", type=float, default=None)
@@ -86,12 +103,12 @@ def main() -> None:
 
     import torch
 
-    from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
     from llmprune.engine.evaluate import perplexity
-    from llmprune.engine.pruning.importance import layer_importance
+    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.io.models import load_model
+    from llmprune.engine.pruning.allocation import PlanOptions
+    from llmprune.engine.pruning.importance import layer_importance
     from llmprune.engine.pruning.plan import make_plan, parameter_model
     from llmprune.engine.pruning.prune_model import prune_model
 
@@ -128,21 +145,41 @@ def main() -> None:
             options = PlanOptions(strategy=variant["strategy"]).with_overrides(alpha=args.alpha, max_rate=args.max_rate)
             if variant["uniform"]:
                 options = replace(options, layer_start=0, layer_end=len(shapes))
-            options, rates, units = make_plan(scores, counter, options, "group", True, args.round_to, variant["uniform"],
-                                              target_params=round((1 - share) * counter.total))
+            options, rates, units = make_plan(
+                scores,
+                counter,
+                options,
+                "group",
+                True,
+                args.round_to,
+                variant["uniform"],
+                target_params=round((1 - share) * counter.total),
+            )
             outcome = prune_model(model, units, calibration, variant["units"], "group", batch_size=8)
             measured = perplexity(model, evaluation, batch_size=8)
             row = {
-                "variant": name, "share": share, "ratio": options.ratio, "removed_share": outcome.removed_share,
-                "params": outcome.params_after, "ppl": measured.ppl, "gqa_violations": outcome.gqa_violations,
+                "variant": name,
+                "share": share,
+                "ratio": options.ratio,
+                "removed_share": outcome.removed_share,
+                "params": outcome.params_after,
+                "ppl": measured.ppl,
+                "gqa_violations": outcome.gqa_violations,
                 "seconds": time.perf_counter() - start,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model
             # after every row: a cut-short run keeps its rows
-            write_results("prune_quality", path=args.output, title=QUALITY_TITLE, notes=QUALITY_NOTES, tables=[quality_table(rows)],
-                          args={k: str(v) for k, v in vars(args).items()}, rows=rows)
+            write_results(
+                "prune_quality",
+                path=args.output,
+                title=QUALITY_TITLE,
+                notes=QUALITY_NOTES,
+                tables=[quality_table(rows)],
+                args={k: str(v) for k, v in vars(args).items()},
+                rows=rows,
+            )
 
     print("\n| variant | share of params removed | PPL |\n|---|---|---|")
     for row in rows:

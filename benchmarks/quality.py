@@ -23,16 +23,20 @@ import time
 from pathlib import Path
 
 import torch
-
-from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
-from llmprune.engine.pruning.depth import drop_layers, least_influential
-from llmprune.engine.evaluate import perplexity
-from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, measure_units, prune_to_target
-from llmprune.engine.io.models import load_model
-
 from shared_data import CALIBRATION_TEXT as VALID  # noqa: E402  (benchmarks/ is the script's directory)
 from shared_data import EVALUATION_TEXT as TEST  # noqa: E402
 
+from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
+from llmprune.engine.evaluate import perplexity
+from llmprune.engine.io.models import load_model
+from llmprune.engine.pruning.calibrated import (
+    CalibratedPruneOptions,
+    InMemoryLayers,
+    LayerRunner,
+    measure_units,
+    prune_to_target,
+)
+from llmprune.engine.pruning.depth import drop_layers, least_influential
 
 # name -> options for llmprune's width pruning (the first is the default of `llmprune prune`)
 WIDTH_METHODS = {
@@ -81,9 +85,15 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--no-dense", action="store_true", help="skip the dense model's row (its PPL does not change between runs)")
-    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.json",
-                        help="results file (rewritten after every row, so a cut-short run keeps its rows)")
+    parser.add_argument(
+        "--no-dense", action="store_true", help="skip the dense model's row (its PPL does not change between runs)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "quality.json",
+        help="results file (rewritten after every row, so a cut-short run keeps its rows)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -96,8 +106,21 @@ def main() -> None:
 
     def report(method: str, share: float, model, seconds: float) -> None:
         ppl = perplexity(model, evaluation, batch_size=8).ppl
-        row = {"method": method, "share": share, "params_m": round(count(model) / 1e6, 2), "ppl": round(ppl, 2), "seconds": round(seconds, 1)}
-        print(json.dumps(row) if args.json else f"{method:<22} {share:>5.0%} {row['params_m']:>8.2f}M {ppl:>12.2f} {seconds:>8.1f}s", flush=True)
+        row = {
+            "method": method,
+            "share": share,
+            "params_m": round(count(model) / 1e6, 2),
+            "ppl": round(ppl, 2),
+            "seconds": round(seconds, 1),
+        }
+        print(
+            (
+                json.dumps(row)
+                if args.json
+                else f"{method:<22} {share:>5.0%} {row['params_m']:>8.2f}M {ppl:>12.2f} {seconds:>8.1f}s"
+            ),
+            flush=True,
+        )
         rows.append(row)
         write_results(args, rows)
 
@@ -129,15 +152,18 @@ def write_results(args, rows: list[dict]) -> None:
         "machine": "2-core CPU, 24 GiB (shared with other jobs: seconds are indicative)",
         "date": datetime.date.today().isoformat(),
         "notes": (
-            f"PPL on the first {args.eval_windows} windows of {args.seq_len} tokens of wikitext-2 test; calibration on "
-            f"{args.calib_windows} random windows of wikitext-2 validation. `removed` is the share of *all* parameters. "
-            "`default` is what `llmprune prune` does; the other rows change one choice (options in `options`)."
+            f"PPL on the first {args.eval_windows} windows of {args.seq_len} tokens of wikitext-2 test; calibration on"
+            f" {args.calib_windows} random windows of wikitext-2 validation. `removed` is the share of *all*"
+            " parameters. `default` is what `llmprune prune` does; the other rows change one choice (options in"
+            " `options`)."
         ),
-        "tables": [{
-            "caption": "method, share of all parameters removed, parameters left, PPL, pruning seconds",
-            "columns": ["method", "removed", "params left (M)", "PPL", "seconds"],
-            "rows": [[r["method"], f"{r['share']:.0%}", r["params_m"], r["ppl"], r["seconds"]] for r in rows],
-        }],
+        "tables": [
+            {
+                "caption": "method, share of all parameters removed, parameters left, PPL, pruning seconds",
+                "columns": ["method", "removed", "params left (M)", "PPL", "seconds"],
+                "rows": [[r["method"], f"{r['share']:.0%}", r["params_m"], r["ppl"], r["seconds"]] for r in rows],
+            }
+        ],
         "rows": rows,
         "options": options,
     }

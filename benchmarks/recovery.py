@@ -44,14 +44,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--kd-temperature", type=float, default=1.0)
-    parser.add_argument("--kd-weight", type=float, nargs="+", default=[1.0, 0.5],
-                        help="one KD arm per weight (1: distillation only, the finetune default; 0.5: half LM loss)")
+    parser.add_argument(
+        "--kd-weight",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.5],
+        help="one KD arm per weight (1: distillation only, the finetune default; 0.5: half LM loss)",
+    )
     parser.add_argument("--kd-top-k", type=int, default=None)
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/llmprune-recovery"))
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "recovery.json")
-    parser.add_argument("--note", default="", help="a sentence appended to the results notes (e.g. why the budget was cut)")
+    parser.add_argument(
+        "--note", default="", help="a sentence appended to the results notes (e.g. why the budget was cut)"
+    )
     return parser.parse_args()
 
 
@@ -75,7 +82,9 @@ def prune(work: Path) -> tuple[str, str]:
     command = ["llmprune", "prune", DENSE, *PRUNE_ARGS, "--out", str(out)]
     if not (out / "config.json").is_file():
         print("pruning:", shlex.join(command), flush=True)
-        subprocess.run([str(Path(sys.executable).parent / "llmprune"), *command[1:]], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "llmprune"), *command[1:]], check=True, stdout=subprocess.DEVNULL
+        )
     return str(out), shlex.join(command)
 
 
@@ -100,17 +109,32 @@ def finetune(model_spec: str, kd_weight: float | None, run_dir: Path, args: argp
     from llmprune.engine.finetune.train import FinetuneConfig, run_finetune
 
     config = FinetuneConfig(
-        model=model_spec, dataset=CALIBRATION_TEXT, samples=args.steps * args.batch_size, seq_len=args.seq_len,
-        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, schedule="cosine", save_every=25,
-        out=str(run_dir), resume=(run_dir / "checkpoints" / "latest.json").is_file(),
-        teacher=DENSE if kd_weight is not None else None, kd_temperature=args.kd_temperature,
-        kd_weight=1.0 if kd_weight is None else kd_weight, kd_top_k=args.kd_top_k,
+        model=model_spec,
+        dataset=CALIBRATION_TEXT,
+        samples=args.steps * args.batch_size,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        schedule="cosine",
+        save_every=25,
+        out=str(run_dir),
+        resume=(run_dir / "checkpoints" / "latest.json").is_file(),
+        teacher=DENSE if kd_weight is not None else None,
+        kd_temperature=args.kd_temperature,
+        kd_weight=1.0 if kd_weight is None else kd_weight,
+        kd_top_k=args.kd_top_k,
     )
     result = run_finetune(config, lambda event: _progress(event, run_dir.name))
     if result.status != "completed":
         raise SystemExit(f"{run_dir.name}: fine-tuning ended {result.status}: {result.message}")
-    return {"model_dir": result.model_dir, "seconds": result.seconds, "steps": result.steps,
-            "tokens": result.steps * args.batch_size * args.seq_len, "final_loss": result.final_loss}
+    return {
+        "model_dir": result.model_dir,
+        "seconds": result.seconds,
+        "steps": result.steps,
+        "tokens": result.steps * args.batch_size * args.seq_len,
+        "final_loss": result.final_loss,
+    }
 
 
 def _progress(event, name: str) -> None:
@@ -118,7 +142,9 @@ def _progress(event, name: str) -> None:
 
     if isinstance(event, StepMetrics) and (event.step % 10 == 0 or event.step == 1):
         parts = f" (KD {event.kd_loss:.3f}, LM {event.lm_loss:.3f})" if event.kd_loss is not None else ""
-        print(f"  {name} step {event.step} loss {event.loss:.4f}{parts} {event.tokens_per_second:.0f} tok/s", flush=True)
+        print(
+            f"  {name} step {event.step} loss {event.loss:.4f}{parts} {event.tokens_per_second:.0f} tok/s", flush=True
+        )
 
 
 def runs(arms: list[str], args: argparse.Namespace) -> list[tuple[str, float | None]]:
@@ -184,13 +210,26 @@ def write_results(args: argparse.Namespace, state: State, prune_command: str) ->
         "machine": "2-core CPU, 24 GiB",
         "date": date.today().isoformat(),
         "notes": _notes(args, tokens),
-        "tables": [{
-            "caption": f"PPL before and after {tokens:,}-token fine-tunes (lower is better); x dense: PPL / dense PPL",
-            "columns": ["model", "fine-tune", "wiki-2 test PPL", "pydoc PPL", "x dense, same fine-tune (wiki)",
-                        "x dense, same fine-tune (pydoc)", "x untouched dense (wiki)", "x untouched dense (pydoc)", "fine-tune seconds"],
-            "rows": rows,
-        }],
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tables": [
+            {
+                "caption": (
+                    f"PPL before and after {tokens:,}-token fine-tunes (lower is better); x dense: PPL / dense PPL"
+                ),
+                "columns": [
+                    "model",
+                    "fine-tune",
+                    "wiki-2 test PPL",
+                    "pydoc PPL",
+                    "x dense, same fine-tune (wiki)",
+                    "x dense, same fine-tune (pydoc)",
+                    "x untouched dense (wiki)",
+                    "x untouched dense (pydoc)",
+                    "fine-tune seconds",
+                ],
+                "rows": rows,
+            }
+        ],
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "measurements": {"before": before, "after": after},
         "python": platform.python_version(),
     }
@@ -213,14 +252,15 @@ def _notes(args: argparse.Namespace, tokens: int) -> str:
     weights = " and ".join(f"{w:g}" for w in args.kd_weight)
     kd = f"T={args.kd_temperature:g}, KD weight {weights}" + (f", top {args.kd_top_k} logits" if args.kd_top_k else "")
     return (
-        f"SmolLM2-135M-Instruct and its default 20 % prune (107.6 M parameters). Every fine-tune: {args.steps} steps x "
-        f"{args.batch_size} x {args.seq_len} tokens = {tokens:,} tokens of wikitext-2 *validation* (the same windows for every "
-        f"arm), AdamW lr {args.lr:g}, {args.warmup_steps} warm-up steps then cosine, full fine-tune in fp32. KD: `--teacher "
-        f"smollm2-135m` ({kd}). PPL at seq_len {args.seq_len} over the first {args.eval_windows} windows of wikitext-2 *test* "
-        "and of CPython's `pydoc_data.topics` (neither is seen in calibration or training). \"x dense, same fine-tune\" divides "
-        "by the dense model after the same budget: the CE-fine-tuned dense model for the CE rows, the untouched dense model for "
-        "the rows without fine-tuning and for KD (distilling the dense model from itself leaves it unchanged). Seconds: the "
-        "fine-tune only, on a 2-core CPU shared with other jobs." + (f" {args.note}" if args.note else "")
+        f"SmolLM2-135M-Instruct and its default 20 % prune (107.6 M parameters). Every fine-tune: {args.steps} steps x"
+        f" {args.batch_size} x {args.seq_len} tokens = {tokens:,} tokens of wikitext-2 *validation* (the same windows"
+        f" for every arm), AdamW lr {args.lr:g}, {args.warmup_steps} warm-up steps then cosine, full fine-tune in fp32."
+        f" KD: `--teacher smollm2-135m` ({kd}). PPL at seq_len {args.seq_len} over the first {args.eval_windows}"
+        " windows of wikitext-2 *test* and of CPython's `pydoc_data.topics` (neither is seen in calibration or"
+        ' training). "x dense, same fine-tune" divides by the dense model after the same budget: the CE-fine-tuned'
+        " dense model for the CE rows, the untouched dense model for the rows without fine-tuning and for KD"
+        " (distilling the dense model from itself leaves it unchanged). Seconds: the fine-tune only, on a 2-core CPU"
+        " shared with other jobs." + (f" {args.note}" if args.note else "")
     )
 
 

@@ -43,16 +43,24 @@ def check_schema(name: str, data: Any) -> None:
         raise ResultsError(f"{name}: the file must hold one JSON object")
     for key, kind in REQUIRED.items():
         if not isinstance(data.get(key), kind):
-            raise ResultsError(f"{name}: '{key}' must be a {kind.__name__} (see benchmarks/render_docs.py for the schema)")
+            raise ResultsError(
+                f"{name}: '{key}' must be a {kind.__name__} (see benchmarks/render_docs.py for the schema)"
+            )
     if data.get("notes") is not None and not isinstance(data["notes"], str):
         raise ResultsError(f"{name}: 'notes' must be a string")
     for number, table in enumerate(data["tables"], 1):
         where = f"{name}: table {number}"
-        if not isinstance(table, dict) or not isinstance(table.get("columns"), list) or not isinstance(table.get("rows"), list):
+        if (
+            not isinstance(table, dict)
+            or not isinstance(table.get("columns"), list)
+            or not isinstance(table.get("rows"), list)
+        ):
             raise ResultsError(f"{where} needs 'columns' (a list) and 'rows' (a list of lists)")
         for row in table["rows"]:
             if not isinstance(row, list) or len(row) != len(table["columns"]):
-                raise ResultsError(f"{where}: every row needs {len(table['columns'])} cells, one per column; got {row!r}")
+                raise ResultsError(
+                    f"{where}: every row needs {len(table['columns'])} cells, one per column; got {row!r}"
+                )
 
 
 def format_cell(value: Any) -> str:
@@ -99,8 +107,15 @@ def _anchor(title: str) -> str:
 
 
 def render_file(name: str, data: dict[str, Any]) -> str:
-    parts = [f"## {data['title']}", "", f"`benchmarks/results/{name}` · {data['date']} · {data['machine']}", "",
-             "```bash", data["command"].strip(), "```"]
+    parts = [
+        f"## {data['title']}",
+        "",
+        f"`benchmarks/results/{name}` · {data['date']} · {data['machine']}",
+        "",
+        "```bash",
+        data["command"].strip(),
+        "```",
+    ]
     if data.get("notes"):
         parts += ["", data["notes"].strip()]
     for table in data["tables"]:
@@ -146,7 +161,10 @@ def main() -> int:
     temporary = args.output.with_name(args.output.name + ".tmp")
     temporary.write_text(text, encoding="utf-8")
     temporary.replace(args.output)
-    print(f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output} ({len(text.splitlines())} lines)")
+    print(
+        f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output}"
+        f" ({len(text.splitlines())} lines)"
+    )
     return 0
 
 

@@ -49,9 +49,18 @@ def this_command() -> str:
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
-def write_results(name: str, *, title: str, tables: list[dict[str, Any]], notes: str | None = None,
-                  command: str | None = None, machine: str | None = None, date: str | None = None,
-                  path: Path | None = None, **raw: Any) -> Path:
+def write_results(
+    name: str,
+    *,
+    title: str,
+    tables: list[dict[str, Any]],
+    notes: str | None = None,
+    command: str | None = None,
+    machine: str | None = None,
+    date: str | None = None,
+    path: Path | None = None,
+    **raw: Any,
+) -> Path:
     """Write benchmarks/results/<name>.json (or `path`) atomically: a run cut short keeps the last complete file."""
     data: dict[str, Any] = {
         "title": title,

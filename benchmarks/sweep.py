@@ -50,9 +50,16 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as runs:
         config = SweepConfig(
-            ratios=args.ratios, recipe=get_recipe(args.recipe), model=args.model, out=runs, dataset=CALIBRATION_TEXT,
-            eval_dataset=EVALUATION_TEXT, seq_len=args.seq_len, calibration_samples=args.calibration_samples,
-            eval_windows=args.eval_windows, device="cpu",
+            ratios=args.ratios,
+            recipe=get_recipe(args.recipe),
+            model=args.model,
+            out=runs,
+            dataset=CALIBRATION_TEXT,
+            eval_dataset=EVALUATION_TEXT,
+            seq_len=args.seq_len,
+            calibration_samples=args.calibration_samples,
+            eval_windows=args.eval_windows,
+            device="cpu",
         )
         result = run_sweep(config)
         logs = sorted(Path(runs).rglob("report.json"))
@@ -64,30 +71,46 @@ def main() -> None:
     seconds = time.perf_counter() - start
     ratios = " ".join(f"--ratio {r:g}" for r in args.ratios)
     rows = [
-        ["base" if row.ratio == 0 else f"{row.ratio:g}", _count(row.params), f"{row.share_removed:.1%}", round(row.ppl, 2),
-         round(row.ppl_vs_base, 2), row.verdict]
+        [
+            "base" if row.ratio == 0 else f"{row.ratio:g}",
+            _count(row.params),
+            f"{row.share_removed:.1%}",
+            round(row.ppl, 2),
+            round(row.ppl_vs_base, 2),
+            row.verdict,
+        ]
         for row in result.rows
     ]
     data = {
         "title": f"Ratio sweep of {args.model} through the recipe's pruning path ({args.recipe})",
-        "command": "LLMPRUNE_SHARED_DATA=../shared/data nice -n 5 .venv/bin/python benchmarks/sweep.py"
-        + f" --ratios {' '.join(f'{r:g}' for r in args.ratios)} --seq-len {args.seq_len}"
-        + f" --calibration-samples {args.calibration_samples} --eval-windows {args.eval_windows}",
-        "equivalent_cli": f"llmprune recipe sweep {args.model} {ratios} --recipe {args.recipe} --dataset {CALIBRATION_TEXT}"
-        f" --eval-dataset {EVALUATION_TEXT} --seq-len {args.seq_len} --calibration-samples {args.calibration_samples}"
-        f" --eval-windows {args.eval_windows}",
+        "command": (
+            "LLMPRUNE_SHARED_DATA=../shared/data nice -n 5 .venv/bin/python benchmarks/sweep.py"
+            + f" --ratios {' '.join(f'{r:g}' for r in args.ratios)} --seq-len {args.seq_len}"
+            + f" --calibration-samples {args.calibration_samples} --eval-windows {args.eval_windows}"
+        ),
+        "equivalent_cli": (
+            f"llmprune recipe sweep {args.model} {ratios} --recipe {args.recipe} --dataset {CALIBRATION_TEXT}"
+            f" --eval-dataset {EVALUATION_TEXT} --seq-len {args.seq_len} --calibration-samples"
+            f" {args.calibration_samples} --eval-windows {args.eval_windows}"
+        ),
         "machine": "2-core CPU, 24 GiB",
         "date": date.today().isoformat(),
         "notes": (
-            f"One removal-importance analysis on {args.calibration_samples} calibration windows of {args.seq_len} tokens"
-            " (wikitext-2 validation), then each ratio prunes a fresh copy of the base model through `run_prune` with the"
-            f" `{args.recipe}` recipe's settings, exactly as `llmprune recipe {args.recipe} --ratio r` does (a test checks"
-            f" that both give the same parameters and PPL). PPL on the first {args.eval_windows} wikitext-2 test windows of"
-            f" {args.seq_len} tokens, no fine-tuning. Verdicts are those of the recipe's gate. With so few calibration"
-            " tokens the least-squares refit falls back to bias compensation (recorded per layer in each prune's report)."
+            f"One removal-importance analysis on {args.calibration_samples} calibration windows of {args.seq_len}"
+            " tokens (wikitext-2 validation), then each ratio prunes a fresh copy of the base model through"
+            f" `run_prune` with the `{args.recipe}` recipe's settings, exactly as `llmprune recipe {args.recipe}"
+            " --ratio r` does (a test checks that both give the same parameters and PPL). PPL on the first"
+            f" {args.eval_windows} wikitext-2 test windows of {args.seq_len} tokens, no fine-tuning. Verdicts are those"
+            " of the recipe's gate. With so few calibration tokens the least-squares refit falls back to bias"
+            " compensation (recorded per layer in each prune's report)."
         ),
-        "tables": [{"caption": "Pruning ratio against size and PPL", "columns": ["ratio", "params", "removed", "PPL", "× base", "verdict"],
-                    "rows": rows}],
+        "tables": [
+            {
+                "caption": "Pruning ratio against size and PPL",
+                "columns": ["ratio", "params", "removed", "PPL", "× base", "verdict"],
+                "rows": rows,
+            }
+        ],
         "rows": [row.__dict__ for row in result.rows],
         "compensation_ran": compensation,
         "seconds": round(seconds, 1),

@@ -204,7 +204,7 @@ complete -c llmprune -n '__llmprune_at prune' -l help -d 'Show the help and exit
 complete -c llmprune -n '__llmprune_at prune' -F -a 'smollm2-135m'
 complete -c llmprune -n '__llmprune_at recipe' -a attn-only -d 'Recipe '\''attn-only'\'': the safer path: 20 % of attention groups only (MLP untouched), then a full fine-tune. Rerunning the same command resumes an interrupted run.'
 complete -c llmprune -n '__llmprune_at recipe' -a safe -d 'Recipe '\''safe'\'': the conservative path: 15 % of attention groups and MLP channels, layer-removal importance, inverse allocation, then a very gentle full fine-tune. Rerunning the same command resumes an interrupted run.'
-complete -c llmprune -n '__llmprune_at recipe' -a sweep -d 'Prune MODEL at several ratios with one importance analysis, exactly as `recipe NAME --ratio r` prunes; a table of size, PPL and verdict, a JSON and a chart.'
+complete -c llmprune -n '__llmprune_at recipe' -a sweep -d 'Prune MODEL at several ratios with one importance analysis, exactly as `recipe NAME --ratio r` prunes.'
 complete -c llmprune -n '__llmprune_at recipe' -l list -d 'Show the recipes and their exact values.'
 complete -c llmprune -n '__llmprune_at recipe' -l json -d 'Print one JSON object on stdout and nothing else.'
 complete -c llmprune -n '__llmprune_at recipe' -l help -d 'Show the help and exit.'

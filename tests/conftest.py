@@ -46,6 +46,7 @@ def smollm2():
 def make_tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 384) trained in well under a second on CPython's docs."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,10 +58,20 @@ def make_tiny_tokenizer():
     )
     texts = [topics[key] for key in sorted(topics)][:60]
     backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
 
 
-def make_tiny_config(layers: int = 4, heads: int = 8, kv_heads: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 384, **extra):
+def make_tiny_config(
+    layers: int = 4,
+    heads: int = 8,
+    kv_heads: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    vocab: int = 384,
+    **extra,
+):
     from transformers import LlamaConfig
 
     return LlamaConfig(

@@ -9,8 +9,22 @@ import typer
 
 from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, TrustPickleOpt
 from llmprune.cli.pruning_options import (
-    AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, ImportanceMethodOpt, LayerEndOpt,
-    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt, ForceOpt, OverwriteOpt,
+    AlphaOpt,
+    AttnUnitOpt,
+    CalibBatchOpt,
+    CalibDatasetOpt,
+    CalibSeqLenOpt,
+    ForceOpt,
+    ImportanceMethodOpt,
+    LayerEndOpt,
+    LayerStartOpt,
+    MaxRateOpt,
+    MinRateOpt,
+    OverwriteOpt,
+    RoundToOpt,
+    SamplesOpt,
+    SeedOpt,
+    StrategyOpt,
 )
 from llmprune.engine.pruning.config import CalibrationOptions
 from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
@@ -27,7 +41,9 @@ def analyze_command(
     dataset: CalibDatasetOpt = _CAL.dataset,
     seed: SeedOpt = _CAL.seed,
     batch_size: CalibBatchOpt = _CAL.batch_size,
-    ratio: Annotated[float, typer.Option("--ratio", help="Mean fraction of the prunable units the plan removes.")] = DEFAULT_RATIO,
+    ratio: Annotated[
+        float, typer.Option("--ratio", help="Mean fraction of the prunable units the plan removes.")
+    ] = DEFAULT_RATIO,
     pruning_strategy: StrategyOpt = None,
     alpha: AlphaOpt = None,
     min_pruning_rate: MinRateOpt = None,
@@ -37,12 +53,20 @@ def analyze_command(
     attn_unit: AttnUnitOpt = "group",
     prune_mlp: Annotated[bool, typer.Option("--prune-mlp/--no-prune-mlp", help="Plan MLP channel rates too.")] = True,
     round_to: RoundToOpt = 1,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The JSON config to write (the chart PNG goes next to it).")] = Path(DEFAULT_CONFIG_NAME),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The JSON config to write (the chart PNG goes next to it).")
+    ] = Path(DEFAULT_CONFIG_NAME),
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
     base_model: BaseModelOpt = None,
     trust_pickle: TrustPickleOpt = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Read one layer at a time from disk (removal, block-influence): for models that do not fit in memory.")] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Read one layer at a time from disk (removal, block-influence): for models that do not fit in memory.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_output: JsonOpt = False,
@@ -55,14 +79,31 @@ def analyze_command(
     from llmprune.ui.prune_report import analyze_table, importance_bars, stage_progress
 
     plan = PlanOptions(ratio=ratio).with_overrides(
-        strategy=pruning_strategy, alpha=alpha, min_rate=min_pruning_rate, max_rate=max_pruning_rate,
-        layer_start=layer_start, layer_end=layer_end,
+        strategy=pruning_strategy,
+        alpha=alpha,
+        min_rate=min_pruning_rate,
+        max_rate=max_pruning_rate,
+        layer_start=layer_start,
+        layer_end=layer_end,
     )
     config = AnalyzeConfig(
-        model=model, importance_method=importance_method,
-        calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
-        plan=plan, attn_unit=attn_unit, prune_mlp=prune_mlp, round_to=round_to, output=output,
-        base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype, stream=stream, overwrite=overwrite, force=force,
+        model=model,
+        importance_method=importance_method,
+        calibration=CalibrationOptions(
+            dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size
+        ),
+        plan=plan,
+        attn_unit=attn_unit,
+        prune_mlp=prune_mlp,
+        round_to=round_to,
+        output=output,
+        base_model=base_model,
+        trust_pickle=trust_pickle,
+        device=device,
+        dtype=dtype,
+        stream=stream,
+        overwrite=overwrite,
+        force=force,
     )
     with stage_progress(enabled=not json_output) as progress:
         result = run_analyze(config, progress=progress)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,7 +20,10 @@ from llmprune.cli.common import guarded, quiet_libraries, set_debug
 
 app = typer.Typer(
     name="llmprune",
-    help="Make Llama-style models smaller by structured pruning without breaking them, and bring them back by fine-tuning.",
+    help=(
+        "Make Llama-style models smaller by structured pruning without breaking them, and bring them back by"
+        " fine-tuning."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -36,7 +39,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """llmprune: prune, diagnose, evaluate and fine-tune Llama-style models."""
@@ -44,21 +49,25 @@ def main_callback(
     quiet_libraries()
 
 
-app.command("eval", help="Perplexity on a text (wikitext2, ptb, c4, pydoc, local files), a generation smoke test, or lm-eval task accuracy (--tasks).")(
-    guarded(eval_cli.eval_command)
-)
+app.command(
+    "eval",
+    help=(
+        "Perplexity on a text (wikitext2, ptb, c4, pydoc, local files), a generation smoke test, or lm-eval task"
+        " accuracy (--tasks)."
+    ),
+)(guarded(eval_cli.eval_command))
 app.command("analyze", help="Per-layer importance and a non-uniform pruning plan, saved as a reusable JSON config.")(
     guarded(analyze_cli.analyze_command)
 )
-app.command("prune", help="GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads.")(
-    guarded(prune_cli.prune_command)
-)
+app.command(
+    "prune", help="GQA-aware structured pruning of attention groups and MLP channels; saves a model that reloads."
+)(guarded(prune_cli.prune_command))
 app.command("finetune", help="Recovery fine-tuning (full or LoRA) with NaN guards, checkpoints and a live dashboard.")(
     guarded(finetune_cli.finetune_command)
 )
-app.command("doctor", help="Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice.")(
-    guarded(doctor_cli.doctor_command)
-)
+app.command(
+    "doctor", help="Diagnose a checkpoint: NaN/Inf, huge values, GQA shapes, forward test, PPL verdict and advice."
+)(guarded(doctor_cli.doctor_command))
 app.command("export", help="Write a model (pruned or not) as a GGUF file for llama.cpp, ollama and LM Studio.")(
     guarded(export_cli.export_command)
 )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Annotated, Any, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import click
 import typer
@@ -19,23 +20,49 @@ ModelArg = Annotated[
 ]
 OptionalModelArg = Annotated[
     str,
-    typer.Argument(help="Model: smollm2-135m (default), a model folder, a .gguf/.safetensors/.bin/.pt file, or a hub id."),
+    typer.Argument(
+        help="Model: smollm2-135m (default), a model folder, a .gguf/.safetensors/.bin/.pt file, or a hub id."
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps (auto: cuda > mps > cpu).")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU).")]
-SaveDtypeOpt = Annotated[str, typer.Option("--save-dtype", help="dtype of the saved weights: auto (the source's: bf16 in -> bf16 out)|float32|bfloat16|float16.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU).")
+]
+SaveDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--save-dtype",
+        help="dtype of the saved weights: auto (the source's: bf16 in -> bf16 out)|float32|bfloat16|float16.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 BaseModelOpt = Annotated[
-    Optional[str], typer.Option("--base-model", help="Architecture of a weights-only file (.bin/.pt/.safetensors without config.json).")
+    str | None,
+    typer.Option(
+        "--base-model", help="Architecture of a weights-only file (.bin/.pt/.safetensors without config.json)."
+    ),
 ]
 TrustPickleOpt = Annotated[
-    bool, typer.Option("--trust-pickle", help="Allow loading a whole pickled module (e.g. LLM-Pruner's). Runs code from the file: only for files you trust.")
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help=(
+            "Allow loading a whole pickled module (e.g. LLM-Pruner's). Runs code from the file: only for files you"
+            " trust."
+        ),
+    ),
 ]
-DatasetOpt = Annotated[str, typer.Option("--dataset", help="wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file.")]
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", help="wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file.")
+]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per evaluation window.")]
-MaxWindowsOpt = Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows (default: all).")]
+MaxWindowsOpt = Annotated[
+    int | None, typer.Option("--max-windows", help="Evaluate only the first N windows (default: all).")
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
-IncludePathOpt = Annotated[Optional[str], typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")]
+IncludePathOpt = Annotated[
+    str | None, typer.Option("--include-path", help="Folder of local lm-eval task YAML files (with --tasks).")
+]
 
 
 _state = {"debug": False}
@@ -95,15 +122,23 @@ def describe_failure(error: BaseException) -> tuple[int, str, str | None, list[s
     if isinstance(error, CheckFailedError):
         return 1, error.problem, error.hint, error.details
     if is_disk_full(error):
-        return 2, f"the disk is full or the file size limit was reached while writing ({_first_line(error)})", \
-            "free some space (or raise the limit, ulimit -f) and run the command again", []
+        return (
+            2,
+            f"the disk is full or the file size limit was reached while writing ({_first_line(error)})",
+            "free some space (or raise the limit, ulimit -f) and run the command again",
+            [],
+        )
     if isinstance(error, OSError):
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         return 2, f"{error.strerror or _first_line(error)}{where}", "check the path and its permissions", []
     if isinstance(error, MemoryError):
         return 2, "out of memory", "use a smaller --batch-size/--seq-len, or --stream for prune", []
-    return 1, f"unexpected error: {type(error).__name__}: {_first_line(error)}", \
-        "run again with --debug to see the traceback, and report it", []
+    return (
+        1,
+        f"unexpected error: {type(error).__name__}: {_first_line(error)}",
+        "run again with --debug to see the traceback, and report it",
+        [],
+    )
 
 
 def _first_line(error: BaseException) -> str:

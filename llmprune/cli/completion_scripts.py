@@ -30,7 +30,10 @@ VALUE_WORDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "--base-model": (("smollm2-135m",), True),
 }
 # Positional arguments by name: (words, whether files complete too).
-POSITIONAL_WORDS: dict[str, tuple[tuple[str, ...], bool]] = {"model": (("smollm2-135m",), True), "shell": (SHELLS, False)}
+POSITIONAL_WORDS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "model": (("smollm2-135m",), True),
+    "shell": (SHELLS, False),
+}
 
 
 @dataclass
@@ -81,7 +84,9 @@ def _walk(command: Any, path: tuple[str, ...], out: list[CommandSpec]) -> None:
             words, files = (choices, False) if choices else known
         else:  # numbers complete to nothing, other strings (paths) to files
             words, files = (), takes_value and annotation not in (int, float)
-        spec.options.append(OptionSpec([*param.opts, *param.secondary_opts], takes_value, words, files, _first_line(param.help)))
+        spec.options.append(
+            OptionSpec([*param.opts, *param.secondary_opts], takes_value, words, files, _first_line(param.help))
+        )
     spec.options.append(OptionSpec(["--help"], False, (), False, "Show the help and exit."))
     out.append(spec)
     for name, sub in sorted(getattr(command, "commands", {}).items()):
@@ -134,7 +139,10 @@ def _bash_function(tree: list[CommandSpec]) -> str:
             body.append('            case "$prev" in')
             for option in valued:
                 pattern = "|".join(option.names)
-                body.append(f"                {pattern}) valued=1 values={_quote(' '.join(option.words))} files={int(option.files)} ;;")
+                body.append(
+                    f"                {pattern}) valued=1 values={_quote(' '.join(option.words))}"
+                    f" files={int(option.files)} ;;"
+                )
             body.append("            esac")
         branches.setdefault("\n".join(body), []).append(_quote(" ".join(spec.path)))
     for body, patterns in branches.items():
@@ -142,7 +150,7 @@ def _bash_function(tree: list[CommandSpec]) -> str:
     lines += [
         "    esac",
         "    COMPREPLY=()",
-        '    if [[ $valued == 1 ]]; then',
+        "    if [[ $valued == 1 ]]; then",
         '        COMPREPLY=($(compgen -W "$values" -- "$cur"))',
         '        [[ $files == 1 ]] && COMPREPLY+=($(compgen -f -- "$cur"))',
         '    elif [[ "$cur" == -* ]]; then',
@@ -203,15 +211,21 @@ def fish_script(tree: list[CommandSpec]) -> str:
         for name, help_text in spec.subcommands:
             lines.append(f"complete -c {PROG} {condition} -a {name} -d {_quote(help_text)}")
         for option in spec.options:
-            flags = " ".join(f"-l {n.lstrip('-')}" if n.startswith("--") else f"-s {n.lstrip('-')}" for n in option.names)
+            flags = " ".join(
+                f"-l {n.lstrip('-')}" if n.startswith("--") else f"-s {n.lstrip('-')}" for n in option.names
+            )
             value = ""
             if option.takes_value:
                 # -x: a value is required and it is not a file; -r -F: a value that may be a file
-                value = (" -r -F" if option.files else " -x") + (f" -a {_quote(' '.join(option.words))}" if option.words else "")
+                value = (" -r -F" if option.files else " -x") + (
+                    f" -a {_quote(' '.join(option.words))}" if option.words else ""
+                )
             lines.append(f"complete -c {PROG} {condition} {flags}{value} -d {_quote(option.help)}")
         if spec.positional is not None:
             words, files = spec.positional
-            lines.append(f"complete -c {PROG} {condition}" + (" -F" if files else "") + f" -a {_quote(' '.join(words))}")
+            lines.append(
+                f"complete -c {PROG} {condition}" + (" -F" if files else "") + f" -a {_quote(' '.join(words))}"
+            )
     return "\n".join(lines) + "\n"
 
 

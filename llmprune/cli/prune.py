@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from llmprune.cli.common import BaseModelOpt, DeviceOpt, DtypeOpt, JsonOpt, OptionalModelArg, SaveDtypeOpt, TrustPickleOpt
+from llmprune.cli.common import (
+    BaseModelOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    OptionalModelArg,
+    SaveDtypeOpt,
+    TrustPickleOpt,
+)
 from llmprune.cli.pruning_options import (
-    AlphaOpt, AttnUnitOpt, CalibBatchOpt, CalibDatasetOpt, CalibSeqLenOpt, LayerEndOpt, PlanImportanceMethodOpt,
-    LayerStartOpt, MaxRateOpt, MinRateOpt, RoundToOpt, SamplesOpt, SeedOpt, StrategyOpt, ForceOpt, OverwriteOpt,
+    AlphaOpt,
+    AttnUnitOpt,
+    CalibBatchOpt,
+    CalibDatasetOpt,
+    CalibSeqLenOpt,
+    ForceOpt,
+    LayerEndOpt,
+    LayerStartOpt,
+    MaxRateOpt,
+    MinRateOpt,
+    OverwriteOpt,
+    PlanImportanceMethodOpt,
+    RoundToOpt,
+    SamplesOpt,
+    SeedOpt,
+    StrategyOpt,
 )
 from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig
 from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
@@ -22,19 +44,93 @@ _PRUNE, _CAL = PruneConfig(), CalibrationOptions()
 
 def prune_command(
     model: OptionalModelArg = "smollm2-135m",
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help=f"Fraction of the prunable units (KV groups, + MLP channels with --prune-mlp) removed on average in the prunable layers (default {DEFAULT_RATIO}).")] = None,
-    target_params: Annotated[Optional[str], typer.Option("--target-params", help="Instead of --ratio: the size to land on, e.g. 6.5B, 110M, or 0.8 (keep 80 % of the parameters).")] = None,
-    prune_mlp: Annotated[bool, typer.Option("--prune-mlp", help="Also prune MLP channels (plan allocation; global allocation always may).")] = False,
-    allocation: Annotated[Optional[str], typer.Option("--allocation", help="global: cut the least damaging KV groups/MLP channels across all layers (the default) | plan: per-layer rates from layer importance (selected by any field-guide option: --importance-method, --pruning-strategy, --alpha, --min/--max-pruning-rate, --layer-start/--layer-end).")] = None,
-    compensation: Annotated[str, typer.Option("--compensation", help="After each layer's cut: lstsq (least-squares refit of o_proj/down_proj + bias, default) | bias (removed units' mean into the bias) | none.")] = _PRUNE.compensation_kind,
-    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).")] = None,
-    drop_layers: Annotated[int, typer.Option("--drop-layers", help="Depth pruning: remove this many whole layers (least block influence) before cutting units.")] = _PRUNE.drop_layers,
+    ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--ratio",
+            help=(
+                "Fraction of the prunable units (KV groups, + MLP channels with --prune-mlp) removed on average in the"
+                f" prunable layers (default {DEFAULT_RATIO})."
+            ),
+        ),
+    ] = None,
+    target_params: Annotated[
+        str | None,
+        typer.Option(
+            "--target-params",
+            help="Instead of --ratio: the size to land on, e.g. 6.5B, 110M, or 0.8 (keep 80 % of the parameters).",
+        ),
+    ] = None,
+    prune_mlp: Annotated[
+        bool,
+        typer.Option("--prune-mlp", help="Also prune MLP channels (plan allocation; global allocation always may)."),
+    ] = False,
+    allocation: Annotated[
+        str | None,
+        typer.Option(
+            "--allocation",
+            help=(
+                "global: cut the least damaging KV groups/MLP channels across all layers (the default) | plan:"
+                " per-layer rates from layer importance (selected by any field-guide option: --importance-method,"
+                " --pruning-strategy, --alpha, --min/--max-pruning-rate, --layer-start/--layer-end)."
+            ),
+        ),
+    ] = None,
+    compensation: Annotated[
+        str,
+        typer.Option(
+            "--compensation",
+            help=(
+                "After each layer's cut: lstsq (least-squares refit of o_proj/down_proj + bias, default) | bias"
+                " (removed units' mean into the bias) | none."
+            ),
+        ),
+    ] = _PRUNE.compensation_kind,
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help=(
+                "Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out"
+                " before the next (default: automatic when the model does not fit the device)."
+            ),
+        ),
+    ] = None,
+    drop_layers: Annotated[
+        int,
+        typer.Option(
+            "--drop-layers",
+            help="Depth pruning: remove this many whole layers (least block influence) before cutting units.",
+        ),
+    ] = _PRUNE.drop_layers,
     attn_unit: AttnUnitOpt = _PRUNE.attn_unit,
-    unit_importance: Annotated[Optional[str], typer.Option("--unit-importance", help="Which units go inside a layer: obs (greedy optimal-brain-surgeon removal: least output error after the refit; the default of the global path), fluctuation (variance of the unit's output on calibration text; the default of the plan path), activation (weight norm × activation norm) or magnitude (L2).", show_default=False)] = None,
+    unit_importance: Annotated[
+        str | None,
+        typer.Option(
+            "--unit-importance",
+            help=(
+                "Which units go inside a layer: obs (greedy optimal-brain-surgeon removal: least output error after the"
+                " refit; the default of the global path), fluctuation (variance of the unit's output on calibration"
+                " text; the default of the plan path), activation (weight norm × activation norm) or magnitude (L2)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     round_to: RoundToOpt = _PRUNE.round_to,
-    uniform: Annotated[bool, typer.Option("--uniform", help="Same shape in every layer (no protected layers); saves a stock Llama config.")] = False,
-    importance_config: Annotated[Optional[Path], typer.Option("--importance-config", help="Reuse the scores (and plan options, as defaults) of `llmprune analyze`'s JSON instead of measuring.")] = None,
-    skip_importance_analysis: Annotated[bool, typer.Option("--skip-importance-analysis", help=f"Same as --importance-config {DEFAULT_CONFIG_NAME}.")] = False,
+    uniform: Annotated[
+        bool,
+        typer.Option("--uniform", help="Same shape in every layer (no protected layers); saves a stock Llama config."),
+    ] = False,
+    importance_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--importance-config",
+            help="Reuse the scores (and plan options, as defaults) of `llmprune analyze`'s JSON instead of measuring.",
+        ),
+    ] = None,
+    skip_importance_analysis: Annotated[
+        bool, typer.Option("--skip-importance-analysis", help=f"Same as --importance-config {DEFAULT_CONFIG_NAME}.")
+    ] = False,
     importance_method: PlanImportanceMethodOpt = None,
     importance_samples: SamplesOpt = _CAL.samples,
     seq_len: CalibSeqLenOpt = _CAL.seq_len,
@@ -47,17 +143,35 @@ def prune_command(
     max_pruning_rate: MaxRateOpt = None,
     layer_start: LayerStartOpt = None,
     layer_end: LayerEndOpt = None,
-    test_after_prune: Annotated[bool, typer.Option("--test-after-prune", help="Measure perplexity before and after pruning.")] = False,
-    eval_dataset: Annotated[str, typer.Option("--eval-dataset", help="Text for --test-after-prune (its test split).")] = _PRUNE.eval_dataset,
-    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = _PRUNE.eval_seq_len,
-    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate the first N windows (default 256).")] = _PRUNE.max_windows,
-    save_model: Annotated[bool, typer.Option("--save-model", help="Save the pruned model into the run's log folder (or --out).")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Save the pruned model in this folder (new or empty; a previous pruned model only with --overwrite).")] = None,
+    test_after_prune: Annotated[
+        bool, typer.Option("--test-after-prune", help="Measure perplexity before and after pruning.")
+    ] = False,
+    eval_dataset: Annotated[
+        str, typer.Option("--eval-dataset", help="Text for --test-after-prune (its test split).")
+    ] = _PRUNE.eval_dataset,
+    eval_seq_len: Annotated[
+        int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")
+    ] = _PRUNE.eval_seq_len,
+    max_windows: Annotated[
+        int | None, typer.Option("--max-windows", help="Evaluate the first N windows (default 256).")
+    ] = _PRUNE.max_windows,
+    save_model: Annotated[
+        bool, typer.Option("--save-model", help="Save the pruned model into the run's log folder (or --out).")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Save the pruned model in this folder (new or empty; a previous pruned model only with --overwrite).",
+        ),
+    ] = None,
     save_dtype: SaveDtypeOpt = "auto",
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Root of the run logs.")] = _PRUNE.log_dir,
-    save_ckpt_log_name: Annotated[Optional[str], typer.Option("--save-ckpt-log-name", help="Run folder name (default: the model's name).")] = None,
+    save_ckpt_log_name: Annotated[
+        str | None, typer.Option("--save-ckpt-log-name", help="Run folder name (default: the model's name).")
+    ] = None,
     base_model: BaseModelOpt = None,
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
@@ -72,15 +186,44 @@ def prune_command(
     if skip_importance_analysis and importance_config is None:
         importance_config = Path(DEFAULT_CONFIG_NAME)
     config = PruneConfig(
-        model=model, ratio=ratio, target_params=target_params, prune_mlp=prune_mlp, attn_unit=attn_unit,
-        unit_importance=unit_importance, allocation=allocation, compensation_kind=compensation, drop_layers=drop_layers, stream=stream,
-        round_to=round_to, uniform=uniform, importance_config=importance_config,
+        model=model,
+        ratio=ratio,
+        target_params=target_params,
+        prune_mlp=prune_mlp,
+        attn_unit=attn_unit,
+        unit_importance=unit_importance,
+        allocation=allocation,
+        compensation_kind=compensation,
+        drop_layers=drop_layers,
+        stream=stream,
+        round_to=round_to,
+        uniform=uniform,
+        importance_config=importance_config,
         importance_method=importance_method,
-        calibration=CalibrationOptions(dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size),
-        strategy=pruning_strategy, alpha=alpha, min_rate=min_pruning_rate, max_rate=max_pruning_rate,
-        layer_start=layer_start, layer_end=layer_end, test_after_prune=test_after_prune, eval_dataset=eval_dataset,
-        eval_seq_len=eval_seq_len, max_windows=max_windows, save_model=save_model, out=out, save_dtype=save_dtype, log_dir=log_dir,
-        save_ckpt_log_name=save_ckpt_log_name, overwrite=overwrite, force=force, base_model=base_model, trust_pickle=trust_pickle, device=device, dtype=dtype,
+        calibration=CalibrationOptions(
+            dataset=dataset, samples=importance_samples, seq_len=seq_len, seed=seed, batch_size=batch_size
+        ),
+        strategy=pruning_strategy,
+        alpha=alpha,
+        min_rate=min_pruning_rate,
+        max_rate=max_pruning_rate,
+        layer_start=layer_start,
+        layer_end=layer_end,
+        test_after_prune=test_after_prune,
+        eval_dataset=eval_dataset,
+        eval_seq_len=eval_seq_len,
+        max_windows=max_windows,
+        save_model=save_model,
+        out=out,
+        save_dtype=save_dtype,
+        log_dir=log_dir,
+        save_ckpt_log_name=save_ckpt_log_name,
+        overwrite=overwrite,
+        force=force,
+        base_model=base_model,
+        trust_pickle=trust_pickle,
+        device=device,
+        dtype=dtype,
     )
     with stage_progress(enabled=not json_output) as progress:
         result = run_prune(config, progress=progress)

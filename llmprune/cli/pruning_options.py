@@ -6,47 +6,105 @@ help come from the engine's dataclasses (`plan_options`), the one place they are
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, plan_default
 
-_METHODS_HELP = "removal (loss increase when the layer is skipped), block-influence (1 - cos(in, out)), taylor (|w·grad|)"
+_METHODS_HELP = (
+    "removal (loss increase when the layer is skipped), block-influence (1 - cos(in, out)), taylor (|w·grad|)"
+)
 _PLAN = "With prune: selects the layer-importance plan path."
 ImportanceMethodOpt = Annotated[str, typer.Option("--importance-method", help=f"Layer importance: {_METHODS_HELP}.")]
 PlanImportanceMethodOpt = Annotated[
-    Optional[str],
-    typer.Option("--importance-method", help=f"Layer importance of the plan: {_METHODS_HELP} (default {DEFAULT_IMPORTANCE_METHOD}). {_PLAN}"),
+    str | None,
+    typer.Option(
+        "--importance-method",
+        help=f"Layer importance of the plan: {_METHODS_HELP} (default {DEFAULT_IMPORTANCE_METHOD}). {_PLAN}",
+    ),
 ]
-SamplesOpt = Annotated[int, typer.Option("--importance-samples", help="Calibration windows (training split of --dataset).")]
+SamplesOpt = Annotated[
+    int, typer.Option("--importance-samples", help="Calibration windows (training split of --dataset).")
+]
 CalibSeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
 CalibDatasetOpt = Annotated[
-    str, typer.Option("--dataset", help="Calibration text, training split: wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file.")
+    str,
+    typer.Option(
+        "--dataset",
+        help="Calibration text, training split: wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file.",
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the calibration window positions.")]
 CalibBatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
 StrategyOpt = Annotated[
-    Optional[str],
-    typer.Option("--pruning-strategy", help=f"inverse (important layers pruned less), proportional, uniform (default {plan_default('strategy')}). {_PLAN}"),
+    str | None,
+    typer.Option(
+        "--pruning-strategy",
+        help=(
+            f"inverse (important layers pruned less), proportional, uniform (default {plan_default('strategy')})."
+            f" {_PLAN}"
+        ),
+    ),
 ]
 AlphaOpt = Annotated[
-    Optional[float],
-    typer.Option("--alpha", help=f"Contrast of the inverse/proportional plan: least vs most important layer weight e^alpha (default {plan_default('alpha'):g}; 0 = uniform). {_PLAN}"),
+    float | None,
+    typer.Option(
+        "--alpha",
+        help=(
+            "Contrast of the inverse/proportional plan: least vs most important layer weight e^alpha (default"
+            f" {plan_default('alpha'):g}; 0 = uniform). {_PLAN}"
+        ),
+    ),
 ]
-MinRateOpt = Annotated[Optional[float], typer.Option("--min-pruning-rate", help=f"Lowest rate of a prunable layer (default {plan_default('min_rate'):g}). {_PLAN}")]
-MaxRateOpt = Annotated[Optional[float], typer.Option("--max-pruning-rate", help=f"Highest rate of any layer (default {plan_default('max_rate'):g}). {_PLAN}")]
+MinRateOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-pruning-rate", help=f"Lowest rate of a prunable layer (default {plan_default('min_rate'):g}). {_PLAN}"
+    ),
+]
+MaxRateOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-pruning-rate", help=f"Highest rate of any layer (default {plan_default('max_rate'):g}). {_PLAN}"
+    ),
+]
 LayerStartOpt = Annotated[
-    Optional[int], typer.Option("--layer-start", help=f"First prunable layer (default {plan_default('layer_start')}: the first layer is protected). {_PLAN}")
+    int | None,
+    typer.Option(
+        "--layer-start",
+        help=f"First prunable layer (default {plan_default('layer_start')}: the first layer is protected). {_PLAN}",
+    ),
 ]
 LayerEndOpt = Annotated[
-    Optional[int], typer.Option("--layer-end", help=f"One past the last prunable layer (default: the number of layers - 1, so the last layer is protected). {_PLAN}")
+    int | None,
+    typer.Option(
+        "--layer-end",
+        help=(
+            "One past the last prunable layer (default: the number of layers - 1, so the last layer is protected)."
+            f" {_PLAN}"
+        ),
+    ),
 ]
 AttnUnitOpt = Annotated[
-    str, typer.Option("--attn-unit", help="group: remove whole KV groups, q:kv unchanged (default); query: remove query heads evenly from every group.")
+    str,
+    typer.Option(
+        "--attn-unit",
+        help=(
+            "group: remove whole KV groups, q:kv unchanged (default); query: remove query heads evenly from every"
+            " group."
+        ),
+    ),
 ]
-RoundToOpt = Annotated[int, typer.Option("--round-to", help="Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).")]
+RoundToOpt = Annotated[
+    int, typer.Option("--round-to", help="Round MLP widths to a multiple of this (e.g. 8 or 64 for fast kernels).")
+]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Go on even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes).")
+    bool,
+    typer.Option(
+        "--force", help="Go on even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes)."
+    ),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a previous llmprune output at the output location.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace a previous llmprune output at the output location.")
+]

@@ -12,6 +12,7 @@ from llmprune.cli.common import JsonOpt, guarded, stdout_is_terminal
 from llmprune.cli.recipe_options import LOAD_FIELDS, load_parameters, recipe_option_parameters
 from llmprune.cli.recipe_sweep import sweep_command
 from llmprune.cli.settings_options import settings_parameters, settings_values, with_signature
+
 # the registry is plain data (no torch): the subcommands and their defaults are built from it
 from llmprune.engine.recipes.registry import RECIPES, Recipe
 
@@ -45,23 +46,37 @@ def _command_for(recipe: Recipe):
 
     parameters = (
         load_parameters(model_as_option=True)
-        + settings_parameters(RecipeConfig, prefix="", skip=("recipe", *(f.name for f in dataclasses.fields(PipelineSettings))))
+        + settings_parameters(
+            RecipeConfig, prefix="", skip=("recipe", *(f.name for f in dataclasses.fields(PipelineSettings)))
+        )
         + settings_parameters(PipelineSettings, prefix="", skip=LOAD_FIELDS)
         + recipe_option_parameters(recipe)
-        + [inspect.Parameter("no_tui", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-              bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")]),
-           inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOpt)]
+        + [
+            inspect.Parameter(
+                "no_tui",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=False,
+                annotation=Annotated[
+                    bool, typer.Option("--no-tui", help="Plain progress lines instead of the fine-tuning dashboard.")
+                ],
+            ),
+            inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOpt),
+        ]
     )
 
     def command(**values) -> None:
         from llmprune.engine.recipes.registry import FinetuneSettings, PruneSettings
 
-        chosen = recipe.with_overrides(prune=settings_values(PruneSettings, values, prefix="prune__"),
-                                       finetune=settings_values(FinetuneSettings, values, prefix="finetune__"))
+        chosen = recipe.with_overrides(
+            prune=settings_values(PruneSettings, values, prefix="prune__"),
+            finetune=settings_values(FinetuneSettings, values, prefix="finetune__"),
+        )
         config = RecipeConfig(recipe=chosen, **settings_values(RecipeConfig, values, prefix=""))
         _run(config, values["no_tui"], values["json_output"])
 
-    command.__doc__ = f"Recipe '{recipe.name}': {recipe.summary}. Rerunning the same command resumes an interrupted run."
+    command.__doc__ = (
+        f"Recipe '{recipe.name}': {recipe.summary}. Rerunning the same command resumes an interrupted run."
+    )
     return with_signature(command, parameters)
 
 

@@ -22,15 +22,27 @@ def recipe_option_parameters(recipe: Recipe | None = None) -> list[inspect.Param
 
     if recipe is None:
         return settings_parameters(PruneSettings, prefix="prune__", skip=("ratio",), optional=True)
-    return (settings_parameters(PruneSettings, recipe.prune, prefix="prune__")
-            + settings_parameters(FinetuneSettings, recipe.finetune, prefix="finetune__"))
+    return settings_parameters(PruneSettings, recipe.prune, prefix="prune__") + settings_parameters(
+        FinetuneSettings, recipe.finetune, prefix="finetune__"
+    )
 
 
 def load_parameters(model_as_option: bool) -> list[inspect.Parameter]:
     """The LoadOptions of every command that loads a model, declared once (cli.common)."""
-    model = (Annotated[str, typer.Option("--model", help="Base model: smollm2-135m, a folder, a file or a hub id.")]
-             if model_as_option else OptionalModelArg)
-    declared = {"model": (model, "smollm2-135m"), "base_model": (BaseModelOpt, None), "trust_pickle": (TrustPickleOpt, False),
-                "device": (DeviceOpt, "auto"), "dtype": (DtypeOpt, "auto")}
+    model = (
+        Annotated[str, typer.Option("--model", help="Base model: smollm2-135m, a folder, a file or a hub id.")]
+        if model_as_option
+        else OptionalModelArg
+    )
+    declared = {
+        "model": (model, "smollm2-135m"),
+        "base_model": (BaseModelOpt, None),
+        "trust_pickle": (TrustPickleOpt, False),
+        "device": (DeviceOpt, "auto"),
+        "dtype": (DtypeOpt, "auto"),
+    }
     kind = inspect.Parameter.KEYWORD_ONLY
-    return [inspect.Parameter(name, kind, default=default, annotation=annotation) for name, (annotation, default) in declared.items()]
+    return [
+        inspect.Parameter(name, kind, default=default, annotation=annotation)
+        for name, (annotation, default) in declared.items()
+    ]

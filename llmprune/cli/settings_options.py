@@ -15,8 +15,8 @@ import ast
 import dataclasses
 import inspect
 import textwrap
-from functools import lru_cache
-from typing import Annotated, Any, Optional, get_type_hints
+from functools import cache
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
@@ -31,7 +31,7 @@ OPTION_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
 RENAMED = {("FinetuneSettings", "batch_size"): "--train-batch-size"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (litgpt style), read from its source."""
     docs: dict[str, str] = {}
@@ -40,9 +40,14 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
-        for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+        for node, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -55,13 +60,14 @@ def _flag(cls: type, name: str, kind: Any) -> tuple[str, tuple[str, ...]]:
 
 
 def _plain(kind: Any) -> Any:
-    """int | None -> Optional[int] (what Typer reads)."""
+    """int | None as a runtime union (what Typer reads)."""
     args = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
-    return Optional[args[0]] if len(args) == 1 and type(None) in getattr(kind, "__args__", ()) else kind
+    return args[0] | None if len(args) == 1 and type(None) in getattr(kind, "__args__", ()) else kind
 
 
-def settings_parameters(cls: type, defaults: Any = None, *, prefix: str, skip: tuple[str, ...] = (),
-                        optional: bool = False) -> list[inspect.Parameter]:
+def settings_parameters(
+    cls: type, defaults: Any = None, *, prefix: str, skip: tuple[str, ...] = (), optional: bool = False
+) -> list[inspect.Parameter]:
     """Keyword parameters for a Typer command: one option per field of `cls` (plus hidden aliases).
 
     Parameter names are `prefix + field` (aliases: `prefix + field + "__alias"`). `defaults`
@@ -76,14 +82,26 @@ def settings_parameters(cls: type, defaults: Any = None, *, prefix: str, skip: t
         kind = _plain(hints[field.name])
         flag, aliases = _flag(cls, field.name, kind)
         default = None if optional else getattr(defaults, field.name) if defaults is not None else field.default
-        shown = Optional[kind] if optional else kind
+        shown = kind | None if optional else kind
         help_text = docs.get(field.name, "") + (" (default: the recipe's)" if optional else "")
-        parameters.append(inspect.Parameter(prefix + field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                            annotation=Annotated[shown, typer.Option(flag, help=help_text)]))
+        parameters.append(
+            inspect.Parameter(
+                prefix + field.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=Annotated[shown, typer.Option(flag, help=help_text)],
+            )
+        )
         for number, alias in enumerate(aliases):
-            hidden = Annotated[Optional[kind], typer.Option(alias, hidden=True)]
-            parameters.append(inspect.Parameter(f"{prefix}{field.name}__alias{number}", inspect.Parameter.KEYWORD_ONLY,
-                                                default=None, annotation=hidden))
+            hidden = Annotated[kind | None, typer.Option(alias, hidden=True)]
+            parameters.append(
+                inspect.Parameter(
+                    f"{prefix}{field.name}__alias{number}",
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=hidden,
+                )
+            )
     return parameters
 
 

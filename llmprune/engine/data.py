@@ -55,7 +55,11 @@ def _load_named(name: str, purpose: str) -> str:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         where = "" if online else " (the Hub cannot be reached and it is not in the local cache)"
         # calibration and training must never read the test split: the example differs by purpose
-        example = "../shared/data/wikitext-2-raw/wiki.test.raw" if purpose == "eval" else "../shared/data/wikitext-2/wiki.valid.tokens"
+        example = (
+            "../shared/data/wikitext-2-raw/wiki.test.raw"
+            if purpose == "eval"
+            else "../shared/data/wikitext-2/wiki.valid.tokens"
+        )
         raise UserInputError(
             f"cannot load the '{name}' dataset ({split} split){where}: {reason}",
             f"pass a local text file instead, e.g. --dataset {example}, or --dataset pydoc",
@@ -87,9 +91,13 @@ def _load_jsonl(path: Path) -> str:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise UserInputError(f"{path} line {number} is not valid JSON", "each line must be an object with a 'text' field") from None
+                raise UserInputError(
+                    f"{path} line {number} is not valid JSON", "each line must be an object with a 'text' field"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserInputError(f"{path} line {number} has no 'text' field", "each line must be an object with a 'text' field")
+                raise UserInputError(
+                    f"{path} line {number} has no 'text' field", "each line must be an object with a 'text' field"
+                )
             texts.append(record["text"])
     return _join_documents(texts, "\n\n")
 
@@ -101,9 +109,15 @@ def _load_parquet(path: Path) -> str:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... on a damaged file
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise UserInputError(f"{path} is not a readable Parquet file ({reason})", "pass a valid .parquet file with a 'text' column, or a .txt file") from None
+        raise UserInputError(
+            f"{path} is not a readable Parquet file ({reason})",
+            "pass a valid .parquet file with a 'text' column, or a .txt file",
+        ) from None
     if "text" not in table.column_names:
-        raise UserInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})", "rename the text column to 'text'")
+        raise UserInputError(
+            f"{path} has no 'text' column (columns: {', '.join(table.column_names)})",
+            "rename the text column to 'text'",
+        )
     texts = [t for t in table.column("text").to_pylist() if t]
     if not all(isinstance(t, str) for t in texts):
         raise UserInputError(f"{path}: the 'text' column does not hold strings", "store the text as a string column")
@@ -127,8 +141,12 @@ def check_text_source(source: str, option: str = "--dataset") -> None:
             raise UserInputError(f"dataset file {path} is empty", f"pass a file with text in it to {option}")
         return
     if path.is_dir():
-        raise UserInputError(f"dataset {path} is a folder", f"pass a file or a named source ({SOURCE_HELP}) to {option}")
-    raise UserInputError(f"dataset '{source}' not found: not a file and not a named source", f"use {SOURCE_HELP} for {option}")
+        raise UserInputError(
+            f"dataset {path} is a folder", f"pass a file or a named source ({SOURCE_HELP}) to {option}"
+        )
+    raise UserInputError(
+        f"dataset '{source}' not found: not a file and not a named source", f"use {SOURCE_HELP} for {option}"
+    )
 
 
 def load_text(source: str, purpose: str = "eval") -> str:
@@ -201,7 +219,9 @@ def _check_max_windows(max_windows: int | None) -> None:
         raise UserInputError(f"--max-windows must be ≥ 1, got {max_windows}", "leave it out to use every window")
 
 
-def check_window_options(seq_len: int | None, max_windows: int | None, batch_size: int, seq_len_option: str = "--seq-len") -> None:
+def check_window_options(
+    seq_len: int | None, max_windows: int | None, batch_size: int, seq_len_option: str = "--seq-len"
+) -> None:
     """Validate the evaluation options up front, before a model is loaded (None seq_len: not chosen yet).
 
     `seq_len_option` names the option in the message (prune calls it --eval-seq-len).
@@ -223,13 +243,18 @@ def check_seq_len_fits(seq_len: int, model: Any, option: str = "--seq-len") -> N
         )
 
 
-def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, source: str = "") -> TokenWindows:
+def evaluation_windows(
+    ids: torch.Tensor, seq_len: int, max_windows: int | None = None, source: str = ""
+) -> TokenWindows:
     """Consecutive, non-overlapping windows of the token stream (the tail shorter than seq_len is dropped)."""
     _check_seq_len(seq_len)
     _check_max_windows(max_windows)
     count = ids.numel() // seq_len
     if count == 0:
-        raise UserInputError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}", "use a longer text or a smaller --seq-len")
+        raise UserInputError(
+            f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}",
+            "use a longer text or a smaller --seq-len",
+        )
     if max_windows is not None:
         count = min(count, max_windows)
     return TokenWindows(ids[: count * seq_len].view(count, seq_len).clone(), source, ids.numel())
@@ -241,7 +266,10 @@ def random_windows(ids: torch.Tensor, count: int, seq_len: int, seed: int = 0, s
     if count < 1:
         raise UserInputError(f"the number of samples must be ≥ 1, got {count}", "use e.g. --samples 128")
     if ids.numel() <= seq_len:
-        raise UserInputError(f"the text has {ids.numel()} tokens, not more than one sample of {seq_len}", "use a longer text or a smaller --seq-len")
+        raise UserInputError(
+            f"the text has {ids.numel()} tokens, not more than one sample of {seq_len}",
+            "use a longer text or a smaller --seq-len",
+        )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (count,), generator=generator)
     return TokenWindows(torch.stack([ids[s : s + seq_len] for s in starts.tolist()]), source, ids.numel())

@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.engine.data import TokenWindows, check_seq_len_fits, check_text_source, check_window_options
-from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.progress import CountProgress
+from llmprune.engine.data import TokenWindows, check_seq_len_fits, check_text_source, check_window_options
 from llmprune.engine.io.load_options import LoadOptions
-
 
 
 @dataclass
@@ -81,7 +80,9 @@ def perplexity(
     return _perplexity_result(windows, total_nll, nonfinite, time.perf_counter() - start)
 
 
-def _perplexity_result(windows: TokenWindows, total_nll: torch.Tensor, nonfinite: int, seconds: float) -> PerplexityResult:
+def _perplexity_result(
+    windows: TokenWindows, total_nll: torch.Tensor, nonfinite: int, seconds: float
+) -> PerplexityResult:
     count = len(windows)
     tokens = count * (windows.seq_len - 1)
     mean_nll = float(total_nll) / tokens
@@ -103,7 +104,9 @@ _VOCAB_SLICE = 16384  # rows of the LM head made float at a time: logits of one 
 
 
 @torch.no_grad()
-def streamed_perplexity(store, windows: TokenWindows, batch_size: int = 1, progress: CountProgress | None = None) -> PerplexityResult:
+def streamed_perplexity(
+    store, windows: TokenWindows, batch_size: int = 1, progress: CountProgress | None = None
+) -> PerplexityResult:
     """`perplexity` of the model in `store` (a StreamedLayers), one decoder layer in memory at a time.
 
     progress counts layers (and the head as the last step), not windows.
@@ -121,10 +124,14 @@ def streamed_perplexity(store, windows: TokenWindows, batch_size: int = 1, progr
     norm = store.skeleton.model.norm.to_empty(device=store.device)
     norm.load_state_dict({k: v.to(store.dtype) for k, v in store.read_tensors("model.norm.").items()})
     head = (store.read_tensors("lm_head.") or store.read_tensors("model.embed_tokens."))["weight"]  # stored dtype
-    per_window = torch.stack([window_nll(norm(h[None])[0], ids[1:], head, store) for h, ids in zip(hidden, windows.ids)])
+    per_window = torch.stack(
+        [window_nll(norm(h[None])[0], ids[1:], head, store) for h, ids in zip(hidden, windows.ids, strict=False)]
+    )
     if progress:
         progress(steps, steps)
-    return _perplexity_result(windows, per_window.sum(), int((~torch.isfinite(per_window)).sum()), time.perf_counter() - start)
+    return _perplexity_result(
+        windows, per_window.sum(), int((~torch.isfinite(per_window)).sum()), time.perf_counter() - start
+    )
 
 
 def window_nll(normed: torch.Tensor, targets: torch.Tensor, head: torch.Tensor, store) -> torch.Tensor:
@@ -143,7 +150,9 @@ def window_nll(normed: torch.Tensor, targets: torch.Tensor, head: torch.Tensor, 
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy continuation of `prompt` (a smoke test that the model still writes language)."""
     if tokenizer is None:
-        raise UserInputError("this model has no tokenizer, so it cannot generate text", "save the tokenizer with the model")
+        raise UserInputError(
+            "this model has no tokenizer, so it cannot generate text", "save the tokenizer with the model"
+        )
     encoded = tokenizer(prompt, return_tensors="pt").to(_model_device(model))
     output = model.generate(
         **encoded,
@@ -180,9 +189,13 @@ class EvalConfig(LoadOptions):
         check_window_options(self.seq_len, self.max_windows, self.batch_size)
         check_text_source(self.dataset)
         if self.stream and self.prompt:
-            raise UserInputError("--stream cannot generate text (--prompt needs the model in memory)", "drop --prompt, or --stream")
+            raise UserInputError(
+                "--stream cannot generate text (--prompt needs the model in memory)", "drop --prompt, or --stream"
+            )
         if self.max_new_tokens < 1:
-            raise UserInputError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}", "use e.g. --max-new-tokens 32")
+            raise UserInputError(
+                f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}", "use e.g. --max-new-tokens 32"
+            )
 
 
 @dataclass
@@ -203,14 +216,16 @@ def _check_generation_fits(loaded: Any, prompt: str, max_new_tokens: int) -> Non
         room = limit - prompt_tokens
         hint = f"use --max-new-tokens {room} or less" if room >= 1 else "use a shorter --prompt"
         raise UserInputError(
-            f"--prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} do not fit the model's context ({limit} tokens)", hint,
+            f"--prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} do not fit the model's context"
+            f" ({limit} tokens)",
+            hint,
         )
 
 
 def run_evaluation(config: EvalConfig, progress: CountProgress | None = None) -> EvalResult:
     """Load the model and the data, measure perplexity (and generate if asked)."""
-    from llmprune.engine.data import load_evaluation_windows
     from llmprune.engine.core.device import choose_placement
+    from llmprune.engine.data import load_evaluation_windows
     from llmprune.engine.io.models import load_model
 
     config.validate()
@@ -218,15 +233,21 @@ def run_evaluation(config: EvalConfig, progress: CountProgress | None = None) ->
     source = _stream_source(config, placement)
     if source is not None:
         return _run_streamed_evaluation(config, source, placement, progress)
-    loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
+    loaded = load_model(
+        config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement
+    )
     if loaded.tokenizer is None:
-        raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+        raise UserInputError(
+            f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model"
+        )
     check_seq_len_fits(config.seq_len, loaded.model)
     if config.prompt:
         _check_generation_fits(loaded, config.prompt, config.max_new_tokens)
     windows = load_evaluation_windows(loaded.tokenizer, config.dataset, config.seq_len, config.max_windows)
     measured = perplexity(loaded.model, windows, config.batch_size, progress)
-    generation = generate_text(loaded.model, loaded.tokenizer, config.prompt, config.max_new_tokens) if config.prompt else None
+    generation = (
+        generate_text(loaded.model, loaded.tokenizer, config.prompt, config.max_new_tokens) if config.prompt else None
+    )
     return EvalResult(
         **measured.to_dict(),
         model=config.model,
@@ -244,8 +265,10 @@ def _stream_source(config: EvalConfig, placement) -> Path | None:
 
     source = stream_source(config.model)
     if config.stream and source is None:
-        raise UserInputError(f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
-                             "save the model with save_pretrained(..., safe_serialization=True) first")
+        raise UserInputError(
+            f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
+            "save the model with save_pretrained(..., safe_serialization=True) first",
+        )
     if source is not None and (config.stream or should_stream(source, placement.device)):
         return source
     return None
@@ -257,8 +280,14 @@ def _run_streamed_evaluation(config: EvalConfig, source, placement, progress: Co
     from llmprune.engine.data import load_evaluation_windows
     from llmprune.engine.walk.streaming import StreamedLayers, parameter_count
 
-    windows = load_evaluation_windows(AutoTokenizer.from_pretrained(str(source)), config.dataset, config.seq_len, config.max_windows)
+    windows = load_evaluation_windows(
+        AutoTokenizer.from_pretrained(str(source)), config.dataset, config.seq_len, config.max_windows
+    )
     store = StreamedLayers(source, placement.device, placement.dtype)
     measured = streamed_perplexity(store, windows, config.batch_size, progress)
-    return EvalResult(**measured.to_dict(), model=config.model, params=parameter_count(source),
-                      device=placement.describe() + " (streamed)")
+    return EvalResult(
+        **measured.to_dict(),
+        model=config.model,
+        params=parameter_count(source),
+        device=placement.describe() + " (streamed)",
+    )

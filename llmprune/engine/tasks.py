@@ -16,19 +16,22 @@ import contextlib
 import importlib.util
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.load_options import LoadOptions
 
 LM_EVAL_INSTALL = "pip install 'llmprune[lm-eval]'"
-LOCAL_TASK_HINT = "define the task in a YAML file next to a local data file and pass --include-path DIR (see docs/commands/eval.md)"
+LOCAL_TASK_HINT = (
+    "define the task in a YAML file next to a local data file and pass --include-path DIR (see docs/commands/eval.md)"
+)
 
 
 def task_names(text: str) -> list[str]:
-    """"arc_easy, hellaswag" -> ["arc_easy", "hellaswag"] (the form of --tasks)."""
+    """ "arc_easy, hellaswag" -> ["arc_easy", "hellaswag"] (the form of --tasks)."""
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
@@ -51,13 +54,17 @@ class TaskOptions:
         if not self.tasks or any(not name.strip() for name in self.tasks):
             raise UserInputError("--tasks needs at least one task name", "use e.g. --tasks arc_easy,hellaswag")
         if self.limit is not None and self.limit <= 0:
-            raise UserInputError(f"--limit must be positive, got {self.limit:g}", "use e.g. --limit 100 (or 0.1 for 10 %)")
+            raise UserInputError(
+                f"--limit must be positive, got {self.limit:g}", "use e.g. --limit 100 (or 0.1 for 10 %)"
+            )
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise UserInputError(f"--num-fewshot must be ≥ 0, got {self.num_fewshot}", "use e.g. --num-fewshot 0")
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be ≥ 1, got {self.batch_size}", "use e.g. --batch-size 8")
         if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
-            raise UserInputError(f"--include-path {self.include_path} is not a folder", "pass the folder that holds the task YAML files")
+            raise UserInputError(
+                f"--include-path {self.include_path} is not a folder", "pass the folder that holds the task YAML files"
+            )
         require_lm_eval()
 
     def to_dict(self) -> dict:
@@ -66,11 +73,15 @@ class TaskOptions:
 
 @dataclass
 class TaskScore:
-    """lm-eval's figures for one task (or group): `acc` is the fraction of examples whose gold choice had the highest log-likelihood."""
+    """lm-eval's figures for one task (or group): `acc` is the fraction of examples whose gold choice had the highest
+    log-likelihood.
+    """
 
     task: str
     metrics: dict[str, float]
-    """Metric -> value, e.g. {"acc": 0.62, "acc_norm": 0.58}; a filter other than lm-eval's "none" is kept as "metric,filter"."""
+    """Metric -> value, e.g. {"acc": 0.62, "acc_norm": 0.58}; a filter other than lm-eval's "none" is kept as
+    "metric,filter".
+    """
     stderr: dict[str, float] = field(default_factory=dict)
     samples: int | None = None
     num_fewshot: int | None = None
@@ -86,7 +97,9 @@ class TaskScore:
 def require_lm_eval() -> None:
     """One clear line when the optional extra is missing."""
     if importlib.util.find_spec("lm_eval") is None:
-        raise UserInputError("zero-shot tasks need lm-evaluation-harness, which is not installed", f"run: {LM_EVAL_INSTALL}")
+        raise UserInputError(
+            "zero-shot tasks need lm-evaluation-harness, which is not installed", f"run: {LM_EVAL_INSTALL}"
+        )
 
 
 @contextlib.contextmanager
@@ -137,13 +150,17 @@ def load_tasks(options: TaskOptions, offline: bool) -> Any:
 
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
         maybe = f"did you mean {', '.join(close)}? or " if close else ""
-        raise UserInputError(f"unknown task '{unknown[0]}' (not in lm-eval's tasks nor in --include-path)", maybe + LOCAL_TASK_HINT)
+        raise UserInputError(
+            f"unknown task '{unknown[0]}' (not in lm-eval's tasks nor in --include-path)", maybe + LOCAL_TASK_HINT
+        )
     for name in options.tasks:
         try:
             manager.load([name])
         except Exception as error:  # noqa: BLE001 - any failure to build a task's dataset is the user's to fix
             where = "cannot be reached offline" if offline else "could not be loaded"
-            raise UserInputError(f"the data of task '{name}' {where} ({_first_line(error)})", LOCAL_TASK_HINT) from error
+            raise UserInputError(
+                f"the data of task '{name}' {where} ({_first_line(error)})", LOCAL_TASK_HINT
+            ) from error
     return manager
 
 
@@ -156,7 +173,9 @@ def _scores(results: dict) -> list[TaskScore]:
             if "," not in key or not isinstance(value, (int, float)):
                 continue  # alias, name, sample_len, and "N/A" stderr
             metric, filter_name = key.split(",", 1)
-            target, metric = (stderr, metric.removesuffix("_stderr")) if metric.endswith("_stderr") else (metrics, metric)
+            target, metric = (
+                (stderr, metric.removesuffix("_stderr")) if metric.endswith("_stderr") else (metrics, metric)
+            )
             target[metric if filter_name == "none" else key.replace("_stderr,", ",")] = float(value)
         samples = results.get("n-samples", {}).get(task, {}).get("effective")
         shots = results.get("n-shot", {}).get(task)
@@ -175,7 +194,9 @@ def prepare_tasks(options: TaskOptions) -> tuple[Any, bool]:
         return load_tasks(options, offline), offline
 
 
-def evaluate_tasks(model: Any, tokenizer: Any, options: TaskOptions, prepared: tuple[Any, bool] | None = None) -> list[TaskScore]:
+def evaluate_tasks(
+    model: Any, tokenizer: Any, options: TaskOptions, prepared: tuple[Any, bool] | None = None
+) -> list[TaskScore]:
     """Run lm-eval's `simple_evaluate` on an already-loaded model; one TaskScore per task and group.
 
     `prepared` is what `prepare_tasks` returned, when the caller checked the tasks before loading.
@@ -183,7 +204,10 @@ def evaluate_tasks(model: Any, tokenizer: Any, options: TaskOptions, prepared: t
     from llmprune.engine.core.hub import cache_only
 
     if tokenizer is None:
-        raise UserInputError("this model has no tokenizer, so lm-eval cannot run tasks on it", "save the tokenizer with the model or use --base-model")
+        raise UserInputError(
+            "this model has no tokenizer, so lm-eval cannot run tasks on it",
+            "save the tokenizer with the model or use --base-model",
+        )
     manager, offline = prepared if prepared is not None else prepare_tasks(options)
     with _quiet_lm_eval(), cache_only(offline):
         from lm_eval import simple_evaluate
@@ -193,8 +217,12 @@ def evaluate_tasks(model: Any, tokenizer: Any, options: TaskOptions, prepared: t
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
         try:
             results = simple_evaluate(
-                model=lm, tasks=list(options.tasks), num_fewshot=options.num_fewshot, limit=options.limit,
-                task_manager=manager, log_samples=False,
+                model=lm,
+                tasks=list(options.tasks),
+                num_fewshot=options.num_fewshot,
+                limit=options.limit,
+                task_manager=manager,
+                log_samples=False,
             )
         finally:
             model.train(was_training)
@@ -236,7 +264,11 @@ def run_task_evaluation(config: TaskEvalConfig) -> TaskEvalResult:
     start = time.perf_counter()
     scores = evaluate_tasks(loaded.model, loaded.tokenizer, config.options, prepared)
     return TaskEvalResult(
-        model=config.model, params=loaded.num_parameters, device=placement.describe(), scores=scores,
-        seconds=time.perf_counter() - start, lm_eval_version=importlib.metadata.version("lm_eval"),
+        model=config.model,
+        params=loaded.num_parameters,
+        device=placement.describe(),
+        scores=scores,
+        seconds=time.perf_counter() - start,
+        lm_eval_version=importlib.metadata.version("lm_eval"),
         options=config.options.to_dict(),
     )

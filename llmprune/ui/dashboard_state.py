@@ -114,7 +114,11 @@ class DashboardState:
             ("epoch", str(self.epoch or "—")),
             ("loss", format_value(self.loss, ".4f")),
             ("best loss", format_value(self.best_loss, ".4f")),
-            *([("KD loss", format_value(self.kd_loss, ".4f")), ("LM loss", format_value(self.lm_loss, ".4f"))] if self.kd_loss is not None else []),
+            *(
+                [("KD loss", format_value(self.kd_loss, ".4f")), ("LM loss", format_value(self.lm_loss, ".4f"))]
+                if self.kd_loss is not None
+                else []
+            ),
             ("lr", format_value(self.lr, ".3g")),
             ("grad norm", format_value(self.grad_norm, ".3g")),
             ("tokens/s", format_value(self.tokens_per_second, ",.0f")),

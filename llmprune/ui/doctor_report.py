@@ -34,14 +34,26 @@ def _summary(report: HealthReport) -> Text:
         text.append(line + "\n", style=None if passed else "red")
     if report.forward is not None and report.forward.output_shape:
         f = report.forward
-        text.append(f"   forward: {f.tokens} tokens -> logits {f.output_shape}, min {f.logits_min:.2f}, max {f.logits_max:.2f}\n" if f.logits_min is not None
-                    else f"   forward: logits {f.output_shape}, none finite\n", style="dim")
+        text.append(
+            (
+                f"   forward: {f.tokens} tokens -> logits {f.output_shape}, min {f.logits_min:.2f}, max"
+                f" {f.logits_max:.2f}\n"
+                if f.logits_min is not None
+                else f"   forward: logits {f.output_shape}, none finite\n"
+            ),
+            style="dim",
+        )
     if report.ppl is not None:
         p, v = report.ppl, report.ppl.verdict
         windows = f", {p.windows} windows" if p.windows else ""
-        scale = (f"base PPL {v.base_ppl:.2f}, ratio {v.ratio:.2f}x" if v.scale == "relative"
-                 else "base PPL unknown: absolute scale of Llama-3-8B-class models at 2048 tokens")
-        text.append(f"   PPL {p.source} on {Path(p.dataset).name} (seq_len {p.seq_len}{windows}); {scale}\n", style="dim")
+        scale = (
+            f"base PPL {v.base_ppl:.2f}, ratio {v.ratio:.2f}x"
+            if v.scale == "relative"
+            else "base PPL unknown: absolute scale of Llama-3-8B-class models at 2048 tokens"
+        )
+        text.append(
+            f"   PPL {p.source} on {Path(p.dataset).name} (seq_len {p.seq_len}{windows}); {scale}\n", style="dim"
+        )
     return text
 
 
@@ -49,23 +61,42 @@ def _structure(structure: Structure) -> RenderableType:
     tied = {True: "yes", False: "no", None: "?"}[structure.tied_embeddings]
     if structure.uniform and structure.layers:
         layer = structure.layers[0]
-        heads = f"{layer.heads} heads / {layer.kv_heads} KV heads" if layer.heads else f"q {layer.q_out} / kv {layer.k_out} outputs"
+        heads = (
+            f"{layer.heads} heads / {layer.kv_heads} KV heads"
+            if layer.heads
+            else f"q {layer.q_out} / kv {layer.k_out} outputs"
+        )
         return Text(
-            f"Structure: {structure.num_layers} layers × {heads} (head_dim {structure.head_dim or '?'}), "
-            f"MLP {layer.mlp_width}, hidden {structure.hidden_size}, vocab {structure.vocab_size}, tied embeddings: {tied}",
+            f"Structure: {structure.num_layers} layers × {heads} (head_dim {structure.head_dim or '?'}), MLP"
+            f" {layer.mlp_width}, hidden {structure.hidden_size}, vocab {structure.vocab_size}, tied embeddings:"
+            f" {tied}",
             style="dim",
         )
     # one row per distinct shape, so that 32 pruned layers still fit on one screen
     groups: dict[tuple, list[int]] = {}
     for layer in structure.layers:
-        groups.setdefault((layer.heads, layer.kv_heads, layer.gqa_ratio, layer.mlp_width, layer.gqa_ok), []).append(layer.index)
-    table = Table(title=f"Structure: {structure.num_layers} layers (non-uniform), hidden {structure.hidden_size}, tied embeddings: {tied}", title_justify="left")
+        groups.setdefault((layer.heads, layer.kv_heads, layer.gqa_ratio, layer.mlp_width, layer.gqa_ok), []).append(
+            layer.index
+        )
+    table = Table(
+        title=(
+            f"Structure: {structure.num_layers} layers (non-uniform), hidden {structure.hidden_size}, tied embeddings:"
+            f" {tied}"
+        ),
+        title_justify="left",
+    )
     table.add_column("layers")
     for column in ("heads", "KV heads", "heads:kv", "MLP", "GQA"):
         table.add_column(column, justify="right")
     for (heads, kv_heads, ratio, width, gqa_ok), indices in groups.items():
-        table.add_row(format_ranges(indices), str(heads or "?"), str(kv_heads or "?"), f"{ratio:g}" if ratio is not None else "?",
-                      str(width), "✅" if gqa_ok else "[red]❌[/]")
+        table.add_row(
+            format_ranges(indices),
+            str(heads or "?"),
+            str(kv_heads or "?"),
+            f"{ratio:g}" if ratio is not None else "?",
+            str(width),
+            "✅" if gqa_ok else "[red]❌[/]",
+        )
     return table
 
 
@@ -77,8 +108,15 @@ def _layers(report: HealthReport) -> RenderableType | None:
     for column in ("layer", "params", "NaN", "Inf", "zeros", "max |w|", "findings"):
         table.add_column(column, justify="right")
     for layer in flagged:
-        table.add_row(str(layer.index), format_count(layer.parameters), f"{layer.nan:,}", f"{layer.inf:,}",
-                      f"{100 * layer.zero_share:.1f} %", f"{layer.max_abs:.3g}", str(layer.findings))
+        table.add_row(
+            str(layer.index),
+            format_count(layer.parameters),
+            f"{layer.nan:,}",
+            f"{layer.inf:,}",
+            f"{100 * layer.zero_share:.1f} %",
+            f"{layer.max_abs:.3g}",
+            str(layer.findings),
+        )
     return table
 
 
@@ -92,7 +130,12 @@ def _findings(report: HealthReport) -> RenderableType | None:
     table.add_column("what", overflow="fold")
     ordered = [f for severity in ("error", "warning", "info") for f in report.by_severity(severity)]
     for finding in ordered[:MAX_FINDINGS_SHOWN]:
-        table.add_row(_ICON[finding.severity], finding.check, finding.location, Text(finding.message, style=_STYLE[finding.severity]))
+        table.add_row(
+            _ICON[finding.severity],
+            finding.check,
+            finding.location,
+            Text(finding.message, style=_STYLE[finding.severity]),
+        )
     if len(ordered) > MAX_FINDINGS_SHOWN:
         table.caption = f"… and {len(ordered) - MAX_FINDINGS_SHOWN} more (all of them with --json)"
     return table

@@ -23,20 +23,35 @@ class MetricsFollower:
         if run and not self._started:
             self._started = True
             config = run.get("config", {})
-            events.append(RunStarted(
-                run_dir=str(self.run_dir), method=config.get("method", "?"), total_steps=int(run.get("total_steps", 0)),
-                start_step=0, epochs=int(config.get("epochs", 1)),
-                tokens_per_step=int(config.get("batch_size", 1)) * int(config.get("grad_accum", 1)) * int(config.get("seq_len", 0)),
-                trainable_parameters=0, total_parameters=0, device="", teacher=config.get("teacher"),
-            ))
+            events.append(
+                RunStarted(
+                    run_dir=str(self.run_dir),
+                    method=config.get("method", "?"),
+                    total_steps=int(run.get("total_steps", 0)),
+                    start_step=0,
+                    epochs=int(config.get("epochs", 1)),
+                    tokens_per_step=int(config.get("batch_size", 1))
+                    * int(config.get("grad_accum", 1))
+                    * int(config.get("seq_len", 0)),
+                    trainable_parameters=0,
+                    total_parameters=0,
+                    device="",
+                    teacher=config.get("teacher"),
+                )
+            )
         events += self._new_steps()
         if run and not self._finished and run.get("status") not in (None, "running"):
             self._finished = True
-            events.append(RunFinished(
-                status=run["status"], steps=int(run.get("steps", 0)), best_loss=run.get("best_loss"),
-                last_good_checkpoint=run.get("last_good_checkpoint"), model_dir=run.get("model_dir") or run.get("adapter_dir"),
-                message=run.get("message", ""),
-            ))
+            events.append(
+                RunFinished(
+                    status=run["status"],
+                    steps=int(run.get("steps", 0)),
+                    best_loss=run.get("best_loss"),
+                    last_good_checkpoint=run.get("last_good_checkpoint"),
+                    model_dir=run.get("model_dir") or run.get("adapter_dir"),
+                    message=run.get("message", ""),
+                )
+            )
         return events
 
     def _new_steps(self) -> list[Event]:

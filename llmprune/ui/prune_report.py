@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from rich.console import Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,7 +21,13 @@ def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], N
     if not enabled:
         yield lambda stage, done, total: None
         return
-    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     bar = Progress(*columns, console=err_console, transient=True)
     tasks: dict[str, int] = {}
 
@@ -45,17 +51,39 @@ def _pct(value: float) -> str:
 
 def analyze_table(result) -> Table:
     protected = set(result.protected())
-    table = Table(title=f"Layer importance of {result.model} ({result.importance.method}, {result.importance.samples} × {result.importance.seq_len} tokens)", title_justify="left")
+    table = Table(
+        title=(
+            f"Layer importance of {result.model} ({result.importance.method}, {result.importance.samples} ×"
+            f" {result.importance.seq_len} tokens)"
+        ),
+        title_justify="left",
+    )
     for column in ("layer", "importance", "plan rate", "attention", "MLP", "heads/kv", "MLP width"):
         table.add_column(column, justify="right")
-    for i, (shape, units, score, rate, attn, mlp) in enumerate(
-        zip(result.shapes, result.units, result.importance.scores, result.rates, result.attention_rates(), result.mlp_rates())
+    for i, (_shape, units, score, rate, attn, mlp) in enumerate(
+        zip(
+            result.shapes,
+            result.units,
+            result.importance.scores,
+            result.rates,
+            result.attention_rates(),
+            result.mlp_rates(),
+            strict=False,
+        )
     ):
         table.add_row(
-            str(i), f"{score:.4f}", "protected" if i in protected else f"{rate:.3f}", _pct(attn), _pct(mlp),
-            f"{units.heads}/{units.kv_heads}", str(units.intermediate_size),
+            str(i),
+            f"{score:.4f}",
+            "protected" if i in protected else f"{rate:.3f}",
+            _pct(attn),
+            _pct(mlp),
+            f"{units.heads}/{units.kv_heads}",
+            str(units.intermediate_size),
         )
-    table.caption = f"base loss {result.importance.base_loss:.4f}; analysis took {result.importance.seconds:.1f} s; plan: {result.plan.strategy}, alpha {result.plan.alpha}, ratio {result.plan.ratio}"
+    table.caption = (
+        f"base loss {result.importance.base_loss:.4f}; analysis took {result.importance.seconds:.1f} s; plan:"
+        f" {result.plan.strategy}, alpha {result.plan.alpha}, ratio {result.plan.ratio}"
+    )
     return table
 
 
@@ -80,15 +108,18 @@ def prune_table(result) -> Table:
     table = Table(title=f"Pruned {result.model}", title_justify="left")
     for column in ("layer", "importance", "rate", "heads", "KV heads", "MLP width"):
         table.add_column(column, justify="right")
-    for change, score, rate in zip(result.layers, result.importance, result.rates):
+    for change, score, rate in zip(result.layers, result.importance, result.rates, strict=False):
         b, a = change.before, change.after
 
         def arrow(x: int, y: int) -> str:
             return str(x) if x == y else f"{x} → [bold]{y}[/]"
 
         table.add_row(
-            str(change.index), f"{score:.4f}", f"{rate:.3f}" if rate else "—",
-            arrow(b.num_attention_heads, a.num_attention_heads), arrow(b.num_key_value_heads, a.num_key_value_heads),
+            str(change.index),
+            f"{score:.4f}",
+            f"{rate:.3f}" if rate else "—",
+            arrow(b.num_attention_heads, a.num_attention_heads),
+            arrow(b.num_key_value_heads, a.num_key_value_heads),
             arrow(b.intermediate_size, a.intermediate_size),
         )
     return table
@@ -102,18 +133,49 @@ def prune_summary(result) -> Table:
     path = result.path or {}
     rows = [
         ("path", f"{path.get('name', '?')}: {path.get('reason', '')}"),
-        ("ratio", f"{result.ratio:.4f} of the prunable units" + (f" (solved for {format_count(result.target_params)} parameters)" if result.target_params else "")),
-        ("parameters", f"{format_count(result.params_before)} → {format_count(result.params_after)}  ({result.params_before:,} → {result.params_after:,})"),
+        (
+            "ratio",
+            f"{result.ratio:.4f} of the prunable units"
+            + (f" (solved for {format_count(result.target_params)} parameters)" if result.target_params else ""),
+        ),
+        (
+            "parameters",
+            (
+                f"{format_count(result.params_before)} → {format_count(result.params_after)}  ({result.params_before:,}"
+                f" → {result.params_after:,})"
+            ),
+        ),
         ("actual pruning rate", f"{result.removed_share:.2%} of all parameters removed"),
         ("GQA", f"[{gqa_style}]{result.gqa_summary()}[/]"),
     ]
     if result.ppl_before and result.ppl_after:
         ppl = result.ppl_after
-        rows.append(("PPL", f"{format_ppl(result.ppl_before.ppl)} → {format_ppl(ppl.ppl)}  ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)"))
+        rows.append(
+            (
+                "PPL",
+                (
+                    f"{format_ppl(result.ppl_before.ppl)} → {format_ppl(ppl.ppl)}  ({ppl.dataset}, seq_len"
+                    f" {ppl.seq_len}, {ppl.windows} windows)"
+                ),
+            )
+        )
     rows.append(("time", f"{result.seconds:.1f} s"))
-    rows.append(("peak memory", f"{result.peak_memory_bytes / 2**20:,.0f} MiB (the unpruned weights: {result.model_bytes / 2**20:,.0f} MiB)"))
+    rows.append(
+        (
+            "peak memory",
+            (
+                f"{result.peak_memory_bytes / 2**20:,.0f} MiB (the unpruned weights: {result.model_bytes / 2**20:,.0f}"
+                " MiB)"
+            ),
+        )
+    )
     if result.peak_rss_by_phase:
-        rows.append(("peak RSS by phase", ", ".join(f"{name} {peak / 2**20:,.0f} MiB" for name, peak in result.peak_rss_by_phase.items())))
+        rows.append(
+            (
+                "peak RSS by phase",
+                ", ".join(f"{name} {peak / 2**20:,.0f} MiB" for name, peak in result.peak_rss_by_phase.items()),
+            )
+        )
     if result.saved_to:
         rows.append(("saved to", result.saved_to))
     rows.append(("log", result.log_dir))

@@ -7,9 +7,9 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from llmprune.engine.recipes.registry import Recipe
 from llmprune.engine.recipes.report import STATUS_TEXT, RecipeReport, report_table
 from llmprune.engine.recipes.runner import STEPS, Notice, StepFinished, StepSkipped, StepStarted
-from llmprune.engine.recipes.registry import Recipe
 from llmprune.ui.console import err_console, format_count, format_ppl
 
 # (label, getter) of each value a recipe fixes, in the order the pipeline uses them
@@ -19,7 +19,12 @@ RECIPE_VALUES = (
     ("strategy", lambda r: r.prune.strategy),
     ("alpha", lambda r: f"{r.prune.alpha:g}"),
     ("prune MLP", lambda r: "yes" if r.prune.prune_mlp else "no"),
-    ("prunable layers", lambda r: f"{r.prune.layer_start} .. " + ("last-1" if r.prune.layer_end is None else str(r.prune.layer_end - 1))),
+    (
+        "prunable layers",
+        lambda r: (
+            f"{r.prune.layer_start} .. " + ("last-1" if r.prune.layer_end is None else str(r.prune.layer_end - 1))
+        ),
+    ),
     ("fine-tune", lambda r: r.finetune.method),
     ("lr", lambda r: f"{r.finetune.lr:g}"),
     ("epochs", lambda r: str(r.finetune.epochs)),
@@ -60,7 +65,13 @@ class RecipeLines:
         if not err_console.is_terminal:  # a log file gets the step lines only
             return
         if self.bar is None:
-            columns = (TextColumn("  {task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+            columns = (
+                TextColumn("  {task.description:<30}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
             self.bar = Progress(*columns, console=err_console, transient=True)
             self.bar.start()
         if stage not in self.tasks:
@@ -112,18 +123,28 @@ def report_footer(report: RecipeReport) -> str:
     if report.advice:
         lines.append("[bold]what to do:[/]")
         lines += [f"  • {item}" for item in report.advice]
-    lines.append(f"[dim]total {report.total_seconds:,.0f} s; report saved as {report.run_dir}/report.txt and report.json[/]")
+    lines.append(
+        f"[dim]total {report.total_seconds:,.0f} s; report saved as {report.run_dir}/report.txt and report.json[/]"
+    )
     return "\n".join(lines)
 
 
 def sweep_rich_table(result: Any) -> Table:
-    table = Table(title=f"Ratio sweep of {result.model}", title_justify="left",
-                  caption=f"saved: {result.json_path} and {result.chart_path}", caption_justify="left")
+    table = Table(
+        title=f"Ratio sweep of {result.model}",
+        title_justify="left",
+        caption=f"saved: {result.json_path} and {result.chart_path}",
+        caption_justify="left",
+    )
     for column in ("ratio", "params", "removed", "PPL", "× base", "verdict"):
         table.add_column(column, justify="right")
     for row in result.rows:
         table.add_row(
-            "base" if row.ratio == 0 else f"{row.ratio:g}", format_count(row.params), f"{row.share_removed:.1%}",
-            format_ppl(row.ppl), f"{row.ppl_vs_base:.2f}", row.verdict,
+            "base" if row.ratio == 0 else f"{row.ratio:g}",
+            format_count(row.params),
+            f"{row.share_removed:.1%}",
+            format_ppl(row.ppl),
+            f"{row.ppl_vs_base:.2f}",
+            row.verdict,
         )
     return table

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from llmprune.engine.core.paths import atomic_write_bytes
 
-VERDICT_COLOURS = {"reference": "#1f77b4", "healthy": "#2ca02c", "acceptable": "#ff7f0e", "too high": "#d62728", "broken": "#7f0000"}
+VERDICT_COLOURS = {
+    "reference": "#1f77b4",
+    "healthy": "#2ca02c",
+    "acceptable": "#ff7f0e",
+    "too high": "#d62728",
+    "broken": "#7f0000",
+}
 
 
 def save_sweep_chart(result, path: str | Path) -> Path:
@@ -24,11 +30,17 @@ def save_sweep_chart(result, path: str | Path) -> Path:
     axes = figure.subplots()
     sizes = [row.params / 1e6 for row in rows]
     axes.plot(sizes, [row.ppl for row in rows], color="#999999", linewidth=1, zorder=1)
-    for row, size in zip(rows, sizes):
+    for row, size in zip(rows, sizes, strict=False):
         axes.scatter([size], [row.ppl], color=VERDICT_COLOURS.get(row.verdict, "black"), zorder=2, label=row.verdict)
-        axes.annotate("base" if row.ratio == 0 else f"{row.ratio:g}", (size, row.ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axes.annotate(
+            "base" if row.ratio == 0 else f"{row.ratio:g}",
+            (size, row.ppl),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     handles, labels = axes.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
+    unique = dict(zip(labels, handles, strict=False))
     axes.legend(unique.values(), unique.keys(), loc="upper left", fontsize=8)  # PPL grows to the right
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(ScalarFormatter())

@@ -40,29 +40,46 @@ class PlainTrainingLines:
         if isinstance(event, RunStarted):
             self.total = event.total_steps
             self.every = max(1, event.total_steps // self.lines)
-            out(f"[bold]fine-tuning[/] ({event.method}, {format_count(event.trainable_parameters)} trainable of "
-                f"{format_count(event.total_parameters)}) steps {event.start_step + 1}..{event.total_steps} on {event.device} → {event.run_dir}",
-                highlight=False)
+            out(
+                f"[bold]fine-tuning[/] ({event.method}, {format_count(event.trainable_parameters)} trainable of"
+                f" {format_count(event.total_parameters)}) steps {event.start_step + 1}..{event.total_steps} on"
+                f" {event.device} → {event.run_dir}",
+                highlight=False,
+            )
             if event.teacher:
                 out(f"distilling from {event.teacher}", highlight=False)
         elif isinstance(event, StepMetrics):
             if event.step % self.every == 0 or event.step in (1, self.total) or not event.applied:
                 loss = f"{event.loss:.4f}" if math.isfinite(event.loss) else str(event.loss)
-                out(f"step {event.step:>5}/{self.total} epoch {event.epoch} loss {loss}{loss_parts(event)} lr {event.lr:.3g} "
-                    f"grad_norm {event.grad_norm:.3g} {event.tokens_per_second:,.0f} tok/s"
-                    + ("" if event.applied else " [red](not applied)[/]"), highlight=False)
+                out(
+                    f"step {event.step:>5}/{self.total} epoch {event.epoch} loss {loss}{loss_parts(event)} lr"
+                    f" {event.lr:.3g} grad_norm {event.grad_norm:.3g} {event.tokens_per_second:,.0f} tok/s"
+                    + ("" if event.applied else " [red](not applied)[/]"),
+                    highlight=False,
+                )
         elif isinstance(event, GuardAlert):
             out(f"[bold red]ALERT[/] [red]{event.message}[/]", highlight=False, soft_wrap=True)
             out("[red]  advice: " + "; ".join(event.advice) + "[/]", highlight=False, soft_wrap=True)
         elif isinstance(event, RolledBack):
-            out(f"[yellow]rolled back to step {event.restored_step}, LR x{event.lr_scale:g} (rollback {event.rollbacks})[/]", highlight=False)
+            out(
+                f"[yellow]rolled back to step {event.restored_step}, LR x{event.lr_scale:g} (rollback"
+                f" {event.rollbacks})[/]",
+                highlight=False,
+            )
         elif isinstance(event, CheckpointSaved) and event.reason != "start":
             note = "" if event.reason == "final" else " (becomes the last good one once the next step passes the guard)"
             out(f"[dim]checkpoint {event.path}{note}[/]", highlight=False)
         elif isinstance(event, PerplexityMeasured):
-            out(f"PPL {event.phase}: [bold]{format_ppl(event.ppl)}[/] ({event.dataset}, {event.windows} windows)", highlight=False)
+            out(
+                f"PPL {event.phase}: [bold]{format_ppl(event.ppl)}[/] ({event.dataset}, {event.windows} windows)",
+                highlight=False,
+            )
         elif isinstance(event, HealthChecked):
-            out("[green]health check passed[/]" if event.ok else "[red]health check failed; training anyway (--force)[/]")
+            out(
+                "[green]health check passed[/]"
+                if event.ok
+                else "[red]health check failed; training anyway (--force)[/]"
+            )
         elif isinstance(event, RunFinished):
             style = "red" if event.status == "stopped_by_guard" else "green"
             out(f"[{style}]finished: {event.status}[/] {event.message}", highlight=False, soft_wrap=True)
@@ -109,6 +126,11 @@ def health_findings_table(report: dict) -> Table:
         severity = str(finding.get("severity", ""))
         style = "red" if severity == "error" else "yellow" if severity == "warning" else "dim"
         advice = finding.get("advice") or []
-        table.add_row(f"[{style}]{severity}[/]", str(finding.get("check", "")), str(finding.get("location", "")),
-                      str(finding.get("message", "")), "; ".join(advice) if isinstance(advice, list) else str(advice))
+        table.add_row(
+            f"[{style}]{severity}[/]",
+            str(finding.get("check", "")),
+            str(finding.get("location", "")),
+            str(finding.get("message", "")),
+            "; ".join(advice) if isinstance(advice, list) else str(advice),
+        )
     return table

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -28,12 +29,10 @@ from llmprune.engine.core.events import (
     RunFinished,
     RunStarted,
 )
-
 from llmprune.ui.dashboard_state import DashboardState, format_duration, format_value
 from llmprune.ui.metrics_follower import MetricsFollower
 
 T = TypeVar("T")
-
 
 
 def _chart_label(name: str, values: deque, spec: str) -> str:
@@ -72,8 +71,14 @@ class Dashboard(App):
     class TrainingEnded(Message):
         """The training function returned or raised."""
 
-    def __init__(self, *, on_stop: Callable[[], None] | None = None, on_save: Callable[[], None] | None = None,
-                 watch_dir: str | Path | None = None, close_when_finished: bool = False):
+    def __init__(
+        self,
+        *,
+        on_stop: Callable[[], None] | None = None,
+        on_save: Callable[[], None] | None = None,
+        watch_dir: str | Path | None = None,
+        close_when_finished: bool = False,
+    ):
         super().__init__()
         self.state = DashboardState()
         self._on_stop, self._on_save = on_stop, on_save
@@ -139,7 +144,9 @@ class Dashboard(App):
 
     def _log_alert(self, alert: GuardAlert) -> None:
         log = self.query_one("#alerts", RichLog)
-        log.write(Text(f"⚠ step {alert.step}: {alert.kind} = {alert.value:.4g} → {alert.action}", style="bold white on red"))
+        log.write(
+            Text(f"⚠ step {alert.step}: {alert.kind} = {alert.value:.4g} → {alert.action}", style="bold white on red")
+        )
         log.write(Text(alert.message, style="red"))
         if alert.advice:
             log.write(Text("advice: " + "; ".join(alert.advice), style="red"))
@@ -147,7 +154,11 @@ class Dashboard(App):
     def _refresh(self) -> None:
         state = self.state
         self.query_one("#stats", Static).update(state.stats_text())
-        for key, values, spec in (("loss", state.losses, ".4f"), ("lr", state.lrs, ".2e"), ("grad_norm", state.grad_norms, ".3g")):
+        for key, values, spec in (
+            ("loss", state.losses, ".4f"),
+            ("lr", state.lrs, ".2e"),
+            ("grad_norm", state.grad_norms, ".3g"),
+        ):
             self.query_one(f"#{key}-label", Label).update(_chart_label(key.replace("_", " "), values, spec))
             self.query_one(f"#{key}-chart", Sparkline).data = list(values)
         bar = self.query_one("#progress", ProgressBar)

@@ -24,7 +24,18 @@ def test_version():
 
 def test_eval_json_on_tiny_model(tiny_model_dir, pydoc_text_file):
     result = runner.invoke(
-        app, ["eval", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--seq-len", "32", "--max-windows", "4", "--json"]
+        app,
+        [
+            "eval",
+            str(tiny_model_dir),
+            "--dataset",
+            str(pydoc_text_file),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "4",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

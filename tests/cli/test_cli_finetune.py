@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from typer.testing import CliRunner
 
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from llmprune.cli.app import app
 
 runner = CliRunner()
@@ -19,12 +19,31 @@ def finetune(*args: str):
 
 
 def common(tiny_model_dir, pydoc_text_file, out: Path) -> list[str]:
-    return [str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--samples", "6", "--seq-len", "32", "--out", str(out)]
+    return [
+        str(tiny_model_dir),
+        "--dataset",
+        str(pydoc_text_file),
+        "--samples",
+        "6",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+    ]
 
 
 def test_json_run_writes_the_run_directory(tiny_model_dir, pydoc_text_file, tmp_path):
-    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--lr", "1e-4", "--json",
-                      "--test-after", "--eval-dataset", str(pydoc_text_file), "--eval-windows", "2")
+    result = finetune(
+        *common(tiny_model_dir, pydoc_text_file, tmp_path / "run"),
+        "--lr",
+        "1e-4",
+        "--json",
+        "--test-after",
+        "--eval-dataset",
+        str(pydoc_text_file),
+        "--eval-windows",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["status"] == "completed" and data["steps"] == 6 and data["ppl_after"] > 1
@@ -38,7 +57,9 @@ def test_json_run_writes_the_run_directory(tiny_model_dir, pydoc_text_file, tmp_
 
 
 def test_huge_lr_triggers_the_guard_and_exits_1_with_a_checkpoint(tiny_model_dir, pydoc_text_file, tmp_path):
-    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--lr", "1e3", "--max-rollbacks", "1", "--no-tui")
+    result = finetune(
+        *common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--lr", "1e3", "--max-rollbacks", "1", "--no-tui"
+    )
     assert result.exit_code == 1
     assert "ALERT" in result.stderr and "stopped_by_guard" in result.stdout
     run_json = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -69,8 +90,20 @@ def test_missing_model_and_bad_watch_dir_are_user_errors(tmp_path):
 
 
 def test_teacher_run_shows_and_records_the_kd_and_lm_parts(tiny_model_dir, pydoc_text_file, tmp_path):
-    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--lr", "1e-4", "--no-tui",
-                      "--teacher", str(tiny_model_dir), "--kd-weight", "0.5", "--kd-temperature", "2", "--kd-top-k", "32")
+    result = finetune(
+        *common(tiny_model_dir, pydoc_text_file, tmp_path / "run"),
+        "--lr",
+        "1e-4",
+        "--no-tui",
+        "--teacher",
+        str(tiny_model_dir),
+        "--kd-weight",
+        "0.5",
+        "--kd-temperature",
+        "2",
+        "--kd-top-k",
+        "32",
+    )
     assert result.exit_code == 0, result.output
     flat = result.stderr.replace("\n", "")  # Rich wraps long lines
     assert f"distilling from {tiny_model_dir} (T=2, KD weight 0.5, top 32 logits)" in flat
@@ -86,6 +119,8 @@ def test_teacher_run_shows_and_records_the_kd_and_lm_parts(tiny_model_dir, pydoc
 
 
 def test_a_teacher_that_cannot_be_loaded_is_one_line_and_exit_2(tiny_model_dir, pydoc_text_file, tmp_path):
-    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--teacher", str(tmp_path / "nowhere"), "--no-tui")
+    result = finetune(
+        *common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--teacher", str(tmp_path / "nowhere"), "--no-tui"
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "nowhere" in result.stderr

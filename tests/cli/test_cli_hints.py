@@ -55,7 +55,9 @@ def wrong_options(text: str, command: tuple[str, ...]) -> list[str]:
 
 
 def test_the_checker_itself_catches_a_foreign_option():
-    assert wrong_options("widen --min-pruning-rate or change --ratio", ("recipe", "safe")) == ["recipe safe: --min-pruning-rate"]
+    assert wrong_options("widen --min-pruning-rate or change --ratio", ("recipe", "safe")) == [
+        "recipe safe: --min-pruning-rate"
+    ]
     assert wrong_options("re-prune (llmprune prune --ratio 0.1) or --ratio", ("recipe", "safe")) == []
     assert wrong_options("llmprune prune --nonsense", ("doctor",)) == ["prune: --nonsense"]
 
@@ -118,7 +120,10 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args", BAD_INPUTS, ids=[" ".join(a[:1] + a[2:4]) for a in BAD_INPUTS])
 def test_every_hint_names_only_options_of_its_command(args, tiny_model_dir, pydoc_text_file, tmp_path):
-    args = [a.replace(MODEL, str(tiny_model_dir)).replace(TEXT, str(pydoc_text_file)).replace("{tmp}", str(tmp_path)) for a in args]
+    args = [
+        a.replace(MODEL, str(tiny_model_dir)).replace(TEXT, str(pydoc_text_file)).replace("{tmp}", str(tmp_path))
+        for a in args
+    ]
     if args[0] == "recipe" and args[1] != "sweep":
         args += ["--out", str(tmp_path / "runs"), "--no-tui", "--seq-len", "16"]
     result = runner.invoke(app, args)

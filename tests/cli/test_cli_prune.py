@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 import llmprune
 from llmprune.cli.app import app
-from llmprune.engine.pruning.allocation import PlanOptions, layer_rates, unit_counts
-from llmprune.engine.pruning.analysis import CalibrationOptions
+from llmprune.engine.data import load_calibration_windows
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.io.checkpoint import save_model
-from llmprune.engine.data import load_calibration_windows
+from llmprune.engine.pruning.allocation import PlanOptions, layer_rates, unit_counts
+from llmprune.engine.pruning.analysis import CalibrationOptions
 from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
 from llmprune.engine.pruning.prune_model import prune_model
 from tests.conftest import make_tiny_model
@@ -70,16 +70,24 @@ def _prune_and_save(directory, tokenizer, text_file, out, uniform=False):
     model = llmprune.load_model(str(directory)).model
     windows = load_calibration_windows(tokenizer, str(text_file), 6, 32)
     count = len(model.model.layers)
-    options = PlanOptions(ratio=0.5, strategy="uniform", layer_start=0, layer_end=count) if uniform else PlanOptions(ratio=0.5)
+    options = (
+        PlanOptions(ratio=0.5, strategy="uniform", layer_start=0, layer_end=count)
+        if uniform
+        else PlanOptions(ratio=0.5)
+    )
     rates = layer_rates([1.0, 0.3, 0.1, 0.2, 0.9][:count], options)
     prune_model(model, unit_counts(rates, layer_shapes(model), prune_mlp=True, same_in_every_layer=uniform), windows)
     save_model(model, tokenizer, out, provenance={"base_model": str(directory)})
     return _logits(model)
 
 
-def test_saved_pruned_models_reload_with_identical_logits(tiny_model_dir, tiny_3to1_dir, tiny_tokenizer, pydoc_text_file, tmp_path):
+def test_saved_pruned_models_reload_with_identical_logits(
+    tiny_model_dir, tiny_3to1_dir, tiny_tokenizer, pydoc_text_file, tmp_path
+):
     cases = [  # (base, uniform): GQA 4:1 and 3:1, non-uniform (remote code) and uniform (stock Llama)
-        (tiny_model_dir, False), (tiny_3to1_dir, False), (tiny_3to1_dir, True),
+        (tiny_model_dir, False),
+        (tiny_3to1_dir, False),
+        (tiny_3to1_dir, True),
     ]
     saved, in_memory = [], []
     for number, (base, uniform) in enumerate(cases):
@@ -93,14 +101,30 @@ def test_saved_pruned_models_reload_with_identical_logits(tiny_model_dir, tiny_3
         # a stock config must load without remote code
         saved.append((out, not uniform))
     # (b) a fresh process, AutoModelForCausalLM only
-    for fresh, expected in zip(_fresh_process_logits(saved, tmp_path), in_memory):
+    for fresh, expected in zip(_fresh_process_logits(saved, tmp_path), in_memory, strict=False):
         assert torch.equal(fresh, expected)
 
 
 def test_prune_cli_report_log_and_eval_of_the_saved_model(tiny_model_dir, pydoc_text_file, tmp_path):
     out, logs = tmp_path / "model", tmp_path / "logs"
-    args = ["prune", str(tiny_model_dir), "--ratio", "0.5", "--prune-mlp", "--allocation", "plan", *_calib(pydoc_text_file), *_eval(pydoc_text_file),
-            "--out", str(out), "--log-dir", str(logs), "--save-ckpt-log-name", "run", "--json"]
+    args = [
+        "prune",
+        str(tiny_model_dir),
+        "--ratio",
+        "0.5",
+        "--prune-mlp",
+        "--allocation",
+        "plan",
+        *_calib(pydoc_text_file),
+        *_eval(pydoc_text_file),
+        "--out",
+        str(out),
+        "--log-dir",
+        str(logs),
+        "--save-ckpt-log-name",
+        "run",
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -111,7 +135,9 @@ def test_prune_cli_report_log_and_eval_of_the_saved_model(tiny_model_dir, pydoc_
     assert shapes_after[0]["num_key_value_heads"] == 2 and shapes_after[-1]["intermediate_size"] == 128  # protected
 
     # (c) llmprune eval DIR measures what the in-memory pruned model measured
-    evaluated = runner.invoke(app, ["eval", str(out), "--dataset", str(pydoc_text_file), "--seq-len", "32", "--max-windows", "4", "--json"])
+    evaluated = runner.invoke(
+        app, ["eval", str(out), "--dataset", str(pydoc_text_file), "--seq-len", "32", "--max-windows", "4", "--json"]
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["ppl"] == pytest.approx(report["ppl_after"]["ppl"], rel=1e-6)
 
@@ -128,8 +154,23 @@ def test_prune_cli_report_log_and_eval_of_the_saved_model(tiny_model_dir, pydoc_
 
 def test_uniform_cli_export_has_one_shape(tiny_model_dir, pydoc_text_file, tmp_path):
     out = tmp_path / "uniform"
-    result = runner.invoke(app, ["prune", str(tiny_model_dir), "--uniform", "--ratio", "0.5", "--prune-mlp", *_calib(pydoc_text_file),
-                                 "--out", str(out), "--log-dir", str(tmp_path / "logs"), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(tiny_model_dir),
+            "--uniform",
+            "--ratio",
+            "0.5",
+            "--prune-mlp",
+            *_calib(pydoc_text_file),
+            "--out",
+            str(out),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and "layer_shapes" not in config
@@ -139,36 +180,71 @@ def test_uniform_cli_export_has_one_shape(tiny_model_dir, pydoc_text_file, tmp_p
 
     assert config["attention_bias"] and config["mlp_bias"]
     counted = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(out)).parameters())
-    assert json.loads(result.stdout)["params_after"] == counted == json.loads((out / "llmprune.json").read_text())["num_parameters"]
+    assert (
+        json.loads(result.stdout)["params_after"]
+        == counted
+        == json.loads((out / "llmprune.json").read_text())["num_parameters"]
+    )
 
 
 def test_analyze_then_prune_reuses_the_scores(tiny_model_dir, pydoc_text_file, tmp_path):
     plan_file = tmp_path / "plan" / "layer_importance_config.json"
-    analyzed = runner.invoke(app, ["analyze", str(tiny_model_dir), *_calib(pydoc_text_file), "--ratio", "0.4", "-o", str(plan_file), "--json"])
+    analyzed = runner.invoke(
+        app,
+        ["analyze", str(tiny_model_dir), *_calib(pydoc_text_file), "--ratio", "0.4", "-o", str(plan_file), "--json"],
+    )
     assert analyzed.exit_code == 0, analyzed.output
     data = json.loads(analyzed.stdout)
     assert plan_file.is_file() and plan_file.with_suffix(".png").stat().st_size > 1000
     assert data["plan"]["protected_layers"] == [0, 3] and data["plan"]["rates"][0] == 0
     assert json.loads(plan_file.read_text())["importance"]["scores"] == data["importance"]["scores"]
 
-    result = run_prune(PruneConfig(model=str(tiny_model_dir), importance_config=plan_file, prune_mlp=True,
-                                   calibration=CalibrationOptions(dataset=str(pydoc_text_file), samples=6, seq_len=32),
-                                   log_dir=tmp_path / "logs"))
+    result = run_prune(
+        PruneConfig(
+            model=str(tiny_model_dir),
+            importance_config=plan_file,
+            prune_mlp=True,
+            calibration=CalibrationOptions(dataset=str(pydoc_text_file), samples=6, seq_len=32),
+            log_dir=tmp_path / "logs",
+        )
+    )
     assert result.importance == data["importance"]["scores"] and result.importance_method == "removal"
     assert result.ratio == 0.4  # the plan options of the file are the defaults
     assert result.rates == pytest.approx(data["plan"]["rates"])
 
 
 def test_analyze_table_and_bar_chart(tiny_model_dir, pydoc_text_file, tmp_path):
-    result = runner.invoke(app, ["analyze", str(tiny_model_dir), *_calib(pydoc_text_file), "--importance-method", "block-influence",
-                                 "-o", str(tmp_path / "c.json")])
+    result = runner.invoke(
+        app,
+        [
+            "analyze",
+            str(tiny_model_dir),
+            *_calib(pydoc_text_file),
+            "--importance-method",
+            "block-influence",
+            "-o",
+            str(tmp_path / "c.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "protected" in result.output and "█" in result.output and "block-influence" in result.output
 
 
 def test_target_params_lands_within_one_percent(tiny_3to1_dir, pydoc_text_file, tmp_path):
-    result = runner.invoke(app, ["prune", str(tiny_3to1_dir), "--target-params", "0.85", "--prune-mlp", *_calib(pydoc_text_file),
-                                 "--log-dir", str(tmp_path / "logs"), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(tiny_3to1_dir),
+            "--target-params",
+            "0.85",
+            "--prune-mlp",
+            *_calib(pydoc_text_file),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     target = 0.85 * report["params_before"]
@@ -177,8 +253,23 @@ def test_target_params_lands_within_one_percent(tiny_3to1_dir, pydoc_text_file, 
 
 
 def test_query_unit_keeps_every_kv_head(tiny_3to1_dir, pydoc_text_file, tmp_path):
-    result = runner.invoke(app, ["prune", str(tiny_3to1_dir), "--ratio", "0.34", "--attn-unit", "query", "--unit-importance", "magnitude",
-                                 *_calib(pydoc_text_file), "--log-dir", str(tmp_path / "logs"), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(tiny_3to1_dir),
+            "--ratio",
+            "0.34",
+            "--attn-unit",
+            "query",
+            "--unit-importance",
+            "magnitude",
+            *_calib(pydoc_text_file),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     layers = json.loads(result.stdout)["layers"]
     assert all(layer["after"]["num_key_value_heads"] == 3 for layer in layers)
@@ -215,7 +306,9 @@ def gpt2_dir(tmp_path_factory, tiny_tokenizer):
         (["--test-after-prune", "--max-windows", "0"], "--max-windows must be ≥ 1"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(extra, needle, tiny_model_dir, tiny_3to1_dir, gpt2_dir, pydoc_text_file, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    extra, needle, tiny_model_dir, tiny_3to1_dir, gpt2_dir, pydoc_text_file, tmp_path
+):
     model = str(tiny_model_dir)
     if extra == ["--model-is-gpt2"]:
         model, extra = str(gpt2_dir), []
@@ -225,7 +318,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(extra, needle, tiny_mod
         assert made.exit_code == 0, made.output
         extra = ["--importance-config", str(plan_file)]
     logs, out = tmp_path / "logs", tmp_path / "out"
-    result = runner.invoke(app, ["prune", model, *extra, "--prune-mlp", *_calib(pydoc_text_file), "--log-dir", str(logs), "--out", str(out)])
+    result = runner.invoke(
+        app,
+        ["prune", model, *extra, "--prune-mlp", *_calib(pydoc_text_file), "--log-dir", str(logs), "--out", str(out)],
+    )
     assert result.exit_code == 2, result.output
     assert needle in result.output and "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1
@@ -234,7 +330,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(extra, needle, tiny_mod
 
 def test_analyze_bad_input_writes_nothing(tiny_model_dir, pydoc_text_file, tmp_path):
     target = tmp_path / "c.json"
-    result = runner.invoke(app, ["analyze", str(tiny_model_dir), *_calib(pydoc_text_file), "--alpha", "-1", "-o", str(target)])
+    result = runner.invoke(
+        app, ["analyze", str(tiny_model_dir), *_calib(pydoc_text_file), "--alpha", "-1", "-o", str(target)]
+    )
     assert result.exit_code == 2 and "--alpha" in result.output
     assert not target.exists() and not target.with_suffix(".png").exists()
 
@@ -246,7 +344,19 @@ def test_streamed_prune_of_a_damaged_safetensors_is_one_line_exit_2(tiny_model_d
     shutil.copytree(tiny_model_dir, damaged)
     (damaged / "model.safetensors").write_bytes(b"\x05\x00garbage")
     out = tmp_path / "out"
-    result = runner.invoke(app, ["prune", str(damaged), "--stream", *_calib(pydoc_text_file), "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(damaged),
+            "--stream",
+            *_calib(pydoc_text_file),
+            "--out",
+            str(out),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "not a readable safetensors file" in result.output and "Traceback" not in result.output
     assert not out.exists()

@@ -42,11 +42,13 @@ print("PROBE" + json.dumps(loaded))
 def _heavy_modules_after(invocations: list[list[str]] | list[str]) -> dict[str, list[str]]:
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, json.dumps(HEAVY), json.dumps(invocations)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("PROBE"))
-    return json.loads(line[len("PROBE"):])
+    return json.loads(line[len("PROBE") :])
 
 
 def _every_command_path(command=None, prefix=()) -> list[tuple[str, ...]]:
@@ -59,12 +61,28 @@ def _every_command_path(command=None, prefix=()) -> list[tuple[str, ...]]:
 
 def test_the_walk_finds_every_subcommand():
     names = {" ".join(path) for path in _every_command_path()}
-    assert {"prune", "analyze", "eval", "doctor", "finetune", "completion", "recipe", "recipe sweep", "recipe safe"} <= names
+    assert {
+        "prune",
+        "analyze",
+        "eval",
+        "doctor",
+        "finetune",
+        "completion",
+        "recipe",
+        "recipe sweep",
+        "recipe safe",
+    } <= names
 
 
 def test_help_of_the_app_and_every_subcommand_imports_no_heavy_library():
     invocations = [[*path, "--help"] for path in _every_command_path()]
-    invocations += [["--version"], ["completion", "bash"], ["completion", "zsh"], ["completion", "fish"], ["recipe", "--list"]]
+    invocations += [
+        ["--version"],
+        ["completion", "bash"],
+        ["completion", "zsh"],
+        ["completion", "fish"],
+        ["recipe", "--list"],
+    ]
     loaded = _heavy_modules_after(invocations)
     assert set(loaded) == {" ".join(args) for args in invocations}
     assert {args: modules for args, modules in loaded.items() if modules} == {}

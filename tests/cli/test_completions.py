@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 from llmprune.cli.app import app
 from llmprune.cli.completion_scripts import SCRIPT_FILES, SHELLS, completion_script
-
 from tests.conftest import REPO_ROOT
 
 COMPLETIONS = REPO_ROOT / "completions"
@@ -17,7 +16,9 @@ COMPLETIONS = REPO_ROOT / "completions"
 @pytest.mark.parametrize("shell", SHELLS)
 def test_committed_scripts_are_current(shell):
     committed = (COMPLETIONS / SCRIPT_FILES[shell]).read_text(encoding="utf-8")
-    assert committed == completion_script(app, shell), f"completions/{SCRIPT_FILES[shell]} is stale: run `make completions`"
+    assert committed == completion_script(app, shell), (
+        f"completions/{SCRIPT_FILES[shell]} is stale: run `make completions`"
+    )
 
 
 def test_completion_command_prints_the_script_and_writes_all_three(tmp_path):
@@ -36,8 +37,8 @@ def test_unknown_shell_is_exit_2():
 
 def _bash_complete(*words: str) -> list[str]:
     script = f"""
-source {COMPLETIONS / SCRIPT_FILES['bash']}
-COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}
+source {COMPLETIONS / SCRIPT_FILES["bash"]}
+COMP_WORDS=({" ".join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}
 _llmprune; printf '%s\\n' "${{COMPREPLY[@]}}"
 """
     out = subprocess.run(["bash", "--norc", "-c", script], capture_output=True, text=True, check=True, cwd="/")
@@ -57,7 +58,9 @@ def test_bash_script_completes_subcommands_options_and_values():
 def test_fish_script_completes_subcommands_options_and_values():
     def complete(line: str) -> list[str]:
         command = f"source {COMPLETIONS / SCRIPT_FILES['fish']}; complete -C '{line}'"
-        out = subprocess.run(["fish", "--no-config", "-c", command], capture_output=True, text=True, check=True, cwd="/")
+        out = subprocess.run(
+            ["fish", "--no-config", "-c", command], capture_output=True, text=True, check=True, cwd="/"
+        )
         return [entry.split("\t")[0] for entry in out.stdout.splitlines()]
 
     assert complete("llmprune ev") == ["eval"]

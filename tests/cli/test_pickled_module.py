@@ -1,4 +1,5 @@
-"""A whole pickled module, as LLM-Pruner saves it, read as it is: config, tokenizer and per-layer shapes from the object.
+"""A whole pickled module, as LLM-Pruner saves it, read as it is: config, tokenizer and per-layer shapes from the
+object.
 
 LLM-Pruner shrinks the layers of a LlamaForCausalLM in place (the config still
 describes the original model) and saves torch.save({'model': model, 'tokenizer':
@@ -11,10 +12,10 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from conftest import make_tiny_model
 from single_thread import one_thread  # noqa: F401  (autouse fixture)
+from typer.testing import CliRunner
+
 from llmprune.cli.app import app
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.architecture import layer_shapes
@@ -29,7 +30,9 @@ def _shrunk_in_place():
     model = make_tiny_model()
     prune_kv_groups(model.model.layers[1], [0])
     prune_mlp_channels(model.model.layers[2], list(range(96)))
-    assert model.config.num_attention_heads == 8  # the config still describes the unpruned model, as LLM-Pruner leaves it
+    assert (
+        model.config.num_attention_heads == 8
+    )  # the config still describes the unpruned model, as LLM-Pruner leaves it
     return model
 
 
@@ -66,21 +69,72 @@ def test_doctor_names_the_pickle_and_shows_every_layer_shape(pickled):
     report = json.loads(result.stdout)
     assert report["kind"] == "pickle"
     layers = report["structure"]["layers"]
-    assert [l["heads"] for l in layers] == HEADS and [l["kv_heads"] for l in layers] == KV_HEADS
-    assert [l["mlp_width"] for l in layers] == WIDTHS
+    assert [layer["heads"] for layer in layers] == HEADS and [layer["kv_heads"] for layer in layers] == KV_HEADS
+    assert [layer["mlp_width"] for layer in layers] == WIDTHS
 
 
 def test_eval_finetune_prune_and_export_need_no_base_model(pickled, pydoc_text_file, tmp_path):
     path = str(pickled[0])
-    evaluated = runner.invoke(app, ["eval", path, "--trust-pickle", "--dataset", str(pydoc_text_file), "--seq-len", "32", "--max-windows", "2", "--json"])
+    evaluated = runner.invoke(
+        app,
+        [
+            "eval",
+            path,
+            "--trust-pickle",
+            "--dataset",
+            str(pydoc_text_file),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "2",
+            "--json",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["ppl"] > 1
-    tuned = runner.invoke(app, ["finetune", path, "--trust-pickle", "--dataset", str(pydoc_text_file), "--samples", "4", "--seq-len", "32",
-                                "--out", str(tmp_path / "run"), "--json"])
+    tuned = runner.invoke(
+        app,
+        [
+            "finetune",
+            path,
+            "--trust-pickle",
+            "--dataset",
+            str(pydoc_text_file),
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "run"),
+            "--json",
+        ],
+    )
     assert tuned.exit_code == 0, tuned.output
-    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["layer_shapes"][1]["num_attention_heads"] == 4
-    pruned = runner.invoke(app, ["prune", path, "--trust-pickle", "--ratio", "0.25", "--dataset", str(pydoc_text_file), "--seq-len", "32",
-                                 "--importance-samples", "2", "--out", str(tmp_path / "pruned"), "--log-dir", str(tmp_path / "logs"), "--json"])
+    assert (
+        json.loads((tmp_path / "run" / "model" / "config.json").read_text())["layer_shapes"][1]["num_attention_heads"]
+        == 4
+    )
+    pruned = runner.invoke(
+        app,
+        [
+            "prune",
+            path,
+            "--trust-pickle",
+            "--ratio",
+            "0.25",
+            "--dataset",
+            str(pydoc_text_file),
+            "--seq-len",
+            "32",
+            "--importance-samples",
+            "2",
+            "--out",
+            str(tmp_path / "pruned"),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--json",
+        ],
+    )
     assert pruned.exit_code == 0, pruned.output
     exported = runner.invoke(app, ["export", path, "--trust-pickle", "--gguf", str(tmp_path / "m.gguf"), "--json"])
     assert exported.exit_code == 0, exported.output

@@ -1,4 +1,5 @@
-"""Which path `llmprune prune` takes (global / plan / streamed), said and recorded; options a path ignores are errors."""
+"""Which path `llmprune prune` takes (global / plan / streamed), said and recorded; options a path ignores are
+errors."""
 
 import json
 
@@ -18,7 +19,9 @@ def _calib(text_file):
 
 
 def _prune(model_dir, text_file, tmp_path, *extra):
-    return runner.invoke(app, ["prune", str(model_dir), *extra, *_calib(text_file), "--log-dir", str(tmp_path / "logs"), "--json"])
+    return runner.invoke(
+        app, ["prune", str(model_dir), *extra, *_calib(text_file), "--log-dir", str(tmp_path / "logs"), "--json"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,8 +80,22 @@ def test_ratio_zero_changes_nothing(extra, tiny_model_dir, pydoc_text_file, tmp_
 
 def test_the_path_is_printed_and_recorded_in_report_and_provenance(tiny_model_dir, pydoc_text_file, tmp_path):
     out = tmp_path / "model"
-    shown = runner.invoke(app, ["prune", str(tiny_model_dir), "--alpha", "2", "--ratio", "0.3", *_calib(pydoc_text_file),
-                                "--log-dir", str(tmp_path / "logs"), "--out", str(out)])
+    shown = runner.invoke(
+        app,
+        [
+            "prune",
+            str(tiny_model_dir),
+            "--alpha",
+            "2",
+            "--ratio",
+            "0.3",
+            *_calib(pydoc_text_file),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--out",
+            str(out),
+        ],
+    )
     assert shown.exit_code == 0, shown.output
     assert "path" in shown.output and "--alpha selects the layer-importance plan" in " ".join(shown.output.split())
     saved = json.loads((out / "llmprune.json").read_text())
@@ -94,9 +111,11 @@ def test_round_to_on_the_global_path_is_one_line_exit_2(tiny_model_dir, pydoc_te
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("extra,score", [([], "obs"), (["--alpha", "1"], "fluctuation"),
-                                         (["--alpha", "1", "--unit-importance", "magnitude"], "magnitude")],
-                         ids=["global default", "plan default", "asked"])
+@pytest.mark.parametrize(
+    "extra,score",
+    [([], "obs"), (["--alpha", "1"], "fluctuation"), (["--alpha", "1", "--unit-importance", "magnitude"], "magnitude")],
+    ids=["global default", "plan default", "asked"],
+)
 def test_each_path_records_the_unit_score_it_used(extra, score, tiny_model_dir, pydoc_text_file, tmp_path):
     result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, "--ratio", "0.25", *extra)
     assert result.exit_code == 0, result.output

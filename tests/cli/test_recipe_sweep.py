@@ -3,15 +3,35 @@
 import json
 
 import pytest
-
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
 
 
 def sweep(model_dir, corpus, out, *extra):
-    args = ["recipe", "sweep", str(model_dir), "--dataset", str(corpus), "--eval-dataset", str(corpus), "--seq-len", "32",
-            "--importance-samples", "4", "--eval-windows", "4", "--out", str(out), "--ratio", "0.5", "--ratio", "0.25", *extra, "--json"]
+    args = [
+        "recipe",
+        "sweep",
+        str(model_dir),
+        "--dataset",
+        str(corpus),
+        "--eval-dataset",
+        str(corpus),
+        "--seq-len",
+        "32",
+        "--importance-samples",
+        "4",
+        "--eval-windows",
+        "4",
+        "--out",
+        str(out),
+        "--ratio",
+        "0.5",
+        "--ratio",
+        "0.25",
+        *extra,
+        "--json",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -46,11 +66,33 @@ def test_sweep_without_ratios_is_exit_2(tmp_path):
 def test_a_sweep_row_predicts_the_recipe_at_that_ratio(tiny_model_dir, pydoc_text_file, tmp_path):
     # the sweep and `recipe safe --ratio r` prune through the same run_prune with the same settings
     data = sweep(tiny_model_dir, pydoc_text_file, tmp_path / "sweep")
-    args = ["recipe", "safe", "--model", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--eval-dataset", str(pydoc_text_file),
-            "--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4", "--out", str(tmp_path / "runs"),
-            "--ratio", "0.25", "--skip-finetune", "--json"]
+    args = [
+        "recipe",
+        "safe",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(pydoc_text_file),
+        "--eval-dataset",
+        str(pydoc_text_file),
+        "--seq-len",
+        "32",
+        "--calibration-samples",
+        "4",
+        "--eval-windows",
+        "4",
+        "--out",
+        str(tmp_path / "runs"),
+        "--ratio",
+        "0.25",
+        "--skip-finetune",
+        "--json",
+    ]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code in (0, 1), result.output  # the gate may stop a random model; the pruned row is there either way
+    assert result.exit_code in (
+        0,
+        1,
+    ), result.output  # the gate may stop a random model; the pruned row is there either way
     report = json.loads(result.stdout)
     assert report["prune_path"]["name"] == "plan" and "--importance-config" in report["prune_path"]["reason"]
     pruned = next(row for row in report["rows"] if row["stage"] == "pruned")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
-
 from conftest import make_tiny_model
+
 from llmprune.engine.io.architecture import layer_shapes
-from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.io.models import load_model
+from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.walk.streaming import StreamedLayers
 
 SEQ = 32
@@ -78,8 +78,19 @@ def test_prune_cli_streams_and_matches_the_in_memory_default(tiny_model_dir, pyd
 
     from llmprune.cli.app import app
 
-    common = ["--target-params", "0.8", "--dataset", str(pydoc_text_file), "--importance-samples", "8", "--seq-len", "32",
-              "--log-dir", str(tmp_path / "logs"), "--json"]
+    common = [
+        "--target-params",
+        "0.8",
+        "--dataset",
+        str(pydoc_text_file),
+        "--importance-samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--json",
+    ]
     runner = CliRunner()
     streamed = runner.invoke(app, ["prune", str(tiny_model_dir), "--stream", "--out", str(tmp_path / "s"), *common])
     assert streamed.exit_code == 0, streamed.output
@@ -100,7 +111,9 @@ def test_stream_refuses_what_needs_the_model_in_memory(tiny_model_dir, tmp_path)
 
     from llmprune.cli.app import app
 
-    result = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "--stream", "--test-after-prune", "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        app, ["prune", str(tiny_model_dir), "--stream", "--test-after-prune", "--out", str(tmp_path / "x")]
+    )
     assert result.exit_code == 2 and "--stream" in result.output
     assert not (tmp_path / "x").exists()
 
@@ -127,7 +140,16 @@ def test_analyze_cli_streams_to_the_same_scores(tiny_model_dir, pydoc_text_file,
 
     from llmprune.cli.app import app
 
-    common = [str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--importance-samples", "4", "--seq-len", "32", "--json"]
+    common = [
+        str(tiny_model_dir),
+        "--dataset",
+        str(pydoc_text_file),
+        "--importance-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--json",
+    ]
     runner = CliRunner()
     streamed = runner.invoke(app, ["analyze", *common, "--stream", "-o", str(tmp_path / "s.json")])
     in_memory = runner.invoke(app, ["analyze", *common, "-o", str(tmp_path / "m.json")])
@@ -135,5 +157,7 @@ def test_analyze_cli_streams_to_the_same_scores(tiny_model_dir, pydoc_text_file,
     s, m = json.loads((tmp_path / "s.json").read_text()), json.loads((tmp_path / "m.json").read_text())
     assert s["importance"]["scores"] == pytest.approx(m["importance"]["scores"], rel=1e-4, abs=1e-6)
     assert s["architecture"] == m["architecture"]
-    refused = runner.invoke(app, ["analyze", *common, "--stream", "--importance-method", "taylor", "-o", str(tmp_path / "t.json")])
+    refused = runner.invoke(
+        app, ["analyze", *common, "--stream", "--importance-method", "taylor", "-o", str(tmp_path / "t.json")]
+    )
     assert refused.exit_code == 2 and not (tmp_path / "t.json").exists()

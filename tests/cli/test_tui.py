@@ -22,7 +22,14 @@ def anyio_backend():
 def stream_with_a_nan():
     """A run of 6 steps whose step 4 has a NaN loss (rolled back)."""
     events = [RunStarted("/runs/demo", "full", 10, 0, 1, 256, 1000, 1000, "cpu")]
-    for step, loss, grad_norm in [(1, 3.5, 1.2), (2, 3.1, 0.9), (3, 2.9, 0.8), (4, math.nan, math.nan), (5, 2.7, 0.7), (6, 2.8, 0.6)]:
+    for step, loss, grad_norm in [
+        (1, 3.5, 1.2),
+        (2, 3.1, 0.9),
+        (3, 2.9, 0.8),
+        (4, math.nan, math.nan),
+        (5, 2.7, 0.7),
+        (6, 2.8, 0.6),
+    ]:
         alerts = ()
         if not math.isfinite(loss):
             alerts = (make_alert(step, check_step(loss, grad_norm, 1e6), "rollback", 1e-5),)
@@ -70,7 +77,16 @@ async def test_finished_run_shows_status_and_last_good_checkpoint():
     async with app.run_test(size=SIZE) as pilot:
         for event in stream_with_a_nan():
             app.show(event)
-        app.show(RunFinished("stopped_by_guard", 6, 2.7, "/runs/demo/checkpoints/step-000003", "/runs/demo/model", "stopped at step 6"))
+        app.show(
+            RunFinished(
+                "stopped_by_guard",
+                6,
+                2.7,
+                "/runs/demo/checkpoints/step-000003",
+                "/runs/demo/model",
+                "stopped at step 6",
+            )
+        )
         await pilot.pause()
         stats = str(app.query_one("#stats").render())
         assert "finished: stopped_by_guard" in stats and "step-000003" in stats
@@ -81,7 +97,9 @@ async def test_finished_run_shows_status_and_last_good_checkpoint():
 async def test_watch_mode_replays_a_run_directory(tmp_path):
     records = [event.to_dict() for event in stream_with_a_nan() if isinstance(event, StepMetrics)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
-    (tmp_path / "run.json").write_text(json.dumps({"config": {"method": "lora", "seq_len": 256}, "total_steps": 10, "status": "running"}))
+    (tmp_path / "run.json").write_text(
+        json.dumps({"config": {"method": "lora", "seq_len": 256}, "total_steps": 10, "status": "running"})
+    )
     app = WatchDashboard(watch_dir=tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
@@ -159,16 +177,24 @@ def test_the_dashboard_shows_the_kd_and_lm_parts_and_the_teacher(tmp_path):
     from llmprune.ui.metrics_follower import MetricsFollower
 
     state = DashboardState()
-    state.apply(RunStarted("/runs/kd", "full", 10, 0, 1, 256, 1000, 1000, "cpu", teacher="smollm2-135m (T=1, KD weight 0.5)"))
+    state.apply(
+        RunStarted("/runs/kd", "full", 10, 0, 1, 256, 1000, 1000, "cpu", teacher="smollm2-135m (T=1, KD weight 0.5)")
+    )
     state.apply(StepMetrics(1, 1, 2.25, 1e-4, 0.5, 512.0, lm_loss=3.5, kd_loss=1.0))
     text = str(state.stats_text())
-    assert "KD loss 1.0000" in text and "LM loss 3.5000" in text and "teacher: smollm2-135m (T=1, KD weight 0.5)" in text
+    assert (
+        "KD loss 1.0000" in text and "LM loss 3.5000" in text and "teacher: smollm2-135m (T=1, KD weight 0.5)" in text
+    )
     plain = DashboardState()
     plain.apply(StepMetrics(1, 1, 2.25, 1e-4, 0.5, 512.0))
     assert "KD loss" not in str(plain.stats_text())
     # watch mode reads the parts back from metrics.jsonl and the teacher from run.json
-    (tmp_path / "run.json").write_text(json.dumps({"config": {"method": "full", "teacher": "smollm2-135m"}, "total_steps": 10, "status": "running"}))
-    (tmp_path / "metrics.jsonl").write_text(json.dumps(StepMetrics(1, 1, 2.25, 1e-4, 0.5, 512.0, lm_loss=3.5, kd_loss=1.0).to_dict()) + "\n")
+    (tmp_path / "run.json").write_text(
+        json.dumps({"config": {"method": "full", "teacher": "smollm2-135m"}, "total_steps": 10, "status": "running"})
+    )
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps(StepMetrics(1, 1, 2.25, 1e-4, 0.5, 512.0, lm_loss=3.5, kd_loss=1.0).to_dict()) + "\n"
+    )
     watched = DashboardState()
     for event in MetricsFollower(tmp_path).poll():
         watched.apply(event)

@@ -9,18 +9,44 @@ from typer.testing import CliRunner
 from llmprune.cli.app import app
 from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.models import load_model
+from llmprune.engine.recipes.registry import get_recipe
 from llmprune.engine.recipes.runner import RecipeConfig, StepSkipped, StepStarted, run_recipe
 from llmprune.engine.recipes.steps import StepAdapters
-from llmprune.engine.recipes.registry import get_recipe
 
-BUDGET = ["--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4", "--samples", "8", "--epochs", "1",
-          "--warmup-steps", "0", "--batch-size", "4"]
+BUDGET = [
+    "--seq-len",
+    "32",
+    "--calibration-samples",
+    "4",
+    "--eval-windows",
+    "4",
+    "--samples",
+    "8",
+    "--epochs",
+    "1",
+    "--warmup-steps",
+    "0",
+    "--batch-size",
+    "4",
+]
 
 
 def recipe_config(model_dir, corpus, out, ratio=0.3, **kwargs) -> RecipeConfig:
-    recipe = get_recipe("safe").with_overrides(prune={"ratio": ratio}, finetune={"samples": 8, "epochs": 1, "warmup_steps": 0})
-    return RecipeConfig(recipe=recipe, model=str(model_dir), out=str(out), dataset=str(corpus), eval_dataset=str(corpus),
-                        seq_len=32, calibration_samples=4, eval_windows=4, batch_size=4, **kwargs)
+    recipe = get_recipe("safe").with_overrides(
+        prune={"ratio": ratio}, finetune={"samples": 8, "epochs": 1, "warmup_steps": 0}
+    )
+    return RecipeConfig(
+        recipe=recipe,
+        model=str(model_dir),
+        out=str(out),
+        dataset=str(corpus),
+        eval_dataset=str(corpus),
+        seq_len=32,
+        calibration_samples=4,
+        eval_windows=4,
+        batch_size=4,
+        **kwargs,
+    )
 
 
 class BreaksAbove(StepAdapters):
@@ -46,9 +72,25 @@ class BreaksAbove(StepAdapters):
 
 
 def test_recipe_cli_runs_end_to_end_and_saves_the_report(tiny_model_dir, pydoc_text_file, tmp_path):
-    result = CliRunner().invoke(app, ["recipe", "safe", "--model", str(tiny_model_dir), "--dataset", str(pydoc_text_file),
-                                      "--eval-dataset", str(pydoc_text_file), "--out", str(tmp_path), "--ratio", "0.3",
-                                      *BUDGET, "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "recipe",
+            "safe",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(pydoc_text_file),
+            "--eval-dataset",
+            str(pydoc_text_file),
+            "--out",
+            str(tmp_path),
+            "--ratio",
+            "0.3",
+            *BUDGET,
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["status"] == "done" and [row["stage"] for row in report["rows"]] == ["base", "pruned", "fine-tuned"]
@@ -73,8 +115,10 @@ def test_the_gate_stops_on_a_planted_broken_model_and_fine_tunes_nothing(tiny_mo
 
 def test_auto_retreat_re_prunes_lower_until_the_verdict_passes(tiny_model_dir, pydoc_text_file, tmp_path):
     steps = BreaksAbove(threshold=0.2)
-    report = run_recipe(recipe_config(tiny_model_dir, pydoc_text_file, tmp_path, ratio=0.3, auto_retreat=True, skip_finetune=True),
-                        steps=steps)
+    report = run_recipe(
+        recipe_config(tiny_model_dir, pydoc_text_file, tmp_path, ratio=0.3, auto_retreat=True, skip_finetune=True),
+        steps=steps,
+    )
     assert report.status == "done" and report.ratio_used == 0.2
     assert [attempt["ratio"] for attempt in report.attempts] == [0.3, 0.25, 0.2]
     assert [attempt["verdict"] in ("healthy", "acceptable") for attempt in report.attempts] == [False, False, True]

@@ -17,12 +17,35 @@ def test_attn_only_recipe_on_smollm2(wikitext_valid, wikitext_test, tmp_path):
         load_model("smollm2-135m")
     except Exception as error:  # the package is installed by `make install`
         pytest.skip(f"smollm2-135m unavailable: {error}")
-    result = CliRunner().invoke(app, [
-        "recipe", "attn-only", "--dataset", str(wikitext_valid), "--eval-dataset", str(wikitext_test), "--out", str(tmp_path),
-        # one-pass importance and two windows everywhere keep this to seconds of compute
-        "--importance", "block-influence", "--seq-len", "64", "--calibration-samples", "2", "--eval-windows", "2",
-        "--batch-size", "2", "--samples", "2", "--epochs", "1", "--json",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "recipe",
+            "attn-only",
+            "--dataset",
+            str(wikitext_valid),
+            "--eval-dataset",
+            str(wikitext_test),
+            "--out",
+            str(tmp_path),
+            # one-pass importance and two windows everywhere keep this to seconds of compute
+            "--importance",
+            "block-influence",
+            "--seq-len",
+            "64",
+            "--calibration-samples",
+            "2",
+            "--eval-windows",
+            "2",
+            "--batch-size",
+            "2",
+            "--samples",
+            "2",
+            "--epochs",
+            "1",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     base, pruned, tuned = report["rows"]

@@ -24,7 +24,9 @@ def test_alias_loads_a_plain_saveable_llama(smollm2):
 def test_eval_cli_matches_a_plain_transformers_loop(smollm2, wikitext_test):
     from llmprune.engine.data import load_evaluation_windows
 
-    result = runner_json(["eval", "smollm2-135m", "--dataset", str(wikitext_test), "--seq-len", "128", "--max-windows", "8"])
+    result = runner_json(
+        ["eval", "smollm2-135m", "--dataset", str(wikitext_test), "--seq-len", "128", "--max-windows", "8"]
+    )
     windows = load_evaluation_windows(smollm2.tokenizer, str(wikitext_test), 128, 8)
     with torch.no_grad():
         losses = [smollm2.model(input_ids=w[None], labels=w[None]).loss.item() for w in windows.ids]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 
@@ -17,8 +16,17 @@ def test_two_processes_share_the_steps_and_write_one_run(tmp_path, pydoc_text_fi
     run = tmp_path / "run"
     run.with_suffix(".txt").write_text(pydoc_text_file.read_text()[:60_000])
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(REPO_ROOT / "tests" / "ddp_finetune_script.py"), str(run)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(REPO_ROOT / "tests" / "ddp_finetune_script.py"),
+        str(run),
+    ]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert finished.returncode == 0, finished.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -26,5 +34,8 @@ def test_two_processes_share_the_steps_and_write_one_run(tmp_path, pydoc_text_fi
     assert [(r["world"], r["steps"], r["status"]) for r in ranks] == [(2, 4, "completed")] * 2
     assert ranks[0]["best_loss"] == ranks[1]["best_loss"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
-    assert sorted(p.name for p in (run / "checkpoints" / "step-000004").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step-000004").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert (run / "model" / "model.safetensors").is_file()

@@ -2,6 +2,8 @@
 
 import pytest
 
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.pruning.allocation import (
     LayerUnits,
     PlanOptions,
@@ -9,8 +11,6 @@ from llmprune.engine.pruning.allocation import (
     parse_target_params,
     unit_counts,
 )
-from llmprune.engine.io.architecture import LayerShape
-from llmprune.engine.core.errors import UserInputError
 
 SCORES = [5.0, 0.9, 0.2, 0.1, 0.3, 0.05, 0.4, 0.8, 1.2, 3.0]  # U-shaped, like real models
 
@@ -23,7 +23,9 @@ def _mean(rates, options):
 @pytest.mark.parametrize("strategy", ["inverse", "proportional", "uniform"])
 @pytest.mark.parametrize("ratio,min_rate,max_rate", [(0.2, 0.0, 0.8), (0.3, 0.1, 0.4), (0.5, 0.05, 0.9)])
 def test_rates_respect_clamps_protection_and_mean(strategy, ratio, min_rate, max_rate):
-    options = PlanOptions(ratio=ratio, strategy=strategy, alpha=3.0, min_rate=min_rate, max_rate=max_rate, layer_start=2, layer_end=9)
+    options = PlanOptions(
+        ratio=ratio, strategy=strategy, alpha=3.0, min_rate=min_rate, max_rate=max_rate, layer_start=2, layer_end=9
+    )
     rates = layer_rates(SCORES, options)
     assert rates[0] == rates[1] == rates[9] == 0.0
     assert all(min_rate - 1e-9 <= rates[i] <= max_rate + 1e-9 for i in range(2, 9))
@@ -106,7 +108,9 @@ def test_unit_counts_without_mlp_keep_widths():
     assert unit_counts([0.4], _shapes(1))[0] == LayerUnits(kv_heads=2, heads=6, intermediate_size=1536)
 
 
-@pytest.mark.parametrize("text,expected", [("6.5B", 6_500_000_000), ("110M", 110_000_000), ("0.8", 8_000_000_000), ("1e9", 1_000_000_000)])
+@pytest.mark.parametrize(
+    "text,expected", [("6.5B", 6_500_000_000), ("110M", 110_000_000), ("0.8", 8_000_000_000), ("1e9", 1_000_000_000)]
+)
 def test_parse_target_params(text, expected):
     assert parse_target_params(text, 10_000_000_000) == expected
 

@@ -22,6 +22,8 @@ from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "llmprune"
 UI_LIBRARIES = ("typer", "click", "rich", "textual")
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(REPO_ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -51,7 +53,10 @@ def _imports(name: str, path: Path) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {name: {other for other in _imports(name, path) if other in modules and other != name} for name, path in modules.items()}
+    return {
+        name: {other for other in _imports(name, path) if other in modules and other != name}
+        for name, path in modules.items()
+    }
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -111,19 +116,26 @@ def test_no_cycle_between_the_engines_packages():
     for others in list(graph.values()):
         for other in others:
             graph.setdefault(other, set())
-    assert find_cycles(graph) == []  # e.g. io never imports diagnose; evaluate and diagnose stream through walk, not pruning
+    assert (
+        find_cycles(graph) == []
+    )  # e.g. io never imports diagnose; evaluate and diagnose stream through walk, not pruning
 
 
 @pytest.mark.parametrize("name", sorted(name for name in _modules() if name.startswith("llmprune.engine")))
 def test_the_engine_imports_no_ui_library(name):
     used = {module for module in _imports(name, _modules()[name]) if module.split(".")[0] in UI_LIBRARIES}
-    assert used == set(), f"{name} imports {sorted(used)}: the engine returns result objects; rendering belongs in llmprune/ui or llmprune/cli"
+    assert used == set(), (
+        f"{name} imports {sorted(used)}: the engine returns result objects; rendering belongs in llmprune/ui or"
+        " llmprune/cli"
+    )
 
 
 def test_test_folders_are_the_three_groups():
     # a test file directly in tests/ still runs (testpaths = tests); its place is tests/unit (engine),
     # tests/cli (commands, UI) or tests/e2e (whole pipelines, real model)
-    folders = {path.parent.relative_to(REPO_ROOT / "tests").as_posix() for path in (REPO_ROOT / "tests").rglob("test_*.py")}
+    folders = {
+        path.parent.relative_to(REPO_ROOT / "tests").as_posix() for path in (REPO_ROOT / "tests").rglob("test_*.py")
+    }
     assert folders <= {".", "unit", "cli", "e2e"}
 
 
@@ -136,6 +148,9 @@ def test_architecture_doc_describes_every_engine_package():
 
 def test_the_engine_imports_nothing_from_the_cli_or_the_ui():
     graph = import_graph()
-    wrong = {name: sorted(o for o in others if o.startswith(("llmprune.cli", "llmprune.ui")))
-             for name, others in graph.items() if name.startswith("llmprune.engine")}
+    wrong = {
+        name: sorted(o for o in others if o.startswith(("llmprune.cli", "llmprune.ui")))
+        for name, others in graph.items()
+        if name.startswith("llmprune.engine")
+    }
     assert {name: others for name, others in wrong.items() if others} == {}

@@ -27,7 +27,9 @@ def test_docs_benchmarks_md_is_current():
 
 def test_every_results_file_has_the_schema_and_a_section():
     results = render_docs.load_results()  # raises ResultsError naming the file
-    assert {name for name, _ in results} == {path.name for path in (REPO_ROOT / "benchmarks" / "results").glob("*.json")}
+    assert {name for name, _ in results} == {
+        path.name for path in (REPO_ROOT / "benchmarks" / "results").glob("*.json")
+    }
     rendered = render_docs.render()
     for name, data in results:
         assert f"`benchmarks/results/{name}`" in rendered and data["command"].strip() in rendered
@@ -40,10 +42,20 @@ def _write(directory, name, **data):
 def test_render_is_generic_and_deterministic(tmp_path):
     base = {"command": "python benchmarks/x.py --n 2", "machine": "2-core CPU, 24 GiB", "date": "2026-12-01"}
     _write(tmp_path, "b_second", title="Second", **base, tables=[], raw=[1, 2, 3])
-    _write(tmp_path, "a_first", title="First | piped", **base, notes="Why it *matters*.", tables=[
-        {"caption": "sizes", "columns": ["model", "params", "PPL", "ok"],
-         "rows": [["dense", 134515008, 53.96462, True], ["pruned", 107529984, None, False]]},
-    ])
+    _write(
+        tmp_path,
+        "a_first",
+        title="First | piped",
+        **base,
+        notes="Why it *matters*.",
+        tables=[
+            {
+                "caption": "sizes",
+                "columns": ["model", "params", "PPL", "ok"],
+                "rows": [["dense", 134515008, 53.96462, True], ["pruned", 107529984, None, False]],
+            },
+        ],
+    )
     text = render_docs.render(tmp_path)
     assert text == render_docs.render(tmp_path)
     assert text.index("## First") < text.index("## Second")  # by file name
@@ -53,10 +65,13 @@ def test_render_is_generic_and_deterministic(tmp_path):
     assert "[1, 2, 3]" not in text  # raw fields are not rendered
 
 
-@pytest.mark.parametrize("broken", [
-    {"title": "t", "machine": "m", "date": "d", "tables": []},  # no command
-    {"title": "t", "command": "c", "machine": "m", "date": "d", "tables": [{"columns": ["a", "b"], "rows": [[1]]}]},
-])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"title": "t", "machine": "m", "date": "d", "tables": []},  # no command
+        {"title": "t", "command": "c", "machine": "m", "date": "d", "tables": [{"columns": ["a", "b"], "rows": [[1]]}]},
+    ],
+)
 def test_a_file_off_the_schema_is_named(tmp_path, broken):
     _write(tmp_path, "bad", **broken)
     with pytest.raises(render_docs.ResultsError, match="bad.json"):
@@ -66,7 +81,9 @@ def test_a_file_off_the_schema_is_named(tmp_path, broken):
 def test_results_file_helper_writes_what_the_renderer_reads(tmp_path, monkeypatch):
     results_file = _load("results_file")
     monkeypatch.setattr(results_file, "RESULTS", tmp_path)
-    path = results_file.write_results("demo", title="Demo", tables=[results_file.table("t", ["a"], [[1]])], rows=[{"a": 1}])
+    path = results_file.write_results(
+        "demo", title="Demo", tables=[results_file.table("t", ["a"], [[1]])], rows=[{"a": 1}]
+    )
     data = json.loads(path.read_text())
     assert data["rows"] == [{"a": 1}] and data["command"].startswith("python ") and len(data["date"]) == 10
     assert "| a |\n|---:|\n| 1 |" in render_docs.render(tmp_path)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from llmprune.engine.io.architecture import layer_shapes
+from llmprune.engine.io.checkpoint import save_model
+from llmprune.engine.io.models import load_model
 from llmprune.engine.pruning.calibrated import (
     CalibratedPruneOptions,
     InMemoryLayers,
@@ -15,8 +17,6 @@ from llmprune.engine.pruning.calibrated import (
     measure_units,
     prune_to_target,
 )
-from llmprune.engine.io.checkpoint import save_model
-from llmprune.engine.io.models import load_model
 
 SEQ = 32
 
@@ -49,7 +49,7 @@ def test_block_influence_and_input_energy_are_means_over_every_token():
     store, runner = InMemoryLayers(model), _runner(model)
     scores = measure_units(store, ids, runner, "magnitude")
     hidden = store.embed(ids)
-    for layer, score in zip(model.model.layers, scores):
+    for layer, score in zip(model.model.layers, scores, strict=False):
         out = runner.layer(layer, hidden)
         flat_in, flat_out = hidden.flatten(0, 1).double(), out.flatten(0, 1).double()
         influence = (1 - torch.nn.functional.cosine_similarity(flat_in, flat_out, dim=-1)).mean()
@@ -74,11 +74,15 @@ def test_global_allocation_meets_the_budget_and_spares_sensitive_layers():
     target = int(0.2 * _count(model))
     plans = allocate(scores, target)
     removed = sum(
-        (len(s.group_scores) - p.keep_groups) * s.group_params + (len(s.channel_scores) - p.keep_channels) * s.channel_params
-        for s, p in zip(scores, plans)
+        (len(s.group_scores) - p.keep_groups) * s.group_params
+        + (len(s.channel_scores) - p.keep_channels) * s.channel_params
+        for s, p in zip(scores, plans, strict=False)
     )
     assert removed >= target
-    assert all(p.keep_groups >= 1 and p.keep_channels >= 0.2 * len(s.channel_scores) for s, p in zip(scores, plans))
+    assert all(
+        p.keep_groups >= 1 and p.keep_channels >= 0.2 * len(s.channel_scores)
+        for s, p in zip(scores, plans, strict=False)
+    )
     # units are ranked by damage per parameter relative to the layer's input energy: layers differ
     assert len({p.keep_channels for p in plans}) > 1
 
@@ -91,7 +95,13 @@ def test_least_squares_tracks_the_dense_model_better_than_bias_or_nothing():
     errors = {}
     for compensation in ("none", "bias", "lstsq"):
         model = make_tiny_model()
-        prune_to_target(InMemoryLayers(model), ids, _runner(model), int(0.2 * _count(model)), CalibratedPruneOptions(compensation=compensation))
+        prune_to_target(
+            InMemoryLayers(model),
+            ids,
+            _runner(model),
+            int(0.2 * _count(model)),
+            CalibratedPruneOptions(compensation=compensation),
+        )
         assert _count(model) <= 0.8 * _count(dense)
         with torch.no_grad():
             errors[compensation] = float((model(held_out).logits - reference).pow(2).mean())

@@ -48,7 +48,7 @@ def test_group_fluctuation_is_the_variance_of_the_groups_output():
     linear, x = _linear(), _inputs()
     groups = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9, 10, 11]]
     scores = comp.group_fluctuation(linear.weight, _stats(linear, x), groups)
-    for group, score in zip(groups, scores):
+    for group, score in zip(groups, scores, strict=False):
         contribution = x[:, group].double() @ linear.weight[:, group].detach().double().T
         expected = contribution.var(0, unbiased=False).sum()
         torch.testing.assert_close(score, expected)

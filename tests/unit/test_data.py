@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from llmprune.engine.data import evaluation_windows, load_text, random_windows, tokenize
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.data import evaluation_windows, load_text, random_windows, tokenize
 
 
 def test_txt_is_read_exactly(tmp_path):

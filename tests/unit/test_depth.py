@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from llmprune.engine.io.checkpoint import save_model
-from llmprune.engine.pruning.depth import drop_layers, least_influential
 from llmprune.engine.io.models import load_model
+from llmprune.engine.pruning.depth import drop_layers, least_influential
 
 
 def test_least_influential_never_picks_the_first_or_last_layer():
@@ -52,9 +52,28 @@ def test_prune_cli_drops_layers_then_cuts_units_to_the_target(tiny_model_dir, py
 
     from llmprune.cli.app import app
 
-    result = CliRunner().invoke(app, ["prune", str(tiny_model_dir), "--drop-layers", "1", "--target-params", "0.7",
-                                      "--dataset", str(pydoc_text_file), "--importance-samples", "8", "--seq-len", "32",
-                                      "--out", str(tmp_path / "m"), "--log-dir", str(tmp_path / "logs"), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            str(tiny_model_dir),
+            "--drop-layers",
+            "1",
+            "--target-params",
+            "0.7",
+            "--dataset",
+            str(pydoc_text_file),
+            "--importance-samples",
+            "8",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "m"),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     dropped = report["options"]["dropped_layers"]

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
-from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
+from llmprune.engine.io.checkpoint import save_model
 from tests.conftest import make_tiny_model
 
 runner = CliRunner()
@@ -98,8 +98,12 @@ def test_forward_test_names_the_first_non_finite_module(tiny_model_dir, tmp_path
 def test_gqa_breaking_shape_is_named(tiny_model_dir, tmp_path):
     state = {name: tensor.clone() for name, tensor in make_tiny_model().state_dict().items()}
     head_dim = 8
-    state["model.layers.1.self_attn.q_proj.weight"] = state["model.layers.1.self_attn.q_proj.weight"][: 7 * head_dim].clone()
-    state["model.layers.1.self_attn.o_proj.weight"] = state["model.layers.1.self_attn.o_proj.weight"][:, : 7 * head_dim].clone()
+    state["model.layers.1.self_attn.q_proj.weight"] = state["model.layers.1.self_attn.q_proj.weight"][
+        : 7 * head_dim
+    ].clone()
+    state["model.layers.1.self_attn.o_proj.weight"] = state["model.layers.1.self_attn.o_proj.weight"][
+        :, : 7 * head_dim
+    ].clone()
     path = tmp_path / "gqa.bin"
     torch.save(state, path)
     code, data = _json(path, "--base-model", tiny_model_dir)
@@ -148,7 +152,14 @@ def _prune_one_kv_group(model, layer_index: int) -> None:
 def test_pruned_directory_reports_gqa_and_verdict_relative_to_base(tmp_path, tiny_tokenizer, ppl_after, label, code):
     model = make_tiny_model()
     _prune_one_kv_group(model, 1)
-    provenance = {"base_model": "tiny", "ppl_before": 20.0, "ppl_after": ppl_after, "dataset": "pydoc", "seq_len": 32, "max_windows": 4}
+    provenance = {
+        "base_model": "tiny",
+        "ppl_before": 20.0,
+        "ppl_after": ppl_after,
+        "dataset": "pydoc",
+        "seq_len": 32,
+        "max_windows": 4,
+    }
     out = save_model(model, tiny_tokenizer, tmp_path / "pruned", provenance)
     code_seen, data = _json(out)
     assert code_seen == code
@@ -194,7 +205,14 @@ def test_empty_file(tmp_path):
     _assert_one_line_exit_2(_doctor(path), "is empty")
 
 
-@pytest.mark.parametrize("name,needle", [("notes.txt", "not a model file"), ("model.safetensors", "not a readable safetensors"), ("model.bin", "not a readable PyTorch checkpoint")])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("notes.txt", "not a model file"),
+        ("model.safetensors", "not a readable safetensors"),
+        ("model.bin", "not a readable PyTorch checkpoint"),
+    ],
+)
 def test_text_file(tmp_path, name, needle):
     path = tmp_path / name
     path.write_text("these are not weights\n" * 20)
@@ -215,7 +233,14 @@ def test_state_dict_that_does_not_fit_base_model(tmp_path, tiny_model_dir):
     _assert_one_line_exit_2(_doctor(path, "--base-model", tiny_model_dir), "does not fit")
 
 
-@pytest.mark.parametrize("args,needle", [(["--seq-len", "1", "--ppl"], "--seq-len"), (["--base-ppl", "0"], "--base-ppl"), (["--max-windows", "0"], "--max-windows")])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--seq-len", "1", "--ppl"], "--seq-len"),
+        (["--base-ppl", "0"], "--base-ppl"),
+        (["--max-windows", "0"], "--max-windows"),
+    ],
+)
 def test_bad_options(tiny_model_dir, args, needle):
     _assert_one_line_exit_2(_doctor(tiny_model_dir, *args), needle)
 
@@ -234,7 +259,9 @@ def test_smollm2_passes_clean_with_forward_test():
     assert data["findings"] == []
     assert data["num_parameters"] == 134_515_008
     layers = data["structure"]["layers"]
-    assert len(layers) == 30 and {(l["heads"], l["kv_heads"], l["mlp_width"]) for l in layers} == {(9, 3, 1536)}
+    assert len(layers) == 30 and {(layer["heads"], layer["kv_heads"], layer["mlp_width"]) for layer in layers} == {
+        (9, 3, 1536)
+    }
     assert data["structure"]["tied_embeddings"] is True
     assert data["forward"]["ok"] and data["forward"]["output_shape"][-1] == 49152
 

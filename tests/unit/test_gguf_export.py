@@ -7,24 +7,30 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_model
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model
+from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.gguf_export import ExportConfig, export_gguf, llama3_rope_factors
 from llmprune.engine.io.gguf_tensors import layer_dims, permute
 from llmprune.engine.io.tensor_store import StateDictStore
-from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.pruning.surgery import prune_kv_groups, prune_mlp_channels
 
 gguf = pytest.importorskip("gguf")
 
 _NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.o_proj.bias": "attn_output.bias", "mlp.down_proj.bias": "ffn_down.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "mlp.down_proj.bias": "ffn_down.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
@@ -87,7 +93,9 @@ def test_dense_model_exports_as_llama_with_every_tensor_and_key(tiny_model_dir, 
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.bos_token_id"] == tiny_tokenizer.bos_token_id
     assert fields["tokenizer.ggml.add_bos_token"] is False  # this tokenizer adds nothing, so llama.cpp must not either
-    assert len(fields["tokenizer.ggml.merges"]) == len(json.loads(tiny_tokenizer.backend_tokenizer.to_str())["model"]["merges"])
+    assert len(fields["tokenizer.ggml.merges"]) == len(
+        json.loads(tiny_tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    )
 
 
 def test_non_uniform_pruned_model_exports_as_deci_with_per_layer_shapes(tiny_tokenizer, tmp_path):
@@ -111,9 +119,17 @@ def test_non_uniform_pruned_model_exports_as_deci_with_per_layer_shapes(tiny_tok
 
 
 def test_llama3_details_untied_head_rope_freqs_head_dim_128_vocab_128256(tiny_tokenizer, tmp_path):
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    model = make_tiny_model(layers=2, heads=1, kv_heads=1, hidden=128, intermediate=64, vocab=128256, rope_parameters=rope)
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    model = make_tiny_model(
+        layers=2, heads=1, kv_heads=1, hidden=128, intermediate=64, vocab=128256, rope_parameters=rope
+    )
     model.config.head_dim = 128
     save_model(model, tiny_tokenizer, tmp_path / "llama3")
 
@@ -131,8 +147,13 @@ def test_llama3_details_untied_head_rope_freqs_head_dim_128_vocab_128256(tiny_to
     np.testing.assert_allclose(tensors["rope_freqs.weight"], llama3_rope_factors(500000.0, 128, rope).numpy())
     assert tensors["rope_freqs.weight"].shape == (64,) and tensors["rope_freqs.weight"].max() == 8.0
     types = {t.name: t.tensor_type for t in reader.tensors}
-    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16 and types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
-    np.testing.assert_allclose(tensors["token_embd.weight"], model.model.embed_tokens.weight.detach().numpy(), atol=1e-3)
+    assert (
+        types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+        and types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    )
+    np.testing.assert_allclose(
+        tensors["token_embd.weight"], model.model.embed_tokens.weight.detach().numpy(), atol=1e-3
+    )
 
 
 def test_q8_0_keeps_rows_not_a_multiple_of_32_in_f16(tiny_tokenizer, tmp_path):
@@ -144,12 +165,16 @@ def test_q8_0_keeps_rows_not_a_multiple_of_32_in_f16(tiny_tokenizer, tmp_path):
     reader = _check_tensors(tmp_path / "odd.gguf", model, atol=0.01)  # q8_0 keeps values within a block's scale / 127
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
-    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0 and types["blk.0.ffn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert (
+        types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
+        and types["blk.0.ffn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    )
 
 
 def test_layers_without_heads_or_channels_get_one_zero_head():
     state = {
-        "model.layers.0.self_attn.q_proj.weight": torch.zeros(0, 16), "model.layers.0.self_attn.k_proj.weight": torch.zeros(0, 16),
+        "model.layers.0.self_attn.q_proj.weight": torch.zeros(0, 16),
+        "model.layers.0.self_attn.k_proj.weight": torch.zeros(0, 16),
         "model.layers.0.mlp.gate_proj.weight": torch.zeros(0, 16),
     }
     dims, padded = layer_dims(StateDictStore(state), 1, head_dim=4)
@@ -178,9 +203,32 @@ def test_cli_export_json_and_bad_input(tiny_model_dir, tmp_path):
 def test_recipe_export_gguf_writes_the_final_model_as_the_last_step(tiny_model_dir, pydoc_text_file, tmp_path):
     from llmprune.cli.app import app
 
-    args = ["recipe", "safe", "--model", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--eval-dataset", str(pydoc_text_file),
-            "--out", str(tmp_path), "--ratio", "0.3", "--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4",
-            "--batch-size", "4", "--skip-finetune", "--export", "gguf", "--json"]
+    args = [
+        "recipe",
+        "safe",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(pydoc_text_file),
+        "--eval-dataset",
+        str(pydoc_text_file),
+        "--out",
+        str(tmp_path),
+        "--ratio",
+        "0.3",
+        "--seq-len",
+        "32",
+        "--calibration-samples",
+        "4",
+        "--eval-windows",
+        "4",
+        "--batch-size",
+        "4",
+        "--skip-finetune",
+        "--export",
+        "gguf",
+        "--json",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / f"{tiny_model_dir.name}-safe-30"
@@ -191,6 +239,8 @@ def test_recipe_export_gguf_writes_the_final_model_as_the_last_step(tiny_model_d
     pruned_heads = json.loads((run_dir / "pruned" / "llmprune.json").read_text())["layer_shapes"]
     arch = _fields(reader)["general.architecture"]
     heads = _fields(reader)[f"{arch}.attention.head_count"]
-    assert (heads if isinstance(heads, list) else [heads] * 4) == [shape["num_attention_heads"] for shape in pruned_heads]
+    assert (heads if isinstance(heads, list) else [heads] * 4) == [
+        shape["num_attention_heads"] for shape in pruned_heads
+    ]
     bad = CliRunner().invoke(app, [*args[:-3], "--export", "onnx"])
     assert bad.exit_code == 2 and "--export" in bad.output

@@ -100,7 +100,16 @@ def test_report_to_dict_is_json_ready(tiny_model):
 
 @pytest.mark.parametrize(
     "ppl,label",
-    [(9.0, "healthy"), (14.99, "healthy"), (15.0, "acceptable"), (24.0, "acceptable"), (30.0, "too high"), (50.0, "broken"), (math.inf, "broken"), (math.nan, "broken")],
+    [
+        (9.0, "healthy"),
+        (14.99, "healthy"),
+        (15.0, "acceptable"),
+        (24.0, "acceptable"),
+        (30.0, "too high"),
+        (50.0, "broken"),
+        (math.inf, "broken"),
+        (math.nan, "broken"),
+    ],
 )
 def test_absolute_verdict(ppl, label):
     verdict = ppl_verdict(ppl)
@@ -134,7 +143,9 @@ def test_lora_wrapped_model_is_checked_through_its_wrapper():
     with torch.no_grad():
         model.base_model.model.model.layers[2].self_attn.q_proj.lora_A["default"].weight[0, 0] = float("nan")
     report = preflight_check(model)
-    assert [f.location for f in report.findings if f.check == "nan"] == ["base_model.model.model.layers.2.self_attn.q_proj.lora_A.default.weight"]
+    assert [f.location for f in report.findings if f.check == "nan"] == [
+        "base_model.model.model.layers.2.self_attn.q_proj.lora_A.default.weight"
+    ]
     assert report.forward.first_nonfinite_module.endswith("layers.2.self_attn.q_proj.lora_A.default")
 
 

@@ -1,15 +1,17 @@
-"""Layer and unit importance: the fast removal score equals the naive one at half the work; unit scores see the weights and data."""
+"""Layer and unit importance: the fast removal score equals the naive one at half the work; unit scores see the weights
+and data.
+"""
 
 import pytest
 import torch
 
-from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.data import TokenWindows
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
-from llmprune.engine.walk.layer_store import runner_for
-from llmprune.engine.pruning.unit_scores import UNIT_SCORES, get_unit_score
 from llmprune.engine.pruning.surgery import mask_kv_groups
+from llmprune.engine.pruning.unit_scores import UNIT_SCORES, get_unit_score
+from llmprune.engine.walk.layer_store import runner_for
 from tests.conftest import make_tiny_model
 
 
@@ -62,8 +64,10 @@ def test_magnitude_scores_match_the_weights():
     scores = UNIT_SCORES["magnitude"].kv_groups(layer, None)
     attn = layer.self_attn
     group1 = (
-        attn.q_proj.weight[32:64].pow(2).sum() + attn.o_proj.weight[:, 32:64].pow(2).sum()
-        + attn.k_proj.weight[8:16].pow(2).sum() + attn.v_proj.weight[8:16].pow(2).sum()
+        attn.q_proj.weight[32:64].pow(2).sum()
+        + attn.o_proj.weight[:, 32:64].pow(2).sum()
+        + attn.k_proj.weight[8:16].pow(2).sum()
+        + attn.v_proj.weight[8:16].pow(2).sum()
     )
     assert scores[1].item() == pytest.approx(group1.item(), rel=1e-5)
     channels = UNIT_SCORES["magnitude"].mlp_channels(layer, None)

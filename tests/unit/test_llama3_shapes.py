@@ -29,9 +29,20 @@ def llama3_like_dir(tmp_path_factory, tiny_tokenizer):
     """3 layers, hidden 256, 8 query heads of 128 over 2 KV heads (4:1), untied head, rope θ 500,000; bf16, 3 shards."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=384, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
-                         num_key_value_heads=2, head_dim=128, rope_theta=500000.0, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=384,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        rope_theta=500000.0,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -46,7 +57,9 @@ def llama3_like_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def test_streamed_eval_equals_in_memory_eval(llama3_like_dir, pydoc_text_file):
-    common = dict(model=str(llama3_like_dir), dataset=str(pydoc_text_file), seq_len=48, max_windows=5, batch_size=2, device="cpu")
+    common = dict(
+        model=str(llama3_like_dir), dataset=str(pydoc_text_file), seq_len=48, max_windows=5, batch_size=2, device="cpu"
+    )
     in_memory = run_evaluation(EvalConfig(**common, stream=False))
     streamed = run_evaluation(EvalConfig(**common, stream=True))
     assert streamed.windows == in_memory.windows == 5 and streamed.params == in_memory.params
@@ -55,8 +68,16 @@ def test_streamed_eval_equals_in_memory_eval(llama3_like_dir, pydoc_text_file):
 
 
 def _prune(directory, out, stream: bool, text, **extra):
-    config = PruneConfig(model=str(directory), target_params="0.8", stream=stream, out=out, device="cpu", log_dir=out.parent / "logs",
-                         calibration=CalibrationOptions(dataset=str(text), samples=8, seq_len=32), **extra)
+    config = PruneConfig(
+        model=str(directory),
+        target_params="0.8",
+        stream=stream,
+        out=out,
+        device="cpu",
+        log_dir=out.parent / "logs",
+        calibration=CalibrationOptions(dataset=str(text), samples=8, seq_len=32),
+        **extra,
+    )
     return run_prune(config)
 
 
@@ -89,8 +110,12 @@ def test_save_dtype_chooses_another_dtype(llama3_like_dir, pydoc_text_file, tmp_
 def test_streamed_forward_test_equals_the_in_memory_one(llama3_like_dir):
     from llmprune.engine.diagnose.doctor import DoctorConfig, run_doctor
 
-    streamed = run_doctor(DoctorConfig(model=str(llama3_like_dir), test_forward=True, stream=True, device="cpu")).forward
-    in_memory = run_doctor(DoctorConfig(model=str(llama3_like_dir), test_forward=True, stream=False, device="cpu")).forward
+    streamed = run_doctor(
+        DoctorConfig(model=str(llama3_like_dir), test_forward=True, stream=True, device="cpu")
+    ).forward
+    in_memory = run_doctor(
+        DoctorConfig(model=str(llama3_like_dir), test_forward=True, stream=False, device="cpu")
+    ).forward
     assert streamed.ok and in_memory.ok
     assert streamed.output_shape == in_memory.output_shape
     assert streamed.logits_max == pytest.approx(in_memory.logits_max, rel=1e-5)
@@ -117,7 +142,9 @@ def test_phase_peaks_name_the_phase_that_holds_the_memory():
 
 @pytest.mark.slow
 def test_streamed_eval_equals_in_memory_eval_on_smollm2(wikitext_test):
-    common = dict(model="smollm2-135m", dataset=str(wikitext_test), seq_len=256, max_windows=4, batch_size=2, device="cpu")
+    common = dict(
+        model="smollm2-135m", dataset=str(wikitext_test), seq_len=256, max_windows=4, batch_size=2, device="cpu"
+    )
     in_memory = run_evaluation(EvalConfig(**common, stream=False))
     streamed = run_evaluation(EvalConfig(**common, stream=True))
     assert streamed.ppl == pytest.approx(in_memory.ppl, rel=1e-5)

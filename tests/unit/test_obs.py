@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.pruning.obs import obs_removal_error, obs_unit_scores
@@ -18,7 +18,11 @@ SEQ = 32
 
 def _layer(inputs: int = 12, outputs: int = 5, tokens: int = 400, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, inputs, generator=generator, dtype=torch.float64) @ torch.randn(inputs, inputs, generator=generator, dtype=torch.float64) + 0.5
+    x = (
+        torch.randn(tokens, inputs, generator=generator, dtype=torch.float64)
+        @ torch.randn(inputs, inputs, generator=generator, dtype=torch.float64)
+        + 0.5
+    )
     weight = torch.randn(outputs, inputs, generator=generator, dtype=torch.float64)
     bias = torch.randn(outputs, generator=generator, dtype=torch.float64)
     stats = comp.InputStatistics(inputs, gram=True)
@@ -35,7 +39,9 @@ def test_obs_error_is_the_least_squares_residual_of_the_refit():
     x, weight, bias, stats = _layer()
     removed = [1, 4, 6, 10]
     keep = [j for j in range(12) if j not in removed]
-    assert obs_removal_error(weight, bias, stats, removed, damping=0.0) == pytest.approx(_refit_error(x, weight, bias, stats, keep), rel=1e-8)
+    assert obs_removal_error(weight, bias, stats, removed, damping=0.0) == pytest.approx(
+        _refit_error(x, weight, bias, stats, keep), rel=1e-8
+    )
 
 
 def test_obs_keeps_the_group_whose_removal_costs_least_after_refit():
@@ -61,7 +67,14 @@ def test_the_scores_the_allocation_ranks_add_up_to_the_joint_error():
     # two copies of an important input: each alone is free to remove (the other takes over), both together are not;
     # the allocation's scores (no keep=: the whole greedy order) charge the second copy what removing the pair costs
     x, weight, bias, _ = _layer(inputs=8)
-    x = torch.cat([x, x[:, :1] + 1e-3 * torch.randn(x.shape[0], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))], 1)
+    x = torch.cat(
+        [
+            x,
+            x[:, :1]
+            + 1e-3 * torch.randn(x.shape[0], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+        ],
+        1,
+    )
     weight = torch.cat([weight, weight[:, :1]], 1)
     stats = comp.InputStatistics(9, gram=True)
     stats.add(x)
@@ -70,7 +83,9 @@ def test_the_scores_the_allocation_ranks_add_up_to_the_joint_error():
     layer = SimpleNamespace(mlp=SimpleNamespace(down_proj=down_proj))
     scores = UNIT_SCORES["obs"].mlp_channels(layer, stats)  # as measure_units asks: no keep=
     one_shot = obs_unit_scores(weight, stats, 1, remove=0, damping=1e-3)
-    assert float(one_shot[0]) < float(one_shot.median()) and float(one_shot[8]) < float(one_shot.median())  # alone, each looks free
+    assert float(one_shot[0]) < float(one_shot.median()) and float(one_shot[8]) < float(
+        one_shot.median()
+    )  # alone, each looks free
     assert max(float(scores[0]), float(scores[8])) > float(scores.median())  # jointly, the second copy is not
     for count in (2, 4, 6):
         cheapest = scores.argsort()[:count].tolist()

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from llmprune.engine.pruning.allocation import PlanOptions, layer_rates, unit_counts
-from llmprune.engine.io.architecture import gqa_violations, layer_shapes
 from llmprune.engine.data import TokenWindows
+from llmprune.engine.io.architecture import gqa_violations, layer_shapes
+from llmprune.engine.pruning.allocation import PlanOptions, layer_rates, unit_counts
 from llmprune.engine.pruning.prune_model import prune_model
 from llmprune.engine.pruning.surgery import mask_mlp_channels, mask_query_heads
 from tests.conftest import make_tiny_model
@@ -37,7 +37,10 @@ def _mask_like(reference, outcome):
             continue
         layer = reference.model.layers[change.index]
         ratio = change.before.num_attention_heads // change.before.num_key_value_heads
-        groups = [[h % ratio for h in change.kept_query_heads if h // ratio == g] for g in range(change.before.num_key_value_heads)]
+        groups = [
+            [h % ratio for h in change.kept_query_heads if h // ratio == g]
+            for g in range(change.before.num_key_value_heads)
+        ]
         mask_query_heads(layer, groups)
         mask_mlp_channels(layer, change.kept_mlp_channels)
 

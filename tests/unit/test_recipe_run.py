@@ -10,8 +10,8 @@ import json
 import pytest
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.recipes.runner import Notice, RecipeConfig, StepSkipped, StepStarted, run_recipe
 from llmprune.engine.recipes.registry import RECIPES, get_recipe
+from llmprune.engine.recipes.runner import Notice, RecipeConfig, StepSkipped, StepStarted, run_recipe
 
 BASE_PPL = 10.0
 
@@ -41,14 +41,28 @@ class ScriptedSteps:
             ppl = BASE_PPL * 1.1
         rel = ppl / base_ppl
         verdict = "healthy" if rel < 1.25 else "acceptable" if rel < 2 else "too high" if rel < 4 else "broken"
-        return {"model": model, "params": 800, "ppl": ppl, "windows": 4, "verdict": verdict, "explanation": "",
-                "advice": ["re-prune at a lower ratio"], "healthy_weights": True, "errors": [], "seconds": 0.1}
+        return {
+            "model": model,
+            "params": 800,
+            "ppl": ppl,
+            "windows": 4,
+            "verdict": verdict,
+            "explanation": "",
+            "advice": ["re-prune at a lower ratio"],
+            "healthy_weights": True,
+            "errors": [],
+            "seconds": 0.1,
+        }
 
     def analyze(self, config, out_dir, progress=None):
         self.calls.append(("analyze",))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "layer_importance_config.json").write_text("{}")
-        return {"importance_config": str(out_dir / "layer_importance_config.json"), "method": "removal", "scores": [0.1] * 6}
+        return {
+            "importance_config": str(out_dir / "layer_importance_config.json"),
+            "method": "removal",
+            "scores": [0.1] * 6,
+        }
 
     def prune(self, config, importance_config, ratio, out_dir, progress=None):
         self.calls.append(("prune", ratio))
@@ -62,8 +76,14 @@ class ScriptedSteps:
         self.teacher = teacher
         self._maybe_interrupt("finetune")
         (out_dir / "model").mkdir(parents=True, exist_ok=True)
-        return {"status": "completed", "model_dir": str(out_dir / "model"), "run_dir": str(out_dir), "steps": 3,
-                "final_loss": 2.0, "message": ""}
+        return {
+            "status": "completed",
+            "model_dir": str(out_dir / "model"),
+            "run_dir": str(out_dir),
+            "steps": 3,
+            "final_loss": 2.0,
+            "message": "",
+        }
 
     def names(self) -> list[str]:
         return [call[0] for call in self.calls]
@@ -173,11 +193,15 @@ def test_other_settings_in_the_same_run_directory_are_refused(tmp_path):
     with pytest.raises(UserInputError, match="seq_len"):
         run_recipe(changed, steps=ScriptedSteps())
     restarted = ScriptedSteps()
-    run_recipe(config_for(tmp_path, name="base-model-safe-15", seq_len=64, skip_finetune=True, restart=True), steps=restarted)
+    run_recipe(
+        config_for(tmp_path, name="base-model-safe-15", seq_len=64, skip_finetune=True, restart=True), steps=restarted
+    )
     assert restarted.names()[:2] == ["baseline", "analyze"]
 
 
-@pytest.mark.parametrize("kwargs,needle", [({"ratio": 1.5}, "--ratio"), ({"seq_len": 1}, "--seq-len"), ({"name": "a/b"}, "--name")])
+@pytest.mark.parametrize(
+    "kwargs,needle", [({"ratio": 1.5}, "--ratio"), ({"seq_len": 1}, "--seq-len"), ({"name": "a/b"}, "--name")]
+)
 def test_bad_settings_are_user_errors(tmp_path, kwargs, needle):
     with pytest.raises(UserInputError, match=needle):
         config_for(tmp_path, **kwargs).validate()

@@ -1,16 +1,18 @@
-"""Compensation steps and the fluctuation score inside the one pruning pass (prune_model: the plan path of `llmprune prune`)."""
+"""Compensation steps and the fluctuation score inside the one pruning pass (prune_model: the plan path of `llmprune
+prune`).
+"""
 
 from __future__ import annotations
 
 import torch
-
 from conftest import make_tiny_model
+
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.allocation import LayerUnits
-from llmprune.engine.walk.layer_store import runner_for
 from llmprune.engine.pruning.prune_model import prune_model
 from llmprune.engine.pruning.unit_scores import get_unit_score
+from llmprune.engine.walk.layer_store import runner_for
 
 
 def _windows(count: int, seed: int) -> TokenWindows:

@@ -9,19 +9,29 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
 from llmprune.engine.io.safetensors_copy import copy_tensors, read_header, stored_elements
 
 
 def test_copied_tensors_read_back_identical(tmp_path):
     generator = torch.Generator().manual_seed(0)
-    first = {"embed.weight": torch.randn(7, 5, generator=generator), "norm.weight": torch.randn(5, generator=generator).to(torch.bfloat16)}
-    second = {"head.weight": torch.randn(3, 5, generator=generator).to(torch.float16), "layer.weight": torch.randn(2, 2, generator=generator)}
+    first = {
+        "embed.weight": torch.randn(7, 5, generator=generator),
+        "norm.weight": torch.randn(5, generator=generator).to(torch.bfloat16),
+    }
+    second = {
+        "head.weight": torch.randn(3, 5, generator=generator).to(torch.float16),
+        "layer.weight": torch.randn(2, 2, generator=generator),
+    }
     save_file(first, tmp_path / "a.safetensors")
     save_file(second, tmp_path / "b.safetensors")
 
-    sources = {"embed.weight": tmp_path / "a.safetensors", "head.weight": tmp_path / "b.safetensors", "norm.weight": tmp_path / "a.safetensors"}
+    sources = {
+        "embed.weight": tmp_path / "a.safetensors",
+        "head.weight": tmp_path / "b.safetensors",
+        "norm.weight": tmp_path / "a.safetensors",
+    }
     elements = copy_tensors(sources, tmp_path / "out.safetensors", metadata={"format": "pt"})
 
     copied = load_file(tmp_path / "out.safetensors")
@@ -37,11 +47,17 @@ def test_copied_tensors_read_back_identical(tmp_path):
 
 
 def test_element_counts_come_from_the_header(tmp_path):
-    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16)}, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    save_file(
+        {"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16)},
+        tmp_path / "x.safetensors",
+        metadata={"format": "pt"},
+    )
     assert stored_elements(tmp_path / "x.safetensors") == {"a": 12, "b": 5}
 
 
-@pytest.mark.parametrize("content", [b"", b"\x05\x00", b"\x04\x00\x00\x00\x00\x00\x00\x00[1,2", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x05\x00", b"\x04\x00\x00\x00\x00\x00\x00\x00[1,2", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"]
+)
 def test_damaged_header_is_a_user_error(content, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(content)
     with pytest.raises(UserInputError, match="not a readable safetensors file"):

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
 from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.models import load_model
 from llmprune.engine.pruning.surgery import prune_kv_groups, prune_mlp_channels
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 pytest.importorskip("lm_eval")
 
@@ -53,18 +53,20 @@ def direct_scores(model, tokenizer) -> dict:
         sums = []
         for choice in item["choices"]:
             whole = tokenizer(context + " " + choice).input_ids
-            continuation = whole[len(context_ids):]
+            continuation = whole[len(context_ids) :]
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole[:-1]])).logits[0], dim=-1)
             positions = range(len(whole) - 1 - len(continuation), len(whole) - 1)
-            sums.append(sum(float(logprobs[p, token]) for p, token in zip(positions, continuation)))
+            sums.append(sum(float(logprobs[p, token]) for p, token in zip(positions, continuation, strict=False)))
         hits += max(range(len(sums)), key=sums.__getitem__) == item["label"]
-        per_char = [s / len(c) for s, c in zip(sums, item["choices"])]
+        per_char = [s / len(c) for s, c in zip(sums, item["choices"], strict=False)]
         hits_norm += max(range(len(sums)), key=per_char.__getitem__) == item["label"]
     return {"acc": hits / len(_items()), "acc_norm": hits_norm / len(_items())}
 
 
 def _eval_tasks(model_spec: str, *extra: str) -> dict:
-    result = runner.invoke(app, ["eval", model_spec, "--tasks", TASK, "--include-path", str(TASK_DIR), "--json", *extra])
+    result = runner.invoke(
+        app, ["eval", model_spec, "--tasks", TASK, "--include-path", str(TASK_DIR), "--json", *extra]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     [score] = data["scores"]
@@ -98,17 +100,55 @@ def test_a_pruned_model_with_non_uniform_layers(tiny_model_dir, tmp_path, in_tas
 
 
 def test_table_output(tiny_model_dir, in_task_dir):
-    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--tasks", TASK, "--include-path", str(TASK_DIR), "--limit", "4"])
+    result = runner.invoke(
+        app, ["eval", str(tiny_model_dir), "--tasks", TASK, "--include-path", str(TASK_DIR), "--limit", "4"]
+    )
     assert result.exit_code == 0, result.output
     assert TASK in result.stdout and "acc_norm" in result.stdout and "--limit 4" in result.stdout
 
 
-def test_recipe_reports_task_accuracy_of_base_pruned_and_fine_tuned(tiny_model_dir, pydoc_text_file, tmp_path, in_task_dir):
-    budget = ["--seq-len", "32", "--calibration-samples", "4", "--eval-windows", "4", "--samples", "8", "--epochs", "1",
-              "--warmup-steps", "0", "--batch-size", "4"]
-    result = runner.invoke(app, ["recipe", "safe", "--model", str(tiny_model_dir), "--dataset", str(pydoc_text_file),
-                                 "--eval-dataset", str(pydoc_text_file), "--out", str(tmp_path), "--ratio", "0.3", *budget,
-                                 "--tasks", TASK, "--include-path", str(TASK_DIR), "--json"])
+def test_recipe_reports_task_accuracy_of_base_pruned_and_fine_tuned(
+    tiny_model_dir, pydoc_text_file, tmp_path, in_task_dir
+):
+    budget = [
+        "--seq-len",
+        "32",
+        "--calibration-samples",
+        "4",
+        "--eval-windows",
+        "4",
+        "--samples",
+        "8",
+        "--epochs",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--batch-size",
+        "4",
+    ]
+    result = runner.invoke(
+        app,
+        [
+            "recipe",
+            "safe",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(pydoc_text_file),
+            "--eval-dataset",
+            str(pydoc_text_file),
+            "--out",
+            str(tmp_path),
+            "--ratio",
+            "0.3",
+            *budget,
+            "--tasks",
+            TASK,
+            "--include-path",
+            str(TASK_DIR),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     base, pruned, tuned = report["rows"]
@@ -122,8 +162,12 @@ def test_recipe_reports_task_accuracy_of_base_pruned_and_fine_tuned(tiny_model_d
 
 def test_recipe_checks_the_task_options_before_any_work(tiny_model_dir, tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
-    result = runner.invoke(app, ["recipe", "safe", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--tasks", TASK])
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a)
+    )
+    result = runner.invoke(
+        app, ["recipe", "safe", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--tasks", TASK]
+    )
     _one_error_line(result, "llmprune[lm-eval]")
     assert not any(tmp_path.iterdir())
 
@@ -154,7 +198,9 @@ def test_a_real_task_without_its_data_offline_is_one_line(tiny_model_dir, tmp_pa
 
 def test_missing_extra_is_one_line(tiny_model_dir, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a)
+    )
     result = runner.invoke(app, ["eval", str(tiny_model_dir), "--tasks", TASK])
     _one_error_line(result, "lm-evaluation-harness", "llmprune[lm-eval]")
 

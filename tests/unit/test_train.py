@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import make_tiny_model
+from safetensors.torch import load_file
 from single_thread import one_thread  # noqa: F401  (autouse fixture)
-from llmprune.engine.finetune import train
-from llmprune.engine.data import random_windows, tokenize
+
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.events import CheckpointSaved, GuardAlert, RolledBack, RunStarted, StepMetrics
-from llmprune.engine.io.models import load_model
+from llmprune.engine.data import random_windows, tokenize
+from llmprune.engine.finetune import train
 from llmprune.engine.finetune.run_checkpoints import latest_checkpoint
 from llmprune.engine.finetune.train import FinetuneConfig, TrainingControl, UnhealthyModelError, finetune_model
+from llmprune.engine.io.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,9 @@ class NanAtTrainingStep:
 def test_loss_goes_down_on_a_fixed_batch(tmp_path, tiny_tokenizer, token_stream):
     fixed = windows(token_stream, count=1)
     repeated = type(fixed)(fixed.ids.repeat(12, 1), "fixed", fixed.total_tokens_in_source)
-    result = finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, samples=12, lr=3e-3), train_windows=repeated)
+    result = finetune_model(
+        make_tiny_model(), tiny_tokenizer, config(tmp_path, samples=12, lr=3e-3), train_windows=repeated
+    )
     losses = [m["loss"] for m in metrics(result.run_dir)]
     assert result.status == "completed" and result.steps == 12
     assert losses[-1] < 0.7 * losses[0]
@@ -83,7 +85,9 @@ def test_nan_at_step_k_is_caught_at_k_and_rollback_restores_identical_weights(tm
         if isinstance(event, RolledBack):
             restored[event.restored_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    result = finetune_model(model, tiny_tokenizer, config(tmp_path, save_every=1), listener, train_windows=windows(token_stream))
+    result = finetune_model(
+        model, tiny_tokenizer, config(tmp_path, save_every=1), listener, train_windows=windows(token_stream)
+    )
 
     alerts = [e for e in events if isinstance(e, GuardAlert)]
     assert [(a.step, a.kind, a.action) for a in alerts] == [(4, "nan_loss", "rollback")]
@@ -108,8 +112,13 @@ def test_tied_embeddings_survive_a_rollback(tmp_path, tiny_tokenizer, token_stre
         if isinstance(event, CheckpointSaved):
             saved[event.step] = model.model.embed_tokens.weight.detach().clone()
 
-    result = finetune_model(model, tiny_tokenizer, config(tmp_path, save_every=1, max_rollbacks=0, on_nan="rollback"), listener,
-                            train_windows=windows(token_stream))
+    result = finetune_model(
+        model,
+        tiny_tokenizer,
+        config(tmp_path, save_every=1, max_rollbacks=0, on_nan="rollback"),
+        listener,
+        train_windows=windows(token_stream),
+    )
     assert result.status == "stopped_by_guard" and Path(result.last_good_checkpoint).name == "step-000001"
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model.model.embed_tokens.weight, saved[1])
@@ -118,8 +127,13 @@ def test_tied_embeddings_survive_a_rollback(tmp_path, tiny_tokenizer, token_stre
 def test_stop_mode_ends_at_once_and_keeps_the_last_good_weights(tmp_path, tiny_tokenizer, token_stream):
     model = make_tiny_model()
     fault = NanAtTrainingStep(model, step=3)
-    result = finetune_model(model, tiny_tokenizer, config(tmp_path, save_every=1, on_nan="stop"), fault.listener,
-                            train_windows=windows(token_stream))
+    result = finetune_model(
+        model,
+        tiny_tokenizer,
+        config(tmp_path, save_every=1, on_nan="stop"),
+        fault.listener,
+        train_windows=windows(token_stream),
+    )
     assert result.status == "stopped_by_guard" and not result.ok and result.steps == 3
     assert Path(result.last_good_checkpoint).name == "step-000001"
     good = load_file(str(Path(result.last_good_checkpoint) / "model.safetensors"))
@@ -131,14 +145,20 @@ def test_stop_mode_ends_at_once_and_keeps_the_last_good_weights(tmp_path, tiny_t
 def test_skip_mode_skips_only_the_bad_step(tmp_path, tiny_tokenizer, token_stream):
     model = make_tiny_model()
     fault = NanAtTrainingStep(model, step=2)
-    result = finetune_model(model, tiny_tokenizer, config(tmp_path, on_nan="skip"), fault.listener, train_windows=windows(token_stream))
+    result = finetune_model(
+        model, tiny_tokenizer, config(tmp_path, on_nan="skip"), fault.listener, train_windows=windows(token_stream)
+    )
     assert [m["applied"] for m in metrics(result.run_dir)] == [True, False, True, True, True, True, True, True]
     assert result.status == "completed" and result.rollbacks == 0
 
 
 def test_huge_learning_rate_ends_with_a_usable_last_good_checkpoint(tmp_path, tiny_tokenizer, token_stream):
-    result = finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, lr=1e3, max_rollbacks=2),
-                            train_windows=windows(token_stream))
+    result = finetune_model(
+        make_tiny_model(),
+        tiny_tokenizer,
+        config(tmp_path, lr=1e3, max_rollbacks=2),
+        train_windows=windows(token_stream),
+    )
     assert result.status == "stopped_by_guard" and result.rollbacks == 2
     assert latest_checkpoint(Path(result.run_dir, "checkpoints")) == Path(result.last_good_checkpoint)
     reloaded = load_model(result.model_dir)
@@ -162,21 +182,29 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny
 
     monkeypatch.setattr(Accelerator, "save_state", failing_save)
     with pytest.raises(UserInputError, match="no space left .* step 4; the checkpoint of step 2 is intact"):
-        finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, save_every=2), train_windows=windows(token_stream))
+        finetune_model(
+            make_tiny_model(), tiny_tokenizer, config(tmp_path, save_every=2), train_windows=windows(token_stream)
+        )
     checkpoints = tmp_path / "run" / "checkpoints"
     assert latest_checkpoint(checkpoints).name == "step-000002"
     assert not (checkpoints / "step-000004").exists()
     assert not list(checkpoints.glob(".*.partial"))
     monkeypatch.setattr(Accelerator, "save_state", real_save)
-    resumed = finetune_model(make_tiny_model(seed=5), tiny_tokenizer, config(tmp_path, save_every=2, resume=True),
-                             train_windows=windows(token_stream))
+    resumed = finetune_model(
+        make_tiny_model(seed=5),
+        tiny_tokenizer,
+        config(tmp_path, save_every=2, resume=True),
+        train_windows=windows(token_stream),
+    )
     assert resumed.status == "completed"
     assert [m["step"] for m in metrics(resumed.run_dir)] == list(range(1, 9))
 
 
 def test_resume_continues_at_the_right_step_with_the_same_numbers(tmp_path, tiny_tokenizer, token_stream):
     data = windows(token_stream)
-    straight = finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path / "a", schedule="cosine"), train_windows=data)
+    straight = finetune_model(
+        make_tiny_model(), tiny_tokenizer, config(tmp_path / "a", schedule="cosine"), train_windows=data
+    )
 
     control = TrainingControl()
 
@@ -184,29 +212,46 @@ def test_resume_continues_at_the_right_step_with_the_same_numbers(tmp_path, tiny
         if isinstance(event, StepMetrics) and event.step == 3:
             control.request_stop()
 
-    interrupted = finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path / "b", schedule="cosine"), stop_after_three,
-                                 control=control, train_windows=data)
+    interrupted = finetune_model(
+        make_tiny_model(),
+        tiny_tokenizer,
+        config(tmp_path / "b", schedule="cosine"),
+        stop_after_three,
+        control=control,
+        train_windows=data,
+    )
     assert interrupted.status == "stopped_by_user" and interrupted.steps == 3
     seen = []
-    resumed = finetune_model(make_tiny_model(seed=9), tiny_tokenizer, config(tmp_path / "b", schedule="cosine", resume=True),
-                             seen.append, train_windows=data)
+    resumed = finetune_model(
+        make_tiny_model(seed=9),
+        tiny_tokenizer,
+        config(tmp_path / "b", schedule="cosine", resume=True),
+        seen.append,
+        train_windows=data,
+    )
     assert next(e for e in seen if isinstance(e, StepMetrics)).step == 4
     assert resumed.steps == 8
     expected = [(m["step"], m["loss"], m["lr"]) for m in metrics(straight.run_dir)]
     got = [(m["step"], m["loss"], m["lr"]) for m in metrics(resumed.run_dir)]
     assert [s for s, _, _ in got] == list(range(1, 9))
-    for (_, loss_a, lr_a), (_, loss_b, lr_b) in zip(expected, got):
+    for (_, loss_a, lr_a), (_, loss_b, lr_b) in zip(expected, got, strict=False):
         assert loss_b == pytest.approx(loss_a, rel=1e-5) and lr_b == pytest.approx(lr_a)
 
 
 def test_resume_refuses_other_data_settings_and_missing_runs(tmp_path, tiny_tokenizer, token_stream):
     with pytest.raises(UserInputError, match="no checkpoint"):
-        finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, resume=True), train_windows=windows(token_stream))
-    finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, samples=4), train_windows=windows(token_stream, 4))
+        finetune_model(
+            make_tiny_model(), tiny_tokenizer, config(tmp_path, resume=True), train_windows=windows(token_stream)
+        )
+    finetune_model(
+        make_tiny_model(), tiny_tokenizer, config(tmp_path, samples=4), train_windows=windows(token_stream, 4)
+    )
     with pytest.raises(UserInputError, match="seq_len"):
         finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, samples=4, seq_len=16, resume=True))
     with pytest.raises(UserInputError, match="already holds a run"):
-        finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, samples=4), train_windows=windows(token_stream, 4))
+        finetune_model(
+            make_tiny_model(), tiny_tokenizer, config(tmp_path, samples=4), train_windows=windows(token_stream, 4)
+        )
 
 
 def test_unhealthy_model_is_refused_unless_forced(tmp_path, tiny_tokenizer, token_stream):
@@ -228,17 +273,29 @@ def test_a_failing_listener_does_not_stop_training(tmp_path, tiny_tokenizer, tok
     def broken(event):
         raise RuntimeError("the UI crashed")
 
-    result = finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path), broken, train_windows=windows(token_stream))
+    result = finetune_model(
+        make_tiny_model(), tiny_tokenizer, config(tmp_path), broken, train_windows=windows(token_stream)
+    )
     assert result.status == "completed" and result.steps == 8
 
 
 def test_lora_merged_and_adapter_outputs(tmp_path, tiny_tokenizer, token_stream):
     base = make_tiny_model()
     n_base = sum(p.numel() for p in base.parameters())
-    merged = finetune_model(base, tiny_tokenizer, config(tmp_path / "m", method="lora", lora_r=4, merge=True), train_windows=windows(token_stream))
+    merged = finetune_model(
+        base,
+        tiny_tokenizer,
+        config(tmp_path / "m", method="lora", lora_r=4, merge=True),
+        train_windows=windows(token_stream),
+    )
     reloaded = load_model(merged.model_dir).model
     assert sum(p.numel() for p in reloaded.parameters()) == n_base
-    adapter = finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path / "a", method="lora", lora_r=4), train_windows=windows(token_stream))
+    adapter = finetune_model(
+        make_tiny_model(),
+        tiny_tokenizer,
+        config(tmp_path / "a", method="lora", lora_r=4),
+        train_windows=windows(token_stream),
+    )
     assert adapter.model_dir is None and Path(adapter.adapter_dir, "adapter_model.safetensors").is_file()
 
 
@@ -272,13 +329,21 @@ def test_bad_settings_are_user_errors(overrides, message):
 
 def test_too_few_samples_for_one_step_is_a_user_error(tmp_path, tiny_tokenizer, token_stream):
     with pytest.raises(UserInputError, match="fewer than one optimizer step"):
-        finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, samples=2, batch_size=2, grad_accum=2),
-                       train_windows=windows(token_stream, 2))
+        finetune_model(
+            make_tiny_model(),
+            tiny_tokenizer,
+            config(tmp_path, samples=2, batch_size=2, grad_accum=2),
+            train_windows=windows(token_stream, 2),
+        )
 
 
 def test_grad_accumulation_steps_count_optimizer_steps(tmp_path, tiny_tokenizer, token_stream):
-    result = finetune_model(make_tiny_model(), tiny_tokenizer, config(tmp_path, batch_size=2, grad_accum=2, epochs=2),
-                            train_windows=windows(token_stream))
+    result = finetune_model(
+        make_tiny_model(),
+        tiny_tokenizer,
+        config(tmp_path, batch_size=2, grad_accum=2, epochs=2),
+        train_windows=windows(token_stream),
+    )
     assert result.total_steps == 4 and [m["epoch"] for m in metrics(result.run_dir)] == [1, 1, 2, 2]
 
 

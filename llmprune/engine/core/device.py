@@ -53,7 +53,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     match = re.fullmatch(r"cuda(?::(\d+))?", spec)
     if match:
         if not torch.cuda.is_available():
-            raise UserInputError(f"--device {spec} was asked for but no CUDA GPU is visible", "use --device auto or cpu")
+            raise UserInputError(
+                f"--device {spec} was asked for but no CUDA GPU is visible", "use --device auto or cpu"
+            )
         index = int(match.group(1) or 0)
         if index >= torch.cuda.device_count():
             raise UserInputError(

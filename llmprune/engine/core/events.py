@@ -8,8 +8,8 @@ Textual dashboard, plain Rich lines, nothing). The run directory's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Union
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,16 @@ class RunFinished:
     message: str = ""
 
 
-Event = Union[RunStarted, HealthChecked, PerplexityMeasured, GuardAlert, StepMetrics, CheckpointSaved, RolledBack, RunFinished]
+Event = (
+    RunStarted
+    | HealthChecked
+    | PerplexityMeasured
+    | GuardAlert
+    | StepMetrics
+    | CheckpointSaved
+    | RolledBack
+    | RunFinished
+)
 Listener = Callable[[Event], None]
 
 

@@ -34,19 +34,34 @@ class Finding:
 class Advice:
     """The fixes doctor recommends, worded once so that every finding says the same thing."""
 
-    RESTORE = "do not train on this checkpoint: go back to the last checkpoint without the fault, or re-prune from the base model"
+    RESTORE = (
+        "do not train on this checkpoint: go back to the last checkpoint without the fault, or re-prune from the base"
+        " model"
+    )
     REPRUNE = "re-prune from the base model"
     REPRUNE_LOWER = "re-prune from the base model with a lower ratio (llmprune prune --ratio)"
     LOWER_RATIO = "lower the pruning ratio (llmprune prune --ratio, e.g. by a third)"
     KEEP_MLP = "prune attention groups only, not MLP channels (llmprune prune without --prune-mlp)"
-    PROTECT_ENDS = "protect more of the first and last layers, the most sensitive ones (e.g. llmprune prune --layer-start 2 --layer-end N-2)"
+    PROTECT_ENDS = (
+        "protect more of the first and last layers, the most sensitive ones (e.g. llmprune prune --layer-start 2"
+        " --layer-end N-2)"
+    )
     LOWER_LR = "lower the learning rate (e.g. ÷10) and clip gradients (max-norm 1.0)"
-    BF16 = "train in bf16 (or fp32), not fp16: fp16 overflows once pruning removes the weights that balanced large activations"
+    BF16 = (
+        "train in bf16 (or fp32), not fp16: fp16 overflows once pruning removes the weights that balanced large"
+        " activations"
+    )
     FINETUNE = "recover with llmprune finetune (low learning rate, bf16), then check again"
-    REMOVE_MASKED = "the zeros look like masked pruning that was never removed: prune structurally (llmprune prune) so the model really shrinks"
+    REMOVE_MASKED = (
+        "the zeros look like masked pruning that was never removed: prune structurally (llmprune prune) so the model"
+        " really shrinks"
+    )
     WHOLE_GROUPS = "re-prune removing whole KV groups (llmprune prune keeps heads:kv_heads as in the base model)"
     EVEN_HEADS = "if you prune query heads, remove the same number from every KV group of a layer"
-    CHECK_CONFIG = "check config.json (or the --base-model of a weights-only file): it must describe the model these weights come from"
+    CHECK_CONFIG = (
+        "check config.json (or the --base-model of a weights-only file): it must describe the model these weights come"
+        " from"
+    )
     RESAVE = "re-save the model with llmprune (it records per-layer shapes so that it reloads)"
 
     @staticmethod

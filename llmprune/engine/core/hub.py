@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 __all__ = ["hub_reachable", "cache_only"]

@@ -28,7 +28,14 @@ from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import remove_stale_staging
 
 # files that mark a folder as something llmprune wrote (a saved model, a fine-tuning run, a recipe run, a sweep)
-OUTPUT_MARKERS = ("llmprune.json", "run.json", "state.json", "sweep.json", "layer_importance_config.json", "adapter_config.json")
+OUTPUT_MARKERS = (
+    "llmprune.json",
+    "run.json",
+    "state.json",
+    "sweep.json",
+    "layer_importance_config.json",
+    "adapter_config.json",
+)
 # a little room for the config, the tokenizer and the provenance next to the weights
 _SPACE_MARGIN = 1.05
 _SPACE_SLACK = 64 * 2**20
@@ -70,8 +77,10 @@ def _check_name(path: Path, option: str) -> Path:
     except OSError:
         real = resolved
     if real == cwd or real in cwd.parents:
-        raise UserInputError(f"{option} {path} is the current folder (or one above it), which would be replaced",
-                             f"name a new folder inside it, e.g. {option} ./pruned")
+        raise UserInputError(
+            f"{option} {path} is the current folder (or one above it), which would be replaced",
+            f"name a new folder inside it, e.g. {option} ./pruned",
+        )
     return resolved
 
 
@@ -81,12 +90,16 @@ def _check_writable(path: Path, option: str) -> Path:
     if anchor == path and anchor.is_file():  # a file to be replaced: its folder receives the new one
         anchor = anchor.parent
     if not anchor.is_dir():
-        raise UserInputError(f"{option} {path} cannot be created: {anchor} is a file, not a folder", f"choose another {option}")
+        raise UserInputError(
+            f"{option} {path} cannot be created: {anchor} is a file, not a folder", f"choose another {option}"
+        )
     try:
         Path(tempfile.mkdtemp(dir=anchor, prefix=".llmprune-probe-")).rmdir()
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise UserInputError(f"{option} {path} is not writable ({reason} in {anchor})", f"choose a folder you can write to for {option}") from None
+        raise UserInputError(
+            f"{option} {path} is not writable ({reason} in {anchor})", f"choose a folder you can write to for {option}"
+        ) from None
     return anchor
 
 
@@ -102,8 +115,15 @@ def _check_space(anchor: Path, path: Path, needed_bytes: int | None, option: str
         )
 
 
-def check_output_folder(path: str | os.PathLike, *, option: str, overwrite: bool = False, needed_bytes: int | None = None,
-                        resumable: bool = False, kind: str | tuple[str, ...] | None = None) -> Path:
+def check_output_folder(
+    path: str | os.PathLike,
+    *,
+    option: str,
+    overwrite: bool = False,
+    needed_bytes: int | None = None,
+    resumable: bool = False,
+    kind: str | tuple[str, ...] | None = None,
+) -> Path:
     """Decide whether a folder output may be written at `path`; returns its absolute path.
 
     `resumable`: the caller continues what is in the folder (a recipe rerun, finetune --resume),
@@ -129,8 +149,10 @@ def check_output_folder(path: str | os.PathLike, *, option: str, overwrite: bool
                 f"name a new or empty folder for {option}",
             )
         if not (overwrite or resumable):
-            raise UserInputError(f"{option} {path} already holds an llmprune output",
-                                 f"pass --overwrite to replace it, or name another {option}")
+            raise UserInputError(
+                f"{option} {path} already holds an llmprune output",
+                f"pass --overwrite to replace it, or name another {option}",
+            )
     anchor = _check_writable(resolved, option)
     _check_space(anchor, resolved, needed_bytes, option)
     remove_stale_staging(resolved)
@@ -161,11 +183,18 @@ def check_output_file(path: str | os.PathLike, *, option: str, ours: bool = Fals
         raise UserInputError(f"{option} '{path}' is not a file name", f"name a file, e.g. {option} plan.json")
     resolved = Path(os.path.abspath(path.expanduser()))
     if resolved.is_dir():
-        raise UserInputError(f"{option} {path} is a folder", f"name a file inside it, e.g. {option} {path / 'plan.json'}")
+        raise UserInputError(
+            f"{option} {path} is a folder", f"name a file inside it, e.g. {option} {path / 'plan.json'}"
+        )
     if resolved.exists() and not ours:
-        raise UserInputError(f"{option} {path} already exists and is not an llmprune output", f"name a new file for {option}")
+        raise UserInputError(
+            f"{option} {path} already exists and is not an llmprune output", f"name a new file for {option}"
+        )
     if resolved.exists() and not overwrite:
-        raise UserInputError(f"{option} {path} already holds an llmprune output", f"pass --overwrite to replace it, or name another {option}")
+        raise UserInputError(
+            f"{option} {path} already holds an llmprune output",
+            f"pass --overwrite to replace it, or name another {option}",
+        )
     _check_writable(resolved, option)
     return resolved
 

@@ -131,7 +131,7 @@ class PhasePeaks:
             self._thread = None
         return dict(self.peaks)
 
-    def __enter__(self) -> "PhasePeaks":
+    def __enter__(self) -> PhasePeaks:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,7 +6,7 @@ becomes a Rich progress bar, JSON lines or nothing.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 StageProgress = Callable[[str, int, int], None]
 """(stage name, units done, units total)."""

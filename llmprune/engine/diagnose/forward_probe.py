@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +77,17 @@ def forward_test(model: nn.Module, tokenizer: Any = None, prompt: str = DEFAULT_
         logits = model(input_ids=ids, use_cache=False).logits.float()
     except Exception as error:  # a model whose shapes do not fit fails here; that is a finding, not a crash
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return ForwardResult(prompt, ids.shape[1], [], None, None, 0, 0, first[0] if first else None, f"{type(error).__name__}: {message}")
+        return ForwardResult(
+            prompt,
+            ids.shape[1],
+            [],
+            None,
+            None,
+            0,
+            0,
+            first[0] if first else None,
+            f"{type(error).__name__}: {message}",
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -102,7 +113,11 @@ def streamed_forward_test(store: Any, tokenizer: Any = None, prompt: str = DEFAU
     non-finite module is named as in the in-memory test; the LM head is applied a
     vocabulary slice at a time, as the streamed perplexity does.
     """
-    ids = _prompt_ids(store.skeleton, tokenizer, prompt) if tokenizer is not None else (torch.arange(16) * 7 + 1).unsqueeze(0)
+    ids = (
+        _prompt_ids(store.skeleton, tokenizer, prompt)
+        if tokenizer is not None
+        else (torch.arange(16) * 7 + 1).unsqueeze(0)
+    )
     first: list[str] = []
     try:
         hidden = store.embed(ids)
@@ -111,8 +126,12 @@ def streamed_forward_test(store: Any, tokenizer: Any = None, prompt: str = DEFAU
         runner = store.runner(ids.shape[1], batch_size=1)
         for index in range(store.num_layers):
             layer = store.load(index)
-            handles = [module.register_forward_hook(_watch(f"model.layers.{index}.{name}" if name else f"model.layers.{index}", first))
-                       for name, module in layer.named_modules()]
+            handles = [
+                module.register_forward_hook(
+                    _watch(f"model.layers.{index}.{name}" if name else f"model.layers.{index}", first)
+                )
+                for name, module in layer.named_modules()
+            ]
             try:
                 hidden = runner.layer(layer, hidden)
             finally:
@@ -122,13 +141,30 @@ def streamed_forward_test(store: Any, tokenizer: Any = None, prompt: str = DEFAU
         logits = _streamed_logits(store, hidden[0])[None]
     except Exception as error:  # shapes that do not fit: a finding, not a crash
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return ForwardResult(prompt, ids.shape[1], [], None, None, 0, 0, first[0] if first else None, f"{type(error).__name__}: {message}")
+        return ForwardResult(
+            prompt,
+            ids.shape[1],
+            [],
+            None,
+            None,
+            0,
+            0,
+            first[0] if first else None,
+            f"{type(error).__name__}: {message}",
+        )
     if not first and not bool(torch.isfinite(logits).all()):
         first.append("lm_head")
     finite = logits[torch.isfinite(logits)]
-    return ForwardResult(prompt, ids.shape[1], list(logits.shape), float(finite.min()) if finite.numel() else None,
-                         float(finite.max()) if finite.numel() else None, int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum()),
-                         first[0] if first else None)
+    return ForwardResult(
+        prompt,
+        ids.shape[1],
+        list(logits.shape),
+        float(finite.min()) if finite.numel() else None,
+        float(finite.max()) if finite.numel() else None,
+        int(torch.isnan(logits).sum()),
+        int(torch.isinf(logits).sum()),
+        first[0] if first else None,
+    )
 
 
 def _watch(name: str, first: list[str]):
@@ -136,6 +172,7 @@ def _watch(name: str, first: list[str]):
         # a layer's submodules finish before the layer itself: the first hook to see NaN/Inf names where it appears
         if not first and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in _tensors(output)):
             first.append(name)
+
     return hook
 
 
@@ -145,5 +182,10 @@ def _streamed_logits(store: Any, hidden: torch.Tensor, rows: int = 16384) -> tor
     norm.load_state_dict({k: v.to(store.dtype) for k, v in store.read_tensors("model.norm.").items()})
     head = (store.read_tensors("lm_head.") or store.read_tensors("model.embed_tokens."))["weight"]
     normed = norm(hidden)
-    return torch.cat([torch.nn.functional.linear(normed, head[i : i + rows].to(store.device, store.dtype)).float()
-                      for i in range(0, head.shape[0], rows)], dim=-1)
+    return torch.cat(
+        [
+            torch.nn.functional.linear(normed, head[i : i + rows].to(store.device, store.dtype)).float()
+            for i in range(0, head.shape[0], rows)
+        ],
+        dim=-1,
+    )

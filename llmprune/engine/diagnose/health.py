@@ -17,13 +17,22 @@ from torch import nn
 
 from llmprune.engine.core.findings import SEVERITIES, Advice, Finding
 from llmprune.engine.diagnose.forward_probe import ForwardResult, forward_test
-from llmprune.engine.io.structure import Structure, is_adapter_tensor, read_structure, structure_shapes
 from llmprune.engine.diagnose.tensor_scan import TensorStats, huge_tensors, layer_index, tensor_stats
 from llmprune.engine.diagnose.verdicts import VERDICT_LABELS, PplCheck, Verdict, ppl_verdict
+from llmprune.engine.io.structure import Structure, is_adapter_tensor, read_structure, structure_shapes
 
 __all__ = [
-    "Finding", "HealthReport", "LayerSummary", "Verdict", "PplCheck", "preflight_check", "ppl_verdict",
-    "weight_findings", "forward_findings", "build_report", "VERDICT_LABELS",
+    "Finding",
+    "HealthReport",
+    "LayerSummary",
+    "Verdict",
+    "PplCheck",
+    "preflight_check",
+    "ppl_verdict",
+    "weight_findings",
+    "forward_findings",
+    "build_report",
+    "VERDICT_LABELS",
 ]
 
 # A weight with at least this share of exact zeros looks masked rather than pruned.
@@ -97,21 +106,67 @@ class HealthReport:
     def summary(self) -> list[tuple[bool, str]]:
         """The one-glance lines: (passed, text)."""
         lines = [
-            (self.nan == 0, "no NaN" if self.nan == 0 else f"NaN in {self._tensors_with('nan')} tensor(s) ({self.nan:,} values)"),
-            (self.inf == 0, "no Inf" if self.inf == 0 else f"Inf in {self._tensors_with('inf')} tensor(s) ({self.inf:,} values)"),
-            (self.zero_share < ZERO_SHARE_NORMAL, f"zero share {'normal' if self.zero_share < ZERO_SHARE_NORMAL else 'high'}: {100 * self.zero_share:.1f} %"),
-            (self.huge_count == 0, "no abnormally large values" if self.huge_count == 0 else f"{self.huge_count} tensor(s) with abnormally large values"),
+            (
+                self.nan == 0,
+                "no NaN" if self.nan == 0 else f"NaN in {self._tensors_with('nan')} tensor(s) ({self.nan:,} values)",
+            ),
+            (
+                self.inf == 0,
+                "no Inf" if self.inf == 0 else f"Inf in {self._tensors_with('inf')} tensor(s) ({self.inf:,} values)",
+            ),
+            (
+                self.zero_share < ZERO_SHARE_NORMAL,
+                (
+                    f"zero share {'normal' if self.zero_share < ZERO_SHARE_NORMAL else 'high'}:"
+                    f" {100 * self.zero_share:.1f} %"
+                ),
+            ),
+            (
+                self.huge_count == 0,
+                (
+                    "no abnormally large values"
+                    if self.huge_count == 0
+                    else f"{self.huge_count} tensor(s) with abnormally large values"
+                ),
+            ),
         ]
         if self.structure is not None:
             gqa_errors = [f for f in self.findings if f.check == "gqa"]
             ratios = ", ".join(f"{r:g}" for r in self.structure.gqa_ratios) or "?"
             shape_errors = [f for f in self.findings if f.check in ("shape", "fit") and f.severity == "error"]
-            lines.append((not gqa_errors, f"GQA valid (heads:kv_heads {ratios}:1)" if not gqa_errors else f"GQA broken in {len(gqa_errors)} layer(s)"))
-            lines.append((not shape_errors, "shapes consistent" if not shape_errors else f"{len(shape_errors)} shape problem(s)"))
+            lines.append(
+                (
+                    not gqa_errors,
+                    (
+                        f"GQA valid (heads:kv_heads {ratios}:1)"
+                        if not gqa_errors
+                        else f"GQA broken in {len(gqa_errors)} layer(s)"
+                    ),
+                )
+            )
+            lines.append(
+                (not shape_errors, "shapes consistent" if not shape_errors else f"{len(shape_errors)} shape problem(s)")
+            )
         if self.forward is not None:
-            lines.append((self.forward.ok, "forward pass finite" if self.forward.ok else "forward pass not finite" if self.forward.error is None else "forward pass failed"))
+            lines.append(
+                (
+                    self.forward.ok,
+                    (
+                        "forward pass finite"
+                        if self.forward.ok
+                        else "forward pass not finite"
+                        if self.forward.error is None
+                        else "forward pass failed"
+                    ),
+                )
+            )
         if self.ppl is not None:
-            lines.append((self.ppl.verdict.label in ("healthy", "acceptable"), f"PPL {self.ppl.ppl:.2f}: {self.ppl.verdict.label} ({self.ppl.verdict.scale} scale)"))
+            lines.append(
+                (
+                    self.ppl.verdict.label in ("healthy", "acceptable"),
+                    f"PPL {self.ppl.ppl:.2f}: {self.ppl.verdict.label} ({self.ppl.verdict.scale} scale)",
+                )
+            )
         return lines
 
     def to_dict(self) -> dict:
@@ -144,15 +199,47 @@ def weight_findings(all_stats: list[TensorStats]) -> list[Finding]:
     for stats in all_stats:
         where = f" (layer {stats.layer})" if stats.layer is not None else ""
         if stats.nan:
-            findings.append(Finding("error", "nan", stats.name, f"{stats.nan:,} NaN of {stats.numel:,} values{where}", [Advice.RESTORE, Advice.LOWER_LR, Advice.BF16]))
+            findings.append(
+                Finding(
+                    "error",
+                    "nan",
+                    stats.name,
+                    f"{stats.nan:,} NaN of {stats.numel:,} values{where}",
+                    [Advice.RESTORE, Advice.LOWER_LR, Advice.BF16],
+                )
+            )
         if stats.inf:
-            findings.append(Finding("error", "inf", stats.name, f"{stats.inf:,} Inf of {stats.numel:,} values{where}", [Advice.BF16, Advice.RESTORE, Advice.LOWER_LR]))
+            findings.append(
+                Finding(
+                    "error",
+                    "inf",
+                    stats.name,
+                    f"{stats.inf:,} Inf of {stats.numel:,} values{where}",
+                    [Advice.BF16, Advice.RESTORE, Advice.LOWER_LR],
+                )
+            )
         # LoRA's B matrices start at zero by design
         if len(stats.shape) >= 2 and stats.zero_share >= ZERO_SHARE_WARNING and not is_adapter_tensor(stats.name):
-            findings.append(Finding("warning", "zeros", stats.name, f"{100 * stats.zero_share:.1f} % of the values are exactly zero{where}", [Advice.REMOVE_MASKED, Advice.REPRUNE]))
+            findings.append(
+                Finding(
+                    "warning",
+                    "zeros",
+                    stats.name,
+                    f"{100 * stats.zero_share:.1f} % of the values are exactly zero{where}",
+                    [Advice.REMOVE_MASKED, Advice.REPRUNE],
+                )
+            )
     for flagged in huge_tensors(all_stats):
         where = f" (layer {flagged.stats.layer})" if flagged.stats.layer is not None else ""
-        findings.append(Finding("error", "huge", flagged.stats.name, f"abnormally large values{where}: {flagged.rule}", [Advice.LOWER_LR, Advice.BF16, Advice.RESTORE]))
+        findings.append(
+            Finding(
+                "error",
+                "huge",
+                flagged.stats.name,
+                f"abnormally large values{where}: {flagged.rule}",
+                [Advice.LOWER_LR, Advice.BF16, Advice.RESTORE],
+            )
+        )
     return findings
 
 
@@ -160,11 +247,27 @@ def forward_findings(result: ForwardResult, weights_have_faults: bool) -> list[F
     if result.ok:
         return []
     if result.error is not None:
-        return [Finding("error", "forward", result.first_nonfinite_module or "model", f"the forward pass failed: {result.error}", [Advice.CHECK_CONFIG, Advice.RESAVE])]
+        return [
+            Finding(
+                "error",
+                "forward",
+                result.first_nonfinite_module or "model",
+                f"the forward pass failed: {result.error}",
+                [Advice.CHECK_CONFIG, Advice.RESAVE],
+            )
+        ]
     location = result.first_nonfinite_module or "logits"
     advice = [Advice.look_at(location)]
     advice += [Advice.RESTORE] if weights_have_faults else [Advice.BF16, Advice.PROTECT_ENDS, Advice.REPRUNE_LOWER]
-    return [Finding("error", "forward", location, f"the output goes non-finite first at {location} ({result.nan:,} NaN, {result.inf:,} Inf in the logits)", advice)]
+    return [
+        Finding(
+            "error",
+            "forward",
+            location,
+            f"the output goes non-finite first at {location} ({result.nan:,} NaN, {result.inf:,} Inf in the logits)",
+            advice,
+        )
+    ]
 
 
 def _layer_summaries(all_stats: list[TensorStats], findings: list[Finding]) -> list[LayerSummary]:
@@ -181,15 +284,17 @@ def _layer_summaries(all_stats: list[TensorStats], findings: list[Finding]) -> l
     for index in sorted(grouped):
         tensors = grouped[index]
         numel = sum(s.numel for s in tensors)
-        summaries.append(LayerSummary(
-            index=index,
-            parameters=numel,
-            nan=sum(s.nan for s in tensors),
-            inf=sum(s.inf for s in tensors),
-            zero_share=sum(s.zeros for s in tensors) / numel if numel else 0.0,
-            max_abs=max(s.max_abs for s in tensors),
-            findings=counts[index],
-        ))
+        summaries.append(
+            LayerSummary(
+                index=index,
+                parameters=numel,
+                nan=sum(s.nan for s in tensors),
+                inf=sum(s.inf for s in tensors),
+                zero_share=sum(s.zeros for s in tensors) / numel if numel else 0.0,
+                max_abs=max(s.max_abs for s in tensors),
+                findings=counts[index],
+            )
+        )
     return summaries
 
 
@@ -198,7 +303,9 @@ def _finding_layer(finding: Finding) -> int | None:
     return layer_index(finding.location + ".")
 
 
-def build_report(all_stats: list[TensorStats], structure: Structure | None, structure_problems: list[Finding]) -> HealthReport:
+def build_report(
+    all_stats: list[TensorStats], structure: Structure | None, structure_problems: list[Finding]
+) -> HealthReport:
     """A report from scanned tensors and a structure check (forward and PPL are added by the caller)."""
     findings = weight_findings(all_stats) + list(structure_problems)
     numel = sum(s.numel for s in all_stats)
@@ -218,7 +325,9 @@ def build_report(all_stats: list[TensorStats], structure: Structure | None, stru
     )
 
 
-def add_forward(report: HealthReport, model: nn.Module | None, tokenizer: Any = None, result: ForwardResult | None = None) -> None:
+def add_forward(
+    report: HealthReport, model: nn.Module | None, tokenizer: Any = None, result: ForwardResult | None = None
+) -> None:
     """The forward test's result and findings (`result`: one already measured, e.g. streamed)."""
     report.forward = result if result is not None else forward_test(model, tokenizer)
     new = forward_findings(report.forward, weights_have_faults=bool(report.nan or report.inf or report.huge_count))

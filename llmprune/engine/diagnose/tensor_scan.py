@@ -133,7 +133,10 @@ def huge_tensors(all_stats: list[TensorStats]) -> list[HugeTensor]:
         peers = [other.max_abs for other in by_kind[stats.kind] if other is not stats]
         reference = statistics.median(peers) if peers else None
         if reference and stats.max_abs >= RELATIVE_FLOOR and stats.max_abs >= HUGE_RELATIVE * reference:
-            rule = f"max |w| {stats.max_abs:.3g} is {stats.max_abs / reference:,.0f}x that of the same tensor in other layers ({reference:.3g})"
+            rule = (
+                f"max |w| {stats.max_abs:.3g} is {stats.max_abs / reference:,.0f}x that of the same tensor in other"
+                f" layers ({reference:.3g})"
+            )
             flagged.append(HugeTensor(stats, reference, rule))
         elif stats.max_abs >= HUGE_ABSOLUTE:
             flagged.append(HugeTensor(stats, None, f"max |w| {stats.max_abs:.3g} ≥ {HUGE_ABSOLUTE:g}"))

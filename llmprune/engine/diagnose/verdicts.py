@@ -55,7 +55,7 @@ class Verdict:
 def _label(value: float, bounds: tuple[float, float, float]) -> str:
     if not math.isfinite(value):
         return "broken"
-    for bound, label in zip(bounds, VERDICT_LABELS):
+    for bound, label in zip(bounds, VERDICT_LABELS, strict=False):
         if value < bound:
             return label
     return "broken"
@@ -72,17 +72,22 @@ def ppl_verdict(ppl: float, base_ppl: float | None = None, *, seq_len: int | Non
         ratio = ppl / base_ppl if math.isfinite(ppl) else math.inf
         label = _label(ratio, RELATIVE_SCALE)
         explanation = (
-            f"PPL {ppl:.2f} is {ratio:.2f}x the base model's {base_ppl:.2f}: {_VERDICT_MEANING[label]} "
-            f"(relative scale: < {RELATIVE_SCALE[0]}x healthy, < {RELATIVE_SCALE[1]:g}x acceptable, < {RELATIVE_SCALE[2]:g}x too high, else broken)"
+            f"PPL {ppl:.2f} is {ratio:.2f}x the base model's {base_ppl:.2f}: {_VERDICT_MEANING[label]} (relative scale:"
+            f" < {RELATIVE_SCALE[0]}x healthy, < {RELATIVE_SCALE[1]:g}x acceptable, < {RELATIVE_SCALE[2]:g}x too high,"
+            " else broken)"
         )
         return Verdict(label, "relative", ppl, base_ppl, ratio, explanation, list(_VERDICT_ADVICE[label]))
     label = _label(ppl, ABSOLUTE_SCALE)
     explanation = (
-        f"PPL {ppl:.2f}: {_VERDICT_MEANING[label]} (absolute scale for Llama-3-8B-class models at 2048 tokens: "
-        f"< 15 healthy, 15-25 acceptable, 25-50 too high, ≥ 50 broken; base PPL unknown: llmprune doctor --base-ppl gives a relative verdict)"
+        f"PPL {ppl:.2f}: {_VERDICT_MEANING[label]} (absolute scale for Llama-3-8B-class models at 2048 tokens: < 15"
+        " healthy, 15-25 acceptable, 25-50 too high, ≥ 50 broken; base PPL unknown: llmprune doctor --base-ppl gives a"
+        " relative verdict)"
     )
     if seq_len is not None and seq_len < 2048:
-        explanation += f"; measured on {seq_len}-token windows, which give a higher PPL than 2048, and small models sit higher on this scale"
+        explanation += (
+            f"; measured on {seq_len}-token windows, which give a higher PPL than 2048, and small models sit higher on"
+            " this scale"
+        )
     return Verdict(label, "absolute", ppl, None, None, explanation, list(_VERDICT_ADVICE[label]))
 
 

@@ -94,7 +94,8 @@ class FinetuneConfig(LoadOptions):
     kd_top_k: int | None = None
     """Keep only the teacher's k largest logits per position (renormalised); None: the whole vocabulary."""
     save_dtype: str = "auto"
-    """dtype of the saved model: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
+    """dtype of the saved model: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 | float16.
+    """
 
     def validate(self) -> None:
         def need(condition: bool, problem: str, hint: str) -> None:
@@ -103,21 +104,68 @@ class FinetuneConfig(LoadOptions):
 
         need(self.method in METHODS, f"unknown --method '{self.method}'", "use full or lora")
         need(self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
-        need(self.on_nan in ON_NAN_CHOICES, f"unknown --on-nan '{self.on_nan}'", f"use one of {', '.join(ON_NAN_CHOICES)}")
-        for name in ("samples", "seq_len", "epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "lora_r"):
+        need(
+            self.on_nan in ON_NAN_CHOICES,
+            f"unknown --on-nan '{self.on_nan}'",
+            f"use one of {', '.join(ON_NAN_CHOICES)}",
+        )
+        for name in (
+            "samples",
+            "seq_len",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "save_every",
+            "keep_checkpoints",
+            "lora_r",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be an integer ≥ 1, got {value}", "use a positive value")
+            need(
+                isinstance(value, int) and value >= 1,
+                f"--{name.replace('_', '-')} must be an integer ≥ 1, got {value}",
+                "use a positive value",
+            )
         need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}", "use e.g. --lr 1e-5")
-        need(self.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {self.warmup_steps}", "use e.g. --warmup-steps 10")
-        need(self.max_grad_norm >= 0, f"--max-grad-norm must be ≥ 0, got {self.max_grad_norm}", "use e.g. 1.0 (0 disables clipping)")
-        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay must be a finite number ≥ 0, got {self.weight_decay}", "use e.g. 0.01")
-        need(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}", "use e.g. --lora-alpha 32 (twice --lora-r)")
+        need(
+            math.isfinite(self.lr) and self.lr > 0,
+            f"--lr must be a positive number, got {self.lr}",
+            "use e.g. --lr 1e-5",
+        )
+        need(
+            self.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {self.warmup_steps}", "use e.g. --warmup-steps 10"
+        )
+        need(
+            self.max_grad_norm >= 0,
+            f"--max-grad-norm must be ≥ 0, got {self.max_grad_norm}",
+            "use e.g. 1.0 (0 disables clipping)",
+        )
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"--weight-decay must be a finite number ≥ 0, got {self.weight_decay}",
+            "use e.g. 0.01",
+        )
+        need(
+            self.lora_alpha > 0,
+            f"--lora-alpha must be > 0, got {self.lora_alpha}",
+            "use e.g. --lora-alpha 32 (twice --lora-r)",
+        )
         need(self.loss_limit > 0, f"--loss-limit must be > 0, got {self.loss_limit}", "use e.g. 1e6")
         need(self.max_rollbacks >= 0, f"--max-rollbacks must be ≥ 0, got {self.max_rollbacks}", "use e.g. 3")
-        need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "leave it out for 64")
-        need(not (self.merge and self.method != "lora"), "--merge only applies to --method lora", "drop --merge or add --method lora")
-        need(not (self.resume and not self.out), "--resume needs the run directory", "pass --out DIR of the run to continue")
+        need(
+            self.eval_windows is None or self.eval_windows >= 1,
+            f"--eval-windows must be ≥ 1, got {self.eval_windows}",
+            "leave it out for 64",
+        )
+        need(
+            not (self.merge and self.method != "lora"),
+            "--merge only applies to --method lora",
+            "drop --merge or add --method lora",
+        )
+        need(
+            not (self.resume and not self.out),
+            "--resume needs the run directory",
+            "pass --out DIR of the run to continue",
+        )
         validate_kd_settings(self.kd_temperature, self.kd_weight, self.kd_top_k)
         from llmprune.engine.data import check_text_source
 

@@ -39,7 +39,9 @@ class LossParts:
     teacher_finite: torch.Tensor | None = None  # bool scalar: every teacher logit was finite
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None
+) -> torch.Tensor:
     """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over positions; computed in fp32.
 
     `top_k`: the KL over the teacher's k most likely tokens plus one bucket for all
@@ -102,11 +104,17 @@ def lm_only_loss(model: torch.nn.Module, ids: torch.Tensor) -> LossParts:
 
 def validate_kd_settings(temperature: float, weight: float, top_k: int | None) -> None:
     if not (math.isfinite(temperature) and temperature > 0):
-        raise UserInputError(f"--kd-temperature must be a positive number, got {temperature}", "use e.g. --kd-temperature 1")
+        raise UserInputError(
+            f"--kd-temperature must be a positive number, got {temperature}", "use e.g. --kd-temperature 1"
+        )
     if not (0.0 <= weight <= 1.0):
-        raise UserInputError(f"--kd-weight must be between 0 and 1, got {weight}", "use e.g. --kd-weight 0.5 (1: KD only)")
+        raise UserInputError(
+            f"--kd-weight must be between 0 and 1, got {weight}", "use e.g. --kd-weight 0.5 (1: KD only)"
+        )
     if top_k is not None and top_k < 1:
-        raise UserInputError(f"--kd-top-k must be ≥ 1, got {top_k}", "leave it out for the full distribution, or use e.g. 64")
+        raise UserInputError(
+            f"--kd-top-k must be ≥ 1, got {top_k}", "leave it out for the full distribution, or use e.g. 64"
+        )
 
 
 def check_teacher_matches(student: torch.nn.Module, teacher: torch.nn.Module, teacher_spec: str) -> None:
@@ -132,7 +140,9 @@ def teacher_placement(device: torch.device) -> Any:
     return Placement(device=device, dtype=dtype)
 
 
-def load_teacher(spec: str, device: torch.device, *, base_model: str | None = None, trust_pickle: bool = False) -> torch.nn.Module:
+def load_teacher(
+    spec: str, device: torch.device, *, base_model: str | None = None, trust_pickle: bool = False
+) -> torch.nn.Module:
     from llmprune.engine.io.models import load_model
 
     return load_model(spec, base_model=base_model, trust_pickle=trust_pickle, placement=teacher_placement(device)).model
@@ -154,7 +164,9 @@ TRAINING_BYTES_PER_PARAMETER = {"full": 16, "lora": 4}
 ACTIVATION_MARGIN = 1.25
 
 
-def teacher_fits(teacher_parameters: int, student_parameters: int, device: torch.device, method: str = "full") -> TeacherFit:
+def teacher_fits(
+    teacher_parameters: int, student_parameters: int, device: torch.device, method: str = "full"
+) -> TeacherFit:
     """Estimate the memory of distillation (teacher weights in the run dtype + the student's training state)."""
     from llmprune.engine.core.device import available_memory_bytes
 
@@ -167,5 +179,10 @@ def teacher_fits(teacher_parameters: int, student_parameters: int, device: torch
         return TeacherFit(True, needed, None, f"needs about {needed / 2**30:.1f} GiB; free {where} unknown")
     fits = needed <= available
     verdict = "fits in" if fits else "does not fit in"
-    return TeacherFit(fits, needed, available,
-                      f"teacher + student need about {needed / 2**30:.1f} GiB, which {verdict} the {available / 2**30:.1f} GiB of free {where}")
+    return TeacherFit(
+        fits,
+        needed,
+        available,
+        f"teacher + student need about {needed / 2**30:.1f} GiB, which {verdict} the {available / 2**30:.1f} GiB of"
+        f" free {where}",
+    )

@@ -32,8 +32,9 @@ class StepVerdict:
     message: str = ""
 
 
-def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: float | None = None,
-               teacher_finite: bool = True) -> StepVerdict:
+def check_step(
+    loss: float, grad_norm: float, loss_limit: float, collapse_loss: float | None = None, teacher_finite: bool = True
+) -> StepVerdict:
     """Judge one optimizer step from its (process-averaged) loss and global gradient norm.
 
     A gradient of exactly zero is a collapse too, whether or not the model
@@ -56,7 +57,9 @@ def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: 
     if loss > loss_limit:
         return StepVerdict(False, "loss_limit", loss, f"loss {loss:.4g} is above the limit {loss_limit:.4g}")
     if collapse_loss is not None and loss >= collapse_loss:
-        return StepVerdict(False, "collapsed", loss, f"loss {loss:.4g} is back at chance level: the model has collapsed")
+        return StepVerdict(
+            False, "collapsed", loss, f"loss {loss:.4g} is back at chance level: the model has collapsed"
+        )
     if not math.isfinite(grad_norm):
         return StepVerdict(False, "grad_norm", grad_norm, f"gradient norm is {grad_norm}")
     if grad_norm == 0.0 and loss > 0.0:
@@ -68,8 +71,10 @@ def check_step(loss: float, grad_norm: float, loss_limit: float, collapse_loss: 
 
 def likely_causes(kind: str, lr: float, fp16: bool) -> str:
     if kind == "teacher_logits":
-        return ("likely causes: a broken teacher model (check it with llmprune doctor) "
-                "or overflow in its low-precision forward pass")
+        return (
+            "likely causes: a broken teacher model (check it with llmprune doctor) "
+            "or overflow in its low-precision forward pass"
+        )
     causes = []
     if kind in ("loss_limit", "grad_norm", "collapsed", "dead_gradient") or lr > 1e-4:
         causes.append(f"a learning rate too high for this model (lr {lr:.3g})")
@@ -80,7 +85,9 @@ def likely_causes(kind: str, lr: float, fp16: bool) -> str:
 
 
 def make_alert(step: int, verdict: StepVerdict, action: str, lr: float, fp16: bool = False) -> GuardAlert:
-    what = {"skip": "update skipped", "rollback": "update skipped, rolling back", "stop": "update skipped, stopping"}[action]
+    what = {"skip": "update skipped", "rollback": "update skipped, rolling back", "stop": "update skipped, stopping"}[
+        action
+    ]
     return GuardAlert(
         step=step,
         kind=verdict.kind,

@@ -101,10 +101,19 @@ class CheckpointStore:
                 shutil.rmtree(staging, ignore_errors=True)
             if isinstance(error, Exception) and is_disk_full(error):
                 good = self.latest()
-                intact = f"the checkpoint of step {checkpoint_step(good)} is intact ({good})" if good else "no earlier checkpoint exists"
+                intact = (
+                    f"the checkpoint of step {checkpoint_step(good)} is intact ({good})"
+                    if good
+                    else "no earlier checkpoint exists"
+                )
                 raise UserInputError(
-                    f"no space left on the disk (or the file size limit was reached) while saving the checkpoint of step {step}; {intact}",
-                    "free some space, then continue with --resume" if good else "free some space, then run the command again",
+                    "no space left on the disk (or the file size limit was reached) while saving the checkpoint of"
+                    f" step {step}; {intact}",
+                    (
+                        "free some space, then continue with --resume"
+                        if good
+                        else "free some space, then run the command again"
+                    ),
                 ) from None
             raise
         acc.wait_for_everyone()
@@ -180,7 +189,9 @@ def rollback_to_last_good(store: CheckpointStore, progress: TrainingProgress, sc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
-    event = RolledBack(at_step=at_step, restored_step=restored_step, lr_scale=progress.lr_scale, rollbacks=progress.rollbacks)
+    event = RolledBack(
+        at_step=at_step, restored_step=restored_step, lr_scale=progress.lr_scale, rollbacks=progress.rollbacks
+    )
     log.warning("rolled back to step %d (LR x%.3g, rollback %d)", restored_step, progress.lr_scale, progress.rollbacks)
     emit(event)
 
@@ -194,9 +205,13 @@ def settle_final_state(model, windows, store, progress, status, accelerator, emi
     state becomes a confirmed checkpoint (or, if that loss is bad, the last good one is restored).
     """
     if status != "stopped_by_guard":
-        ids = windows.ids[: 1].to(accelerator.device)
+        ids = windows.ids[:1].to(accelerator.device)
         model.eval()
-        loss = float(accelerator.reduce(model(input_ids=ids, labels=ids, use_cache=False).loss.detach().float(), reduction="mean"))
+        loss = float(
+            accelerator.reduce(
+                model(input_ids=ids, labels=ids, use_cache=False).loss.detach().float(), reduction="mean"
+            )
+        )
         model.train()
         if math.isfinite(loss):
             if store.pending is None or checkpoint_step(store.pending) != progress.step:

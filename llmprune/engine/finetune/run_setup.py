@@ -52,7 +52,14 @@ def make_accelerator(config: FinetuneConfig, device: torch.device) -> Any:
         mixed = "bf16"
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = AcceleratorState._shared_state
-    if not launched and state and (state.get("_mixed_precision") != mixed or (state.get("device") is not None and state["device"].type != device.type)):
+    if (
+        not launched
+        and state
+        and (
+            state.get("_mixed_precision") != mixed
+            or (state.get("device") is not None and state["device"].type != device.type)
+        )
+    ):
         # a second in-process run (tests, recipes) with other settings: accelerate keeps a
         # process-wide singleton that refuses to change, so reset it when nothing is distributed
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -65,10 +72,16 @@ def apply_lora(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Modul
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [target for target in config.lora_targets if target not in present]
     if missing:
-        raise UserInputError(f"LoRA target module(s) {', '.join(missing)} are not in this model", f"choose among {', '.join(DEFAULT_LORA_TARGETS)}")
+        raise UserInputError(
+            f"LoRA target module(s) {', '.join(missing)} are not in this model",
+            f"choose among {', '.join(DEFAULT_LORA_TARGETS)}",
+        )
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_targets), task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
@@ -110,7 +123,11 @@ def trim_metrics(path: Path, last_step: int) -> None:
     """On resume, forget steps after the checkpoint: they will be trained again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -126,7 +143,8 @@ def prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> 
     run_dir = check_run_dir(config, needed_bytes)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / RUN_FILE).is_file() and os.environ.get("RANK", "0") == "0":
-        # marks the folder as a run from the start, so that a run killed before its first checkpoint can be started again there
+        # marks the folder as a run from the start, so that a run killed before its first checkpoint can be started
+        # again there
         atomic_write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "status": "starting"})
     return run_dir
 
@@ -138,22 +156,36 @@ def check_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Pa
     checkpoints = run_dir / "checkpoints"
     if config.resume:
         if latest_checkpoint(checkpoints) is None:
-            raise UserInputError(f"{run_dir} has no checkpoint to resume from", "check --out, or start a new run without --resume")
+            raise UserInputError(
+                f"{run_dir} has no checkpoint to resume from", "check --out, or start a new run without --resume"
+            )
         try:
             previous = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["config"]
         except (OSError, json.JSONDecodeError, KeyError):
-            raise UserInputError(f"{run_dir / RUN_FILE} is missing or unreadable", "resume only runs started by llmprune finetune") from None
-        changed = [name for name in DATA_FIELDS + LOSS_FIELDS if previous.get(name, FinetuneConfig.__dataclass_fields__[name].default) != getattr(config, name)]
+            raise UserInputError(
+                f"{run_dir / RUN_FILE} is missing or unreadable", "resume only runs started by llmprune finetune"
+            ) from None
+        changed = [
+            name
+            for name in DATA_FIELDS + LOSS_FIELDS
+            if previous.get(name, FinetuneConfig.__dataclass_fields__[name].default) != getattr(config, name)
+        ]
         if changed:
             raise UserInputError(
                 f"--resume with different data or loss settings ({', '.join(changed)}) would not continue the same run",
                 "use the settings of the original run (see run.json) or start a new --out",
             )
         finished = read_run(run_dir)
-        if finished.get("status") == "completed" and finished.get("steps") is not None and finished.get("steps") >= finished.get("total_steps", 0):
+        if (
+            finished.get("status") == "completed"
+            and finished.get("steps") is not None
+            and finished.get("steps") >= finished.get("total_steps", 0)
+        ):
             raise UserInputError(
-                f"{run_dir} is a finished run ({finished['steps']} of {finished['total_steps']} steps): there is nothing to resume",
-                f"its model is in {finished.get('model_dir') or run_dir}; to train more, start a new run on it with another --out",
+                f"{run_dir} is a finished run ({finished['steps']} of {finished['total_steps']} steps): there is"
+                " nothing to resume",
+                f"its model is in {finished.get('model_dir') or run_dir}; to train more, start a new run on it with"
+                " another --out",
             )
     elif latest_checkpoint(checkpoints) is not None:
         raise UserInputError(f"{run_dir} already holds a run", "pass --resume to continue it, or choose another --out")
@@ -173,29 +205,54 @@ def measure_ppl(model: torch.nn.Module, tokenizer: Any, config: FinetuneConfig, 
 
 def intact_checkpoint(run_dir: Path) -> str:
     good = latest_checkpoint(run_dir / "checkpoints")
-    return f"the checkpoint of step {checkpoint_step(good)} is intact ({good})" if good else "no checkpoint was written yet"
+    return (
+        f"the checkpoint of step {checkpoint_step(good)} is intact ({good})"
+        if good
+        else "no checkpoint was written yet"
+    )
 
 
 def record_failure(run_dir: Path, config: FinetuneConfig, error: BaseException) -> None:
     """run.json says the run failed (and why), so that nobody takes it for one still running."""
     record = read_run(run_dir) or {"config": config.to_dict()}
     problem = getattr(error, "problem", None) or f"{type(error).__name__}: {str(error).strip()[:300]}"
-    record.update({"status": "failed", "message": problem, "last_good_checkpoint": str(latest_checkpoint(run_dir / "checkpoints") or "") or None})
+    record.update(
+        {
+            "status": "failed",
+            "message": problem,
+            "last_good_checkpoint": str(latest_checkpoint(run_dir / "checkpoints") or "") or None,
+        }
+    )
     try:
         atomic_write_json(run_dir / RUN_FILE, record)
     except OSError:  # the disk may be full: the error itself is what the user needs to see
         log.error("could not record the failure in %s", run_dir / RUN_FILE)
 
 
-def save_outputs(model, tokenizer, config, run_dir: Path, accelerator, provenance: dict, summary: dict) -> tuple[str | None, str | None]:
+def save_outputs(
+    model, tokenizer, config, run_dir: Path, accelerator, provenance: dict, summary: dict
+) -> tuple[str | None, str | None]:
     """The final model in prune's reloadable format (or the LoRA adapter), written by the main process."""
     from llmprune.engine.io.checkpoint import save_model
 
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None, None
-    carried = {k: v for k, v in provenance.items() if k not in ("llmprune_version", "uniform", "layer_shapes", "num_parameters")}
-    record = {**carried, "finetune": {**summary, **{k: getattr(config, k) for k in ("method", "lr", "dataset", "samples", "seq_len", "epochs", "seed") + LOSS_FIELDS}}}
+    carried = {
+        k: v
+        for k, v in provenance.items()
+        if k not in ("llmprune_version", "uniform", "layer_shapes", "num_parameters")
+    }
+    record = {
+        **carried,
+        "finetune": {
+            **summary,
+            **{
+                k: getattr(config, k)
+                for k in ("method", "lr", "dataset", "samples", "seq_len", "epochs", "seed") + LOSS_FIELDS
+            },
+        },
+    }
     if config.method == "lora" and not config.merge:
         adapter_dir = run_dir / "adapter"
         from llmprune.engine.core.paths import atomic_directory

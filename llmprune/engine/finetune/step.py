@@ -22,7 +22,9 @@ class StepLoss:
     teacher_finite: bool = True
 
 
-def forward_backward(model, loss_fn, windows: TokenWindows, order: torch.Tensor, first: int, config: FinetuneConfig, accelerator) -> StepLoss:
+def forward_backward(
+    model, loss_fn, windows: TokenWindows, order: torch.Tensor, first: int, config: FinetuneConfig, accelerator
+) -> StepLoss:
     """Accumulate the gradients of one optimizer step; `first` is the step's first window in `order`."""
     parts: list[LossParts] = []
     for micro in range(config.grad_accum):
@@ -45,6 +47,8 @@ def forward_backward(model, loss_fn, windows: TokenWindows, order: torch.Tensor,
         flags = torch.stack([p.teacher_finite for p in parts]).all().float()
         teacher_finite = bool(accelerator.reduce(flags, reduction="mean") == 1.0)  # every process's teacher was finite
     return StepLoss(
-        loss=mean([p.total for p in parts]), lm=mean([p.lm for p in parts]),
-        kd=mean([p.kd for p in parts]) if distilled else None, teacher_finite=teacher_finite,
+        loss=mean([p.total for p in parts]),
+        lm=mean([p.lm for p in parts]),
+        kd=mean([p.kd for p in parts]) if distilled else None,
+        teacher_finite=teacher_finite,
     )

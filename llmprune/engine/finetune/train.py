@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import LlmpruneError, UserInputError
 from llmprune.engine.core.events import (
     CheckpointSaved,
@@ -36,6 +35,9 @@ from llmprune.engine.core.events import (
     RunStarted,
     StepMetrics,
 )
+from llmprune.engine.core.outputs import is_disk_full
+from llmprune.engine.core.paths import atomic_write_json
+from llmprune.engine.data import TokenWindows
 from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and the rest are imported from here too)
     DATA_FIELDS,
     DEFAULT_LORA_TARGETS,
@@ -49,8 +51,14 @@ from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and
 )
 from llmprune.engine.finetune.distill import Distiller, check_teacher_matches, lm_only_loss, load_teacher
 from llmprune.engine.finetune.guards import StepVerdict, check_step, make_alert
-from llmprune.engine.core.outputs import is_disk_full
-from llmprune.engine.core.paths import atomic_write_json
+from llmprune.engine.finetune.run_checkpoints import (
+    CheckpointStore,
+    TrainingProgress,
+    checkpoint_step,
+    latest_checkpoint,
+    rollback_to_last_good,
+    settle_final_state,
+)
 from llmprune.engine.finetune.run_setup import (  # noqa: F401  (make_scheduler, check_run_dir and the file names are imported from here too)
     LOG_FILE,
     METRICS_FILE,
@@ -70,14 +78,6 @@ from llmprune.engine.finetune.run_setup import (  # noqa: F401  (make_scheduler,
     safe_listener,
     save_outputs,
     trim_metrics,
-)
-from llmprune.engine.finetune.run_checkpoints import (
-    CheckpointStore,
-    TrainingProgress,
-    checkpoint_step,
-    latest_checkpoint,
-    rollback_to_last_good,
-    settle_final_state,
 )
 from llmprune.engine.finetune.step import forward_backward
 
@@ -120,16 +120,32 @@ def finetune_model(
     handler = attach_log_file(run_dir) if main else None
     try:
         loss_fn = _loss_function(model, teacher, config, accelerator.device)
-        return _train(model, tokenizer, config, accelerator, run_dir, emit if main else (lambda event: None), control, train_windows,
-                      provenance or {}, loss_fn, report)
+        return _train(
+            model,
+            tokenizer,
+            config,
+            accelerator,
+            run_dir,
+            emit if main else (lambda event: None),
+            control,
+            train_windows,
+            provenance or {},
+            loss_fn,
+            report,
+        )
     except Exception as error:
         if main:
             record_failure(run_dir, config, error)
         if isinstance(error, LlmpruneError) or not is_disk_full(error):
             raise
         raise UserInputError(
-            f"no space left on the disk (or the file size limit was reached) while writing the run; {intact_checkpoint(run_dir)}",
-            "free some space, then continue with --resume" if latest_checkpoint(run_dir / "checkpoints") else "free some space, then run the command again",
+            "no space left on the disk (or the file size limit was reached) while writing the run;"
+            f" {intact_checkpoint(run_dir)}",
+            (
+                "free some space, then continue with --resume"
+                if latest_checkpoint(run_dir / "checkpoints")
+                else "free some space, then run the command again"
+            ),
         ) from None
     finally:
         if handler is not None:
@@ -137,7 +153,9 @@ def finetune_model(
             handler.close()
 
 
-def _loss_function(student: torch.nn.Module, teacher: torch.nn.Module | None, config: FinetuneConfig, device: torch.device):
+def _loss_function(
+    student: torch.nn.Module, teacher: torch.nn.Module | None, config: FinetuneConfig, device: torch.device
+):
     """The step loss: the LM loss, or distillation from the teacher when there is one."""
     if teacher is None and not config.teacher:
         return lm_only_loss
@@ -189,17 +207,23 @@ class _Run:
         return self.accelerator.is_main_process
 
 
-def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_windows, provenance, loss_fn, report=None) -> FinetuneResult:
+def _train(
+    model, tokenizer, config, accelerator, run_dir, emit, control, train_windows, provenance, loss_fn, report=None
+) -> FinetuneResult:
     from llmprune.engine.data import load_calibration_windows
 
     torch.manual_seed(config.seed)
     fp16 = accelerator.mixed_precision == "fp16"
     if fp16:
-        warnings.warn("fp16 training is the main cause of NaN loss after pruning; prefer bf16 (GPU) or fp32", stacklevel=2)
+        warnings.warn(
+            "fp16 training is the main cause of NaN loss after pruning; prefer bf16 (GPU) or fp32", stacklevel=2
+        )
         log.warning("fp16 mixed precision was asked for: expect overflow; prefer bf16 or fp32")
     model.float()  # fp32 master weights; autocast (bf16 on GPU) does the low-precision compute
 
-    windows = train_windows or load_calibration_windows(tokenizer, config.dataset, config.samples, config.seq_len, config.seed)
+    windows = train_windows or load_calibration_windows(
+        tokenizer, config.dataset, config.samples, config.seq_len, config.seed
+    )
     per_step = config.batch_size * config.grad_accum * accelerator.num_processes
     steps_per_epoch = len(windows) // per_step
     if steps_per_epoch == 0:
@@ -210,15 +234,29 @@ def _train(model, tokenizer, config, accelerator, run_dir, emit, control, train_
     health = None if report is None else _preflight(report, config, emit)
     ppl_before = measure_ppl(model, tokenizer, config, "before", emit) if config.test_before else None
 
-    run = _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_fn, provenance,
-                   per_step=per_step, steps_per_epoch=steps_per_epoch, fp16=fp16)
+    run = _prepare(
+        model,
+        config,
+        accelerator,
+        run_dir,
+        emit,
+        control,
+        windows,
+        loss_fn,
+        provenance,
+        per_step=per_step,
+        steps_per_epoch=steps_per_epoch,
+        fp16=fp16,
+    )
     started = time.perf_counter()
     _loop(run)
     return _finish(run, tokenizer, provenance, health, ppl_before, started)
 
 
 def _preflight(report, config: FinetuneConfig, emit: Listener) -> dict:
-    """Report doctor's health check (made by finetune_model before the run folder: an unhealthy model is refused there unless --force)."""
+    """Report doctor's health check (made by finetune_model before the run folder: an unhealthy model is refused there
+    unless --force).
+    """
     health = report.to_dict()
     emit(HealthChecked(ok=bool(report.ok), forced=config.force, findings=list(health.get("findings", []))))
     if not report.ok:
@@ -226,7 +264,9 @@ def _preflight(report, config: FinetuneConfig, emit: Listener) -> dict:
     return health
 
 
-def _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_fn, provenance, *, per_step, steps_per_epoch, fp16) -> _Run:
+def _prepare(
+    model, config, accelerator, run_dir, emit, control, windows, loss_fn, provenance, *, per_step, steps_per_epoch, fp16
+) -> _Run:
     """Adapters, optimizer, schedule, accelerate; then the first checkpoint, or the state to resume from."""
     total_steps = steps_per_epoch * config.epochs
     if config.method == "lora":
@@ -241,8 +281,25 @@ def _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_f
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, progress)
     store = CheckpointStore(run_dir / "checkpoints", accelerator, config.keep_checkpoints)
-    run = _Run(model, config, accelerator, run_dir, emit, control, windows, loss_fn, optimizer, scheduler, store, progress,
-               trainable, per_step, steps_per_epoch, total_steps, fp16)
+    run = _Run(
+        model,
+        config,
+        accelerator,
+        run_dir,
+        emit,
+        control,
+        windows,
+        loss_fn,
+        optimizer,
+        scheduler,
+        store,
+        progress,
+        trainable,
+        per_step,
+        steps_per_epoch,
+        total_steps,
+        fp16,
+    )
     metrics_path = run_dir / METRICS_FILE
     if config.resume:
         resumed_from = store.latest()
@@ -256,15 +313,32 @@ def _prepare(model, config, accelerator, run_dir, emit, control, windows, loss_f
         store.save(0)  # the untouched model: the first good state to come back to
         emit(CheckpointSaved(step=0, path=str(store.pending), reason="start"))
     if run.main:
-        atomic_write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "total_steps": total_steps, "status": "running", "provenance": provenance})
+        atomic_write_json(
+            run_dir / RUN_FILE,
+            {"config": config.to_dict(), "total_steps": total_steps, "status": "running", "provenance": provenance},
+        )
     n_trainable = sum(p.numel() for p in trainable)
-    emit(RunStarted(
-        run_dir=str(run_dir), method=config.method, total_steps=total_steps, start_step=progress.step,
-        epochs=config.epochs, tokens_per_step=per_step * config.seq_len, trainable_parameters=n_trainable,
-        total_parameters=sum(p.numel() for p in model.parameters()), device=str(accelerator.device),
-        teacher=_teacher_label(config, loss_fn),
-    ))
-    log.info("training %s: %d steps of %d tokens, %d trainable parameters", config.method, total_steps, per_step * config.seq_len, n_trainable)
+    emit(
+        RunStarted(
+            run_dir=str(run_dir),
+            method=config.method,
+            total_steps=total_steps,
+            start_step=progress.step,
+            epochs=config.epochs,
+            tokens_per_step=per_step * config.seq_len,
+            trainable_parameters=n_trainable,
+            total_parameters=sum(p.numel() for p in model.parameters()),
+            device=str(accelerator.device),
+            teacher=_teacher_label(config, loss_fn),
+        )
+    )
+    log.info(
+        "training %s: %d steps of %d tokens, %d trainable parameters",
+        config.method,
+        total_steps,
+        per_step * config.seq_len,
+        n_trainable,
+    )
     return run
 
 
@@ -283,7 +357,11 @@ def _loop(run: _Run) -> None:
             requested = verdict.ok and run.control.take_save_request()
             if verdict.ok and (requested or run.progress.step % run.config.save_every == 0):
                 path = run.store.save(run.progress.step)
-                run.emit(CheckpointSaved(step=run.progress.step, path=str(path), reason="request" if requested else "interval"))
+                run.emit(
+                    CheckpointSaved(
+                        step=run.progress.step, path=str(path), reason="request" if requested else "interval"
+                    )
+                )
             if run.control.stop_requested:
                 run.status, run.message = "stopped_by_user", f"stopped on request after step {run.progress.step}"
                 break
@@ -302,7 +380,9 @@ def _step(run: _Run, metrics_file) -> tuple[StepVerdict, GuardAlert | None]:
     order = epoch_order(len(run.windows), config.seed, epoch)
     lr = run.optimizer.param_groups[0]["lr"]
     tick = time.perf_counter()
-    step_loss = forward_backward(run.model, run.loss_fn, run.windows, order, position * run.per_step, config, run.accelerator)
+    step_loss = forward_backward(
+        run.model, run.loss_fn, run.windows, order, position * run.per_step, config, run.accelerator
+    )
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = float(run.accelerator.clip_grad_norm_(run.trainable, clip))
     verdict = check_step(step_loss.loss, grad_norm, config.loss_limit, run.collapse_loss, step_loss.teacher_finite)
@@ -318,16 +398,25 @@ def _step(run: _Run, metrics_file) -> tuple[StepVerdict, GuardAlert | None]:
     seconds = time.perf_counter() - tick
     alert = _judge(run, verdict, step_loss.loss, lr)
     record = StepMetrics(
-        step=progress.step, epoch=epoch + 1, loss=step_loss.loss, lr=lr, grad_norm=grad_norm,
-        tokens_per_second=step_tokens / seconds if seconds > 0 else 0.0, applied=verdict.ok,
-        alerts=(alert,) if alert else (), lm_loss=step_loss.lm, kd_loss=step_loss.kd,
+        step=progress.step,
+        epoch=epoch + 1,
+        loss=step_loss.loss,
+        lr=lr,
+        grad_norm=grad_norm,
+        tokens_per_second=step_tokens / seconds if seconds > 0 else 0.0,
+        applied=verdict.ok,
+        alerts=(alert,) if alert else (),
+        lm_loss=step_loss.lm,
+        kd_loss=step_loss.kd,
     )
     if metrics_file is not None:
         metrics_file.write(json.dumps(record.to_dict()) + "\n")
         metrics_file.flush()
     run.emit(record)
     if progress.step % 10 == 0 or progress.step == 1:
-        log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g", progress.step, run.total_steps, step_loss.loss, lr, grad_norm)
+        log.info(
+            "step %d/%d loss %.4f lr %.3g grad_norm %.3g", progress.step, run.total_steps, step_loss.loss, lr, grad_norm
+        )
     return verdict, alert
 
 
@@ -355,7 +444,9 @@ def _judge(run: _Run, verdict: StepVerdict, loss: float, lr: float) -> GuardAler
     return alert
 
 
-def _finish(run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_before: float | None, started: float) -> FinetuneResult:
+def _finish(
+    run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_before: float | None, started: float
+) -> FinetuneResult:
     """Settle the final weights, measure, save the model and the run record."""
     config, progress, accelerator = run.config, run.progress, run.accelerator
     last_good = settle_final_state(run.model, run.windows, run.store, progress, run.status, accelerator, run.emit)
@@ -369,22 +460,59 @@ def _finish(run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_bef
     if run.status == "stopped_by_guard" and last_good is None:
         run.message += "; no state was proved good, so no model was saved (the input model is unchanged on disk)"
     else:
-        model_dir, adapter_dir = save_outputs(unwrapped, tokenizer, config, run.run_dir, accelerator, provenance, {
-            "status": run.status, "steps": progress.step, "ppl_before": ppl_before, "ppl_after": ppl_after,
-        })
+        model_dir, adapter_dir = save_outputs(
+            unwrapped,
+            tokenizer,
+            config,
+            run.run_dir,
+            accelerator,
+            provenance,
+            {
+                "status": run.status,
+                "steps": progress.step,
+                "ppl_before": ppl_before,
+                "ppl_after": ppl_after,
+            },
+        )
     result = FinetuneResult(
-        run_dir=str(run.run_dir), status=run.status, steps=progress.step, total_steps=run.total_steps, method=config.method,
-        best_loss=progress.best_loss, final_loss=run.last_loss, ppl_before=ppl_before, ppl_after=ppl_after,
-        last_good_checkpoint=str(last_good) if last_good else None, model_dir=model_dir, adapter_dir=adapter_dir,
-        rollbacks=progress.rollbacks, alerts=[a.to_dict() for a in run.alerts],
-        tokens_per_second=run.trained_tokens / elapsed if elapsed > 0 else 0.0, seconds=elapsed, health=health, message=run.message,
+        run_dir=str(run.run_dir),
+        status=run.status,
+        steps=progress.step,
+        total_steps=run.total_steps,
+        method=config.method,
+        best_loss=progress.best_loss,
+        final_loss=run.last_loss,
+        ppl_before=ppl_before,
+        ppl_after=ppl_after,
+        last_good_checkpoint=str(last_good) if last_good else None,
+        model_dir=model_dir,
+        adapter_dir=adapter_dir,
+        rollbacks=progress.rollbacks,
+        alerts=[a.to_dict() for a in run.alerts],
+        tokens_per_second=run.trained_tokens / elapsed if elapsed > 0 else 0.0,
+        seconds=elapsed,
+        health=health,
+        message=run.message,
     )
     if run.main:
-        record = {"config": config.to_dict(), "total_steps": run.total_steps, "provenance": provenance, **result.to_dict()}
+        record = {
+            "config": config.to_dict(),
+            "total_steps": run.total_steps,
+            "provenance": provenance,
+            **result.to_dict(),
+        }
         atomic_write_json(run.run_dir / RUN_FILE, record)
         log.info("finished: %s %s", run.status, run.message)
-    run.emit(RunFinished(status=run.status, steps=progress.step, best_loss=progress.best_loss,
-                         last_good_checkpoint=result.last_good_checkpoint, model_dir=model_dir or adapter_dir, message=run.message))
+    run.emit(
+        RunFinished(
+            status=run.status,
+            steps=progress.step,
+            best_loss=progress.best_loss,
+            last_good_checkpoint=result.last_good_checkpoint,
+            model_dir=model_dir or adapter_dir,
+            message=run.message,
+        )
+    )
     accelerator.free_memory()
     return result
 
@@ -392,7 +520,9 @@ def _finish(run: _Run, tokenizer, provenance: dict, health: dict | None, ppl_bef
 # ---------------------------------------------------------------- from a model spec
 
 
-def run_finetune(config: FinetuneConfig, listener: Listener | None = None, *, control: TrainingControl | None = None) -> FinetuneResult:
+def run_finetune(
+    config: FinetuneConfig, listener: Listener | None = None, *, control: TrainingControl | None = None
+) -> FinetuneResult:
     """Load `config.model` and fine-tune it (the `llmprune finetune` engine)."""
     from llmprune.engine.core.device import choose_placement
     from llmprune.engine.io.models import load_model
@@ -401,9 +531,13 @@ def run_finetune(config: FinetuneConfig, listener: Listener | None = None, *, co
     if config.out:
         check_run_dir(config)  # before the model is loaded
     placement = choose_placement(config.device, "float32")  # fp32 master weights whatever the compute dtype
-    loaded = load_model(config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement)
+    loaded = load_model(
+        config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement
+    )
     if loaded.tokenizer is None:
-        raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+        raise UserInputError(
+            f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model"
+        )
     provenance = {**loaded.provenance, "base_model": loaded.provenance.get("base_model", config.model)}
     if config.save_dtype == "auto" and loaded.source_dtype is not None:  # bf16 in -> bf16 out
         config = replace(config, save_dtype=str(loaded.source_dtype).removeprefix("torch."))

@@ -13,7 +13,15 @@ from torch import nn
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.remote_code.modeling_llmprune import apply_layer_shapes
 
-__all__ = ["LayerShape", "layer_shape", "layer_shapes", "apply_layer_shapes", "is_uniform", "gqa_violations", "require_llama_style"]
+__all__ = [
+    "LayerShape",
+    "layer_shape",
+    "layer_shapes",
+    "apply_layer_shapes",
+    "is_uniform",
+    "gqa_violations",
+    "require_llama_style",
+]
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,15 @@ def require_llama_style(model: nn.Module) -> None:
             "llmprune supports Llama, Mistral and Qwen2-style models",
         )
     first = layers[0]
-    needed = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    needed = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     names = {name for name, _ in first.named_modules()}
     missing = [name for name in needed if name not in names]
     if missing:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from llmprune._version import __version__
-from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shapes
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
+from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shapes
 from llmprune.engine.io.remote_code import modeling_llmprune
 
 PROVENANCE_FILE = "llmprune.json"
@@ -37,7 +37,9 @@ AUTO_MAP = {"AutoModelForCausalLM": "modeling_llmprune.LlmpruneLlamaForCausalLM"
 
 def _add_zero_bias(linear: nn.Linear) -> None:
     if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device))
+        linear.bias = nn.Parameter(
+            torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+        )
 
 
 def _make_stock_compatible(model: nn.Module, shape: LayerShape) -> None:
@@ -48,7 +50,12 @@ def _make_stock_compatible(model: nn.Module, shape: LayerShape) -> None:
     """
     for layer in model.model.layers:
         if shape.o_proj_bias:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+            for proj in (
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+            ):
                 _add_zero_bias(proj)
         if shape.down_proj_bias:
             for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
@@ -117,7 +124,9 @@ def stored_dtype(directory: str | Path) -> torch.dtype | None:
     return _SAFETENSORS_DTYPES[floating[0]] if floating else None
 
 
-def resolve_save_dtype(spec: str | torch.dtype | None, source_dtype: torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+def resolve_save_dtype(
+    spec: str | torch.dtype | None, source_dtype: torch.dtype | None, model_dtype: torch.dtype
+) -> torch.dtype:
     """--save-dtype: auto keeps the source's stored dtype (bf16 in -> bf16 out), else the model's own."""
     if isinstance(spec, torch.dtype):
         return spec
@@ -130,8 +139,13 @@ def resolve_save_dtype(spec: str | torch.dtype | None, source_dtype: torch.dtype
     return getattr(torch, spec)
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict | None = None,
-               dtype: torch.dtype | None = None) -> Path:
+def save_model(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    provenance: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write `model` (pruned or not) so that it reloads anywhere; returns the directory.
 
     `dtype`: the dtype of the saved weights (default: the model's); the model in
@@ -148,7 +162,7 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance
         if dtype == model_dtype:
             model.save_pretrained(staging, safe_serialization=True)
         else:
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
             model.save_pretrained(staging, safe_serialization=True, state_dict=state)
             del state
             # save_pretrained writes the in-memory model's dtype into config.json: state the saved one

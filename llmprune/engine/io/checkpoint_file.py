@@ -29,23 +29,30 @@ def load_checkpoint(path: Path, trust_pickle: bool) -> Any:
         try:
             return load_file(str(path))
         except Exception as error:
-            raise UserInputError(f"{path} is not a readable safetensors file ({error})", "the file is truncated or corrupt: re-save it") from None
+            raise UserInputError(
+                f"{path} is not a readable safetensors file ({error})", "the file is truncated or corrupt: re-save it"
+            ) from None
     try:
         with warnings.catch_warnings():  # torch warns about legacy/raw pickles before failing: our one line says it all
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights_only" not in str(error) and "Unsupported global" not in str(error):
-            raise UserInputError(f"{path} is not a readable PyTorch checkpoint", "the file is truncated or corrupt") from None
+            raise UserInputError(
+                f"{path} is not a readable PyTorch checkpoint", "the file is truncated or corrupt"
+            ) from None
         if not trust_pickle:
             raise UserInputError(
-                f"{path} holds pickled Python objects (a whole module, as LLM-Pruner saves), and unpickling can run arbitrary code",
+                f"{path} holds pickled Python objects (a whole module, as LLM-Pruner saves), and unpickling can run"
+                " arbitrary code",
                 "if you trust its origin, pass --trust-pickle",
             ) from None
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as error:  # a damaged pickle fails in many ways (IndexError, KeyError, EOFError, ...)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserInputError(f"{path} is not a readable PyTorch checkpoint ({reason})", "the file is truncated or corrupt") from None
+        raise UserInputError(
+            f"{path} is not a readable PyTorch checkpoint ({reason})", "the file is truncated or corrupt"
+        ) from None
 
 
 def whole_module(obj: Any) -> tuple[nn.Module, Any] | None:
@@ -81,7 +88,9 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserInputError(f"{path} does not contain a state dict of tensors", "save the model with model.state_dict()")
+        raise UserInputError(
+            f"{path} does not contain a state dict of tensors", "save the model with model.state_dict()"
+        )
     return {normalise_key(k): v for k, v in obj.items()}
 
 
@@ -95,5 +104,5 @@ def read_state_dict(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Ten
 def normalise_key(key: str) -> str:
     for prefix in ("module.", "base_model.model."):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key

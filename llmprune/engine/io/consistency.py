@@ -27,11 +27,16 @@ def _safetensors_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise UserInputError(f"{index} is not a readable safetensors index", "re-save or download the model again") from None
+            raise UserInputError(
+                f"{index} is not a readable safetensors index", "re-save or download the model again"
+            ) from None
         files = sorted({directory / name for name in weight_map.values()})
         missing = [path for path in files if not path.is_file()]
         if missing:
-            raise UserInputError(f"{directory} lacks {missing[0].name}, which its safetensors index names", "download or copy every shard")
+            raise UserInputError(
+                f"{directory} lacks {missing[0].name}, which its safetensors index names",
+                "download or copy every shard",
+            )
         return files
     return sorted(directory.glob("*.safetensors"))
 
@@ -49,7 +54,9 @@ def stored_shapes(directory: str | Path) -> dict[str, list[int]]:
                 shapes[name] = [int(size) for size in entry["shape"]]
                 end = max(end, int(entry["data_offsets"][1]))
             except (KeyError, TypeError, ValueError, IndexError):
-                raise UserInputError(f"{path} is not a readable safetensors file (damaged header)", "re-save or download the model again") from None
+                raise UserInputError(
+                    f"{path} is not a readable safetensors file (damaged header)", "re-save or download the model again"
+                ) from None
         if path.stat().st_size < data_start + end:
             raise UserInputError(
                 f"{path} is truncated: {path.stat().st_size:,} bytes, its header promises {data_start + end:,}",
@@ -63,7 +70,9 @@ def config_mismatches(shapes: dict[str, list[int]], config: dict) -> list[str]:
     from llmprune.engine.io.structure import read_structure, structure_shapes
 
     _, findings = read_structure(structure_shapes(shapes), config, config_role="weights")
-    return [finding.message for finding in findings if finding.severity == "error" and finding.check in ("shape", "fit")]
+    return [
+        finding.message for finding in findings if finding.severity == "error" and finding.check in ("shape", "fit")
+    ]
 
 
 def check_config_matches_weights(directory: str | Path, config: dict) -> None:

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import atomic_file, remove_stale_staging
+from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.io.gguf_tensors import Entry, LayerDims, declare, layer_dims, plan_tensors, write_data
 from llmprune.engine.io.tensor_store import SafetensorsStore, StateDictStore, TensorStore
 from llmprune.engine.io.tokenizer_gguf import write_tokenizer
@@ -49,7 +49,9 @@ class ExportConfig:
 
     def validate(self) -> None:
         if self.outtype not in OUTTYPES:
-            raise UserInputError(f"--outtype must be one of {', '.join(OUTTYPES)}, got '{self.outtype}'", "use --outtype f16")
+            raise UserInputError(
+                f"--outtype must be one of {', '.join(OUTTYPES)}, got '{self.outtype}'", "use --outtype f16"
+            )
         if not str(self.out).endswith(".gguf"):
             raise UserInputError(f"the output file must end in .gguf, got '{self.out}'", "e.g. --gguf model.gguf")
         out = Path(self.out).expanduser()
@@ -119,8 +121,15 @@ def _open_source(config: ExportConfig) -> _Source:
         config_dict = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         store = SafetensorsStore(sorted(directory.glob("*.safetensors")))
         return _Source(store, config_dict, _load_tokenizer(directory), streamed=True)
-    loaded = load_model(spec, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=choose_placement("cpu", "float32"))
-    return _Source(StateDictStore(loaded.model.state_dict()), loaded.model.config.to_dict(), loaded.tokenizer, streamed=False)
+    loaded = load_model(
+        spec,
+        base_model=config.base_model,
+        trust_pickle=config.trust_pickle,
+        placement=choose_placement("cpu", "float32"),
+    )
+    return _Source(
+        StateDictStore(loaded.model.state_dict()), loaded.model.config.to_dict(), loaded.tokenizer, streamed=False
+    )
 
 
 def _rope(config: dict) -> tuple[float, dict]:
@@ -153,7 +162,9 @@ def llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> torch.Ten
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def _write_hyperparameters(writer: Any, config: dict, dims: list[LayerDims], head_dim: int, outtype: str, name: str) -> None:
+def _write_hyperparameters(
+    writer: Any, config: dict, dims: list[LayerDims], head_dim: int, outtype: str, name: str
+) -> None:
     import gguf
 
     uniform = len(set(dims)) == 1
@@ -191,7 +202,10 @@ def _rope_entries(writer: Any, config: dict, head_dim: int) -> list[Entry]:
     if kind == "llama3":
         factors = llama3_rope_factors(theta, head_dim, scaling)
         return [Entry("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32, constant=factors)]
-    raise UserInputError(f"rope scaling '{kind}' is not supported by the GGUF export", "export a model with default, linear or llama3 rope")
+    raise UserInputError(
+        f"rope scaling '{kind}' is not supported by the GGUF export",
+        "export a model with default, linear or llama3 rope",
+    )
 
 
 def _head_dim(config: dict) -> int:
@@ -216,7 +230,9 @@ def export_gguf(config: ExportConfig, progress: CountProgress | None = None) -> 
     remove_stale_staging(out)  # what an export killed half-way left
     with atomic_file(out) as staging:
         writer = gguf.GGUFWriter(staging, architecture)
-        _write_hyperparameters(writer, model_config, dims, head_dim, config.outtype, Path(config.model).name or config.model)
+        _write_hyperparameters(
+            writer, model_config, dims, head_dim, config.outtype, Path(config.model).name or config.model
+        )
         entries = _rope_entries(writer, model_config, head_dim) + entries
         tokenizer_info = write_tokenizer(writer, source.tokenizer, int(model_config["vocab_size"]))
         for entry in entries:
@@ -230,8 +246,17 @@ def export_gguf(config: ExportConfig, progress: CountProgress | None = None) -> 
                 progress(done, len(entries))
         writer.close()
     return ExportResult(
-        path=str(out), architecture=architecture, outtype=config.outtype, tensors=len(entries), bytes=out.stat().st_size,
+        path=str(out),
+        architecture=architecture,
+        outtype=config.outtype,
+        tensors=len(entries),
+        bytes=out.stat().st_size,
         parameters=sum(math.prod(entry.shape) for entry in entries),
-        layers=[asdict(d) for d in dims], padded_layers=padded, f16_fallbacks=fallbacks, not_exported=ignored,
-        tokenizer=tokenizer_info, streamed=source.streamed, seconds=round(time.perf_counter() - start, 2),
+        layers=[asdict(d) for d in dims],
+        padded_layers=padded,
+        f16_fallbacks=fallbacks,
+        not_exported=ignored,
+        tokenizer=tokenizer_info,
+        streamed=source.streamed,
+        seconds=round(time.perf_counter() - start, 2),
     )

@@ -22,11 +22,21 @@ from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.tensor_store import TensorStore
 
 _CHUNK_ELEMENTS = 16 << 20  # 64 MB of f32 per slice: peak memory stays near one slice, not one tensor
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
@@ -71,7 +81,9 @@ def layer_dims(store: TensorStore, layers: int, head_dim: int) -> tuple[list[Lay
             k = store.shape(prefix + "self_attn.k_proj.weight")[0]
             ffn = store.shape(prefix + "mlp.gate_proj.weight")[0]
         except KeyError as missing:
-            raise UserInputError(f"the model has no tensor {missing.args[0]}", "export a complete Llama-style model") from None
+            raise UserInputError(
+                f"the model has no tensor {missing.args[0]}", "export a complete Llama-style model"
+            ) from None
         if 0 in (q, k, ffn):
             padded.append(index)
         dims.append(LayerDims(q // head_dim or 1, k // head_dim or 1, ffn or 1))
@@ -96,7 +108,16 @@ def _weight_type(shape: tuple[int, ...], outtype: str, fallbacks: list[str], nam
     return {"f16": Q.F16, "bf16": Q.BF16}[outtype]
 
 
-def _layer_entry(store: TensorStore, index: int, part: str, kind: str, dims: LayerDims, head_dim: int, outtype: str, fallbacks: list[str]) -> Entry | None:
+def _layer_entry(
+    store: TensorStore,
+    index: int,
+    part: str,
+    kind: str,
+    dims: LayerDims,
+    head_dim: int,
+    outtype: str,
+    fallbacks: list[str],
+) -> Entry | None:
     source = f"model.layers.{index}.{part}.{kind}"
     name = f"blk.{index}.{_LAYER_NAMES[part]}.{kind}"
     shape = store.shape(source)
@@ -107,13 +128,17 @@ def _layer_entry(store: TensorStore, index: int, part: str, kind: str, dims: Lay
         if kind == "bias":
             return None
         rows, cols = shape
-        shape = (head_dim if rows == 0 and "attn" in part else 1 if rows == 0 else rows,
-                 head_dim if cols == 0 and "attn" in part else 1 if cols == 0 else cols)
+        shape = (
+            head_dim if rows == 0 and "attn" in part else 1 if rows == 0 else rows,
+            head_dim if cols == 0 and "attn" in part else 1 if cols == 0 else cols,
+        )
         return Entry(name, shape, _weight_type(shape, outtype, fallbacks, name))
     return Entry(name, shape, _weight_type(shape, outtype, fallbacks, name), source, heads)
 
 
-def plan_tensors(store: TensorStore, dims: list[LayerDims], head_dim: int, outtype: str, tied: bool) -> tuple[list[Entry], list[str], list[str]]:
+def plan_tensors(
+    store: TensorStore, dims: list[LayerDims], head_dim: int, outtype: str, tied: bool
+) -> tuple[list[Entry], list[str], list[str]]:
     """(entries in file order, names kept f16 under q8_0, source tensors not exported)."""
     entries: list[Entry] = []
     fallbacks: list[str] = []
@@ -123,12 +148,18 @@ def plan_tensors(store: TensorStore, dims: list[LayerDims], head_dim: int, outty
             if source == "lm_head.weight" and tied:
                 continue
             shape = store.shape(source)
-            entries.append(Entry(_GLOBAL_NAMES[source], shape, _weight_type(shape, outtype, fallbacks, _GLOBAL_NAMES[source]), source))
+            entries.append(
+                Entry(
+                    _GLOBAL_NAMES[source], shape, _weight_type(shape, outtype, fallbacks, _GLOBAL_NAMES[source]), source
+                )
+            )
             continue
         match = _LAYER_TENSOR.match(source)
         if match and int(match.group(1)) < len(dims) and match.group(2) in _LAYER_NAMES:
             index = int(match.group(1))
-            entry = _layer_entry(store, index, match.group(2), match.group(3), dims[index], head_dim, outtype, fallbacks)
+            entry = _layer_entry(
+                store, index, match.group(2), match.group(3), dims[index], head_dim, outtype, fallbacks
+            )
             if entry is not None:
                 entries.append(entry)
         elif not _IGNORED.search(source):
@@ -154,10 +185,14 @@ def declare(writer: Any, entry: Entry) -> None:
     Q = gguf.GGMLQuantizationType
     if entry.qtype in (Q.F32, Q.F16):
         dtype = np.float32 if entry.qtype == Q.F32 else np.float16
-        writer.add_tensor_info(entry.name, entry.shape, np.dtype(dtype), int(np.prod(entry.shape)) * np.dtype(dtype).itemsize)
+        writer.add_tensor_info(
+            entry.name, entry.shape, np.dtype(dtype), int(np.prod(entry.shape)) * np.dtype(dtype).itemsize
+        )
     else:
         byte_shape = gguf.quant_shape_to_byte_shape(entry.shape, entry.qtype)
-        writer.add_tensor_info(entry.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=entry.qtype)
+        writer.add_tensor_info(
+            entry.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=entry.qtype
+        )
 
 
 def _slices(entry: Entry, store: TensorStore, head_dim: int):
@@ -200,4 +235,3 @@ def write_data(writer: Any, entry: Entry, store: TensorStore, head_dim: int) -> 
     writer.write_padding(out, written)
     writer.state = WriterState.WEIGHTS
     return written
-

@@ -24,7 +24,7 @@ class LoadOptions:
     dtype: str = "auto"
     """auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)."""
 
-    def load_options(self) -> "LoadOptions":
+    def load_options(self) -> LoadOptions:
         """Just these five fields (of a config that extends LoadOptions)."""
         return LoadOptions(**{f.name: getattr(self, f.name) for f in fields(LoadOptions)})
 
@@ -38,5 +38,9 @@ class LoadOptions:
         """The model, loaded (models.LoadedModel)."""
         from llmprune.engine.io.models import load_model
 
-        return load_model(self.model, base_model=self.base_model, trust_pickle=self.trust_pickle,
-                          placement=placement if placement is not None else self.placement())
+        return load_model(
+            self.model,
+            base_model=self.base_model,
+            trust_pickle=self.trust_pickle,
+            placement=placement if placement is not None else self.placement(),
+        )

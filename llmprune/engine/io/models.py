@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune.engine.io.architecture import LayerShape, apply_layer_shapes, require_llama_style
-from llmprune.engine.core.hub import hub_reachable
-from llmprune.engine.io.checkpoint_file import load_checkpoint, normalise_key, state_dict_of, whole_module
-from llmprune.engine.io.checkpoint import model_class_for, read_provenance, stored_dtype
 from llmprune.engine.core.device import Placement, choose_placement
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.hub import hub_reachable
 from llmprune.engine.core.paths import atomic_directory, cache_dir
+from llmprune.engine.io.architecture import LayerShape, apply_layer_shapes, require_llama_style
+from llmprune.engine.io.checkpoint import model_class_for, read_provenance, stored_dtype
+from llmprune.engine.io.checkpoint_file import load_checkpoint, normalise_key, state_dict_of, whole_module
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (distribution that ships the file, file name inside it, install hint)
@@ -91,8 +91,11 @@ def alias_path(name: str) -> Path:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or os.sep in spec and not _HUB_ID.match(spec) or spec.endswith(
-        (".gguf", *STATE_DICT_SUFFIXES)
+    return (
+        spec.startswith((".", "/", "~"))
+        or os.sep in spec
+        and not _HUB_ID.match(spec)
+        or spec.endswith((".gguf", *STATE_DICT_SUFFIXES))
     )
 
 
@@ -122,7 +125,9 @@ def convert_gguf(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         quantised = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as error:  # gguf raises many kinds of errors on a bad file
-        raise UserInputError(f"cannot read GGUF file {path}: {error}", "check that the file is a complete GGUF model") from None
+        raise UserInputError(
+            f"cannot read GGUF file {path}: {error}", "check that the file is a complete GGUF model"
+        ) from None
     config_dict = quantised.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
@@ -146,18 +151,24 @@ def _load_directory(directory: Path, placement: Placement) -> tuple[nn.Module, A
     try:
         config_dict = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise UserInputError(f"{config_path} is not valid JSON ({error})", "restore the file or re-save the model") from None
+        raise UserInputError(
+            f"{config_path} is not valid JSON ({error})", "restore the file or re-save the model"
+        ) from None
     from llmprune.engine.io.consistency import check_config_matches_weights
 
     if not isinstance(config_dict, dict):
-        raise UserInputError(f"{config_path} is not a model config (a JSON object)", "restore the file or re-save the model")
+        raise UserInputError(
+            f"{config_path} is not a model config (a JSON object)", "restore the file or re-save the model"
+        )
     check_config_matches_weights(directory, config_dict)
     model_class = model_class_for(config_dict)
     try:
         model = model_class.from_pretrained(str(directory), dtype=placement.dtype)
     except Exception as error:  # transformers, safetensors and torch each raise their own kinds
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserInputError(f"cannot load the model in {directory}: {first_line}", "check the directory's weights and config.json") from None
+        raise UserInputError(
+            f"cannot load the model in {directory}: {first_line}", "check the directory's weights and config.json"
+        ) from None
     return model, _load_tokenizer(directory)
 
 
@@ -186,7 +197,6 @@ def _rebuild_pickled_module(module: nn.Module, path: Path) -> nn.Module:
     config = AutoConfig.for_model(**config_dict)
     state_dict = {normalise_key(k): v for k, v in module.state_dict().items()}
     return _build_from_state_dict(state_dict, config, path)
-
 
 
 def infer_layer_shapes(state_dict: dict[str, torch.Tensor], config: Any) -> list[LayerShape]:
@@ -230,19 +240,21 @@ def resolve_config(base_model: str) -> tuple[Any, str]:
         return AutoConfig.from_pretrained(str(directory)), str(directory)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserInputError(f"--base-model {base_model} has no config.json", "name a model directory, hub id or smollm2-135m")
+            raise UserInputError(
+                f"--base-model {base_model} has no config.json", "name a model directory, hub id or smollm2-135m"
+            )
         return AutoConfig.from_pretrained(str(path)), str(path)
     if _HUB_ID.match(base_model):
         try:
             return AutoConfig.from_pretrained(base_model, local_files_only=not hub_reachable()), base_model
         except OSError:
             raise _offline_error(base_model) from None
-    raise UserInputError(f"--base-model '{base_model}' not found", "name a model directory, a .gguf file, a hub id or smollm2-135m")
+    raise UserInputError(
+        f"--base-model '{base_model}' not found", "name a model directory, a .gguf file, a hub id or smollm2-135m"
+    )
 
 
-def _build_from_state_dict(
-    state_dict: dict[str, torch.Tensor], config: Any, origin: Path
-) -> nn.Module:
+def _build_from_state_dict(state_dict: dict[str, torch.Tensor], config: Any, origin: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     shapes = infer_layer_shapes(state_dict, config)
@@ -256,9 +268,16 @@ def _build_from_state_dict(
     mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
         detail = (
-            f"{len(missing)} missing (e.g. {missing[0]})" if missing
-            else f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected
-            else f"{mismatched[0]} has shape {tuple(state_dict[mismatched[0]].shape)}, expected {tuple(expected[mismatched[0]].shape)}"
+            f"{len(missing)} missing (e.g. {missing[0]})"
+            if missing
+            else (
+                f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"
+                if unexpected
+                else (
+                    f"{mismatched[0]} has shape {tuple(state_dict[mismatched[0]].shape)}, expected"
+                    f" {tuple(expected[mismatched[0]].shape)}"
+                )
+            )
         )
         raise UserInputError(
             f"the tensors in {origin} do not fit the architecture: {detail}",
@@ -320,7 +339,9 @@ def _load_hub(hub_id: str, placement: Placement) -> tuple[nn.Module, Any]:
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=placement.dtype, local_files_only=not online)
     except Exception as error:
         if "not a valid model identifier" in str(error) or "404" in str(error):
-            raise UserInputError(f"'{hub_id}' is not a model on the Hugging Face Hub", "check the spelling or pass a local path") from None
+            raise UserInputError(
+                f"'{hub_id}' is not a model on the Hugging Face Hub", "check the spelling or pass a local path"
+            ) from None
         raise _offline_error(hub_id) from None
     return model, _load_tokenizer(hub_id, local_files_only=not online)
 
@@ -365,7 +386,9 @@ def load_model(
         source_dtype = next(model.parameters()).dtype  # as built from the file, before the placement's dtype
         model = model.to(placement.dtype)
     elif path.exists():
-        raise UserInputError(f"{path} is not a model file", "use a model directory or a .gguf, .safetensors, .bin or .pt file")
+        raise UserInputError(
+            f"{path} is not a model file", "use a model directory or a .gguf, .safetensors, .bin or .pt file"
+        )
     elif _HUB_ID.match(spec) and not _looks_like_path(spec):
         kind, source = "hub", spec
         model, tokenizer = _load_hub(spec, placement)
@@ -382,5 +405,12 @@ def load_model(
     model.eval()
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=str(source), kind=kind, provenance=provenance,
-                       source_dtype=source_dtype)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        source=str(source),
+        kind=kind,
+        provenance=provenance,
+        source_dtype=source_dtype,
+    )

@@ -21,8 +21,18 @@ __all__ = ["read_header", "stored_elements", "stored_dtype_names", "read_tensors
 _CHUNK = 16 << 20
 _ALIGN = 8  # safetensors pads the header so that the data starts 8-byte aligned
 # safetensors dtype -> torch dtype name
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_TORCH_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -32,9 +42,13 @@ def read_header(path: Path) -> tuple[dict, int]:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
         except (struct.error, ValueError, MemoryError, OverflowError):  # ValueError covers bad JSON and UTF-8
-            raise UserInputError(f"{path} is not a readable safetensors file (damaged header)", "re-save or download the model again") from None
+            raise UserInputError(
+                f"{path} is not a readable safetensors file (damaged header)", "re-save or download the model again"
+            ) from None
     if not isinstance(header, dict):
-        raise UserInputError(f"{path} is not a readable safetensors file (damaged header)", "re-save or download the model again")
+        raise UserInputError(
+            f"{path} is not a readable safetensors file (damaged header)", "re-save or download the model again"
+        )
     return header, 8 + length
 
 
@@ -94,7 +108,11 @@ def copy_tensors(sources: dict[str, Path], destination: Path, metadata: dict[str
     for name, path in sources.items():
         entry = headers[path][0][name]
         begin, end = entry["data_offsets"]
-        layout[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + end - begin]}
+        layout[name] = {
+            "dtype": entry["dtype"],
+            "shape": entry["shape"],
+            "data_offsets": [offset, offset + end - begin],
+        }
         offset += end - begin
         elements += _elements(entry)
     if metadata:

@@ -19,8 +19,15 @@ from llmprune.engine.core.findings import Advice, Finding
 LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a decoder layer's tensors: model.layers.<i>.…
 
 _ATTN = "self_attn"
-_REQUIRED = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+_REQUIRED = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
 
 
 def layer_index(name: str) -> int | None:
@@ -61,7 +68,13 @@ class LayerStructure:
         return self.k_out > 0 and self.q_out % self.k_out == 0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "heads": self.heads, "kv_heads": self.kv_heads, "gqa_ratio": self.gqa_ratio, "gqa_ok": self.gqa_ok}
+        return {
+            **asdict(self),
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "gqa_ratio": self.gqa_ratio,
+            "gqa_ok": self.gqa_ok,
+        }
 
 
 @dataclass
@@ -77,11 +90,11 @@ class Structure:
 
     @property
     def uniform(self) -> bool:
-        return len({(l.q_out, l.k_out, l.mlp_width) for l in self.layers}) <= 1
+        return len({(layer.q_out, layer.k_out, layer.mlp_width) for layer in self.layers}) <= 1
 
     @property
     def gqa_ratios(self) -> list[float]:
-        return sorted({l.gqa_ratio for l in self.layers if l.gqa_ratio is not None})
+        return sorted({layer.gqa_ratio for layer in self.layers if layer.gqa_ratio is not None})
 
     def to_dict(self) -> dict:
         return {
@@ -112,7 +125,7 @@ def canonical_name(name: str) -> str:
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
+                name, stripped = name[len(prefix) :], True
     return name.replace(".base_layer.", ".")
 
 
@@ -133,7 +146,11 @@ def _expected_layers(config: Mapping, count: int) -> list[dict]:
     """Per-layer (heads, kv_heads, mlp width) that the config promises."""
     if config.get("layer_shapes"):
         return [
-            {"heads": s["num_attention_heads"], "kv_heads": s["num_key_value_heads"], "mlp_width": s["intermediate_size"]}
+            {
+                "heads": s["num_attention_heads"],
+                "kv_heads": s["num_key_value_heads"],
+                "mlp_width": s["intermediate_size"],
+            }
             for s in config["layer_shapes"]
         ]
     one = {
@@ -170,7 +187,15 @@ def read_structure(
     structure.num_layers = len(indices)
     if indices and indices != list(range(len(indices))):
         missing = sorted(set(range(indices[-1] + 1)) - set(indices))
-        findings.append(Finding("error", "shape", f"model.layers.{missing[0]}", f"layer {missing[0]} has no tensors (layers {indices[0]}..{indices[-1]} expected contiguous)", [Advice.RESAVE, Advice.REPRUNE]))
+        findings.append(
+            Finding(
+                "error",
+                "shape",
+                f"model.layers.{missing[0]}",
+                f"layer {missing[0]} has no tensors (layers {indices[0]}..{indices[-1]} expected contiguous)",
+                [Advice.RESAVE, Advice.REPRUNE],
+            )
+        )
 
     for index in indices:
         layer, problems = _read_layer(index, shapes, structure)
@@ -184,11 +209,21 @@ def read_structure(
     return structure, findings
 
 
-def _read_layer(index: int, shapes: Mapping[str, Sequence[int]], structure: Structure) -> tuple[LayerStructure | None, list[Finding]]:
+def _read_layer(
+    index: int, shapes: Mapping[str, Sequence[int]], structure: Structure
+) -> tuple[LayerStructure | None, list[Finding]]:
     prefix = f"model.layers.{index}."
     missing = [prefix + name for name in _REQUIRED if prefix + name not in shapes]
     if missing:
-        return None, [Finding("error", "shape", missing[0], f"layer {index} lacks {', '.join(m.removeprefix(prefix) for m in missing)}", [Advice.RESAVE, Advice.REPRUNE])]
+        return None, [
+            Finding(
+                "error",
+                "shape",
+                missing[0],
+                f"layer {index} lacks {', '.join(m.removeprefix(prefix) for m in missing)}",
+                [Advice.RESAVE, Advice.REPRUNE],
+            )
+        ]
     q, k, v, o = (shapes[prefix + f"{_ATTN}.{p}_proj.weight"] for p in "qkvo")
     gate, up, down = (shapes[prefix + f"mlp.{p}_proj.weight"] for p in ("gate", "up", "down"))
     hidden = structure.hidden_size or q[1]
@@ -198,8 +233,13 @@ def _read_layer(index: int, shapes: Mapping[str, Sequence[int]], structure: Stru
     def bad(tensor: str, message: str) -> None:
         problems.append(Finding("error", "shape", prefix + tensor, message, [Advice.RESAVE, Advice.REPRUNE]))
 
-    for name, shape in (("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", k), ("self_attn.v_proj.weight", v),
-                        ("mlp.gate_proj.weight", gate), ("mlp.up_proj.weight", up)):
+    for name, shape in (
+        ("self_attn.q_proj.weight", q),
+        ("self_attn.k_proj.weight", k),
+        ("self_attn.v_proj.weight", v),
+        ("mlp.gate_proj.weight", gate),
+        ("mlp.up_proj.weight", up),
+    ):
         if shape[1] != hidden:
             bad(name, f"{name} reads {shape[1]} inputs, the hidden size is {hidden}")
     for name, shape in (("self_attn.o_proj.weight", o), ("mlp.down_proj.weight", down)):
@@ -212,15 +252,26 @@ def _read_layer(index: int, shapes: Mapping[str, Sequence[int]], structure: Stru
     if up[0] != gate[0] or down[1] != gate[0]:
         bad("mlp.down_proj.weight", f"MLP widths disagree: gate {gate[0]}, up {up[0]}, down reads {down[1]}")
     if layer.head_dim and (q[0] % layer.head_dim or k[0] % layer.head_dim):
-        bad("self_attn.q_proj.weight" if q[0] % layer.head_dim else "self_attn.k_proj.weight",
-            f"q_proj {q[0]} / k_proj {k[0]} outputs are not whole heads of head_dim {layer.head_dim}")
+        bad(
+            "self_attn.q_proj.weight" if q[0] % layer.head_dim else "self_attn.k_proj.weight",
+            f"q_proj {q[0]} / k_proj {k[0]} outputs are not whole heads of head_dim {layer.head_dim}",
+        )
     if not layer.gqa_ok:
-        heads = f"{layer.heads} heads / {layer.kv_heads} KV heads" if layer.heads and layer.kv_heads else f"q_proj {q[0]} / k_proj {k[0]} outputs"
-        problems.append(Finding(
-            "error", "gqa", f"model.layers.{index}.self_attn",
-            f"GQA broken in layer {index}: {heads} (ratio {layer.gqa_ratio:.2f}, not a whole number): attention groups are misaligned",
-            [Advice.WHOLE_GROUPS, Advice.EVEN_HEADS],
-        ))
+        heads = (
+            f"{layer.heads} heads / {layer.kv_heads} KV heads"
+            if layer.heads and layer.kv_heads
+            else f"q_proj {q[0]} / k_proj {k[0]} outputs"
+        )
+        problems.append(
+            Finding(
+                "error",
+                "gqa",
+                f"model.layers.{index}.self_attn",
+                f"GQA broken in layer {index}: {heads} (ratio {layer.gqa_ratio:.2f}, not a whole number): attention"
+                " groups are misaligned",
+                [Advice.WHOLE_GROUPS, Advice.EVEN_HEADS],
+            )
+        )
     return layer, problems
 
 
@@ -230,10 +281,26 @@ def _tied(shapes: Mapping[str, Sequence[int]], config: Mapping, findings: list[F
         head = shapes["lm_head.weight"]
         embed = shapes.get("model.embed_tokens.weight")
         if embed is not None and list(head) != list(embed):
-            findings.append(Finding("error", "shape", "lm_head.weight", f"lm_head {list(head)} and embed_tokens {list(embed)} disagree", [Advice.CHECK_CONFIG, Advice.RESAVE]))
+            findings.append(
+                Finding(
+                    "error",
+                    "shape",
+                    "lm_head.weight",
+                    f"lm_head {list(head)} and embed_tokens {list(embed)} disagree",
+                    [Advice.CHECK_CONFIG, Advice.RESAVE],
+                )
+            )
         return says_tied
     if config and not says_tied:
-        findings.append(Finding("error", "shape", "lm_head.weight", "lm_head.weight is missing and the config does not tie it to the embeddings", [Advice.CHECK_CONFIG, Advice.RESAVE]))
+        findings.append(
+            Finding(
+                "error",
+                "shape",
+                "lm_head.weight",
+                "lm_head.weight is missing and the config does not tie it to the embeddings",
+                [Advice.CHECK_CONFIG, Advice.RESAVE],
+            )
+        )
     return True
 
 
@@ -241,10 +308,22 @@ def _compare_with_config(structure: Structure, config: Mapping, role: str) -> li
     """Mismatches between the tensors and the config (their own, or their base model's)."""
     findings = []
     fit_severity, fit_check = ("error", "shape") if role == "weights" else ("error", "fit")
-    for key, found in (("num_hidden_layers", structure.num_layers), ("hidden_size", structure.hidden_size), ("vocab_size", structure.vocab_size)):
+    for key, found in (
+        ("num_hidden_layers", structure.num_layers),
+        ("hidden_size", structure.hidden_size),
+        ("vocab_size", structure.vocab_size),
+    ):
         expected = config.get(key)
         if expected is not None and found is not None and int(expected) != found:
-            findings.append(Finding(fit_severity, fit_check, key, f"the tensors have {key} = {found}, the config says {expected}", [Advice.CHECK_CONFIG]))
+            findings.append(
+                Finding(
+                    fit_severity,
+                    fit_check,
+                    key,
+                    f"the tensors have {key} = {found}, the config says {expected}",
+                    [Advice.CHECK_CONFIG],
+                )
+            )
     expected_layers = _expected_layers(config, structure.num_layers)
     pruned = []
     for layer in structure.layers:
@@ -252,17 +331,45 @@ def _compare_with_config(structure: Structure, config: Mapping, role: str) -> li
             continue
         expected = expected_layers[layer.index]
         found = {"heads": layer.heads, "kv_heads": layer.kv_heads, "mlp_width": layer.mlp_width}
-        diffs = [f"{key} {found[key]} vs {expected[key]}" for key in found if expected[key] is not None and found[key] is not None and found[key] != expected[key]]
+        diffs = [
+            f"{key} {found[key]} vs {expected[key]}"
+            for key in found
+            if expected[key] is not None and found[key] is not None and found[key] != expected[key]
+        ]
         if not diffs:
             continue
         if role == "weights":
-            findings.append(Finding("error", "shape", f"model.layers.{layer.index}", f"layer {layer.index} does not match config.json ({', '.join(diffs)}): it will not load", [Advice.RESAVE, Advice.CHECK_CONFIG]))
+            findings.append(
+                Finding(
+                    "error",
+                    "shape",
+                    f"model.layers.{layer.index}",
+                    f"layer {layer.index} does not match config.json ({', '.join(diffs)}): it will not load",
+                    [Advice.RESAVE, Advice.CHECK_CONFIG],
+                )
+            )
         elif any(found[key] is not None and expected[key] is not None and found[key] > expected[key] for key in found):
-            findings.append(Finding("error", "fit", f"model.layers.{layer.index}", f"layer {layer.index} is larger than the base model ({', '.join(diffs)})", [Advice.CHECK_CONFIG]))
+            findings.append(
+                Finding(
+                    "error",
+                    "fit",
+                    f"model.layers.{layer.index}",
+                    f"layer {layer.index} is larger than the base model ({', '.join(diffs)})",
+                    [Advice.CHECK_CONFIG],
+                )
+            )
         else:
             pruned.append(layer.index)
     if pruned:
-        findings.append(Finding("info", "shape", f"{len(pruned)} layers", f"layers {format_ranges(pruned)} are smaller than the base model (pruned)", []))
+        findings.append(
+            Finding(
+                "info",
+                "shape",
+                f"{len(pruned)} layers",
+                f"layers {format_ranges(pruned)} are smaller than the base model (pruned)",
+                [],
+            )
+        )
     return findings
 
 

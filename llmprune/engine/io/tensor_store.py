@@ -54,7 +54,9 @@ class SafetensorsStore:
         path, data_start, entry = self._entries[name]
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise UserInputError(f"{path}: tensor {name} is stored as {entry['dtype']}", "export models stored in f32, f16 or bf16")
+            raise UserInputError(
+                f"{path}: tensor {name} is stored as {entry['dtype']}", "export models stored in f32, f16 or bf16"
+            )
         shape = list(entry["shape"]) or [1]
         row_bytes = torch.finfo(dtype).bits // 8
         for size in shape[1:]:
@@ -64,7 +66,9 @@ class SafetensorsStore:
             handle.seek(data_start + begin)
             data = bytearray(handle.read((stop - start) * row_bytes))
         if len(data) != (stop - start) * row_bytes:
-            raise UserInputError(f"{path} ends inside tensor {name}", "the file is truncated: re-save or download it again")
+            raise UserInputError(
+                f"{path} ends inside tensor {name}", "the file is truncated: re-save or download it again"
+            )
         return torch.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:]).float()
 
 
@@ -88,5 +92,5 @@ class StateDictStore:
 def _strip_wrapper(name: str) -> str:
     for prefix in ("module.", "base_model.model."):
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name

@@ -23,10 +23,10 @@ from llmprune.engine.core.errors import UserInputError
 
 # the converter's test string (convert_hf_to_gguf.py, get_vocab_base_pre)
 _CHECK_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
-    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
-    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
-    "'D you like some tea? We'Ve a'lL"
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3"
+    " 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～"
+    " ------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure?"
+    " 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
 # hash -> llama.cpp pre-tokenizer, for the families llmprune prunes (from the converter's table)
 _KNOWN_HASHES = {
@@ -37,7 +37,8 @@ _KNOWN_HASHES = {
     "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embedding-0.6B
 }
 _LLAMA3_SPLIT = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}|"
+    " ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
 # gguf.TokenType values
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
@@ -115,7 +116,10 @@ def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> dict:
     import gguf
 
     if tokenizer is None:
-        raise UserInputError("the model has no tokenizer, and llama.cpp needs one in the GGUF file", "save the tokenizer next to the model")
+        raise UserInputError(
+            "the model has no tokenizer, and llama.cpp needs one in the GGUF file",
+            "save the tokenizer next to the model",
+        )
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or json.loads(backend.to_str())["model"].get("type") != "BPE":
         raise UserInputError(
@@ -134,5 +138,10 @@ def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> dict:
     add_bos, add_eos = _added_special(tokenizer)
     special.add_special_token = {"bos": add_bos, "eos": add_eos}
     special.add_to_gguf(writer, quiet=True)
-    return {"pre": pre, "tokens": len(tokens), "merges": len(special.merges), "add_bos": add_bos,
-            "chat_template": special.chat_template is not None}
+    return {
+        "pre": pre,
+        "tokens": len(tokens),
+        "merges": len(special.merges),
+        "add_bos": add_bos,
+        "chat_template": special.chat_template is not None,
+    }

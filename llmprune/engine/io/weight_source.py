@@ -9,14 +9,15 @@ loaded as models and their parameters read.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from llmprune.engine.io.checkpoint import read_provenance
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.io.checkpoint import read_provenance
 from llmprune.engine.io.checkpoint_file import holds_whole_module, normalise_key, read_state_dict
 from llmprune.engine.io.models import ALIASES, LoadedModel, alias_path, convert_gguf, load_model, resolve_config
 
@@ -55,13 +56,18 @@ def _directory_source(directory: Path, kind: str, source: str) -> WeightSource:
         p for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file()
     )
     if not files:
-        raise UserInputError(f"{directory} holds no weights (no .safetensors, .bin or .pt file)", "pass a model directory or a weights file")
+        raise UserInputError(
+            f"{directory} holds no weights (no .safetensors, .bin or .pt file)",
+            "pass a model directory or a weights file",
+        )
     config_path = directory / "config.json"
     config = _read_json_config(config_path) if config_path.is_file() else None
     provenance = read_provenance(directory)
     if provenance and kind == "directory":
         kind = "llmprune"
-    return WeightSource(kind, source, files, config, "weights" if config else "none", str(config_path) if config else None, provenance)
+    return WeightSource(
+        kind, source, files, config, "weights" if config else "none", str(config_path) if config else None, provenance
+    )
 
 
 def _base_config(path: Path, base_model: str | None) -> tuple[dict | None, str | None]:
@@ -75,7 +81,9 @@ def _base_config(path: Path, base_model: str | None) -> tuple[dict | None, str |
     return None, None
 
 
-def locate_weights(spec: str, *, base_model: str | None = None, trust_pickle: bool = False, placement: Any = None) -> WeightSource:
+def locate_weights(
+    spec: str, *, base_model: str | None = None, trust_pickle: bool = False, placement: Any = None
+) -> WeightSource:
     """Resolve `spec` (anything the loader accepts) to the tensors to scan; bad input raises UserInputError."""
     spec = str(spec).strip()
     path = Path(spec).expanduser()
@@ -90,14 +98,25 @@ def locate_weights(spec: str, *, base_model: str | None = None, trust_pickle: bo
     if path.is_file() and path.suffix in _PICKLE_SUFFIXES and trust_pickle and holds_whole_module(path):
         # a pickled module (LLM-Pruner's): its own config describes it, its tensors give each layer's shape
         loaded = load_model(spec, base_model=base_model, trust_pickle=True, placement=placement)
-        return WeightSource("pickle", str(path), [], loaded.model.config.to_dict(), "weights", "the pickled module's config", {}, loaded)
+        return WeightSource(
+            "pickle", str(path), [], loaded.model.config.to_dict(), "weights", "the pickled module's config", {}, loaded
+        )
     if path.is_file() and path.suffix in (".safetensors", *_PICKLE_SUFFIXES):
         config, origin = _base_config(path, base_model)
         kind = "safetensors" if path.suffix == ".safetensors" else "state_dict"
         return WeightSource(kind, str(path), [path], config, "base" if config else "none", origin)
     # hub ids, and every other spec: the loader resolves it or says clearly what is wrong
     loaded = load_model(spec, base_model=base_model, trust_pickle=trust_pickle, placement=placement)
-    return WeightSource(loaded.kind, loaded.source, [], loaded.model.config.to_dict(), "weights", "the model's config", loaded.provenance, loaded)
+    return WeightSource(
+        loaded.kind,
+        loaded.source,
+        [],
+        loaded.model.config.to_dict(),
+        "weights",
+        "the model's config",
+        loaded.provenance,
+        loaded,
+    )
 
 
 def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -110,7 +129,10 @@ def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         handle = safe_open(str(path), framework="pt")  # validates the header and the file's length
     except Exception as error:  # safetensors raises its own error type for every kind of damage
-        raise UserInputError(f"{path} is not a readable safetensors file ({error})", "the file is truncated or corrupt: re-save or re-download it") from None
+        raise UserInputError(
+            f"{path} is not a readable safetensors file ({error})",
+            "the file is truncated or corrupt: re-save or re-download it",
+        ) from None
     with handle:
         names = list(handle.keys())
     # read with plain reads, not through the mapping: mapped pages would count as resident next to the copy

@@ -20,12 +20,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
-from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.core.errors import UserInputError
-
+from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.pruning.plan_options import ATTENTION_UNITS, STRATEGIES, PlanOptions  # noqa: F401 (re-exported)
 
 
@@ -65,7 +64,7 @@ def layer_rates(importance: Sequence[float], options: PlanOptions) -> list[float
             low = middle
         else:
             high = middle
-    for index, rate in zip(prunable, clamped(high)):
+    for index, rate in zip(prunable, clamped(high), strict=False):
         rates[index] = rate
     return rates
 
@@ -91,7 +90,7 @@ def _apportion(targets: Sequence[float], limits: Sequence[int]) -> list[int]:
     Targets are clipped to their limits first: what a layer cannot give up is
     not pushed onto the other layers.
     """
-    targets = [min(float(t), float(limit)) for t, limit in zip(targets, limits)]
+    targets = [min(float(t), float(limit)) for t, limit in zip(targets, limits, strict=False)]
     floors = [int(math.floor(t)) for t in targets]
     wanted = round(sum(targets))
     order = sorted(range(len(targets)), key=lambda i: (targets[i] - math.floor(targets[i]), targets[i]), reverse=True)
@@ -141,13 +140,13 @@ def unit_counts(
     else:
         units = per_group
     if prune_attention and same_in_every_layer:
-        removed = [min(u - 1, int(round(r * u))) for r, u in zip(rates, units)]
+        removed = [min(u - 1, int(round(r * u))) for r, u in zip(rates, units, strict=False)]
     elif prune_attention:
-        removed = _apportion([r * u for r, u in zip(rates, units)], [u - 1 for u in units])
+        removed = _apportion([r * u for r, u in zip(rates, units, strict=False)], [u - 1 for u in units])
     else:
         removed = [0] * len(shapes)
     result = []
-    for rate, shape, unit_total, gone, ratio in zip(rates, shapes, units, removed, per_group):
+    for rate, shape, unit_total, gone, ratio in zip(rates, shapes, units, removed, per_group, strict=False):
         if attn_unit == "group":
             kv_heads = unit_total - gone
             heads = kv_heads * ratio
@@ -189,7 +188,7 @@ class ParameterModel:
     def count(self, plan_units: Sequence[LayerUnits]) -> int:
         new = sum(
             layer_parameters(self.hidden_size, shape, units, self.qkv_bias, self.mlp_bias)
-            for shape, units in zip(self.shapes, plan_units)
+            for shape, units in zip(self.shapes, plan_units, strict=False)
         )
         return self.total - sum(self.layer_totals) + new
 
@@ -205,7 +204,8 @@ def solve_ratio_for_parameters(
         return 0.0
     if count_for_ratio(max_ratio) > target:
         raise UserInputError(
-            f"--target-params {target:,} cannot be reached: even at ratio {max_ratio} the model keeps {count_for_ratio(max_ratio):,} parameters",
+            f"--target-params {target:,} cannot be reached: even at ratio {max_ratio} the model keeps"
+            f" {count_for_ratio(max_ratio):,} parameters",
             "raise --max-pruning-rate, widen the layer range, add --prune-mlp, or ask for a larger target",
         )
     low, high = 0.0, max_ratio
@@ -232,7 +232,9 @@ def parse_target_params(text: str, current_total: int) -> int:
             if 0 < value <= 1:
                 value *= current_total
     except ValueError:
-        raise UserInputError(f"--target-params '{text}' is not a number", "use e.g. 6.5B, 110M or 0.8 (a fraction of the model)") from None
+        raise UserInputError(
+            f"--target-params '{text}' is not a number", "use e.g. 6.5B, 110M or 0.8 (a fraction of the model)"
+        ) from None
     if not (0 < value <= current_total) or math.isnan(value):
         raise UserInputError(
             f"--target-params {text} must be positive and at most the model's {current_total:,} parameters",

@@ -14,19 +14,18 @@ from typing import Any
 
 from torch import nn
 
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.paths import atomic_write_json
 from llmprune.engine.core.progress import StageProgress, named_stage
+from llmprune.engine.data import TokenWindows
+from llmprune.engine.io.architecture import LayerShape, layer_shapes, require_llama_style
+from llmprune.engine.io.load_options import LoadOptions
 from llmprune.engine.pruning.allocation import LayerUnits, PlanOptions, unit_counts
 from llmprune.engine.pruning.config import CalibrationOptions
+from llmprune.engine.pruning.importance import LAYER_METHODS, LayerImportance, layer_importance
+from llmprune.engine.pruning.importance_file import CONFIG_FORMAT, DEFAULT_CONFIG_NAME
 from llmprune.engine.pruning.plan import plan_units
 from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD
-from llmprune.engine.io.load_options import LoadOptions
-from llmprune.engine.io.architecture import LayerShape, layer_shapes, require_llama_style
-from llmprune.engine.data import TokenWindows
-from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.importance import LAYER_METHODS, LayerImportance, layer_importance
-from llmprune.engine.core.paths import atomic_write_json
-from llmprune.engine.pruning.importance_file import CONFIG_FORMAT, DEFAULT_CONFIG_NAME
-
 
 
 @dataclass
@@ -48,7 +47,9 @@ class AnalyzeConfig(LoadOptions):
     output: Path = Path(DEFAULT_CONFIG_NAME)
     """Where the JSON config goes (the CLI draws the chart image next to it)."""
     stream: bool = False
-    """Read one decoder layer at a time from the safetensors files (removal, block-influence): memory of one layer, not the model."""
+    """Read one decoder layer at a time from the safetensors files (removal, block-influence): memory of one layer, not
+    the model.
+    """
     overwrite: bool = False
     """Replace a previous plan at `output` (any other existing file is refused)."""
     force: bool = False
@@ -56,10 +57,14 @@ class AnalyzeConfig(LoadOptions):
 
     def validate(self) -> None:
         if self.importance_method not in LAYER_METHODS:
-            raise UserInputError(f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}")
+            raise UserInputError(
+                f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}"
+            )
         self.calibration.validate()
         if Path(self.output).is_dir():
-            raise UserInputError(f"--output {self.output} is a folder", f"name a file, e.g. {Path(self.output) / DEFAULT_CONFIG_NAME}")
+            raise UserInputError(
+                f"--output {self.output} is a folder", f"name a file, e.g. {Path(self.output) / DEFAULT_CONFIG_NAME}"
+            )
 
 
 @dataclass
@@ -84,10 +89,10 @@ class AnalyzeResult:
         return [i for i in range(len(self.shapes)) if i not in prunable]
 
     def attention_rates(self) -> list[float]:
-        return [1 - u.heads / s.num_attention_heads for s, u in zip(self.shapes, self.units)]
+        return [1 - u.heads / s.num_attention_heads for s, u in zip(self.shapes, self.units, strict=False)]
 
     def mlp_rates(self) -> list[float]:
-        return [1 - u.intermediate_size / s.intermediate_size for s, u in zip(self.shapes, self.units)]
+        return [1 - u.intermediate_size / s.intermediate_size for s, u in zip(self.shapes, self.units, strict=False)]
 
     def to_dict(self) -> dict:
         return {
@@ -98,7 +103,11 @@ class AnalyzeResult:
                 "num_parameters": self.num_parameters,
                 "layer_shapes": [s.to_dict() for s in self.shapes],
             },
-            "importance": {**self.importance.to_dict(), "dataset": self.calibration.dataset, "seed": self.calibration.seed},
+            "importance": {
+                **self.importance.to_dict(),
+                "dataset": self.calibration.dataset,
+                "seed": self.calibration.seed,
+            },
             "calibration": asdict(self.calibration),
             "plan": {
                 **self.plan.to_dict(),
@@ -125,7 +134,11 @@ def measure_importance(
 def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) -> AnalyzeResult:
     """Load the model, measure layer importance, make the plan, write the JSON config and the chart."""
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.pruning.preflight import check_analyze_output, check_model_before_pruning, check_weights_on_disk
+    from llmprune.engine.pruning.preflight import (
+        check_analyze_output,
+        check_model_before_pruning,
+        check_weights_on_disk,
+    )
 
     config.validate()
     check_analyze_output(config.output, config.overwrite)
@@ -136,44 +149,64 @@ def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) ->
     else:
         loaded = config.load(placement)
         require_llama_style(loaded.model)
-        check_model_before_pruning(loaded.model, action="the analysis", force=config.force, seq_lens={"--seq-len": config.calibration.seq_len})
+        check_model_before_pruning(
+            loaded.model, action="the analysis", force=config.force, seq_lens={"--seq-len": config.calibration.seq_len}
+        )
         shapes, num_parameters = layer_shapes(loaded.model), loaded.num_parameters
     config.plan.validate(len(shapes))
-    unit_counts([0.0] * len(shapes), shapes, config.attn_unit, True, config.prune_mlp, config.round_to)  # validates the unit options
+    unit_counts(
+        [0.0] * len(shapes), shapes, config.attn_unit, True, config.prune_mlp, config.round_to
+    )  # validates the unit options
     if not config.stream:
         if loaded.tokenizer is None:
-            raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+            raise UserInputError(
+                f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model"
+            )
         calib = config.calibration
         windows = load_calibration_windows(loaded.tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
         importance = measure_importance(loaded.model, windows, config.importance_method, calib.batch_size, progress)
-    rates, units = plan_units(importance.scores, shapes, config.plan, config.attn_unit, config.prune_mlp, config.round_to)
+    rates, units = plan_units(
+        importance.scores, shapes, config.plan, config.attn_unit, config.prune_mlp, config.round_to
+    )
     result = AnalyzeResult(
-        model=config.model, num_parameters=num_parameters, shapes=shapes, importance=importance,
-        calibration=config.calibration, plan=config.plan, rates=rates, units=units,
-        attn_unit=config.attn_unit, prune_mlp=config.prune_mlp,
+        model=config.model,
+        num_parameters=num_parameters,
+        shapes=shapes,
+        importance=importance,
+        calibration=config.calibration,
+        plan=config.plan,
+        rates=rates,
+        units=units,
+        attn_unit=config.attn_unit,
+        prune_mlp=config.prune_mlp,
     )
     result.config_path = str(config.output)
     atomic_write_json(config.output, result.to_dict())
     return result
 
 
-def _measure_streamed(config: AnalyzeConfig, placement, progress: StageProgress | None) -> tuple[list[LayerShape], int, LayerImportance]:
+def _measure_streamed(
+    config: AnalyzeConfig, placement, progress: StageProgress | None
+) -> tuple[list[LayerShape], int, LayerImportance]:
     """Layer importance with the weights on disk (streamed_importance), for models that do not fit."""
     from transformers import AutoTokenizer
 
-    from llmprune.engine.io.architecture import layer_shape
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.walk.streaming import stream_source
+    from llmprune.engine.io.architecture import layer_shape
     from llmprune.engine.pruning.streamed_importance import streamed_layer_importance
-    from llmprune.engine.walk.streaming import StreamedLayers, parameter_count
+    from llmprune.engine.walk.streaming import StreamedLayers, parameter_count, stream_source
 
     source = stream_source(config.model)
     if source is None:
-        raise UserInputError(f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
-                             "save the model with save_pretrained(..., safe_serialization=True) first")
+        raise UserInputError(
+            f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
+            "save the model with save_pretrained(..., safe_serialization=True) first",
+        )
     store = StreamedLayers(source, placement.device, placement.dtype)
     calib = config.calibration
-    windows = load_calibration_windows(AutoTokenizer.from_pretrained(str(source)), calib.dataset, calib.samples, calib.seq_len, calib.seed)
+    windows = load_calibration_windows(
+        AutoTokenizer.from_pretrained(str(source)), calib.dataset, calib.samples, calib.seq_len, calib.seed
+    )
     callback = named_stage(progress, f"layer importance ({config.importance_method}, streamed)")
     importance = streamed_layer_importance(store, windows, config.importance_method, calib.batch_size, callback)
     return [layer_shape(layer) for layer in store.skeleton.model.layers], parameter_count(source), importance
@@ -204,26 +237,38 @@ def read_importance_config(path: str | Path) -> ImportanceConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"importance config {path} not found", "run `llmprune analyze MODEL` first, or leave out --importance-config")
+        raise UserInputError(
+            f"importance config {path} not found",
+            "run `llmprune analyze MODEL` first, or leave out --importance-config",
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserInputError(f"{path} is not valid JSON ({error})", "re-create it with `llmprune analyze`") from None
     if not isinstance(raw, dict) or raw.get("format") != CONFIG_FORMAT:
-        raise UserInputError(f"{path} is not an llmprune layer-importance config", "re-create it with `llmprune analyze`")
+        raise UserInputError(
+            f"{path} is not an llmprune layer-importance config", "re-create it with `llmprune analyze`"
+        )
     try:
         config = ImportanceConfig(
-            path=str(path), model=str(raw["model"]), method=str(raw["importance"]["method"]),
-            scores=[float(s) for s in raw["importance"]["scores"]], plan=dict(raw["plan"]),
-            layer_shapes=list(raw["architecture"]["layer_shapes"]), raw=raw,
+            path=str(path),
+            model=str(raw["model"]),
+            method=str(raw["importance"]["method"]),
+            scores=[float(s) for s in raw["importance"]["scores"]],
+            plan=dict(raw["plan"]),
+            layer_shapes=list(raw["architecture"]["layer_shapes"]),
+            raw=raw,
         )
     except (KeyError, TypeError, ValueError) as error:
-        raise UserInputError(f"{path} is incomplete ({error!r} missing or malformed)", "re-create it with `llmprune analyze`") from None
+        raise UserInputError(
+            f"{path} is incomplete ({error!r} missing or malformed)", "re-create it with `llmprune analyze`"
+        ) from None
     # a NaN score would silently leave its layer unpruned (NaN compares false with every other score)
     broken = [index for index, score in enumerate(config.scores) if not math.isfinite(score)]
     if broken:
         raise UserInputError(
-            f"{path} holds non-finite importance scores (layers {', '.join(map(str, broken[:8]))}): the plan would be wrong",
+            f"{path} holds non-finite importance scores (layers {', '.join(map(str, broken[:8]))}): the plan would be"
+            " wrong",
             "re-create it with `llmprune analyze` on a healthy model",
         )
     return config
@@ -234,6 +279,7 @@ def check_config_fits(config: ImportanceConfig, shapes: list[LayerShape], model_
     ours = [s.to_dict() for s in shapes]
     if len(config.scores) != len(shapes) or config.layer_shapes != ours:
         raise UserInputError(
-            f"importance config {config.path} was made for another model ({config.model}, {len(config.scores)} layers), not {model_name} ({len(shapes)} layers)",
+            f"importance config {config.path} was made for another model ({config.model}, {len(config.scores)} layers),"
+            f" not {model_name} ({len(shapes)} layers)",
             f"run `llmprune analyze {model_name}` to make one for this model",
         )

@@ -10,8 +10,8 @@ each layer keeps) and `layer_pass.prune_layers` (the one pruning pass).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -21,9 +21,14 @@ from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.config import COMPENSATIONS, DEFAULT_UNIT_IMPORTANCE  # noqa: F401 (re-exported)
 from llmprune.engine.pruning.layer_pass import LayerPlan, LayerReport, prune_layers
-from llmprune.engine.walk.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for  # noqa: F401 (re-exported)
 from llmprune.engine.pruning.surgery import attention_counts
 from llmprune.engine.pruning.unit_scores import UNIT_SCORES, get_unit_score  # noqa: F401 (re-exported)
+from llmprune.engine.walk.layer_store import (
+    InMemoryLayers,
+    LayerRunner,
+    LayerStore,
+    runner_for,
+)  # noqa: F401 (re-exported)
 
 __all__ = [
     "LayerPlan",
@@ -75,7 +80,7 @@ _WINDOWS_PER_CHUNK = 8
 def _per_token_mean(values, *hidden: torch.Tensor) -> float:
     """Mean over every token of `values(*chunks)` (per-token float64 values), a few windows at a time."""
     total, tokens = 0.0, 0
-    for chunks in zip(*(h.split(_WINDOWS_PER_CHUNK) for h in hidden)):
+    for chunks in zip(*(h.split(_WINDOWS_PER_CHUNK) for h in hidden), strict=False):
         per_token = values(*(c.flatten(0, 1).double() for c in chunks))
         total += float(per_token.sum())
         tokens += per_token.numel()
@@ -109,7 +114,9 @@ def measure_units(
     for index in range(store.num_layers):
         layer = store.load(index)
         heads, kv_heads, head_dim = attention_counts(layer)
-        with comp.record_inputs(layer.self_attn.o_proj, gram=score.needs_gram(heads // kv_heads * head_dim)) as attn_stats:
+        with comp.record_inputs(
+            layer.self_attn.o_proj, gram=score.needs_gram(heads // kv_heads * head_dim)
+        ) as attn_stats:
             middle = runner.attention_block(layer, hidden)
         with comp.record_inputs(layer.mlp.down_proj, gram=score.needs_gram(1)) as mlp_stats:
             out = runner.mlp_block(layer, middle)
@@ -124,7 +131,9 @@ def measure_units(
                 channel_params=channel_params,
                 input_energy=_energy(hidden),
                 influence=_cosine_gap(hidden, out),
-                missing_bias_params=sum(p.out_features for p in (layer.self_attn.o_proj, layer.mlp.down_proj) if p.bias is None),
+                missing_bias_params=sum(
+                    p.out_features for p in (layer.self_attn.o_proj, layer.mlp.down_proj) if p.bias is None
+                ),
             )
         )
         hidden = out
@@ -156,7 +165,7 @@ def allocate(
         total_channels = sum(len(s.channel_scores) for s in scores)
         per_channel = scores[0].channel_params
         share = min(max_channel_ratio, params_to_remove / (per_channel * total_channels))
-        for plan, s in zip(plans, scores):
+        for plan, s in zip(plans, scores, strict=False):
             plan.keep_channels = len(s.channel_scores) - int(round(share * len(s.channel_scores) + 0.4999))
         return plans
     if strategy != "global":
@@ -194,7 +203,9 @@ class CalibratedPruneOptions:
     unit_score: str = DEFAULT_UNIT_IMPORTANCE
     """Which units of a layer to keep: obs | fluctuation | activation | magnitude (unit_scores.UNIT_SCORES)."""
     compensation: str = "lstsq"
-    """What to do for the removed units: none | bias (their mean, into the output bias) | lstsq (refit o_proj/down_proj)."""
+    """What to do for the removed units: none | bias (their mean, into the output bias) | lstsq (refit
+    o_proj/down_proj).
+    """
     allocation: str = "global"
     """How many units each layer keeps: global (rank all units of all layers) | uniform (same MLP share everywhere)."""
     attention: bool = True
@@ -207,8 +218,9 @@ class CalibratedPruneOptions:
 
 def _removed_parameters(scores: Sequence[LayerScores], plans: Sequence[LayerPlan]) -> int:
     return sum(
-        (len(s.group_scores) - p.keep_groups) * s.group_params + (len(s.channel_scores) - p.keep_channels) * s.channel_params
-        for s, p in zip(scores, plans)
+        (len(s.group_scores) - p.keep_groups) * s.group_params
+        + (len(s.channel_scores) - p.keep_channels) * s.channel_params
+        for s, p in zip(scores, plans, strict=False)
     )
 
 
@@ -229,12 +241,15 @@ def prune_to_target(
     removable = _removed_parameters(scores, plans)
     if removable < params_to_remove + added:
         raise UserInputError(
-            f"the parameter target cannot be reached: at most {removable - added:,} parameters can go "
-            f"({params_to_remove:,} asked; every layer keeps one KV group and {1 - options.max_channel_ratio:.0%} of its MLP channels)",
+            f"the parameter target cannot be reached: at most {removable - added:,} parameters can go"
+            f" ({params_to_remove:,} asked; every layer keeps one KV group and {1 - options.max_channel_ratio:.0%} of"
+            " its MLP channels)",
             "ask for a larger model, or add --drop-layers to remove whole layers",
         )
     store.begin_pruning()
-    reports = prune_layers(store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress)
+    reports = prune_layers(
+        store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress
+    )
     return scores, plans, reports
 
 

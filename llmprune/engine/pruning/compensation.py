@@ -20,7 +20,7 @@ inputs of that projection (tokens × in_features) and W its weight:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -130,7 +130,9 @@ def _removed(keep: Sequence[int], size: int, device: torch.device) -> torch.Tens
 
 
 @torch.no_grad()
-def compensate_bias(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStatistics, keep: Sequence[int]) -> torch.Tensor:
+def compensate_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStatistics, keep: Sequence[int]
+) -> torch.Tensor:
     """The output bias after removing every column not in `keep`: b + W_removed · E[x_removed].
 
     `weight` is the *unpruned* weight (out × in); returns a new bias (out,) in the weight's dtype.
@@ -176,7 +178,11 @@ def refit_least_squares(
     device = stats.gram.device
     keep_index = torch.as_tensor(sorted(int(k) for k in keep), dtype=torch.long, device=device)
     w = weight.detach().to(torch.float64).to(device)
-    b = bias.detach().to(torch.float64).to(device) if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=device)
+    b = (
+        bias.detach().to(torch.float64).to(device)
+        if bias is not None
+        else torch.zeros(w.shape[0], dtype=torch.float64, device=device)
+    )
     n = float(stats.count)
     gram, total = stats.gram, stats.total
     k = keep_index.numel()

@@ -7,9 +7,10 @@ default is set here or in `plan_options` (the plan's), nowhere else.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.load_options import LoadOptions
@@ -40,7 +41,9 @@ class CalibrationOptions:
 
     def validate(self) -> None:
         if self.samples < 1:
-            raise UserInputError(f"--importance-samples must be ≥ 1, got {self.samples}", "e.g. --importance-samples 50")
+            raise UserInputError(
+                f"--importance-samples must be ≥ 1, got {self.samples}", "e.g. --importance-samples 50"
+            )
         if self.seq_len < 2:
             raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")
         if self.batch_size < 1:
@@ -66,7 +69,8 @@ class PruneConfig(LoadOptions):
     attn_unit: str = "group"
     """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group (plan path)."""
     unit_importance: str | None = None
-    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: obs | fluctuation | activation | magnitude);
+    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: obs | fluctuation | activation |
+    magnitude);
     None: obs on the global and streamed paths, fluctuation on the plan path (see `unit_score_for`)."""
     allocation: str | None = None
     """global | plan; None: global unless a plan option is given (route.choose_path)."""
@@ -106,7 +110,9 @@ class PruneConfig(LoadOptions):
     out: Path | None = None
     """Save the pruned model here."""
     save_dtype: str = "auto"
-    """dtype of the saved weights: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
+    """dtype of the saved weights: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 |
+    float16.
+    """
     log_dir: Path = Path("prune_log")
     save_ckpt_log_name: str | None = None
     """Run folder name under log_dir (default: from the model name)."""
@@ -134,22 +140,30 @@ class PruneConfig(LoadOptions):
         if self.ratio is not None and self.target_params is not None:
             raise UserInputError("--ratio and --target-params were both given", "give one of them")
         if self.ratio is not None and (math.isnan(self.ratio) or not (0 <= self.ratio < 1)):
-            raise UserInputError(f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units")
+            raise UserInputError(
+                f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units"
+            )
         if self.attn_unit not in ATTENTION_UNITS:
             raise UserInputError(f"unknown --attn-unit '{self.attn_unit}'", f"use one of {', '.join(ATTENTION_UNITS)}")
         if self.importance_method is not None and self.importance_method not in LAYER_METHODS:
-            raise UserInputError(f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}")
+            raise UserInputError(
+                f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}"
+            )
         if self.allocation is not None and self.allocation not in ("global", "plan"):
             raise UserInputError(f"unknown --allocation '{self.allocation}'", "use one of global, plan")
         if self.compensation_kind not in COMPENSATIONS:
-            raise UserInputError(f"unknown --compensation '{self.compensation_kind}'", f"use one of {', '.join(COMPENSATIONS)}")
+            raise UserInputError(
+                f"unknown --compensation '{self.compensation_kind}'", f"use one of {', '.join(COMPENSATIONS)}"
+            )
         if self.drop_layers < 0:
             raise UserInputError(f"--drop-layers must be ≥ 0, got {self.drop_layers}", "e.g. --drop-layers 4")
         if self.round_to < 1:
             raise UserInputError(f"--round-to must be ≥ 1, got {self.round_to}", "e.g. --round-to 8 or 64")
         self.calibration.validate()
         if self.test_after_prune:
-            check_window_options(self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len")
+            check_window_options(
+                self.eval_seq_len, self.max_windows, self.eval_batch_size, seq_len_option="--eval-seq-len"
+            )
             check_text_source(self.eval_dataset, "--eval-dataset")
         from llmprune.engine.io.checkpoint import SAVE_DTYPES
 

@@ -10,7 +10,7 @@ attention modules are renumbered so that a KV cache indexes them correctly.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

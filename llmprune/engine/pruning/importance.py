@@ -19,19 +19,18 @@ Unit scores (which heads, groups and channels go inside a layer) are in
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.walk.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for
 from llmprune.engine.core.progress import CountProgress
+from llmprune.engine.data import TokenWindows
 from llmprune.engine.pruning.plan_options import LAYER_METHODS
-
+from llmprune.engine.walk.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for
 
 
 @dataclass
@@ -56,8 +55,15 @@ def _tick(progress: CountProgress | None, done: int, total: int) -> None:
 
 
 @torch.no_grad()
-def walked_scores(store: LayerStore, runner: LayerRunner, head_nll: Callable[[torch.Tensor, torch.Tensor], float],
-                  ids: torch.Tensor, method: str, batch_size: int, progress: CountProgress | None = None) -> tuple[list[float], float, int]:
+def walked_scores(
+    store: LayerStore,
+    runner: LayerRunner,
+    head_nll: Callable[[torch.Tensor, torch.Tensor], float],
+    ids: torch.Tensor,
+    method: str,
+    batch_size: int,
+    progress: CountProgress | None = None,
+) -> tuple[list[float], float, int]:
     """removal / block-influence scores with the one layer walker (in memory or streamed), every layer read once.
 
     removal: the stream that skips layer i is opened at layer i with the hidden states entering it and
@@ -98,13 +104,17 @@ def model_head_nll(model: nn.Module, batch_size: int) -> Callable[[torch.Tensor,
             # the last position predicts nothing: leaving it out spares a copy of the (large) logits
             logits = model.lm_head(model.model.norm(hidden[first : first + batch_size, :-1]))
             target = ids[first : first + batch_size, 1:].to(logits.device)
-            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+            total += float(
+                F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+            )
         return total
 
     return nll
 
 
-def _taylor(model: nn.Module, windows: TokenWindows, batch_size: int, progress: CountProgress | None) -> tuple[list[float], float, int]:
+def _taylor(
+    model: nn.Module, windows: TokenWindows, batch_size: int, progress: CountProgress | None
+) -> tuple[list[float], float, int]:
     layers = list(model.model.layers[: model.config.num_hidden_layers])
     device = next(model.parameters()).device
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -128,7 +138,9 @@ def _taylor(model: nn.Module, windows: TokenWindows, batch_size: int, progress: 
             loss_sum += float(loss.detach())
             _tick(progress, b_index + 1, batches)
         with torch.no_grad():
-            scores = [float(sum((p * p.grad).abs().sum() for p in params if p.grad is not None)) for params in layer_params]
+            scores = [
+                float(sum((p * p.grad).abs().sum() for p in params if p.grad is not None)) for params in layer_params
+            ]
     finally:
         for name, p in model.named_parameters():
             p.grad = None
@@ -153,8 +165,9 @@ def layer_importance(
     else:
         runner = runner_for(model, windows.seq_len, batch_size)
         ids = windows.ids.to(next(model.parameters()).device)
-        scores, base, passes = walked_scores(InMemoryLayers(model), runner, model_head_nll(model, batch_size), ids, method,
-                                             batch_size, progress)
+        scores, base, passes = walked_scores(
+            InMemoryLayers(model), runner, model_head_nll(model, batch_size), ids, method, batch_size, progress
+        )
     return LayerImportance(
         method=method,
         scores=scores,
@@ -201,6 +214,11 @@ def removal_importance_naive(model: nn.Module, windows: TokenWindows, batch_size
             layers[i] = original
     batches = -(-len(windows) // batch_size)
     return LayerImportance(
-        method="removal-naive", scores=scores, base_loss=base, samples=len(windows), seq_len=windows.seq_len,
-        seconds=time.perf_counter() - start, layer_passes=(count * count) * batches,
+        method="removal-naive",
+        scores=scores,
+        base_loss=base,
+        samples=len(windows),
+        seq_len=windows.seq_len,
+        seconds=time.perf_counter() - start,
+        layer_passes=(count * count) * batches,
     )

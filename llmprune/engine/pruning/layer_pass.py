@@ -20,8 +20,8 @@ streamed path all prune through `prune_layers`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -29,10 +29,10 @@ from torch import nn
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.config import DEFAULT_UNIT_IMPORTANCE
-from llmprune.engine.walk.layer_store import LayerRunner, LayerStore
 from llmprune.engine.pruning.reconstruction import Compensation, CompensationContext, compensation_step, ensure_bias
 from llmprune.engine.pruning.surgery import attention_counts, prune_kv_groups, prune_mlp_channels, prune_query_heads
 from llmprune.engine.pruning.unit_scores import UnitScore, get_unit_score, top_units
+from llmprune.engine.walk.layer_store import LayerRunner, LayerStore
 
 
 @dataclass
@@ -64,14 +64,30 @@ class LayerReport:
 class _OneLayer:
     """Cutting and compensating one layer (its attention, then its MLP)."""
 
-    def __init__(self, index: int, layer: nn.Module, runner: LayerRunner | None, score: UnitScore,
-                 step: Compensation | None, damping: float):
-        self.index, self.layer, self.runner, self.score, self.step, self.damping = index, layer, runner, score, step, damping
+    def __init__(
+        self,
+        index: int,
+        layer: nn.Module,
+        runner: LayerRunner | None,
+        score: UnitScore,
+        step: Compensation | None,
+        damping: float,
+    ):
+        self.index, self.layer, self.runner, self.score, self.step, self.damping = (
+            index,
+            layer,
+            runner,
+            score,
+            step,
+            damping,
+        )
         _, kv_heads, _ = attention_counts(layer)
         channels = layer.mlp.down_proj.in_features
         self.report = LayerReport(index, list(range(kv_heads)), channels, kv_heads, channels)
 
-    def _record(self, linear: nn.Linear, width: int, hidden: torch.Tensor | None, block, kept_columns: int = 0) -> comp.InputStatistics | None:
+    def _record(
+        self, linear: nn.Linear, width: int, hidden: torch.Tensor | None, block, kept_columns: int = 0
+    ) -> comp.InputStatistics | None:
         """Statistics of `linear`'s inputs while `block` runs the dense layer (None without calibration data).
 
         With too few calibration tokens for the `kept_columns` least squares would refit, it falls
@@ -88,7 +104,9 @@ class _OneLayer:
     def _compensate(self, projection: str, linear: nn.Linear, dense: tuple, stats, keep_columns: list[int]) -> None:
         if self.step is None:
             return
-        context = CompensationContext(self.index, self.layer, projection, linear, dense[0], dense[1], stats, keep_columns, self.damping)
+        context = CompensationContext(
+            self.index, self.layer, projection, linear, dense[0], dense[1], stats, keep_columns, self.damping
+        )
         self.report.compensation[projection] = self.step(context)
 
     def _keep(self, count: int) -> dict:
@@ -106,7 +124,9 @@ class _OneLayer:
         if plan.keep_groups >= kv_heads and not by_query:
             return False
         o_proj = self.layer.self_attn.o_proj
-        stats = self._record(o_proj, head_dim if by_query else per_group * head_dim, hidden, self.runner and self.runner.attention_block)
+        stats = self._record(
+            o_proj, head_dim if by_query else per_group * head_dim, hidden, self.runner and self.runner.attention_block
+        )
         dense = self._dense(o_proj)
         if by_query:
             scores = self.score.query_heads(self.layer, stats)
@@ -114,7 +134,9 @@ class _OneLayer:
             prune_query_heads(self.layer, keep)
             kept_heads = [g * per_group + j for g in range(kv_heads) for j in keep[g]]
         else:
-            groups = top_units(self.score.kv_groups(self.layer, stats, **self._keep(plan.keep_groups)), plan.keep_groups)
+            groups = top_units(
+                self.score.kv_groups(self.layer, stats, **self._keep(plan.keep_groups)), plan.keep_groups
+            )
             prune_kv_groups(self.layer, groups)
             kept_heads = [g * per_group + j for g in groups for j in range(per_group)]
             self.report.kept_groups = groups
@@ -127,8 +149,12 @@ class _OneLayer:
         down_proj = self.layer.mlp.down_proj
         if plan.keep_channels >= down_proj.in_features:
             return False
-        stats = self._record(down_proj, 1, middle, self.runner and self.runner.mlp_block, kept_columns=plan.keep_channels)
-        keep = top_units(self.score.mlp_channels(self.layer, stats, **self._keep(plan.keep_channels)), plan.keep_channels)
+        stats = self._record(
+            down_proj, 1, middle, self.runner and self.runner.mlp_block, kept_columns=plan.keep_channels
+        )
+        keep = top_units(
+            self.score.mlp_channels(self.layer, stats, **self._keep(plan.keep_channels)), plan.keep_channels
+        )
         dense = self._dense(down_proj)
         prune_mlp_channels(self.layer, keep)
         self._compensate("down_proj", self.layer.mlp.down_proj, dense, stats, keep)

@@ -49,7 +49,9 @@ def augmented_hessian(stats: InputStatistics, damping: float) -> torch.Tensor:
     return h
 
 
-def obs_removal_error(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStatistics, removed: list[int], damping: float = 1e-3) -> float:
+def obs_removal_error(
+    weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStatistics, removed: list[int], damping: float = 1e-3
+) -> float:
     """E(S) per token for removing the input columns `removed` at once (the closed form; for tests and checks)."""
     h_inv = torch.linalg.inv(augmented_hessian(stats, damping))
     w = _augmented_weight(weight, bias, h_inv.device)
@@ -61,7 +63,11 @@ def obs_removal_error(weight: torch.Tensor, bias: torch.Tensor | None, stats: In
 
 def _augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None, device) -> torch.Tensor:
     w = weight.detach().to(torch.float64).to(device)
-    b = bias.detach().to(torch.float64).to(device)[:, None] if bias is not None else torch.zeros(w.shape[0], 1, dtype=torch.float64, device=device)
+    b = (
+        bias.detach().to(torch.float64).to(device)[:, None]
+        if bias is not None
+        else torch.zeros(w.shape[0], 1, dtype=torch.float64, device=device)
+    )
     return torch.cat([w, b], 1)
 
 
@@ -102,7 +108,7 @@ def obs_unit_scores(
         joint = float(torch.einsum("oi,ij,oj->", w_s, block_inv, w_s))
         single = errors[chosen].clamp_min(0)
         shares = single / single.sum() * joint if float(single.sum()) > 0 else torch.full_like(single, joint / count)
-        for unit, share in zip(chosen.tolist(), shares.tolist()):
+        for unit, share in zip(chosen.tolist(), shares.tolist(), strict=False):
             floor = max(floor, share)
             scores[unit] = floor
             floor = floor * (1 + 1e-9) + 1e-300  # strictly increasing: top-k is unambiguous
@@ -116,7 +122,9 @@ def obs_unit_scores(
     return scores
 
 
-def _unit_errors(w: torch.Tensor, h_inv: torch.Tensor, columns: torch.Tensor, alive: torch.Tensor, width: int) -> torch.Tensor:
+def _unit_errors(
+    w: torch.Tensor, h_inv: torch.Tensor, columns: torch.Tensor, alive: torch.Tensor, width: int
+) -> torch.Tensor:
     """E({u}) for every unit u given what has been removed so far (inf for removed units)."""
     errors = torch.full((columns.shape[0],), float("inf"), dtype=torch.float64, device=w.device)
     live = alive.nonzero().flatten()

@@ -40,8 +40,8 @@ from llmprune.engine.pruning.result import (  # noqa: F401 (re-exported)
     write_run_log,
 )
 from llmprune.engine.pruning.route import PrunePath, choose_path  # noqa: F401 (re-exported)
-from llmprune.engine.walk.streaming import stream_source
 from llmprune.engine.pruning.unit_scores import get_unit_score
+from llmprune.engine.walk.streaming import stream_source
 
 
 def run_prune(config: PruneConfig, progress: StageProgress | None = None, loaded=None) -> PruneResult:
@@ -66,10 +66,12 @@ def run_prune(config: PruneConfig, progress: StageProgress | None = None, loaded
 
 def _phase_progress(progress: StageProgress | None, phases: PhasePeaks) -> StageProgress:
     """Each progress stage (measure, prune, perplexity before, ...) is a memory phase of its own."""
+
     def update(stage: str, done: int, total: int) -> None:
         phases.enter(stage)
         if progress:
             progress(stage, done, total)
+
     return update
 
 
@@ -85,9 +87,18 @@ def _run_prune(config: PruneConfig, progress: StageProgress, loaded, start: floa
     loaded = loaded if loaded is not None else config.load(placement)
     model = loaded.model
     require_llama_style(model)
-    seq_lens = {"--seq-len": config.calibration.seq_len, **({"--eval-seq-len": config.eval_seq_len} if config.test_after_prune else {})}
-    check_model_before_pruning(model, action="pruning", force=config.force, seq_lens=seq_lens, drop_layers=config.drop_layers,
-                               round_to=config.round_to)
+    seq_lens = {
+        "--seq-len": config.calibration.seq_len,
+        **({"--eval-seq-len": config.eval_seq_len} if config.test_after_prune else {}),
+    }
+    check_model_before_pruning(
+        model,
+        action="pruning",
+        force=config.force,
+        seq_lens=seq_lens,
+        drop_layers=config.drop_layers,
+        round_to=config.round_to,
+    )
     check_prune_outputs(config, needed_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
     shapes = layer_shapes(model)
     if saved_config:
@@ -96,7 +107,9 @@ def _run_prune(config: PruneConfig, progress: StageProgress, loaded, start: floa
     # with a parameter target the ratio is solved later; the rest of the options must hold already
     (replace(options, ratio=0.0) if config.target_params is not None else options).validate(len(shapes))
     if loaded.tokenizer is None:
-        raise UserInputError(f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model")
+        raise UserInputError(
+            f"{config.model} has no tokenizer", "save the tokenizer next to the weights or use --base-model"
+        )
     counter = parameter_model(model, shapes)
     target = parse_target_params(config.target_params, counter.total) if config.target_params is not None else None
     run = _Run(config, path, loaded, counter, target, progress)
@@ -107,22 +120,33 @@ def _run_prune(config: PruneConfig, progress: StageProgress, loaded, start: floa
 
 def resolved_options(config: PruneConfig, **extra) -> dict:
     """The config as JSON (what report.json and llmprune.json record), plus what the run decided."""
-    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(config, compensation=None)).items()}
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(replace(config, compensation=None)).items()}
     return {**values, **extra}
 
 
 class _Run:
     """One in-memory prune: the loaded model, its parameter counter, the calibration and evaluation text."""
 
-    def __init__(self, config: PruneConfig, path: PrunePath, loaded, counter: ParameterModel, target: int | None, progress):
-        self.config, self.path, self.loaded, self.counter, self.target, self.progress = config, path, loaded, counter, target, progress
+    def __init__(
+        self, config: PruneConfig, path: PrunePath, loaded, counter: ParameterModel, target: int | None, progress
+    ):
+        self.config, self.path, self.loaded, self.counter, self.target, self.progress = (
+            config,
+            path,
+            loaded,
+            counter,
+            target,
+            progress,
+        )
         self.model = loaded.model
         self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.eval_windows = None
         if config.test_after_prune:
             from llmprune.engine.data import load_evaluation_windows
 
-            self.eval_windows = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.eval_seq_len, config.max_windows)
+            self.eval_windows = load_evaluation_windows(
+                loaded.tokenizer, config.eval_dataset, config.eval_seq_len, config.max_windows
+            )
 
     def calibration_windows(self):
         from llmprune.engine.data import load_calibration_windows
@@ -133,13 +157,21 @@ class _Run:
     def perplexity(self, when: str):
         if self.eval_windows is None:
             return None
-        return perplexity(self.model, self.eval_windows, self.config.eval_batch_size, named_stage(self.progress, f"perplexity {when}"))
+        return perplexity(
+            self.model, self.eval_windows, self.config.eval_batch_size, named_stage(self.progress, f"perplexity {when}")
+        )
 
     def result(self, **values) -> PruneResult:
         return PruneResult(
-            model=self.config.model, target_params=self.target, gqa_violations=gqa_violations(layer_shapes(self.model)),
-            seconds=0.0, peak_memory_bytes=peak_memory_bytes(next(self.model.parameters()).device),
-            model_bytes=self.model_bytes, loaded=self.loaded, path=self.path.to_dict(), **values,
+            model=self.config.model,
+            target_params=self.target,
+            gqa_violations=gqa_violations(layer_shapes(self.model)),
+            seconds=0.0,
+            peak_memory_bytes=peak_memory_bytes(next(self.model.parameters()).device),
+            model_bytes=self.model_bytes,
+            loaded=self.loaded,
+            path=self.path.to_dict(),
+            **values,
         )
 
     def plan(self, options, saved_config) -> PruneResult:
@@ -158,18 +190,45 @@ class _Run:
             method, scores = measured.method, measured.scores
         else:
             method, scores = "none (uniform plan)", [0.0] * len(self.counter.shapes)
-        options, rates, units = make_plan(scores, self.counter, options, config.attn_unit, config.prune_mlp, config.round_to,
-                                          config.uniform, self.target)
+        options, rates, units = make_plan(
+            scores,
+            self.counter,
+            options,
+            config.attn_unit,
+            config.prune_mlp,
+            config.round_to,
+            config.uniform,
+            self.target,
+        )
         ppl_before = self.perplexity("before")
-        outcome = prune_model(model, units, windows, unit_score, config.attn_unit, compensation,
-                              batch_size=config.calibration.batch_size, progress=self.progress)
+        outcome = prune_model(
+            model,
+            units,
+            windows,
+            unit_score,
+            config.attn_unit,
+            compensation,
+            batch_size=config.calibration.batch_size,
+            progress=self.progress,
+        )
         ppl_after = self.perplexity("after")
         return self.result(
-            options=resolved_options(config, allocation="plan", plan=options.to_dict(), unit_importance=unit_score,
-                                     compensation=compensation if isinstance(compensation, str) else step_name(compensation)),
-            ratio=options.ratio, params_before=outcome.params_before, params_after=outcome.params_after,
-            layers=outcome.layers, rates=rates, importance_method=method, importance=list(scores),
-            ppl_before=ppl_before, ppl_after=ppl_after,
+            options=resolved_options(
+                config,
+                allocation="plan",
+                plan=options.to_dict(),
+                unit_importance=unit_score,
+                compensation=compensation if isinstance(compensation, str) else step_name(compensation),
+            ),
+            ratio=options.ratio,
+            params_before=outcome.params_before,
+            params_after=outcome.params_after,
+            layers=outcome.layers,
+            rates=rates,
+            importance_method=method,
+            importance=list(scores),
+            ppl_before=ppl_before,
+            ppl_after=ppl_after,
         )
 
     def global_allocation(self) -> PruneResult:
@@ -177,26 +236,48 @@ class _Run:
         config, model = self.config, self.model
         shapes, hidden = self.counter.shapes, model.config.hidden_size
         ratio = config.resolved_ratio
-        to_remove = self.counter.total - self.target if self.target is not None else int(ratio * prunable_parameters(shapes, hidden))
+        to_remove = (
+            self.counter.total - self.target
+            if self.target is not None
+            else int(ratio * prunable_parameters(shapes, hidden))
+        )
         windows = self.calibration_windows()
         ppl_before = self.perplexity("before")
         device = next(model.parameters()).device
-        options = CalibratedPruneOptions(unit_score=config.unit_score_for("global"), compensation=config.compensation_kind)
-        outcome = prune_loaded_model(model, windows.ids.to(device), to_remove, options, config.drop_layers,
-                                     config.calibration.batch_size, self.progress)
+        options = CalibratedPruneOptions(
+            unit_score=config.unit_score_for("global"), compensation=config.compensation_kind
+        )
+        outcome = prune_loaded_model(
+            model,
+            windows.ids.to(device),
+            to_remove,
+            options,
+            config.drop_layers,
+            config.calibration.batch_size,
+            self.progress,
+        )
         ppl_after = self.perplexity("after")
         after = layer_shapes(model)
         changes, rates = layer_changes(shapes, after, outcome.dropped_layers, outcome.reports, hidden)
         # nothing left to cut after the dropped layers (or ratio 0): no unit scores, no influence measured
         influence = [s.influence for s in outcome.scores] if outcome.scores else [0.0] * len(after)
         return self.result(
-            options=resolved_options(config, allocation="global", compensation=config.compensation_kind,
-                                     dropped_layers=outcome.dropped_layers, unit_importance=options.unit_score),
+            options=resolved_options(
+                config,
+                allocation="global",
+                compensation=config.compensation_kind,
+                dropped_layers=outcome.dropped_layers,
+                unit_importance=options.unit_score,
+            ),
             ratio=ratio if self.target is None else to_remove / self.counter.total,
-            params_before=self.counter.total, params_after=sum(p.numel() for p in model.parameters()),
-            layers=changes, rates=rates, importance=influence,
+            params_before=self.counter.total,
+            params_after=sum(p.numel() for p in model.parameters()),
+            layers=changes,
+            rates=rates,
+            importance=influence,
             importance_method=f"{options.unit_score} (global allocation; importance = block influence)",
-            ppl_before=ppl_before, ppl_after=ppl_after,
+            ppl_before=ppl_before,
+            ppl_after=ppl_after,
         )
 
 
@@ -208,8 +289,9 @@ def prunable_parameters(shapes: list[LayerShape], hidden: int) -> int:
     )
 
 
-def layer_changes(before: list[LayerShape], after: list[LayerShape], dropped: list[int], reports,
-                  hidden: int) -> tuple[list[LayerChange], list[float]]:
+def layer_changes(
+    before: list[LayerShape], after: list[LayerShape], dropped: list[int], reports, hidden: int
+) -> tuple[list[LayerChange], list[float]]:
     """Per remaining layer: its change (original index) and the share of its prunable parameters removed."""
     kept = [i for i in range(len(before)) if i not in set(dropped)]
     by_index = {kept[r.index]: r for r in reports}
@@ -218,14 +300,25 @@ def layer_changes(before: list[LayerShape], after: list[LayerShape], dropped: li
         report, was, now = by_index.get(old_index), before[old_index], after[new_index]
         ratio_heads = was.num_attention_heads // was.num_key_value_heads
         heads = [g * ratio_heads + j for g in report.kept_groups for j in range(ratio_heads)] if report else None
-        changes.append(LayerChange(old_index, was, now, heads, report.kept_channel_indices if report else None,
-                                   dict(report.compensation) if report else {}))
+        changes.append(
+            LayerChange(
+                old_index,
+                was,
+                now,
+                heads,
+                report.kept_channel_indices if report else None,
+                dict(report.compensation) if report else {},
+            )
+        )
         rates.append(1 - prunable_parameters([now], hidden) / prunable_parameters([was], hidden))
     return changes, rates
 
 
-def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float, progress, phases: PhasePeaks) -> PruneResult:
-    """Global-allocation prune with the weights on disk: one layer on the device at a time, written out as it is done."""
+def _run_streamed(
+    config: PruneConfig, path: PrunePath, placement, start: float, progress, phases: PhasePeaks
+) -> PruneResult:
+    """Global-allocation prune with the weights on disk: one layer on the device at a time, written out as it is
+    done."""
     from transformers import AutoTokenizer
 
     from llmprune.engine.data import load_calibration_windows
@@ -254,17 +347,34 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
     options = CalibratedPruneOptions(unit_score=config.unit_score_for("global"), compensation=config.compensation_kind)
     phases.enter("measure")  # store.begin_pruning() starts the "prune" phase
     try:
-        scores, _, reports = prune_to_target(store, windows.ids, store.runner(calib.seq_len, calib.batch_size), to_remove, options, progress)
+        scores, _, reports = prune_to_target(
+            store, windows.ids, store.runner(calib.seq_len, calib.batch_size), to_remove, options, progress
+        )
         after = store.output_shapes
         changes, rates = layer_changes(shapes, after, [], reports, hidden)
         result = PruneResult(
-            model=config.model, options=resolved_options(config, allocation="global", compensation=config.compensation_kind, streamed=True,
-                                                     unit_importance=options.unit_score),
-            ratio=ratio if target is None else to_remove / total, target_params=target,
-            params_before=total, params_after=store.output_parameters(), layers=changes, rates=rates,
+            model=config.model,
+            options=resolved_options(
+                config,
+                allocation="global",
+                compensation=config.compensation_kind,
+                streamed=True,
+                unit_importance=options.unit_score,
+            ),
+            ratio=ratio if target is None else to_remove / total,
+            target_params=target,
+            params_before=total,
+            params_after=store.output_parameters(),
+            layers=changes,
+            rates=rates,
             importance_method=f"{options.unit_score} (global allocation, streamed; importance = block influence)",
-            importance=[s.influence for s in scores], gqa_violations=gqa_violations(after), seconds=0.0,
-            peak_memory_bytes=0, model_bytes=stored_bytes(source), loaded=None, path=path.to_dict(),
+            importance=[s.influence for s in scores],
+            gqa_violations=gqa_violations(after),
+            seconds=0.0,
+            peak_memory_bytes=0,
+            model_bytes=stored_bytes(source),
+            loaded=None,
+            path=path.to_dict(),
         )
         phases.enter("save")
         store.finish_output(AutoTokenizer.from_pretrained(str(source)), provenance(result, config))
@@ -275,21 +385,33 @@ def _run_streamed(config: PruneConfig, path: PrunePath, placement, start: float,
     return _finish(result, config, start, run_folder=run_folder, phases=phases, device=placement.device)
 
 
-def _finish(result: PruneResult, config: PruneConfig, start: float, run_folder: Path | None = None,
-            phases: PhasePeaks | None = None, device=None) -> PruneResult:
+def _finish(
+    result: PruneResult,
+    config: PruneConfig,
+    start: float,
+    run_folder: Path | None = None,
+    phases: PhasePeaks | None = None,
+    device=None,
+) -> PruneResult:
     """Save the model if asked (and not already written by streaming), write the run log."""
     from llmprune.engine.io.checkpoint import make_stock_compatible, resolve_save_dtype, save_model
 
-    run_folder = run_folder or new_run_folder(Path(config.log_dir), config.save_ckpt_log_name or default_log_name(config.model))
+    run_folder = run_folder or new_run_folder(
+        Path(config.log_dir), config.save_ckpt_log_name or default_log_name(config.model)
+    )
     if result.loaded is not None and (config.save_model or config.out is not None):
         if phases is not None:
             phases.enter("save")
-        make_stock_compatible(result.loaded.model)  # zero biases a stock config demands: count what transformers will count
+        make_stock_compatible(
+            result.loaded.model
+        )  # zero biases a stock config demands: count what transformers will count
         result.params_after = sum(p.numel() for p in result.loaded.model.parameters())
         model, loaded = result.loaded.model, result.loaded
         out = Path(config.out) if config.out is not None else run_folder / "model"
         # auto keeps the source's stored dtype (bf16 in -> bf16 out) whatever the compute dtype was
-        dtype = resolve_save_dtype(config.save_dtype, getattr(loaded, "source_dtype", None), next(model.parameters()).dtype)
+        dtype = resolve_save_dtype(
+            config.save_dtype, getattr(loaded, "source_dtype", None), next(model.parameters()).dtype
+        )
         save_model(model, loaded.tokenizer, out, provenance=provenance(result, config), dtype=dtype)
         result.saved_to = str(out)
     if phases is not None:

@@ -27,7 +27,8 @@ class PlanOptions:
     strategy: str = "inverse"
     """inverse | proportional | uniform."""
     alpha: float = 4.0
-    """Contrast between layers: the least important layer's weight is e^alpha times the most important's (0 = uniform)."""
+    """Contrast between layers: the least important layer's weight is e^alpha times the most important's (0 = uniform).
+    """
     min_rate: float = 0.0
     """No prunable layer is pruned less than this."""
     max_rate: float = 0.8
@@ -37,7 +38,7 @@ class PlanOptions:
     layer_end: int | None = None
     """One past the last prunable layer (None: num_layers - 1, protecting the last layer)."""
 
-    def with_overrides(self, **values) -> "PlanOptions":
+    def with_overrides(self, **values) -> PlanOptions:
         """A copy with the given fields replaced; None means "keep this one" (unset CLI options)."""
         known = {k: v for k, v in values.items() if v is not None and k in self.__dataclass_fields__}
         return replace(self, **known)
@@ -50,11 +51,15 @@ class PlanOptions:
 
     def validate(self, num_layers: int) -> None:
         if not (0.0 <= self.ratio < 1.0) or math.isnan(self.ratio):
-            raise UserInputError(f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units")
+            raise UserInputError(
+                f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units"
+            )
         if self.strategy not in STRATEGIES:
             raise UserInputError(f"unknown --pruning-strategy '{self.strategy}'", f"use one of {', '.join(STRATEGIES)}")
         if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise UserInputError(f"--alpha must be ≥ 0, got {self.alpha}", "0 gives a uniform plan, larger values a sharper one")
+            raise UserInputError(
+                f"--alpha must be ≥ 0, got {self.alpha}", "0 gives a uniform plan, larger values a sharper one"
+            )
         if not (0.0 <= self.min_rate <= self.max_rate < 1.0):
             raise UserInputError(
                 f"need 0 ≤ --min-pruning-rate ≤ --max-pruning-rate < 1, got {self.min_rate} and {self.max_rate}",
@@ -68,7 +73,8 @@ class PlanOptions:
             )
         if self.ratio > 0 and not (self.min_rate <= self.ratio <= self.max_rate):
             raise UserInputError(
-                f"--ratio {self.ratio} cannot be met with every prunable layer between {self.min_rate} and {self.max_rate}",
+                f"--ratio {self.ratio} cannot be met with every prunable layer between {self.min_rate} and"
+                f" {self.max_rate}",
                 "widen --min-pruning-rate/--max-pruning-rate or the layer range, or change --ratio",
             )
 

@@ -25,8 +25,13 @@ _PROTECTED_ENDS = 2
 def check_prune_outputs(config: Any, needed_bytes: int | None = None) -> None:
     """--out (or --save-model's folder under --log-dir) and --log-dir, before anything is computed."""
     if config.out is not None:
-        check_output_folder(config.out, option="--out", overwrite=getattr(config, "overwrite", False), needed_bytes=needed_bytes,
-                            kind=MODEL_MARKER)
+        check_output_folder(
+            config.out,
+            option="--out",
+            overwrite=getattr(config, "overwrite", False),
+            needed_bytes=needed_bytes,
+            kind=MODEL_MARKER,
+        )
     anchor_bytes = needed_bytes if (config.save_model and config.out is None) else None
     check_writable_location(Path(config.log_dir), option="--log-dir", needed_bytes=anchor_bytes)
 
@@ -42,9 +47,12 @@ def check_analyze_output(output: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-def check_model_before_pruning(model: nn.Module, *, action: str, force: bool, seq_lens: dict[str, int],
-                               drop_layers: int = 0, round_to: int = 1) -> Any:
-    """Weight health (unless `force`), window lengths against the context, and the depth request; returns the health report."""
+def check_model_before_pruning(
+    model: nn.Module, *, action: str, force: bool, seq_lens: dict[str, int], drop_layers: int = 0, round_to: int = 1
+) -> Any:
+    """Weight health (unless `force`), window lengths against the context, and the depth request; returns the health
+    report.
+    """
     from llmprune.engine.diagnose.health import require_healthy, weight_health
 
     for option, seq_len in seq_lens.items():
@@ -52,13 +60,15 @@ def check_model_before_pruning(model: nn.Module, *, action: str, force: bool, se
     count = len(model.model.layers)
     if drop_layers > count - _PROTECTED_ENDS:
         raise UserInputError(
-            f"--drop-layers {drop_layers} is more than this model allows: it has {count} layers and the first and last are kept",
+            f"--drop-layers {drop_layers} is more than this model allows: it has {count} layers and the first and last"
+            " are kept",
             f"use --drop-layers {max(count - _PROTECTED_ENDS, 0)} or less",
         )
     narrowest = min(layer.mlp.gate_proj.out_features for layer in model.model.layers)
     if round_to > narrowest:
         raise UserInputError(
-            f"--round-to {round_to} is larger than the model's MLP ({narrowest} channels): no width could be rounded to it",
+            f"--round-to {round_to} is larger than the model's MLP ({narrowest} channels): no width could be rounded"
+            " to it",
             f"use a --round-to that divides the MLP width, e.g. 8 or 64 (at most {narrowest})",
         )
     return require_healthy(weight_health(model), action, force)

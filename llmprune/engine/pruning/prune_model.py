@@ -15,8 +15,8 @@ calibration hidden states of one depth are held.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from torch import nn
 
@@ -26,9 +26,9 @@ from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_sh
 from llmprune.engine.pruning.allocation import LayerUnits
 from llmprune.engine.pruning.config import DEFAULT_UNIT_IMPORTANCE
 from llmprune.engine.pruning.layer_pass import LayerPlan, prune_layers
-from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
 from llmprune.engine.pruning.reconstruction import Compensation, compensation_step
 from llmprune.engine.pruning.unit_scores import get_unit_score
+from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
 
 
 @dataclass
@@ -40,12 +40,19 @@ class LayerChange:
     after: LayerShape
     kept_query_heads: list[int] | None = None  # original indices; None: attention untouched
     kept_mlp_channels: list[int] | None = None
-    compensation: dict[str, str] = field(default_factory=dict)  # projection -> what really ran (lstsq may fall back to bias)
+    compensation: dict[str, str] = field(
+        default_factory=dict
+    )  # projection -> what really ran (lstsq may fall back to bias)
 
     def to_dict(self) -> dict:
         # channel lists are long; the report keeps the heads (few, and what GQA is about)
-        return {"index": self.index, "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "kept_query_heads": self.kept_query_heads, "compensation": self.compensation}
+        return {
+            "index": self.index,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "kept_query_heads": self.kept_query_heads,
+            "compensation": self.compensation,
+        }
 
 
 @dataclass
@@ -81,13 +88,18 @@ class PruneOutcome:
 def _validate_units(shapes: Sequence[LayerShape], plan: Sequence[LayerUnits], attn_unit: str) -> None:
     if len(plan) != len(shapes):
         raise ValueError(f"the plan has {len(plan)} layers but the model has {len(shapes)}")
-    for index, (shape, units) in enumerate(zip(shapes, plan)):
+    for index, (shape, units) in enumerate(zip(shapes, plan, strict=False)):
         if not (1 <= units.kv_heads <= shape.num_key_value_heads) or units.heads % units.kv_heads:
             raise ValueError(f"layer {index}: invalid attention units {units}")
         if not (1 <= units.intermediate_size <= shape.intermediate_size):
             raise ValueError(f"layer {index}: invalid MLP width {units.intermediate_size}")
-        if attn_unit == "group" and units.heads // units.kv_heads != shape.num_attention_heads // shape.num_key_value_heads:
-            raise ValueError(f"layer {index}: group pruning keeps q:kv, but the plan asks for {units.heads}:{units.kv_heads}")
+        if (
+            attn_unit == "group"
+            and units.heads // units.kv_heads != shape.num_attention_heads // shape.num_key_value_heads
+        ):
+            raise ValueError(
+                f"layer {index}: group pruning keeps q:kv, but the plan asks for {units.heads}:{units.kv_heads}"
+            )
         if attn_unit == "query" and units.kv_heads != shape.num_key_value_heads:
             raise ValueError(f"layer {index}: query-head pruning keeps every KV head")
 
@@ -124,16 +136,29 @@ def prune_model(
     params_before = sum(p.numel() for p in model.parameters())
     ids = calibration.ids if needs_data else None
     runner = runner_for(model, calibration.seq_len, batch_size) if needs_data else None
-    reports = prune_layers(InMemoryLayers(model), ids, runner, [_layer_plan(u, attn_unit) for u in plan], score.name, step,
-                           damping, progress)
+    reports = prune_layers(
+        InMemoryLayers(model),
+        ids,
+        runner,
+        [_layer_plan(u, attn_unit) for u in plan],
+        score.name,
+        step,
+        damping,
+        progress,
+    )
     after = layer_shapes(model)
     changes = []
-    for report, before, now in zip(reports, shapes, after):
+    for report, before, now in zip(reports, shapes, after, strict=False):
         touched = before != now
         heads = (report.kept_query_heads or list(range(before.num_attention_heads))) if touched else None
         channels = (report.kept_channel_indices or list(range(before.intermediate_size))) if touched else None
         changes.append(LayerChange(report.index, before, now, heads, channels, dict(report.compensation)))
     return PruneOutcome(
-        layers=changes, params_before=params_before, params_after=sum(p.numel() for p in model.parameters()),
-        seconds=time.perf_counter() - start, unit_importance=score.name, attn_unit=attn_unit, gqa_violations=gqa_violations(after),
+        layers=changes,
+        params_before=params_before,
+        params_after=sum(p.numel() for p in model.parameters()),
+        seconds=time.perf_counter() - start,
+        unit_importance=score.name,
+        attn_unit=attn_unit,
+        gqa_violations=gqa_violations(after),
     )

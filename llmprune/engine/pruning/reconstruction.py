@@ -15,8 +15,8 @@ instead (`PruneConfig.compensation`); `needs_gram = True` on it asks for XᵀX.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -54,8 +54,10 @@ def set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | Non
 def ensure_bias(linear: nn.Linear) -> None:
     """A zero output bias where there is none: every layer gets one, pruned or not, so shapes stay uniform."""
     if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
-                                   requires_grad=False)
+        linear.bias = nn.Parameter(
+            torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+            requires_grad=False,
+        )
 
 
 def _bias(context: CompensationContext) -> str:
@@ -65,8 +67,9 @@ def _bias(context: CompensationContext) -> str:
 
 
 def _lstsq(context: CompensationContext) -> str:
-    weight, bias = comp.refit_least_squares(context.dense_weight, context.dense_bias, context.stats, context.keep_columns,
-                                            damping=context.damping)
+    weight, bias = comp.refit_least_squares(
+        context.dense_weight, context.dense_bias, context.stats, context.keep_columns, damping=context.damping
+    )
     set_linear(context.linear, weight, bias)
     needed = comp.MIN_TOKENS_PER_INPUT * len(context.keep_columns)
     if context.stats.count < needed:  # refit_least_squares fell back to the bias compensation
@@ -94,4 +97,6 @@ def step_name(step: Compensation | None) -> str:
     """How a step is recorded in the run's options."""
     if step is None:
         return "none"
-    return next((name for name, known in _STEPS.items() if known is step), getattr(step, "__name__", type(step).__name__))
+    return next(
+        (name for name, known in _STEPS.items() if known is step), getattr(step, "__name__", type(step).__name__)
+    )

@@ -52,7 +52,9 @@ class PruneResult:
 
     @property
     def healthy(self) -> bool:
-        finite = self.ppl_after is None or (self.ppl_after.ppl == self.ppl_after.ppl and self.ppl_after.ppl != float("inf"))
+        finite = self.ppl_after is None or (
+            self.ppl_after.ppl == self.ppl_after.ppl and self.ppl_after.ppl != float("inf")
+        )
         return not self.gqa_violations and finite
 
     def gqa_summary(self) -> str:
@@ -125,21 +127,30 @@ def format_log(result: PruneResult) -> str:
         f"finished: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"path: {result.path.get('name')} ({result.path.get('reason')})",
         f"importance: {result.importance_method}",
-        f"ratio: {result.ratio:.4f}" + (f" (solved for --target-params {result.target_params:,})" if result.target_params else ""),
-        f"parameters: {result.params_before:,} -> {result.params_after:,} (removed {result.removed_share:.2%} of all parameters)",
+        f"ratio: {result.ratio:.4f}"
+        + (f" (solved for --target-params {result.target_params:,})" if result.target_params else ""),
+        (
+            f"parameters: {result.params_before:,} -> {result.params_after:,} (removed {result.removed_share:.2%} of"
+            " all parameters)"
+        ),
         f"GQA: {result.gqa_summary()}",
     ]
     for label, ppl in (("before", result.ppl_before), ("after", result.ppl_after)):
         if ppl:
             lines.append(f"PPL {label}: {ppl.ppl:.4f} ({ppl.dataset}, seq_len {ppl.seq_len}, {ppl.windows} windows)")
-    lines.append(f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB"
-                 f" (the unpruned weights: {result.model_bytes / 2**20:.0f} MiB)")
+    lines.append(
+        f"time: {result.seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB"
+        f" (the unpruned weights: {result.model_bytes / 2**20:.0f} MiB)"
+    )
     if result.peak_rss_by_phase:
-        lines.append("peak RSS by phase: " + ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in result.peak_rss_by_phase.items()))
+        lines.append(
+            "peak RSS by phase: "
+            + ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in result.peak_rss_by_phase.items())
+        )
     if result.saved_to:
         lines.append(f"saved to: {result.saved_to}")
     lines.append("layer  importance  rate    heads  kv  mlp (before -> after)")
-    for change, score, rate in zip(result.layers, result.importance, result.rates):
+    for change, score, rate in zip(result.layers, result.importance, result.rates, strict=False):
         b, a = change.before, change.after
         lines.append(
             f"{change.index:>5}  {score:>10.4f}  {rate:>5.3f}  {b.num_attention_heads:>3}->{a.num_attention_heads:<3}"

@@ -51,7 +51,7 @@ class PrunePath:
         return f"{self.name} ({self.reason})"
 
 
-def plan_options_given(config: "PruneConfig") -> list[str]:
+def plan_options_given(config: PruneConfig) -> list[str]:
     """The options given that only a layer-importance plan uses (CLI spelling)."""
     given = [flag for field, flag in FIELD_GUIDE_OPTIONS.items() if getattr(config, field) is not None]
     if config.importance_config is not None:
@@ -69,35 +69,47 @@ def _unused(option: str, path: str, hint: str) -> UserInputError:
     return UserInputError(f"{option} is not used by the {path} path", hint)
 
 
-def _allocation(config: "PruneConfig") -> PrunePath:
+def _allocation(config: PruneConfig) -> PrunePath:
     """global or plan, from the options alone."""
     plan_options = plan_options_given(config)
     if config.allocation == "plan":
         return PrunePath("plan", "--allocation plan")
     if plan_options and config.allocation == "global":
-        raise UserInputError(f"{plan_options[0]} belongs to the layer-importance plan, but --allocation global was given",
-                             f"leave out --allocation global to prune along the plan, or leave out {plan_options[0]}")
+        raise UserInputError(
+            f"{plan_options[0]} belongs to the layer-importance plan, but --allocation global was given",
+            f"leave out --allocation global to prune along the plan, or leave out {plan_options[0]}",
+        )
     if plan_options:
         return PrunePath("plan", f"{', '.join(plan_options)} selects the layer-importance plan")
     return PrunePath("global", "the default: units ranked across all layers")
 
 
-def _check_unused(config: "PruneConfig", path: PrunePath) -> None:
+def _check_unused(config: PruneConfig, path: PrunePath) -> None:
     if path.name == "plan":
         if config.drop_layers:
-            raise _unused("--drop-layers", "plan", "depth pruning belongs to the global path: leave out the plan options "
-                          f"({', '.join(plan_options_given(config)) or '--allocation plan'})")
+            raise _unused(
+                "--drop-layers",
+                "plan",
+                "depth pruning belongs to the global path: leave out the plan options "
+                f"({', '.join(plan_options_given(config)) or '--allocation plan'})",
+            )
         if config.stream:
             raise _unused("--stream", "plan", "streaming prunes along the global path: leave out the plan options")
         return
     if config.round_to != 1:
-        raise _unused("--round-to", path.name, "MLP widths are rounded by the plan path: add --allocation plan (or leave out --round-to)")
+        raise _unused(
+            "--round-to",
+            path.name,
+            "MLP widths are rounded by the plan path: add --allocation plan (or leave out --round-to)",
+        )
     if path.name == "streamed" and (config.drop_layers or config.test_after_prune):
-        raise UserInputError("--stream cannot be combined with --drop-layers or --test-after-prune (the model is never in memory)",
-                             "evaluate the saved model with `llmprune eval DIR`")
+        raise UserInputError(
+            "--stream cannot be combined with --drop-layers or --test-after-prune (the model is never in memory)",
+            "evaluate the saved model with `llmprune eval DIR`",
+        )
 
 
-def choose_path(config: "PruneConfig", device: "torch.device | None" = None) -> PrunePath:
+def choose_path(config: PruneConfig, device: torch.device | None = None) -> PrunePath:
     """global / plan / streamed for this config, with the reason; raises on options the path would ignore.
 
     `device` is where the model would be loaded: without it (or when the
@@ -110,7 +122,7 @@ def choose_path(config: "PruneConfig", device: "torch.device | None" = None) -> 
     return path
 
 
-def _maybe_streamed(config: "PruneConfig", path: PrunePath, device) -> PrunePath:
+def _maybe_streamed(config: PruneConfig, path: PrunePath, device) -> PrunePath:
     from llmprune.engine.walk.streaming import model_bytes, should_stream, stream_source
 
     if config.stream and (config.drop_layers or config.test_after_prune):
@@ -119,8 +131,10 @@ def _maybe_streamed(config: "PruneConfig", path: PrunePath, device) -> PrunePath
         return path  # both need the whole model in memory
     if config.stream:
         if stream_source(config.model) is None:
-            raise UserInputError(f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
-                                 "save the model with save_pretrained(..., safe_serialization=True) first")
+            raise UserInputError(
+                f"--stream needs a model directory with safetensors weights (or a .gguf / alias), not {config.model}",
+                "save the model with save_pretrained(..., safe_serialization=True) first",
+            )
         return PrunePath("streamed", "--stream")
     if device is None:
         return path
@@ -129,5 +143,9 @@ def _maybe_streamed(config: "PruneConfig", path: PrunePath, device) -> PrunePath
         return path
     size = model_bytes(source) / 2**30
     if should_stream(source, device):
-        return PrunePath("streamed", f"the weights ({size:.2f} GiB, with 1.5× headroom) do not fit the free memory of {device}")
-    return PrunePath("global", f"the default: units ranked across all layers; the weights ({size:.2f} GiB) fit {device}")
+        return PrunePath(
+            "streamed", f"the weights ({size:.2f} GiB, with 1.5× headroom) do not fit the free memory of {device}"
+        )
+    return PrunePath(
+        "global", f"the default: units ranked across all layers; the weights ({size:.2f} GiB) fit {device}"
+    )

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from llmprune.engine.data import TokenWindows
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.data import TokenWindows
 from llmprune.engine.evaluate import window_nll
 from llmprune.engine.pruning.importance import LayerImportance, walked_scores
 from llmprune.engine.walk.streaming import StreamedLayers
@@ -46,7 +46,12 @@ class _Head:
 
     @torch.no_grad()
     def nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor, batch_size: int) -> float:
-        return float(sum(window_nll(self.norm(h[None])[0], window[1:], self.weight, self.store) for h, window in zip(hidden, ids)))
+        return float(
+            sum(
+                window_nll(self.norm(h[None])[0], window[1:], self.weight, self.store)
+                for h, window in zip(hidden, ids, strict=False)
+            )
+        )
 
 
 @torch.no_grad()
@@ -59,8 +64,10 @@ def streamed_layer_importance(
 ) -> LayerImportance:
     """The same scores as `importance.layer_importance` (the same walker), reading one layer at a time from disk."""
     if method not in STREAMED_METHODS:
-        raise UserInputError(f"--importance-method {method} cannot stream (it needs gradients through the whole model)",
-                             f"use one of {', '.join(STREAMED_METHODS)} with --stream, or drop --stream")
+        raise UserInputError(
+            f"--importance-method {method} cannot stream (it needs gradients through the whole model)",
+            f"use one of {', '.join(STREAMED_METHODS)} with --stream, or drop --stream",
+        )
     start = time.perf_counter()
     runner = store.runner(windows.seq_len, batch_size)
     head = None
@@ -71,5 +78,12 @@ def streamed_layer_importance(
         return head.nll_sum(hidden, ids, batch_size)
 
     scores, base, passes = walked_scores(store, runner, head_nll, windows.ids, method, batch_size, progress)
-    return LayerImportance(method=method, scores=scores, base_loss=base, samples=len(windows), seq_len=windows.seq_len,
-                           seconds=time.perf_counter() - start, layer_passes=passes)
+    return LayerImportance(
+        method=method,
+        scores=scores,
+        base_loss=base,
+        samples=len(windows),
+        seq_len=windows.seq_len,
+        seconds=time.perf_counter() - start,
+        layer_passes=passes,
+    )

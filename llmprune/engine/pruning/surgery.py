@@ -27,7 +27,7 @@ that surgery gives the same logits as masking.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -79,7 +79,9 @@ def _keep_outputs(linear: nn.Linear, rows: torch.Tensor) -> None:
     weight = linear.weight
     linear.weight = nn.Parameter(weight.index_select(0, rows).contiguous(), requires_grad=weight.requires_grad)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.index_select(0, rows).contiguous(), requires_grad=linear.bias.requires_grad)
+        linear.bias = nn.Parameter(
+            linear.bias.index_select(0, rows).contiguous(), requires_grad=linear.bias.requires_grad
+        )
     linear.out_features = int(rows.numel())
 
 
@@ -136,7 +138,9 @@ def prune_query_heads(layer: nn.Module, keep_per_group: Sequence[Sequence[int]])
     kept = [_checked_indices(keep, ratio, f"query heads of group {g}") for g, keep in enumerate(keep_per_group)]
     counts = {len(keep) for keep in kept}
     if len(counts) != 1:
-        raise ValueError(f"query heads: every group must keep the same number of heads (GQA), got {[len(k) for k in kept]}")
+        raise ValueError(
+            f"query heads: every group must keep the same number of heads (GQA), got {[len(k) for k in kept]}"
+        )
     attn = layer.self_attn
     query_heads = [g * ratio + j for g, keep in enumerate(kept) for j in keep]
     q_rows = _unit_rows(query_heads, head_dim, attn.q_proj.weight.device)

@@ -172,7 +172,9 @@ class OptimalBrainSurgeon:
         return self._scores(layer.mlp.down_proj, stats, 1, keep)
 
 
-UNIT_SCORES: dict[str, UnitScore] = {score.name: score for score in (Magnitude(), Activation(), Fluctuation(), OptimalBrainSurgeon())}
+UNIT_SCORES: dict[str, UnitScore] = {
+    score.name: score for score in (Magnitude(), Activation(), Fluctuation(), OptimalBrainSurgeon())
+}
 
 
 def register_unit_score(score: UnitScore) -> None:

@@ -23,7 +23,8 @@ EXPORT_FORMATS = ("gguf",)
 
 @dataclass(kw_only=True)
 class PipelineSettings(LoadOptions):
-    """What a recipe run (or a ratio sweep) needs besides the recipe: the model (LoadOptions), the text and the budget."""
+    """What a recipe run (or a ratio sweep) needs besides the recipe: the model (LoadOptions), the text and the
+    budget."""
 
     out: str = "llmprune-runs"
     """Folder that holds the run directories."""
@@ -40,7 +41,9 @@ class PipelineSettings(LoadOptions):
     batch_size: int = 8
     """Windows per forward pass when measuring."""
     save_dtype: str = "auto"
-    """dtype of the saved models (pruned, fine-tuned): auto keeps the source's stored dtype (bf16 in -> bf16 out) | float32 | bfloat16 | float16."""
+    """dtype of the saved models (pruned, fine-tuned): auto keeps the source's stored dtype (bf16 in -> bf16 out) |
+    float32 | bfloat16 | float16.
+    """
 
     def model_stem(self) -> str:
         """The model's name as a folder name: smollm2-135m, or a directory's/file's own name."""
@@ -55,7 +58,11 @@ class PipelineSettings(LoadOptions):
         need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
         for option, value in (("--importance-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
-        need(self.eval_windows is None or self.eval_windows >= 1, f"--eval-windows must be ≥ 1, got {self.eval_windows}", "use e.g. 64")
+        need(
+            self.eval_windows is None or self.eval_windows >= 1,
+            f"--eval-windows must be ≥ 1, got {self.eval_windows}",
+            "use e.g. 64",
+        )
         from llmprune.engine.data import check_text_source
 
         check_text_source(self.dataset)
@@ -72,11 +79,26 @@ class PipelineSettings(LoadOptions):
 
         prune = self.recipe.prune
         highest = PlanOptions().max_rate  # no prunable layer loses more than this, so neither can their mean
-        need(max(ratios) <= highest, f"--ratio {max(ratios):g} is more than a recipe prunes: at most {highest:g} of every prunable layer",
-             f"use --ratio {highest:g} or lower")
-        need(prune.strategy in STRATEGIES, f"unknown --pruning-strategy '{prune.strategy}'", f"use one of {', '.join(STRATEGIES)}")
-        need(prune.importance in LAYER_METHODS, f"unknown --importance-method '{prune.importance}'", f"use one of {', '.join(LAYER_METHODS)}")
-        need(math.isfinite(prune.alpha) and prune.alpha >= 0, f"--alpha must be a finite number ≥ 0, got {prune.alpha}", "use e.g. --alpha 4 (0: uniform)")
+        need(
+            max(ratios) <= highest,
+            f"--ratio {max(ratios):g} is more than a recipe prunes: at most {highest:g} of every prunable layer",
+            f"use --ratio {highest:g} or lower",
+        )
+        need(
+            prune.strategy in STRATEGIES,
+            f"unknown --pruning-strategy '{prune.strategy}'",
+            f"use one of {', '.join(STRATEGIES)}",
+        )
+        need(
+            prune.importance in LAYER_METHODS,
+            f"unknown --importance-method '{prune.importance}'",
+            f"use one of {', '.join(LAYER_METHODS)}",
+        )
+        need(
+            math.isfinite(prune.alpha) and prune.alpha >= 0,
+            f"--alpha must be a finite number ≥ 0, got {prune.alpha}",
+            "use e.g. --alpha 4 (0: uniform)",
+        )
         need(prune.layer_start >= 0, f"--layer-start must be ≥ 0, got {prune.layer_start}", "use e.g. --layer-start 1")
 
 
@@ -99,7 +121,9 @@ class RecipeConfig(PipelineSettings):
     restart: bool = False
     """Discard a previous run in the same directory instead of resuming it."""
     tasks: str | None = None
-    """Also score the base, pruned and fine-tuned models on these lm-eval tasks (comma-separated, e.g. arc_easy,hellaswag; needs the lm-eval extra)."""
+    """Also score the base, pruned and fine-tuned models on these lm-eval tasks (comma-separated, e.g.
+    arc_easy,hellaswag; needs the lm-eval extra).
+    """
     include_path: str | None = None
     """Folder of local lm-eval task YAML files (with --tasks)."""
     task_limit: float | None = None
@@ -109,7 +133,9 @@ class RecipeConfig(PipelineSettings):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out).expanduser() / (self.name or f"{self.model_stem()}-{self.recipe.name}-{self.recipe.prune.ratio * 100:g}")
+        return Path(self.out).expanduser() / (
+            self.name or f"{self.model_stem()}-{self.recipe.name}-{self.recipe.prune.ratio * 100:g}"
+        )
 
     def settings(self) -> dict:
         """The values that decide the run's outputs: a rerun resumes only when they are unchanged.
@@ -117,8 +143,17 @@ class RecipeConfig(PipelineSettings):
         Left out on purpose: skip_finetune and auto_retreat (rerunning without them continues
         the run), restart, and the device (a run may be resumed on another machine).
         """
-        keep = ("model", "dataset", "eval_dataset", "seq_len", "calibration_samples", "eval_windows", "batch_size",
-                "retreat_step", "min_ratio")
+        keep = (
+            "model",
+            "dataset",
+            "eval_dataset",
+            "seq_len",
+            "calibration_samples",
+            "eval_windows",
+            "batch_size",
+            "retreat_step",
+            "min_ratio",
+        )
         settings = {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
         if self.tasks is not None:  # only when asked, so that runs made before --tasks existed still resume
             settings["tasks"] = self.task_options().to_dict()
@@ -128,7 +163,9 @@ class RecipeConfig(PipelineSettings):
         """The lm-eval tasks to score each model on (None: perplexity only); the measuring batch size is theirs too."""
         if self.tasks is None:
             return None
-        return TaskOptions(task_names(self.tasks), include_path=self.include_path, limit=self.task_limit, batch_size=self.batch_size)
+        return TaskOptions(
+            task_names(self.tasks), include_path=self.include_path, limit=self.task_limit, batch_size=self.batch_size
+        )
 
     def validate(self) -> None:
         def need(condition: bool, problem: str, hint: str) -> None:
@@ -141,15 +178,45 @@ class RecipeConfig(PipelineSettings):
         prune, finetune = self.recipe.prune, self.recipe.finetune
         need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
         self.validate_pruning([prune.ratio])
-        need(finetune.lr > 0 and math.isfinite(finetune.lr), f"--lr must be positive, got {finetune.lr}", "use e.g. --lr 5e-7")
-        need(finetune.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {finetune.warmup_steps}", "use e.g. --warmup-steps 10")
-        need(math.isfinite(finetune.max_grad_norm) and finetune.max_grad_norm >= 0,
-             f"--max-grad-norm must be a finite number ≥ 0, got {finetune.max_grad_norm}", "use e.g. 1.0 (0 disables clipping)")
-        for option, value in (("--epochs", finetune.epochs), ("--samples", finetune.samples), ("--grad-accum", finetune.grad_accum)):
+        need(
+            finetune.lr > 0 and math.isfinite(finetune.lr),
+            f"--lr must be positive, got {finetune.lr}",
+            "use e.g. --lr 5e-7",
+        )
+        need(
+            finetune.warmup_steps >= 0,
+            f"--warmup-steps must be ≥ 0, got {finetune.warmup_steps}",
+            "use e.g. --warmup-steps 10",
+        )
+        need(
+            math.isfinite(finetune.max_grad_norm) and finetune.max_grad_norm >= 0,
+            f"--max-grad-norm must be a finite number ≥ 0, got {finetune.max_grad_norm}",
+            "use e.g. 1.0 (0 disables clipping)",
+        )
+        for option, value in (
+            ("--epochs", finetune.epochs),
+            ("--samples", finetune.samples),
+            ("--grad-accum", finetune.grad_accum),
+        ):
             need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
-        need(0 < self.retreat_step < 1, f"--retreat-step must be between 0 and 1, got {self.retreat_step}", "use e.g. 0.05")
-        need(0 < self.min_ratio <= prune.ratio, f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}", "use e.g. 0.05")
-        need(self.export in (None, *EXPORT_FORMATS), f"--export must be one of {', '.join(EXPORT_FORMATS)}, got '{self.export}'",
-             "use --export gguf")
+        need(
+            0 < self.retreat_step < 1,
+            f"--retreat-step must be between 0 and 1, got {self.retreat_step}",
+            "use e.g. 0.05",
+        )
+        need(
+            0 < self.min_ratio <= prune.ratio,
+            f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}",
+            "use e.g. 0.05",
+        )
+        need(
+            self.export in (None, *EXPORT_FORMATS),
+            f"--export must be one of {', '.join(EXPORT_FORMATS)}, got '{self.export}'",
+            "use --export gguf",
+        )
         if self.name is not None:
-            need(bool(re.fullmatch(r"[\w.+-]+", self.name)), f"--name '{self.name}' is not a plain folder name", "use letters, digits, - _ . +")
+            need(
+                bool(re.fullmatch(r"[\w.+-]+", self.name)),
+                f"--name '{self.name}' is not a plain folder name",
+                "use letters, digits, - _ . +",
+            )

@@ -60,7 +60,8 @@ class FinetuneSettings:
     warmup_steps: int = 0
     """Linear warm-up steps."""
     teacher: bool = True
-    """Distil from the base model (finetune --teacher) when it fits in memory next to the student; False: LM loss only."""
+    """Distil from the base model (finetune --teacher) when it fits in memory next to the student; False: LM loss only.
+    """
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Recipe:
     prune: PruneSettings
     finetune: FinetuneSettings
 
-    def with_overrides(self, prune: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None) -> "Recipe":
+    def with_overrides(self, prune: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None) -> Recipe:
         """A copy with some values replaced; None values mean 'keep the recipe's'."""
         prune = {k: v for k, v in (prune or {}).items() if v is not None}
         finetune = {k: v for k, v in (finetune or {}).items() if v is not None}
@@ -87,10 +88,14 @@ RECIPES: dict[str, Recipe] = {
     for recipe in (
         Recipe(
             name="safe",
-            summary="the conservative path: 15 % of attention groups and MLP channels, layer-removal importance, "
-            "inverse allocation, then a very gentle full fine-tune",
+            summary=(
+                "the conservative path: 15 % of attention groups and MLP channels, layer-removal importance, "
+                "inverse allocation, then a very gentle full fine-tune"
+            ),
             prune=PruneSettings(ratio=0.15, importance="removal", strategy="inverse", alpha=1.2, prune_mlp=True),
-            finetune=FinetuneSettings(lr=5e-7, epochs=2, samples=1000, grad_accum=4, max_grad_norm=0.5, warmup_steps=50),
+            finetune=FinetuneSettings(
+                lr=5e-7, epochs=2, samples=1000, grad_accum=4, max_grad_norm=0.5, warmup_steps=50
+            ),
         ),
         Recipe(
             name="attn-only",
@@ -104,5 +109,7 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise UserInputError(f"unknown recipe '{name}'", f"use one of {', '.join(RECIPES)} (llmprune recipe --list shows them)")
+        raise UserInputError(
+            f"unknown recipe '{name}'", f"use one of {', '.join(RECIPES)} (llmprune recipe --list shows them)"
+        )
     return RECIPES[name]

@@ -71,13 +71,16 @@ class RecipeReport:
         return next((row for row in self.rows if row.stage == stage), None)
 
 
-def _gate_advice(config: "RecipeConfig", state: "RunState", check: dict) -> list[str]:
+def _gate_advice(config: RecipeConfig, state: RunState, check: dict) -> list[str]:
     """What to do when the gate stopped the run, in this recipe's own options."""
     prune = config.recipe.prune
     ratio = state.ratio or prune.ratio
     advice = [check["explanation"]] if check.get("explanation") else []
     lower = max(round(ratio - config.retreat_step, 4), config.min_ratio)
-    advice.append(f"prune less: --ratio {lower:g}" + ("" if config.auto_retreat else ", or --auto-retreat to let the recipe find a ratio that passes"))
+    advice.append(
+        f"prune less: --ratio {lower:g}"
+        + ("" if config.auto_retreat else ", or --auto-retreat to let the recipe find a ratio that passes")
+    )
     if prune.prune_mlp:
         advice.append(f"leave the MLP alone: llmprune recipe attn-only --ratio {ratio:g}")
     layers = len(state.result("analyze").get("scores", []))
@@ -88,7 +91,7 @@ def _gate_advice(config: "RecipeConfig", state: "RunState", check: dict) -> list
     return advice
 
 
-def build_report(config: "RecipeConfig", state: "RunState") -> RecipeReport:
+def build_report(config: RecipeConfig, state: RunState) -> RecipeReport:
     baseline, check, final = state.result("baseline"), state.result("check"), state.result("final_eval")
     rows: list[ModelRow] = []
     base_params, base_ppl = baseline.get("params"), baseline.get("ppl")
@@ -98,17 +101,41 @@ def build_report(config: "RecipeConfig", state: "RunState") -> RecipeReport:
             return
         ratio = result["ppl"] / base_ppl if base_ppl and math.isfinite(result["ppl"]) else None
         share = 1 - result["params"] / base_params if base_params else 0.0
-        rows.append(ModelRow(stage, path, result["params"], share, result["ppl"], ratio, result.get("verdict", "reference"), seconds,
-                             result.get("tasks", {})))
+        rows.append(
+            ModelRow(
+                stage,
+                path,
+                result["params"],
+                share,
+                result["ppl"],
+                ratio,
+                result.get("verdict", "reference"),
+                seconds,
+                result.get("tasks", {}),
+            )
+        )
 
     add("base", baseline, config.model, state.seconds("baseline"))
     add("pruned", check, str(state.run_dir / "pruned"), sum(state.seconds(s) for s in ("analyze", "prune", "check")))
-    add("fine-tuned", final, state.result("finetune").get("model_dir", ""), state.seconds("finetune") + state.seconds("final_eval"))
+    add(
+        "fine-tuned",
+        final,
+        state.result("finetune").get("model_dir", ""),
+        state.seconds("finetune") + state.seconds("final_eval"),
+    )
     advice = _gate_advice(config, state, check) if state.status == "stopped_at_gate" else []
     return RecipeReport(
-        recipe=config.recipe.name, run_dir=str(state.run_dir), status=state.status, ratio_asked=config.recipe.prune.ratio,
-        ratio_used=state.ratio if state.done("prune") else None, rows=rows, attempts=list(state.attempts),
-        retreats=list(state.retreats), advice=advice, settings=state.settings, prune_path=state.result("prune").get("path") or {},
+        recipe=config.recipe.name,
+        run_dir=str(state.run_dir),
+        status=state.status,
+        ratio_asked=config.recipe.prune.ratio,
+        ratio_used=state.ratio if state.done("prune") else None,
+        rows=rows,
+        attempts=list(state.attempts),
+        retreats=list(state.retreats),
+        advice=advice,
+        settings=state.settings,
+        prune_path=state.result("prune").get("path") or {},
         total_seconds=sum(step.get("seconds", 0.0) for step in state.steps.values()),
     )
 
@@ -132,11 +159,18 @@ def report_table(report: RecipeReport) -> list[list[str]]:
     tasks = list(dict.fromkeys(task for row in report.rows for task in row.tasks))
     table = [["model", "params", "removed", "PPL", "× base", "verdict", "time", *(f"{task} acc" for task in tasks)]]
     for row in report.rows:
-        table.append([
-            row.stage, _format_count(row.params), f"{row.share_removed:.1%}", _format_ppl(row.ppl),
-            f"{row.ppl_vs_base:.2f}" if row.ppl_vs_base is not None else "—", row.verdict, f"{row.seconds:,.0f} s",
-            *(_format_acc(row.tasks.get(task, {}).get("acc")) for task in tasks),
-        ])
+        table.append(
+            [
+                row.stage,
+                _format_count(row.params),
+                f"{row.share_removed:.1%}",
+                _format_ppl(row.ppl),
+                f"{row.ppl_vs_base:.2f}" if row.ppl_vs_base is not None else "—",
+                row.verdict,
+                f"{row.seconds:,.0f} s",
+                *(_format_acc(row.tasks.get(task, {}).get("acc")) for task in tasks),
+            ]
+        )
     return table
 
 
@@ -147,13 +181,24 @@ def _format_acc(acc: float | None) -> str:
 def report_text(report: RecipeReport) -> str:
     table = report_table(report)
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = [f"llmprune recipe {report.recipe} — {STATUS_TEXT.get(report.status, report.status)}", f"run: {report.run_dir}", ""]
+    lines = [
+        f"llmprune recipe {report.recipe} — {STATUS_TEXT.get(report.status, report.status)}",
+        f"run: {report.run_dir}",
+        "",
+    ]
     for number, line in enumerate(table):
-        lines.append("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths))))
+        lines.append(
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(line, widths, strict=False))
+            )
+        )
         if number == 0:
             lines.append("  ".join("-" * width for width in widths))
     if report.ratio_used is not None:
-        used = f"{report.ratio_used:g}" + (f" (asked {report.ratio_asked:g})" if report.ratio_used != report.ratio_asked else "")
+        used = f"{report.ratio_used:g}" + (
+            f" (asked {report.ratio_asked:g})" if report.ratio_used != report.ratio_asked else ""
+        )
         lines += ["", f"pruning ratio: {used}"]
     lines += [f"auto-retreat: {message}" for message in report.retreats]
     if report.advice:

@@ -14,15 +14,16 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmprune.engine.core.outputs import RECIPE_MARKER, check_output_folder, check_writable_location
-from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
-from llmprune.engine.recipes.state import RunState, describe_resume, open_run
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.recipes.config import OUTPUTS, RecipeConfig
+from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
+from llmprune.engine.recipes.state import RunState, describe_resume, open_run
 from llmprune.engine.recipes.steps import PASSING_VERDICTS, StepAdapters, choose_teacher, has_checkpoint
 
 # step name -> what it does (in the order they run)
@@ -97,9 +98,16 @@ def _retreat_ratios(start: float, step: float, floor: float) -> list[float]:
 class _Run:
     """One execution of the pipeline over a RunState."""
 
-    def __init__(self, config: RecipeConfig, state: RunState, steps: StepAdapters, emit: RecipeListener,
-                 finetune_listener: RecipeListener | None, finetune_host: Callable[..., Any] | None,
-                 progress: StageProgress | None):
+    def __init__(
+        self,
+        config: RecipeConfig,
+        state: RunState,
+        steps: StepAdapters,
+        emit: RecipeListener,
+        finetune_listener: RecipeListener | None,
+        finetune_host: Callable[..., Any] | None,
+        progress: StageProgress | None,
+    ):
         self.config, self.state, self.steps, self.emit, self.progress = config, state, steps, emit, progress
         self.finetune_listener, self.finetune_host = finetune_listener, finetune_host
 
@@ -110,13 +118,23 @@ class _Run:
     def baseline(self) -> dict:
         """The reference: only a healthy base model with a finite PPL can be one (nothing is pruned otherwise)."""
         result = self.steps.evaluate(self.config.model, self.config, health=True, progress=self.progress)
-        problems = [error.get("message", str(error)) for error in result.get("errors", [])] if not result.get("healthy_weights", True) else []
+        problems = (
+            [error.get("message", str(error)) for error in result.get("errors", [])]
+            if not result.get("healthy_weights", True)
+            else []
+        )
         if not math.isfinite(result["ppl"]):
             problems.append(f"its perplexity is {result['ppl']} (no finite reference to compare the pruned model with)")
         if problems:
             self.state.status = "base_unhealthy"
-            self.emit(Notice(f"stopped before pruning: the base model {self.config.model} is not healthy: " + "; ".join(problems[:3])
-                             + f"; check it with `llmprune doctor {self.config.model}`", "error"))
+            self.emit(
+                Notice(
+                    f"stopped before pruning: the base model {self.config.model} is not healthy: "
+                    + "; ".join(problems[:3])
+                    + f"; check it with `llmprune doctor {self.config.model}`",
+                    "error",
+                )
+            )
             raise _Stop()
         return {key: value for key, value in result.items() if key not in ("verdict", "explanation", "advice")}
 
@@ -125,25 +143,41 @@ class _Run:
 
     def prune(self) -> dict:
         importance = self.state.result("analyze")["importance_config"]
-        return {"ratio": self.state.ratio, **self.steps.prune(self.config, importance, self.state.ratio, self.run_dir / "pruned", self.progress)}
+        return {
+            "ratio": self.state.ratio,
+            **self.steps.prune(self.config, importance, self.state.ratio, self.run_dir / "pruned", self.progress),
+        }
 
     def check(self) -> dict:
         base_ppl = self.state.result("baseline")["ppl"]
-        result = self.steps.evaluate(str(self.run_dir / "pruned"), self.config, base_ppl=base_ppl, health=True, progress=self.progress)
+        result = self.steps.evaluate(
+            str(self.run_dir / "pruned"), self.config, base_ppl=base_ppl, health=True, progress=self.progress
+        )
         result["ratio"] = self.state.ratio
-        self.state.attempts.append({key: result.get(key) for key in ("ratio", "params", "ppl", "verdict", "healthy_weights")})
+        self.state.attempts.append(
+            {key: result.get(key) for key in ("ratio", "params", "ppl", "verdict", "healthy_weights")}
+        )
         return result
 
     def gate(self) -> dict:
         check = self.state.result("check")
         passed = check["verdict"] in PASSING_VERDICTS and check.get("healthy_weights", True)
-        why = check["verdict"] if check.get("healthy_weights", True) else f"{check['verdict']}, and the weights are unhealthy"
+        why = (
+            check["verdict"]
+            if check.get("healthy_weights", True)
+            else f"{check['verdict']}, and the weights are unhealthy"
+        )
         if passed:
-            self.emit(Notice(f"gate passed at ratio {self.state.ratio:g}: the pruned model's verdict is {check['verdict']}"))
+            self.emit(
+                Notice(f"gate passed at ratio {self.state.ratio:g}: the pruned model's verdict is {check['verdict']}")
+            )
             return {"passed": True, "ratio": self.state.ratio, "verdict": check["verdict"]}
         lower = _retreat_ratios(self.state.ratio, self.config.retreat_step, self.config.min_ratio)
         if self.config.auto_retreat and lower:
-            message = f"ratio {self.state.ratio:g} gave a {why} model (PPL {check['ppl']:.2f}); re-pruning at {lower[0]:g} with the same importance analysis"
+            message = (
+                f"ratio {self.state.ratio:g} gave a {why} model (PPL {check['ppl']:.2f}); re-pruning at {lower[0]:g}"
+                " with the same importance analysis"
+            )
             self.state.retreats.append(message)
             self.emit(Notice(message, "warning"))
             self.state.ratio = lower[0]
@@ -151,23 +185,45 @@ class _Run:
             raise _Retry("prune")
         self.state.status = "stopped_at_gate"
         gave_up = " (the auto-retreat reached --min-ratio)" if self.config.auto_retreat else ""
-        self.emit(Notice(f"stopped at the gate: the pruned model is {why} at ratio {self.state.ratio:g}{gave_up}; nothing was fine-tuned", "error"))
+        self.emit(
+            Notice(
+                f"stopped at the gate: the pruned model is {why} at ratio {self.state.ratio:g}{gave_up}; nothing was"
+                " fine-tuned",
+                "error",
+            )
+        )
         raise _Stop()
 
     def finetune(self) -> dict:
         out = self.run_dir / "finetune"
-        teacher, why = choose_teacher(self.config, self.state.result("baseline")["params"], self.state.result("check")["params"], out)
+        teacher, why = choose_teacher(
+            self.config, self.state.result("baseline")["params"], self.state.result("check")["params"], out
+        )
         self.emit(Notice(why))
-        result = self.steps.finetune(self.config, str(self.run_dir / "pruned"), out, has_checkpoint(out),
-                                     self.finetune_listener, self.finetune_host, teacher=teacher)
+        result = self.steps.finetune(
+            self.config,
+            str(self.run_dir / "pruned"),
+            out,
+            has_checkpoint(out),
+            self.finetune_listener,
+            self.finetune_host,
+            teacher=teacher,
+        )
         result.update(teacher=teacher, teacher_choice=why)
         if result["status"] == "stopped_by_user":
             self.state.status = "interrupted"
-            self.emit(Notice("fine-tuning stopped by the user; run the same command again to resume from its last checkpoint", "warning"))
+            self.emit(
+                Notice(
+                    "fine-tuning stopped by the user; run the same command again to resume from its last checkpoint",
+                    "warning",
+                )
+            )
             raise _Stop()
         if result["status"] != "completed" or not result.get("model_dir"):
             self.state.status = "finetune_failed"
-            self.emit(Notice(f"fine-tuning did not complete ({result['status']}): {result.get('message', '')}", "error"))
+            self.emit(
+                Notice(f"fine-tuning did not complete ({result['status']}): {result.get('message', '')}", "error")
+            )
             raise _Stop()
         return result
 
@@ -187,7 +243,9 @@ def _summary(step: str, result: dict) -> str:
         verdict = f", {result['verdict']}" if "verdict" in result else ""
         return f"PPL {result['ppl']:.2f}{verdict}, {result['params']:,} parameters"
     if step == "prune":
-        return f"ratio {result['ratio']:g}: {result['params']:,} parameters, {result['share_removed']:.1%} of all removed"
+        return (
+            f"ratio {result['ratio']:g}: {result['params']:,} parameters, {result['share_removed']:.1%} of all removed"
+        )
     if step == "analyze":
         return f"{result['method']} importance of {len(result['scores'])} layers → {result['importance_config']}"
     if step == "export":
@@ -278,4 +336,3 @@ def run_recipe(
     report = build_report(config, state)
     write_report(report, state.run_dir)
     return report
-

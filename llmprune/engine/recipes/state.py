@@ -31,7 +31,9 @@ class RunState:
     ratio: float | None = None  # the ratio in force (lower than asked after an auto-retreat)
     attempts: list[dict] = field(default_factory=list)  # one per pruning ratio tried
     retreats: list[str] = field(default_factory=list)  # what the auto-retreat did, in words
-    status: str = "running"  # running | stopped_at_gate | interrupted | finetune_failed | base_unhealthy | failed | done
+    status: str = (
+        "running"  # running | stopped_at_gate | interrupted | finetune_failed | base_unhealthy | failed | done
+    )
     error: str | None = None  # why a failed run failed
 
     @property
@@ -59,11 +61,19 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, {
-            "version": STATE_VERSION, "settings": self.settings, "steps": self.steps, "ratio": self.ratio,
-            "attempts": self.attempts, "retreats": self.retreats, "status": self.status,
-            **({"error": self.error} if self.error else {}),
-        })
+        atomic_write_json(
+            self.path,
+            {
+                "version": STATE_VERSION,
+                "settings": self.settings,
+                "steps": self.steps,
+                "ratio": self.ratio,
+                "attempts": self.attempts,
+                "retreats": self.retreats,
+                "status": self.status,
+                **({"error": self.error} if self.error else {}),
+            },
+        )
 
 
 def changed_settings(previous: dict, current: dict) -> list[str]:
@@ -92,7 +102,9 @@ def open_run(run_dir: Path, settings: dict) -> RunState:
         if saved.get("version") != STATE_VERSION:
             raise ValueError(f"state version {saved.get('version')}")
     except (OSError, ValueError) as error:
-        raise UserInputError(f"{path} is unreadable ({error})", "pass --restart to start this run again from the beginning") from None
+        raise UserInputError(
+            f"{path} is unreadable ({error})", "pass --restart to start this run again from the beginning"
+        ) from None
     changed = changed_settings(saved.get("settings", {}), settings)
     if changed:
         raise UserInputError(
@@ -100,8 +112,13 @@ def open_run(run_dir: Path, settings: dict) -> RunState:
             "pass --name to start a separate run, or --restart to replace this one",
         )
     return RunState(
-        run_dir=run_dir, settings=settings, steps=saved.get("steps", {}), ratio=saved.get("ratio"),
-        attempts=saved.get("attempts", []), retreats=saved.get("retreats", []), status=saved.get("status", "running"),
+        run_dir=run_dir,
+        settings=settings,
+        steps=saved.get("steps", {}),
+        ratio=saved.get("ratio"),
+        attempts=saved.get("attempts", []),
+        retreats=saved.get("retreats", []),
+        status=saved.get("status", "running"),
     )
 
 
@@ -111,7 +128,9 @@ def describe_resume(state: RunState, order: list[str]) -> str | None:
     if not done:
         return None
     pending = next((step for step in order if not state.done(step)), None)
-    return f"resuming {state.run_dir}: {', '.join(done)} already done" + (f"; continuing with {pending}" if pending else "")
+    return f"resuming {state.run_dir}: {', '.join(done)} already done" + (
+        f"; continuing with {pending}" if pending else ""
+    )
 
 
 def jsonable(value: Any) -> Any:

@@ -9,8 +9,9 @@ swap the whole object for a fake to plant a broken model or an interruption.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from llmprune.engine.core.progress import StageProgress
 
@@ -21,15 +22,18 @@ if TYPE_CHECKING:
 PASSING_VERDICTS = ("healthy", "acceptable")
 
 
-def calibration_options(config: "PipelineSettings") -> Any:
+def calibration_options(config: PipelineSettings) -> Any:
     """The calibration text of a recipe run or a sweep (pruning.config.CalibrationOptions)."""
     from llmprune.engine.pruning.config import CalibrationOptions
 
-    return CalibrationOptions(dataset=config.dataset, samples=config.calibration_samples, seq_len=config.seq_len,
-                              batch_size=config.batch_size)
+    return CalibrationOptions(
+        dataset=config.dataset, samples=config.calibration_samples, seq_len=config.seq_len, batch_size=config.batch_size
+    )
 
 
-def recipe_prune_config(config: "PipelineSettings", importance_config: str | Path, ratio: float, log_dir: Path, log_name: str) -> Any:
+def recipe_prune_config(
+    config: PipelineSettings, importance_config: str | Path, ratio: float, log_dir: Path, log_name: str
+) -> Any:
     """The PruneConfig of a recipe's prune step at `ratio`: the one place the recipe, and the sweep, say how to prune.
 
     The recipe's pruning settings with the saved layer importance select the plan path of `run_prune`,
@@ -39,20 +43,36 @@ def recipe_prune_config(config: "PipelineSettings", importance_config: str | Pat
 
     prune = config.recipe.prune
     return PruneConfig(
-        ratio=ratio, prune_mlp=prune.prune_mlp, importance_config=Path(importance_config),
-        importance_method=prune.importance, calibration=calibration_options(config), strategy=prune.strategy,
-        alpha=prune.alpha, layer_start=prune.layer_start, layer_end=prune.layer_end,
-        log_dir=log_dir, save_ckpt_log_name=log_name, save_dtype=config.save_dtype, **vars(config.load_options()),
+        ratio=ratio,
+        prune_mlp=prune.prune_mlp,
+        importance_config=Path(importance_config),
+        importance_method=prune.importance,
+        calibration=calibration_options(config),
+        strategy=prune.strategy,
+        alpha=prune.alpha,
+        layer_start=prune.layer_start,
+        layer_end=prune.layer_end,
+        log_dir=log_dir,
+        save_ckpt_log_name=log_name,
+        save_dtype=config.save_dtype,
+        **vars(config.load_options()),
         # the run folder is the recipe's own (a retreat re-prunes into it); the base model's health was checked first
-        overwrite=True, force=True,
+        overwrite=True,
+        force=True,
     )
 
 
 class StepAdapters:
     """The real steps. Each method loads what it needs, so any step can run in a fresh process."""
 
-    def evaluate(self, model: str, config: "RecipeConfig", base_ppl: float | None = None, health: bool = False,
-                 progress: StageProgress | None = None) -> dict:
+    def evaluate(
+        self,
+        model: str,
+        config: RecipeConfig,
+        base_ppl: float | None = None,
+        health: bool = False,
+        progress: StageProgress | None = None,
+    ) -> dict:
         """PPL and size of `model`; with `health`, doctor's checks and the PPL verdict against `base_ppl`;
         with the config's `tasks`, lm-eval's metrics per task."""
         from dataclasses import replace
@@ -63,14 +83,21 @@ class StepAdapters:
         start = time.perf_counter()
         base = config.load_options()
         # the base model loads as the user asked (--base-model, --trust-pickle); what the recipe saved is a plain folder
-        loaded = (base if model == config.model else replace(base, model=model, base_model=None, trust_pickle=False)).load()
+        loaded = (
+            base if model == config.model else replace(base, model=model, base_model=None, trust_pickle=False)
+        ).load()
         from llmprune.engine.data import check_seq_len_fits
 
         check_seq_len_fits(config.seq_len, loaded.model)
         windows = load_evaluation_windows(loaded.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
         update = (lambda done, total: progress(f"PPL of {Path(model).name}", done, total)) if progress else None
         measured = perplexity(loaded.model, windows, config.batch_size, update)
-        result: dict[str, Any] = {"model": model, "params": loaded.num_parameters, "ppl": measured.ppl, "windows": measured.windows}
+        result: dict[str, Any] = {
+            "model": model,
+            "params": loaded.num_parameters,
+            "ppl": measured.ppl,
+            "windows": measured.windows,
+        }
         if health:
             result.update(self._health(loaded.model, loaded.tokenizer, measured.ppl, base_ppl))
         if config.tasks is not None:
@@ -97,10 +124,10 @@ class StepAdapters:
         }
 
     @staticmethod
-    def _calibration(config: "RecipeConfig") -> Any:
+    def _calibration(config: RecipeConfig) -> Any:
         return calibration_options(config)
 
-    def analyze(self, config: "RecipeConfig", out_dir: Path, progress: StageProgress | None = None) -> dict:
+    def analyze(self, config: RecipeConfig, out_dir: Path, progress: StageProgress | None = None) -> dict:
         """Layer importance on calibration samples, saved as a reusable JSON config in `out_dir`."""
         from llmprune.engine.pruning.allocation import PlanOptions
         from llmprune.engine.pruning.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, run_analyze
@@ -108,42 +135,88 @@ class StepAdapters:
         prune = config.recipe.prune
         result = run_analyze(
             AnalyzeConfig(
-                importance_method=prune.importance, calibration=self._calibration(config),
-                plan=PlanOptions(ratio=prune.ratio, strategy=prune.strategy, alpha=prune.alpha,
-                                 layer_start=prune.layer_start, layer_end=prune.layer_end),
-                prune_mlp=prune.prune_mlp, output=out_dir / DEFAULT_CONFIG_NAME, **vars(config.load_options()),
-                overwrite=True, force=True,  # the recipe's own folder; the baseline step checked the base model's health
+                importance_method=prune.importance,
+                calibration=self._calibration(config),
+                plan=PlanOptions(
+                    ratio=prune.ratio,
+                    strategy=prune.strategy,
+                    alpha=prune.alpha,
+                    layer_start=prune.layer_start,
+                    layer_end=prune.layer_end,
+                ),
+                prune_mlp=prune.prune_mlp,
+                output=out_dir / DEFAULT_CONFIG_NAME,
+                **vars(config.load_options()),
+                overwrite=True,
+                force=True,  # the recipe's own folder; the baseline step checked the base model's health
             ),
             progress=progress,
         )
-        return {"importance_config": str(result.config_path), "method": result.importance.method,
-                "scores": list(result.importance.scores)}
+        return {
+            "importance_config": str(result.config_path),
+            "method": result.importance.method,
+            "scores": list(result.importance.scores),
+        }
 
-    def prune(self, config: "RecipeConfig", importance_config: str, ratio: float, out_dir: Path,
-              progress: StageProgress | None = None) -> dict:
+    def prune(
+        self,
+        config: RecipeConfig,
+        importance_config: str,
+        ratio: float,
+        out_dir: Path,
+        progress: StageProgress | None = None,
+    ) -> dict:
         """Prune the base model at `ratio` with the saved importance scores; save it to `out_dir`."""
         from llmprune.engine.pruning.pipeline import run_prune
 
-        prune_config = recipe_prune_config(config, importance_config, ratio, log_dir=out_dir.parent / "prune_log", log_name="pruned")
+        prune_config = recipe_prune_config(
+            config, importance_config, ratio, log_dir=out_dir.parent / "prune_log", log_name="pruned"
+        )
         prune_config.out = out_dir
         result = run_prune(prune_config, progress=progress)
-        return {"model_dir": str(out_dir), "params": result.params_after, "share_removed": result.removed_share,
-                "gqa": result.gqa_summary(), "path": result.path}
+        return {
+            "model_dir": str(out_dir),
+            "params": result.params_after,
+            "share_removed": result.removed_share,
+            "gqa": result.gqa_summary(),
+            "path": result.path,
+        }
 
     def finetune(
-        self, config: "RecipeConfig", model_dir: str, out_dir: Path, resume: bool,
-        listener: Callable[[Any], None] | None, host: Callable[..., Any] | None, teacher: str | None = None,
+        self,
+        config: RecipeConfig,
+        model_dir: str,
+        out_dir: Path,
+        resume: bool,
+        listener: Callable[[Any], None] | None,
+        host: Callable[..., Any] | None,
+        teacher: str | None = None,
     ) -> dict:
-        """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`), distilling from `teacher` if given."""
+        """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`), distilling from
+        `teacher` if given.
+        """
         from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
 
         settings = config.recipe.finetune
         finetune_config = FinetuneConfig(
-            model=model_dir, method=settings.method, dataset=config.dataset, samples=settings.samples,
-            seq_len=config.seq_len, epochs=settings.epochs, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
-            lr=settings.lr, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
-            merge=settings.method == "lora", out=str(out_dir), resume=resume, device=config.device, dtype=config.dtype,
-            teacher=teacher, save_dtype=config.save_dtype,
+            model=model_dir,
+            method=settings.method,
+            dataset=config.dataset,
+            samples=settings.samples,
+            seq_len=config.seq_len,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            grad_accum=settings.grad_accum,
+            lr=settings.lr,
+            warmup_steps=settings.warmup_steps,
+            max_grad_norm=settings.max_grad_norm,
+            merge=settings.method == "lora",
+            out=str(out_dir),
+            resume=resume,
+            device=config.device,
+            dtype=config.dtype,
+            teacher=teacher,
+            save_dtype=config.save_dtype,
         )
 
         def run(listen: Callable[[Any], None] | None, control: Any = None) -> Any:
@@ -152,20 +225,39 @@ class StepAdapters:
         try:  # the host runs the training (e.g. under the dashboard); by default it runs right here
             result = host(run) if host is not None else run(listener)
         except UnhealthyModelError:
-            return {"status": "refused_unhealthy", "model_dir": None, "run_dir": str(out_dir), "steps": 0, "final_loss": None,
-                    "message": "finetune's pre-flight health check refused the pruned model"}
-        return {"status": result.status, "model_dir": result.model_dir, "run_dir": result.run_dir, "steps": result.steps,
-                "final_loss": result.final_loss, "message": result.message}
+            return {
+                "status": "refused_unhealthy",
+                "model_dir": None,
+                "run_dir": str(out_dir),
+                "steps": 0,
+                "final_loss": None,
+                "message": "finetune's pre-flight health check refused the pruned model",
+            }
+        return {
+            "status": result.status,
+            "model_dir": result.model_dir,
+            "run_dir": result.run_dir,
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "message": result.message,
+        }
 
     def export_gguf(self, model_dir: str, out: Path) -> dict:
         """The final model as one GGUF file (f16) for llama.cpp."""
         from llmprune.engine.io.gguf_export import ExportConfig, export_gguf
 
         result = export_gguf(ExportConfig(model=model_dir, out=str(out), outtype="f16"))
-        return {"gguf": result.path, "architecture": result.architecture, "bytes": result.bytes, "outtype": result.outtype}
+        return {
+            "gguf": result.path,
+            "architecture": result.architecture,
+            "bytes": result.bytes,
+            "outtype": result.outtype,
+        }
 
 
-def choose_teacher(config: "RecipeConfig", base_parameters: int, student_parameters: int, run_dir: Path) -> tuple[str | None, str]:
+def choose_teacher(
+    config: RecipeConfig, base_parameters: int, student_parameters: int, run_dir: Path
+) -> tuple[str | None, str]:
     """The base model as the teacher, when the recipe asks for one and it fits next to the student; and why."""
     import json
 
@@ -179,8 +271,16 @@ def choose_teacher(config: "RecipeConfig", base_parameters: int, student_paramet
             teacher = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["config"].get("teacher")
         except (OSError, ValueError, KeyError):
             teacher = None
-        return teacher, f"resuming the fine-tune {'distilling from ' + teacher if teacher else 'on the LM loss only'}, as it started"
-    fit = teacher_fits(base_parameters, student_parameters, resolve_device(config.device), config.recipe.finetune.method)
+        return (
+            teacher,
+            (
+                f"resuming the fine-tune {'distilling from ' + teacher if teacher else 'on the LM loss only'}, as it"
+                " started"
+            ),
+        )
+    fit = teacher_fits(
+        base_parameters, student_parameters, resolve_device(config.device), config.recipe.finetune.method
+    )
     if fit.fits:
         return config.model, f"distilling from the base model {config.model}: {fit.reason}"
     return None, f"no teacher: {fit.reason}; fine-tuning on the LM loss only (--no-teacher skips this check)"

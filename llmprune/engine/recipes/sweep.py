@@ -20,7 +20,6 @@ from llmprune.engine.recipes.config import PipelineSettings
 from llmprune.engine.recipes.registry import Recipe
 
 
-
 @dataclass(kw_only=True)
 class SweepConfig(PipelineSettings):
     """What `llmprune recipe sweep` does (the results go to <out>/<model>-sweep/)."""
@@ -78,16 +77,13 @@ def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> Swe
     (`steps.recipe_prune_config`), so a row predicts `recipe NAME --ratio r`.
     Saves sweep.json (and each prune's run log under prune_log/).
     """
-    from llmprune.engine.data import load_evaluation_windows
-    from llmprune.engine.diagnose.health import ppl_verdict
+    from llmprune.engine.core.errors import CheckFailedError
+    from llmprune.engine.core.outputs import SWEEP_MARKER, check_output_folder, check_writable_location
+    from llmprune.engine.data import check_seq_len_fits, load_evaluation_windows
+    from llmprune.engine.diagnose.health import ppl_verdict, require_healthy, weight_health
     from llmprune.engine.evaluate import perplexity
     from llmprune.engine.pruning.pipeline import run_prune
     from llmprune.engine.recipes.steps import StepAdapters, recipe_prune_config
-
-    from llmprune.engine.core.errors import CheckFailedError
-    from llmprune.engine.core.outputs import SWEEP_MARKER, check_output_folder, check_writable_location
-    from llmprune.engine.data import check_seq_len_fits
-    from llmprune.engine.diagnose.health import require_healthy, weight_health
 
     config.validate()
     start = time.perf_counter()
@@ -102,19 +98,38 @@ def run_sweep(config: SweepConfig, progress: StageProgress | None = None) -> Swe
     evaluation = load_evaluation_windows(base.tokenizer, config.eval_dataset, config.seq_len, config.eval_windows)
     base_ppl = perplexity(base.model, evaluation, config.batch_size, named_stage(progress, "PPL of the base model")).ppl
     if not math.isfinite(base_ppl):
-        raise CheckFailedError(f"the base model's perplexity is {base_ppl}: there is no reference to compare the pruned models with",
-                               f"check the base model with `llmprune doctor {config.model} --ppl`")
+        raise CheckFailedError(
+            f"the base model's perplexity is {base_ppl}: there is no reference to compare the pruned models with",
+            f"check the base model with `llmprune doctor {config.model} --ppl`",
+        )
     rows = [SweepRow(0.0, base.num_parameters, 0.0, base_ppl, 1.0, "reference")]
     for ratio in sorted(set(config.ratios)):
         pruned = replace(base, model=copy.deepcopy(base.model))  # every ratio starts from the same base weights
-        prune_config = recipe_prune_config(config, importance_path, ratio, log_dir=run_dir / "prune_log", log_name=f"ratio-{ratio:g}")
+        prune_config = recipe_prune_config(
+            config, importance_path, ratio, log_dir=run_dir / "prune_log", log_name=f"ratio-{ratio:g}"
+        )
         result = run_prune(prune_config, progress, loaded=pruned)
-        ppl = perplexity(pruned.model, evaluation, config.batch_size, named_stage(progress, f"PPL at ratio {ratio:g}")).ppl
+        ppl = perplexity(
+            pruned.model, evaluation, config.batch_size, named_stage(progress, f"PPL at ratio {ratio:g}")
+        ).ppl
         del pruned, result.loaded
-        rows.append(SweepRow(ratio, result.params_after, result.removed_share, ppl,
-                             ppl / base_ppl if math.isfinite(ppl) else math.inf, ppl_verdict(ppl, base_ppl).label))
-    result = SweepResult(model=config.model, rows=rows, importance_config=str(importance_path),
-                         json_path=str(run_dir / "sweep.json"), seconds=time.perf_counter() - start)
+        rows.append(
+            SweepRow(
+                ratio,
+                result.params_after,
+                result.removed_share,
+                ppl,
+                ppl / base_ppl if math.isfinite(ppl) else math.inf,
+                ppl_verdict(ppl, base_ppl).label,
+            )
+        )
+    result = SweepResult(
+        model=config.model,
+        rows=rows,
+        importance_config=str(importance_path),
+        json_path=str(run_dir / "sweep.json"),
+        seconds=time.perf_counter() - start,
+    )
     save_sweep_json(result)
     return result
 

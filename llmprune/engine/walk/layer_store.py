@@ -9,14 +9,13 @@ A `LayerStore` gives the layers (from memory, or from disk for streaming:
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
 
 __all__ = ["LayerStore", "InMemoryLayers", "LayerRunner", "runner_for"]
-
-
 
 
 class LayerStore(Protocol):
@@ -62,12 +61,12 @@ class InMemoryLayers:
         pass
 
 
-
-
 class LayerRunner:
     """Runs a decoder layer on its own, with the mask and rotary embeddings LlamaModel.forward gives it."""
 
-    def __init__(self, config, rotary: nn.Module, seq_len: int, device: torch.device, dtype: torch.dtype, batch_size: int = 8):
+    def __init__(
+        self, config, rotary: nn.Module, seq_len: int, device: torch.device, dtype: torch.dtype, batch_size: int = 8
+    ):
         from transformers.masking_utils import create_causal_mask
 
         self.batch_size = batch_size
@@ -75,7 +74,9 @@ class LayerRunner:
         probe = torch.zeros(1, seq_len, config.hidden_size, device=device, dtype=dtype)
         with torch.no_grad():
             self.position_embeddings = rotary(probe, position_ids=self.position_ids)
-        self.mask = create_causal_mask(config=config, inputs_embeds=probe, attention_mask=None, cache=None, position_ids=self.position_ids)
+        self.mask = create_causal_mask(
+            config=config, inputs_embeds=probe, attention_mask=None, cache=None, position_ids=self.position_ids
+        )
 
     def _chunks(self, hidden: torch.Tensor) -> Iterable[torch.Tensor]:
         return hidden.split(self.batch_size)
@@ -111,8 +112,6 @@ class LayerRunner:
 
     def layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlp_block(layer, self.attention_block(layer, hidden))
-
-
 
 
 def runner_for(model: nn.Module, seq_len: int, batch_size: int = 8) -> LayerRunner:

@@ -34,15 +34,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shape
-from llmprune.engine.io.consistency import check_config_matches_weights
-from llmprune.engine.io.checkpoint import PROVENANCE_FILE, REMOTE_CODE_FILE, describe_shapes, provenance_record, stored_dtype
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.walk.layer_store import LayerRunner
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
 from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
-from llmprune.engine.io.safetensors_copy import copy_tensors, read_tensors, stored_elements
+from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shape
+from llmprune.engine.io.checkpoint import (
+    PROVENANCE_FILE,
+    REMOTE_CODE_FILE,
+    describe_shapes,
+    provenance_record,
+    stored_dtype,
+)
+from llmprune.engine.io.consistency import check_config_matches_weights
 from llmprune.engine.io.remote_code import modeling_llmprune
+from llmprune.engine.io.safetensors_copy import copy_tensors, read_tensors, stored_elements
+from llmprune.engine.walk.layer_store import LayerRunner
 
 __all__ = ["StreamedLayers", "safetensors_index", "stream_source", "parameter_count", "model_bytes", "should_stream"]
 
@@ -57,7 +63,10 @@ def safetensors_index(directory: Path) -> dict[str, Path]:
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / "model.safetensors"
     if not single.is_file():
-        raise UserInputError(f"{directory} has no safetensors weights", "streaming reads model.safetensors (or a sharded index); re-save the model")
+        raise UserInputError(
+            f"{directory} has no safetensors weights",
+            "streaming reads model.safetensors (or a sharded index); re-save the model",
+        )
     return {name: single for name in stored_elements(single)}
 
 
@@ -133,7 +142,10 @@ class StreamedLayers:
 
         self.directory = Path(directory)
         if not (self.directory / "config.json").is_file():
-            raise UserInputError(f"{self.directory} is not a model directory (no config.json)", "streaming needs a Hugging Face or llmprune directory with safetensors weights")
+            raise UserInputError(
+                f"{self.directory} is not a model directory (no config.json)",
+                "streaming needs a Hugging Face or llmprune directory with safetensors weights",
+            )
         self.device = torch.device(device)
         self.dtype = dtype
         self.files = safetensors_index(self.directory)
@@ -164,7 +176,7 @@ class StreamedLayers:
         tensors = {}
         for path in {self.files[name] for name in names}:
             read = read_tensors(path, [name for name in names if self.files[name] == path])
-            tensors.update({name[len(prefix):]: tensor for name, tensor in read.items()})
+            tensors.update({name[len(prefix) :]: tensor for name, tensor in read.items()})
         return tensors
 
     def runner(self, seq_len: int, batch_size: int = 8) -> LayerRunner:
@@ -231,7 +243,11 @@ class StreamedLayers:
 
     def _save_shard(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
         out = self._output
-        save_file({k: v.detach().to("cpu", self.save_dtype).contiguous() for k, v in tensors.items()}, str(out.staging / file), metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().to("cpu", self.save_dtype).contiguous() for k, v in tensors.items()},
+            str(out.staging / file),
+            metadata={"format": "pt"},
+        )
         out.weight_map.update({name: file for name in tensors})
         out.parameters += sum(t.numel() for t in tensors.values())
 
@@ -248,7 +264,9 @@ class StreamedLayers:
     def output_parameters(self) -> int:
         """Parameters the finished output will hold (layers written, plus embeddings/norm and stock zero biases)."""
         shapes = self.output_shapes
-        rest = sum(count for name, count in _stored_elements(self.files).items() if not name.startswith("model.layers."))
+        rest = sum(
+            count for name, count in _stored_elements(self.files).items() if not name.startswith("model.layers.")
+        )
         extra = self._stock_zero_biases(shapes[0]) if len(shapes) == self.num_layers and is_uniform(shapes) else {}
         return self._output.parameters + rest + sum(t.numel() for t in extra.values())
 
@@ -264,7 +282,9 @@ class StreamedLayers:
             out.weight_map.update({name: "model-rest.safetensors" for name in rest})
         else:  # another dtype asked for (--save-dtype): read and cast them, one tensor at a time in memory
             for name in rest:
-                self._save_shard(f"model-rest-{len(out.weight_map):05d}.safetensors", {name: self.read_tensors(name)[""]})
+                self._save_shard(
+                    f"model-rest-{len(out.weight_map):05d}.safetensors", {name: self.read_tensors(name)[""]}
+                )
         shapes = [out.shapes[i] for i in range(self.num_layers)]
         if is_uniform(shapes) and (biases := self._stock_zero_biases(shapes[0])):
             self._save_shard("model-zero-biases.safetensors", biases)

@@ -33,7 +33,7 @@ def apply_layer_shapes(model: nn.Module, layer_shapes: list[dict]) -> None:
     if len(layer_shapes) != len(layers):
         raise ValueError(f"layer_shapes has {len(layer_shapes)} entries but the model has {len(layers)} layers")
     hidden = model.config.hidden_size
-    for layer, shape in zip(layers, layer_shapes):
+    for layer, shape in zip(layers, layer_shapes, strict=False):
         attn, mlp = layer.self_attn, layer.mlp
         heads, kv_heads = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"])
         head_dim = attn.head_dim
