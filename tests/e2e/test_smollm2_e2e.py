@@ -39,3 +39,15 @@ def runner_json(args):
     result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_streamed_eval_equals_in_memory_eval_on_smollm2(wikitext_test):
+    from llmprune.engine.evaluate import EvalConfig, run_evaluation
+
+    common = dict(
+        model="smollm2-135m", dataset=str(wikitext_test), seq_len=256, max_windows=4, batch_size=2, device="cpu"
+    )
+    in_memory = run_evaluation(EvalConfig(**common, stream=False))
+    streamed = run_evaluation(EvalConfig(**common, stream=True))
+    assert streamed.ppl == pytest.approx(in_memory.ppl, rel=1e-5)

@@ -7,12 +7,10 @@ paths give, and every saved model keeps the source's dtype unless asked otherwis
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
 
-from llmprune.engine.core.process_memory import PhasePeaks, current_rss, peak_rss
 from llmprune.engine.evaluate import EvalConfig, run_evaluation
 from llmprune.engine.io.models import load_model
 from llmprune.engine.io.safetensors_copy import stored_dtype_names
@@ -95,9 +93,8 @@ def test_streamed_prune_equals_in_memory_prune_and_keeps_bf16(llama3_like_dir, p
     ids = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=1e-5)
-    # what held the memory, phase by phase; the whole run's peak is the highest of them
+    # what held the memory is reported phase by phase (the figures: benchmarks/phase_peaks.py)
     assert {"load", "measure", "prune", "save"} <= set(streamed.peak_rss_by_phase)
-    assert max(streamed.peak_rss_by_phase.values()) <= streamed.peak_memory_bytes
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -120,31 +117,3 @@ def test_streamed_forward_test_equals_the_in_memory_one(llama3_like_dir):
     assert streamed.output_shape == in_memory.output_shape
     assert streamed.logits_max == pytest.approx(in_memory.logits_max, rel=1e-5)
     assert streamed.logits_min == pytest.approx(in_memory.logits_min, rel=1e-5)
-
-
-def test_phase_peaks_name_the_phase_that_holds_the_memory():
-    size = 256 << 20
-    with PhasePeaks() as phases:
-        phases.enter("small")
-        time.sleep(0.05)
-        phases.enter("big")
-        block = torch.ones(size // 4)  # touched: resident
-        time.sleep(0.05)
-        del block
-        phases.enter("after")
-        time.sleep(0.05)
-    peaks = phases.peaks
-    assert list(peaks) == ["small", "big", "after"]
-    assert peaks["big"] >= peaks["small"] + size * 0.9
-    assert peaks["after"] < peaks["big"] - size * 0.5
-    assert peaks["big"] <= peak_rss() and current_rss() > 0
-
-
-@pytest.mark.slow
-def test_streamed_eval_equals_in_memory_eval_on_smollm2(wikitext_test):
-    common = dict(
-        model="smollm2-135m", dataset=str(wikitext_test), seq_len=256, max_windows=4, batch_size=2, device="cpu"
-    )
-    in_memory = run_evaluation(EvalConfig(**common, stream=False))
-    streamed = run_evaluation(EvalConfig(**common, stream=True))
-    assert streamed.ppl == pytest.approx(in_memory.ppl, rel=1e-5)

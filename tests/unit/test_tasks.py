@@ -216,11 +216,3 @@ def test_missing_extra_is_one_line(tiny_model_dir, monkeypatch):
 )
 def test_bad_task_options_are_one_line(tiny_model_dir, args, needle):
     _one_error_line(runner.invoke(app, ["eval", str(tiny_model_dir), *args]), needle)
-
-
-@pytest.mark.slow
-def test_smollm2_accuracy_equals_the_direct_computation(in_task_dir):
-    score = _eval_tasks("smollm2-135m", "--batch-size", "4")
-    loaded = load_model("smollm2-135m")
-    assert score["metrics"] == direct_scores(loaded.model, loaded.tokenizer)
-    assert score["metrics"]["acc"] >= 0.7  # it knows most capitals; a random model scores about 0.25
