@@ -227,8 +227,8 @@ def test_the_base_model_is_the_teacher_when_it_fits(tmp_path, monkeypatch):
     assert any(isinstance(n, Notice) and "distilling from the base model base-model" in n.message for n in notices)
 
     steps = ScriptedSteps()
-    opted_out = get_recipe("safe").with_overrides(finetune={"teacher": False})
-    run_recipe(RecipeConfig(recipe=opted_out, model="base-model", out=str(tmp_path / "off")), steps=steps)
+    opted_out = RecipeConfig(recipe=get_recipe("safe"), model="base-model", out=str(tmp_path / "off"), teacher=False)
+    run_recipe(opted_out, steps=steps)
     assert steps.teacher is None
 
     monkeypatch.setattr(device, "available_memory_bytes", lambda _device: 1000)  # 1 kB free: nothing fits

@@ -195,22 +195,17 @@ class StepAdapters:
         """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`), distilling from
         `teacher` if given.
         """
-        from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
+        from dataclasses import replace
 
-        settings = config.recipe.finetune
-        finetune_config = FinetuneConfig(
+        from llmprune.engine.finetune.train import UnhealthyModelError, run_finetune
+
+        # the recipe's fine-tuning values, with what belongs to this run: the pruned model, the text, the folder
+        finetune_config = replace(
+            config.recipe.finetune,
             model=model_dir,
-            method=settings.method,
             dataset=config.dataset,
-            samples=settings.samples,
             seq_len=config.seq_len,
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            grad_accum=settings.grad_accum,
-            lr=settings.lr,
-            warmup_steps=settings.warmup_steps,
-            max_grad_norm=settings.max_grad_norm,
-            merge=settings.method == "lora",
+            merge=config.recipe.finetune.method == "lora",
             out=str(out_dir),
             resume=resume,
             device=config.device,
@@ -264,7 +259,7 @@ def choose_teacher(
     from llmprune.engine.core.device import resolve_device
     from llmprune.engine.finetune.distill import teacher_fits
 
-    if not config.recipe.finetune.teacher:
+    if not config.teacher:
         return None, "no teacher (--no-teacher): fine-tuning on the LM loss only"
     if has_checkpoint(run_dir):  # a resumed fine-tune keeps the loss it started with
         try:
