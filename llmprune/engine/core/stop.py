@@ -101,17 +101,19 @@ STOP = StopRequests()
 # ---------------------------------------------------------------- the terminal
 
 _terminal_fds: set[int] = set()  # the standard streams that were a terminal when the command started
+_muted: list[bool] = [False]  # set once they were pointed at /dev/null: the terminal is gone for good
 
 
 def remember_terminal() -> None:
     """Note which standard streams are a terminal now, so that losing it can be told from a pipe."""
     _terminal_fds.clear()
+    _muted[0] = False
     _terminal_fds.update(fd for fd in STREAMS if _isatty(fd))
 
 
 def terminal_lost() -> bool:
     """A stream that was a terminal is one no more: the terminal hung up (its tty answers EIO)."""
-    return any(not _isatty(fd) for fd in _terminal_fds)
+    return _muted[0] or any(not _isatty(fd) for fd in _terminal_fds)
 
 
 def mute_lost_terminal() -> bool:
@@ -126,6 +128,7 @@ def mute_lost_terminal() -> bool:
             _terminal_fds.discard(fd)
     finally:
         os.close(null)
+    _muted[0] = True
     return True
 
 

@@ -74,6 +74,8 @@ class FinetuneConfig(LoadOptions):
     """After this many rollbacks the next refused step stops the run."""
     save_every: int = 50
     """Checkpoint every N optimizer steps."""
+    save_every_minutes: float = 10.0
+    """Also checkpoint when this many minutes passed since the last save (0: by steps only)."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep on disk (the last good one is always kept)."""
     out: str | None = None
@@ -155,6 +157,11 @@ class FinetuneConfig(LoadOptions):
             self.lora_alpha > 0,
             f"--lora-alpha must be > 0, got {self.lora_alpha}",
             "use e.g. --lora-alpha 32 (twice --lora-r)",
+        )
+        require(
+            math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0,
+            f"--save-every-minutes must be ≥ 0, got {self.save_every_minutes}",
+            "use e.g. 10 (0 saves by --save-every steps only)",
         )
         require(self.loss_limit > 0, f"--loss-limit must be > 0, got {self.loss_limit}", "use e.g. 1e6")
         require(self.max_rollbacks >= 0, f"--max-rollbacks must be ≥ 0, got {self.max_rollbacks}", "use e.g. 3")

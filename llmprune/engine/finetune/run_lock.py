@@ -48,7 +48,9 @@ def read_owner(run_dir: str | Path) -> LockOwner | None:
     """The owner the lock file names (live or not), or None if there is no readable lock file."""
     try:
         record = json.loads((Path(run_dir) / LOCK_FILE).read_text(encoding="utf-8"))
-        return LockOwner(int(record["pid"]), str(record["host"]), str(record.get("since", "")), record.get("command", ""))
+        return LockOwner(
+            int(record["pid"]), str(record["host"]), str(record.get("since", "")), record.get("command", "")
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -103,7 +105,9 @@ def acquire(run_dir: str | Path) -> None:
         if not same:
             os.close(fd)
             continue
-        owner = LockOwner(os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S"), " ".join(sys.argv)[:300])
+        owner = LockOwner(
+            os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S"), " ".join(sys.argv)[:300]
+        )
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(asdict(owner)).encode())
         _held[path] = fd

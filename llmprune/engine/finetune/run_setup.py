@@ -16,6 +16,7 @@ from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.events import Event, Listener, PerplexityMeasured
 from llmprune.engine.core.outputs import RUN_MARKER, check_output_folder
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
+from llmprune.engine.finetune import run_lock
 from llmprune.engine.finetune.config import DATA_FIELDS, DEFAULT_LORA_TARGETS, LOSS_FIELDS, FinetuneConfig
 from llmprune.engine.finetune.run_checkpoints import checkpoint_step, latest_checkpoint
 
@@ -142,6 +143,8 @@ def read_run(run_dir: Path) -> dict:
 def prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     run_dir = check_run_dir(config, needed_bytes)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("RANK", "0") == "0":
+        run_lock.acquire(run_dir)  # one writer per run folder; finetune_model releases it
     if not (run_dir / RUN_FILE).is_file() and os.environ.get("RANK", "0") == "0":
         # marks the folder as a run from the start, so that a run killed before its first checkpoint can be started
         # again there
@@ -152,6 +155,7 @@ def prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> 
 def check_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     """Whether --out may receive this run (a new or empty folder, or the run to --resume); nothing is written."""
     run_dir = Path(config.out).expanduser() if config.out else default_run_dir()
+    run_lock.check_unlocked(run_dir)  # a live trainer in this folder: say who, before anything else
     check_output_folder(run_dir, option="--out", resumable=True, needed_bytes=needed_bytes, kind=RUN_MARKER)
     checkpoints = run_dir / "checkpoints"
     if config.resume:

@@ -37,6 +37,7 @@ from llmprune.engine.core.events import (
 )
 from llmprune.engine.core.outputs import is_disk_full
 from llmprune.engine.core.paths import atomic_write_json
+from llmprune.engine.core.stop import STOP
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and the rest are imported from here too)
     DATA_FIELDS,
@@ -59,6 +60,7 @@ from llmprune.engine.finetune.run_checkpoints import (
     rollback_to_last_good,
     settle_final_state,
 )
+from llmprune.engine.finetune.run_lock import release as release_run_lock
 from llmprune.engine.finetune.run_setup import (  # noqa: F401  (make_scheduler, check_run_dir and the file names are imported from here too)
     LOG_FILE,
     METRICS_FILE,
@@ -120,19 +122,21 @@ def finetune_model(
     handler = attach_log_file(run_dir) if main else None
     try:
         loss_fn = _loss_function(model, teacher, config, accelerator.device)
-        return _train(
-            model,
-            tokenizer,
-            config,
-            accelerator,
-            run_dir,
-            emit if main else (lambda event: None),
-            control,
-            train_windows,
-            provenance or {},
-            loss_fn,
-            report,
-        )
+        # a signal or a lost terminal, in whatever thread this runs, asks the loop to stop at the next step boundary
+        with STOP.cooperating_with(lambda reason: control.request_stop()):
+            return _train(
+                model,
+                tokenizer,
+                config,
+                accelerator,
+                run_dir,
+                emit if main else (lambda event: None),
+                control,
+                train_windows,
+                provenance or {},
+                loss_fn,
+                report,
+            )
     except Exception as error:
         if main:
             record_failure(run_dir, config, error)
@@ -148,6 +152,7 @@ def finetune_model(
             ),
         ) from None
     finally:
+        release_run_lock(run_dir)  # taken by prepare_run_dir
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
@@ -237,6 +242,7 @@ class _Run:
     alerts: list = field(default_factory=list)
     collapse_loss: float | None = None
     trained_tokens: int = 0
+    last_save: float = field(default_factory=time.monotonic)  # for the save by time (save_every_minutes)
 
     @property
     def main(self) -> bool:
@@ -475,10 +481,13 @@ def _record_step(
 
 
 def _checkpoint_if_due(run: _Run, verdict: StepVerdict) -> None:
-    """Save after a passed step every `save_every` steps, or when the dashboard asked for it."""
+    """Save after a passed step every `save_every` steps or `save_every_minutes`, or when the dashboard asked for it."""
     requested = verdict.ok and run.control.take_save_request()
-    if verdict.ok and (requested or run.progress.step % run.config.save_every == 0):
+    minutes = run.config.save_every_minutes
+    by_time = minutes > 0 and time.monotonic() - run.last_save >= 60 * minutes
+    if verdict.ok and (requested or by_time or run.progress.step % run.config.save_every == 0):
         path = run.store.save(run.progress.step)
+        run.last_save = time.monotonic()
         run.emit(CheckpointSaved(step=run.progress.step, path=str(path), reason="request" if requested else "interval"))
 
 
