@@ -178,6 +178,28 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoint(tmp_path):
     assert resumed.calls[0] == ("finetune", True)
 
 
+def test_a_finetune_that_finished_after_the_recipe_stopped_counts_as_done(tmp_path):
+    """The recipe stopped (its terminal went away) while its fine-tune went on to the end: a rerun uses that model."""
+    steps = ScriptedSteps(interrupt_at="finetune")
+    config = config_for(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(config, steps=steps)
+    run = config.run_dir / "finetune"
+    (run / "checkpoints" / "step-000008").mkdir(parents=True)
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 8, "path": "step-000008"}))
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    record = {"status": "completed", "steps": 8, "total_steps": 8, "model_dir": str(run / "model"), "final_loss": 1.5}
+    (run / "run.json").write_text(json.dumps(record))
+    events = []
+    rerun = ScriptedSteps()
+    report = run_recipe(config, events.append, steps=rerun)
+    assert rerun.names() == ["final_eval"] and report.status == "done"
+    assert any(isinstance(e, Notice) and "had finished (8 steps)" in e.message for e in events)
+    state = json.loads((config.run_dir / "state.json").read_text())
+    assert state["steps"]["finetune"]["result"]["model_dir"] == str(run / "model")
+
+
 def test_skip_finetune_then_rerun_without_it_continues(tmp_path):
     steps = ScriptedSteps()
     report = run_recipe(config_for(tmp_path, skip_finetune=True), steps=steps)

@@ -24,7 +24,13 @@ from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.recipes.config import OUTPUTS, RecipeConfig
 from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
-from llmprune.engine.recipes.steps import PASSING_VERDICTS, StepAdapters, choose_teacher, has_checkpoint
+from llmprune.engine.recipes.steps import (
+    PASSING_VERDICTS,
+    StepAdapters,
+    choose_teacher,
+    finished_finetune,
+    has_checkpoint,
+)
 
 # step name -> what it does (in the order they run)
 STEPS: dict[str, str] = {
@@ -200,15 +206,19 @@ class _Run:
             self.config, self.state.result("baseline")["params"], self.state.result("check")["params"], out
         )
         self.emit(Notice(why))
-        result = self.steps.finetune(
-            self.config,
-            str(self.run_dir / "pruned"),
-            out,
-            has_checkpoint(out),
-            self.finetune_listener,
-            self.finetune_host,
-            teacher=teacher,
-        )
+        result = finished_finetune(out)
+        if result is not None:  # it ended after this recipe had stopped waiting for it (an earlier, orphaned process)
+            self.emit(Notice(f"the fine-tune in {out} had finished ({result['steps']} steps): its model is used"))
+        else:
+            result = self.steps.finetune(
+                self.config,
+                str(self.run_dir / "pruned"),
+                out,
+                has_checkpoint(out),
+                self.finetune_listener,
+                self.finetune_host,
+                teacher=teacher,
+            )
         result.update(teacher=teacher, teacher_choice=why)
         if result["status"] == "stopped_by_user":
             self.state.status = "interrupted"

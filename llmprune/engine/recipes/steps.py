@@ -286,3 +286,27 @@ def has_checkpoint(run_dir: Path) -> bool:
     from llmprune.engine.finetune.run_checkpoints import latest_checkpoint
 
     return latest_checkpoint(run_dir / "checkpoints") is not None
+
+
+def finished_finetune(run_dir: Path) -> dict | None:
+    """The result of a fine-tuning run in `run_dir` that completed all its steps and saved its model, else None."""
+    from llmprune.engine.finetune.run_setup import read_run
+
+    record = read_run(run_dir)
+    model_dir = record.get("model_dir")
+    if (
+        record.get("status") != "completed"
+        or not isinstance(record.get("steps"), int)
+        or record["steps"] < record.get("total_steps", float("inf"))
+        or not model_dir
+        or not (Path(model_dir) / "config.json").is_file()
+    ):
+        return None
+    return {
+        "status": "completed",
+        "model_dir": model_dir,
+        "run_dir": str(run_dir),
+        "steps": record["steps"],
+        "final_loss": record.get("final_loss"),
+        "message": record.get("message", ""),
+    }
