@@ -200,6 +200,44 @@ def test_a_finetune_that_finished_after_the_recipe_stopped_counts_as_done(tmp_pa
     assert state["steps"]["finetune"]["result"]["model_dir"] == str(run / "model")
 
 
+class HugeWeightSteps(ScriptedSteps):
+    """The pruned model's PPL is fine but doctor finds a huge weight: the check's verdict is what _health makes."""
+
+    def evaluate(self, model, config, base_ppl=None, health=False, progress=None):
+        result = super().evaluate(model, config, base_ppl, health, progress)
+        if "pruned" in model:
+            error = {"severity": "error", "check": "huge", "message": "abnormally large values (layer 3)"}
+            result.update(verdict="unhealthy", healthy_weights=False, errors=[error], explanation="unhealthy weights")
+        return result
+
+
+def test_the_gate_gives_one_verdict_when_the_weights_are_unhealthy(tmp_path):
+    events = []
+    report = run_recipe(config_for(tmp_path, ratio=0.05), events.append, steps=HugeWeightSteps())
+    assert report.status == "stopped_at_gate" and report.row("pruned").verdict == "unhealthy"
+    stop = next(e.message for e in events if isinstance(e, Notice) and e.level == "error")
+    assert "the pruned model is unhealthy (its weights fail doctor's check: abnormally large values" in stop
+    assert "healthy," not in stop and "healthy at" not in stop
+
+
+def test_doctor_s_findings_decide_the_verdict_of_a_model_with_a_fine_ppl(tiny_tokenizer):
+    import math
+
+    import torch
+    from conftest import make_tiny_model
+
+    from llmprune.engine.recipes.steps import StepAdapters
+
+    model = make_tiny_model()
+    fine = StepAdapters._health(model, tiny_tokenizer, ppl=10.5, base_ppl=10.0)
+    assert fine["verdict"] == "healthy" and fine["healthy_weights"]
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = math.inf
+    broken = StepAdapters._health(model, tiny_tokenizer, ppl=10.5, base_ppl=10.0)
+    assert broken["verdict"] == "unhealthy" and not broken["healthy_weights"] and broken["ppl_verdict"] == "healthy"
+    assert broken["explanation"].startswith("unhealthy weights: ") and broken["errors"]
+
+
 def test_skip_finetune_then_rerun_without_it_continues(tmp_path):
     steps = ScriptedSteps()
     report = run_recipe(config_for(tmp_path, skip_finetune=True), steps=steps)

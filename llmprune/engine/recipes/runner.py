@@ -26,6 +26,7 @@ from llmprune.engine.recipes.report import RecipeReport, build_report, write_rep
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
 from llmprune.engine.recipes.steps import (
     PASSING_VERDICTS,
+    UNHEALTHY,
     StepAdapters,
     choose_teacher,
     finished_finetune,
@@ -167,12 +168,13 @@ class _Run:
 
     def gate(self) -> dict:
         check = self.state.result("check")
-        passed = check["verdict"] in PASSING_VERDICTS and check.get("healthy_weights", True)
-        why = (
-            check["verdict"]
-            if check.get("healthy_weights", True)
-            else f"{check['verdict']}, and the weights are unhealthy"
-        )
+        healthy_weights = check.get("healthy_weights", True)
+        passed = check["verdict"] in PASSING_VERDICTS and healthy_weights
+        # one verdict, one word: weights that fail doctor's check decide it (older state.json files kept the PPL's)
+        why = check["verdict"]
+        if not healthy_weights:
+            errors = check.get("errors") or [{}]
+            why = f"{UNHEALTHY} (its weights fail doctor's check: {errors[0].get('message', 'see llmprune doctor')})"
         if passed:
             self.emit(
                 Notice(f"gate passed at ratio {self.state.ratio:g}: the pruned model's verdict is {check['verdict']}")
@@ -181,7 +183,7 @@ class _Run:
         lower = _retreat_ratios(self.state.ratio, self.config.retreat_step, self.config.min_ratio)
         if self.config.auto_retreat and lower:
             message = (
-                f"ratio {self.state.ratio:g} gave a {why} model (PPL {check['ppl']:.2f}); re-pruning at {lower[0]:g}"
+                f"ratio {self.state.ratio:g} gave a model that is {why} (PPL {check['ppl']:.2f}); re-pruning at {lower[0]:g}"
                 " with the same importance analysis"
             )
             self.state.retreats.append(message)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 # acceptable PPL verdicts: the gate lets these through to fine-tuning
 PASSING_VERDICTS = ("healthy", "acceptable")
+UNHEALTHY = "unhealthy"  # the verdict of a model whose weights fail doctor's check, whatever its PPL
 
 
 def calibration_options(config: PipelineSettings) -> Any:
@@ -115,11 +116,25 @@ class StepAdapters:
         report = preflight_check(model, tokenizer, forward=True)
         verdict = ppl_verdict(ppl, base_ppl)
         errors = [finding.to_dict() for finding in report.findings if finding.severity == "error"]
+        if report.ok:
+            return {
+                "verdict": verdict.label,
+                "explanation": verdict.explanation,
+                "advice": [str(item) for item in verdict.advice],
+                "healthy_weights": True,
+                "errors": errors,
+            }
+        # one verdict says one thing: weights that fail doctor's check make the model unhealthy whatever its PPL
+        problem = errors[0]["message"] if errors else "the weights failed doctor's check"
         return {
-            "verdict": verdict.label,
-            "explanation": verdict.explanation,
-            "advice": [str(item) for item in verdict.advice],
-            "healthy_weights": report.ok,
+            "verdict": UNHEALTHY,
+            "explanation": (
+                f"unhealthy weights: {problem}; the PPL ({ppl:.2f}, {verdict.label} by itself) does not count while"
+                " the weights fail doctor's check"
+            ),
+            "advice": list(dict.fromkeys(str(item) for error in errors for item in error.get("advice", []))),
+            "healthy_weights": False,
+            "ppl_verdict": verdict.label,
             "errors": errors,
         }
 
