@@ -183,8 +183,8 @@ class _Run:
         lower = _retreat_ratios(self.state.ratio, self.config.retreat_step, self.config.min_ratio)
         if self.config.auto_retreat and lower:
             message = (
-                f"ratio {self.state.ratio:g} gave a model that is {why} (PPL {check['ppl']:.2f}); re-pruning at {lower[0]:g}"
-                " with the same importance analysis"
+                f"ratio {self.state.ratio:g} gave a model that is {why} (PPL {check['ppl']:.2f}); re-pruning at"
+                f" {lower[0]:g} with the same importance analysis"
             )
             self.state.retreats.append(message)
             self.emit(Notice(message, "warning"))
