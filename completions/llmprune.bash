@@ -104,7 +104,7 @@ _llmprune() {
             esac
             ;;
         'finetune')
-            opts='--method --lora-r --lora-alpha --lora-dropout --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --loss-limit --on-nan --max-rollbacks --save-every --keep-checkpoints --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --teacher --kd-temperature --kd-weight --kd-top-k --save-dtype --base-model --trust-pickle --device --dtype --no-tui --watch --json --help'
+            opts='--method --lora-r --lora-alpha --lora-dropout --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --loss-limit --on-nan --max-rollbacks --save-every --save-every-minutes --keep-checkpoints --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --teacher --kd-temperature --kd-weight --kd-top-k --save-dtype --base-model --trust-pickle --device --dtype --no-tui --watch --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -129,6 +129,7 @@ _llmprune() {
                 --on-nan) valued=1 values='' files=1 ;;
                 --max-rollbacks) valued=1 values='' files=0 ;;
                 --save-every) valued=1 values='' files=0 ;;
+                --save-every-minutes) valued=1 values='' files=0 ;;
                 --keep-checkpoints) valued=1 values='' files=0 ;;
                 --out) valued=1 values='' files=1 ;;
                 --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;

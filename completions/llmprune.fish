@@ -139,6 +139,7 @@ complete -c llmprune -n '__llmprune_at finetune' -l loss-limit -x -d 'A step who
 complete -c llmprune -n '__llmprune_at finetune' -l on-nan -r -F -d 'What a refused step does: stop, skip, or rollback (to the last good checkpoint, with half the LR).'
 complete -c llmprune -n '__llmprune_at finetune' -l max-rollbacks -x -d 'After this many rollbacks the next refused step stops the run.'
 complete -c llmprune -n '__llmprune_at finetune' -l save-every -x -d 'Checkpoint every N optimizer steps.'
+complete -c llmprune -n '__llmprune_at finetune' -l save-every-minutes -x -d 'Also checkpoint when this many minutes passed since the last save (0: by steps only).'
 complete -c llmprune -n '__llmprune_at finetune' -l keep-checkpoints -x -d 'How many checkpoints to keep on disk (the last good one is always kept).'
 complete -c llmprune -n '__llmprune_at finetune' -l out -r -F -d 'Run directory (default: llmprune-runs/finetune-<time> under $LLMPRUNE_RUNS or the current folder).'
 complete -c llmprune -n '__llmprune_at finetune' -l resume -l no-resume -d 'Continue the run in `out` from its last good checkpoint.'
