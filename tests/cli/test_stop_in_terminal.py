@@ -233,3 +233,44 @@ def test_a_second_writer_is_refused_while_the_first_trains(tiny_model_dir, pydoc
     assert (run / LOCK_FILE).is_file() and run_lock.live_owner(run) is None
     with run_lock.holding(run):
         assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def wait_for_progress(terminal: InTerminal) -> None:
+    """Until a Rich progress bar is on the screen: the command is in its long loop."""
+    deadline = time.monotonic() + TIMEOUT
+    while b"\xe2\x94\x81" not in terminal.output:  # ━, the bar
+        if not terminal.running() or time.monotonic() > deadline:
+            terminal.kill()
+            pytest.fail(f"no progress bar (exit {terminal.exit_code()}): {terminal.screen()[-2000:]}")
+        time.sleep(0.02)
+
+
+def test_eval_in_a_terminal_that_hangs_up_exits_130(tiny_model_dir, pydoc_text_file):
+    terminal = InTerminal(["eval", str(tiny_model_dir), "--dataset", str(pydoc_text_file), "--seq-len", "16"])
+    wait_for_progress(terminal)
+    terminal.hang_up()
+    assert terminal.wait() == 130
+
+
+def test_analyze_stopped_by_sigterm_exits_130_and_writes_nothing(tiny_model_dir, pydoc_text_file, tmp_path):
+    out = tmp_path / "plans"
+    out.mkdir()
+    terminal = InTerminal(
+        [
+            "analyze",
+            str(tiny_model_dir),
+            "--dataset",
+            str(pydoc_text_file),
+            "--seq-len",
+            "64",
+            "--importance-samples",
+            "3000",
+            "-o",
+            str(out / "plan.json"),
+        ]
+    )
+    wait_for_progress(terminal)
+    os.kill(terminal.pid, signal.SIGTERM)
+    assert terminal.wait() == 130, terminal.screen()[-2000:]
+    assert "interrupted" in terminal.screen() and "Traceback" not in terminal.screen()
+    assert list(out.iterdir()) == []
