@@ -29,7 +29,7 @@ from llmprune.engine.core.events import (
     RunFinished,
     RunStarted,
 )
-from llmprune.engine.core.stop import STOP, is_terminal_error, mute_lost_terminal, terminal_lost
+from llmprune.engine.core.stop import STOP, mute_lost_terminal, terminal_lost
 from llmprune.ui.dashboard_state import DashboardState, format_duration, format_value
 from llmprune.ui.metrics_follower import MetricsFollower
 
@@ -219,15 +219,8 @@ class _Relay:
         if isinstance(event, RunStarted):
             self.started = event
         target = self.target or self.fallback
-        if target is None:
-            return
-        try:
-            target(event)
-        except OSError as error:  # the terminal went away under the printer: a stop, and nothing more to print
-            if not is_terminal_error(error):
-                raise
-            mute_lost_terminal()
-            STOP.request("the terminal went away")
+        if target is not None:
+            target(event)  # a terminal that went away under the fallback printer: see run_setup.safe_listener
 
     def to_fallback(self) -> None:
         """The dashboard is gone: later events go to the fallback, which first learns what the run is."""

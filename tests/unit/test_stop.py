@@ -92,3 +92,30 @@ def test_a_pipe_is_not_a_lost_terminal(monkeypatch):
         os.close(write)
         monkeypatch.setattr(stop, "STREAMS", ())
         stop.remember_terminal()
+
+
+def test_a_printer_failing_on_a_lost_terminal_stops_the_run_without_a_traceback(monkeypatch, caplog):
+    from llmprune.engine.finetune.run_setup import safe_listener
+
+    master, slave = pty.openpty()
+    try:
+        monkeypatch.setattr(stop, "STREAMS", (slave,))
+        stop.remember_terminal()
+        emit = safe_listener(lambda event: os.write(slave, b"step 7 loss 2.1\n"))
+        os.close(master)  # the terminal goes away, and no SIGHUP comes (say, it is ignored)
+        emit("event")
+        assert STOP.requested and STOP.reason == "the terminal went away"
+        emit("event")  # the stream is /dev/null now: nothing fails, nothing more is asked
+        assert STOP.count == 1 and "Traceback" not in caplog.text
+    finally:
+        os.close(slave)
+        monkeypatch.setattr(stop, "STREAMS", ())
+        stop.remember_terminal()
+
+
+def test_under_nohup_a_hang_up_is_left_ignored(monkeypatch):
+    installed = {}
+    monkeypatch.setattr(stop.signal, "getsignal", lambda signum: signal.SIG_IGN)
+    monkeypatch.setattr(stop.signal, "signal", lambda signum, handler: installed.setdefault(signum, handler))
+    stop.install_signal_handlers()
+    assert signal.SIGINT in installed and signal.SIGTERM in installed and signal.SIGHUP not in installed

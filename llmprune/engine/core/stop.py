@@ -155,8 +155,11 @@ def install_signal_handlers() -> None:
     """The command line's handlers: every stop signal goes through `STOP` (call from the main thread)."""
     remember_terminal()
     for name in SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _on_signal)
+        if not hasattr(signal, name):
+            continue
+        if name == "SIGHUP" and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+            continue  # started under nohup: the user asked to keep going without the terminal
+        signal.signal(getattr(signal, name), _on_signal)
 
 
 def _on_signal(signum: int, frame: object) -> None:

@@ -16,6 +16,7 @@ from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.events import Event, Listener, PerplexityMeasured
 from llmprune.engine.core.outputs import RUN_MARKER, check_output_folder
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
+from llmprune.engine.core.stop import STOP, is_terminal_error, mute_lost_terminal
 from llmprune.engine.finetune import run_lock
 from llmprune.engine.finetune.config import DATA_FIELDS, DEFAULT_LORA_TARGETS, LOSS_FIELDS, FinetuneConfig
 from llmprune.engine.finetune.run_checkpoints import checkpoint_step, latest_checkpoint
@@ -105,6 +106,12 @@ def safe_listener(listener: Listener | None) -> Listener:
             return
         try:
             listener(event)
+        except OSError as error:
+            if not is_terminal_error(error):
+                log.exception("listener failed on %s; training goes on", type(event).__name__)
+            elif mute_lost_terminal():  # the terminal went away under the printer: that is a stop (core/stop.py)
+                log.warning("the terminal went away: stopping after this step")
+                STOP.request("the terminal went away")
         except Exception:  # the UI is a guest: its bugs must not cost the user the run
             log.exception("listener failed on %s; training goes on", type(event).__name__)
 

@@ -505,7 +505,9 @@ def _finish(
     elapsed = time.perf_counter() - started
 
     unwrapped = accelerator.unwrap_model(run.model)
-    ppl_after = measure_ppl(unwrapped, tokenizer, config, "after", run.emit) if config.test_after else None
+    # a stopped run must exit promptly (a scheduler's grace period): its PPL can be measured later with eval
+    measure = config.test_after and run.status != "stopped_by_user"
+    ppl_after = measure_ppl(unwrapped, tokenizer, config, "after", run.emit) if measure else None
     model_dir = adapter_dir = None
     if run.status == "stopped_by_guard" and last_good is None:
         run.message += "; no state was proved good, so no model was saved (the input model is unchanged on disk)"
