@@ -281,6 +281,9 @@ def _run_with_dashboard(
     thread = threading.Thread(target=work, name="llmprune-train")
 
     def start() -> None:
+        if control.stop_requested:  # stopped before anything began: nothing to train, nothing to save
+            app.exit()
+            return
         relay.target = app.feed
         thread.start()
 
@@ -296,6 +299,8 @@ def _run_with_dashboard(
         mute_lost_terminal()
         STOP.request("the terminal went away")
     if thread.ident is None:
+        if control.stop_requested:
+            raise KeyboardInterrupt
         thread.start()  # the app failed before mounting: train without it
     while not done.wait(timeout=0.5):  # a signal meanwhile only asks the run to stop (see run_with_dashboard)
         pass

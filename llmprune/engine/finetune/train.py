@@ -115,6 +115,8 @@ def finetune_model(
     report = None if config.resume else health_check(model, tokenizer)
     if report is not None and not report.ok and not config.force:
         raise UnhealthyModelError(report)
+    if control.stop_requested:  # stopped while the model loaded (in a thread that no signal reaches): write nothing
+        raise KeyboardInterrupt
     # one checkpoint (fp32 weights and two Adam moments) and the final model, at least
     run_dir = prepare_run_dir(config, needed_bytes=4 * 4 * sum(p.numel() for p in model.parameters()))
     accelerator = make_accelerator(config, next(model.parameters()).device)
