@@ -66,6 +66,17 @@ def make_accelerator(config: FinetuneConfig, device: torch.device) -> Any:
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep each decoder layer's input only and recompute the layer in the backward pass (transformers' own)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserInputError(
+            f"{type(model).__name__} cannot do gradient checkpointing", "drop --gradient-checkpointing"
+        )
+    # non-reentrant: works when the inputs need no gradient (LoRA's frozen embeddings) and keeps the RNG state
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def apply_lora(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
