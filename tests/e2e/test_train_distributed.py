@@ -39,3 +39,34 @@ def test_two_processes_share_the_steps_and_write_one_run(tmp_path, pydoc_text_fi
         "random_states_1.pkl",
     ]
     assert (run / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_process_is_a_nan_for_both(tmp_path, pydoc_text_file):
+    """Process 1's third forward pass turns NaN: both processes refuse that step and roll back together, no hang."""
+    run = tmp_path / "run"
+    run.with_suffix(".txt").write_text(pydoc_text_file.read_text()[:60_000])
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29534",
+        str(REPO_ROOT / "tests" / "ddp_finetune_script.py"),
+        str(run),
+        "nan-on-rank1",
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in ranks:
+        assert (report["world"], report["status"], report["rollbacks"], report["steps"]) == (2, "completed", 1, 4)
+    # the same decision at the same step on both, though process 0's own loss was finite
+    assert [(a["step"], a["action"]) for a in ranks[0]["alerts"]] == [
+        (a["step"], a["action"]) for a in ranks[1]["alerts"]
+    ]
+    assert [a["action"] for a in ranks[0]["alerts"]] == ["rollback"]
+    assert ranks[0]["final_loss"] == ranks[1]["final_loss"]

@@ -81,7 +81,7 @@ from llmprune.engine.finetune.run_setup import (  # noqa: F401  (make_scheduler,
     save_outputs,
     trim_metrics,
 )
-from llmprune.engine.finetune.step import StepLoss, forward_backward
+from llmprune.engine.finetune.step import StepLoss, all_processes_agree, forward_backward
 
 log = logging.getLogger("llmprune.train")
 
@@ -180,6 +180,7 @@ def _train(
             verdict = check_step(
                 step_loss.loss, grad_norm, config.loss_limit, run.collapse_loss, step_loss.teacher_finite
             )
+            verdict = all_processes_agree(verdict, run.accelerator)  # skip or roll back together, never a hang
             _update_if_sane(run, verdict)
             seconds = time.perf_counter() - tick
             # ---- the guard: a passed step proves the pending checkpoint; a refused one raises an alert
