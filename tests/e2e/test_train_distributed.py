@@ -70,3 +70,36 @@ def test_a_nan_on_one_process_is_a_nan_for_both(tmp_path, pydoc_text_file):
     ]
     assert [a["action"] for a in ranks[0]["alerts"]] == ["rollback"]
     assert ranks[0]["final_loss"] == ranks[1]["final_loss"]
+
+
+@pytest.mark.slow
+def test_a_sharded_fsdp_checkpoint_consolidates_into_the_reloadable_model(tmp_path):
+    """FSDP2 shards on two CPU processes; the merged checkpoint reloads with the pruned shapes and equal weights."""
+    import torch
+
+    from llmprune.engine.finetune.sharded import consolidate_checkpoint
+    from llmprune.engine.io.models import load_model
+
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29535",
+        str(REPO_ROOT / "tests" / "fsdp_consolidate_script.py"),
+        str(tmp_path),
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    saved = consolidate_checkpoint(tmp_path / "checkpoint", tmp_path / "start", tmp_path / "model")
+    reloaded = load_model(str(saved)).model
+    full = torch.load(tmp_path / "full.pt")
+    state = reloaded.state_dict()
+    assert [layer.mlp.down_proj.in_features for layer in reloaded.model.layers] == [128, 96, 64, 128]
+    started = load_model(str(tmp_path / "start")).model.state_dict()
+    assert any(not torch.equal(started[name], full[name]) for name in full)  # the step changed the weights
+    for name, tensor in full.items():
+        assert torch.equal(state[name], tensor), name

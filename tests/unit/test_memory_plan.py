@@ -124,3 +124,15 @@ def test_a_model_without_gradient_checkpointing_says_so():
 
     with pytest.raises(UserInputError, match="cannot do gradient checkpointing"):
         enable_gradient_checkpointing(Plain())
+
+
+@pytest.mark.parametrize(("world", "says"), [("1", "single process"), ("2", "GPUs only")])
+def test_fsdp_asked_for_where_it_cannot_shard_says_how_to_launch(tiny_model_dir, monkeypatch, world, says):
+    from llmprune.engine.core.errors import UserInputError
+    from llmprune.engine.finetune.memory_plan import plan_finetune
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(UserInputError, match=says) as raised:
+        plan_finetune(FinetuneConfig(model=str(tiny_model_dir), device="cpu"))
+    assert "accelerate launch" in raised.value.hint

@@ -349,6 +349,13 @@ def plan_finetune(config: Any, device: Any = None) -> MemoryPlan | None:
             "launch it with accelerate launch --config_file accelerate/fsdp.yaml --num_processes N"
             " -m llmprune finetune ...",
         )
+    if settings.sharded and settings.device != "cuda":
+        from llmprune.engine.core.errors import UserInputError
+
+        raise UserInputError(  # accelerate would fall back to DDP on CPUs and train unsharded (see sharded.py)
+            "FSDP was asked for, but accelerate runs it on GPUs only (on CPUs it would train unsharded)",
+            "launch on GPUs, or without the FSDP config (accelerate launch --num_processes N runs DDP)",
+        )
     shape = model_shape(config.model)
     if shape is None:
         return None
