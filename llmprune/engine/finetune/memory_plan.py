@@ -22,7 +22,6 @@ built without allocating its weights.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -138,6 +137,8 @@ class PlanSettings:
     @classmethod
     def of(cls, config: Any, device: str, processes: int | None = None, sharded: bool | None = None) -> PlanSettings:
         """The settings of a FinetuneConfig on `device`; processes and sharding from `accelerate launch`'s env."""
+        from llmprune.engine.finetune.sharded import fsdp_launched, launched_processes
+
         dtype = (config.dtype or "auto").lower()
         return cls(
             method=config.method,
@@ -152,15 +153,6 @@ class PlanSettings:
             processes=launched_processes() if processes is None else processes,
             sharded=fsdp_launched() if sharded is None else sharded,
         )
-
-
-def launched_processes() -> int:
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def fsdp_launched() -> bool:
-    """`accelerate launch` with an FSDP config sets this for every process."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 @dataclass
@@ -301,10 +293,13 @@ def cheapest_fixes(
     shape: ModelShape, settings: PlanSettings, available: int | None, teacher: ModelShape | None, limit: int = 3
 ) -> list[dict]:
     """Up to `limit` single changes, cheapest first, that make the same plan fit."""
-    fixes = []
+    fixes, fsdp_given = [], False
     for advice, changed, drop_teacher in _candidates(settings, teacher is not None):
+        if changed.sharded and fsdp_given:
+            continue  # the fewest GPUs that fit is the one FSDP answer worth giving; LoRA may follow
         plan = plan_memory(shape, changed, available, None if drop_teacher else teacher, with_fixes=False)
         if plan.fits:
+            fsdp_given = fsdp_given or changed.sharded
             fixes.append({"change": advice, "needed_bytes": plan.needed_bytes})
             if len(fixes) == limit:
                 break

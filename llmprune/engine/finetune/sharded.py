@@ -15,6 +15,7 @@ training unsharded (torch's `fully_shard` itself runs on CPU with gloo: see the 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,18 @@ from typing import Any
 import torch
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.finetune.memory_plan import fsdp_launched
 
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # where accelerate's save_state puts the first model's shards
+
+
+def launched_processes() -> int:
+    """How many processes `accelerate launch` / torchrun started (1 when run plainly)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def fsdp_launched() -> bool:
+    """`accelerate launch` with an FSDP config sets this for every process."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 def is_sharded(accelerator: Any) -> bool:
