@@ -104,7 +104,7 @@ _llmprune() {
             esac
             ;;
         'finetune')
-            opts='--method --lora-r --lora-alpha --lora-dropout --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --loss-limit --on-nan --max-rollbacks --save-every --save-every-minutes --keep-checkpoints --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --teacher --kd-temperature --kd-weight --kd-top-k --save-dtype --base-model --trust-pickle --device --dtype --no-tui --watch --json --help'
+            opts='--method --lora-r --lora-alpha --lora-dropout --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --loss-limit --on-nan --max-rollbacks --save-every --save-every-minutes --keep-checkpoints --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --gradient-checkpointing --no-gradient-checkpointing --force --no-force --dry-run --no-dry-run --teacher --kd-temperature --kd-weight --kd-top-k --save-dtype --base-model --trust-pickle --device --dtype --no-tui --watch --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in

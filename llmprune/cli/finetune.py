@@ -64,15 +64,37 @@ def finetune_command(**values) -> None:
     from llmprune.engine.finetune.config import FinetuneConfig
 
     config = FinetuneConfig(**settings_values(FinetuneConfig, values, prefix=""))
-    config.validate()
     json_output = values["json_output"]
-    _train_and_report(config, dashboard=not (values["no_tui"] or json_output), json_output=json_output)
+    plan = _show_memory_plan(config, json_output)
+    _train_and_report(config, plan, dashboard=not (values["no_tui"] or json_output), json_output=json_output)
+
+
+def _show_memory_plan(config, json_output: bool):
+    """Plan the memory before anything loads and show it; --dry-run ends here (exit 0: it fits, 1: it does not)."""
+    from llmprune.engine.finetune.memory_plan import plan_finetune
+    from llmprune.ui.console import console, print_json
+    from llmprune.ui.train_lines import memory_plan_table
+
+    plan = plan_finetune(config)
+    shown = plan.to_dict() if plan is not None else None
+    if config.dry_run:
+        fits = plan is None or plan.fits
+        if json_output:
+            print_json({"status": "dry_run", "fits": fits, "memory_plan": shown})
+        elif shown is None:
+            console.print("memory plan: not known before a weights-only file is loaded; every other check passed")
+        else:
+            console.print(memory_plan_table(shown))
+        raise typer.Exit(0 if fits else 1)
+    if shown is not None and not json_output and os.environ.get("RANK", "0") == "0":
+        console.print(memory_plan_table(shown))
+    return plan
 
 
 with_signature(finetune_command, _finetune_parameters())
 
 
-def _train_and_report(config, *, dashboard: bool, json_output: bool) -> None:
+def _train_and_report(config, plan, *, dashboard: bool, json_output: bool) -> None:
     """Train (under the dashboard in a terminal), then print the result; the exit code says how the run ended."""
     from llmprune.engine.finetune.train import UnhealthyModelError, run_finetune
     from llmprune.ui.console import console, error_line, print_json
@@ -86,10 +108,11 @@ def _train_and_report(config, *, dashboard: bool, json_output: bool) -> None:
             from llmprune.ui.tui import run_with_dashboard
 
             result = run_with_dashboard(
-                lambda listener, control: run_finetune(config, listener, control=control), fallback=lines
+                lambda listener, control: run_finetune(config, listener, control=control, memory_plan=plan),
+                fallback=lines,
             )
         else:
-            result = run_finetune(config, lines)
+            result = run_finetune(config, lines, memory_plan=plan)
     except UnhealthyModelError as refused:
         report = refused.report.to_dict()
         if json_output:

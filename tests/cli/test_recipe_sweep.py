@@ -143,7 +143,7 @@ def test_lora_targets_are_one_comma_separated_option(tiny_model_dir, tmp_path, m
     import llmprune.cli.finetune as finetune_cli
 
     seen = {}
-    monkeypatch.setattr(finetune_cli, "_train_and_report", lambda config, **_: seen.setdefault("config", config))
+    monkeypatch.setattr(finetune_cli, "_train_and_report", lambda config, plan, **_: seen.setdefault("config", config))
     result = CliRunner().invoke(
         app, ["finetune", str(tiny_model_dir), "--method", "lora", "--lora-targets", "q_proj, v_proj", "--no-tui"]
     )

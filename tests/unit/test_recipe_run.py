@@ -297,3 +297,24 @@ def test_the_base_model_is_the_teacher_when_it_fits(tmp_path, monkeypatch):
     run_recipe(config_for(tmp_path / "tight"), lambda event: notices.append(event), steps=steps)
     assert steps.teacher is None
     assert any(isinstance(n, Notice) and "does not fit" in n.message for n in notices)
+
+
+def test_the_recipe_shows_its_fine_tune_memory_plan_before_pruning(tmp_path, tiny_model_dir):
+    from llmprune.engine.recipes.steps import StepAdapters
+
+    plan = StepAdapters().finetune_memory_plan(
+        RecipeConfig(recipe=get_recipe("safe"), model=str(tiny_model_dir), out=str(tmp_path), seq_len=64)
+    )
+    assert plan["settings"]["seq_len"] == 64 and plan["settings"]["method"] == "full"
+    assert plan["trainable_parameters"] == plan["total_parameters"] > 0
+
+    class PlannedSteps(ScriptedSteps):
+        def finetune_memory_plan(self, config):
+            self.calls.append(("plan",))
+            return {**plan, "fits": False, "fixes": [{"change": "--gradient-checkpointing", "needed_bytes": 1}]}
+
+    events, steps = [], PlannedSteps()
+    run_recipe(config_for(tmp_path / "run"), events.append, steps=steps)
+    assert steps.calls[0] == ("plan",)  # before the baseline, the analysis and the prune
+    warning = next(e for e in events if isinstance(e, Notice) and "memory plan" in e.message)
+    assert warning.level == "warning" and "--gradient-checkpointing" in warning.message

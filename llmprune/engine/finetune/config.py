@@ -90,8 +90,13 @@ class FinetuneConfig(LoadOptions):
     """Text for --test-before/--test-after (its evaluation split)."""
     eval_windows: int | None = 64
     """Evaluation windows of seq_len tokens (None: all)."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass and recompute the rest (much less activation memory, about
+    a third slower)."""
     force: bool = False
-    """Train even if the health check finds the model unhealthy."""
+    """Train even if the health check finds the model unhealthy or the memory plan says it will not fit."""
+    dry_run: bool = False
+    """Run the checks that need no weights, print the memory plan, train nothing (exit 0: it fits, 1: it does not)."""
     teacher: str | None = None
     """Model spec of a teacher to distil from (usually the unpruned base model); None: LM loss only."""
     kd_temperature: float = 1.0
@@ -221,6 +226,7 @@ class FinetuneResult:
     seconds: float = 0.0
     health: dict | None = None
     message: str = ""
+    memory_plan: dict | None = None
 
     @property
     def ok(self) -> bool:

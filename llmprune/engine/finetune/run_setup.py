@@ -42,8 +42,9 @@ def health_check(model: torch.nn.Module, tokenizer: Any) -> Any:
 
 def make_accelerator(config: FinetuneConfig, device: torch.device) -> Any:
     """bf16 autocast over fp32 master weights on GPU, plain fp32 on CPU; fp16 only when asked."""
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    from accelerate import Accelerator
 
     dtype = (config.dtype or "auto").lower()
     if device.type == "cpu" or dtype in ("float32", "fp32"):
@@ -65,7 +66,22 @@ def make_accelerator(config: FinetuneConfig, device: torch.device) -> Any:
         # a second in-process run (tests, recipes) with other settings: accelerate keeps a
         # process-wide singleton that refuses to change, so reset it when nothing is distributed
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    from llmprune.engine.finetune.sharded import check_sharding
+
+    check_sharding(accelerator)  # an FSDP launch that accelerate would run unsharded (CPUs) is refused
+    return accelerator
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep each decoder layer's input only and recompute the layer in the backward pass (transformers' own)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserInputError(
+            f"{type(model).__name__} cannot do gradient checkpointing", "drop --gradient-checkpointing"
+        )
+    # non-reentrant: works when the inputs need no gradient (LoRA's frozen embeddings) and keeps the RNG state
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def apply_lora(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
@@ -244,9 +260,11 @@ def save_outputs(
     model, tokenizer, config, run_dir: Path, accelerator, provenance: dict, summary: dict
 ) -> tuple[str | None, str | None]:
     """The final model in prune's reloadable format (or the LoRA adapter), written by the main process."""
+    from llmprune.engine.finetune.sharded import gathered_model
     from llmprune.engine.io.checkpoint import save_model
 
     accelerator.wait_for_everyone()
+    model = gathered_model(model, accelerator)  # FSDP: the shards gathered into one model on the main process
     if not accelerator.is_main_process:
         return None, None
     carried = {

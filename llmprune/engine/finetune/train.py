@@ -52,6 +52,7 @@ from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and
 )
 from llmprune.engine.finetune.distill import Distiller, check_teacher_matches, lm_only_loss, load_teacher
 from llmprune.engine.finetune.guards import StepVerdict, check_step, make_alert
+from llmprune.engine.finetune.memory_plan import MemoryPlan, describe_misfit, plan_finetune
 from llmprune.engine.finetune.run_checkpoints import (
     CheckpointStore,
     TrainingProgress,
@@ -69,6 +70,7 @@ from llmprune.engine.finetune.run_setup import (  # noqa: F401  (make_scheduler,
     attach_log_file,
     check_run_dir,
     default_run_dir,
+    enable_gradient_checkpointing,
     epoch_order,
     health_check,
     intact_checkpoint,
@@ -81,7 +83,7 @@ from llmprune.engine.finetune.run_setup import (  # noqa: F401  (make_scheduler,
     save_outputs,
     trim_metrics,
 )
-from llmprune.engine.finetune.step import StepLoss, forward_backward
+from llmprune.engine.finetune.step import StepLoss, all_processes_agree, forward_backward
 
 log = logging.getLogger("llmprune.train")
 
@@ -185,6 +187,7 @@ def _train(
             verdict = check_step(
                 step_loss.loss, grad_norm, config.loss_limit, run.collapse_loss, step_loss.teacher_finite
             )
+            verdict = all_processes_agree(verdict, run.accelerator)  # skip or roll back together, never a hang
             _update_if_sane(run, verdict)
             seconds = time.perf_counter() - tick
             # ---- the guard: a passed step proves the pending checkpoint; a refused one raises an alert
@@ -287,6 +290,8 @@ def _set_up(
     ppl_before = measure_ppl(model, tokenizer, config, "before", emit) if config.test_before else None
 
     total_steps = steps_per_epoch * config.epochs
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if config.method == "lora":
         model = apply_lora(model, config)
     model.train()
@@ -575,16 +580,24 @@ def _finish(
 
 
 def run_finetune(
-    config: FinetuneConfig, listener: Listener | None = None, *, control: TrainingControl | None = None
+    config: FinetuneConfig,
+    listener: Listener | None = None,
+    *,
+    control: TrainingControl | None = None,
+    memory_plan: MemoryPlan | None = None,
 ) -> FinetuneResult:
-    """Load `config.model` and fine-tune it (the `llmprune finetune` engine)."""
+    """Load `config.model` and fine-tune it (the `llmprune finetune` engine).
+
+    Before the model loads, the memory plan (`memory_plan`, else made here) must fit, or --force be given.
+    """
     from llmprune.engine.core.device import choose_placement
     from llmprune.engine.io.models import load_model
 
-    config.validate()
-    if config.out:
-        check_run_dir(config)  # before the model is loaded
     placement = choose_placement(config.device, "float32")  # fp32 master weights whatever the compute dtype
+    # the settings, the run folder and the memory, before the model is loaded
+    plan = memory_plan if memory_plan is not None else plan_finetune(config, placement.device)
+    if plan is not None and not plan.fits and not config.force:
+        raise UserInputError(*describe_misfit(plan))
     loaded = load_model(
         config.model, base_model=config.base_model, trust_pickle=config.trust_pickle, placement=placement
     )
@@ -595,4 +608,6 @@ def run_finetune(
     provenance = {**loaded.provenance, "base_model": loaded.provenance.get("base_model", config.model)}
     if config.save_dtype == "auto" and loaded.source_dtype is not None:  # bf16 in -> bf16 out
         config = replace(config, save_dtype=str(loaded.source_dtype).removeprefix("torch."))
-    return finetune_model(loaded.model, loaded.tokenizer, config, listener, control=control, provenance=provenance)
+    result = finetune_model(loaded.model, loaded.tokenizer, config, listener, control=control, provenance=provenance)
+    result.memory_plan = plan.to_dict() if plan is not None else None
+    return result

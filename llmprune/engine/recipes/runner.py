@@ -279,6 +279,25 @@ def _restart(run_dir: Path) -> None:
             path.unlink()
 
 
+def _announce_memory_plan(run: _Run) -> None:
+    """Before pruning: will the fine-tune step fit? (the plan on the base model's shape, an upper bound)."""
+    plan_of = getattr(run.steps, "finetune_memory_plan", None)
+    plan = plan_of(run.config) if plan_of is not None else None
+    if plan is None:
+        return
+    gib = 2**30
+    free = "unknown" if plan["available_bytes"] is None else f"{plan['available_bytes'] / gib:.1f} GiB"
+    message = (
+        f"fine-tune memory plan ({plan['settings']['method']}, on the base model's shape: an upper bound):"
+        f" {plan['needed_bytes'] / gib:.1f} GiB of {plan['where']} ({free} free)"
+    )
+    if plan["fits"]:
+        run.emit(Notice(message + ": fits"))
+        return
+    fixes = "; ".join(fix["change"] for fix in plan["fixes"]) or "a device with more memory"
+    run.emit(Notice(f"{message}: does not fit; would fit: {fixes}", "warning"))
+
+
 def run_recipe(
     config: RecipeConfig,
     listener: RecipeListener | None = None,
@@ -310,6 +329,8 @@ def run_recipe(
     if resuming:
         emit(Notice(resuming))
     run = _Run(config, state, steps or StepAdapters(), emit, finetune_listener, finetune_host, progress)
+    if not (config.skip_finetune or state.done("finetune")):
+        _announce_memory_plan(run)
     order = list(STEPS)
     index = 0
     try:

@@ -252,6 +252,22 @@ class StepAdapters:
             "message": result.message,
         }
 
+    def finetune_memory_plan(self, config: RecipeConfig) -> dict | None:
+        """The memory plan of the fine-tune step, made before pruning on the base model's shape (an upper bound:
+        the pruned model is smaller) and without the teacher (chosen after pruning, when it fits)."""
+        from dataclasses import replace
+
+        from llmprune.engine.core.device import available_memory_bytes, resolve_device
+        from llmprune.engine.finetune.memory_plan import PlanSettings, model_shape, plan_memory
+
+        shape = model_shape(config.model)
+        if shape is None:
+            return None
+        device = resolve_device(config.device)
+        finetune = replace(config.recipe.finetune, seq_len=config.seq_len, dtype=config.dtype)
+        settings = PlanSettings.of(finetune, "cuda" if device.type == "cuda" else "cpu")
+        return plan_memory(shape, settings, available_memory_bytes(device)).to_dict()
+
     def export_gguf(self, model_dir: str, out: Path) -> dict:
         """The final model as one GGUF file (f16) for llama.cpp."""
         from llmprune.engine.io.gguf_export import ExportConfig, export_gguf
