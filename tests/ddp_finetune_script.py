@@ -32,6 +32,15 @@ if nan_on_rank1 and rank == 1:  # the third forward pass of process 1 only (the 
         return output
 
     model.model.layers[0].register_forward_hook(poison)
-result = finetune_model(model, tokenizer, config, train_windows=windows)
+control = None
+if len(sys.argv) > 2 and sys.argv[2] == "requests-on-one-rank":
+    from llmprune.engine.finetune.train import TrainingControl
+
+    control = TrainingControl()
+    if rank == 0:
+        control.request_save()  # the dashboard's `s`: only the first process has a dashboard
+    else:
+        control.request_stop()  # a signal that reached process 1 only
+result = finetune_model(model, tokenizer, config, train_windows=windows, control=control)
 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 (out.parent / f"rank{rank}.json").write_text(json.dumps({"world": world, **result.to_dict()}))

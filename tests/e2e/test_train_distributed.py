@@ -73,6 +73,32 @@ def test_a_nan_on_one_process_is_a_nan_for_both(tmp_path, pydoc_text_file):
 
 
 @pytest.mark.slow
+def test_a_save_or_a_stop_asked_of_one_process_is_done_by_both(tmp_path, pydoc_text_file):
+    """Process 0 is asked to save (the dashboard's key), process 1 to stop (a signal): both save, both stop, no hang."""
+    run = tmp_path / "run"
+    run.with_suffix(".txt").write_text(pydoc_text_file.read_text()[:60_000])
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29535",
+        str(REPO_ROOT / "tests" / "ddp_finetune_script.py"),
+        str(run),
+        "requests-on-one-rank",
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["status"], r["steps"]) for r in ranks] == [("stopped_by_user", 1)] * 2
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
 def test_a_sharded_fsdp_checkpoint_consolidates_into_the_reloadable_model(tmp_path):
     """FSDP2 shards on two CPU processes; the merged checkpoint reloads with the pruned shapes and equal weights."""
     import torch

@@ -178,7 +178,8 @@ def prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> 
 def check_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     """Whether --out may receive this run (a new or empty folder, or the run to --resume); nothing is written."""
     run_dir = Path(config.out).expanduser() if config.out else default_run_dir()
-    run_lock.check_unlocked(run_dir)  # a live trainer in this folder: say who, before anything else
+    if os.environ.get("RANK", "0") == "0":  # the first process holds the lock for all of a launch
+        run_lock.check_unlocked(run_dir)  # a live trainer in this folder: say who, before anything else
     check_output_folder(run_dir, option="--out", resumable=True, needed_bytes=needed_bytes, kind=RUN_MARKER)
     checkpoints = run_dir / "checkpoints"
     if config.resume:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ from llmprune.engine.core.outputs import is_disk_full
 from llmprune.engine.core.paths import atomic_write_json
 from llmprune.engine.core.stop import STOP
 from llmprune.engine.data import TokenWindows
+from llmprune.engine.finetune.boundary import any_process
 from llmprune.engine.finetune.config import (  # noqa: F401  (FinetuneConfig and the rest are imported from here too)
     DATA_FIELDS,
     DEFAULT_LORA_TARGETS,
@@ -117,7 +119,9 @@ def finetune_model(
     report = None if config.resume else health_check(model, tokenizer)
     if report is not None and not report.ok and not config.force:
         raise UnhealthyModelError(report)
-    if control.stop_requested:  # stopped while the model loaded (in a thread that no signal reaches): write nothing
+    # stopped while the model loaded (in a thread that no signal reaches): write nothing. Several processes instead
+    # stop together after the first step (boundary.py), as one of them alone would leave the others waiting
+    if control.stop_requested and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise KeyboardInterrupt
     # one checkpoint (fp32 weights and two Adam moments) and the final model, at least
     run_dir = prepare_run_dir(config, needed_bytes=4 * 4 * sum(p.numel() for p in model.parameters()))
@@ -206,7 +210,7 @@ def _train(
                 continue
             # ---- the checkpoint: every save_every steps, or when asked (a passed step only)
             _checkpoint_if_due(run, verdict)
-            if run.control.stop_requested:
+            if any_process(run.control.stop_requested, run.accelerator):  # all processes stop at the same step
                 run.status, run.message = "stopped_by_user", f"stopped on request after step {run.progress.step}"
                 break
     except KeyboardInterrupt:
@@ -492,7 +496,10 @@ def _checkpoint_if_due(run: _Run, verdict: StepVerdict) -> None:
     requested = verdict.ok and run.control.take_save_request()
     minutes = run.config.save_every_minutes
     by_time = minutes > 0 and time.monotonic() - run.last_save >= 60 * minutes
-    if verdict.ok and (requested or by_time or run.progress.step % run.config.save_every == 0):
+    # the dashboard's key reaches the first process only, and the clocks differ: saving is decided together
+    if verdict.ok and (
+        any_process(requested or by_time, run.accelerator) or run.progress.step % run.config.save_every == 0
+    ):
         path = run.store.save(run.progress.step)
         run.last_save = time.monotonic()
         run.emit(CheckpointSaved(step=run.progress.step, path=str(path), reason="request" if requested else "interval"))
