@@ -115,7 +115,10 @@ def model_shape(spec: str) -> ModelShape | None:
     if path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
         return None
     config, _ = resolve_config(spec)
-    return shape_from_config(config)
+    try:
+        return shape_from_config(config)
+    except (AttributeError, KeyError, TypeError, ValueError):  # not a Llama-style layout: loading will say why
+        return None
 
 
 @dataclass(frozen=True)
