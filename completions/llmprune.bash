@@ -104,13 +104,14 @@ _llmprune() {
             esac
             ;;
         'finetune')
-            opts='--method --lora-r --lora-alpha --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --on-nan --loss-limit --max-rollbacks --save-every --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --force --no-force --teacher --kd-temperature --kd-weight --kd-top-k --no-tui --watch --base-model --trust-pickle --device --dtype --save-dtype --json --help'
+            opts='--method --lora-r --lora-alpha --lora-dropout --lora-targets --merge --no-merge --dataset --samples --seq-len --epochs --batch-size --grad-accum --lr --warmup-steps --schedule --max-grad-norm --weight-decay --seed --loss-limit --on-nan --max-rollbacks --save-every --save-every-minutes --keep-checkpoints --out --resume --no-resume --test-before --no-test-before --test-after --no-test-after --eval-dataset --eval-windows --gradient-checkpointing --no-gradient-checkpointing --force --no-force --dry-run --no-dry-run --teacher --kd-temperature --kd-weight --kd-top-k --save-dtype --base-model --trust-pickle --device --dtype --no-tui --watch --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
                 --method) valued=1 values='' files=1 ;;
                 --lora-r) valued=1 values='' files=0 ;;
                 --lora-alpha) valued=1 values='' files=0 ;;
+                --lora-dropout) valued=1 values='' files=0 ;;
                 --lora-targets) valued=1 values='' files=1 ;;
                 --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
                 --samples) valued=1 values='' files=0 ;;
@@ -124,10 +125,12 @@ _llmprune() {
                 --max-grad-norm) valued=1 values='' files=0 ;;
                 --weight-decay) valued=1 values='' files=0 ;;
                 --seed) valued=1 values='' files=0 ;;
-                --on-nan) valued=1 values='' files=1 ;;
                 --loss-limit) valued=1 values='' files=0 ;;
+                --on-nan) valued=1 values='' files=1 ;;
                 --max-rollbacks) valued=1 values='' files=0 ;;
                 --save-every) valued=1 values='' files=0 ;;
+                --save-every-minutes) valued=1 values='' files=0 ;;
+                --keep-checkpoints) valued=1 values='' files=0 ;;
                 --out) valued=1 values='' files=1 ;;
                 --eval-dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
                 --eval-windows) valued=1 values='' files=0 ;;
@@ -135,11 +138,11 @@ _llmprune() {
                 --kd-temperature) valued=1 values='' files=0 ;;
                 --kd-weight) valued=1 values='' files=0 ;;
                 --kd-top-k) valued=1 values='' files=0 ;;
-                --watch) valued=1 values='' files=1 ;;
+                --save-dtype) valued=1 values='' files=1 ;;
                 --base-model) valued=1 values='smollm2-135m' files=1 ;;
                 --device) valued=1 values='auto cpu cuda mps' files=0 ;;
                 --dtype) valued=1 values='auto float32 bfloat16 float16' files=0 ;;
-                --save-dtype) valued=1 values='' files=1 ;;
+                --watch) valued=1 values='' files=1 ;;
             esac
             ;;
         'prune')
@@ -185,7 +188,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --save-dtype --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
+            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --teacher --no-teacher --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --save-dtype --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --method --samples --epochs --train-batch-size --grad-accum --lr --warmup-steps --max-grad-norm --no-tui --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -213,14 +216,14 @@ _llmprune() {
                 --alpha) valued=1 values='' files=0 ;;
                 --layer-start) valued=1 values='' files=0 ;;
                 --layer-end) valued=1 values='' files=0 ;;
-                --lr) valued=1 values='' files=0 ;;
-                --epochs) valued=1 values='' files=0 ;;
-                --samples) valued=1 values='' files=0 ;;
                 --method) valued=1 values='' files=1 ;;
+                --samples) valued=1 values='' files=0 ;;
+                --epochs) valued=1 values='' files=0 ;;
                 --train-batch-size) valued=1 values='' files=0 ;;
                 --grad-accum) valued=1 values='' files=0 ;;
-                --max-grad-norm) valued=1 values='' files=0 ;;
+                --lr) valued=1 values='' files=0 ;;
                 --warmup-steps) valued=1 values='' files=0 ;;
+                --max-grad-norm) valued=1 values='' files=0 ;;
             esac
             ;;
         'recipe sweep')

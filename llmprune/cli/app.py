@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from typing import Annotated
 
 import typer
@@ -77,14 +76,10 @@ app.command("completion", help="Shell completion scripts (bash, zsh, fish) gener
 )
 
 
-def _stop_like_ctrl_c(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    # `kill`, a job scheduler's SIGTERM or a closed terminal's SIGHUP stop the command like Ctrl-C:
-    # finetune saves its state, a half-written output is removed, and the exit code is 130
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _stop_like_ctrl_c)
+    # Ctrl-C, `kill`, a job scheduler's SIGTERM or a closed terminal's SIGHUP stop the command, whatever thread
+    # does the work: finetune saves its state, a half-written output is removed, and the exit code is 130
+    from llmprune.engine.core.stop import install_signal_handlers
+
+    install_signal_handlers()
     app(prog_name="llmprune")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -86,7 +87,8 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     """The error boundary of every subcommand: no traceback without --debug.
 
     Bad input (UserInputError, unreadable/unwritable files, a full disk) -> one line, exit 2;
-    a check that stopped the run (CheckFailedError) -> the findings, exit 1; Ctrl-C -> exit 130;
+    a check that stopped the run (CheckFailedError) -> the findings, exit 1; Ctrl-C (or SIGTERM/SIGHUP, see
+    engine/core/stop.py) -> exit 130, also when the terminal that went away made a print fail;
     anything else is a bug -> one line naming it, exit 1. With --debug (or LLMPRUNE_DEBUG=1)
     the traceback is shown instead.
     """
@@ -102,15 +104,33 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             if debug:
                 raise
-            err_console.print("[yellow]interrupted[/]")
+            _say_interrupted()
             raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - this is the boundary
+            if _lost_to_a_stop(error):  # the dying terminal's EIO must not replace the stop that came with it
+                _say_interrupted()
+                raise typer.Exit(130) from None
             if debug:
                 raise
             code, problem, hint, details = describe_failure(error)
             _fail(code, problem, hint, json_output, details)
 
     return wrapper
+
+
+def _say_interrupted() -> None:
+    with contextlib.suppress(OSError):  # the terminal may be gone: the outcome is the exit code, not this line
+        err_console.print("[yellow]interrupted[/]")
+
+
+def _lost_to_a_stop(error: BaseException) -> bool:
+    """An error from writing to a terminal that went away, or any error once a stop was asked for by a signal."""
+    from llmprune.engine.core.stop import STOP, is_terminal_error, mute_lost_terminal, terminal_lost
+
+    if is_terminal_error(error) and terminal_lost():
+        mute_lost_terminal()
+        return True
+    return STOP.requested and is_terminal_error(error)
 
 
 def describe_failure(error: BaseException) -> tuple[int, str, str | None, list[str]]:

@@ -65,11 +65,12 @@ def _command_for(recipe: Recipe):
     )
 
     def command(**values) -> None:
-        from llmprune.engine.recipes.registry import FinetuneSettings, PruneSettings
+        from llmprune.engine.finetune.config import FinetuneConfig
+        from llmprune.engine.recipes.registry import PruneSettings
 
         chosen = recipe.with_overrides(
             prune=settings_values(PruneSettings, values, prefix="prune__"),
-            finetune=settings_values(FinetuneSettings, values, prefix="finetune__"),
+            finetune=settings_values(FinetuneConfig, values, prefix="finetune__"),
         )
         config = RecipeConfig(recipe=chosen, **settings_values(RecipeConfig, values, prefix=""))
         _run(config, values["no_tui"], values["json_output"])

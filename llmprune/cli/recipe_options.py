@@ -18,12 +18,17 @@ LOAD_FIELDS = ("model", "base_model", "trust_pickle", "device", "dtype")
 
 def recipe_option_parameters(recipe: Recipe | None = None) -> list[inspect.Parameter]:
     """The options of `recipe NAME` (and, without a recipe, the sweep's overrides), from the settings dataclasses."""
-    from llmprune.engine.recipes.registry import FinetuneSettings, PruneSettings
+    from llmprune.engine.finetune.config import FinetuneConfig
+    from llmprune.engine.recipes.registry import RECIPE_FINETUNE_FIELDS, RECIPE_FINETUNE_FLAGS, PruneSettings
 
     if recipe is None:
         return settings_parameters(PruneSettings, prefix="prune__", skip=("ratio",), optional=True)
     return settings_parameters(PruneSettings, recipe.prune, prefix="prune__") + settings_parameters(
-        FinetuneSettings, recipe.finetune, prefix="finetune__"
+        FinetuneConfig,
+        recipe.finetune,
+        prefix="finetune__",
+        only=RECIPE_FINETUNE_FIELDS,
+        renamed=RECIPE_FINETUNE_FLAGS,
     )
 
 

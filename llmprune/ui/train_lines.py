@@ -134,3 +134,30 @@ def health_findings_table(report: dict) -> Table:
             "; ".join(advice) if isinstance(advice, list) else str(advice),
         )
     return table
+
+
+def memory_plan_table(plan: dict) -> Table:
+    """The memory plan (memory_plan.MemoryPlan.to_dict()): each term, the total against the free memory, the fixes."""
+    settings = plan["settings"]
+    how = f"{settings['method']}, micro-batch {settings['batch_size']} x {settings['seq_len']} tokens"
+    if settings["gradient_checkpointing"]:
+        how += ", gradient checkpointing"
+    if settings["processes"] > 1:
+        how += f", {settings['processes']} processes" + (" (FSDP)" if settings["sharded"] else "")
+    table = Table(title="Memory plan", title_justify="left", show_header=False)
+    table.add_column("", style="dim")
+    table.add_column("")
+    table.add_row("training", how)
+    for name, size in plan["terms"].items():
+        table.add_row(name, f"{size / 2**30:.2f} GiB")
+    share = " per process" if settings["processes"] > 1 else ""
+    table.add_row(f"total{share}", f"[bold]{plan['per_process_bytes'] / 2**30:.2f} GiB[/]")
+    free = plan["available_bytes"]
+    verdict = "[green]fits[/]" if plan["fits"] else "[red]does not fit[/]"
+    table.add_row(
+        f"free {plan['where']}",
+        "unknown" if free is None else f"{free / 2**30:.2f} GiB: {verdict}",
+    )
+    for fix in plan.get("fixes", []):
+        table.add_row("would fit", f"{fix['change']} ({fix['needed_bytes'] / 2**30:.2f} GiB)")
+    return table

@@ -29,6 +29,7 @@ from llmprune.engine.core.events import (
     RunFinished,
     RunStarted,
 )
+from llmprune.engine.core.stop import STOP, mute_lost_terminal, terminal_lost
 from llmprune.ui.dashboard_state import DashboardState, format_duration, format_value
 from llmprune.ui.metrics_follower import MetricsFollower
 
@@ -78,10 +79,12 @@ class Dashboard(App):
         on_save: Callable[[], None] | None = None,
         watch_dir: str | Path | None = None,
         close_when_finished: bool = False,
+        stop_requested: Callable[[], bool] | None = None,
     ):
         super().__init__()
         self.state = DashboardState()
         self._on_stop, self._on_save = on_stop, on_save
+        self._stop_requested = stop_requested
         self._close_when_finished = close_when_finished
         self._watch = MetricsFollower(watch_dir) if watch_dir is not None else None
         self.on_mounted: Callable[[], None] | None = None
@@ -111,6 +114,8 @@ class Dashboard(App):
             self.sub_title = str(self._watch.run_dir)
             self._poll_metrics()
             self.set_interval(0.5, self._poll_metrics)
+        if self._stop_requested is not None:
+            self.set_interval(0.25, self._follow_stop)
         if self.on_mounted is not None:
             self.on_mounted()
 
@@ -173,6 +178,14 @@ class Dashboard(App):
         for event in self._watch.poll():
             self.show(event)
 
+    def _follow_stop(self) -> None:
+        """A stop from outside (a signal): say so; a lost terminal leaves nothing to draw on, so close at once."""
+        if terminal_lost():
+            self.exit()
+        elif self._stop_requested() and not self.state.status.startswith(("finished", "stopping")):
+            self.state.status = "stopping after this step (saving)"
+            self._refresh()
+
     # ------------------------------------------------------------ keys
 
     def action_stop(self) -> None:
@@ -207,7 +220,7 @@ class _Relay:
             self.started = event
         target = self.target or self.fallback
         if target is not None:
-            target(event)
+            target(event)  # a terminal that went away under the fallback printer: see run_setup.safe_listener
 
     def to_fallback(self) -> None:
         """The dashboard is gone: later events go to the fallback, which first learns what the run is."""
@@ -227,15 +240,34 @@ def run_with_dashboard(
 
     `train` is e.g. `lambda listener, control: run_finetune(config, listener, control=control)`.
     `q` asks the run to stop after saving, `s` to save a checkpoint now. If the
-    dashboard crashes or is closed, the run goes on with `fallback` as listener.
+    dashboard crashes, the run goes on with `fallback` as listener. A signal (which
+    Python delivers to this, the UI's thread) or the terminal going away asks the
+    training thread to stop after its step and save; this returns when it has.
     """
     from llmprune.engine.finetune.train import TrainingControl
 
     control = TrainingControl()
+    # from here until the training thread ends, a signal must ask it to stop, never raise in this thread
+    with STOP.cooperating_with(lambda reason: control.request_stop()):
+        return _run_with_dashboard(train, control, fallback, close_when_finished, headless)
+
+
+def _run_with_dashboard(
+    train: Callable[[Listener, Any], T],
+    control: Any,
+    fallback: Listener | None,
+    close_when_finished: bool,
+    headless: bool,
+) -> T:
     relay = _Relay(fallback)
     outcome: dict[str, Any] = {}
     done = threading.Event()
-    app = Dashboard(on_stop=control.request_stop, on_save=control.request_save, close_when_finished=close_when_finished)
+    app = Dashboard(
+        on_stop=control.request_stop,
+        on_save=control.request_save,
+        close_when_finished=close_when_finished,
+        stop_requested=lambda: control.stop_requested,
+    )
 
     def work() -> None:
         try:
@@ -249,6 +281,9 @@ def run_with_dashboard(
     thread = threading.Thread(target=work, name="llmprune-train")
 
     def start() -> None:
+        if control.stop_requested:  # stopped before anything began: nothing to train, nothing to save
+            app.exit()
+            return
         relay.target = app.feed
         thread.start()
 
@@ -260,14 +295,15 @@ def run_with_dashboard(
             relay.target = None
         else:
             relay.to_fallback()
+    if terminal_lost():  # the dashboard closed because its terminal went away: that is a stop
+        mute_lost_terminal()
+        STOP.request("the terminal went away")
     if thread.ident is None:
+        if control.stop_requested:
+            raise KeyboardInterrupt
         thread.start()  # the app failed before mounting: train without it
-    while True:
-        try:
-            if done.wait(timeout=0.5):
-                break
-        except KeyboardInterrupt:  # Ctrl-C after the dashboard closed: stop cleanly, after saving
-            control.request_stop()
+    while not done.wait(timeout=0.5):  # a signal meanwhile only asks the run to stop (see run_with_dashboard)
+        pass
     thread.join()
     if "error" in outcome:
         raise outcome["error"]

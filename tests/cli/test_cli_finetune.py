@@ -124,3 +124,47 @@ def test_a_teacher_that_cannot_be_loaded_is_one_line_and_exit_2(tiny_model_dir, 
     )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "nowhere" in result.stderr
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tiny_model_dir, pydoc_text_file, tmp_path, monkeypatch):
+    args = common(tiny_model_dir, pydoc_text_file, tmp_path / "run")
+    result = finetune(*args, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["status"] == "dry_run" and report["fits"] is True
+    assert {"weights", "gradients", "optimizer (AdamW)", "activations"} <= set(report["memory_plan"]["terms"])
+    assert not (tmp_path / "run").exists()  # nothing written, nothing trained
+
+    from llmprune.engine.core import device
+
+    monkeypatch.setattr(device, "available_memory_bytes", lambda _device: 2**20)  # 1 MiB free
+    result = finetune(*args, "--dry-run", "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["fits"] is False
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_that_does_not_fit_stops_before_loading_with_one_line_and_force_trains(
+    tiny_model_dir, pydoc_text_file, tmp_path, monkeypatch
+):
+    from llmprune.engine.core import device
+
+    monkeypatch.setattr(device, "available_memory_bytes", lambda _device: 2**20)
+    result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--no-tui")
+    assert result.exit_code == 2
+    assert "fine-tuning needs about" in result.output and "--force" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+    forced = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / "run"), "--force", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["memory_plan"]["fits"] is False
+
+
+def test_gradient_checkpointing_trains_to_the_same_losses(tiny_model_dir, pydoc_text_file, tmp_path):
+    losses = []
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        result = finetune(*common(tiny_model_dir, pydoc_text_file, tmp_path / name), "--lr", "1e-4", "--json", *extra)
+        assert result.exit_code == 0, result.output
+        run_dir = Path(json.loads(result.stdout)["run_dir"])
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(line)["loss"] for line in lines])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

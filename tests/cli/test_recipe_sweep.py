@@ -115,3 +115,56 @@ def test_one_name_per_option_with_the_old_names_hidden(command):
 def test_recipe_help_shows_the_recipes_own_values():
     shown = " ".join(CliRunner().invoke(app, ["recipe", "attn-only", "--help"], env={"COLUMNS": "250"}).output.split())
     assert "[default: 1.2]" in shown and "[default: no-prune-mlp]" in shown
+
+
+def test_every_finetune_setting_is_an_option_of_finetune_and_the_recipes_set_only_theirs():
+    import dataclasses
+
+    import typer.main
+
+    from llmprune.engine.finetune.config import FinetuneConfig
+    from llmprune.engine.recipes.registry import RECIPE_FINETUNE_FIELDS, RECIPES
+
+    finetune = next(c for c in typer.main.get_group(app).commands.values() if c.name == "finetune")
+    options = {param.name for param in finetune.params}
+    assert {f.name for f in dataclasses.fields(FinetuneConfig)} <= options  # declared once, offered everywhere
+    recipe = typer.main.get_group(app).commands["recipe"].commands["safe"]
+    offered = {param.name.removeprefix("finetune__") for param in recipe.params if param.name.startswith("finetune__")}
+    assert offered == set(RECIPE_FINETUNE_FIELDS)
+    # the recipe overrides finetune's values; what it does not set keeps finetune's default
+    safe = RECIPES["safe"].finetune
+    assert (safe.samples, safe.epochs, safe.lr) == (1000, 2, 5e-7)
+    assert (safe.schedule, safe.weight_decay, safe.seed) == (FinetuneConfig.schedule, 0.0, 0)
+    with pytest.raises(TypeError):
+        RECIPES["safe"].with_overrides(finetune={"dataset": "ptb"})  # the run's text is not the recipe's
+
+
+def test_lora_targets_are_one_comma_separated_option(tiny_model_dir, tmp_path, monkeypatch):
+    import llmprune.cli.finetune as finetune_cli
+
+    seen = {}
+    monkeypatch.setattr(finetune_cli, "_train_and_report", lambda config, plan, **_: seen.setdefault("config", config))
+    result = CliRunner().invoke(
+        app, ["finetune", str(tiny_model_dir), "--method", "lora", "--lora-targets", "q_proj, v_proj", "--no-tui"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen["config"].lora_targets == ("q_proj", "v_proj") and seen["config"].method == "lora"
+
+
+def test_a_recipe_run_records_its_fine_tune_settings_as_runs_made_before_did(tmp_path):
+    from llmprune.engine.recipes.config import RecipeConfig
+    from llmprune.engine.recipes.registry import RECIPES
+
+    settings = RecipeConfig(recipe=RECIPES["safe"], out=str(tmp_path), teacher=False).settings()
+    # the keys an earlier run's state.json holds, so that rerunning its command still resumes it
+    assert settings["recipe"]["finetune"] == {
+        "lr": 5e-7,
+        "epochs": 2,
+        "samples": 1000,
+        "method": "full",
+        "batch_size": 1,
+        "grad_accum": 4,
+        "max_grad_norm": 0.5,
+        "warmup_steps": 50,
+        "teacher": False,
+    }

@@ -39,3 +39,93 @@ def test_two_processes_share_the_steps_and_write_one_run(tmp_path, pydoc_text_fi
         "random_states_1.pkl",
     ]
     assert (run / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_process_is_a_nan_for_both(tmp_path, pydoc_text_file):
+    """Process 1's third forward pass turns NaN: both processes refuse that step and roll back together, no hang."""
+    run = tmp_path / "run"
+    run.with_suffix(".txt").write_text(pydoc_text_file.read_text()[:60_000])
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29534",
+        str(REPO_ROOT / "tests" / "ddp_finetune_script.py"),
+        str(run),
+        "nan-on-rank1",
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in ranks:
+        assert (report["world"], report["status"], report["rollbacks"], report["steps"]) == (2, "completed", 1, 4)
+    # the same decision at the same step on both, though process 0's own loss was finite
+    assert [(a["step"], a["action"]) for a in ranks[0]["alerts"]] == [
+        (a["step"], a["action"]) for a in ranks[1]["alerts"]
+    ]
+    assert [a["action"] for a in ranks[0]["alerts"]] == ["rollback"]
+    assert ranks[0]["final_loss"] == ranks[1]["final_loss"]
+
+
+@pytest.mark.slow
+def test_a_save_or_a_stop_asked_of_one_process_is_done_by_both(tmp_path, pydoc_text_file):
+    """Process 0 is asked to save (the dashboard's key), process 1 to stop (a signal): both save, both stop, no hang."""
+    run = tmp_path / "run"
+    run.with_suffix(".txt").write_text(pydoc_text_file.read_text()[:60_000])
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29535",
+        str(REPO_ROOT / "tests" / "ddp_finetune_script.py"),
+        str(run),
+        "requests-on-one-rank",
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["status"], r["steps"]) for r in ranks] == [("stopped_by_user", 1)] * 2
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_sharded_fsdp_checkpoint_consolidates_into_the_reloadable_model(tmp_path):
+    """FSDP2 shards on two CPU processes; the merged checkpoint reloads with the pruned shapes and equal weights."""
+    import torch
+
+    from llmprune.engine.finetune.sharded import consolidate_checkpoint
+    from llmprune.engine.io.models import load_model
+
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29535",
+        str(REPO_ROOT / "tests" / "fsdp_consolidate_script.py"),
+        str(tmp_path),
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    saved = consolidate_checkpoint(tmp_path / "checkpoint", tmp_path / "start", tmp_path / "model")
+    reloaded = load_model(str(saved)).model
+    full = torch.load(tmp_path / "full.pt")
+    state = reloaded.state_dict()
+    assert [layer.mlp.down_proj.in_features for layer in reloaded.model.layers] == [128, 96, 64, 128]
+    started = load_model(str(tmp_path / "start")).model.state_dict()
+    assert any(not torch.equal(started[name], full[name]) for name in full)  # the step changed the weights
+    for name, tensor in full.items():
+        assert torch.equal(state[name], tensor), name

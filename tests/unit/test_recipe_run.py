@@ -178,6 +178,66 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoint(tmp_path):
     assert resumed.calls[0] == ("finetune", True)
 
 
+def test_a_finetune_that_finished_after_the_recipe_stopped_counts_as_done(tmp_path):
+    """The recipe stopped (its terminal went away) while its fine-tune went on to the end: a rerun uses that model."""
+    steps = ScriptedSteps(interrupt_at="finetune")
+    config = config_for(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(config, steps=steps)
+    run = config.run_dir / "finetune"
+    (run / "checkpoints" / "step-000008").mkdir(parents=True)
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 8, "path": "step-000008"}))
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    record = {"status": "completed", "steps": 8, "total_steps": 8, "model_dir": str(run / "model"), "final_loss": 1.5}
+    (run / "run.json").write_text(json.dumps(record))
+    events = []
+    rerun = ScriptedSteps()
+    report = run_recipe(config, events.append, steps=rerun)
+    assert rerun.names() == ["final_eval"] and report.status == "done"
+    assert any(isinstance(e, Notice) and "had finished (8 steps)" in e.message for e in events)
+    state = json.loads((config.run_dir / "state.json").read_text())
+    assert state["steps"]["finetune"]["result"]["model_dir"] == str(run / "model")
+
+
+class HugeWeightSteps(ScriptedSteps):
+    """The pruned model's PPL is fine but doctor finds a huge weight: the check's verdict is what _health makes."""
+
+    def evaluate(self, model, config, base_ppl=None, health=False, progress=None):
+        result = super().evaluate(model, config, base_ppl, health, progress)
+        if "pruned" in model:
+            error = {"severity": "error", "check": "huge", "message": "abnormally large values (layer 3)"}
+            result.update(verdict="unhealthy", healthy_weights=False, errors=[error], explanation="unhealthy weights")
+        return result
+
+
+def test_the_gate_gives_one_verdict_when_the_weights_are_unhealthy(tmp_path):
+    events = []
+    report = run_recipe(config_for(tmp_path, ratio=0.05), events.append, steps=HugeWeightSteps())
+    assert report.status == "stopped_at_gate" and report.row("pruned").verdict == "unhealthy"
+    stop = next(e.message for e in events if isinstance(e, Notice) and e.level == "error")
+    assert "the pruned model is unhealthy (its weights fail doctor's check: abnormally large values" in stop
+    assert "healthy," not in stop and "healthy at" not in stop
+
+
+def test_doctor_s_findings_decide_the_verdict_of_a_model_with_a_fine_ppl(tiny_tokenizer):
+    import math
+
+    import torch
+    from conftest import make_tiny_model
+
+    from llmprune.engine.recipes.steps import StepAdapters
+
+    model = make_tiny_model()
+    fine = StepAdapters._health(model, tiny_tokenizer, ppl=10.5, base_ppl=10.0)
+    assert fine["verdict"] == "healthy" and fine["healthy_weights"]
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = math.inf
+    broken = StepAdapters._health(model, tiny_tokenizer, ppl=10.5, base_ppl=10.0)
+    assert broken["verdict"] == "unhealthy" and not broken["healthy_weights"] and broken["ppl_verdict"] == "healthy"
+    assert broken["explanation"].startswith("unhealthy weights: ") and broken["errors"]
+
+
 def test_skip_finetune_then_rerun_without_it_continues(tmp_path):
     steps = ScriptedSteps()
     report = run_recipe(config_for(tmp_path, skip_finetune=True), steps=steps)
@@ -227,8 +287,8 @@ def test_the_base_model_is_the_teacher_when_it_fits(tmp_path, monkeypatch):
     assert any(isinstance(n, Notice) and "distilling from the base model base-model" in n.message for n in notices)
 
     steps = ScriptedSteps()
-    opted_out = get_recipe("safe").with_overrides(finetune={"teacher": False})
-    run_recipe(RecipeConfig(recipe=opted_out, model="base-model", out=str(tmp_path / "off")), steps=steps)
+    opted_out = RecipeConfig(recipe=get_recipe("safe"), model="base-model", out=str(tmp_path / "off"), teacher=False)
+    run_recipe(opted_out, steps=steps)
     assert steps.teacher is None
 
     monkeypatch.setattr(device, "available_memory_bytes", lambda _device: 1000)  # 1 kB free: nothing fits
@@ -237,3 +297,24 @@ def test_the_base_model_is_the_teacher_when_it_fits(tmp_path, monkeypatch):
     run_recipe(config_for(tmp_path / "tight"), lambda event: notices.append(event), steps=steps)
     assert steps.teacher is None
     assert any(isinstance(n, Notice) and "does not fit" in n.message for n in notices)
+
+
+def test_the_recipe_shows_its_fine_tune_memory_plan_before_pruning(tmp_path, tiny_model_dir):
+    from llmprune.engine.recipes.steps import StepAdapters
+
+    plan = StepAdapters().finetune_memory_plan(
+        RecipeConfig(recipe=get_recipe("safe"), model=str(tiny_model_dir), out=str(tmp_path), seq_len=64)
+    )
+    assert plan["settings"]["seq_len"] == 64 and plan["settings"]["method"] == "full"
+    assert plan["trainable_parameters"] == plan["total_parameters"] > 0
+
+    class PlannedSteps(ScriptedSteps):
+        def finetune_memory_plan(self, config):
+            self.calls.append(("plan",))
+            return {**plan, "fits": False, "fixes": [{"change": "--gradient-checkpointing", "needed_bytes": 1}]}
+
+    events, steps = [], PlannedSteps()
+    run_recipe(config_for(tmp_path / "run"), events.append, steps=steps)
+    assert steps.calls[0] == ("plan",)  # before the baseline, the analysis and the prune
+    warning = next(e for e in events if isinstance(e, Notice) and "memory plan" in e.message)
+    assert warning.level == "warning" and "--gradient-checkpointing" in warning.message

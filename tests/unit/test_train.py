@@ -367,3 +367,24 @@ def test_an_exactly_zero_gradient_is_a_collapse_even_before_the_model_beat_chanc
     verdict = check_step(5.95, 0.0, 1e6)  # a tiny random model after one step at lr 1e3
     assert not verdict.ok and verdict.kind == "dead_gradient"
     assert check_step(5.95, 1e-9, 1e6).ok
+
+
+def test_a_step_refused_on_another_process_is_refused_here_too():
+    from llmprune.engine.finetune.guards import StepVerdict
+    from llmprune.engine.finetune.step import all_processes_agree
+
+    class TwoProcesses:  # the other process refused: the all-reduced "refused" flag sums to 1
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, others_refused: float):
+            self.others = others_refused
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            return tensor + self.others
+
+    agreed = all_processes_agree(StepVerdict(True), TwoProcesses(1.0))
+    assert not agreed.ok and agreed.kind == "other_process"
+    assert all_processes_agree(StepVerdict(True), TwoProcesses(0.0)).ok
+    refused = StepVerdict(False, "nan_loss", float("nan"), "loss is NaN")
+    assert all_processes_agree(refused, TwoProcesses(0.0)) is refused  # its own reason is kept

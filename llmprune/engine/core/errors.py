@@ -31,3 +31,9 @@ class CheckFailedError(LlmpruneError):
         self.hint = hint
         self.details = list(details)
         super().__init__(problem if not hint else f"{problem} — {hint}")
+
+
+def require(condition: bool, problem: str, hint: str) -> None:
+    """Raise `UserInputError(problem, hint)` unless `condition` holds: the one form every config's validation takes."""
+    if not condition:
+        raise UserInputError(problem, hint)

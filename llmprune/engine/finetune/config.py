@@ -1,4 +1,10 @@
-"""What `llmprune finetune` is asked to do (`FinetuneConfig`), how a run ended (`FinetuneResult`), and its controls."""
+"""What `llmprune finetune` is asked to do (`FinetuneConfig`), how a run ended (`FinetuneResult`), and its controls.
+
+Each fine-tuning setting is declared here once, as a field with its docstring: the options of
+`llmprune finetune` and of `llmprune recipe NAME` are generated from these fields
+(cli/settings_options.py), and a recipe overrides values of this class rather than declaring its own.
+Torch-free, so that the command line can be built from it without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmprune.engine.core.errors import LlmpruneError, UserInputError
-from llmprune.engine.finetune.distill import validate_kd_settings
+from llmprune.engine.core.errors import LlmpruneError, require
 from llmprune.engine.finetune.guards import ON_NAN_CHOICES
 from llmprune.engine.io.load_options import LoadOptions
 
@@ -34,7 +39,7 @@ class FinetuneConfig(LoadOptions):
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch."""
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    """Module names that get adapters."""
+    """Module names that get LoRA adapters (comma-separated on the command line)."""
     merge: bool = False
     """LoRA only: merge the adapters into the weights and save a full model (else save the adapter)."""
     dataset: str = "wikitext2"
@@ -69,6 +74,8 @@ class FinetuneConfig(LoadOptions):
     """After this many rollbacks the next refused step stops the run."""
     save_every: int = 50
     """Checkpoint every N optimizer steps."""
+    save_every_minutes: float = 10.0
+    """Also checkpoint when this many minutes passed since the last save (0: by steps only)."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep on disk (the last good one is always kept)."""
     out: str | None = None
@@ -83,8 +90,13 @@ class FinetuneConfig(LoadOptions):
     """Text for --test-before/--test-after (its evaluation split)."""
     eval_windows: int | None = 64
     """Evaluation windows of seq_len tokens (None: all)."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass and recompute the rest (much less activation memory, about
+    a third slower)."""
     force: bool = False
-    """Train even if the health check finds the model unhealthy."""
+    """Train even if the health check finds the model unhealthy or the memory plan says it will not fit."""
+    dry_run: bool = False
+    """Run the checks that need no weights, print the memory plan, train nothing (exit 0: it fits, 1: it does not)."""
     teacher: str | None = None
     """Model spec of a teacher to distil from (usually the unpruned base model); None: LM loss only."""
     kd_temperature: float = 1.0
@@ -97,71 +109,84 @@ class FinetuneConfig(LoadOptions):
     """dtype of the saved model: auto (the source's stored dtype: bf16 in -> bf16 out) | float32 | bfloat16 | float16.
     """
 
-    def validate(self) -> None:
-        def need(condition: bool, problem: str, hint: str) -> None:
-            if not condition:
-                raise UserInputError(problem, hint)
+    def validate_training(self, flags: dict[str, str] | None = None) -> None:
+        """The training values on their own (a recipe checks its fine-tune with this before anything runs).
 
-        need(self.method in METHODS, f"unknown --method '{self.method}'", "use full or lora")
-        need(self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
-        need(
+        `flags` names an option where the caller's differs from the field's (`recipe NAME --train-batch-size`).
+        """
+
+        def flag(name: str) -> str:
+            return (flags or {}).get(name, "--" + name.replace("_", "-"))
+
+        require(self.method in METHODS, f"unknown --method '{self.method}'", "use full or lora")
+        require(
+            self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}"
+        )
+        require(
             self.on_nan in ON_NAN_CHOICES,
             f"unknown --on-nan '{self.on_nan}'",
             f"use one of {', '.join(ON_NAN_CHOICES)}",
         )
-        for name in (
-            "samples",
-            "seq_len",
-            "epochs",
-            "batch_size",
-            "grad_accum",
-            "save_every",
-            "keep_checkpoints",
-            "lora_r",
-        ):
+        for name in ("samples", "seq_len", "epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints"):
             value = getattr(self, name)
-            need(
+            require(
                 isinstance(value, int) and value >= 1,
-                f"--{name.replace('_', '-')} must be an integer ≥ 1, got {value}",
+                f"{flag(name)} must be an integer ≥ 1, got {value}",
                 "use a positive value",
             )
-        need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
-        need(
+        require(
+            isinstance(self.lora_r, int) and self.lora_r >= 1,
+            f"--lora-r must be an integer ≥ 1, got {self.lora_r}",
+            "use a positive value",
+        )
+        require(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
+        require(
             math.isfinite(self.lr) and self.lr > 0,
             f"--lr must be a positive number, got {self.lr}",
             "use e.g. --lr 1e-5",
         )
-        need(
+        require(
             self.warmup_steps >= 0, f"--warmup-steps must be ≥ 0, got {self.warmup_steps}", "use e.g. --warmup-steps 10"
         )
-        need(
+        require(
             self.max_grad_norm >= 0,
             f"--max-grad-norm must be ≥ 0, got {self.max_grad_norm}",
             "use e.g. 1.0 (0 disables clipping)",
         )
-        need(
+        require(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0,
             f"--weight-decay must be a finite number ≥ 0, got {self.weight_decay}",
             "use e.g. 0.01",
         )
-        need(
+        require(
             self.lora_alpha > 0,
             f"--lora-alpha must be > 0, got {self.lora_alpha}",
             "use e.g. --lora-alpha 32 (twice --lora-r)",
         )
-        need(self.loss_limit > 0, f"--loss-limit must be > 0, got {self.loss_limit}", "use e.g. 1e6")
-        need(self.max_rollbacks >= 0, f"--max-rollbacks must be ≥ 0, got {self.max_rollbacks}", "use e.g. 3")
-        need(
+        require(
+            math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0,
+            f"--save-every-minutes must be ≥ 0, got {self.save_every_minutes}",
+            "use e.g. 10 (0 saves by --save-every steps only)",
+        )
+        require(self.loss_limit > 0, f"--loss-limit must be > 0, got {self.loss_limit}", "use e.g. 1e6")
+        require(self.max_rollbacks >= 0, f"--max-rollbacks must be ≥ 0, got {self.max_rollbacks}", "use e.g. 3")
+
+    def validate(self) -> None:
+        """Every setting, and that the texts exist, before the model is loaded."""
+        from llmprune.engine.finetune.distill import validate_kd_settings  # distill needs torch; this file does not
+
+        self.validate_training()
+        require(
             self.eval_windows is None or self.eval_windows >= 1,
             f"--eval-windows must be ≥ 1, got {self.eval_windows}",
             "leave it out for 64",
         )
-        need(
+        require(
             not (self.merge and self.method != "lora"),
             "--merge only applies to --method lora",
             "drop --merge or add --method lora",
         )
-        need(
+        require(
             not (self.resume and not self.out),
             "--resume needs the run directory",
             "pass --out DIR of the run to continue",
@@ -201,6 +226,7 @@ class FinetuneResult:
     seconds: float = 0.0
     health: dict | None = None
     message: str = ""
+    memory_plan: dict | None = None
 
     @property
     def ok(self) -> bool:

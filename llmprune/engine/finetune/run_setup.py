@@ -16,6 +16,8 @@ from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.events import Event, Listener, PerplexityMeasured
 from llmprune.engine.core.outputs import RUN_MARKER, check_output_folder
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
+from llmprune.engine.core.stop import STOP, is_terminal_error, mute_lost_terminal
+from llmprune.engine.finetune import run_lock
 from llmprune.engine.finetune.config import DATA_FIELDS, DEFAULT_LORA_TARGETS, LOSS_FIELDS, FinetuneConfig
 from llmprune.engine.finetune.run_checkpoints import checkpoint_step, latest_checkpoint
 
@@ -40,8 +42,9 @@ def health_check(model: torch.nn.Module, tokenizer: Any) -> Any:
 
 def make_accelerator(config: FinetuneConfig, device: torch.device) -> Any:
     """bf16 autocast over fp32 master weights on GPU, plain fp32 on CPU; fp16 only when asked."""
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    from accelerate import Accelerator
 
     dtype = (config.dtype or "auto").lower()
     if device.type == "cpu" or dtype in ("float32", "fp32"):
@@ -63,7 +66,22 @@ def make_accelerator(config: FinetuneConfig, device: torch.device) -> Any:
         # a second in-process run (tests, recipes) with other settings: accelerate keeps a
         # process-wide singleton that refuses to change, so reset it when nothing is distributed
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    from llmprune.engine.finetune.sharded import check_sharding
+
+    check_sharding(accelerator)  # an FSDP launch that accelerate would run unsharded (CPUs) is refused
+    return accelerator
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep each decoder layer's input only and recompute the layer in the backward pass (transformers' own)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserInputError(
+            f"{type(model).__name__} cannot do gradient checkpointing", "drop --gradient-checkpointing"
+        )
+    # non-reentrant: works when the inputs need no gradient (LoRA's frozen embeddings) and keeps the RNG state
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def apply_lora(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
@@ -104,6 +122,12 @@ def safe_listener(listener: Listener | None) -> Listener:
             return
         try:
             listener(event)
+        except OSError as error:
+            if not is_terminal_error(error):
+                log.exception("listener failed on %s; training goes on", type(event).__name__)
+            elif mute_lost_terminal():  # the terminal went away under the printer: that is a stop (core/stop.py)
+                log.warning("the terminal went away: stopping after this step")
+                STOP.request("the terminal went away")
         except Exception:  # the UI is a guest: its bugs must not cost the user the run
             log.exception("listener failed on %s; training goes on", type(event).__name__)
 
@@ -142,6 +166,8 @@ def read_run(run_dir: Path) -> dict:
 def prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     run_dir = check_run_dir(config, needed_bytes)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("RANK", "0") == "0":
+        run_lock.acquire(run_dir)  # one writer per run folder; finetune_model releases it
     if not (run_dir / RUN_FILE).is_file() and os.environ.get("RANK", "0") == "0":
         # marks the folder as a run from the start, so that a run killed before its first checkpoint can be started
         # again there
@@ -152,6 +178,8 @@ def prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> 
 def check_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     """Whether --out may receive this run (a new or empty folder, or the run to --resume); nothing is written."""
     run_dir = Path(config.out).expanduser() if config.out else default_run_dir()
+    if os.environ.get("RANK", "0") == "0":  # the first process holds the lock for all of a launch
+        run_lock.check_unlocked(run_dir)  # a live trainer in this folder: say who, before anything else
     check_output_folder(run_dir, option="--out", resumable=True, needed_bytes=needed_bytes, kind=RUN_MARKER)
     checkpoints = run_dir / "checkpoints"
     if config.resume:
@@ -233,9 +261,11 @@ def save_outputs(
     model, tokenizer, config, run_dir: Path, accelerator, provenance: dict, summary: dict
 ) -> tuple[str | None, str | None]:
     """The final model in prune's reloadable format (or the LoRA adapter), written by the main process."""
+    from llmprune.engine.finetune.sharded import gathered_model
     from llmprune.engine.io.checkpoint import save_model
 
     accelerator.wait_for_everyone()
+    model = gathered_model(model, accelerator)  # FSDP: the shards gathered into one model on the main process
     if not accelerator.is_main_process:
         return None, None
     carried = {

@@ -10,6 +10,7 @@ import torch
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.finetune.config import FinetuneConfig
 from llmprune.engine.finetune.distill import LossParts
+from llmprune.engine.finetune.guards import StepVerdict
 
 
 @dataclass
@@ -52,3 +53,18 @@ def forward_backward(
         kd=mean([p.kd for p in parts]) if distilled else None,
         teacher_finite=teacher_finite,
     )
+
+
+def all_processes_agree(verdict: StepVerdict, accelerator) -> StepVerdict:
+    """The same verdict on every process: a step one process refuses is refused by all (skip or roll back together).
+
+    The loss is already averaged over processes and the gradients all-reduced, so a NaN anywhere reaches every
+    process's verdict; this all-reduce of the "refused" flag makes it so by construction (a threshold met on one
+    process only, a guard with state that differs), and a process never waits in a collective the others skipped.
+    """
+    if accelerator.num_processes == 1:
+        return verdict
+    refused = torch.tensor([0.0 if verdict.ok else 1.0], device=accelerator.device)
+    if float(accelerator.reduce(refused, reduction="sum")) == 0.0 or not verdict.ok:
+        return verdict
+    return StepVerdict(False, "other_process", float("nan"), "another process refused this step")

@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.errors import require
 from llmprune.engine.io.load_options import LoadOptions
-from llmprune.engine.recipes.registry import Recipe
+from llmprune.engine.recipes.registry import RECIPE_FINETUNE_FLAGS, Recipe
 from llmprune.engine.tasks import TaskOptions, task_names
 
 # run-directory entries written by the steps (a --restart removes exactly these)
@@ -51,14 +51,10 @@ class PipelineSettings(LoadOptions):
         return re.sub(r"[^\w.+-]+", "-", stem).strip("-") or "model"
 
     def validate_budget(self) -> None:
-        def need(condition: bool, problem: str, hint: str) -> None:
-            if not condition:
-                raise UserInputError(problem, hint)
-
-        need(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
+        require(self.seq_len >= 2, f"--seq-len must be ≥ 2, got {self.seq_len}", "use e.g. --seq-len 256")
         for option, value in (("--importance-samples", self.calibration_samples), ("--batch-size", self.batch_size)):
-            need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
-        need(
+            require(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
+        require(
             self.eval_windows is None or self.eval_windows >= 1,
             f"--eval-windows must be ≥ 1, got {self.eval_windows}",
             "use e.g. 64",
@@ -73,33 +69,31 @@ class PipelineSettings(LoadOptions):
         from llmprune.engine.pruning.importance import LAYER_METHODS
         from llmprune.engine.pruning.plan_options import STRATEGIES, PlanOptions
 
-        def need(condition: bool, problem: str, hint: str) -> None:
-            if not condition:
-                raise UserInputError(problem, hint)
-
         prune = self.recipe.prune
         highest = PlanOptions().max_rate  # no prunable layer loses more than this, so neither can their mean
-        need(
+        require(
             max(ratios) <= highest,
             f"--ratio {max(ratios):g} is more than a recipe prunes: at most {highest:g} of every prunable layer",
             f"use --ratio {highest:g} or lower",
         )
-        need(
+        require(
             prune.strategy in STRATEGIES,
             f"unknown --pruning-strategy '{prune.strategy}'",
             f"use one of {', '.join(STRATEGIES)}",
         )
-        need(
+        require(
             prune.importance in LAYER_METHODS,
             f"unknown --importance-method '{prune.importance}'",
             f"use one of {', '.join(LAYER_METHODS)}",
         )
-        need(
+        require(
             math.isfinite(prune.alpha) and prune.alpha >= 0,
             f"--alpha must be a finite number ≥ 0, got {prune.alpha}",
             "use e.g. --alpha 4 (0: uniform)",
         )
-        need(prune.layer_start >= 0, f"--layer-start must be ≥ 0, got {prune.layer_start}", "use e.g. --layer-start 1")
+        require(
+            prune.layer_start >= 0, f"--layer-start must be ≥ 0, got {prune.layer_start}", "use e.g. --layer-start 1"
+        )
 
 
 @dataclass(kw_only=True)
@@ -112,6 +106,9 @@ class RecipeConfig(PipelineSettings):
     """Run directory name under `out` (default: <model>-<recipe>-<ratio %>)."""
     skip_finetune: bool = False
     """Stop after the gate (the pruned model is the result)."""
+    teacher: bool = True
+    """Distil from the base model (finetune --teacher) when it fits in memory next to the student; False: LM loss only.
+    """
     auto_retreat: bool = False
     """When the gate fails, re-prune at a lower ratio instead of stopping."""
     retreat_step: float = 0.05
@@ -155,6 +152,7 @@ class RecipeConfig(PipelineSettings):
             "min_ratio",
         )
         settings = {"recipe": self.recipe.to_dict(), **{name: getattr(self, name) for name in keep}}
+        settings["recipe"]["finetune"]["teacher"] = self.teacher  # where the state of earlier runs records it
         if self.tasks is not None:  # only when asked, so that runs made before --tasks existed still resume
             settings["tasks"] = self.task_options().to_dict()
         return settings
@@ -168,54 +166,30 @@ class RecipeConfig(PipelineSettings):
         )
 
     def validate(self) -> None:
-        def need(condition: bool, problem: str, hint: str) -> None:
-            if not condition:
-                raise UserInputError(problem, hint)
-
         self.validate_budget()
         if self.tasks is not None:
             self.task_options().validate()
         prune, finetune = self.recipe.prune, self.recipe.finetune
-        need(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
+        require(0 < prune.ratio < 1, f"--ratio must be between 0 and 1, got {prune.ratio}", "use e.g. --ratio 0.15")
         self.validate_pruning([prune.ratio])
-        need(
-            finetune.lr > 0 and math.isfinite(finetune.lr),
-            f"--lr must be positive, got {finetune.lr}",
-            "use e.g. --lr 5e-7",
-        )
-        need(
-            finetune.warmup_steps >= 0,
-            f"--warmup-steps must be ≥ 0, got {finetune.warmup_steps}",
-            "use e.g. --warmup-steps 10",
-        )
-        need(
-            math.isfinite(finetune.max_grad_norm) and finetune.max_grad_norm >= 0,
-            f"--max-grad-norm must be a finite number ≥ 0, got {finetune.max_grad_norm}",
-            "use e.g. 1.0 (0 disables clipping)",
-        )
-        for option, value in (
-            ("--epochs", finetune.epochs),
-            ("--samples", finetune.samples),
-            ("--grad-accum", finetune.grad_accum),
-        ):
-            need(value >= 1, f"{option} must be ≥ 1, got {value}", f"use a positive {option}")
-        need(
+        finetune.validate_training(RECIPE_FINETUNE_FLAGS)
+        require(
             0 < self.retreat_step < 1,
             f"--retreat-step must be between 0 and 1, got {self.retreat_step}",
             "use e.g. 0.05",
         )
-        need(
+        require(
             0 < self.min_ratio <= prune.ratio,
             f"--min-ratio must be in (0, {prune.ratio}], got {self.min_ratio}",
             "use e.g. 0.05",
         )
-        need(
+        require(
             self.export in (None, *EXPORT_FORMATS),
             f"--export must be one of {', '.join(EXPORT_FORMATS)}, got '{self.export}'",
             "use --export gguf",
         )
         if self.name is not None:
-            need(
+            require(
                 bool(re.fullmatch(r"[\w.+-]+", self.name)),
                 f"--name '{self.name}' is not a plain folder name",
                 "use letters, digits, - _ . +",

@@ -8,6 +8,9 @@ value can still be overridden from the command line.
 The values come from the field guide: at 15 % with MLP pruning a very low
 learning rate (5e-7) and clipping at 0.5 keep the recovery from diverging;
 attention-only pruning at 20 % is gentler on the model and tolerates 1e-6.
+Both recipes train on 1000 windows for 2 epochs where a plain `llmprune
+finetune` takes 256 windows once: the recipe is the whole recovery, the
+command's default a quick one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.finetune.config import FinetuneConfig
 from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, plan_default
 
 
@@ -39,29 +43,21 @@ class PruneSettings:
     """One past the last prunable layer (None: all but the last layer, which stays protected)."""
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """How the pruned model is brought back."""
-
-    lr: float
-    """Peak learning rate."""
-    epochs: int = 2
-    """Passes over the training samples."""
-    samples: int = 1000
-    """Training windows."""
-    method: str = "full"
-    """full or lora."""
-    batch_size: int = 1
-    """Windows per forward pass."""
-    grad_accum: int = 1
-    """Forward passes per optimizer step."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping threshold."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    teacher: bool = True
-    """Distil from the base model (finetune --teacher) when it fits in memory next to the student; False: LM loss only.
-    """
+# The fine-tuning settings a recipe sets: fields of finetune's own FinetuneConfig (declared there once, with their
+# help), so `recipe NAME` offers them as options with the recipe's values as defaults. The rest of FinetuneConfig
+# comes from the run (the text, seq_len, the device, the run folder) or keeps finetune's default.
+RECIPE_FINETUNE_FIELDS = (
+    "method",
+    "samples",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "warmup_steps",
+    "max_grad_norm",
+)
+# on `recipe NAME` the measuring batch is --batch-size, so fine-tuning's is --train-batch-size
+RECIPE_FINETUNE_FLAGS = {"batch_size": "--train-batch-size"}
 
 
 @dataclass(frozen=True)
@@ -71,16 +67,30 @@ class Recipe:
     name: str
     summary: str
     prune: PruneSettings
-    finetune: FinetuneSettings
+    finetune: FinetuneConfig
+    """finetune's settings with the recipe's values (only RECIPE_FINETUNE_FIELDS are the recipe's to set)."""
 
     def with_overrides(self, prune: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None) -> Recipe:
         """A copy with some values replaced; None values mean 'keep the recipe's'."""
         prune = {k: v for k, v in (prune or {}).items() if v is not None}
         finetune = {k: v for k, v in (finetune or {}).items() if v is not None}
+        if not set(finetune) <= set(
+            RECIPE_FINETUNE_FIELDS
+        ):  # the run's fields (text, folder, device) are not a recipe's
+            raise TypeError(f"a recipe does not set {sorted(set(finetune) - set(RECIPE_FINETUNE_FIELDS))}")
         return replace(self, prune=replace(self.prune, **prune), finetune=replace(self.finetune, **finetune))
 
+    def finetune_values(self) -> dict[str, Any]:
+        """The fine-tuning values the recipe sets, by field name."""
+        return {name: getattr(self.finetune, name) for name in RECIPE_FINETUNE_FIELDS}
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "prune": asdict(self.prune),
+            "finetune": self.finetune_values(),
+        }
 
 
 RECIPES: dict[str, Recipe] = {
@@ -93,15 +103,13 @@ RECIPES: dict[str, Recipe] = {
                 "inverse allocation, then a very gentle full fine-tune"
             ),
             prune=PruneSettings(ratio=0.15, importance="removal", strategy="inverse", alpha=1.2, prune_mlp=True),
-            finetune=FinetuneSettings(
-                lr=5e-7, epochs=2, samples=1000, grad_accum=4, max_grad_norm=0.5, warmup_steps=50
-            ),
+            finetune=FinetuneConfig(lr=5e-7, epochs=2, samples=1000, grad_accum=4, max_grad_norm=0.5, warmup_steps=50),
         ),
         Recipe(
             name="attn-only",
             summary="the safer path: 20 % of attention groups only (MLP untouched), then a full fine-tune",
             prune=PruneSettings(ratio=0.20, alpha=1.2, prune_mlp=False),
-            finetune=FinetuneSettings(lr=1e-6, epochs=2, samples=1000),
+            finetune=FinetuneConfig(lr=1e-6, epochs=2, samples=1000),
         ),
     )
 }

@@ -24,7 +24,14 @@ from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.recipes.config import OUTPUTS, RecipeConfig
 from llmprune.engine.recipes.report import RecipeReport, build_report, write_report
 from llmprune.engine.recipes.state import RunState, describe_resume, open_run
-from llmprune.engine.recipes.steps import PASSING_VERDICTS, StepAdapters, choose_teacher, has_checkpoint
+from llmprune.engine.recipes.steps import (
+    PASSING_VERDICTS,
+    UNHEALTHY,
+    StepAdapters,
+    choose_teacher,
+    finished_finetune,
+    has_checkpoint,
+)
 
 # step name -> what it does (in the order they run)
 STEPS: dict[str, str] = {
@@ -161,12 +168,13 @@ class _Run:
 
     def gate(self) -> dict:
         check = self.state.result("check")
-        passed = check["verdict"] in PASSING_VERDICTS and check.get("healthy_weights", True)
-        why = (
-            check["verdict"]
-            if check.get("healthy_weights", True)
-            else f"{check['verdict']}, and the weights are unhealthy"
-        )
+        healthy_weights = check.get("healthy_weights", True)
+        passed = check["verdict"] in PASSING_VERDICTS and healthy_weights
+        # one verdict, one word: weights that fail doctor's check decide it (older state.json files kept the PPL's)
+        why = check["verdict"]
+        if not healthy_weights:
+            errors = check.get("errors") or [{}]
+            why = f"{UNHEALTHY} (its weights fail doctor's check: {errors[0].get('message', 'see llmprune doctor')})"
         if passed:
             self.emit(
                 Notice(f"gate passed at ratio {self.state.ratio:g}: the pruned model's verdict is {check['verdict']}")
@@ -175,8 +183,8 @@ class _Run:
         lower = _retreat_ratios(self.state.ratio, self.config.retreat_step, self.config.min_ratio)
         if self.config.auto_retreat and lower:
             message = (
-                f"ratio {self.state.ratio:g} gave a {why} model (PPL {check['ppl']:.2f}); re-pruning at {lower[0]:g}"
-                " with the same importance analysis"
+                f"ratio {self.state.ratio:g} gave a model that is {why} (PPL {check['ppl']:.2f}); re-pruning at"
+                f" {lower[0]:g} with the same importance analysis"
             )
             self.state.retreats.append(message)
             self.emit(Notice(message, "warning"))
@@ -200,15 +208,19 @@ class _Run:
             self.config, self.state.result("baseline")["params"], self.state.result("check")["params"], out
         )
         self.emit(Notice(why))
-        result = self.steps.finetune(
-            self.config,
-            str(self.run_dir / "pruned"),
-            out,
-            has_checkpoint(out),
-            self.finetune_listener,
-            self.finetune_host,
-            teacher=teacher,
-        )
+        result = finished_finetune(out)
+        if result is not None:  # it ended after this recipe had stopped waiting for it (an earlier, orphaned process)
+            self.emit(Notice(f"the fine-tune in {out} had finished ({result['steps']} steps): its model is used"))
+        else:
+            result = self.steps.finetune(
+                self.config,
+                str(self.run_dir / "pruned"),
+                out,
+                has_checkpoint(out),
+                self.finetune_listener,
+                self.finetune_host,
+                teacher=teacher,
+            )
         result.update(teacher=teacher, teacher_choice=why)
         if result["status"] == "stopped_by_user":
             self.state.status = "interrupted"
@@ -267,6 +279,25 @@ def _restart(run_dir: Path) -> None:
             path.unlink()
 
 
+def _announce_memory_plan(run: _Run) -> None:
+    """Before pruning: will the fine-tune step fit? (the plan on the base model's shape, an upper bound)."""
+    plan_of = getattr(run.steps, "finetune_memory_plan", None)
+    plan = plan_of(run.config) if plan_of is not None else None
+    if plan is None:
+        return
+    gib = 2**30
+    free = "unknown" if plan["available_bytes"] is None else f"{plan['available_bytes'] / gib:.1f} GiB"
+    message = (
+        f"fine-tune memory plan ({plan['settings']['method']}, on the base model's shape: an upper bound):"
+        f" {plan['needed_bytes'] / gib:.1f} GiB of {plan['where']} ({free} free)"
+    )
+    if plan["fits"]:
+        run.emit(Notice(message + ": fits"))
+        return
+    fixes = "; ".join(fix["change"] for fix in plan["fixes"]) or "a device with more memory"
+    run.emit(Notice(f"{message}: does not fit; would fit: {fixes}", "warning"))
+
+
 def run_recipe(
     config: RecipeConfig,
     listener: RecipeListener | None = None,
@@ -298,6 +329,8 @@ def run_recipe(
     if resuming:
         emit(Notice(resuming))
     run = _Run(config, state, steps or StepAdapters(), emit, finetune_listener, finetune_host, progress)
+    if not (config.skip_finetune or state.done("finetune")):
+        _announce_memory_plan(run)
     order = list(STEPS)
     index = 0
     try:

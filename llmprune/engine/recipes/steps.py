@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 # acceptable PPL verdicts: the gate lets these through to fine-tuning
 PASSING_VERDICTS = ("healthy", "acceptable")
+UNHEALTHY = "unhealthy"  # the verdict of a model whose weights fail doctor's check, whatever its PPL
 
 
 def calibration_options(config: PipelineSettings) -> Any:
@@ -115,11 +116,25 @@ class StepAdapters:
         report = preflight_check(model, tokenizer, forward=True)
         verdict = ppl_verdict(ppl, base_ppl)
         errors = [finding.to_dict() for finding in report.findings if finding.severity == "error"]
+        if report.ok:
+            return {
+                "verdict": verdict.label,
+                "explanation": verdict.explanation,
+                "advice": [str(item) for item in verdict.advice],
+                "healthy_weights": True,
+                "errors": errors,
+            }
+        # one verdict says one thing: weights that fail doctor's check make the model unhealthy whatever its PPL
+        problem = errors[0]["message"] if errors else "the weights failed doctor's check"
         return {
-            "verdict": verdict.label,
-            "explanation": verdict.explanation,
-            "advice": [str(item) for item in verdict.advice],
-            "healthy_weights": report.ok,
+            "verdict": UNHEALTHY,
+            "explanation": (
+                f"unhealthy weights: {problem}; the PPL ({ppl:.2f}, {verdict.label} by itself) does not count while"
+                " the weights fail doctor's check"
+            ),
+            "advice": list(dict.fromkeys(str(item) for error in errors for item in error.get("advice", []))),
+            "healthy_weights": False,
+            "ppl_verdict": verdict.label,
             "errors": errors,
         }
 
@@ -195,22 +210,17 @@ class StepAdapters:
         """Fine-tune the pruned model into `out_dir` (resuming its last checkpoint if `resume`), distilling from
         `teacher` if given.
         """
-        from llmprune.engine.finetune.train import FinetuneConfig, UnhealthyModelError, run_finetune
+        from dataclasses import replace
 
-        settings = config.recipe.finetune
-        finetune_config = FinetuneConfig(
+        from llmprune.engine.finetune.train import UnhealthyModelError, run_finetune
+
+        # the recipe's fine-tuning values, with what belongs to this run: the pruned model, the text, the folder
+        finetune_config = replace(
+            config.recipe.finetune,
             model=model_dir,
-            method=settings.method,
             dataset=config.dataset,
-            samples=settings.samples,
             seq_len=config.seq_len,
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            grad_accum=settings.grad_accum,
-            lr=settings.lr,
-            warmup_steps=settings.warmup_steps,
-            max_grad_norm=settings.max_grad_norm,
-            merge=settings.method == "lora",
+            merge=config.recipe.finetune.method == "lora",
             out=str(out_dir),
             resume=resume,
             device=config.device,
@@ -242,6 +252,22 @@ class StepAdapters:
             "message": result.message,
         }
 
+    def finetune_memory_plan(self, config: RecipeConfig) -> dict | None:
+        """The memory plan of the fine-tune step, made before pruning on the base model's shape (an upper bound:
+        the pruned model is smaller) and without the teacher (chosen after pruning, when it fits)."""
+        from dataclasses import replace
+
+        from llmprune.engine.core.device import available_memory_bytes, resolve_device
+        from llmprune.engine.finetune.memory_plan import PlanSettings, model_shape, plan_memory
+
+        shape = model_shape(config.model)
+        if shape is None:
+            return None
+        device = resolve_device(config.device)
+        finetune = replace(config.recipe.finetune, seq_len=config.seq_len, dtype=config.dtype)
+        settings = PlanSettings.of(finetune, "cuda" if device.type == "cuda" else "cpu")
+        return plan_memory(shape, settings, available_memory_bytes(device)).to_dict()
+
     def export_gguf(self, model_dir: str, out: Path) -> dict:
         """The final model as one GGUF file (f16) for llama.cpp."""
         from llmprune.engine.io.gguf_export import ExportConfig, export_gguf
@@ -264,7 +290,7 @@ def choose_teacher(
     from llmprune.engine.core.device import resolve_device
     from llmprune.engine.finetune.distill import teacher_fits
 
-    if not config.recipe.finetune.teacher:
+    if not config.teacher:
         return None, "no teacher (--no-teacher): fine-tuning on the LM loss only"
     if has_checkpoint(run_dir):  # a resumed fine-tune keeps the loss it started with
         try:
@@ -291,3 +317,27 @@ def has_checkpoint(run_dir: Path) -> bool:
     from llmprune.engine.finetune.run_checkpoints import latest_checkpoint
 
     return latest_checkpoint(run_dir / "checkpoints") is not None
+
+
+def finished_finetune(run_dir: Path) -> dict | None:
+    """The result of a fine-tuning run in `run_dir` that completed all its steps and saved its model, else None."""
+    from llmprune.engine.finetune.run_setup import read_run
+
+    record = read_run(run_dir)
+    model_dir = record.get("model_dir")
+    if (
+        record.get("status") != "completed"
+        or not isinstance(record.get("steps"), int)
+        or record["steps"] < record.get("total_steps", float("inf"))
+        or not model_dir
+        or not (Path(model_dir) / "config.json").is_file()
+    ):
+        return None
+    return {
+        "status": "completed",
+        "model_dir": model_dir,
+        "run_dir": str(run_dir),
+        "steps": record["steps"],
+        "final_loss": record.get("final_loss"),
+        "message": record.get("message", ""),
+    }
