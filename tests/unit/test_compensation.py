@@ -93,12 +93,58 @@ def test_least_squares_beats_bias_and_is_exact_when_nothing_is_removed():
     torch.testing.assert_close(bias, torch.zeros(6), atol=1e-4, rtol=1e-4)
 
 
-def test_least_squares_with_too_few_tokens_falls_back_to_bias_compensation():
+def test_the_refit_ridge_grows_smoothly_below_the_tokens_it_needs():
+    # from 4 tokens per kept input down, the ridge rises continuously (no switch), and faster as tokens get fewer
+    kept = 100
+    knee = comp.MIN_TOKENS_PER_INPUT * kept
+    assert comp.refit_ridge(1e-3, kept, knee) == 1e-3
+    assert comp.refit_ridge(1e-3, kept, 10 * knee) == 1e-3
+    ridges = [comp.refit_ridge(1e-3, kept, tokens) for tokens in (knee, knee - 1, knee // 2, knee // 8, 1)]
+    assert ridges == sorted(ridges) and len(set(ridges)) == len(ridges)
+    assert comp.refit_ridge(1e-3, kept, knee - 1) < 1.01e-3
+
+
+def test_one_token_below_four_per_kept_input_the_refit_still_runs():
+    # the refit's change to the kept weights does not drop to 0 (the kept
+    # weights as they were: the old fallback to bias compensation) one token below 4 per kept input
     features = 12
     keep = [k for k in range(features) if k not in (3, 7)]
-    x = _inputs(tokens=comp.MIN_TOKENS_PER_INPUT * len(keep) - 1, features=features)
     linear = _linear(features)
-    stats = _stats(linear, x, chunks=1)
-    weight, bias = comp.refit_least_squares(linear.weight, linear.bias, stats, keep)
-    torch.testing.assert_close(weight, linear.weight[:, keep])
-    torch.testing.assert_close(bias, comp.compensate_bias(linear.weight, linear.bias, stats, keep))
+    knee = comp.MIN_TOKENS_PER_INPUT * len(keep)
+    x = _inputs(tokens=knee, features=features, seed=3)
+    change = {}
+    for tokens in (knee, knee - 1):
+        stats = _stats(linear, x[:tokens], chunks=1)
+        weight, bias = comp.refit_least_squares(linear.weight, linear.bias, stats, keep)
+        assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
+        kept = linear.weight.detach()[:, keep]
+        change[tokens] = float((weight - kept).norm() / kept.norm())
+    assert change[knee - 1] > 0.5 * change[knee]
+
+
+def test_the_refit_from_the_kept_inputs_equals_the_refit_from_the_gram():
+    # few tokens for the features: the statistics keep X instead of XᵀX; the tokens × tokens solve gives the same W', b'
+    features, tokens = 64, 12
+    keep = [k for k in range(features) if k % 5]
+    linear = nn.Linear(features, 6)
+    x = _inputs(tokens=tokens, features=features, seed=4)
+    low_rank = _stats(linear, x, chunks=3)
+    assert low_rank.low_rank
+    weight, bias = comp.refit_least_squares(linear.weight, linear.bias, low_rank, keep)
+    dense = _stats(linear, x, chunks=3)
+    dense.gram  # noqa: B018 (builds XᵀX from the kept inputs: the dense path from here on)
+    assert not dense.low_rank
+    dense_weight, dense_bias = comp.refit_least_squares(linear.weight, linear.bias, dense, keep)
+    torch.testing.assert_close(weight, dense_weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bias, dense_bias, atol=1e-5, rtol=1e-4)
+
+
+def test_statistics_keep_the_inputs_only_while_they_are_smaller_than_the_gram():
+    features = 64
+    linear = nn.Linear(features, 6)
+    stats = _stats(linear, _inputs(tokens=16, features=features), chunks=2)
+    assert stats.low_rank and stats.inputs().shape == (16, features)
+    x = _inputs(tokens=40, features=features, seed=5)
+    stats = _stats(linear, x, chunks=4)  # 40 > 64 / 4: the Gram takes over, built from the inputs seen so far
+    assert not stats.low_rank
+    torch.testing.assert_close(stats.gram, x.double().T @ x.double())

@@ -10,7 +10,7 @@ from conftest import make_tiny_model
 
 from llmprune.engine.pruning import compensation as comp
 from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
-from llmprune.engine.pruning.obs import obs_removal_error, obs_unit_scores
+from llmprune.engine.pruning.obs import DENSE_FLOAT64_FEATURES, dense_dtype, obs_removal_error, obs_unit_scores
 from llmprune.engine.pruning.unit_scores import UNIT_SCORES
 
 SEQ = 32
@@ -120,3 +120,32 @@ def test_obs_prunes_a_tiny_model_to_its_target():
     assert sum(p.numel() for p in model.parameters()) <= 0.75 * before
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_float32_is_only_chosen_where_the_tokens_span_the_inputs():
+    wide = comp.InputStatistics(DENSE_FLOAT64_FEATURES + 1, gram=False)
+    wide.count = DENSE_FLOAT64_FEATURES
+    assert dense_dtype(wide) == torch.float64
+    wide.count = DENSE_FLOAT64_FEATURES + 1
+    assert dense_dtype(wide) == torch.float32
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_low_rank_scores_from_the_kept_inputs_equal_the_dense_ones(width):
+    # 10 tokens for 48 inputs: the statistics keep X; the tokens × tokens form gives the dense float64 scores
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 48, generator=generator, dtype=torch.float64) + 0.3
+    weight = torch.randn(6, 48, generator=generator, dtype=torch.float64)
+    low_rank = comp.InputStatistics(48)
+    low_rank.add(x)
+    dense = comp.InputStatistics(48)
+    dense.add(x)
+    dense.gram  # noqa: B018 (builds XᵀX: the dense path)
+    assert low_rank.low_rank and not dense.low_rank
+    for remove in (0, 5, None):
+        expected = obs_unit_scores(weight, dense, width, remove=remove)
+        torch.testing.assert_close(obs_unit_scores(weight, low_rank, width, remove=remove), expected, rtol=1e-4, atol=0)
+    removed = [1, 7, 30]
+    assert obs_removal_error(weight, None, low_rank, removed) == pytest.approx(
+        obs_removal_error(weight, None, dense, removed), rel=1e-8
+    )

@@ -32,19 +32,32 @@ __all__ = [
     "group_fluctuation",
     "compensate_bias",
     "refit_least_squares",
+    "refit_ridge",
     "column_energy",
 ]
 
 
 class InputStatistics:
-    """Running n, Σx and XᵀX of a linear layer's inputs (float64, on the layer's device)."""
+    """Running n, Σx and XᵀX of a linear layer's inputs (float64, on the layer's device).
+
+    While there are fewer calibration tokens than a quarter of the features (an 8B down_proj: 14,336
+    features, the default 256 or 6,400 tokens), the inputs themselves are kept instead of XᵀX: they
+    are smaller than the Gram (256 × 14,336 vs 14,336²: 29 MB vs 1.6 GB), and OBS scores and the
+    refit work on them directly (`low_rank`), so the features² matrix is never formed. Asking for
+    `gram` builds it from them.
+    """
+
+    # keep the inputs while count ≤ features · LOW_RANK_SHARE (the Gram is then at least 4× larger)
+    LOW_RANK_SHARE = 1 / 4
 
     def __init__(self, features: int, device: torch.device | str = "cpu", gram: bool = True):
         self.count = 0
         self.total = torch.zeros(features, dtype=torch.float64, device=device)
         self.squares = torch.zeros(features, dtype=torch.float64, device=device)
         # the full Gram is only needed for least squares and exact group scores
-        self.gram = torch.zeros(features, features, dtype=torch.float64, device=device) if gram else None
+        self.has_gram = gram
+        self._gram: torch.Tensor | None = None
+        self._inputs: list[torch.Tensor] | None = [] if gram else None
 
     @torch.no_grad()
     def add(self, inputs: torch.Tensor) -> None:
@@ -52,8 +65,40 @@ class InputStatistics:
         self.count += x.shape[0]
         self.total += x.sum(0)
         self.squares += (x * x).sum(0)
-        if self.gram is not None:
-            self.gram.addmm_(x.T, x)  # in place: no second features² matrix
+        if not self.has_gram:
+            return
+        if self._inputs is not None and self.count <= self.LOW_RANK_SHARE * x.shape[1]:
+            self._inputs.append(x.clone() if x.data_ptr() == inputs.data_ptr() else x)
+            return
+        self.gram.addmm_(x.T, x)  # in place: no second features² matrix
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether the raw inputs are kept (few tokens for the features) instead of XᵀX."""
+        return self._inputs is not None and self._gram is None
+
+    def inputs(self) -> torch.Tensor:
+        """X (count × features, float64); only while `low_rank`."""
+        if not self.low_rank:
+            raise ValueError("the raw inputs are only kept while there are few calibration tokens")
+        if not self._inputs:
+            return self.total.new_zeros(0, self.total.shape[0])
+        if len(self._inputs) > 1:
+            self._inputs = [torch.cat(self._inputs)]
+        return self._inputs[0]
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """XᵀX (features², float64); None when not recorded. Built from the kept inputs on first use."""
+        if not self.has_gram:
+            return None
+        if self._gram is None:
+            features = self.total.shape[0]
+            self._gram = torch.zeros(features, features, dtype=torch.float64, device=self.total.device)
+            for x in self._inputs or []:
+                self._gram.addmm_(x.T, x)
+            self._inputs = None
+        return self._gram
 
     @property
     def mean(self) -> torch.Tensor:
@@ -64,10 +109,11 @@ class InputStatistics:
         return (self.squares / max(self.count, 1) - self.mean**2).clamp_min(0)
 
     def covariance(self) -> torch.Tensor:
-        if self.gram is None:
+        if not self.has_gram:
             raise ValueError("covariance needs the Gram matrix (InputStatistics(gram=True))")
         mean = self.mean
-        return self.gram / max(self.count, 1) - torch.outer(mean, mean)
+        cov = self.gram / max(self.count, 1)
+        return cov.addr_(mean, mean, alpha=-1)  # in place: no second features² matrix
 
 
 class record_inputs:
@@ -109,7 +155,7 @@ def group_fluctuation(weight: torch.Tensor, stats: InputStatistics, groups: Sequ
 
     Unlike summing per-column scores this counts how a head's columns move together.
     """
-    cov = stats.covariance() if stats.gram is not None else None
+    cov = stats.covariance() if stats.has_gram else None
     w = weight.detach().to(torch.float64)
     scores = []
     for columns in groups:
@@ -138,17 +184,27 @@ def compensate_bias(
     `weight` is the *unpruned* weight (out × in); returns a new bias (out,) in the weight's dtype.
     """
     removed = _removed(keep, weight.shape[1], stats.total.device)
-    w = weight.detach().to(torch.float64).to(stats.total.device)
-    shift = w[:, removed] @ stats.mean[removed]
+    # only the removed columns in float64 (a float64 copy of an 8B down_proj would be 0.47 GB)
+    w_removed = weight.detach().to(stats.total.device)[:, removed].to(torch.float64)
+    shift = w_removed @ stats.mean[removed]
     base = bias.detach().to(torch.float64).to(shift.device) if bias is not None else torch.zeros_like(shift)
     return (base + shift).to(weight.dtype).to(weight.device)
 
 
-# A least-squares refit over k inputs fitted on fewer than a few·k calibration
-# tokens reproduces those tokens and fails on every other one (measured on
-# SmolLM2: 256 tokens for 1536 channels turned PPL 39 into thousands). Below
-# this many tokens per kept input the refit falls back to bias compensation.
+# A least-squares refit over k inputs fitted on fewer than a few·k calibration tokens reproduces those
+# tokens and fails on every other one (measured on SmolLM2: 256 tokens for 1536 channels with the plain
+# ridge turned PPL 39 into thousands). Down to this many tokens per kept input the ridge is `damping`;
+# below it, the ridge grows as (MIN_TOKENS_PER_INPUT·k / n)^RIDGE_GROWTH, pulling the refit towards the
+# original weights more the less the calibration covers: a curve from the refit to the kept weights
+# (where only the bias is refitted), not a switch between them.
 MIN_TOKENS_PER_INPUT = 4
+RIDGE_GROWTH = 2.0
+
+
+def refit_ridge(damping: float, kept: int, tokens: int) -> float:
+    """The refit's ridge relative to the mean diagonal of XᵀX: `damping`, raised when tokens per kept input are few."""
+    shortfall = MIN_TOKENS_PER_INPUT * kept / max(tokens, 1)
+    return damping * max(1.0, shortfall) ** RIDGE_GROWTH
 
 
 @torch.no_grad()
@@ -161,47 +217,53 @@ def refit_least_squares(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') for the kept columns that best reproduce X·Wᵀ + b on the calibration inputs.
 
-    Solves the normal equations of [X_kept, 1] in float64 with a ridge of
-    damping·mean(diag) that pulls W' towards the *original* kept columns, not
-    towards 0: directions the calibration inputs do not cover (few samples,
-    rarely active channels) keep their trained weights instead of being fitted
-    to noise, while well-covered directions are refitted. Returns the new
-    weight (out × kept) and bias (out,). With fewer than
-    MIN_TOKENS_PER_INPUT calibration tokens per kept input it returns the kept
-    columns unchanged and the bias compensation instead.
+    Minimises ‖[X_kept, 1]·[W', b']ᵀ − (X Wᵀ + b)‖² + λ‖W' − W_kept‖²: the ridge λ (`refit_ridge`:
+    damping·mean(diag), more with few tokens per kept input) pulls W' towards the *original* kept
+    columns, not towards 0, so directions the calibration inputs do not cover (few samples, rarely
+    active channels) keep their trained weights instead of being fitted to noise, while
+    well-covered directions are refitted. The bias is fitted exactly, which centres the problem:
+    with Σ the inputs' covariance, K the kept and R the removed columns,
+
+        W'ᵀ = W_Kᵀ + (Σ_KK + λI)⁻¹ Σ_KR W_Rᵀ,    b' = b + W_R x̄_R − (W' − W_K) x̄_K.
+
+    With the raw inputs kept (few tokens, `InputStatistics.low_rank`) the k × k system is solved
+    through the tokens × tokens one (Σ = ZᵀZ: (ZᵀZ + λI)⁻¹Zᵀ = Zᵀ(ZZᵀ + λI)⁻¹), so no k × k matrix is
+    formed. Returns the new weight (out × kept) and bias (out,), in the weight's dtype.
     """
-    if stats.count < MIN_TOKENS_PER_INPUT * len(keep):
-        kept_weight = weight.detach()[:, sorted(int(k) for k in keep)].contiguous()
-        return kept_weight, compensate_bias(weight, bias, stats, keep)
-    if stats.gram is None:
+    if not stats.has_gram:
         raise ValueError("least squares needs the Gram matrix (InputStatistics(gram=True))")
-    device = stats.gram.device
-    keep_index = torch.as_tensor(sorted(int(k) for k in keep), dtype=torch.long, device=device)
-    w = weight.detach().to(torch.float64).to(device)
+    device = stats.total.device
+    kept = torch.as_tensor(sorted(int(k) for k in keep), dtype=torch.long, device=device)
+    removed = _removed(kept.tolist(), weight.shape[1], device).nonzero().flatten()
+    w = weight.detach().to(device)
+    w_kept = w.index_select(1, kept).to(torch.float64)
+    w_removed = w.index_select(1, removed).to(torch.float64)
     b = (
         bias.detach().to(torch.float64).to(device)
         if bias is not None
         else torch.zeros(w.shape[0], dtype=torch.float64, device=device)
     )
-    n = float(stats.count)
-    gram, total = stats.gram, stats.total
-    k = keep_index.numel()
-
-    # augmented normal matrix A = X̃ᵀX̃ and right-hand side X̃ᵀY with Y = X Wᵀ + 1 bᵀ
-    # no k × in block of the Gram is ever formed (for an 8B down_proj that alone would be ~1 GB):
-    # A takes the k × k block directly, the right-hand side the kept rows of the (in × out) product
-    a = torch.empty(k + 1, k + 1, dtype=torch.float64, device=device)
-    a[:k, :k] = gram[keep_index[:, None], keep_index]
-    a[:k, k] = total[keep_index]
-    a[k, :k] = total[keep_index]
-    a[k, k] = n
-    ridge = damping * a[:k, :k].diagonal().mean().clamp_min(1e-12)
-    a[:k, :k].diagonal().add_(ridge)  # in place: ridge * eye(k) would be two more k × k matrices
-    rhs = torch.empty(k + 1, w.shape[0], dtype=torch.float64, device=device)
-    rhs[:k] = (gram @ w.T).index_select(0, keep_index) + torch.outer(total[keep_index], b)
-    rhs[:k] += ridge * w.index_select(1, keep_index).T  # the prior: the original weights
-    rhs[k] = total @ w.T + n * b
-    solution = torch.linalg.solve(a, rhs)  # (k+1) × out
-    new_weight = solution[:k].T.contiguous()
-    new_bias = solution[k]
+    n = float(max(stats.count, 1))
+    mean = stats.mean
+    mean_kept, mean_removed = mean[kept], mean[removed]
+    ridge = refit_ridge(damping, kept.numel(), stats.count) * float(stats.squares[kept].mean() / n)
+    ridge = max(ridge, 1e-12)
+    if stats.low_rank:
+        x = stats.inputs()
+        z_kept = (x.index_select(1, kept) - mean_kept) / n**0.5  # tokens × k
+        target = ((x.index_select(1, removed) - mean_removed) / n**0.5) @ w_removed.T  # tokens × out
+        small = z_kept @ z_kept.T
+        small.diagonal().add_(ridge)
+        shift = z_kept.T @ torch.cholesky_solve(target, torch.linalg.cholesky(small))  # k × out
+    else:
+        gram = stats.gram
+        cov_kk = gram[kept[:, None], kept] / n
+        cov_kk.addr_(mean_kept, mean_kept, alpha=-1)
+        cov_kk.diagonal().add_(ridge)  # in place: ridge * eye(k) would be two more k × k matrices
+        # Σ_KR W_Rᵀ without a k × in block of the Gram (for an 8B down_proj that alone would be ~1 GB)
+        rhs = gram[kept[:, None], removed] @ w_removed.T / n - torch.outer(mean_kept, mean_removed @ w_removed.T)
+        factor, info = torch.linalg.cholesky_ex(cov_kk)
+        shift = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(cov_kk, rhs)
+    new_bias = b + w_removed @ mean_removed - shift.T @ mean_kept
+    new_weight = w_kept.add_(shift.T)  # in place: no third out × k float64 matrix
     return new_weight.to(weight.dtype).to(weight.device), new_bias.to(weight.dtype).to(weight.device)

@@ -85,18 +85,15 @@ class _OneLayer:
         channels = layer.mlp.down_proj.in_features
         self.report = LayerReport(index, list(range(kv_heads)), channels, kv_heads, channels)
 
-    def _record(
-        self, linear: nn.Linear, width: int, hidden: torch.Tensor | None, block, kept_columns: int = 0
-    ) -> comp.InputStatistics | None:
+    def _record(self, linear: nn.Linear, width: int, hidden: torch.Tensor | None, block) -> comp.InputStatistics | None:
         """Statistics of `linear`'s inputs while `block` runs the dense layer (None without calibration data).
 
-        With too few calibration tokens for the `kept_columns` least squares would refit, it falls
-        back to the bias, so the Gram is not built (an 8B down_proj's is 14,336² float64 = 1.6 GB).
+        With few calibration tokens the statistics keep the inputs instead of the Gram (an 8B down_proj's
+        is 14,336² float64 = 1.6 GB), so asking for it costs little then.
         """
         if hidden is None:
             return None
-        refits = hidden.shape[0] * hidden.shape[1] >= comp.MIN_TOKENS_PER_INPUT * kept_columns
-        gram = self.score.needs_gram(width) or (bool(getattr(self.step, "needs_gram", False)) and refits)
+        gram = self.score.needs_gram(width) or bool(getattr(self.step, "needs_gram", False))
         with comp.record_inputs(linear, gram=gram) as stats:
             block(self.layer, hidden)
         return stats
@@ -149,9 +146,7 @@ class _OneLayer:
         down_proj = self.layer.mlp.down_proj
         if plan.keep_channels >= down_proj.in_features:
             return False
-        stats = self._record(
-            down_proj, 1, middle, self.runner and self.runner.mlp_block, kept_columns=plan.keep_channels
-        )
+        stats = self._record(down_proj, 1, middle, self.runner and self.runner.mlp_block)
         keep = top_units(
             self.score.mlp_channels(self.layer, stats, **self._keep(plan.keep_channels)), plan.keep_channels
         )

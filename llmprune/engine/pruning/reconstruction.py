@@ -4,8 +4,8 @@
 heads went) and one for down_proj (after MLP channels went), with the dense
 weights and the statistics of the dense layer's inputs on calibration text
 (`CompensationContext`). A step returns the name of what it really did, which
-the report records layer by layer: the least-squares refit falls back to bias
-compensation when there are too few calibration tokens for it.
+the report records layer by layer: with few calibration tokens per kept input
+the least-squares refit says how much more it leaned on the original weights.
 
 Built in (`compensation_step(kind)`): `bias` (the removed units' mean output,
 folded into the bias) and `lstsq` (refit the kept columns and the bias), both
@@ -71,9 +71,10 @@ def _lstsq(context: CompensationContext) -> str:
         context.dense_weight, context.dense_bias, context.stats, context.keep_columns, damping=context.damping
     )
     set_linear(context.linear, weight, bias)
-    needed = comp.MIN_TOKENS_PER_INPUT * len(context.keep_columns)
-    if context.stats.count < needed:  # refit_least_squares fell back to the bias compensation
-        return f"bias (lstsq fell back: {context.stats.count} calibration tokens < {needed})"
+    kept, tokens = len(context.keep_columns), context.stats.count
+    ridge = comp.refit_ridge(context.damping, kept, tokens)
+    if ridge > context.damping:  # few calibration tokens per kept input: the refit leans on the original weights
+        return f"lstsq (ridge {ridge:.3g}: {tokens / max(kept, 1):.2f} calibration tokens per kept input)"
     return "lstsq"
 
 

@@ -128,7 +128,7 @@ class Fluctuation:
     @staticmethod
     def _groups(layer: nn.Module, width: int, stats: comp.InputStatistics) -> torch.Tensor:
         weight = layer.self_attn.o_proj.weight
-        if stats.gram is None:
+        if not stats.has_gram:
             return _blocks(comp.fluctuation(weight, stats), width)
         groups = [range(g * width, (g + 1) * width) for g in range(weight.shape[1] // width)]
         return comp.group_fluctuation(weight, stats, groups)
