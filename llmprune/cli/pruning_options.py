@@ -1,7 +1,8 @@
 """Options shared by `analyze`, `prune`, the recipes and the sweep (importance, calibration and plan).
 
 One name per option everywhere (the field guide's); the defaults shown in the
-help come from the engine's dataclasses (`plan_options`) and registries (`scores.layers`), the one place they are set.
+help come from the engine's dataclasses (`plan_options`) and registries (`scores.layers`),
+the one place they are set.
 """
 
 from __future__ import annotations

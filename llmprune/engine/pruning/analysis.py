@@ -184,7 +184,7 @@ def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) ->
 def _measure_streamed(
     config: AnalyzeConfig, placement, progress: StageProgress | None
 ) -> tuple[list[LayerShape], int, LayerImportance]:
-    """Layer importance with the weights on disk (streamed_importance), for models that do not fit."""
+    """Layer importance with the weights on disk (scores.layer_importance_streamed), for models that do not fit."""
     from transformers import AutoTokenizer
 
     from llmprune.engine.data import load_calibration_windows

@@ -120,7 +120,8 @@ class PruneConfig(LoadOptions):
     force: bool = False
     """Prune even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes)."""
     compensation: Callable[..., Any] | None = None
-    """Python API only: the per-layer compensation step (see layer_pass.CompensationContext); selects the plan path."""
+    """Python API only: the per-layer compensation step (see cut.compensation.CompensationContext); selects the
+    plan path."""
 
     def unit_score_for(self, allocation: str) -> str:
         """The unit score a path uses: the one asked for, else that path's default."""

@@ -9,7 +9,7 @@ compensation when there are too few calibration tokens for it.
 
 Built in (`compensation_step(kind)`): `bias` (the removed units' mean output,
 folded into the bias) and `lstsq` (refit the kept columns and the bias), both
-from `compensation`. A Python callable with the same signature plugs in
+from `refit`. A Python callable with the same signature plugs in
 instead (`PruneConfig.compensation`); `needs_gram = True` on it asks for XᵀX.
 """
 

@@ -13,8 +13,8 @@ i+1. Per layer:
    keep the best MLP channels, compensate down_proj;
 3. run the pruned layer to get the next layer's inputs.
 
-Scores come from `unit_scores.UNIT_SCORES`, compensation from
-`reconstruction`; the global path, the plan path (`prune_model`) and the
+Scores come from `scores.units.UNIT_SCORES`, compensation from
+`cut.compensation`; the global path, the plan path (`prune_model`) and the
 streamed path all prune through `prune_layers`.
 """
 

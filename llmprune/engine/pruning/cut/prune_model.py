@@ -2,8 +2,8 @@
 
 The per-layer units come from a layer-importance plan (`plan.make_plan`);
 the cutting is the one pruning pass, `layer_pass.prune_layers`, on the
-model in memory: the same unit scores (`unit_scores`), the same
-compensation steps (`reconstruction`) and the same layer walker as the
+model in memory: the same unit scores (`scores.units`), the same
+compensation steps (`cut.compensation`) and the same layer walker as the
 global and streamed paths. Attention is cut by whole KV groups (q:kv
 unchanged) or, with `attn_unit="query"`, by the same number of query heads
 in every group.
@@ -123,7 +123,7 @@ def prune_model(
 ) -> PruneOutcome:
     """Prune `model` in place to the per-layer units of `plan` (see the module docstring).
 
-    `compensation`: none | bias | lstsq, or a `reconstruction.Compensation` callable.
+    `compensation`: none | bias | lstsq, or a `cut.compensation.Compensation` callable.
     """
     start = time.perf_counter()
     require_llama_style(model)
