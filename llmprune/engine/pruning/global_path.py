@@ -17,10 +17,13 @@ import torch
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.progress import StageProgress
+from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.pruning.allocate.budget import Budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
 from llmprune.engine.pruning.allocate.ranking import LayerPlan, least_influential, rank_units, removed_parameters
 from llmprune.engine.pruning.cut.layer_pass import LayerReport, prune_layers
+from llmprune.engine.pruning.cut.prune_model import LayerChange
+from llmprune.engine.pruning.result import after_by_index
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
 from llmprune.engine.pruning.scores.measure import LayerUnitScores, measure_units
 from llmprune.engine.walk.layer_store import (  # noqa: F401 (re-exported)
@@ -37,6 +40,8 @@ __all__ = [
     "prune_to_target",
     "prune_globally",
     "prune_loaded_model",
+    "global_figures",
+    "layer_changes",
 ]
 
 
@@ -163,3 +168,47 @@ def prune_loaded_model(
     """`prune_globally` on a model in memory."""
     runner = runner_for(model, ids.shape[1], batch_size)
     return prune_globally(InMemoryLayers(model), ids, runner, budget, options, progress)
+
+
+# ---------------------------------------------------------------- what the global path reports
+
+
+def global_figures(budget: Budget, outcome: GlobalOutcome, after: list[LayerShape]) -> dict:
+    """What the global path reports, in memory or streamed: sizes, shares, per-layer changes and rates."""
+    cost = outcome.cost
+    changes, rates = layer_changes(cost, after, outcome.dropped_layers, outcome.reports)
+    target = budget.target(cost.total)
+    return {
+        # the budget as a share of the prunable parameters, like --ratio (solved from --target-params)
+        "ratio": budget.resolved_ratio if target is None else (cost.total - target) / cost.prunable(),
+        "removed_share_prunable": cost.prunable_share_removed(after_by_index(changes, cost.num_layers)),
+        "params_before": cost.total,
+        "layers": changes,
+        "rates": rates,
+    }
+
+
+def layer_changes(
+    cost: ParameterCost, after: list[LayerShape], dropped: list[int], reports
+) -> tuple[list[LayerChange], list[float]]:
+    """Per remaining layer: its change (original index) and the share of its prunable parameters removed."""
+    before = cost.shapes
+    kept = [i for i in range(len(before)) if i not in set(dropped)]
+    by_index = {kept[r.index]: r for r in reports}
+    changes, rates = [], []
+    for new_index, old_index in enumerate(kept):
+        report, was, now = by_index.get(old_index), before[old_index], after[new_index]
+        ratio_heads = was.num_attention_heads // was.num_key_value_heads
+        heads = [g * ratio_heads + j for g in report.kept_groups for j in range(ratio_heads)] if report else None
+        changes.append(
+            LayerChange(
+                old_index,
+                was,
+                now,
+                heads,
+                report.kept_channel_indices if report else None,
+                dict(report.compensation) if report else {},
+            )
+        )
+        rates.append(1 - cost.prunable_of(now) / cost.prunable_of(was))
+    return changes, rates

@@ -25,22 +25,23 @@ from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.process_memory import PhasePeaks
 from llmprune.engine.core.progress import StageProgress, named_stage
 from llmprune.engine.evaluate import perplexity
-from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_shapes, require_llama_style
+from llmprune.engine.io.architecture import gqa_violations, layer_shapes, require_llama_style
 from llmprune.engine.pruning.allocate.budget import Budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
 from llmprune.engine.pruning.allocate.plan import make_plan
 from llmprune.engine.pruning.analysis import check_config_fits, measure_importance, read_importance_config
 from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig  # noqa: F401 (re-exported)
 from llmprune.engine.pruning.cut.compensation import step_name
-from llmprune.engine.pruning.cut.prune_model import LayerChange, prune_model
+from llmprune.engine.pruning.cut.prune_model import prune_model
 from llmprune.engine.pruning.global_path import (
     CalibratedPruneOptions,
-    GlobalOutcome,
+    global_figures,
     prune_globally,
     prune_loaded_model,
 )
 from llmprune.engine.pruning.result import (  # noqa: F401 (re-exported)
     PruneResult,
+    after_by_index,
     default_log_name,
     new_run_folder,
     peak_memory_bytes,
@@ -223,7 +224,7 @@ class _Run:
         )
         ppl_after = self.perplexity("after")
         share = self.cost.prunable_share_removed(
-            _after_by_index(outcome.layers, self.cost.num_layers),
+            after_by_index(outcome.layers, self.cost.num_layers),
             options.prunable(self.cost.num_layers),
             mlp=config.prune_mlp,
             attn_unit=config.attn_unit,
@@ -263,7 +264,7 @@ class _Run:
         # nothing left to cut after the dropped layers (or ratio 0): no unit scores, no influence measured
         influence = [s.influence for s in outcome.scores] if outcome.scores else [0.0] * len(after)
         return self.result(
-            **_global_figures(self.budget, outcome, after),
+            **global_figures(self.budget, outcome, after),
             options=resolved_options(
                 config,
                 allocation="global",
@@ -281,55 +282,6 @@ class _Run:
 
 def _global_options(config: PruneConfig) -> CalibratedPruneOptions:
     return CalibratedPruneOptions(unit_score=config.unit_score_for("global"), compensation=config.compensation_kind)
-
-
-def _global_figures(budget: Budget, outcome: GlobalOutcome, after: list[LayerShape]) -> dict:
-    """What the global path reports, in memory or streamed: sizes, shares, per-layer changes and rates."""
-    cost = outcome.cost
-    changes, rates = layer_changes(cost, after, outcome.dropped_layers, outcome.reports)
-    target = budget.target(cost.total)
-    return {
-        # the budget as a share of the prunable parameters, like --ratio (solved from --target-params)
-        "ratio": budget.resolved_ratio if target is None else (cost.total - target) / cost.prunable(),
-        "removed_share_prunable": cost.prunable_share_removed(_after_by_index(changes, cost.num_layers)),
-        "params_before": cost.total,
-        "layers": changes,
-        "rates": rates,
-    }
-
-
-def _after_by_index(changes: list[LayerChange], num_layers: int) -> list[LayerShape | None]:
-    """Each original layer's shape after the prune (None: removed whole)."""
-    after: list[LayerShape | None] = [None] * num_layers
-    for change in changes:
-        after[change.index] = change.after
-    return after
-
-
-def layer_changes(
-    cost: ParameterCost, after: list[LayerShape], dropped: list[int], reports
-) -> tuple[list[LayerChange], list[float]]:
-    """Per remaining layer: its change (original index) and the share of its prunable parameters removed."""
-    before = cost.shapes
-    kept = [i for i in range(len(before)) if i not in set(dropped)]
-    by_index = {kept[r.index]: r for r in reports}
-    changes, rates = [], []
-    for new_index, old_index in enumerate(kept):
-        report, was, now = by_index.get(old_index), before[old_index], after[new_index]
-        ratio_heads = was.num_attention_heads // was.num_key_value_heads
-        heads = [g * ratio_heads + j for g in report.kept_groups for j in range(ratio_heads)] if report else None
-        changes.append(
-            LayerChange(
-                old_index,
-                was,
-                now,
-                heads,
-                report.kept_channel_indices if report else None,
-                dict(report.compensation) if report else {},
-            )
-        )
-        rates.append(1 - cost.prunable_of(now) / cost.prunable_of(was))
-    return changes, rates
 
 
 def _run_streamed(
@@ -360,7 +312,7 @@ def _run_streamed(
         outcome = prune_globally(store, windows.ids, runner, budget, options, progress)
         after = store.output_shapes
         result = PruneResult(
-            **_global_figures(budget, outcome, after),
+            **global_figures(budget, outcome, after),
             model=config.model,
             options=resolved_options(
                 config,

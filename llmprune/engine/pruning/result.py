@@ -13,6 +13,7 @@ import torch
 
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.evaluate import PerplexityResult
+from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.pruning.config import PruneConfig
 from llmprune.engine.pruning.cut.prune_model import LayerChange
 
@@ -77,6 +78,14 @@ class PruneResult:
         data["gqa"] = self.gqa_summary()
         data["healthy"] = self.healthy
         return data
+
+
+def after_by_index(changes: list[LayerChange], num_layers: int) -> list[LayerShape | None]:
+    """Each original layer's shape after the prune (None: removed whole)."""
+    after: list[LayerShape | None] = [None] * num_layers
+    for change in changes:
+        after[change.index] = change.after
+    return after
 
 
 def peak_memory_bytes(device: torch.device) -> int:
