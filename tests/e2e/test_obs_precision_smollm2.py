@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.obs import obs_unit_scores
-from llmprune.engine.pruning.unit_scores import top_units
+from llmprune.engine.pruning.scores import statistics
+from llmprune.engine.pruning.scores.obs import obs_unit_scores
+from llmprune.engine.pruning.scores.units import top_units
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,8 @@ def down_proj_inputs(smollm2, wikitext_valid):
     return {i: (smollm2.model.model.layers[i].mlp.down_proj.weight.detach(), x) for i, x in captured.items()}
 
 
-def _stats(x: torch.Tensor, dense: bool) -> comp.InputStatistics:
-    stats = comp.InputStatistics(x.shape[1])
+def _stats(x: torch.Tensor, dense: bool) -> statistics.InputStatistics:
+    stats = statistics.InputStatistics(x.shape[1])
     stats.add(x)
     if dense:
         stats.gram  # noqa: B018 (the Gram replaces the kept inputs: the dense path)

@@ -32,7 +32,7 @@ Two ways to hold C⁻¹, chosen by the statistics:
   Woodbury). Removing units subtracts their columns from K; the update of W
   is a tokens-rank product. No n × n matrix is ever formed.
 
-The weights themselves are then refitted by `compensation.refit_least_squares`
+The weights themselves are then refitted by `cut.refit.refit_least_squares`
 on the kept units: the same solution the OBS updates converge to.
 """
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from llmprune.engine.pruning.compensation import InputStatistics
+from llmprune.engine.pruning.scores.statistics import InputStatistics
 
 __all__ = ["obs_unit_scores", "obs_removal_error", "inverse_hessian"]
 
