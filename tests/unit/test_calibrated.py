@@ -133,3 +133,20 @@ def test_uniform_bias_compensated_model_is_a_stock_llama(tmp_path, tiny_tokenize
     assert stock.config.mlp_bias and "layer_shapes" not in stock.config.to_dict()
     with torch.no_grad():
         torch.testing.assert_close(stock(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_uniform_heads_that_do_not_divide_the_hidden_size_save_with_per_layer_shapes(tmp_path, tiny_tokenizer):
+    # Llama-3-8B cut to 6 of 8 KV groups in every layer has 24 heads for hidden 4096: transformers refuses that stock
+    # config (hidden_size % num_attention_heads), so the uniform model is saved like a non-uniform one, and reloads
+    from llmprune.engine.pruning.cut.surgery import prune_kv_groups
+
+    model, ids = make_tiny_model(kv_heads=4), _ids()  # 8 heads of 8 in 4 groups, hidden 64
+    for layer in model.model.layers:
+        prune_kv_groups(layer, [0, 1, 3])  # 6 heads: 64 % 6 != 0
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_model(model, tiny_tokenizer, tmp_path / "pruned")
+    reloaded = load_model(str(tmp_path / "pruned")).model
+    assert {s.num_attention_heads for s in layer_shapes(reloaded)} == {6}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-5)

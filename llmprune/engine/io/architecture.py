@@ -19,6 +19,7 @@ __all__ = [
     "layer_shapes",
     "apply_layer_shapes",
     "is_uniform",
+    "fits_stock_config",
     "gqa_violations",
     "require_llama_style",
 ]
@@ -102,6 +103,13 @@ def layer_shapes(model: nn.Module) -> list[LayerShape]:
 
 def is_uniform(shapes: list[LayerShape]) -> bool:
     return len(set(shapes)) <= 1
+
+
+def fits_stock_config(shapes: list[LayerShape], hidden_size: int) -> bool:
+    """Uniform shapes that a stock Llama config can state: transformers refuses a hidden size that the number
+    of query heads does not divide, head_dim or not (Llama-3-8B cut to 24 heads in every layer), so those are
+    saved with per-layer shapes like a non-uniform model."""
+    return is_uniform(shapes) and (not shapes or hidden_size % shapes[0].num_attention_heads == 0)
 
 
 def gqa_violations(shapes: list[LayerShape]) -> list[int]:
