@@ -110,7 +110,9 @@ def refit_least_squares(
         target = ((x.index_select(1, removed) - mean_removed) / n**0.5) @ w_removed.T  # tokens × out
         small = z_kept @ z_kept.T
         small.diagonal().add_(ridge)
-        shift = z_kept.T @ torch.cholesky_solve(target, torch.linalg.cholesky(small))  # k × out
+        factor, info = torch.linalg.cholesky_ex(small)
+        solved = torch.cholesky_solve(target, factor) if int(info) == 0 else torch.linalg.solve_ex(small, target)[0]
+        shift = z_kept.T @ solved  # k × out
     else:
         gram = stats.gram
         cov_kk = gram[kept[:, None], kept] / n
@@ -119,7 +121,7 @@ def refit_least_squares(
         # Σ_KR W_Rᵀ without a k × in block of the Gram (for an 8B down_proj that alone would be ~1 GB)
         rhs = gram[kept[:, None], removed] @ w_removed.T / n - torch.outer(mean_kept, mean_removed @ w_removed.T)
         factor, info = torch.linalg.cholesky_ex(cov_kk)
-        shift = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(cov_kk, rhs)
+        shift = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve_ex(cov_kk, rhs)[0]
     new_bias = b + w_removed @ mean_removed - shift.T @ mean_kept
     new_weight = w_kept.add_(shift.T)  # in place: no third out × k float64 matrix
     return new_weight.to(weight.dtype).to(weight.device), new_bias.to(weight.dtype).to(weight.device)

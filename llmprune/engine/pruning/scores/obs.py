@@ -81,20 +81,21 @@ def inverse_hessian(stats: InputStatistics, damping: float, dtype: torch.dtype |
         return (
             inverse_hessian(stats, damping, torch.float64).to(dtype)
             if dtype != torch.float64
-            else _pinv(stats, damping)
+            else _plain_inverse(stats, damping)
         )
     return torch.cholesky_inverse(c, out=c)
 
 
-def _pinv(stats: InputStatistics, damping: float) -> torch.Tensor:
+def _plain_inverse(stats: InputStatistics, damping: float) -> torch.Tensor:
+    """The plain inverse where Cholesky fails; a non-finite C (a broken model, --force) gives non-finite scores."""
     c = stats.covariance()
     c.diagonal().add_(_ridge(stats, damping))
-    return torch.linalg.pinv(c, hermitian=True)
+    return torch.linalg.inv_ex(c).inverse
 
 
 def _spd_inverse(block: torch.Tensor) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(block)
-    return torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.pinv(block, hermitian=True)
+    return torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv_ex(block).inverse
 
 
 class _Dense:
