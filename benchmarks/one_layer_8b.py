@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -69,6 +70,54 @@ def build(directory: Path) -> Path:
     return directory
 
 
+def record(runs: dict, command: str) -> None:
+    """benchmarks/results/one_layer_8b.json: one row per labelled run."""
+    rows = [
+        [
+            label,
+            r["exit_code"],
+            r["seconds"],
+            r.get("cpu_seconds"),
+            round(r["peak_rss_bytes"] / GB, 2) if r["peak_rss_bytes"] else None,
+            ", ".join(f"{k} {v / GB:.2f}" for k, v in (r.get("peak_rss_by_phase") or {}).items()) or None,
+            f"{r['params_before']:,} -> {r['params_after']:,}" if r.get("params_after") else None,
+            ", ".join(f"{k}: {v}" for k, v in (r.get("compensation") or {}).items()) or None,
+        ]
+        for label, r in runs.items()
+    ]
+    write_results(
+        "one_layer_8b",
+        title="One decoder layer at Llama-3-8B widths, pruned streamed (the pruning core's quick check)",
+        command=f"python benchmarks/one_layer_8b.py --label LABEL  # runs: {command}",
+        notes=(
+            "One Llama-3-8B-Instruct decoder layer (hidden 4096, 32 query / 8 KV heads of 128, MLP 14,336) with a"
+            " 49,152-token vocabulary, random bf16 weights, built by the script; `llmprune prune --stream` with the"
+            " default scores and compensation, 4 × 64 calibration tokens of wikitext-2 validation, the parameters"
+            " the 6.5B target removes per layer of the 32-layer model. One process under `/usr/bin/time -v` on a"
+            " machine shared with other jobs: wall times vary with the load (the two runs below ran with a load"
+            " average of 8-13 on 2 cores), CPU seconds (user + system) much less. Run it after every change to the"
+            " pruning core: the 32-layer figures of llama3_8b.py scale from it (about 32 × the per-layer work)."
+        ),
+        tables=[
+            table(
+                "Each run: wall time and peak RSS of the whole `llmprune prune` process",
+                [
+                    "run",
+                    "exit",
+                    "seconds",
+                    "CPU seconds",
+                    "peak RSS (GB)",
+                    "peak by phase (GB)",
+                    "parameters",
+                    "compensation",
+                ],
+                rows,
+            )
+        ],
+        runs=runs,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/one_layer_8b"), help="outside the repository")
@@ -100,10 +149,14 @@ def main() -> None:
     ]
     row = _timed("prune", command, args.dir / "logs")
     pruned = row["output"] or {}
+    # CPU seconds (user + system) say what the work costs on a machine shared with other jobs, where wall time varies
+    log = (args.dir / "logs" / "prune.err").read_text()
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", log))
     layers = pruned.get("layers") or [{}]
     run = {
         "exit_code": row["exit_code"],
         "seconds": row["seconds"],
+        "cpu_seconds": round(cpu, 1),
         "peak_rss_bytes": row["peak_rss_bytes"],
         "peak_rss_by_phase": pruned.get("peak_rss_by_phase"),
         "params_before": pruned.get("params_before"),
@@ -112,40 +165,7 @@ def main() -> None:
         "command": " ".join(command).replace(str(args.dir), "DIR").replace(LLMPRUNE, "llmprune"),
     }
     previous = json.loads(RESULTS.read_text()).get("runs", {}) if RESULTS.is_file() else {}
-    runs = {**previous, args.label: run}
-    rows = [
-        [
-            label,
-            r["exit_code"],
-            r["seconds"],
-            round(r["peak_rss_bytes"] / GB, 2) if r["peak_rss_bytes"] else None,
-            ", ".join(f"{k} {v / GB:.2f}" for k, v in (r.get("peak_rss_by_phase") or {}).items()) or None,
-            f"{r['params_before']:,} -> {r['params_after']:,}" if r.get("params_after") else None,
-            ", ".join(f"{k}: {v}" for k, v in (r.get("compensation") or {}).items()) or None,
-        ]
-        for label, r in runs.items()
-    ]
-    write_results(
-        "one_layer_8b",
-        title="One decoder layer at Llama-3-8B widths, pruned streamed (the pruning core's quick check)",
-        command=f"python benchmarks/one_layer_8b.py --label LABEL  # runs: {run['command']}",
-        notes=(
-            "One Llama-3-8B-Instruct decoder layer (hidden 4096, 32 query / 8 KV heads of 128, MLP 14,336) with a"
-            " 49,152-token vocabulary, random bf16 weights, built by the script; `llmprune prune --stream` with the"
-            " default scores and compensation, 4 × 64 calibration tokens of wikitext-2 validation, the parameters"
-            " the 6.5B target removes per layer of the 32-layer model. One process under `/usr/bin/time -v` on a"
-            " machine shared with other jobs (times vary with the load). Run it after every change to the pruning"
-            " core: the 32-layer figures of llama3_8b.py scale from it (about 32 × the per-layer time)."
-        ),
-        tables=[
-            table(
-                "Each run: wall time and peak RSS of the whole `llmprune prune` process",
-                ["run", "exit", "seconds", "peak RSS (GB)", "peak by phase (GB)", "parameters", "compensation"],
-                rows,
-            )
-        ],
-        runs=runs,
-    )
+    record({**previous, args.label: run}, run["command"])
     print(json.dumps(run, indent=1))
 
 
