@@ -37,7 +37,7 @@ NAIVE_SCRIPT = """
 import json, sys
 from llmprune.engine.data import load_calibration_windows
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.importance import removal_importance_naive
+from llmprune.engine.pruning.scores.layer_importance import removal_importance_naive
 model, text, samples, seq_len, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 loaded = load_model(model)
 windows = load_calibration_windows(loaded.tokenizer, text, samples, seq_len)
@@ -50,7 +50,7 @@ def in_process(args: argparse.Namespace) -> None:
 
     from llmprune.engine.data import load_calibration_windows
     from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
+    from llmprune.engine.pruning.scores.layer_importance import layer_importance, removal_importance_naive
 
     torch.manual_seed(0)
     loaded = load_model(args.model)

@@ -9,14 +9,10 @@ from conftest import make_tiny_model
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.calibrated import (
-    CalibratedPruneOptions,
-    InMemoryLayers,
-    LayerRunner,
-    allocate,
-    measure_units,
-    prune_to_target,
-)
+from llmprune.engine.pruning.allocate.cost import ParameterCost
+from llmprune.engine.pruning.allocate.ranking import rank_units
+from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
+from llmprune.engine.pruning.scores.measure import measure_units
 
 SEQ = 32
 
@@ -72,11 +68,12 @@ def test_global_allocation_meets_the_budget_and_spares_sensitive_layers():
     model, ids = make_tiny_model(), _ids()
     scores = measure_units(InMemoryLayers(model), ids, _runner(model))
     target = int(0.2 * _count(model))
-    plans = allocate(scores, target)
+    cost = ParameterCost.of_model(model)
+    plans = rank_units(scores, cost, target)
     removed = sum(
-        (len(s.group_scores) - p.keep_groups) * s.group_params
-        + (len(s.channel_scores) - p.keep_channels) * s.channel_params
-        for s, p in zip(scores, plans, strict=False)
+        (len(s.group_scores) - p.keep_groups) * cost.kv_group(i)
+        + (len(s.channel_scores) - p.keep_channels) * cost.mlp_channel(i)
+        for i, (s, p) in enumerate(zip(scores, plans, strict=False))
     )
     assert removed >= target
     assert all(
@@ -127,7 +124,7 @@ def test_uniform_bias_compensated_model_is_a_stock_llama(tmp_path, tiny_tokenize
     from transformers import AutoModelForCausalLM
 
     model, ids = make_tiny_model(), _ids()
-    options = CalibratedPruneOptions(compensation="bias", allocation="uniform", attention=False)
+    options = CalibratedPruneOptions(compensation="bias", allocation="even-mlp", attention=False)
     prune_to_target(InMemoryLayers(model), ids, _runner(model), int(0.15 * _count(model)), options)
     with torch.no_grad():
         expected = model(ids).logits
@@ -136,3 +133,20 @@ def test_uniform_bias_compensated_model_is_a_stock_llama(tmp_path, tiny_tokenize
     assert stock.config.mlp_bias and "layer_shapes" not in stock.config.to_dict()
     with torch.no_grad():
         torch.testing.assert_close(stock(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_uniform_heads_that_do_not_divide_the_hidden_size_save_with_per_layer_shapes(tmp_path, tiny_tokenizer):
+    # Llama-3-8B cut to 6 of 8 KV groups in every layer has 24 heads for hidden 4096: transformers refuses that stock
+    # config (hidden_size % num_attention_heads), so the uniform model is saved like a non-uniform one, and reloads
+    from llmprune.engine.pruning.cut.surgery import prune_kv_groups
+
+    model, ids = make_tiny_model(kv_heads=4), _ids()  # 8 heads of 8 in 4 groups, hidden 64
+    for layer in model.model.layers:
+        prune_kv_groups(layer, [0, 1, 3])  # 6 heads: 64 % 6 != 0
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_model(model, tiny_tokenizer, tmp_path / "pruned")
+    reloaded = load_model(str(tmp_path / "pruned")).model
+    assert {s.num_attention_heads for s in layer_shapes(reloaded)} == {6}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-5)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmprune.engine.pruning import compensation as comp
+from llmprune.engine.pruning.cut import refit
+from llmprune.engine.pruning.scores import statistics
 
 
 def _inputs(tokens: int = 512, features: int = 12, seed: int = 0) -> torch.Tensor:
@@ -21,8 +22,8 @@ def _linear(features: int = 12, out: int = 6, seed: int = 1) -> nn.Linear:
     return nn.Linear(features, out, bias=False)
 
 
-def _stats(linear: nn.Linear, x: torch.Tensor, chunks: int = 4) -> comp.InputStatistics:
-    with comp.record_inputs(linear) as stats, torch.no_grad():
+def _stats(linear: nn.Linear, x: torch.Tensor, chunks: int = 4) -> statistics.InputStatistics:
+    with statistics.record_inputs(linear) as stats, torch.no_grad():
         for part in x.chunk(chunks):
             linear(part)
     return stats
@@ -39,7 +40,7 @@ def test_statistics_match_the_data():
 
 def test_fluctuation_ranks_the_constant_column_low_and_the_loud_one_high():
     linear, x = _linear(), _inputs()
-    scores = comp.fluctuation(linear.weight, _stats(linear, x))
+    scores = statistics.fluctuation(linear.weight, _stats(linear, x))
     assert int(scores.argmin()) == 3
     assert int(scores.argmax()) == 5
 
@@ -47,7 +48,7 @@ def test_fluctuation_ranks_the_constant_column_low_and_the_loud_one_high():
 def test_group_fluctuation_is_the_variance_of_the_groups_output():
     linear, x = _linear(), _inputs()
     groups = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9, 10, 11]]
-    scores = comp.group_fluctuation(linear.weight, _stats(linear, x), groups)
+    scores = statistics.group_fluctuation(linear.weight, _stats(linear, x), groups)
     for group, score in zip(groups, scores, strict=False):
         contribution = x[:, group].double() @ linear.weight[:, group].detach().double().T
         expected = contribution.var(0, unbiased=False).sum()
@@ -58,7 +59,7 @@ def test_bias_compensation_keeps_the_mean_output():
     linear, x = _linear(), _inputs()
     stats = _stats(linear, x)
     keep = [0, 1, 2, 4, 5, 6, 7]
-    bias = comp.compensate_bias(linear.weight, None, stats, keep)
+    bias = refit.compensate_bias(linear.weight, None, stats, keep)
     pruned = nn.Linear(len(keep), 6)
     with torch.no_grad():
         pruned.weight.copy_(linear.weight[:, keep])
@@ -66,7 +67,7 @@ def test_bias_compensation_keeps_the_mean_output():
         torch.testing.assert_close(pruned(x[:, keep]).mean(0), linear(x).mean(0), atol=1e-5, rtol=1e-5)
         # and removing the near-constant column costs almost nothing once compensated
         only_3 = [i for i in range(12) if i != 3]
-        fixed = x[:, only_3] @ linear.weight[:, only_3].T + comp.compensate_bias(linear.weight, None, stats, only_3)
+        fixed = x[:, only_3] @ linear.weight[:, only_3].T + refit.compensate_bias(linear.weight, None, stats, only_3)
         uncompensated = x[:, only_3] @ linear.weight[:, only_3].T
     dense = linear(x).detach()
     assert (fixed - dense).pow(2).mean() < 0.01 * (uncompensated - dense).pow(2).mean()
@@ -82,23 +83,69 @@ def test_least_squares_beats_bias_and_is_exact_when_nothing_is_removed():
     def error(weight: torch.Tensor, bias: torch.Tensor) -> float:
         return float((x[:, keep].double() @ weight.double().T + bias.double() - dense).pow(2).mean())
 
-    bias_only = error(linear.weight[:, keep].detach(), comp.compensate_bias(linear.weight, None, stats, keep))
-    weight, bias = comp.refit_least_squares(linear.weight, None, stats, keep, damping=0.0)
+    bias_only = error(linear.weight[:, keep].detach(), refit.compensate_bias(linear.weight, None, stats, keep))
+    weight, bias = refit.refit_least_squares(linear.weight, None, stats, keep, damping=0.0)
     assert weight.shape == (6, len(keep)) and bias.shape == (6,)
     assert error(weight, bias) < 0.5 * bias_only
 
     everything = list(range(12))
-    weight, bias = comp.refit_least_squares(linear.weight, None, stats, everything, damping=0.0)
+    weight, bias = refit.refit_least_squares(linear.weight, None, stats, everything, damping=0.0)
     torch.testing.assert_close(weight, linear.weight.detach(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bias, torch.zeros(6), atol=1e-4, rtol=1e-4)
 
 
-def test_least_squares_with_too_few_tokens_falls_back_to_bias_compensation():
+def test_the_refit_ridge_grows_smoothly_below_the_tokens_it_needs():
+    # from 4 tokens per kept input down, the ridge rises continuously (no switch), and faster as tokens get fewer
+    kept = 100
+    knee = refit.MIN_TOKENS_PER_INPUT * kept
+    assert refit.refit_ridge(1e-3, kept, knee) == 1e-3
+    assert refit.refit_ridge(1e-3, kept, 10 * knee) == 1e-3
+    ridges = [refit.refit_ridge(1e-3, kept, tokens) for tokens in (knee, knee - 1, knee // 2, knee // 8, 1)]
+    assert ridges == sorted(ridges) and len(set(ridges)) == len(ridges)
+    assert refit.refit_ridge(1e-3, kept, knee - 1) < 1.01e-3
+
+
+def test_one_token_below_four_per_kept_input_the_refit_still_runs():
+    # the refit's change to the kept weights does not drop to 0 (the kept
+    # weights as they were: the old fallback to bias compensation) one token below 4 per kept input
     features = 12
     keep = [k for k in range(features) if k not in (3, 7)]
-    x = _inputs(tokens=comp.MIN_TOKENS_PER_INPUT * len(keep) - 1, features=features)
     linear = _linear(features)
-    stats = _stats(linear, x, chunks=1)
-    weight, bias = comp.refit_least_squares(linear.weight, linear.bias, stats, keep)
-    torch.testing.assert_close(weight, linear.weight[:, keep])
-    torch.testing.assert_close(bias, comp.compensate_bias(linear.weight, linear.bias, stats, keep))
+    knee = refit.MIN_TOKENS_PER_INPUT * len(keep)
+    x = _inputs(tokens=knee, features=features, seed=3)
+    change = {}
+    for tokens in (knee, knee - 1):
+        stats = _stats(linear, x[:tokens], chunks=1)
+        weight, bias = refit.refit_least_squares(linear.weight, linear.bias, stats, keep)
+        assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
+        kept = linear.weight.detach()[:, keep]
+        change[tokens] = float((weight - kept).norm() / kept.norm())
+    assert change[knee - 1] > 0.5 * change[knee]
+
+
+def test_the_refit_from_the_kept_inputs_equals_the_refit_from_the_gram():
+    # few tokens for the features: the statistics keep X instead of XᵀX; the tokens × tokens solve gives the same W', b'
+    features, tokens = 64, 12
+    keep = [k for k in range(features) if k % 5]
+    linear = nn.Linear(features, 6)
+    x = _inputs(tokens=tokens, features=features, seed=4)
+    low_rank = _stats(linear, x, chunks=3)
+    assert low_rank.low_rank
+    weight, bias = refit.refit_least_squares(linear.weight, linear.bias, low_rank, keep)
+    dense = _stats(linear, x, chunks=3)
+    dense.gram  # noqa: B018 (builds XᵀX from the kept inputs: the dense path from here on)
+    assert not dense.low_rank
+    dense_weight, dense_bias = refit.refit_least_squares(linear.weight, linear.bias, dense, keep)
+    torch.testing.assert_close(weight, dense_weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bias, dense_bias, atol=1e-5, rtol=1e-4)
+
+
+def test_statistics_keep_the_inputs_only_while_they_are_smaller_than_the_gram():
+    features = 64
+    linear = nn.Linear(features, 6)
+    stats = _stats(linear, _inputs(tokens=16, features=features), chunks=2)
+    assert stats.low_rank and stats.inputs().shape == (16, features)
+    x = _inputs(tokens=40, features=features, seed=5)
+    stats = _stats(linear, x, chunks=4)  # 40 > 64 / 4: the Gram takes over, built from the inputs seen so far
+    assert not stats.low_rank
+    torch.testing.assert_close(stats.gram, x.double().T @ x.double())

@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
-from llmprune.engine.pruning.obs import obs_removal_error, obs_unit_scores
-from llmprune.engine.pruning.unit_scores import UNIT_SCORES
+from llmprune.engine.pruning.cut import refit
+from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
+from llmprune.engine.pruning.scores import statistics
+from llmprune.engine.pruning.scores.obs import DENSE_FLOAT64_FEATURES, dense_dtype, obs_removal_error, obs_unit_scores
+from llmprune.engine.pruning.scores.units import UNIT_SCORES
 
 SEQ = 32
 
@@ -25,13 +26,13 @@ def _layer(inputs: int = 12, outputs: int = 5, tokens: int = 400, seed: int = 0)
     )
     weight = torch.randn(outputs, inputs, generator=generator, dtype=torch.float64)
     bias = torch.randn(outputs, generator=generator, dtype=torch.float64)
-    stats = comp.InputStatistics(inputs, gram=True)
+    stats = statistics.InputStatistics(inputs, gram=True)
     stats.add(x)
     return x, weight, bias, stats
 
 
 def _refit_error(x, weight, bias, stats, keep) -> float:
-    new_weight, new_bias = comp.refit_least_squares(weight, bias, stats, keep, damping=0.0)
+    new_weight, new_bias = refit.refit_least_squares(weight, bias, stats, keep, damping=0.0)
     return float((x[:, keep] @ new_weight.T + new_bias - (x @ weight.T + bias)).pow(2).sum(1).mean())
 
 
@@ -76,7 +77,7 @@ def test_the_scores_the_allocation_ranks_add_up_to_the_joint_error():
         1,
     )
     weight = torch.cat([weight, weight[:, :1]], 1)
-    stats = comp.InputStatistics(9, gram=True)
+    stats = statistics.InputStatistics(9, gram=True)
     stats.add(x)
     down_proj = torch.nn.Linear(9, 5, bias=False, dtype=torch.float64)
     down_proj.weight.data = weight
@@ -120,3 +121,32 @@ def test_obs_prunes_a_tiny_model_to_its_target():
     assert sum(p.numel() for p in model.parameters()) <= 0.75 * before
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_float32_is_only_chosen_where_the_tokens_span_the_inputs():
+    wide = statistics.InputStatistics(DENSE_FLOAT64_FEATURES + 1, gram=False)
+    wide.count = DENSE_FLOAT64_FEATURES
+    assert dense_dtype(wide) == torch.float64
+    wide.count = DENSE_FLOAT64_FEATURES + 1
+    assert dense_dtype(wide) == torch.float32
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_low_rank_scores_from_the_kept_inputs_equal_the_dense_ones(width):
+    # 10 tokens for 48 inputs: the statistics keep X; the tokens × tokens form gives the dense float64 scores
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 48, generator=generator, dtype=torch.float64) + 0.3
+    weight = torch.randn(6, 48, generator=generator, dtype=torch.float64)
+    low_rank = statistics.InputStatistics(48)
+    low_rank.add(x)
+    dense = statistics.InputStatistics(48)
+    dense.add(x)
+    dense.gram  # noqa: B018 (builds XᵀX: the dense path)
+    assert low_rank.low_rank and not dense.low_rank
+    for remove in (0, 5, None):
+        expected = obs_unit_scores(weight, dense, width, remove=remove)
+        torch.testing.assert_close(obs_unit_scores(weight, low_rank, width, remove=remove), expected, rtol=1e-4, atol=0)
+    removed = [1, 7, 30]
+    assert obs_removal_error(weight, None, low_rank, removed) == pytest.approx(
+        obs_removal_error(weight, None, dense, removed), rel=1e-8
+    )

@@ -8,10 +8,10 @@ import torch
 from conftest import make_tiny_model
 
 from llmprune.engine.data import TokenWindows
-from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.allocation import LayerUnits
-from llmprune.engine.pruning.prune_model import prune_model
-from llmprune.engine.pruning.unit_scores import get_unit_score
+from llmprune.engine.pruning.allocate.plan import LayerUnits
+from llmprune.engine.pruning.cut.prune_model import prune_model
+from llmprune.engine.pruning.scores import statistics
+from llmprune.engine.pruning.scores.units import get_unit_score
 from llmprune.engine.walk.layer_store import runner_for
 
 
@@ -26,7 +26,7 @@ def test_fluctuation_scores_the_output_variance():
     runner = runner_for(model, 32, batch_size=4)
     with torch.no_grad():
         entering = runner.layer(model.model.layers[0], model.model.embed_tokens(_windows(4, 0).ids))
-        with comp.record_inputs(layer.mlp.down_proj, gram=False) as stats:
+        with statistics.record_inputs(layer.mlp.down_proj, gram=False) as stats:
             runner.layer(layer, entering)
     scores = get_unit_score("fluctuation").mlp_channels(layer, stats)
     expected = stats.variance * layer.mlp.down_proj.weight.detach().double().pow(2).sum(0)
@@ -51,11 +51,11 @@ def test_least_squares_step_tracks_the_dense_model_better_than_no_compensation()
     assert errors["lstsq"] < errors["none"]
 
 
-def test_a_refit_with_too_few_tokens_is_recorded_as_the_bias_fallback():
+def test_a_refit_with_few_tokens_is_recorded_with_its_raised_ridge():
     model = make_tiny_model()
     plan = [LayerUnits(kv_heads=1, heads=4, intermediate_size=100)] * 4
-    # 2 windows x 32 tokens = 64 tokens: enough for o_proj's 32 kept inputs? no (< 4 x 32); far too few for 100 channels
+    # 2 windows x 32 tokens = 64 tokens for 100 kept channels: the refit runs, leaning on the original weights
     outcome = prune_model(model, plan, _windows(2, 0), "fluctuation", compensation="lstsq", batch_size=2)
     for change in outcome.layers:
-        assert change.compensation["down_proj"].startswith("bias (lstsq fell back: 64 calibration tokens < 400)")
+        assert change.compensation["down_proj"] == "lstsq (ridge 0.0391: 0.64 calibration tokens per kept input)"
         assert change.to_dict()["compensation"] == change.compensation

@@ -19,6 +19,7 @@ __all__ = [
     "layer_shapes",
     "apply_layer_shapes",
     "is_uniform",
+    "fits_stock_config",
     "gqa_violations",
     "require_llama_style",
 ]
@@ -74,6 +75,13 @@ def require_llama_style(model: nn.Module) -> None:
         )
 
 
+def attention_counts(layer: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of one decoder layer, read from its weights."""
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, head_dim
+
+
 def layer_shape(layer: nn.Module) -> LayerShape:
     """One decoder layer's shape, read from its weights."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -95,6 +103,13 @@ def layer_shapes(model: nn.Module) -> list[LayerShape]:
 
 def is_uniform(shapes: list[LayerShape]) -> bool:
     return len(set(shapes)) <= 1
+
+
+def fits_stock_config(shapes: list[LayerShape], hidden_size: int) -> bool:
+    """Uniform shapes that a stock Llama config can state: transformers refuses a hidden size that the number
+    of query heads does not divide, head_dim or not (Llama-3-8B cut to 24 heads in every layer), so those are
+    saved with per-layer shapes like a non-uniform model."""
+    return is_uniform(shapes) and (not shapes or hidden_size % shapes[0].num_attention_heads == 0)
 
 
 def gqa_violations(shapes: list[LayerShape]) -> list[int]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from llmprune._version import __version__
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
-from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shapes
+from llmprune.engine.io.architecture import LayerShape, fits_stock_config, is_uniform, layer_shapes
 from llmprune.engine.io.remote_code import modeling_llmprune
 
 PROVENANCE_FILE = "llmprune.json"
@@ -69,7 +69,7 @@ def make_stock_compatible(model: nn.Module) -> None:
     counts in the saved folder.
     """
     shapes = layer_shapes(model)
-    if is_uniform(shapes):
+    if fits_stock_config(shapes, model.config.hidden_size):
         _make_stock_compatible(model, shapes[0])
 
 
@@ -82,7 +82,7 @@ def describe_shapes(config: Any, shapes: list[LayerShape]) -> None:
     for stale in ("layer_shapes", "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)
-    if is_uniform(shapes):
+    if fits_stock_config(shapes, config.hidden_size):
         first = shapes[0]
         config.num_attention_heads = first.num_attention_heads
         config.num_key_value_heads = first.num_key_value_heads
@@ -170,7 +170,7 @@ def save_model(
             written = json.loads(config_path.read_text(encoding="utf-8"))
             written["dtype"] = str(dtype).removeprefix("torch.")
             atomic_write_json(config_path, written)
-        if not is_uniform(shapes):
+        if not fits_stock_config(shapes, model.config.hidden_size):
             shutil.copyfile(modeling_llmprune.__file__, staging / REMOTE_CODE_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -10,7 +10,7 @@ output's embeddings, norm and LM head are copied file to file.
 
 So memory holds one layer, the embedding for a moment, and the calibration
 hidden states (windows × seq_len × hidden, twice), whatever the model's depth.
-Because the pruning code is the same (`calibrated.prune_to_target`) and every
+Because the pruning code is the same (`pruning.global_path.prune_globally`) and every
 layer sees the same inputs, the streamed result equals the in-memory one.
 
 The output is a sharded safetensors checkpoint (one shard per layer plus one
@@ -37,7 +37,7 @@ from torch import nn
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.paths import atomic_directory, atomic_write_json
 from llmprune.engine.core.process_memory import return_freed_memory, serve_large_blocks_by_mmap
-from llmprune.engine.io.architecture import LayerShape, is_uniform, layer_shape
+from llmprune.engine.io.architecture import LayerShape, fits_stock_config, layer_shape
 from llmprune.engine.io.checkpoint import (
     PROVENANCE_FILE,
     REMOTE_CODE_FILE,
@@ -267,7 +267,11 @@ class StreamedLayers:
         rest = sum(
             count for name, count in _stored_elements(self.files).items() if not name.startswith("model.layers.")
         )
-        extra = self._stock_zero_biases(shapes[0]) if len(shapes) == self.num_layers and is_uniform(shapes) else {}
+        extra = (
+            self._stock_zero_biases(shapes[0])
+            if len(shapes) == self.num_layers and fits_stock_config(shapes, self.config.hidden_size)
+            else {}
+        )
         return self._output.parameters + rest + sum(t.numel() for t in extra.values())
 
     def finish_output(self, tokenizer: Any = None, provenance: dict | None = None) -> Path:
@@ -286,14 +290,15 @@ class StreamedLayers:
                     f"model-rest-{len(out.weight_map):05d}.safetensors", {name: self.read_tensors(name)[""]}
                 )
         shapes = [out.shapes[i] for i in range(self.num_layers)]
-        if is_uniform(shapes) and (biases := self._stock_zero_biases(shapes[0])):
+        stock = fits_stock_config(shapes, self.config.hidden_size)
+        if stock and (biases := self._stock_zero_biases(shapes[0])):
             self._save_shard("model-zero-biases.safetensors", biases)
         config = self.config
         describe_shapes(config, shapes)
         config.num_hidden_layers = self.num_layers
         config.dtype = self.save_dtype
         config.save_pretrained(out.staging)
-        if not is_uniform(shapes):
+        if not stock:
             shutil.copyfile(modeling_llmprune.__file__, out.staging / REMOTE_CODE_FILE)
         atomic_write_json(out.staging / INDEX_FILE, {"metadata": {"total_size": 0}, "weight_map": out.weight_map})
         if tokenizer is not None:
