@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--methods", default="full,lora", help="which arms: full, lora or both (comma-separated)")
     parser.add_argument("--plan-8b", action="store_true", help="only plan the 8B-shaped 6.5 B model on 80/141 GB GPUs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,7 +98,8 @@ def main() -> None:
             from stream_memory import _synthetic_model
 
             model, label = str(_synthetic_model(args.synthetic, work / "synthetic")), f"synthetic {args.synthetic}"
-        runs = [run_arm(model, method, checkpointing, args, work) for method, checkpointing in ARMS]
+        methods = args.methods.split(",")
+        runs = [run_arm(model, m, checkpointing, args, work) for m, checkpointing in ARMS if m in methods]
     for run in runs:
         print(json.dumps(run))
     _save(label, runs, args)
