@@ -1,0 +1,1 @@
+"""How much of each layer stays: the budget, the parameter-cost model and the allocators."""
