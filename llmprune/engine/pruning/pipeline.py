@@ -114,7 +114,12 @@ def _run_prune(config: PruneConfig, progress: StageProgress, loaded, start: floa
     target = parse_target_params(config.target_params, counter.total) if config.target_params is not None else None
     run = _Run(config, path, loaded, counter, target, progress)
     phases.enter("calibrate")
-    result = run.plan(options, saved_config) if path.name == "plan" else run.global_allocation()
+    if path.name == "plan":
+        result = run.plan(options, saved_config)
+    elif path.name == "search":
+        result = run.search_allocation()
+    else:
+        result = run.global_allocation()
     return _finish(result, config, start, phases=phases)
 
 
@@ -231,6 +236,65 @@ class _Run:
             ppl_after=ppl_after,
         )
 
+    def search_allocation(self) -> PruneResult:
+        """Every layer cut once at a ladder of levels; the allocation searched against KL on held-out windows."""
+        from llmprune.engine.data import held_out_windows, load_text, random_windows, tokenize, window_starts
+        from llmprune.engine.pruning.searched import prune_searched
+
+        config, model = self.config, self.model
+        shapes, hidden = self.counter.shapes, model.config.hidden_size
+        ratio = config.resolved_ratio
+        to_remove = (
+            self.counter.total - self.target
+            if self.target is not None
+            else int(ratio * prunable_parameters(shapes, hidden))
+        )
+        calib = config.calibration
+        stream = tokenize(self.loaded.tokenizer, load_text(calib.dataset, "train"))
+        cut = random_windows(stream, calib.samples, calib.seq_len, calib.seed, calib.dataset)  # the default's cut
+        avoid = window_starts(stream.numel(), calib.samples, calib.seq_len, calib.seed)
+        held_out = held_out_windows(stream, config.search_windows, calib.seq_len, avoid, calib.seed + 1)
+        ppl_before = self.perplexity("before")
+        device = next(model.parameters()).device
+        state_path = search_state_path(config)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        outcome = prune_searched(
+            model,
+            cut.ids.to(device),
+            held_out.ids.to(device),
+            to_remove,
+            _search_options(config),
+            compensation=config.compensation_kind,
+            batch_size=calib.batch_size,
+            state_path=state_path,
+            progress=self.progress,
+            signature={"model": str(config.model), "dataset": calib.dataset, "samples": calib.samples},
+        )
+        ppl_after = self.perplexity("after")
+        after = layer_shapes(model)
+        changes, rates = layer_changes(shapes, after, outcome.dropped_layers, outcome.reports, hidden)
+        search = {**outcome.search.to_dict(), "state": str(state_path), "budget_params": outcome.budget,
+                  "tolerance_params": outcome.tolerance}  # fmt: skip
+        return self.result(
+            options=resolved_options(
+                config,
+                allocation="search",
+                compensation=config.compensation_kind,
+                dropped_layers=outcome.dropped_layers,
+                unit_importance="obs",
+            ),
+            ratio=ratio if self.target is None else to_remove / self.counter.total,
+            params_before=self.counter.total,
+            params_after=sum(p.numel() for p in model.parameters()),
+            layers=changes,
+            rates=rates,
+            importance=[0.0] * len(after),
+            importance_method="obs (searched allocation: KL to the dense model on held-out windows)",
+            ppl_before=ppl_before,
+            ppl_after=ppl_after,
+            search=search,
+        )
+
     def global_allocation(self) -> PruneResult:
         """Calibrated depth/width pruning with compensation, units ranked across all layers."""
         config, model = self.config, self.model
@@ -279,6 +343,24 @@ class _Run:
             ppl_before=ppl_before,
             ppl_after=ppl_after,
         )
+
+
+def search_state_path(config: PruneConfig) -> Path:
+    """Where the search keeps its state: next to the output (a rerun with the same output resumes from it)."""
+    if config.out is not None:
+        out = Path(config.out)
+        return out.parent / f"{out.name}.search-state.json"
+    return Path(config.log_dir) / f"{config.save_ckpt_log_name or default_log_name(config.model)}.search-state.json"
+
+
+def _search_options(config: PruneConfig):
+    from llmprune.engine.pruning.allocate.search import SearchOptions
+    from llmprune.engine.pruning.config import DEFAULT_SEARCH_BUDGET, parse_search_budget
+
+    kind, value = parse_search_budget(config.search_budget or DEFAULT_SEARCH_BUDGET)
+    if kind == "seconds":
+        return SearchOptions(budget_seconds=value, seed=config.calibration.seed)
+    return SearchOptions(budget_tokens=int(value), seed=config.calibration.seed)
 
 
 def prunable_parameters(shapes: list[LayerShape], hidden: int) -> int:
