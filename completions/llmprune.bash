@@ -143,13 +143,15 @@ _llmprune() {
             esac
             ;;
         'prune')
-            opts='--ratio --target-params --prune-mlp --allocation --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
+            opts='--ratio --target-params --prune-mlp --allocation --search-budget --search-windows --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
                 --ratio) valued=1 values='' files=0 ;;
                 --target-params) valued=1 values='' files=1 ;;
                 --allocation) valued=1 values='' files=1 ;;
+                --search-budget) valued=1 values='' files=1 ;;
+                --search-windows) valued=1 values='' files=0 ;;
                 --compensation) valued=1 values='' files=1 ;;
                 --drop-layers) valued=1 values='' files=0 ;;
                 --attn-unit) valued=1 values='' files=1 ;;
