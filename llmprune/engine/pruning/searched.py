@@ -154,6 +154,24 @@ def global_start(database: LevelDatabase, ladder: Ladder, budget: int, to_remove
     return allocation if _rebalance(allocation, ladder, budget, random.Random(0)) else None
 
 
+def refit_in_order(
+    model: nn.Module, cut_ids: torch.Tensor, allocation: list[Level], compensation: str = "lstsq", batch_size: int = 8
+) -> tuple[list[int], list[LayerReport]]:
+    """The default prune's pass at the searched sizes: drop the removed layers, then cut and refit each layer on
+    the inputs it really receives from the layers pruned before it (`layer_pass.prune_layers`)."""
+    from llmprune.engine.pruning.depth import drop_layers
+    from llmprune.engine.pruning.layer_pass import LayerPlan, prune_layers
+    from llmprune.engine.walk.layer_store import InMemoryLayers
+
+    dropped = [i for i, lv in enumerate(allocation) if lv.removed]
+    if dropped:
+        drop_layers(model, dropped)
+    plans = [LayerPlan(lv.groups, lv.channels) for lv in allocation if not lv.removed]
+    runner = runner_for(model, cut_ids.shape[1], batch_size)
+    reports = prune_layers(InMemoryLayers(model), cut_ids, runner, plans, "obs", compensation)
+    return dropped, reports
+
+
 @torch.no_grad()
 def assemble(
     model: nn.Module, database: LevelDatabase, allocation: list[Level], compensation: str

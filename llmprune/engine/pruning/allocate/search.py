@@ -45,7 +45,7 @@ STATE_VERSION = 1
 class SearchOptions:
     """How long and how the allocation is searched."""
 
-    offspring: int = 12
+    offspring: int = 8
     """Children of the parent per generation."""
     stages: tuple[tuple[int, int], ...] = ((2, 3), (8, 1))
     """(windows, survivors) per selection stage; the parent joins the last stage."""
