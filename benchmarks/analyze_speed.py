@@ -27,7 +27,7 @@ def main() -> None:
 
     from llmprune.engine.data import load_calibration_windows
     from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
+    from llmprune.engine.pruning.scores.layer_importance import layer_importance, removal_importance_naive
 
     torch.manual_seed(0)
     loaded = load_model(args.model)

@@ -40,18 +40,17 @@ def main() -> None:
     import torch
 
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.pruning.importance import layer_importance
-    from llmprune.engine.pruning.plan import make_plan, parameter_model
-    from llmprune.engine.pruning.prune_model import prune_model
+    from llmprune.engine.pruning.allocate.cost import ParameterCost
+    from llmprune.engine.pruning.allocate.plan import PlanOptions, make_plan
+    from llmprune.engine.pruning.cut.prune_model import prune_model
+    from llmprune.engine.pruning.scores.layer_importance import layer_importance
 
     dense = load_model(args.model)
     pruned = load_model(args.model).model
     # speed depends on the shapes only; the default plan needs calibration text, the uniform one does not
     windows = load_calibration_windows(dense.tokenizer, CALIBRATION_TEXT, args.samples, 128)
-    counter = parameter_model(pruned, layer_shapes(pruned))
+    counter = ParameterCost.of_model(pruned)
     target = round((1 - args.share) * counter.total)
     if args.method == "uniform":
         _, _, units = make_plan(

@@ -35,18 +35,17 @@ def main() -> None:
     args = parser.parse_args()
 
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.pruning.plan import make_plan, parameter_model
-    from llmprune.engine.pruning.prune_model import prune_model
+    from llmprune.engine.pruning.allocate.cost import ParameterCost
+    from llmprune.engine.pruning.allocate.plan import PlanOptions, make_plan
+    from llmprune.engine.pruning.cut.prune_model import prune_model
 
     after_import = rss_mib()
     loaded = load_model(args.model)
     windows = load_calibration_windows(loaded.tokenizer, CALIBRATION_TEXT, args.samples, 128)
     after_load, peak_load = rss_mib(), peak_mib()
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
-    counter = parameter_model(loaded.model, layer_shapes(loaded.model))
+    counter = ParameterCost.of_model(loaded.model)
     _, _, units = make_plan(
         [0.0] * len(counter.shapes),
         counter,

@@ -107,10 +107,10 @@ def main() -> None:
     from llmprune.engine.evaluate import perplexity
     from llmprune.engine.io.architecture import layer_shapes
     from llmprune.engine.io.models import load_model
-    from llmprune.engine.pruning.allocation import PlanOptions
-    from llmprune.engine.pruning.importance import layer_importance
-    from llmprune.engine.pruning.plan import make_plan, parameter_model
-    from llmprune.engine.pruning.prune_model import prune_model
+    from llmprune.engine.pruning.allocate.cost import ParameterCost
+    from llmprune.engine.pruning.allocate.plan import PlanOptions, make_plan
+    from llmprune.engine.pruning.cut.prune_model import prune_model
+    from llmprune.engine.pruning.scores.layer_importance import layer_importance
 
     torch.manual_seed(0)
     base = load_model(args.model)
@@ -141,7 +141,7 @@ def main() -> None:
             start = time.perf_counter()
             model = load_model(args.model).model
             shapes = layer_shapes(model)
-            counter = parameter_model(model, shapes)
+            counter = ParameterCost.of_model(model)
             options = PlanOptions(strategy=variant["strategy"]).with_overrides(alpha=args.alpha, max_rate=args.max_rate)
             if variant["uniform"]:
                 options = replace(options, layer_start=0, layer_end=len(shapes))

@@ -29,14 +29,15 @@ from shared_data import EVALUATION_TEXT as TEST  # noqa: E402
 from llmprune.engine.data import load_calibration_windows, load_evaluation_windows
 from llmprune.engine.evaluate import perplexity
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.calibrated import (
+from llmprune.engine.pruning.allocate.ranking import least_influential
+from llmprune.engine.pruning.cut.depth import drop_layers
+from llmprune.engine.pruning.global_path import (
     CalibratedPruneOptions,
     InMemoryLayers,
     LayerRunner,
-    measure_units,
     prune_to_target,
 )
-from llmprune.engine.pruning.depth import drop_layers, least_influential
+from llmprune.engine.pruning.scores.measure import measure_units
 
 # name -> options for llmprune's width pruning (the first is the default of `llmprune prune`)
 WIDTH_METHODS = {
@@ -48,7 +49,7 @@ WIDTH_METHODS = {
     "activation+lstsq": CalibratedPruneOptions(unit_score="activation"),
     "magnitude+lstsq": CalibratedPruneOptions(unit_score="magnitude"),
     "mlp-only": CalibratedPruneOptions(attention=False),
-    "uniform-mlp+lstsq": CalibratedPruneOptions(allocation="uniform", attention=False),
+    "uniform-mlp+lstsq": CalibratedPruneOptions(allocation="even-mlp", attention=False),
 }
 
 

@@ -26,16 +26,17 @@ from llmprune.cli.pruning_options import (
     SeedOpt,
     StrategyOpt,
 )
+from llmprune.engine.pruning.allocate.plan_options import DEFAULT_RATIO
+from llmprune.engine.pruning.analysis_file import DEFAULT_CONFIG_NAME
 from llmprune.engine.pruning.config import CalibrationOptions
-from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
-from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, DEFAULT_RATIO
+from llmprune.engine.pruning.scores.layers import DEFAULT_LAYER_SCORE
 
 _CAL = CalibrationOptions()  # the defaults --help shows are the engine's
 
 
 def analyze_command(
     model: OptionalModelArg = "smollm2-135m",
-    importance_method: ImportanceMethodOpt = DEFAULT_IMPORTANCE_METHOD,
+    importance_method: ImportanceMethodOpt = DEFAULT_LAYER_SCORE,
     importance_samples: SamplesOpt = _CAL.samples,
     seq_len: CalibSeqLenOpt = _CAL.seq_len,
     dataset: CalibDatasetOpt = _CAL.dataset,
@@ -72,7 +73,7 @@ def analyze_command(
     json_output: JsonOpt = False,
 ) -> None:
     """Measure how much each decoder layer matters and turn it into a per-layer pruning plan."""
-    from llmprune.engine.pruning.allocation import PlanOptions
+    from llmprune.engine.pruning.allocate.plan import PlanOptions
     from llmprune.engine.pruning.analysis import AnalyzeConfig, run_analyze
     from llmprune.ui.charts import save_importance_chart
     from llmprune.ui.console import console, print_json

@@ -34,9 +34,9 @@ from llmprune.cli.pruning_options import (
     SeedOpt,
     StrategyOpt,
 )
+from llmprune.engine.pruning.allocate.plan_options import DEFAULT_RATIO
+from llmprune.engine.pruning.analysis_file import DEFAULT_CONFIG_NAME
 from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig
-from llmprune.engine.pruning.importance_file import DEFAULT_CONFIG_NAME
-from llmprune.engine.pruning.plan_options import DEFAULT_RATIO
 
 # the defaults shown by --help are the engine's (set once, in the config dataclasses)
 _PRUNE, _CAL = PruneConfig(), CalibrationOptions()

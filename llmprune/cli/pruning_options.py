@@ -1,7 +1,8 @@
 """Options shared by `analyze`, `prune`, the recipes and the sweep (importance, calibration and plan).
 
 One name per option everywhere (the field guide's); the defaults shown in the
-help come from the engine's dataclasses (`plan_options`), the one place they are set.
+help come from the engine's dataclasses (`plan_options`) and registries (`scores.layers`),
+the one place they are set.
 """
 
 from __future__ import annotations
@@ -10,18 +11,17 @@ from typing import Annotated
 
 import typer
 
-from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, plan_default
+from llmprune.engine.pruning.allocate.plan_options import plan_default
+from llmprune.engine.pruning.scores.layers import DEFAULT_LAYER_SCORE, layer_scores_help
 
-_METHODS_HELP = (
-    "removal (loss increase when the layer is skipped), block-influence (1 - cos(in, out)), taylor (|w·grad|)"
-)
+_METHODS_HELP = layer_scores_help()
 _PLAN = "With prune: selects the layer-importance plan path."
 ImportanceMethodOpt = Annotated[str, typer.Option("--importance-method", help=f"Layer importance: {_METHODS_HELP}.")]
 PlanImportanceMethodOpt = Annotated[
     str | None,
     typer.Option(
         "--importance-method",
-        help=f"Layer importance of the plan: {_METHODS_HELP} (default {DEFAULT_IMPORTANCE_METHOD}). {_PLAN}",
+        help=f"Layer importance of the plan: {_METHODS_HELP} (default {DEFAULT_LAYER_SCORE}). {_PLAN}",
     ),
 ]
 SamplesOpt = Annotated[

@@ -135,7 +135,7 @@ def prune_summary(result) -> Table:
         ("path", f"{path.get('name', '?')}: {path.get('reason', '')}"),
         (
             "ratio",
-            f"{result.ratio:.4f} of the prunable units"
+            f"{result.ratio:.4f} of the prunable parameters"
             + (f" (solved for {format_count(result.target_params)} parameters)" if result.target_params else ""),
         ),
         (
@@ -145,7 +145,11 @@ def prune_summary(result) -> Table:
                 f" → {result.params_after:,})"
             ),
         ),
-        ("actual pruning rate", f"{result.removed_share:.2%} of all parameters removed"),
+        (
+            "removed",
+            f"{result.removed_share_prunable:.2%} of the prunable parameters, {result.removed_share:.2%} of all"
+            " parameters",
+        ),
         ("GQA", f"[{gqa_style}]{result.gqa_summary()}[/]"),
     ]
     if result.ppl_before and result.ppl_after:

@@ -14,10 +14,10 @@ from llmprune.cli.app import app
 from llmprune.engine.data import load_calibration_windows
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.io.checkpoint import save_model
-from llmprune.engine.pruning.allocation import PlanOptions, layer_rates, unit_counts
+from llmprune.engine.pruning.allocate.plan import PlanOptions, layer_rates, unit_counts
 from llmprune.engine.pruning.analysis import CalibrationOptions
+from llmprune.engine.pruning.cut.prune_model import prune_model
 from llmprune.engine.pruning.pipeline import PruneConfig, run_prune
-from llmprune.engine.pruning.prune_model import prune_model
 from tests.conftest import make_tiny_model
 
 runner = CliRunner()

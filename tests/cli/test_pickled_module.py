@@ -20,7 +20,7 @@ from llmprune.cli.app import app
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.surgery import prune_kv_groups, prune_mlp_channels
+from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels
 
 runner = CliRunner()
 HEADS, KV_HEADS, WIDTHS = [8, 4, 8, 8], [2, 1, 2, 2], [128, 128, 96, 128]

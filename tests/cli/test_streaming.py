@@ -9,7 +9,7 @@ from conftest import make_tiny_model
 
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
+from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.walk.streaming import StreamedLayers
 
 SEQ = 32
@@ -54,7 +54,7 @@ def test_streamed_prune_equals_in_memory_prune(tiny_model_dir, tiny_tokenizer, t
 def test_streamed_uniform_export_is_a_stock_llama(tiny_model_dir, tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    options = CalibratedPruneOptions(compensation="bias", allocation="uniform", attention=False)
+    options = CalibratedPruneOptions(compensation="bias", allocation="even-mlp", attention=False)
     model, _, _, target = _in_memory(options, 0.15)
     _streamed(tiny_model_dir, tmp_path / "stock", options, target, tiny_tokenizer)
     config = json.loads((tmp_path / "stock" / "config.json").read_text())
@@ -122,8 +122,8 @@ def test_streamed_layer_importance_equals_the_in_memory_scores(tiny_model_dir):
     import pytest
 
     from llmprune.engine.data import TokenWindows
-    from llmprune.engine.pruning.importance import layer_importance
-    from llmprune.engine.pruning.streamed_importance import streamed_layer_importance
+    from llmprune.engine.pruning.scores.layer_importance import layer_importance
+    from llmprune.engine.pruning.scores.layer_importance_streamed import streamed_layer_importance
 
     windows = TokenWindows(_ids()[:6], "random", 6 * SEQ)
     model = make_tiny_model()

@@ -14,7 +14,7 @@ runner = CliRunner()
 
 def test_fast_removal_scores_equal_the_naive_ones(smollm2, wikitext_valid):
     from llmprune.engine.data import load_calibration_windows
-    from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
+    from llmprune.engine.pruning.scores.layer_importance import layer_importance, removal_importance_naive
 
     windows = load_calibration_windows(smollm2.tokenizer, str(wikitext_valid), 2, 32)
     fast = layer_importance(smollm2.model, windows, "removal")

@@ -4,11 +4,11 @@ import pytest
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.architecture import LayerShape
-from llmprune.engine.pruning.allocation import (
+from llmprune.engine.pruning.allocate.budget import resolve_budget
+from llmprune.engine.pruning.allocate.plan import (
     LayerUnits,
     PlanOptions,
     layer_rates,
-    parse_target_params,
     unit_counts,
 )
 
@@ -112,10 +112,10 @@ def test_unit_counts_without_mlp_keep_widths():
     "text,expected", [("6.5B", 6_500_000_000), ("110M", 110_000_000), ("0.8", 8_000_000_000), ("1e9", 1_000_000_000)]
 )
 def test_parse_target_params(text, expected):
-    assert parse_target_params(text, 10_000_000_000) == expected
+    assert resolve_budget(None, text).target(10_000_000_000) == expected
 
 
 @pytest.mark.parametrize("text", ["abc", "0", "20B", "-1"])
 def test_bad_target_params(text):
     with pytest.raises(UserInputError):
-        parse_target_params(text, 10_000_000_000)
+        resolve_budget(None, text).target(10_000_000_000)

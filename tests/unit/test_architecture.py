@@ -121,6 +121,44 @@ def test_no_cycle_between_the_engines_packages():
     )  # e.g. io never imports diagnose; evaluate and diagnose stream through walk, not pruning
 
 
+# the pruning package's wings, bottom to top: criteria, then allocation (which reads scores), then the cut
+# (which takes an allocation and scores units); route, pipeline, config, result, preflight, analysis on top
+PRUNING = "llmprune.engine.pruning"
+WINGS = ("scores", "allocate", "cut")
+
+
+def _wing(name: str) -> str | None:
+    """scores | allocate | cut | top for a module of the pruning package; None outside it."""
+    if not name.startswith(PRUNING + "."):
+        return "top" if name == PRUNING else None
+    part = name[len(PRUNING) + 1 :].split(".")[0]
+    return part if part in WINGS else "top"
+
+
+def test_the_pruning_package_has_its_wings():
+    found = {_wing(name) for name in _modules()} - {None}
+    assert found == {*WINGS, "top"}
+
+
+def test_no_import_runs_back_up_between_the_pruning_wings():
+    order = {wing: rank for rank, wing in enumerate((*WINGS, "top"))}
+    upward = sorted(
+        f"{name} ({_wing(name)}) -> {other} ({_wing(other)})"
+        for name, others in import_graph().items()
+        if _wing(name) is not None
+        for other in others
+        if _wing(other) is not None and order[_wing(other)] > order[_wing(name)]
+    )
+    assert upward == []
+
+
+def test_the_wing_check_sees_an_upward_import():
+    assert _wing("llmprune.engine.pruning.scores.units") == "scores"
+    assert _wing("llmprune.engine.pruning.cut.layer_pass") == "cut"
+    assert _wing("llmprune.engine.pruning.pipeline") == "top"
+    assert _wing("llmprune.engine.io.architecture") is None
+
+
 @pytest.mark.parametrize("name", sorted(name for name in _modules() if name.startswith("llmprune.engine")))
 def test_the_engine_imports_no_ui_library(name):
     used = {module for module in _imports(name, _modules()[name]) if module.split(".")[0] in UI_LIBRARIES}

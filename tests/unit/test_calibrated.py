@@ -9,14 +9,10 @@ from conftest import make_tiny_model
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.calibrated import (
-    CalibratedPruneOptions,
-    InMemoryLayers,
-    LayerRunner,
-    allocate,
-    measure_units,
-    prune_to_target,
-)
+from llmprune.engine.pruning.allocate.cost import ParameterCost
+from llmprune.engine.pruning.allocate.ranking import rank_units
+from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
+from llmprune.engine.pruning.scores.measure import measure_units
 
 SEQ = 32
 
@@ -72,11 +68,12 @@ def test_global_allocation_meets_the_budget_and_spares_sensitive_layers():
     model, ids = make_tiny_model(), _ids()
     scores = measure_units(InMemoryLayers(model), ids, _runner(model))
     target = int(0.2 * _count(model))
-    plans = allocate(scores, target)
+    cost = ParameterCost.of_model(model)
+    plans = rank_units(scores, cost, target)
     removed = sum(
-        (len(s.group_scores) - p.keep_groups) * s.group_params
-        + (len(s.channel_scores) - p.keep_channels) * s.channel_params
-        for s, p in zip(scores, plans, strict=False)
+        (len(s.group_scores) - p.keep_groups) * cost.kv_group(i)
+        + (len(s.channel_scores) - p.keep_channels) * cost.mlp_channel(i)
+        for i, (s, p) in enumerate(zip(scores, plans, strict=False))
     )
     assert removed >= target
     assert all(
@@ -127,7 +124,7 @@ def test_uniform_bias_compensated_model_is_a_stock_llama(tmp_path, tiny_tokenize
     from transformers import AutoModelForCausalLM
 
     model, ids = make_tiny_model(), _ids()
-    options = CalibratedPruneOptions(compensation="bias", allocation="uniform", attention=False)
+    options = CalibratedPruneOptions(compensation="bias", allocation="even-mlp", attention=False)
     prune_to_target(InMemoryLayers(model), ids, _runner(model), int(0.15 * _count(model)), options)
     with torch.no_grad():
         expected = model(ids).logits

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmprune.engine.pruning import compensation as comp
+from llmprune.engine.pruning.cut import refit
+from llmprune.engine.pruning.scores import statistics
 
 
 def _inputs(tokens: int = 512, features: int = 12, seed: int = 0) -> torch.Tensor:
@@ -21,8 +22,8 @@ def _linear(features: int = 12, out: int = 6, seed: int = 1) -> nn.Linear:
     return nn.Linear(features, out, bias=False)
 
 
-def _stats(linear: nn.Linear, x: torch.Tensor, chunks: int = 4) -> comp.InputStatistics:
-    with comp.record_inputs(linear) as stats, torch.no_grad():
+def _stats(linear: nn.Linear, x: torch.Tensor, chunks: int = 4) -> statistics.InputStatistics:
+    with statistics.record_inputs(linear) as stats, torch.no_grad():
         for part in x.chunk(chunks):
             linear(part)
     return stats
@@ -39,7 +40,7 @@ def test_statistics_match_the_data():
 
 def test_fluctuation_ranks_the_constant_column_low_and_the_loud_one_high():
     linear, x = _linear(), _inputs()
-    scores = comp.fluctuation(linear.weight, _stats(linear, x))
+    scores = statistics.fluctuation(linear.weight, _stats(linear, x))
     assert int(scores.argmin()) == 3
     assert int(scores.argmax()) == 5
 
@@ -47,7 +48,7 @@ def test_fluctuation_ranks_the_constant_column_low_and_the_loud_one_high():
 def test_group_fluctuation_is_the_variance_of_the_groups_output():
     linear, x = _linear(), _inputs()
     groups = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9, 10, 11]]
-    scores = comp.group_fluctuation(linear.weight, _stats(linear, x), groups)
+    scores = statistics.group_fluctuation(linear.weight, _stats(linear, x), groups)
     for group, score in zip(groups, scores, strict=False):
         contribution = x[:, group].double() @ linear.weight[:, group].detach().double().T
         expected = contribution.var(0, unbiased=False).sum()
@@ -58,7 +59,7 @@ def test_bias_compensation_keeps_the_mean_output():
     linear, x = _linear(), _inputs()
     stats = _stats(linear, x)
     keep = [0, 1, 2, 4, 5, 6, 7]
-    bias = comp.compensate_bias(linear.weight, None, stats, keep)
+    bias = refit.compensate_bias(linear.weight, None, stats, keep)
     pruned = nn.Linear(len(keep), 6)
     with torch.no_grad():
         pruned.weight.copy_(linear.weight[:, keep])
@@ -66,7 +67,7 @@ def test_bias_compensation_keeps_the_mean_output():
         torch.testing.assert_close(pruned(x[:, keep]).mean(0), linear(x).mean(0), atol=1e-5, rtol=1e-5)
         # and removing the near-constant column costs almost nothing once compensated
         only_3 = [i for i in range(12) if i != 3]
-        fixed = x[:, only_3] @ linear.weight[:, only_3].T + comp.compensate_bias(linear.weight, None, stats, only_3)
+        fixed = x[:, only_3] @ linear.weight[:, only_3].T + refit.compensate_bias(linear.weight, None, stats, only_3)
         uncompensated = x[:, only_3] @ linear.weight[:, only_3].T
     dense = linear(x).detach()
     assert (fixed - dense).pow(2).mean() < 0.01 * (uncompensated - dense).pow(2).mean()
@@ -82,13 +83,13 @@ def test_least_squares_beats_bias_and_is_exact_when_nothing_is_removed():
     def error(weight: torch.Tensor, bias: torch.Tensor) -> float:
         return float((x[:, keep].double() @ weight.double().T + bias.double() - dense).pow(2).mean())
 
-    bias_only = error(linear.weight[:, keep].detach(), comp.compensate_bias(linear.weight, None, stats, keep))
-    weight, bias = comp.refit_least_squares(linear.weight, None, stats, keep, damping=0.0)
+    bias_only = error(linear.weight[:, keep].detach(), refit.compensate_bias(linear.weight, None, stats, keep))
+    weight, bias = refit.refit_least_squares(linear.weight, None, stats, keep, damping=0.0)
     assert weight.shape == (6, len(keep)) and bias.shape == (6,)
     assert error(weight, bias) < 0.5 * bias_only
 
     everything = list(range(12))
-    weight, bias = comp.refit_least_squares(linear.weight, None, stats, everything, damping=0.0)
+    weight, bias = refit.refit_least_squares(linear.weight, None, stats, everything, damping=0.0)
     torch.testing.assert_close(weight, linear.weight.detach(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bias, torch.zeros(6), atol=1e-4, rtol=1e-4)
 
@@ -96,9 +97,9 @@ def test_least_squares_beats_bias_and_is_exact_when_nothing_is_removed():
 def test_least_squares_with_too_few_tokens_falls_back_to_bias_compensation():
     features = 12
     keep = [k for k in range(features) if k not in (3, 7)]
-    x = _inputs(tokens=comp.MIN_TOKENS_PER_INPUT * len(keep) - 1, features=features)
+    x = _inputs(tokens=refit.MIN_TOKENS_PER_INPUT * len(keep) - 1, features=features)
     linear = _linear(features)
     stats = _stats(linear, x, chunks=1)
-    weight, bias = comp.refit_least_squares(linear.weight, linear.bias, stats, keep)
+    weight, bias = refit.refit_least_squares(linear.weight, linear.bias, stats, keep)
     torch.testing.assert_close(weight, linear.weight[:, keep])
-    torch.testing.assert_close(bias, comp.compensate_bias(linear.weight, linear.bias, stats, keep))
+    torch.testing.assert_close(bias, refit.compensate_bias(linear.weight, linear.bias, stats, keep))

@@ -8,7 +8,8 @@ from conftest import make_tiny_model
 
 from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.depth import drop_layers, least_influential
+from llmprune.engine.pruning.allocate.ranking import least_influential
+from llmprune.engine.pruning.cut.depth import drop_layers
 
 
 def test_least_influential_never_picks_the_first_or_last_layer():

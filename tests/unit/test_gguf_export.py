@@ -15,7 +15,7 @@ from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.gguf_export import ExportConfig, export_gguf, llama3_rope_factors
 from llmprune.engine.io.gguf_tensors import layer_dims, permute
 from llmprune.engine.io.tensor_store import StateDictStore
-from llmprune.engine.pruning.surgery import prune_kv_groups, prune_mlp_channels
+from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels
 
 gguf = pytest.importorskip("gguf")
 

@@ -7,10 +7,10 @@ import torch
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.data import TokenWindows
-from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.importance import layer_importance, removal_importance_naive
-from llmprune.engine.pruning.surgery import mask_kv_groups
-from llmprune.engine.pruning.unit_scores import UNIT_SCORES, get_unit_score
+from llmprune.engine.pruning.cut.surgery import mask_kv_groups
+from llmprune.engine.pruning.scores import statistics
+from llmprune.engine.pruning.scores.layer_importance import layer_importance, removal_importance_naive
+from llmprune.engine.pruning.scores.units import UNIT_SCORES, get_unit_score
 from llmprune.engine.walk.layer_store import runner_for
 from tests.conftest import make_tiny_model
 
@@ -80,7 +80,7 @@ def test_activation_scores_see_a_dead_group():
     mask_kv_groups(layer, [0])  # group 1's heads contribute nothing any more
     windows = _windows()
     runner = runner_for(model, 24, batch_size=3)
-    with comp.record_inputs(layer.self_attn.o_proj, gram=False) as stats, torch.no_grad():
+    with statistics.record_inputs(layer.self_attn.o_proj, gram=False) as stats, torch.no_grad():
         entering = runner.layer(model.model.layers[0], model.model.embed_tokens(windows.ids))
         runner.attention_block(layer, entering)
     assert stats.count == 6 * 24

@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.calibrated import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
-from llmprune.engine.pruning.obs import obs_removal_error, obs_unit_scores
-from llmprune.engine.pruning.unit_scores import UNIT_SCORES
+from llmprune.engine.pruning.cut import refit
+from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
+from llmprune.engine.pruning.scores import statistics
+from llmprune.engine.pruning.scores.obs import obs_removal_error, obs_unit_scores
+from llmprune.engine.pruning.scores.units import UNIT_SCORES
 
 SEQ = 32
 
@@ -25,13 +26,13 @@ def _layer(inputs: int = 12, outputs: int = 5, tokens: int = 400, seed: int = 0)
     )
     weight = torch.randn(outputs, inputs, generator=generator, dtype=torch.float64)
     bias = torch.randn(outputs, generator=generator, dtype=torch.float64)
-    stats = comp.InputStatistics(inputs, gram=True)
+    stats = statistics.InputStatistics(inputs, gram=True)
     stats.add(x)
     return x, weight, bias, stats
 
 
 def _refit_error(x, weight, bias, stats, keep) -> float:
-    new_weight, new_bias = comp.refit_least_squares(weight, bias, stats, keep, damping=0.0)
+    new_weight, new_bias = refit.refit_least_squares(weight, bias, stats, keep, damping=0.0)
     return float((x[:, keep] @ new_weight.T + new_bias - (x @ weight.T + bias)).pow(2).sum(1).mean())
 
 
@@ -76,7 +77,7 @@ def test_the_scores_the_allocation_ranks_add_up_to_the_joint_error():
         1,
     )
     weight = torch.cat([weight, weight[:, :1]], 1)
-    stats = comp.InputStatistics(9, gram=True)
+    stats = statistics.InputStatistics(9, gram=True)
     stats.add(x)
     down_proj = torch.nn.Linear(9, 5, bias=False, dtype=torch.float64)
     down_proj.weight.data = weight

@@ -7,9 +7,9 @@ import torch
 
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.io.architecture import gqa_violations, layer_shapes
-from llmprune.engine.pruning.allocation import PlanOptions, layer_rates, unit_counts
-from llmprune.engine.pruning.prune_model import prune_model
-from llmprune.engine.pruning.surgery import mask_mlp_channels, mask_query_heads
+from llmprune.engine.pruning.allocate.plan import PlanOptions, layer_rates, unit_counts
+from llmprune.engine.pruning.cut.prune_model import prune_model
+from llmprune.engine.pruning.cut.surgery import mask_mlp_channels, mask_query_heads
 from tests.conftest import make_tiny_model
 
 IDS = torch.tensor([[1, 5, 9, 33, 200, 17, 4, 8, 90, 12, 3, 250, 77, 6]])

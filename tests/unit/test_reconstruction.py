@@ -8,10 +8,10 @@ import torch
 from conftest import make_tiny_model
 
 from llmprune.engine.data import TokenWindows
-from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.allocation import LayerUnits
-from llmprune.engine.pruning.prune_model import prune_model
-from llmprune.engine.pruning.unit_scores import get_unit_score
+from llmprune.engine.pruning.allocate.plan import LayerUnits
+from llmprune.engine.pruning.cut.prune_model import prune_model
+from llmprune.engine.pruning.scores import statistics
+from llmprune.engine.pruning.scores.units import get_unit_score
 from llmprune.engine.walk.layer_store import runner_for
 
 
@@ -26,7 +26,7 @@ def test_fluctuation_scores_the_output_variance():
     runner = runner_for(model, 32, batch_size=4)
     with torch.no_grad():
         entering = runner.layer(model.model.layers[0], model.model.embed_tokens(_windows(4, 0).ids))
-        with comp.record_inputs(layer.mlp.down_proj, gram=False) as stats:
+        with statistics.record_inputs(layer.mlp.down_proj, gram=False) as stats:
             runner.layer(layer, entering)
     scores = get_unit_score("fluctuation").mlp_channels(layer, stats)
     expected = stats.variance * layer.mlp.down_proj.weight.detach().double().pow(2).sum(0)

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from llmprune.engine.pruning.allocate.levels import REMOVED, Ladder, Level, LevelDatabase
+from llmprune.engine.pruning.allocate.cost import ParameterCost
+from llmprune.engine.pruning.allocate.levels import REMOVED, Ladder, Level
 from llmprune.engine.pruning.allocate.search import (
     KLFitness,
     SearchOptions,
@@ -18,21 +19,15 @@ from llmprune.engine.pruning.allocate.search import (
     evolve,
     mutate,
 )
-from llmprune.engine.pruning.searched import layer_cost, prune_searched
+from llmprune.engine.pruning.cut.level_database import LevelDatabase
+from llmprune.engine.pruning.search_path import prune_searched
 from llmprune.engine.walk.layer_store import runner_for
 from tests.conftest import make_tiny_model
 
 
 def _ladder(model, step: int = 8, depth: bool = True) -> Ladder:
-    layers = model.model.layers
-    return Ladder(
-        [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in layers],
-        [layer.mlp.down_proj.in_features for layer in layers],
-        step,
-        layer_cost(model, compensated=True),
-        depth=depth,
-        protected=frozenset({0, len(layers) - 1}),
-    )
+    last = len(model.model.layers) - 1
+    return Ladder.of_cost(ParameterCost.of_model(model), True, step, depth=depth, protected=frozenset({0, last}))
 
 
 def _layer_params(model) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmprune.engine.io.architecture import gqa_violations, layer_shapes
-from llmprune.engine.pruning.surgery import (
+from llmprune.engine.pruning.cut.surgery import (
     mask_kv_groups,
     mask_mlp_channels,
     mask_query_heads,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from llmprune.cli.app import app
 from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.models import load_model
-from llmprune.engine.pruning.surgery import prune_kv_groups, prune_mlp_channels
+from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels
 
 pytest.importorskip("lm_eval")
 

@@ -74,6 +74,13 @@ def require_llama_style(model: nn.Module) -> None:
         )
 
 
+def attention_counts(layer: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of one decoder layer, read from its weights."""
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, head_dim
+
+
 def layer_shape(layer: nn.Module) -> LayerShape:
     """One decoder layer's shape, read from its weights."""
     attn, mlp = layer.self_attn, layer.mlp

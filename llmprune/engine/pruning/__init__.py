@@ -1,2 +1,2 @@
-"""Structured pruning: importance scores, per-layer allocation, surgery on the real
-transformers modules, compensation of the removed units, the pipeline."""
+"""Structured pruning: route and pipeline on top of three wings, scores/ (layer and unit criteria),
+allocate/ (budget, parameter-cost model, allocators) and cut/ (surgery, compensation, the layer pass)."""

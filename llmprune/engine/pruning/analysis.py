@@ -20,19 +20,18 @@ from llmprune.engine.core.progress import StageProgress, named_stage
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.io.architecture import LayerShape, layer_shapes, require_llama_style
 from llmprune.engine.io.load_options import LoadOptions
-from llmprune.engine.pruning.allocation import LayerUnits, PlanOptions, unit_counts
+from llmprune.engine.pruning.allocate.plan import LayerUnits, PlanOptions, plan_units, unit_counts
+from llmprune.engine.pruning.analysis_file import CONFIG_FORMAT, DEFAULT_CONFIG_NAME
 from llmprune.engine.pruning.config import CalibrationOptions
-from llmprune.engine.pruning.importance import LAYER_METHODS, LayerImportance, layer_importance
-from llmprune.engine.pruning.importance_file import CONFIG_FORMAT, DEFAULT_CONFIG_NAME
-from llmprune.engine.pruning.plan import plan_units
-from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD
+from llmprune.engine.pruning.scores.layer_importance import LayerImportance, layer_importance
+from llmprune.engine.pruning.scores.layers import DEFAULT_LAYER_SCORE, get_layer_score
 
 
 @dataclass
 class AnalyzeConfig(LoadOptions):
     """What `llmprune analyze` does."""
 
-    importance_method: str = DEFAULT_IMPORTANCE_METHOD
+    importance_method: str = DEFAULT_LAYER_SCORE
     """removal | block-influence | taylor."""
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     """Calibration text and sizes."""
@@ -56,10 +55,7 @@ class AnalyzeConfig(LoadOptions):
     """Analyse even if the weight health check fails (NaN/Inf/huge values, broken shapes)."""
 
     def validate(self) -> None:
-        if self.importance_method not in LAYER_METHODS:
-            raise UserInputError(
-                f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}"
-            )
+        get_layer_score(self.importance_method, stream=self.stream)
         self.calibration.validate()
         if Path(self.output).is_dir():
             raise UserInputError(
@@ -188,12 +184,12 @@ def run_analyze(config: AnalyzeConfig, progress: StageProgress | None = None) ->
 def _measure_streamed(
     config: AnalyzeConfig, placement, progress: StageProgress | None
 ) -> tuple[list[LayerShape], int, LayerImportance]:
-    """Layer importance with the weights on disk (streamed_importance), for models that do not fit."""
+    """Layer importance with the weights on disk (scores.layer_importance_streamed), for models that do not fit."""
     from transformers import AutoTokenizer
 
     from llmprune.engine.data import load_calibration_windows
     from llmprune.engine.io.architecture import layer_shape
-    from llmprune.engine.pruning.streamed_importance import streamed_layer_importance
+    from llmprune.engine.pruning.scores.layer_importance_streamed import streamed_layer_importance
     from llmprune.engine.walk.streaming import StreamedLayers, parameter_count, stream_source
 
     source = stream_source(config.model)

@@ -1,26 +1,26 @@
 """What `llmprune prune` (and the recipe's prune step, and the sweep) is asked to do.
 
 Torch-free: the command line builds these before it imports the engine. Every
-default is set here or in `plan_options` (the plan's), nowhere else.
+default is set here, in `allocate.plan_options` (the plan's) or in the criteria's
+registries (`scores.layers`, `scores.defaults`), nowhere else.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.load_options import LoadOptions
-from llmprune.engine.pruning.plan_options import ATTENTION_UNITS, DEFAULT_RATIO, LAYER_METHODS
+from llmprune.engine.pruning.allocate.budget import Budget, resolve_budget
+from llmprune.engine.pruning.allocate.plan_options import ATTENTION_UNITS, PlanOptions
+from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE, PLAN_UNIT_SCORE
+from llmprune.engine.pruning.scores.layers import get_layer_score
 
 COMPENSATIONS = ("none", "bias", "lstsq")
-DEFAULT_UNIT_IMPORTANCE = "obs"  # the global and streamed paths (the default prune)
-# The plan path's unit score when none is asked: recipes measure on a few calibration windows, where
-# OBS's Hessian estimate is poor (make demo's attention prune: PPL 68.9 with obs, 62.0 with fluctuation).
-PLAN_UNIT_IMPORTANCE = "fluctuation"
 ALLOCATIONS = ("global", "plan", "search")
 DEFAULT_SEARCH_BUDGET = "15m"
 DEFAULT_COMPENSATION = "lstsq"
@@ -93,7 +93,7 @@ class PruneConfig(LoadOptions):
     """
 
     ratio: float | None = None
-    """Mean fraction of the prunable units removed in the prunable layers (default DEFAULT_RATIO)."""
+    """Mean fraction of the prunable units removed in the prunable layers (default plan_options.DEFAULT_RATIO)."""
     target_params: str | None = None
     """Instead of ratio: the size to land on ('6.5B', '110M', or a fraction ≤ 1 of the model to keep)."""
     prune_mlp: bool = False
@@ -101,7 +101,7 @@ class PruneConfig(LoadOptions):
     attn_unit: str = "group"
     """group: whole KV groups (q:kv unchanged) | query: query heads, evenly in every group (plan path)."""
     unit_importance: str | None = None
-    """Criterion choosing which units go inside a layer (unit_scores.UNIT_SCORES: obs | fluctuation | activation |
+    """Criterion choosing which units go inside a layer (scores.units.UNIT_SCORES: obs | fluctuation | activation |
     magnitude);
     None: obs on the global and streamed paths, fluctuation on the plan path (see `unit_score_for`)."""
     allocation: str | None = None
@@ -158,34 +158,46 @@ class PruneConfig(LoadOptions):
     force: bool = False
     """Prune even if the weight health check fails (NaN/Inf/huge values, broken GQA or shapes)."""
     compensation: Callable[..., Any] | None = None
-    """Python API only: the per-layer compensation step (see layer_pass.CompensationContext); selects the plan path."""
+    """Python API only: the per-layer compensation step (see cut.compensation.CompensationContext); selects the
+    plan path."""
 
     def unit_score_for(self, allocation: str) -> str:
         """The unit score a path uses: the one asked for, else that path's default."""
         if self.unit_importance:
             return self.unit_importance
-        return PLAN_UNIT_IMPORTANCE if allocation == "plan" else DEFAULT_UNIT_IMPORTANCE
+        return PLAN_UNIT_SCORE if allocation == "plan" else DEFAULT_UNIT_SCORE
 
-    @property
-    def resolved_ratio(self) -> float:
-        return DEFAULT_RATIO if self.ratio is None else self.ratio
+    def budget(self) -> Budget:
+        """--ratio / --target-params / --drop-layers as one Budget (bad values: one line, exit 2)."""
+        return resolve_budget(self.ratio, self.target_params, self.drop_layers)
+
+    def plan_options(self, file_plan: dict, num_layers: int) -> PlanOptions:
+        """Explicit option > the importance config's > the default; --uniform overrides the layer range and
+        strategy."""
+        # the file's layer_end may be null (its default), which must stay null rather than fall back
+        from_file = PlanOptions(**{k: v for k, v in file_plan.items() if k in PlanOptions.__dataclass_fields__})
+        options = from_file.with_overrides(
+            ratio=self.ratio,
+            strategy=self.strategy,
+            alpha=self.alpha,
+            min_rate=self.min_rate,
+            max_rate=self.max_rate,
+            layer_start=self.layer_start,
+            layer_end=self.layer_end,
+        )
+        if self.uniform:
+            options = replace(options, strategy="uniform", layer_start=0, layer_end=num_layers)
+        return options
 
     def validate(self) -> None:
         """Values on their own; which options fit together is `route.choose_path`'s job."""
         from llmprune.engine.data import check_text_source, check_window_options
 
-        if self.ratio is not None and self.target_params is not None:
-            raise UserInputError("--ratio and --target-params were both given", "give one of them")
-        if self.ratio is not None and (math.isnan(self.ratio) or not (0 <= self.ratio < 1)):
-            raise UserInputError(
-                f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units"
-            )
+        self.budget()  # the size options on their own (the run resolves them once more, before choosing a path)
         if self.attn_unit not in ATTENTION_UNITS:
             raise UserInputError(f"unknown --attn-unit '{self.attn_unit}'", f"use one of {', '.join(ATTENTION_UNITS)}")
-        if self.importance_method is not None and self.importance_method not in LAYER_METHODS:
-            raise UserInputError(
-                f"unknown --importance-method '{self.importance_method}'", f"use one of {', '.join(LAYER_METHODS)}"
-            )
+        if self.importance_method is not None:
+            get_layer_score(self.importance_method)
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise UserInputError(f"unknown --allocation '{self.allocation}'", f"use one of {', '.join(ALLOCATIONS)}")
         if self.search_budget is not None:
@@ -199,8 +211,6 @@ class PruneConfig(LoadOptions):
             raise UserInputError(
                 f"unknown --compensation '{self.compensation_kind}'", f"use one of {', '.join(COMPENSATIONS)}"
             )
-        if self.drop_layers < 0:
-            raise UserInputError(f"--drop-layers must be ≥ 0, got {self.drop_layers}", "e.g. --drop-layers 4")
         if self.round_to < 1:
             raise UserInputError(f"--round-to must be ≥ 1, got {self.round_to}", "e.g. --round-to 8 or 64")
         self.calibration.validate()

@@ -38,7 +38,7 @@ def check_prune_outputs(config: Any, needed_bytes: int | None = None) -> None:
 
 def check_analyze_output(output: str | Path, overwrite: bool = False) -> Path:
     """analyze's JSON config (and its chart beside it): a previous plan may be replaced, anything else is kept."""
-    from llmprune.engine.pruning.importance_file import is_importance_config
+    from llmprune.engine.pruning.analysis_file import is_importance_config
 
     path = Path(output)
     check_output_file(path, option="--output", ours=is_importance_config(path), overwrite=overwrite)

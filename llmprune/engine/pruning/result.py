@@ -13,8 +13,9 @@ import torch
 
 from llmprune.engine.core.paths import atomic_write_json, atomic_write_text
 from llmprune.engine.evaluate import PerplexityResult
+from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.pruning.config import PruneConfig
-from llmprune.engine.pruning.prune_model import LayerChange
+from llmprune.engine.pruning.cut.prune_model import LayerChange
 
 
 @dataclass
@@ -24,6 +25,10 @@ class PruneResult:
     model: str
     options: dict
     ratio: float
+    """The budget as a share of the prunable parameters (KV groups, MLP channels in the prunable layers): the
+    --ratio asked, or the one solved from --target-params."""
+    removed_share_prunable: float
+    """Measured: the share of the prunable parameters the prune removed (removed_share: of all parameters)."""
     target_params: int | None
     params_before: int
     params_after: int
@@ -50,6 +55,7 @@ class PruneResult:
 
     @property
     def removed_share(self) -> float:
+        """Measured: the share of all parameters the prune removed (removed_share_prunable: of the prunable)."""
         return 1 - self.params_after / self.params_before if self.params_before else 0.0
 
     @property
@@ -74,6 +80,14 @@ class PruneResult:
         data["gqa"] = self.gqa_summary()
         data["healthy"] = self.healthy
         return data
+
+
+def after_by_index(changes: list[LayerChange], num_layers: int) -> list[LayerShape | None]:
+    """Each original layer's shape after the prune (None: removed whole)."""
+    after: list[LayerShape | None] = [None] * num_layers
+    for change in changes:
+        after[change.index] = change.after
+    return after
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -110,6 +124,7 @@ def provenance(result: PruneResult, config: PruneConfig) -> dict:
             "path": result.path,
             "options": result.options,
             "ratio": result.ratio,
+            "removed_share_prunable": result.removed_share_prunable,
             "target_params": result.target_params,
             "params_before": result.params_before,
             "params_after": result.params_after,
@@ -129,11 +144,11 @@ def format_log(result: PruneResult) -> str:
         f"finished: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"path: {result.path.get('name')} ({result.path.get('reason')})",
         f"importance: {result.importance_method}",
-        f"ratio: {result.ratio:.4f}"
+        f"ratio: {result.ratio:.4f} of the prunable parameters"
         + (f" (solved for --target-params {result.target_params:,})" if result.target_params else ""),
         (
-            f"parameters: {result.params_before:,} -> {result.params_after:,} (removed {result.removed_share:.2%} of"
-            " all parameters)"
+            f"parameters: {result.params_before:,} -> {result.params_after:,} (removed"
+            f" {result.removed_share_prunable:.2%} of the prunable parameters, {result.removed_share:.2%} of all)"
         ),
         f"GQA: {result.gqa_summary()}",
     ]

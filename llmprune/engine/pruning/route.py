@@ -2,8 +2,8 @@
 
 Three paths share one pruning core (`layer_pass.prune_layers`):
 - global: every KV group and MLP channel of every layer is measured and the
-  cheapest are cut across all layers (`calibrated.prune_loaded_model`);
-- plan: layer importance -> per-layer rates -> units (`prune_model`), the field
+  cheapest are cut across all layers (`global_path.prune_globally`);
+- plan: layer importance -> per-layer rates -> units (`cut.prune_model`), the field
   guide's way; any of its options selects it;
 - streamed: the global path with the weights on disk, one layer in memory.
 

@@ -70,8 +70,8 @@ class PipelineSettings(LoadOptions):
 
     def validate_pruning(self, ratios: list[float]) -> None:
         """The recipe's pruning settings, in the recipe's own option names, before anything runs."""
-        from llmprune.engine.pruning.importance import LAYER_METHODS
-        from llmprune.engine.pruning.plan_options import STRATEGIES, PlanOptions
+        from llmprune.engine.pruning.allocate.plan_options import STRATEGIES, PlanOptions
+        from llmprune.engine.pruning.scores.layers import get_layer_score
 
         def need(condition: bool, problem: str, hint: str) -> None:
             if not condition:
@@ -89,11 +89,7 @@ class PipelineSettings(LoadOptions):
             f"unknown --pruning-strategy '{prune.strategy}'",
             f"use one of {', '.join(STRATEGIES)}",
         )
-        need(
-            prune.importance in LAYER_METHODS,
-            f"unknown --importance-method '{prune.importance}'",
-            f"use one of {', '.join(LAYER_METHODS)}",
-        )
+        get_layer_score(prune.importance)
         need(
             math.isfinite(prune.alpha) and prune.alpha >= 0,
             f"--alpha must be a finite number ≥ 0, got {prune.alpha}",

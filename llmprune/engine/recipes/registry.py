@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning.plan_options import DEFAULT_IMPORTANCE_METHOD, plan_default
+from llmprune.engine.pruning.allocate.plan_options import plan_default
+from llmprune.engine.pruning.scores.layers import DEFAULT_LAYER_SCORE
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class PruneSettings:
 
     ratio: float
     """Fraction of the prunable structures removed (attention groups, and MLP channels when `prune_mlp`)."""
-    importance: str = DEFAULT_IMPORTANCE_METHOD
+    importance: str = DEFAULT_LAYER_SCORE
     """Layer importance criterion of the analysis (removal: how much the output changes when the layer is skipped)."""
     strategy: str = plan_default("strategy")
     """How per-layer rates follow the scores (inverse: important layers are pruned less)."""

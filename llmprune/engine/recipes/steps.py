@@ -129,7 +129,7 @@ class StepAdapters:
 
     def analyze(self, config: RecipeConfig, out_dir: Path, progress: StageProgress | None = None) -> dict:
         """Layer importance on calibration samples, saved as a reusable JSON config in `out_dir`."""
-        from llmprune.engine.pruning.allocation import PlanOptions
+        from llmprune.engine.pruning.allocate.plan import PlanOptions
         from llmprune.engine.pruning.analysis import DEFAULT_CONFIG_NAME, AnalyzeConfig, run_analyze
 
         prune = config.recipe.prune

@@ -4,7 +4,7 @@ A `LayerStore` gives the layers (from memory, or from disk for streaming:
 `streaming.StreamedLayers`); a `LayerRunner` runs one layer the way
 `LlamaModel.forward` would, on calibration hidden states held as one tensor
 (windows × seq_len × hidden). Pruning (`layer_pass`), unit measurement
-(`calibrated`) and streamed layer importance all walk the model this way.
+(`pruning.scores.measure`) and streamed layer importance all walk the model this way.
 """
 
 from __future__ import annotations

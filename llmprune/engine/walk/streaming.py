@@ -10,7 +10,7 @@ output's embeddings, norm and LM head are copied file to file.
 
 So memory holds one layer, the embedding for a moment, and the calibration
 hidden states (windows × seq_len × hidden, twice), whatever the model's depth.
-Because the pruning code is the same (`calibrated.prune_to_target`) and every
+Because the pruning code is the same (`pruning.global_path.prune_globally`) and every
 layer sees the same inputs, the streamed result equals the in-memory one.
 
 The output is a sharded safetensors checkpoint (one shard per layer plus one

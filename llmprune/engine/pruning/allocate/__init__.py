@@ -1,1 +1,1 @@
-"""How much of each layer stays: the budget, the parameter-cost model and the allocators."""
+"""Allocate: the budget, the one parameter-cost model, every allocator (global ranking, the layer-importance plan)."""

@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from llmprune.engine.core.paths import atomic_write_json
-from llmprune.engine.pruning.allocate.levels import REMOVED, Ladder, Level, LevelDatabase
+from llmprune.engine.pruning.allocate.levels import REMOVED, Ladder, Level
 
 __all__ = ["SearchOptions", "SearchOutcome", "KLFitness", "evolve", "mutate"]
 
@@ -91,10 +92,18 @@ class SearchOutcome:
 # ---------------------------------------------------------------- fitness
 
 
+class Levels(Protocol):
+    """What the fitness needs of the level database (`cut.level_database.LevelDatabase`)."""
+
+    layers: list[nn.Module]
+
+    def install(self, layer: int, level: Level) -> None: ...
+
+
 class KLFitness:
     """KL of a candidate to the dense model on held-out windows; dense top-k log-probabilities cached once."""
 
-    def __init__(self, model: nn.Module, runner, database: LevelDatabase, ids: torch.Tensor, top_k: int = 64):
+    def __init__(self, model: nn.Module, runner, database: Levels, ids: torch.Tensor, top_k: int = 64):
         self.model, self.runner, self.database, self.ids, self.top_k = model, runner, database, ids, top_k
         self.tokens = 0
         self.batch_size = runner.batch_size
@@ -186,7 +195,7 @@ def _exchange(allocation: list[Level], ladder: Ladder, rng: random.Random, move)
     return False
 
 
-def _rebalance(allocation: list[Level], ladder: Ladder, budget: int, rng: random.Random) -> bool:
+def rebalance(allocation: list[Level], ladder: Ladder, budget: int, rng: random.Random) -> bool:
     """MLP (then attention) steps in random kept layers until the allocation fits the budget again."""
     kept = _kept(allocation, ladder)
     for _ in range(10_000):
@@ -223,7 +232,7 @@ def _depth_move(allocation: list[Level], ladder: Ladder, budget: int, rng: rando
         trial[rng.choice(removable)] = REMOVED
     else:
         return False
-    if not _rebalance(trial, ladder, budget, rng):
+    if not rebalance(trial, ladder, budget, rng):
         return False
     allocation[:] = trial
     return True

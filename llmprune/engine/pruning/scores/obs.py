@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from llmprune.engine.pruning.compensation import InputStatistics
+from llmprune.engine.pruning.scores.statistics import InputStatistics
 
 __all__ = ["obs_unit_scores", "obs_removal_error", "augmented_hessian"]
 

@@ -13,8 +13,8 @@ i+1. Per layer:
    keep the best MLP channels, compensate down_proj;
 3. run the pruned layer to get the next layer's inputs.
 
-Scores come from `unit_scores.UNIT_SCORES`, compensation from
-`reconstruction`; the global path, the plan path (`prune_model`) and the
+Scores come from `scores.units.UNIT_SCORES`, compensation from
+`cut.compensation`; the global path, the plan path (`prune_model`) and the
 streamed path all prune through `prune_layers`.
 """
 
@@ -27,21 +27,15 @@ import torch
 from torch import nn
 
 from llmprune.engine.core.progress import StageProgress
-from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.config import DEFAULT_UNIT_IMPORTANCE
-from llmprune.engine.pruning.reconstruction import Compensation, CompensationContext, compensation_step, ensure_bias
-from llmprune.engine.pruning.surgery import attention_counts, prune_kv_groups, prune_mlp_channels, prune_query_heads
-from llmprune.engine.pruning.unit_scores import UnitScore, get_unit_score, top_units
+from llmprune.engine.io.architecture import attention_counts
+from llmprune.engine.pruning.allocate.ranking import LayerPlan
+from llmprune.engine.pruning.cut import refit
+from llmprune.engine.pruning.cut.compensation import Compensation, CompensationContext, compensation_step, ensure_bias
+from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels, prune_query_heads
+from llmprune.engine.pruning.scores import statistics
+from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
+from llmprune.engine.pruning.scores.units import UnitScore, get_unit_score, top_units
 from llmprune.engine.walk.layer_store import LayerRunner, LayerStore
-
-
-@dataclass
-class LayerPlan:
-    """How many units of one layer survive."""
-
-    keep_groups: int
-    keep_channels: int
-    keep_heads_per_group: int | None = None  # query heads kept in every group (None: whole groups only)
 
 
 @dataclass
@@ -87,7 +81,7 @@ class _OneLayer:
 
     def _record(
         self, linear: nn.Linear, width: int, hidden: torch.Tensor | None, block, kept_columns: int = 0
-    ) -> comp.InputStatistics | None:
+    ) -> statistics.InputStatistics | None:
         """Statistics of `linear`'s inputs while `block` runs the dense layer (None without calibration data).
 
         With too few calibration tokens for the `kept_columns` least squares would refit, it falls
@@ -95,9 +89,9 @@ class _OneLayer:
         """
         if hidden is None:
             return None
-        refits = hidden.shape[0] * hidden.shape[1] >= comp.MIN_TOKENS_PER_INPUT * kept_columns
+        refits = hidden.shape[0] * hidden.shape[1] >= refit.MIN_TOKENS_PER_INPUT * kept_columns
         gram = self.score.needs_gram(width) or (bool(getattr(self.step, "needs_gram", False)) and refits)
-        with comp.record_inputs(linear, gram=gram) as stats:
+        with statistics.record_inputs(linear, gram=gram) as stats:
             block(self.layer, hidden)
         return stats
 
@@ -168,7 +162,7 @@ def prune_layers(
     ids: torch.Tensor | None,
     runner: LayerRunner | None,
     plans: Sequence[LayerPlan],
-    unit_score: str = DEFAULT_UNIT_IMPORTANCE,
+    unit_score: str = DEFAULT_UNIT_SCORE,
     compensation: str | Compensation | None = "bias",
     damping: float = 1e-3,
     progress: StageProgress | None = None,

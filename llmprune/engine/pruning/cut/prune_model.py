@@ -2,8 +2,8 @@
 
 The per-layer units come from a layer-importance plan (`plan.make_plan`);
 the cutting is the one pruning pass, `layer_pass.prune_layers`, on the
-model in memory: the same unit scores (`unit_scores`), the same
-compensation steps (`reconstruction`) and the same layer walker as the
+model in memory: the same unit scores (`scores.units`), the same
+compensation steps (`cut.compensation`) and the same layer walker as the
 global and streamed paths. Attention is cut by whole KV groups (q:kv
 unchanged) or, with `attn_unit="query"`, by the same number of query heads
 in every group.
@@ -23,11 +23,12 @@ from torch import nn
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_shapes, require_llama_style
-from llmprune.engine.pruning.allocation import LayerUnits
-from llmprune.engine.pruning.config import DEFAULT_UNIT_IMPORTANCE
-from llmprune.engine.pruning.layer_pass import LayerPlan, prune_layers
-from llmprune.engine.pruning.reconstruction import Compensation, compensation_step
-from llmprune.engine.pruning.unit_scores import get_unit_score
+from llmprune.engine.pruning.allocate.plan import LayerUnits
+from llmprune.engine.pruning.allocate.ranking import LayerPlan
+from llmprune.engine.pruning.cut.compensation import Compensation, compensation_step
+from llmprune.engine.pruning.cut.layer_pass import prune_layers
+from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
+from llmprune.engine.pruning.scores.units import get_unit_score
 from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
 
 
@@ -113,7 +114,7 @@ def prune_model(
     model: nn.Module,
     plan: Sequence[LayerUnits],
     calibration: TokenWindows | None = None,
-    unit_importance: str = DEFAULT_UNIT_IMPORTANCE,
+    unit_importance: str = DEFAULT_UNIT_SCORE,
     attn_unit: str = "group",
     compensation: str | Compensation | None = None,
     batch_size: int = 8,
@@ -122,7 +123,7 @@ def prune_model(
 ) -> PruneOutcome:
     """Prune `model` in place to the per-layer units of `plan` (see the module docstring).
 
-    `compensation`: none | bias | lstsq, or a `reconstruction.Compensation` callable.
+    `compensation`: none | bias | lstsq, or a `cut.compensation.Compensation` callable.
     """
     start = time.perf_counter()
     require_llama_style(model)

@@ -1,19 +1,13 @@
-"""How much each decoder layer, and each unit inside a layer, matters.
+"""Layer importance measured on calibration text (the criteria and their names are in `layers`).
 
-Layer scores (higher = more important), `layer_importance(model, windows, method)`:
-- `removal`: increase of the calibration loss when the layer is skipped. The
-  hidden states entering layer i are those of the unmodified model, so skipping
-  layer i only re-runs layers i+1..L-1 from them: L(L-1)/2 layer passes instead
-  of L(L-1) for one full forward per skipped layer (`removal_importance_naive`,
-  kept as the reference the fast way is tested and benchmarked against).
-- `block-influence`: 1 - cosine similarity of a layer's input and output hidden
-  states, averaged over tokens (ShortGPT); one forward pass.
-- `taylor`: sum over the layer's weights of |w * dL/dw| (first-order Taylor
-  estimate of the loss change when the layer's weights are zeroed, LLM-Pruner's
-  element-wise criterion summed per layer); one forward + backward pass.
+`walked_scores` computes `removal` and `block-influence` with the one layer
+walker, in memory or streamed: the hidden states entering layer i are those of
+the unmodified model, so skipping layer i only re-runs layers i+1..L-1 from
+them: L(L-1)/2 layer passes instead of L(L-1) for one full forward per skipped
+layer (`removal_importance_naive`, kept as the reference the fast way is tested
+and benchmarked against). `taylor_scores` needs one forward + backward pass.
 
-Unit scores (which heads, groups and channels go inside a layer) are in
-`unit_scores`.
+Unit scores (which heads, groups and channels go inside a layer) are in `units`.
 """
 
 from __future__ import annotations
@@ -26,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.data import TokenWindows
-from llmprune.engine.pruning.plan_options import LAYER_METHODS
+from llmprune.engine.pruning.scores.layers import DEFAULT_LAYER_SCORE, get_layer_score
 from llmprune.engine.walk.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for
 
 
@@ -112,7 +105,7 @@ def model_head_nll(model: nn.Module, batch_size: int) -> Callable[[torch.Tensor,
     return nll
 
 
-def _taylor(
+def taylor_scores(
     model: nn.Module, windows: TokenWindows, batch_size: int, progress: CountProgress | None
 ) -> tuple[list[float], float, int]:
     layers = list(model.model.layers[: model.config.num_hidden_layers])
@@ -152,16 +145,16 @@ def _taylor(
 def layer_importance(
     model: nn.Module,
     windows: TokenWindows,
-    method: str = "removal",
+    method: str = DEFAULT_LAYER_SCORE,
     batch_size: int = 8,
     progress: CountProgress | None = None,
 ) -> LayerImportance:
     """Score every decoder layer on the calibration windows (the model is left unchanged)."""
-    if method not in LAYER_METHODS:
-        raise UserInputError(f"unknown --importance-method '{method}'", f"use one of {', '.join(LAYER_METHODS)}")
+    criterion = get_layer_score(method)
     start = time.perf_counter()
-    if method == "taylor":
-        scores, base, passes = _taylor(model, windows, batch_size, progress)
+    if not criterion.walked:
+        measure = criterion.measure_in_memory or _BUILT_IN[criterion.name]
+        scores, base, passes = measure(model, windows, batch_size, progress)
     else:
         runner = runner_for(model, windows.seq_len, batch_size)
         ids = windows.ids.to(next(model.parameters()).device)
@@ -177,6 +170,9 @@ def layer_importance(
         seconds=time.perf_counter() - start,
         layer_passes=passes,
     )
+
+
+_BUILT_IN = {"taylor": taylor_scores}  # the built-in criteria the walker does not compute
 
 
 class _SkippedLayer(nn.Module):

@@ -9,7 +9,7 @@ compensation when there are too few calibration tokens for it.
 
 Built in (`compensation_step(kind)`): `bias` (the removed units' mean output,
 folded into the bias) and `lstsq` (refit the kept columns and the bias), both
-from `compensation`. A Python callable with the same signature plugs in
+from `refit`. A Python callable with the same signature plugs in
 instead (`PruneConfig.compensation`); `needs_gram = True` on it asks for XᵀX.
 """
 
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmprune.engine.pruning import compensation as comp
+from llmprune.engine.pruning.cut import refit
+from llmprune.engine.pruning.scores import statistics
 
 __all__ = ["CompensationContext", "Compensation", "compensation_step", "set_linear", "ensure_bias"]
 
@@ -36,7 +37,7 @@ class CompensationContext:
     linear: nn.Linear  # that projection, already sliced to the kept columns
     dense_weight: torch.Tensor  # its weight before the cut (out × in)
     dense_bias: torch.Tensor | None
-    stats: comp.InputStatistics  # its inputs in the dense layer, on the calibration text
+    stats: statistics.InputStatistics  # its inputs in the dense layer, on the calibration text
     keep_columns: list[int]  # the input columns kept (original indices, ascending)
     damping: float = 1e-3  # ridge of the least-squares refit, relative to the mean diagonal
 
@@ -61,17 +62,17 @@ def ensure_bias(linear: nn.Linear) -> None:
 
 
 def _bias(context: CompensationContext) -> str:
-    bias = comp.compensate_bias(context.dense_weight, context.dense_bias, context.stats, context.keep_columns)
+    bias = refit.compensate_bias(context.dense_weight, context.dense_bias, context.stats, context.keep_columns)
     set_linear(context.linear, context.linear.weight.data, bias)
     return "bias"
 
 
 def _lstsq(context: CompensationContext) -> str:
-    weight, bias = comp.refit_least_squares(
+    weight, bias = refit.refit_least_squares(
         context.dense_weight, context.dense_bias, context.stats, context.keep_columns, damping=context.damping
     )
     set_linear(context.linear, weight, bias)
-    needed = comp.MIN_TOKENS_PER_INPUT * len(context.keep_columns)
+    needed = refit.MIN_TOKENS_PER_INPUT * len(context.keep_columns)
     if context.stats.count < needed:  # refit_least_squares fell back to the bias compensation
         return f"bias (lstsq fell back: {context.stats.count} calibration tokens < {needed})"
     return "lstsq"

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from llmprune.engine.io.architecture import attention_counts
+
 __all__ = [
     "prune_kv_groups",
     "prune_query_heads",
@@ -44,13 +46,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- reading a layer
-
-
-def attention_counts(layer: nn.Module) -> tuple[int, int, int]:
-    """(query heads, KV heads, head_dim) of one decoder layer, read from its weights."""
-    attn = layer.self_attn
-    head_dim = attn.head_dim
-    return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, head_dim
 
 
 def _checked_indices(keep: Sequence[int], size: int, what: str) -> list[int]:

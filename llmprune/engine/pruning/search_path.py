@@ -1,7 +1,7 @@
 """The searched path: cut every layer once at a ladder of levels, search the allocation, assemble the model.
 
-`prune_searched` ties `allocate.levels` (the level database built from one
-dense pass over the cut windows) and `allocate.search` (the evolutionary
+`prune_searched` ties `cut.level_database` (the level database built from one
+dense pass over the cut windows, on `allocate.levels`' ladder) and `allocate.search` (the evolutionary
 search, judged by KL to the dense model on *held-out* windows) to a loaded
 model, then leaves the model at the chosen levels: KV groups and MLP
 channels kept as the greedy OBS order says, o_proj and down_proj refitted
@@ -11,8 +11,7 @@ dropped whole.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,14 +20,68 @@ from torch import nn
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.io.architecture import layer_shapes
-from llmprune.engine.pruning.allocate.levels import Ladder, Level, LevelDatabase, ladder_step
-from llmprune.engine.pruning.allocate.search import KLFitness, SearchOptions, SearchOutcome, evolve
-from llmprune.engine.pruning.allocation import LayerUnits, layer_parameters
-from llmprune.engine.pruning.layer_pass import LayerReport
-from llmprune.engine.pruning.reconstruction import ensure_bias
-from llmprune.engine.walk.layer_store import runner_for
+from llmprune.engine.pruning.allocate.budget import Budget
+from llmprune.engine.pruning.allocate.cost import ParameterCost
+from llmprune.engine.pruning.allocate.levels import Ladder, Level
+from llmprune.engine.pruning.allocate.ranking import LayerPlan, rank_units
+from llmprune.engine.pruning.allocate.search import KLFitness, SearchOptions, SearchOutcome, evolve, rebalance
+from llmprune.engine.pruning.config import DEFAULT_SEARCH_BUDGET, PruneConfig, parse_search_budget
+from llmprune.engine.pruning.cut.compensation import ensure_bias
+from llmprune.engine.pruning.cut.depth import drop_layers
+from llmprune.engine.pruning.cut.layer_pass import LayerReport, prune_layers
+from llmprune.engine.pruning.cut.level_database import LevelDatabase
+from llmprune.engine.pruning.global_path import GlobalOutcome, global_figures
+from llmprune.engine.pruning.result import default_log_name
+from llmprune.engine.pruning.scores.measure import LayerUnitScores
+from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
 
-__all__ = ["SearchedOutcome", "prune_searched", "layer_cost"]
+__all__ = ["SearchedOutcome", "prune_searched", "prune_by_search", "refit_in_order", "search_state_path"]
+
+
+def search_state_path(config: PruneConfig) -> Path:
+    """Where the search keeps its state: next to the output (a rerun with the same output resumes from it)."""
+    if config.out is not None:
+        out = Path(config.out)
+        return out.parent / f"{out.name}.search-state.json"
+    return Path(config.log_dir) / f"{config.save_ckpt_log_name or default_log_name(config.model)}.search-state.json"
+
+
+def search_options(config: PruneConfig) -> SearchOptions:
+    kind, value = parse_search_budget(config.search_budget or DEFAULT_SEARCH_BUDGET)
+    if kind == "seconds":
+        return SearchOptions(budget_seconds=value, seed=config.calibration.seed)
+    return SearchOptions(budget_tokens=int(value), seed=config.calibration.seed)
+
+
+def prune_by_search(model: nn.Module, tokenizer, config: PruneConfig, budget: Budget, progress=None):
+    """The search path of `llmprune prune` on a loaded model: the default's cut windows, held-out windows from the
+    same text, the search, and the figures the report shows (as the global path reports them)."""
+    from llmprune.engine.data import held_out_windows, load_text, random_windows, tokenize, window_starts
+
+    calib = config.calibration
+    stream = tokenize(tokenizer, load_text(calib.dataset, "train"))
+    cut = random_windows(stream, calib.samples, calib.seq_len, calib.seed, calib.dataset)  # the default's cut
+    avoid = window_starts(stream.numel(), calib.samples, calib.seq_len, calib.seed)
+    held_out = held_out_windows(stream, config.search_windows, calib.seq_len, avoid, calib.seed + 1)
+    cost = ParameterCost.of_model(model)
+    device = next(model.parameters()).device
+    state_path = search_state_path(config)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    outcome = prune_searched(
+        model,
+        cut.ids.to(device),
+        held_out.ids.to(device),
+        budget.params_to_remove(cost),
+        search_options(config),
+        compensation=config.compensation_kind,
+        batch_size=calib.batch_size,
+        state_path=state_path,
+        progress=progress,
+        signature={"model": str(config.model), "dataset": calib.dataset, "samples": calib.samples},
+    )
+    outcome.state_path = str(state_path)
+    done = GlobalOutcome(cost, outcome.dropped_layers, [], [], outcome.reports)
+    return outcome, global_figures(budget, done, layer_shapes(model))
 
 
 @dataclass
@@ -40,26 +93,16 @@ class SearchedOutcome:
     search: SearchOutcome
     budget: int  # parameters the decoder layers may keep
     tolerance: int  # how far under the budget the allocation may land
+    state_path: str | None = None
 
-
-def layer_cost(model: nn.Module, compensated: bool) -> Callable[[int, int | None, int | None], int]:
-    """Parameters of layer i keeping g KV groups and c channels (0 when removed), output biases included
-    when compensation adds them (it gives every kept layer one, pruned or not)."""
-    shapes = layer_shapes(model)
-    layer = model.model.layers[0]
-    qkv_bias, mlp_bias = layer.self_attn.q_proj.bias is not None, layer.mlp.gate_proj.bias is not None
-    hidden = model.config.hidden_size
-    if compensated:
-        shapes = [replace(s, o_proj_bias=True, down_proj_bias=True) for s in shapes]
-
-    def cost(index: int, groups: int | None, channels: int | None) -> int:
-        if groups is None or channels is None:
-            return 0
-        s = shapes[index]
-        units = LayerUnits(groups, groups * (s.num_attention_heads // s.num_key_value_heads), channels)
-        return layer_parameters(hidden, s, units, qkv_bias, mlp_bias)
-
-    return cost
+    def to_dict(self) -> dict:
+        """What report.json records of the search."""
+        return {
+            **self.search.to_dict(),
+            "state": self.state_path,
+            "budget_params": self.budget,
+            "tolerance_params": self.tolerance,
+        }
 
 
 def prune_searched(
@@ -79,15 +122,12 @@ def prune_searched(
 ) -> SearchedOutcome:
     """Measure, search and assemble; the model is pruned in place."""
     layers = list(model.model.layers)
-    cost = layer_cost(model, compensation != "none")
-    dense_params = sum(sum(p.numel() for p in layer.parameters()) for layer in layers)
-    budget = dense_params - params_to_remove
-    channels = [layer.mlp.down_proj.in_features for layer in layers]
-    kv_heads = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in layers]
-    ladder = Ladder(
-        kv_heads, channels, ladder_step(min(channels)), cost, attention=attention, depth=depth,
-        protected=frozenset({0, len(layers) - 1}),
-    )  # fmt: skip
+    cost = ParameterCost.of_model(model)
+    # the decoder layers' budget: what they hold now less what must go (compensation's biases are priced in)
+    budget = sum(cost.layer(i) for i in range(cost.num_layers)) - params_to_remove
+    ladder = Ladder.of_cost(
+        cost, compensation != "none", attention=attention, depth=depth, protected=frozenset({0, len(layers) - 1})
+    )
     try:
         uniform = ladder.uniform(budget)
     except ValueError:
@@ -103,7 +143,8 @@ def prune_searched(
         )
     fitness = KLFitness(model, runner_for(model, select_ids.shape[1], batch_size), database, select_ids)
     starts = {"uniform": uniform, **(extra_starts or {})}
-    ranked = global_start(database, ladder, budget, params_to_remove + _added_biases(model, compensation))
+    added = sum(cost.missing_output_biases(i) for i in range(cost.num_layers)) if compensation != "none" else 0
+    ranked = global_start(database, ladder, cost, budget, params_to_remove + added)
     if ranked is not None:
         starts["global"] = ranked
 
@@ -121,47 +162,30 @@ def prune_searched(
     )
 
 
-def _added_biases(model: nn.Module, compensation: str) -> int:
-    if compensation == "none":
-        return 0
-    return sum(
-        p.out_features for layer in model.model.layers for p in (layer.self_attn.o_proj, layer.mlp.down_proj)
-        if p.bias is None
-    )  # fmt: skip
-
-
-def global_start(database: LevelDatabase, ladder: Ladder, budget: int, to_remove: int) -> list[Level] | None:
+def global_start(
+    database: LevelDatabase, ladder: Ladder, cost: ParameterCost, budget: int, to_remove: int
+) -> list[Level] | None:
     """The global ranking's allocation (the default prune's), on the ladder and fitted to the budget."""
     import random
 
-    from llmprune.engine.pruning.allocate.search import _rebalance
-    from llmprune.engine.pruning.calibrated import LayerScores, allocate
-
-    scores = []
-    for i in range(ladder.num_layers):
-        group_params = ladder.cost(i, 2, 1) - ladder.cost(i, 1, 1)
-        channel_params = ladder.cost(i, 1, 2) - ladder.cost(i, 1, 1)
-        scores.append(
-            LayerScores(database.group_scores[i], database.channel_scores[i], group_params, channel_params,
-                        database.input_energy[i])
-        )  # fmt: skip
-    plans = allocate(scores, to_remove, ladder.attention, 1 - ladder.min_channel_share)
+    scores = [
+        LayerUnitScores(database.group_scores[i], database.channel_scores[i], database.input_energy[i])
+        for i in range(ladder.num_layers)
+    ]
+    plans = rank_units(scores, cost, to_remove, ladder.attention, 1 - ladder.min_channel_share)
     allocation = []
     for i, plan in enumerate(plans):
         levels = ladder.channel_levels(i)
         nearest = min(levels, key=lambda c: abs(c - plan.keep_channels))
         allocation.append(Level(max(1, plan.keep_groups), nearest))
-    return allocation if _rebalance(allocation, ladder, budget, random.Random(0)) else None
+    return allocation if rebalance(allocation, ladder, budget, random.Random(0)) else None
 
 
 def refit_in_order(
     model: nn.Module, cut_ids: torch.Tensor, allocation: list[Level], compensation: str = "lstsq", batch_size: int = 8
 ) -> tuple[list[int], list[LayerReport]]:
     """The default prune's pass at the searched sizes: drop the removed layers, then cut and refit each layer on
-    the inputs it really receives from the layers pruned before it (`layer_pass.prune_layers`)."""
-    from llmprune.engine.pruning.depth import drop_layers
-    from llmprune.engine.pruning.layer_pass import LayerPlan, prune_layers
-    from llmprune.engine.walk.layer_store import InMemoryLayers
+    the inputs it really receives from the layers pruned before it (`cut.layer_pass.prune_layers`)."""
 
     dropped = [i for i, lv in enumerate(allocation) if lv.removed]
     if dropped:
@@ -177,7 +201,6 @@ def assemble(
     model: nn.Module, database: LevelDatabase, allocation: list[Level], compensation: str
 ) -> tuple[list[int], list[LayerReport]]:
     """Leave the model at these levels: install each, give kept layers their output biases, drop removed layers."""
-    from llmprune.engine.pruning.depth import drop_layers
 
     reports = []
     dropped = [i for i, lv in enumerate(allocation) if lv.removed]

@@ -14,18 +14,23 @@
    layers with the highest rates lose the extra unit. A layer always keeps at
    least one KV group, one query head per group and `round_to` MLP channels.
 3. `solve_ratio_for_parameters`: the ratio whose plan lands on a parameter
-   count (bisection on the exact count of the resulting shapes).
+   count (bisection on the exact count of the resulting shapes, from `cost.ParameterCost`).
+4. `make_plan`: all of it, from layer scores to the units every layer keeps.
+
+Strategy names (inverse | proportional | uniform) are this plan's; the global
+ranking (`ranking`) has its own, and none of them is spelled the same.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.io.architecture import LayerShape
-from llmprune.engine.pruning.plan_options import ATTENTION_UNITS, STRATEGIES, PlanOptions  # noqa: F401 (re-exported)
+from llmprune.engine.pruning.allocate.cost import ParameterCost
+from llmprune.engine.pruning.allocate.plan_options import ATTENTION_UNITS, STRATEGIES, PlanOptions  # noqa: F401 (re-exported)
 
 
 def _weights(scores: Sequence[float], strategy: str, alpha: float) -> list[float]:
@@ -160,37 +165,12 @@ def unit_counts(
     return result
 
 
-# ---------------------------------------------------------------- parameter counts
+def units_cost(cost: ParameterCost, index: int, units: LayerUnits) -> int:
+    """Parameters of layer `index` keeping `units` (the cost model's count)."""
+    return cost.layer(index, units.kv_heads, units.intermediate_size, units.heads // units.kv_heads)
 
 
-def layer_parameters(hidden: int, shape: LayerShape, units: LayerUnits, qkv_bias: bool, mlp_bias: bool) -> int:
-    """Parameters of one decoder layer with these units (projections, biases, the two norms)."""
-    head_dim = shape.head_dim
-    q = units.heads * head_dim
-    kv = units.kv_heads * head_dim
-    attention = hidden * (2 * q + 2 * kv) + (q + 2 * kv if qkv_bias else 0) + (hidden if shape.o_proj_bias else 0)
-    width = units.intermediate_size
-    mlp = 3 * hidden * width + (2 * width if mlp_bias else 0) + (hidden if shape.down_proj_bias else 0)
-    return attention + mlp + 2 * hidden
-
-
-@dataclass
-class ParameterModel:
-    """Enough about a model to count the parameters of any plan for it, without touching it."""
-
-    total: int
-    hidden_size: int
-    shapes: list[LayerShape]
-    qkv_bias: bool = False
-    mlp_bias: bool = False
-    layer_totals: list[int] = field(default_factory=list)
-
-    def count(self, plan_units: Sequence[LayerUnits]) -> int:
-        new = sum(
-            layer_parameters(self.hidden_size, shape, units, self.qkv_bias, self.mlp_bias)
-            for shape, units in zip(self.shapes, plan_units, strict=False)
-        )
-        return self.total - sum(self.layer_totals) + new
+# ---------------------------------------------------------------- a ratio for a parameter target
 
 
 def solve_ratio_for_parameters(
@@ -220,24 +200,53 @@ def solve_ratio_for_parameters(
     return high
 
 
-def parse_target_params(text: str, current_total: int) -> int:
-    """'6.5B', '900M', '120000' (absolute), or a fraction ≤ 1 of the current model ('0.8' keeps 80 %)."""
-    cleaned = str(text).strip().upper().replace("_", "").replace(",", "")
-    multipliers = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-    try:
-        if cleaned and cleaned[-1] in multipliers:
-            value = float(cleaned[:-1]) * multipliers[cleaned[-1]]
-        else:
-            value = float(cleaned)
-            if 0 < value <= 1:
-                value *= current_total
-    except ValueError:
-        raise UserInputError(
-            f"--target-params '{text}' is not a number", "use e.g. 6.5B, 110M or 0.8 (a fraction of the model)"
-        ) from None
-    if not (0 < value <= current_total) or math.isnan(value):
-        raise UserInputError(
-            f"--target-params {text} must be positive and at most the model's {current_total:,} parameters",
-            "use e.g. 0.8 to keep 80 % of the parameters",
+# ---------------------------------------------------------------- scores -> the whole plan
+
+
+def plan_units(
+    scores: list[float],
+    shapes: list[LayerShape],
+    plan: PlanOptions,
+    attn_unit: str,
+    prune_mlp: bool,
+    round_to: int,
+    same_in_every_layer: bool = False,
+) -> tuple[list[float], list[LayerUnits]]:
+    """Scores -> (per-layer rates, per-layer units kept)."""
+    rates = layer_rates(scores, plan)
+    units = unit_counts(rates, shapes, attn_unit, True, prune_mlp, round_to, same_in_every_layer)
+    return rates, units
+
+
+def make_plan(
+    scores: list[float],
+    cost: ParameterCost,
+    options: PlanOptions,
+    attn_unit: str = "group",
+    prune_mlp: bool = False,
+    round_to: int = 1,
+    same_in_every_layer: bool = False,
+    target_params: int | None = None,
+) -> tuple[PlanOptions, list[float], list[LayerUnits]]:
+    """Layer scores -> (options with the final ratio, per-layer rates, per-layer units).
+
+    With `target_params`, the ratio is solved so that the pruned model has about
+    that many parameters (counted exactly from the planned shapes).
+    """
+    shapes = list(cost.shapes)
+
+    def plan_for(ratio: float) -> tuple[list[float], list[LayerUnits]]:
+        return plan_units(
+            scores, shapes, replace(options, ratio=ratio), attn_unit, prune_mlp, round_to, same_in_every_layer
         )
-    return int(round(value))
+
+    if target_params is not None:
+
+        def count(ratio: float) -> int:
+            # ratios under min_rate are not plans; the smallest real one is min_rate
+            units = plan_for(ratio if ratio == 0 or ratio >= options.min_rate else options.min_rate)[1]
+            return cost.count([units_cost(cost, i, u) for i, u in enumerate(units)])
+
+        options = replace(options, ratio=solve_ratio_for_parameters(target_params, count, options.max_rate))
+    rates, units = plan_for(options.ratio)
+    return options, rates, units

@@ -8,8 +8,8 @@ i with the hidden states entering it, and is not run through layer i. The
 work is the same L(L-1)/2 layer passes as the in-memory fast path
 (`importance.walked_scores`, shared with it); the memory is one layer plus one set of calibration
 hidden states per layer (windows × seq_len × hidden each), not the model.
-`block-influence` streams in one pass. `taylor` needs a backward pass through
-the whole model and does not stream.
+`block-influence` streams in one pass. Criteria that cannot stream say so
+(`layers.LayerScore.can_stream`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ import time
 
 import torch
 
-from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.evaluate import window_nll
-from llmprune.engine.pruning.importance import LayerImportance, walked_scores
+from llmprune.engine.pruning.scores.layer_importance import LayerImportance, walked_scores
+from llmprune.engine.pruning.scores.layers import get_layer_score
 from llmprune.engine.walk.streaming import StreamedLayers
 
-__all__ = ["STREAMED_METHODS", "streamed_layer_importance"]
-
-STREAMED_METHODS = ("removal", "block-influence")
+__all__ = ["streamed_layer_importance"]
 
 
 class _Head:
@@ -63,11 +61,7 @@ def streamed_layer_importance(
     progress=None,
 ) -> LayerImportance:
     """The same scores as `importance.layer_importance` (the same walker), reading one layer at a time from disk."""
-    if method not in STREAMED_METHODS:
-        raise UserInputError(
-            f"--importance-method {method} cannot stream (it needs gradients through the whole model)",
-            f"use one of {', '.join(STREAMED_METHODS)} with --stream, or drop --stream",
-        )
+    get_layer_score(method, stream=True)  # one line for a criterion that cannot stream
     start = time.perf_counter()
     runner = store.runner(windows.seq_len, batch_size)
     head = None

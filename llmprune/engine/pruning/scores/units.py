@@ -2,7 +2,7 @@
 
 A unit is a KV group (one KV head and its query heads), a query head, or an
 MLP channel. Its score (higher = keep) is computed from the layer's weights
-and, for data-aware criteria, from `compensation.InputStatistics` of the
+and, for data-aware criteria, from `statistics.InputStatistics` of the
 inputs of the projection the unit feeds: o_proj for heads and groups
 (contiguous blocks of head_dim input columns), down_proj for MLP channels.
 
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.pruning import compensation as comp
-from llmprune.engine.pruning.surgery import attention_counts
+from llmprune.engine.io.architecture import attention_counts
+from llmprune.engine.pruning.scores import statistics
 
 
 class UnitScore(Protocol):
@@ -46,18 +46,18 @@ class UnitScore(Protocol):
     def needs_gram(self, width: int) -> bool:
         """Whether units of `width` input columns need XᵀX in the statistics."""
 
-    def kv_groups(self, layer: nn.Module, stats: comp.InputStatistics | None) -> torch.Tensor:
+    def kv_groups(self, layer: nn.Module, stats: statistics.InputStatistics | None) -> torch.Tensor:
         """[kv_heads]: one score per KV group, from o_proj's input statistics."""
 
-    def query_heads(self, layer: nn.Module, stats: comp.InputStatistics | None) -> torch.Tensor:
+    def query_heads(self, layer: nn.Module, stats: statistics.InputStatistics | None) -> torch.Tensor:
         """[kv_heads, heads per group]: one score per query head."""
 
-    def mlp_channels(self, layer: nn.Module, stats: comp.InputStatistics | None) -> torch.Tensor:
+    def mlp_channels(self, layer: nn.Module, stats: statistics.InputStatistics | None) -> torch.Tensor:
         """[intermediate_size]: one score per MLP channel, from down_proj's input statistics."""
 
 
 def _column_energy(linear: nn.Linear) -> torch.Tensor:
-    return comp.column_energy(linear.weight)  # a block of rows at a time: no float64 copy of the whole weight
+    return statistics.column_energy(linear.weight)  # a block of rows at a time: no float64 copy of the whole weight
 
 
 def _row_energy(linear: nn.Linear) -> torch.Tensor:
@@ -104,7 +104,7 @@ class Activation:
         return False
 
     @staticmethod
-    def _columns(linear: nn.Linear, stats: comp.InputStatistics) -> torch.Tensor:
+    def _columns(linear: nn.Linear, stats: statistics.InputStatistics) -> torch.Tensor:
         return _column_energy(linear).to(stats.squares.device) * stats.squares / max(stats.count, 1)
 
     def query_heads(self, layer, stats) -> torch.Tensor:
@@ -126,12 +126,12 @@ class Fluctuation:
         return width > 1
 
     @staticmethod
-    def _groups(layer: nn.Module, width: int, stats: comp.InputStatistics) -> torch.Tensor:
+    def _groups(layer: nn.Module, width: int, stats: statistics.InputStatistics) -> torch.Tensor:
         weight = layer.self_attn.o_proj.weight
         if stats.gram is None:
-            return _blocks(comp.fluctuation(weight, stats), width)
+            return _blocks(statistics.fluctuation(weight, stats), width)
         groups = [range(g * width, (g + 1) * width) for g in range(weight.shape[1] // width)]
-        return comp.group_fluctuation(weight, stats, groups)
+        return statistics.group_fluctuation(weight, stats, groups)
 
     def query_heads(self, layer, stats) -> torch.Tensor:
         _, kv_heads, head_dim = attention_counts(layer)
@@ -142,7 +142,7 @@ class Fluctuation:
         return self._groups(layer, heads // kv_heads * head_dim, stats)
 
     def mlp_channels(self, layer, stats) -> torch.Tensor:
-        return comp.fluctuation(layer.mlp.down_proj.weight, stats)
+        return statistics.fluctuation(layer.mlp.down_proj.weight, stats)
 
 
 class OptimalBrainSurgeon:
@@ -154,8 +154,8 @@ class OptimalBrainSurgeon:
         return True
 
     @staticmethod
-    def _scores(linear: nn.Linear, stats: comp.InputStatistics, width: int, keep: int | None) -> torch.Tensor:
-        from llmprune.engine.pruning.obs import obs_unit_scores
+    def _scores(linear: nn.Linear, stats: statistics.InputStatistics, width: int, keep: int | None) -> torch.Tensor:
+        from llmprune.engine.pruning.scores.obs import obs_unit_scores
 
         units = linear.in_features // width
         return obs_unit_scores(linear.weight, stats, width, remove=None if keep is None else units - keep)

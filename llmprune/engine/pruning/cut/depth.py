@@ -2,7 +2,7 @@
 
 Which layers: the ones that change the residual stream least on calibration
 text, measured as block influence 1 - cos(h_in, h_out) (ShortGPT, Men et al.
-2024), see `llmprune.engine.pruning.calibrated.measure_units`. Dropping a layer is
+2024), chosen by `allocate.ranking.least_influential` from `scores.measure.measure_units`. Dropping a layer is
 exact surgery on the real transformers model: the layer leaves
 `model.model.layers`, the config's layer count follows, and the remaining
 attention modules are renumbered so that a KV cache indexes them correctly.
@@ -14,15 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["least_influential", "drop_layers"]
-
-
-def least_influential(influence: Sequence[float], count: int, keep_first: int = 1, keep_last: int = 1) -> list[int]:
-    """The `count` layers with the lowest block influence; the first and last layers are never chosen."""
-    candidates = [i for i in range(keep_first, len(influence) - keep_last)]
-    if count > len(candidates):
-        raise ValueError(f"cannot drop {count} of {len(influence)} layers (at most {len(candidates)})")
-    return sorted(sorted(candidates, key=lambda i: influence[i])[:count])
+__all__ = ["drop_layers"]
 
 
 def drop_layers(model: nn.Module, indices: Sequence[int]) -> None:

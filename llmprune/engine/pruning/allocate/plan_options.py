@@ -13,8 +13,6 @@ from llmprune.engine.core.errors import UserInputError
 
 STRATEGIES = ("inverse", "proportional", "uniform")
 ATTENTION_UNITS = ("group", "query")
-LAYER_METHODS = ("removal", "block-influence", "taylor")
-DEFAULT_IMPORTANCE_METHOD = "removal"
 DEFAULT_RATIO = 0.2
 
 
@@ -49,8 +47,9 @@ class PlanOptions:
     def prunable(self, num_layers: int) -> list[int]:
         return list(range(self.layer_start, self.resolved_end(num_layers)))
 
-    def validate(self, num_layers: int) -> None:
-        if not (0.0 <= self.ratio < 1.0) or math.isnan(self.ratio):
+    def validate(self, num_layers: int, check_ratio: bool = True) -> None:
+        """Every option; `check_ratio=False` when the ratio is still to be solved from a parameter target."""
+        if check_ratio and (not (0.0 <= self.ratio < 1.0) or math.isnan(self.ratio)):
             raise UserInputError(
                 f"--ratio must lie in [0, 1), got {self.ratio}", "e.g. --ratio 0.2 removes 20 % of the prunable units"
             )
@@ -71,7 +70,7 @@ class PlanOptions:
                 f"layer range [{self.layer_start}, {end}) is empty or outside the model's {num_layers} layers",
                 f"need 0 ≤ --layer-start < --layer-end ≤ {num_layers}",
             )
-        if self.ratio > 0 and not (self.min_rate <= self.ratio <= self.max_rate):
+        if check_ratio and self.ratio > 0 and not (self.min_rate <= self.ratio <= self.max_rate):
             raise UserInputError(
                 f"--ratio {self.ratio} cannot be met with every prunable layer between {self.min_rate} and"
                 f" {self.max_rate}",
