@@ -187,7 +187,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --save-dtype --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
+            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --allocation --search-budget --save-dtype --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --lr --epochs --samples --method --train-batch-size --grad-accum --max-grad-norm --warmup-steps --teacher --no-teacher --no-tui --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -208,6 +208,8 @@ _llmprune() {
                 --importance-samples) valued=1 values='' files=0 ;;
                 --eval-windows) valued=1 values='' files=0 ;;
                 --batch-size) valued=1 values='' files=0 ;;
+                --allocation) valued=1 values='' files=1 ;;
+                --search-budget) valued=1 values='' files=1 ;;
                 --save-dtype) valued=1 values='' files=1 ;;
                 --ratio) valued=1 values='' files=0 ;;
                 --importance-method) valued=1 values='' files=1 ;;
@@ -226,7 +228,7 @@ _llmprune() {
             esac
             ;;
         'recipe sweep')
-            opts='--base-model --trust-pickle --device --dtype --ratio --recipe --importance-config --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --save-dtype --json --help'
+            opts='--base-model --trust-pickle --device --dtype --ratio --recipe --importance-config --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --allocation --search-budget --save-dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -248,6 +250,8 @@ _llmprune() {
                 --importance-samples) valued=1 values='' files=0 ;;
                 --eval-windows) valued=1 values='' files=0 ;;
                 --batch-size) valued=1 values='' files=0 ;;
+                --allocation) valued=1 values='' files=1 ;;
+                --search-budget) valued=1 values='' files=1 ;;
                 --save-dtype) valued=1 values='' files=1 ;;
             esac
             ;;

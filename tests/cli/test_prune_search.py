@@ -72,3 +72,31 @@ def test_budgets_read_as_time_or_tokens():
     assert parse_search_budget("500k") == ("tokens", 5e5)
     with pytest.raises(UserInputError):
         parse_search_budget("0")
+
+
+@pytest.mark.parametrize("allocation", ["plan", "global", "search"])
+def test_recipes_and_the_sweep_prune_with_the_allocation_prune_would_use(allocation, tmp_path):
+    from llmprune.engine.recipes.config import RecipeConfig
+    from llmprune.engine.recipes.registry import get_recipe
+    from llmprune.engine.recipes.steps import recipe_prune_config
+
+    budget = "2M" if allocation == "search" else None
+    config = RecipeConfig(recipe=get_recipe("safe"), model="some/model", allocation=allocation, search_budget=budget)
+    prune = recipe_prune_config(config, tmp_path / "importance.json", 0.2, tmp_path, "pruned")
+    assert choose_path(prune).name == allocation
+    assert prune.search_budget == budget
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [({"allocation": "evolve"}, "unknown --allocation"), ({"search_budget": "5m"}, "only used by --allocation search")],
+)
+def test_a_recipe_with_a_bad_allocation_is_refused(values, needle):
+    from llmprune.engine.recipes.config import RecipeConfig
+    from llmprune.engine.recipes.registry import get_recipe
+
+    config = RecipeConfig(
+        recipe=get_recipe("safe"), model="some/model", dataset="pydoc", eval_dataset="pydoc", **values
+    )
+    with pytest.raises(UserInputError, match=needle):
+        config.validate_budget()
