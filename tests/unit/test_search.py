@@ -166,3 +166,19 @@ def test_too_few_held_out_windows_and_no_bound_are_refused():
         evolve(ladder, 10**9, fitness, 4, starts, SearchOptions(generations=1))
     with pytest.raises(ValueError, match="bound"):
         evolve(ladder, 10**9, fitness, 4, starts, SearchOptions())
+
+
+def test_held_out_windows_share_no_token_with_the_cut_and_too_few_is_refused():
+    from llmprune.engine.core.errors import UserInputError
+    from llmprune.engine.data import held_out_windows, random_windows, window_starts
+
+    ids = torch.arange(5000)  # every token is its own position
+    cut = random_windows(ids, 10, 32, seed=0)
+    avoid = window_starts(ids.numel(), 10, 32, seed=0)
+    assert torch.equal(cut.ids[:, 0], torch.tensor(avoid))
+    held = held_out_windows(ids, 40, 32, avoid, seed=1)
+    used = set(cut.ids.flatten().tolist())
+    assert held.ids.shape == (40, 32) and not used & set(held.ids.flatten().tolist())
+    assert len(set(held.ids.flatten().tolist())) == 40 * 32  # nor with each other
+    with pytest.raises(UserInputError, match="held-out windows"):
+        held_out_windows(ids, 200, 32, avoid, seed=1)
