@@ -72,10 +72,26 @@ def prune_command(
             help=(
                 "global: cut the least damaging KV groups/MLP channels across all layers (the default) | plan:"
                 " per-layer rates from layer importance (selected by any field-guide option: --importance-method,"
-                " --pruning-strategy, --alpha, --min/--max-pruning-rate, --layer-start/--layer-end)."
+                " --pruning-strategy, --alpha, --min/--max-pruning-rate, --layer-start/--layer-end) | search:"
+                " per-layer levels (KV groups, MLP channels, whole layers) searched against KL to the dense model"
+                " on held-out calibration windows (EvoPress-style; see --search-budget)."
             ),
         ),
     ] = None,
+    search_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--search-budget",
+            help="How long --allocation search searches: 20m, 90s, 1h, or forwarded tokens (2M, 500k). Default 15m.",
+        ),
+    ] = None,
+    search_windows: Annotated[
+        int,
+        typer.Option(
+            "--search-windows",
+            help="Held-out calibration windows --allocation search selects on (disjoint from the cut's windows).",
+        ),
+    ] = _PRUNE.search_windows,
     compensation: Annotated[
         str,
         typer.Option(
@@ -193,6 +209,8 @@ def prune_command(
         attn_unit=attn_unit,
         unit_importance=unit_importance,
         allocation=allocation,
+        search_budget=search_budget,
+        search_windows=search_windows,
         compensation_kind=compensation,
         drop_layers=drop_layers,
         stream=stream,

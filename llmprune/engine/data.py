@@ -270,9 +270,44 @@ def random_windows(ids: torch.Tensor, count: int, seq_len: int, seed: int = 0, s
             f"the text has {ids.numel()} tokens, not more than one sample of {seq_len}",
             "use a longer text or a smaller --seq-len",
         )
+    starts = window_starts(ids.numel(), count, seq_len, seed)
+    return TokenWindows(torch.stack([ids[s : s + seq_len] for s in starts]), source, ids.numel())
+
+
+def window_starts(tokens: int, count: int, seq_len: int, seed: int = 0) -> list[int]:
+    """The seeded random offsets `random_windows` cuts its windows at."""
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (count,), generator=generator)
-    return TokenWindows(torch.stack([ids[s : s + seq_len] for s in starts.tolist()]), source, ids.numel())
+    return torch.randint(0, tokens - seq_len, (count,), generator=generator).tolist()
+
+
+def held_out_windows(
+    ids: torch.Tensor, count: int, seq_len: int, avoid: list[int], seed: int = 1, source: str = ""
+) -> TokenWindows:
+    """`count` random windows of `ids` that share no token with the windows starting at `avoid` (same seq_len).
+
+    Raises UserInputError when the text has no room for that many.
+    """
+    taken = sorted(avoid)
+    generator = torch.Generator().manual_seed(seed)
+    room = ids.numel() - seq_len
+    chosen: list[int] = []
+    import bisect
+
+    for start in torch.randperm(max(room, 1), generator=generator).tolist():
+        if len(chosen) == count:
+            break
+        at = bisect.bisect_left(taken, start)
+        # a window overlaps another one starting less than seq_len before or after it
+        near = taken[max(at - 1, 0) : at + 1]
+        if all(abs(start - other) >= seq_len for other in near):
+            chosen.append(start)
+            bisect.insort(taken, start)
+    if len(chosen) < count:
+        raise UserInputError(
+            f"the calibration text has room for {len(chosen)} held-out windows of {seq_len} tokens, {count} needed",
+            "use a longer --dataset, fewer --search-windows or a smaller --seq-len",
+        )
+    return TokenWindows(torch.stack([ids[s : s + seq_len] for s in chosen]), source, ids.numel())
 
 
 def load_evaluation_windows(tokenizer: Any, source: str, seq_len: int, max_windows: int | None = None) -> TokenWindows:

@@ -7,6 +7,7 @@ registries (`scores.layers`, `scores.defaults`), nowhere else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,39 @@ from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE, PLAN_UNI
 from llmprune.engine.pruning.scores.layers import get_layer_score
 
 COMPENSATIONS = ("none", "bias", "lstsq")
+ALLOCATIONS = ("global", "plan", "search")
+DEFAULT_SEARCH_BUDGET = "15m"
 DEFAULT_COMPENSATION = "lstsq"
+
+
+def parse_search_budget(text: str) -> tuple[str, float]:
+    """('seconds', s) or ('tokens', n) from '20m', '90s', '1.5h', '2M', '500k' or a plain token count."""
+    cleaned = str(text).strip().replace("_", "").replace(",", "")
+    units = {
+        "s": ("seconds", 1),
+        "min": ("seconds", 60),
+        "m": ("seconds", 60),
+        "h": ("seconds", 3600),
+        "k": ("tokens", 1e3),
+        "K": ("tokens", 1e3),
+        "M": ("tokens", 1e6),
+        "B": ("tokens", 1e9),
+        "": ("tokens", 1),
+    }
+    for suffix in sorted(units, key=len, reverse=True):
+        if cleaned.endswith(suffix):
+            kind, scale = units[suffix]
+            try:
+                value = float(cleaned[: len(cleaned) - len(suffix)] if suffix else cleaned) * scale
+            except ValueError:
+                break
+            if math.isnan(value) or math.isinf(value) or value <= 0:
+                break
+            return kind, value
+    raise UserInputError(
+        f"--search-budget '{text}' is not a positive duration or token count",
+        "use e.g. 20m (minutes), 90s, 1h, or 2M (forwarded tokens)",
+    )  # fmt: skip
 
 
 @dataclass
@@ -72,7 +105,12 @@ class PruneConfig(LoadOptions):
     magnitude);
     None: obs on the global and streamed paths, fluctuation on the plan path (see `unit_score_for`)."""
     allocation: str | None = None
-    """global | plan; None: global unless a plan option is given (route.choose_path)."""
+    """global | plan | search; None: global unless a plan option is given (route.choose_path)."""
+    search_budget: str | None = None
+    """How long the searched allocation searches: minutes ('20m'), seconds ('90s'), hours ('1h') or forwarded tokens
+    ('2M', '500k'); None: DEFAULT_SEARCH_BUDGET."""
+    search_windows: int = 64
+    """Held-out calibration windows the searched allocation selects on (never the windows the cut is fitted on)."""
     compensation_kind: str = DEFAULT_COMPENSATION
     """After each layer's cut: lstsq (refit o_proj/down_proj and their biases on calibration inputs) |
     bias (fold the removed units' mean output into the bias) | none."""
@@ -160,8 +198,15 @@ class PruneConfig(LoadOptions):
             raise UserInputError(f"unknown --attn-unit '{self.attn_unit}'", f"use one of {', '.join(ATTENTION_UNITS)}")
         if self.importance_method is not None:
             get_layer_score(self.importance_method)
-        if self.allocation is not None and self.allocation not in ("global", "plan"):
-            raise UserInputError(f"unknown --allocation '{self.allocation}'", "use one of global, plan")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise UserInputError(f"unknown --allocation '{self.allocation}'", f"use one of {', '.join(ALLOCATIONS)}")
+        if self.search_budget is not None:
+            parse_search_budget(self.search_budget)
+        if self.search_windows < 8:
+            raise UserInputError(
+                f"--search-windows must be ≥ 8 (the search selects on them), got {self.search_windows}",
+                "e.g. --search-windows 64",
+            )
         if self.compensation_kind not in COMPENSATIONS:
             raise UserInputError(
                 f"unknown --compensation '{self.compensation_kind}'", f"use one of {', '.join(COMPENSATIONS)}"

@@ -126,7 +126,12 @@ def _run_prune(
         )
     run = _Run(config, budget, path, loaded, cost, progress)
     phases.enter("calibrate")
-    result = run.plan(options, saved_config) if path.name == "plan" else run.global_allocation()
+    if path.name == "plan":
+        result = run.plan(options, saved_config)
+    elif path.name == "search":
+        result = run.search_allocation()
+    else:
+        result = run.global_allocation()
     return _finish(result, config, start, phases=phases)
 
 
@@ -247,6 +252,30 @@ class _Run:
             importance=list(scores),
             ppl_before=ppl_before,
             ppl_after=ppl_after,
+        )
+
+    def search_allocation(self) -> PruneResult:
+        """Every layer cut once at a ladder of levels; the allocation searched against KL on held-out windows."""
+        from llmprune.engine.pruning.search_path import prune_by_search
+
+        config, model = self.config, self.model
+        ppl_before = self.perplexity("before")
+        outcome, figures = prune_by_search(model, self.loaded.tokenizer, config, self.budget, self.progress)
+        return self.result(
+            **figures,
+            options=resolved_options(
+                config,
+                allocation="search",
+                compensation=config.compensation_kind,
+                dropped_layers=outcome.dropped_layers,
+                unit_importance="obs",
+            ),
+            params_after=sum(p.numel() for p in model.parameters()),
+            importance=[0.0] * len(figures["layers"]),
+            importance_method="obs (searched allocation: KL to the dense model on held-out windows)",
+            ppl_before=ppl_before,
+            ppl_after=self.perplexity("after"),
+            search=outcome.to_dict(),
         )
 
     def global_allocation(self) -> PruneResult:

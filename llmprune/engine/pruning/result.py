@@ -48,6 +48,8 @@ class PruneResult:
     """Peak resident memory of each phase (load, measure, prune, save, ...) in bytes: what holds the memory."""
     path: dict = field(default_factory=dict)
     """The path taken and why (route.PrunePath.to_dict())."""
+    search: dict | None = None
+    """The searched allocation (search.SearchOutcome.to_dict()): start, generations, fitness curve, levels per layer."""
     loaded: Any = field(default=None, repr=False)
     """The pruned model in memory (a models.LoadedModel), for callers that go on with it; not serialised."""
 

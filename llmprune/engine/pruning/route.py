@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
     from llmprune.engine.pruning.config import PruneConfig
 
-PATHS = ("global", "plan", "streamed")
-ALLOCATIONS = ("global", "plan")
+PATHS = ("global", "plan", "streamed", "search")
+ALLOCATIONS = ("global", "plan", "search")
 # the field guide's options: giving any of them asks for a layer-importance plan (config field -> option)
 FIELD_GUIDE_OPTIONS = {
     "importance_method": "--importance-method",
@@ -72,6 +72,15 @@ def _unused(option: str, path: str, hint: str) -> UserInputError:
 def _allocation(config: PruneConfig) -> PrunePath:
     """global or plan, from the options alone."""
     plan_options = plan_options_given(config)
+    if config.allocation == "search":
+        if plan_options:
+            raise UserInputError(
+                f"{plan_options[0]} belongs to the layer-importance plan, but --allocation search was given",
+                f"leave out {plan_options[0]}, or --allocation search",
+            )
+        return PrunePath(
+            "search", "--allocation search: per-layer levels searched against KL to the dense model on held-out text"
+        )
     if config.allocation == "plan":
         return PrunePath("plan", "--allocation plan")
     if plan_options and config.allocation == "global":
@@ -85,6 +94,16 @@ def _allocation(config: PruneConfig) -> PrunePath:
 
 
 def _check_unused(config: PruneConfig, path: PrunePath) -> None:
+    if path.name != "search" and (config.search_budget is not None):
+        raise _unused("--search-budget", path.name, "add --allocation search (or leave out --search-budget)")
+    if path.name == "search":
+        if config.stream:
+            raise UserInputError(
+                "--allocation search does not stream yet: its level database needs the model in memory",
+                "leave out --stream (or use the default allocation to prune streamed)",
+            )
+        if config.drop_layers:
+            raise _unused("--drop-layers", "search", "the search removes whole layers itself where that costs least")
     if path.name == "plan":
         if config.drop_layers:
             raise _unused(

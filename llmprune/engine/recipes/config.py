@@ -40,6 +40,11 @@ class PipelineSettings(LoadOptions):
     """Evaluation windows per PPL (None: the whole split)."""
     batch_size: int = 8
     """Windows per forward pass when measuring."""
+    allocation: str = "plan"
+    """How much each layer loses, as `prune --allocation`: plan (the recipe's layer-importance plan) | global
+    (units ranked across all layers) | search (levels searched against KL to the dense model)."""
+    search_budget: str | None = None
+    """With --allocation search: how long it searches (20m, 90s, or tokens: 2M); default as on prune."""
     save_dtype: str = "auto"
     """dtype of the saved models (pruned, fine-tuned): auto keeps the source's stored dtype (bf16 in -> bf16 out) |
     float32 | bfloat16 | float16.
@@ -63,6 +68,20 @@ class PipelineSettings(LoadOptions):
 
         check_text_source(self.dataset)
         check_text_source(self.eval_dataset, "--eval-dataset")
+        from llmprune.engine.pruning.config import ALLOCATIONS, parse_search_budget
+
+        require(
+            self.allocation in ALLOCATIONS,
+            f"unknown --allocation '{self.allocation}'",
+            f"use one of {', '.join(ALLOCATIONS)}",
+        )
+        if self.search_budget is not None:
+            require(
+                self.allocation == "search",
+                "--search-budget is only used by --allocation search",
+                "add --allocation search, or leave --search-budget out",
+            )
+            parse_search_budget(self.search_budget)
 
     def validate_pruning(self, ratios: list[float]) -> None:
         """The recipe's pruning settings, in the recipe's own option names, before anything runs."""

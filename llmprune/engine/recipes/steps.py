@@ -38,11 +38,25 @@ def recipe_prune_config(
     """The PruneConfig of a recipe's prune step at `ratio`: the one place the recipe, and the sweep, say how to prune.
 
     The recipe's pruning settings with the saved layer importance select the plan path of `run_prune`,
-    with its defaults for everything a recipe does not set (unit scores, compensation).
+    with its defaults for everything a recipe does not set (unit scores, compensation); `--allocation global` or
+    `search` prunes as `llmprune prune --allocation ...` does instead (the same choice, the same path).
     """
     from llmprune.engine.pruning.config import PruneConfig
 
     prune = config.recipe.prune
+    if config.allocation != "plan":
+        return PruneConfig(
+            ratio=ratio,
+            allocation=config.allocation,
+            search_budget=config.search_budget,
+            calibration=calibration_options(config),
+            log_dir=log_dir,
+            save_ckpt_log_name=log_name,
+            save_dtype=config.save_dtype,
+            **vars(config.load_options()),
+            overwrite=True,
+            force=True,
+        )
     return PruneConfig(
         ratio=ratio,
         prune_mlp=prune.prune_mlp,

@@ -1,0 +1,192 @@
+"""The searched allocation against the default prune: wikitext-2 and unseen pydoc PPL, and what the search cost.
+
+    python benchmarks/search_quality.py --shares 0.2 --search-budget 12m
+    python benchmarks/search_quality.py --shares 0.1,0.2,0.3 --methods default,search --in-order
+
+SmolLM2-135M-Instruct, a share of *all* parameters removed, no fine-tuning. Calibration: 64 random windows
+of 128 tokens of wikitext-2 *validation* (the default prune's cut, as benchmarks/quality.py); the search
+selects on 64 more windows of the same text that share no token with them. PPL at seq_len 128 over the
+first --eval-windows windows of wikitext-2 *test* and of CPython's pydoc prose (never seen by either).
+`search` assembles the model from the level database (each layer refitted on dense inputs, what the search
+measured); `search+in-order` (--in-order) runs the default's layer pass at the searched sizes instead
+(each layer refitted on the inputs the pruned layers before it give). The machine is shared: the 1-minute
+load average at the start of each row is recorded next to its seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from shared_data import CALIBRATION_TEXT as VALID  # noqa: E402  (benchmarks/ is the script's directory)
+from shared_data import EVALUATION_TEXT as TEST  # noqa: E402
+
+from llmprune.engine.data import (
+    held_out_windows,
+    load_evaluation_windows,
+    load_text,
+    random_windows,
+    tokenize,
+    window_starts,
+)
+from llmprune.engine.evaluate import perplexity
+from llmprune.engine.io.models import load_model
+from llmprune.engine.pruning.allocate.search import SearchOptions
+from llmprune.engine.pruning.config import parse_search_budget
+from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, prune_to_target
+from llmprune.engine.pruning.search_path import prune_searched, refit_in_order
+from llmprune.engine.walk.layer_store import runner_for
+
+RESULTS = Path(__file__).resolve().parent / "results" / "search_quality.json"
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shares", default="0.2", help="shares of all parameters removed, comma-separated")
+    parser.add_argument("--methods", default="default,search", help="default and/or search, comma-separated")
+    parser.add_argument("--search-budget", default="12m")
+    parser.add_argument("--in-order", action="store_true", help="also the in-order refit at the searched sizes")
+    parser.add_argument("--eval-windows", type=int, default=256)
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--search-windows", type=int, default=64)
+    parser.add_argument("--dense", default=None, help="'wiki,pydoc' dense PPL already measured (skips that row)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    def fresh():
+        loaded = load_model("smollm2-135m")
+        return loaded.model.float().eval(), loaded.tokenizer
+
+    model, tokenizer = fresh()
+    stream = tokenize(tokenizer, load_text(VALID, "train"))
+    cut = random_windows(stream, args.calib_windows, 128, 0)
+    avoid = window_starts(stream.numel(), args.calib_windows, 128, 0)
+    held_out = held_out_windows(stream, args.search_windows, 128, avoid, seed=1)
+    texts = {
+        "wiki": load_evaluation_windows(tokenizer, TEST, 128, args.eval_windows),
+        "pydoc": load_evaluation_windows(tokenizer, "pydoc", 128, args.eval_windows),
+    }
+    total = count(model)
+    rows: list[dict] = []
+
+    def measure(method: str, share: float, pruned, seconds: float, load: float, **extra) -> None:
+        ppl = {name: perplexity(pruned, windows, 8).ppl for name, windows in texts.items()}
+        row = {"method": method, "share": share, "params_m": round(count(pruned) / 1e6, 2),
+               "wiki": round(ppl["wiki"], 2), "pydoc": round(ppl["pydoc"], 2), "seconds": round(seconds, 1),
+               "load": round(load, 2), **extra}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        write(args, rows)
+
+    if args.dense:
+        wiki, pydoc = (float(v) for v in args.dense.split(","))
+        rows.append({"method": "dense", "share": 0.0, "params_m": round(total / 1e6, 2), "wiki": wiki,
+                     "pydoc": pydoc, "seconds": 0.0, "load": None})  # fmt: skip
+    else:
+        measure("dense", 0.0, model, 0.0, os.getloadavg()[0])
+    kind, value = parse_search_budget(args.search_budget)
+    for share in (float(s) for s in args.shares.split(",")):
+        for method in args.methods.split(","):
+            model, _ = fresh()
+            load, start = os.getloadavg()[0], time.perf_counter()
+            if method == "default":
+                runner = runner_for(model, 128)
+                prune_to_target(InMemoryLayers(model), cut.ids, runner, int(share * total), CalibratedPruneOptions())
+                measure("default", share, model, time.perf_counter() - start, load)
+                continue
+            options = SearchOptions(
+                **({"budget_seconds": value} if kind == "seconds" else {"budget_tokens": int(value)})
+            )
+            outcome = prune_searched(model, cut.ids, held_out.ids, int(share * total), options)
+            found = outcome.search
+            extra = {
+                "generations": found.generations,
+                "accepted": sum(c["accepted"] for c in found.curve),
+                "tokens": found.tokens,
+                "start": found.start,
+                "start_kl": found.start_fitness,
+                "kl": found.fitness,
+                "dropped": outcome.dropped_layers,
+                "levels": [lv.to_dict() for lv in found.allocation],
+            }
+            measure("search", share, model, time.perf_counter() - start, load, **extra)
+            if args.in_order:
+                model, _ = fresh()
+                load, begin = os.getloadavg()[0], time.perf_counter()
+                refit_in_order(model, cut.ids, found.allocation)
+                measure("search+in-order", share, model, time.perf_counter() - begin + found.seconds, load)
+
+
+def write(args, rows: list[dict]) -> None:
+    from llmprune.engine.core.paths import atomic_write_text
+
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+
+    def times(row, text):
+        return round(row[text] / dense[text], 2) if dense else None
+
+    result = {
+        "title": "Searched allocation vs. the default prune (SmolLM2-135M, wikitext-2 and unseen pydoc)",
+        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/search_quality.py", *sys.argv[1:]]),
+        "machine": "2-core CPU, 24 GiB, shared with other jobs (load = 1-minute load average at the row's start)",
+        "date": datetime.date.today().isoformat(),
+        "notes": (
+            f"No fine-tuning. Calibration: {args.calib_windows} random windows of 128 tokens of wikitext-2"
+            f" validation; the search selects on {args.search_windows} held-out windows of the same text (no token"
+            f" shared) for {args.search_budget}. PPL over the first {args.eval_windows} windows of 128 tokens of"
+            " wikitext-2 test and of pydoc. `search` is the model the search measured (each layer refitted on the"
+            " dense model's inputs); `search+in-order` refits the searched sizes in order, as the default does."
+            " Seconds: the whole prune (for the search: database, search and assembly)."
+        ),
+        "tables": [
+            {
+                "caption": "method, share of all parameters removed, parameters left, PPL, x dense, seconds, load",
+                "columns": [
+                    "method",
+                    "removed",
+                    "params left (M)",
+                    "wiki PPL",
+                    "pydoc PPL",
+                    "x dense (wiki)",
+                    "x dense (pydoc)",
+                    "generations",
+                    "seconds",
+                    "load",
+                ],  # fmt: skip
+                "rows": [
+                    [
+                        r["method"],
+                        f"{r['share']:.0%}",
+                        r["params_m"],
+                        r["wiki"],
+                        r["pydoc"],
+                        times(r, "wiki"),
+                        times(r, "pydoc"),
+                        r.get("generations", "–"),
+                        r["seconds"],
+                        r["load"],
+                    ]
+                    for r in rows
+                ],  # fmt: skip
+            }
+        ],
+        "rows": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

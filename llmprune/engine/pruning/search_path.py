@@ -1,0 +1,230 @@
+"""The searched path: cut every layer once at a ladder of levels, search the allocation, assemble the model.
+
+`prune_searched` ties `cut.level_database` (the level database built from one
+dense pass over the cut windows, on `allocate.levels`' ladder) and `allocate.search` (the evolutionary
+search, judged by KL to the dense model on *held-out* windows) to a loaded
+model, then leaves the model at the chosen levels: KV groups and MLP
+channels kept as the greedy OBS order says, o_proj and down_proj refitted
+(least squares, or bias compensation), and the layers the search removed
+dropped whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.core.progress import StageProgress
+from llmprune.engine.io.architecture import layer_shapes
+from llmprune.engine.pruning.allocate.budget import Budget
+from llmprune.engine.pruning.allocate.cost import ParameterCost
+from llmprune.engine.pruning.allocate.levels import Ladder, Level
+from llmprune.engine.pruning.allocate.ranking import LayerPlan, rank_units
+from llmprune.engine.pruning.allocate.search import KLFitness, SearchOptions, SearchOutcome, evolve, rebalance
+from llmprune.engine.pruning.config import DEFAULT_SEARCH_BUDGET, PruneConfig, parse_search_budget
+from llmprune.engine.pruning.cut.compensation import ensure_bias
+from llmprune.engine.pruning.cut.depth import drop_layers
+from llmprune.engine.pruning.cut.layer_pass import LayerReport, prune_layers
+from llmprune.engine.pruning.cut.level_database import LevelDatabase
+from llmprune.engine.pruning.global_path import GlobalOutcome, global_figures
+from llmprune.engine.pruning.result import default_log_name
+from llmprune.engine.pruning.scores.measure import LayerUnitScores
+from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
+
+__all__ = ["SearchedOutcome", "prune_searched", "prune_by_search", "refit_in_order", "search_state_path"]
+
+
+def search_state_path(config: PruneConfig) -> Path:
+    """Where the search keeps its state: next to the output (a rerun with the same output resumes from it)."""
+    if config.out is not None:
+        out = Path(config.out)
+        return out.parent / f"{out.name}.search-state.json"
+    return Path(config.log_dir) / f"{config.save_ckpt_log_name or default_log_name(config.model)}.search-state.json"
+
+
+def search_options(config: PruneConfig) -> SearchOptions:
+    kind, value = parse_search_budget(config.search_budget or DEFAULT_SEARCH_BUDGET)
+    if kind == "seconds":
+        return SearchOptions(budget_seconds=value, seed=config.calibration.seed)
+    return SearchOptions(budget_tokens=int(value), seed=config.calibration.seed)
+
+
+def prune_by_search(model: nn.Module, tokenizer, config: PruneConfig, budget: Budget, progress=None):
+    """The search path of `llmprune prune` on a loaded model: the default's cut windows, held-out windows from the
+    same text, the search, and the figures the report shows (as the global path reports them)."""
+    from llmprune.engine.data import held_out_windows, load_text, random_windows, tokenize, window_starts
+
+    calib = config.calibration
+    stream = tokenize(tokenizer, load_text(calib.dataset, "train"))
+    cut = random_windows(stream, calib.samples, calib.seq_len, calib.seed, calib.dataset)  # the default's cut
+    avoid = window_starts(stream.numel(), calib.samples, calib.seq_len, calib.seed)
+    held_out = held_out_windows(stream, config.search_windows, calib.seq_len, avoid, calib.seed + 1)
+    cost = ParameterCost.of_model(model)
+    device = next(model.parameters()).device
+    state_path = search_state_path(config)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    outcome = prune_searched(
+        model,
+        cut.ids.to(device),
+        held_out.ids.to(device),
+        budget.params_to_remove(cost),
+        search_options(config),
+        compensation=config.compensation_kind,
+        batch_size=calib.batch_size,
+        state_path=state_path,
+        progress=progress,
+        signature={"model": str(config.model), "dataset": calib.dataset, "samples": calib.samples},
+    )
+    outcome.state_path = str(state_path)
+    done = GlobalOutcome(cost, outcome.dropped_layers, [], [], outcome.reports)
+    return outcome, global_figures(budget, done, layer_shapes(model))
+
+
+@dataclass
+class SearchedOutcome:
+    """What `prune_searched` did."""
+
+    dropped_layers: list[int]
+    reports: list[LayerReport]
+    search: SearchOutcome
+    budget: int  # parameters the decoder layers may keep
+    tolerance: int  # how far under the budget the allocation may land
+    state_path: str | None = None
+
+    def to_dict(self) -> dict:
+        """What report.json records of the search."""
+        return {
+            **self.search.to_dict(),
+            "state": self.state_path,
+            "budget_params": self.budget,
+            "tolerance_params": self.tolerance,
+        }
+
+
+def prune_searched(
+    model: nn.Module,
+    cut_ids: torch.Tensor,
+    select_ids: torch.Tensor,
+    params_to_remove: int,
+    options: SearchOptions,
+    compensation: str = "lstsq",
+    attention: bool = True,
+    depth: bool = True,
+    batch_size: int = 8,
+    state_path: Path | None = None,
+    progress: StageProgress | None = None,
+    extra_starts: dict[str, list[Level]] | None = None,
+    signature: dict | None = None,
+) -> SearchedOutcome:
+    """Measure, search and assemble; the model is pruned in place."""
+    layers = list(model.model.layers)
+    cost = ParameterCost.of_model(model)
+    # the decoder layers' budget: what they hold now less what must go (compensation's biases are priced in)
+    budget = sum(cost.layer(i) for i in range(cost.num_layers)) - params_to_remove
+    ladder = Ladder.of_cost(
+        cost, compensation != "none", attention=attention, depth=depth, protected=frozenset({0, len(layers) - 1})
+    )
+    try:
+        uniform = ladder.uniform(budget)
+    except ValueError:
+        raise UserInputError(
+            f"the parameter target cannot be reached by the search ({params_to_remove:,} parameters asked)",
+            "ask for a larger model",
+        ) from None
+    runner = runner_for(model, cut_ids.shape[1], batch_size)
+    database = LevelDatabase(layers, refit=compensation == "lstsq")
+    with torch.no_grad():
+        database.measure(
+            model.model.embed_tokens(cut_ids), runner, progress and (lambda d, t: progress("levels", d, t))
+        )
+    fitness = KLFitness(model, runner_for(model, select_ids.shape[1], batch_size), database, select_ids)
+    starts = {"uniform": uniform, **(extra_starts or {})}
+    added = sum(cost.missing_output_biases(i) for i in range(cost.num_layers)) if compensation != "none" else 0
+    ranked = global_start(database, ladder, cost, budget, params_to_remove + added)
+    if ranked is not None:
+        starts["global"] = ranked
+
+    def report(generation: int, best: float, left: float | None) -> None:
+        if progress:
+            eta = f", ETA {left / 60:.1f} min" if left is not None else ""
+            progress(f"search (KL {best:.4f}{eta})", generation, options.generations or generation + 1)
+
+    outcome = evolve(
+        ladder, budget, fitness, select_ids.shape[0], starts, options, state_path, report,
+        tokens_spent=lambda: fitness.tokens, signature_extra=signature,
+    )  # fmt: skip
+    return SearchedOutcome(
+        *assemble(model, database, outcome.allocation, compensation), outcome, budget, ladder.tolerance
+    )
+
+
+def global_start(
+    database: LevelDatabase, ladder: Ladder, cost: ParameterCost, budget: int, to_remove: int
+) -> list[Level] | None:
+    """The global ranking's allocation (the default prune's), on the ladder and fitted to the budget."""
+    import random
+
+    scores = [
+        LayerUnitScores(database.group_scores[i], database.channel_scores[i], database.input_energy[i])
+        for i in range(ladder.num_layers)
+    ]
+    plans = rank_units(scores, cost, to_remove, ladder.attention, 1 - ladder.min_channel_share)
+    allocation = []
+    for i, plan in enumerate(plans):
+        levels = ladder.channel_levels(i)
+        nearest = min(levels, key=lambda c: abs(c - plan.keep_channels))
+        allocation.append(Level(max(1, plan.keep_groups), nearest))
+    return allocation if rebalance(allocation, ladder, budget, random.Random(0)) else None
+
+
+def refit_in_order(
+    model: nn.Module, cut_ids: torch.Tensor, allocation: list[Level], compensation: str = "lstsq", batch_size: int = 8
+) -> tuple[list[int], list[LayerReport]]:
+    """The default prune's pass at the searched sizes: drop the removed layers, then cut and refit each layer on
+    the inputs it really receives from the layers pruned before it (`cut.layer_pass.prune_layers`)."""
+
+    dropped = [i for i, lv in enumerate(allocation) if lv.removed]
+    if dropped:
+        drop_layers(model, dropped)
+    plans = [LayerPlan(lv.groups, lv.channels) for lv in allocation if not lv.removed]
+    runner = runner_for(model, cut_ids.shape[1], batch_size)
+    reports = prune_layers(InMemoryLayers(model), cut_ids, runner, plans, "obs", compensation)
+    return dropped, reports
+
+
+@torch.no_grad()
+def assemble(
+    model: nn.Module, database: LevelDatabase, allocation: list[Level], compensation: str
+) -> tuple[list[int], list[LayerReport]]:
+    """Leave the model at these levels: install each, give kept layers their output biases, drop removed layers."""
+
+    reports = []
+    dropped = [i for i, lv in enumerate(allocation) if lv.removed]
+    for index, level in enumerate(allocation):
+        if level.removed:
+            continue
+        database.install(index, level)
+        layer = database.layers[index]
+        if compensation != "none":
+            ensure_bias(layer.self_attn.o_proj)
+            ensure_bias(layer.mlp.down_proj)
+        full_groups, full_channels = database._counts(index)[1], database.dense[index]["down"][0].shape[1]
+        channels = database.kept_channels(index, level.channels)
+        reports.append(
+            LayerReport(
+                index=index - sum(1 for d in dropped if d < index),
+                kept_groups=database.kept_groups(index, level.groups),
+                kept_channels=level.channels,
+                groups_before=full_groups,
+                channels_before=full_channels,
+                kept_channel_indices=channels if level.channels < full_channels else None,
+                compensation={"o_proj": compensation, "down_proj": compensation},
+            )
+        )
+    if dropped:
+        drop_layers(model, dropped)
+    return dropped, reports

@@ -1,0 +1,102 @@
+"""`llmprune prune --allocation search`: it runs, says so, records the search, resumes, and refuses bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llmprune.cli.app import app
+from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.pruning.config import PruneConfig, parse_search_budget
+from llmprune.engine.pruning.route import choose_path
+
+runner = CliRunner()
+
+
+def _prune(model_dir, text_file, tmp_path, *extra):
+    calib = ["--dataset", str(text_file), "--importance-samples", "4", "--seq-len", "32", "--batch-size", "4"]
+    return runner.invoke(app, ["prune", str(model_dir), *extra, *calib, "--log-dir", str(tmp_path / "logs"), "--json"])
+
+
+def test_the_search_path_is_chosen_by_its_option_and_says_why():
+    path = choose_path(PruneConfig(model="some/model", allocation="search"))
+    assert path.name == "search" and "KL to the dense model" in path.reason
+
+
+def test_a_searched_prune_runs_records_its_search_and_a_rerun_resumes(tiny_model_dir, pydoc_text_file, tmp_path):
+    out = tmp_path / "model"
+    args = ["--allocation", "search", "--ratio", "0.25", "--search-windows", "8", "--out", str(out)]
+    first = _prune(tiny_model_dir, pydoc_text_file, tmp_path, *args, "--search-budget", "3000")
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.output)
+    assert report["path"]["name"] == "search"
+    search = report["search"]
+    assert search["generations"] >= 1 and len(search["curve"]) == search["generations"]
+    assert len(search["allocation"]) == 4 and search["start"] in search["start_fitness"]
+    assert report["params_after"] < report["params_before"]
+    assert (tmp_path / "model.search-state.json").is_file()
+    again = _prune(tiny_model_dir, pydoc_text_file, tmp_path, *args, "--search-budget", "6000", "--overwrite")
+    assert again.exit_code == 0, again.output
+    resumed = json.loads(again.output)["search"]
+    assert resumed["resumed_from"] == search["generations"]
+    assert resumed["curve"][: search["generations"]] == search["curve"]
+
+
+@pytest.mark.parametrize("budget", ["0", "nan", "-5m", "soon", "inf"])
+def test_a_bad_search_budget_is_one_line_exit_2(budget, tiny_model_dir, pydoc_text_file, tmp_path):
+    result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, "--allocation", "search", "--search-budget", budget)
+    assert result.exit_code == 2
+    assert "--search-budget" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--allocation", "search", "--stream"], "does not stream"),
+        (["--search-budget", "5m"], "--search-budget is not used by the global path"),
+        (["--allocation", "search", "--search-windows", "4"], "--search-windows must be ≥ 8"),
+        (["--allocation", "search", "--drop-layers", "1"], "--drop-layers is not used by the search path"),
+    ],
+)
+def test_what_the_search_cannot_do_is_one_line_exit_2(extra, needle, tiny_model_dir, pydoc_text_file, tmp_path):
+    result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, *extra)
+    assert result.exit_code == 2, result.output
+    assert needle in " ".join(result.output.split())
+
+
+def test_budgets_read_as_time_or_tokens():
+    assert parse_search_budget("20m") == ("seconds", 1200)
+    assert parse_search_budget("90s") == ("seconds", 90)
+    assert parse_search_budget("1.5h") == ("seconds", 5400)
+    assert parse_search_budget("2M") == ("tokens", 2e6)
+    assert parse_search_budget("500k") == ("tokens", 5e5)
+    with pytest.raises(UserInputError):
+        parse_search_budget("0")
+
+
+@pytest.mark.parametrize("allocation", ["plan", "global", "search"])
+def test_recipes_and_the_sweep_prune_with_the_allocation_prune_would_use(allocation, tmp_path):
+    from llmprune.engine.recipes.config import RecipeConfig
+    from llmprune.engine.recipes.registry import get_recipe
+    from llmprune.engine.recipes.steps import recipe_prune_config
+
+    budget = "2M" if allocation == "search" else None
+    config = RecipeConfig(recipe=get_recipe("safe"), model="some/model", allocation=allocation, search_budget=budget)
+    prune = recipe_prune_config(config, tmp_path / "importance.json", 0.2, tmp_path, "pruned")
+    assert choose_path(prune).name == allocation
+    assert prune.search_budget == budget
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [({"allocation": "evolve"}, "unknown --allocation"), ({"search_budget": "5m"}, "only used by --allocation search")],
+)
+def test_a_recipe_with_a_bad_allocation_is_refused(values, needle):
+    from llmprune.engine.recipes.config import RecipeConfig
+    from llmprune.engine.recipes.registry import get_recipe
+
+    config = RecipeConfig(
+        recipe=get_recipe("safe"), model="some/model", dataset="pydoc", eval_dataset="pydoc", **values
+    )
+    with pytest.raises(UserInputError, match=needle):
+        config.validate_budget()
