@@ -163,12 +163,17 @@ def read_run(run_dir: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def _first_process() -> bool:
+    """The launch's first process (torchrun / accelerate launch set RANK; a single process has none)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     run_dir = check_run_dir(config, needed_bytes)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("RANK", "0") == "0":
+    if _first_process():
         run_lock.acquire(run_dir)  # one writer per run folder; finetune_model releases it
-    if not (run_dir / RUN_FILE).is_file() and os.environ.get("RANK", "0") == "0":
+    if not (run_dir / RUN_FILE).is_file() and _first_process():
         # marks the folder as a run from the start, so that a run killed before its first checkpoint can be started
         # again there
         atomic_write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "status": "starting"})
@@ -178,8 +183,11 @@ def prepare_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> 
 def check_run_dir(config: FinetuneConfig, needed_bytes: int | None = None) -> Path:
     """Whether --out may receive this run (a new or empty folder, or the run to --resume); nothing is written."""
     run_dir = Path(config.out).expanduser() if config.out else default_run_dir()
-    if os.environ.get("RANK", "0") == "0":  # the first process holds the lock for all of a launch
-        run_lock.check_unlocked(run_dir)  # a live trainer in this folder: say who, before anything else
+    if not _first_process():
+        # the first process checks and prepares the folder for all of a launch: another one checking it too would
+        # race with it (and find the lock and run.json it has just written)
+        return run_dir
+    run_lock.check_unlocked(run_dir)  # a live trainer in this folder: say who, before anything else
     check_output_folder(run_dir, option="--out", resumable=True, needed_bytes=needed_bytes, kind=RUN_MARKER)
     checkpoints = run_dir / "checkpoints"
     if config.resume:
