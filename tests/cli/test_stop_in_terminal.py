@@ -213,7 +213,11 @@ def test_plain_lines_in_a_terminal_that_hangs_up_still_exit_130(tiny_model_dir, 
 
 def test_a_second_writer_is_refused_while_the_first_trains(tiny_model_dir, pydoc_text_file, tmp_path):
     run = tmp_path / "run"
-    long_run = finetune_args(tiny_model_dir, pydoc_text_file, run, "--no-tui", "--samples", "50000")
+    # every window of the small corpus, for many epochs: it must still be training when the second one starts, however
+    # slowly that one starts on a busy machine (it is killed below)
+    long_run = finetune_args(
+        tiny_model_dir, pydoc_text_file, run, "--no-tui", "--samples", "50000", "--epochs", "10000"
+    )
     first = InTerminal(long_run)
     try:
         first.wait_for_steps(run / "metrics.jsonl", 2)
