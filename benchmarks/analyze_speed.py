@@ -91,8 +91,8 @@ def whole_process(args: argparse.Namespace) -> None:
             "--importance-samples", str(args.samples), "--seq-len", str(args.seq_len), "--dataset", text,
             "--batch-size", str(args.batch_size), "--output", str(Path(out) / "plan.json"), "--overwrite", "--json",
         ]  # fmt: skip
-        naive = [sys.executable, "-c", NAIVE_SCRIPT, args.model, text, str(args.samples), str(args.seq_len)]
-        naive.append(str(args.batch_size))
+        naive = [sys.executable, "-c", NAIVE_SCRIPT, args.model, text]
+        naive += [str(args.samples), str(args.seq_len), str(args.batch_size)]
         analyze_seconds, naive_seconds, difference = [], [], 0.0
         for repeat in range(args.repeats):
             # alternate which goes first, so that neither always meets a warm or a busy machine
