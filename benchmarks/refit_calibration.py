@@ -1,15 +1,14 @@
 """The least-squares refit with few calibration tokens: PPL on wikitext-2 and on unseen pydoc prose.
 
     python benchmarks/refit_calibration.py
-    python benchmarks/refit_calibration.py --runs default@0.2:8:0,default@0.2:8:2 --output /tmp/ridge.json
+    python benchmarks/refit_calibration.py --runs default@0.2:8,bias@0.2:8 --output /tmp/ridge.json
 
 Llama-3-8B's down_proj has 14,336 inputs: its default calibration gives fewer tokens than kept inputs,
 the regime where a plain least-squares refit reproduces the calibration tokens and nothing else. This
 puts SmolLM2-135M (1,536 MLP inputs) in the same regime, 8 windows × 128 = 1,024 tokens, next to the
-64 windows of benchmarks/quality.py. Each run is `method@share:windows[:growth]`: quality.py's width
-method, the share of all parameters removed, the calibration windows (wikitext-2 validation, seed 0),
-and optionally the exponent with which the refit's ridge grows below 4 tokens per kept input
-(cut.refit.RIDGE_GROWTH; 0 is the plain ridge at every count). PPL on the first 256 windows of
+64 windows of benchmarks/quality.py. Each run is `method@share:windows`: quality.py's width
+method, the share of all parameters removed and the calibration windows (wikitext-2 validation,
+seed 0). PPL on the first 256 windows of
 128 tokens of wikitext-2 test (quality.py's protocol) and of CPython's pydoc_data prose, which neither
 calibration nor training saw.
 """
@@ -33,15 +32,14 @@ from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT  # noqa: E402
 from llmprune.engine.data import load_calibration_windows, load_evaluation_windows  # noqa: E402
 from llmprune.engine.evaluate import perplexity  # noqa: E402
 from llmprune.engine.io.models import load_model  # noqa: E402
-from llmprune.engine.pruning.cut import refit  # noqa: E402
 
 DEFAULT_RUNS = "default@0.2:64,default@0.2:8,bias@0.2:8,default@0.2:4,bias@0.2:4"
 
 
-def parse(run: str) -> tuple[str, float, int, float | None]:
+def parse(run: str) -> tuple[str, float, int]:
     method, rest = run.split("@")
-    share, windows, *growth = rest.split(":")
-    return method, float(share), int(windows), float(growth[0]) if growth else None
+    share, windows = rest.split(":")
+    return method, float(share), int(windows)
 
 
 def main() -> None:
@@ -60,13 +58,12 @@ def main() -> None:
     }
     rows: list[dict] = []
 
-    def report(label: str, share: float, windows: int, growth, model, seconds: float) -> None:
+    def report(label: str, share: float, windows: int, model, seconds: float) -> None:
         ppl = {name: round(perplexity(model, w, batch_size=8).ppl, 2) for name, w in texts.items()}
         row = {
             "method": label,
             "share": share,
             "calibration_windows": windows,
-            "ridge_growth": growth,
             "params_m": round(count(model) / 1e6, 2),
             **{f"{name}_ppl": value for name, value in ppl.items()},
             "seconds": round(seconds, 1),
@@ -82,21 +79,20 @@ def main() -> None:
                 f"PPL on the first {args.eval_windows} windows of {args.seq_len} tokens of wikitext-2 test and of"
                 " CPython's pydoc_data prose (unseen: nothing is calibrated or trained on it); calibration on N random"
                 " windows of wikitext-2 validation (seed 0). 8 windows = 1,024 tokens, fewer than SmolLM2's 1,536 MLP"
-                " inputs: the regime Llama-3-8B's 14,336 are in by default. Until this change the refit fell back to"
-                " bias compensation below 4 tokens per kept input (the `bias` rows are exactly that fallback); now its"
-                " ridge towards the original weights grows as (4·kept/tokens)^growth below that count"
-                " (cut.refit.refit_ridge; growth 0 = the plain ridge). `removed` is the share of all parameters."
+                " inputs: the regime Llama-3-8B's 14,336 are in by default. Below 4 tokens per kept input the refit's"
+                " ridge towards the original weights is chosen per projection by generalised cross-validation, from"
+                " the plain ridge up to bias compensation alone (the `bias` rows). `removed` is the share of all"
+                " parameters."
             ),
             tables=[
                 table(
-                    "method, removed, calibration windows, ridge growth, params left, PPL wiki / pydoc (× dense)",
-                    ["method", "removed", "calib windows", "ridge growth", "params (M)", "wiki PPL", "pydoc PPL"],
+                    "method, removed, calibration windows, params left, PPL wiki / pydoc (× dense)",
+                    ["method", "removed", "calib windows", "params (M)", "wiki PPL", "pydoc PPL"],
                     [
                         [
                             r["method"],
                             f"{r['share']:.0%}",
                             r["calibration_windows"],
-                            r["ridge_growth"],
                             r["params_m"],
                             _with_ratio(r["wiki_ppl"], dense_row and dense_row["wiki_ppl"]),
                             _with_ratio(r["pydoc_ppl"], dense_row and dense_row["pydoc_ppl"]),
@@ -109,19 +105,15 @@ def main() -> None:
         )
 
     if not args.no_dense:
-        report("dense", 0.0, 0, None, dense, 0.0)
-    default_growth = refit.RIDGE_GROWTH
+        report("dense", 0.0, 0, dense, 0.0)
     for run in args.runs.split(","):
-        method, share, windows, growth = parse(run)
-        refit.RIDGE_GROWTH = default_growth if growth is None else growth
+        method, share, windows = parse(run)
         calibration = load_calibration_windows(tokenizer, CALIBRATION_TEXT, windows, args.seq_len, seed=0)
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         width(model, calibration, share, WIDTH_METHODS[method])
-        used = refit.RIDGE_GROWTH if WIDTH_METHODS[method].compensation == "lstsq" else None
-        report(method, share, windows, used, model, time.perf_counter() - start)
+        report(method, share, windows, model, time.perf_counter() - start)
         del model
-    refit.RIDGE_GROWTH = default_growth
 
 
 def _with_ratio(value: float, dense: float | None) -> str:

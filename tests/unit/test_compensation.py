@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -84,43 +86,69 @@ def test_least_squares_beats_bias_and_is_exact_when_nothing_is_removed():
         return float((x[:, keep].double() @ weight.double().T + bias.double() - dense).pow(2).mean())
 
     bias_only = error(linear.weight[:, keep].detach(), refit.compensate_bias(linear.weight, None, stats, keep))
-    weight, bias = refit.refit_least_squares(linear.weight, None, stats, keep, damping=0.0)
+    fitted = refit.refit_least_squares(linear.weight, None, stats, keep, damping=0.0)
+    weight, bias = fitted.weight, fitted.bias
+    assert not fitted.chosen and fitted.ridge == 0.0  # 512 tokens for 8 kept inputs: the fixed ridge
     assert weight.shape == (6, len(keep)) and bias.shape == (6,)
     assert error(weight, bias) < 0.5 * bias_only
 
     everything = list(range(12))
-    weight, bias = refit.refit_least_squares(linear.weight, None, stats, everything, damping=0.0)
+    fitted = refit.refit_least_squares(linear.weight, None, stats, everything, damping=0.0)
+    weight, bias = fitted.weight, fitted.bias
     torch.testing.assert_close(weight, linear.weight.detach(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bias, torch.zeros(6), atol=1e-4, rtol=1e-4)
 
 
-def test_the_refit_ridge_grows_smoothly_below_the_tokens_it_needs():
-    # from 4 tokens per kept input down, the ridge rises continuously (no switch), and faster as tokens get fewer
-    kept = 100
-    knee = refit.MIN_TOKENS_PER_INPUT * kept
-    assert refit.refit_ridge(1e-3, kept, knee) == 1e-3
-    assert refit.refit_ridge(1e-3, kept, 10 * knee) == 1e-3
-    ridges = [refit.refit_ridge(1e-3, kept, tokens) for tokens in (knee, knee - 1, knee // 2, knee // 8, 1)]
-    assert ridges == sorted(ridges) and len(set(ridges)) == len(ridges)
-    assert refit.refit_ridge(1e-3, kept, knee - 1) < 1.01e-3
+def _held_out_error(linear: nn.Linear, keep: list[int], fitted: refit.Refit, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        dense = linear(x).double()
+        return float((x[:, keep].double() @ fitted.weight.double().T + fitted.bias.double() - dense).pow(2).mean())
 
 
-def test_one_token_below_four_per_kept_input_the_refit_still_runs():
-    # the refit's change to the kept weights does not drop to 0 (the kept
-    # weights as they were: the old fallback to bias compensation) one token below 4 per kept input
-    features = 12
-    keep = [k for k in range(features) if k not in (3, 7)]
-    linear = _linear(features)
-    knee = refit.MIN_TOKENS_PER_INPUT * len(keep)
-    x = _inputs(tokens=knee, features=features, seed=3)
-    change = {}
-    for tokens in (knee, knee - 1):
-        stats = _stats(linear, x[:tokens], chunks=1)
-        weight, bias = refit.refit_least_squares(linear.weight, linear.bias, stats, keep)
-        assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
-        kept = linear.weight.detach()[:, keep]
-        change[tokens] = float((weight - kept).norm() / kept.norm())
-    assert change[knee - 1] > 0.5 * change[knee]
+def _few_tokens_layer(predictable: bool, tokens: int, seed: int) -> tuple[nn.Linear, torch.Tensor, list[int]]:
+    """40 inputs, 4 removed; the removed ones are an exact mix of kept ones, or noise of their own."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 40, generator=g)
+    if predictable:
+        x[:, 36:] = x[:, :4] @ torch.randn(4, 4, generator=g)
+    linear = _linear(40, out=8, seed=seed)
+    return linear, x, list(range(36))
+
+
+def test_with_few_tokens_the_ridge_is_chosen_and_a_predictable_cut_is_refitted():
+    # 60 tokens for 36 kept inputs (< 4 per input): cross-validation picks the ridge; the removed inputs are
+    # an exact mix of kept ones, so a refit generalises and beats bias compensation on tokens it never saw
+    linear, x, keep = _few_tokens_layer(predictable=True, tokens=2060, seed=6)
+    stats = _stats(linear, x[:60], chunks=2)
+    fitted = refit.refit_least_squares(linear.weight, linear.bias, stats, keep)
+    assert fitted.chosen and math.isfinite(fitted.ridge)
+    bias_only = refit.Refit(
+        linear.weight.detach()[:, keep], refit.compensate_bias(linear.weight, linear.bias, stats, keep), math.inf, True
+    )
+    unseen = x[60:]
+    assert _held_out_error(linear, keep, fitted, unseen) < 0.6 * _held_out_error(linear, keep, bias_only, unseen)
+
+
+def test_with_few_tokens_an_unpredictable_cut_is_not_fitted_to_noise():
+    # the removed inputs are noise of their own: a plain refit on 60 tokens fits that noise with 36 inputs
+    # and does worse than bias compensation on unseen tokens; the chosen ridge does not
+    linear, x, keep = _few_tokens_layer(predictable=False, tokens=2060, seed=7)
+    stats = _stats(linear, x[:60], chunks=2)
+    chosen = refit.refit_least_squares(linear.weight, linear.bias, stats, keep)
+    assert chosen.chosen and chosen.ridge > 1.0
+    seen = x[:60].double()
+    with torch.no_grad():
+        target = linear(x[:60]).double()
+    design = torch.cat([seen[:, keep], torch.ones(60, 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(design, target).solution  # the plain least-squares refit
+    plain = refit.Refit(solution[:-1].T, solution[-1], 0.0, False)
+    bias_only = refit.Refit(
+        linear.weight.detach()[:, keep], refit.compensate_bias(linear.weight, linear.bias, stats, keep), math.inf, True
+    )
+    unseen = x[60:]
+    bias_error = _held_out_error(linear, keep, bias_only, unseen)
+    assert _held_out_error(linear, keep, plain, unseen) > 1.2 * bias_error  # what choosing the ridge avoids
+    assert _held_out_error(linear, keep, chosen, unseen) <= 1.05 * bias_error
 
 
 def test_the_refit_from_the_kept_inputs_equals_the_refit_from_the_gram():
@@ -131,13 +159,15 @@ def test_the_refit_from_the_kept_inputs_equals_the_refit_from_the_gram():
     x = _inputs(tokens=tokens, features=features, seed=4)
     low_rank = _stats(linear, x, chunks=3)
     assert low_rank.low_rank
-    weight, bias = refit.refit_least_squares(linear.weight, linear.bias, low_rank, keep)
+    fitted = refit.refit_least_squares(linear.weight, linear.bias, low_rank, keep)
+    assert fitted.chosen  # 12 tokens for 51 kept inputs: both paths choose the ridge, and choose the same
     dense = _stats(linear, x, chunks=3)
     dense.gram  # noqa: B018 (builds XᵀX from the kept inputs: the dense path from here on)
     assert not dense.low_rank
-    dense_weight, dense_bias = refit.refit_least_squares(linear.weight, linear.bias, dense, keep)
-    torch.testing.assert_close(weight, dense_weight, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(bias, dense_bias, atol=1e-5, rtol=1e-4)
+    from_gram = refit.refit_least_squares(linear.weight, linear.bias, dense, keep)
+    assert from_gram.ridge == fitted.ridge
+    torch.testing.assert_close(fitted.weight, from_gram.weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fitted.bias, from_gram.bias, atol=1e-5, rtol=1e-4)
 
 
 def test_statistics_keep_the_inputs_only_while_they_are_smaller_than_the_gram():

@@ -32,7 +32,8 @@ def _layer(inputs: int = 12, outputs: int = 5, tokens: int = 400, seed: int = 0)
 
 
 def _refit_error(x, weight, bias, stats, keep) -> float:
-    new_weight, new_bias = refit.refit_least_squares(weight, bias, stats, keep, damping=0.0)
+    fitted = refit.refit_least_squares(weight, bias, stats, keep, damping=0.0)
+    new_weight, new_bias = fitted.weight, fitted.bias
     return float((x[:, keep] @ new_weight.T + new_bias - (x @ weight.T + bias)).pow(2).sum(1).mean())
 
 

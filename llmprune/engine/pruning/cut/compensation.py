@@ -15,6 +15,7 @@ instead (`PruneConfig.compensation`); `needs_gram = True` on it asks for XᵀX.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,15 +69,17 @@ def _bias(context: CompensationContext) -> str:
 
 
 def _lstsq(context: CompensationContext) -> str:
-    weight, bias = refit.refit_least_squares(
+    fitted = refit.refit_least_squares(
         context.dense_weight, context.dense_bias, context.stats, context.keep_columns, damping=context.damping
     )
-    set_linear(context.linear, weight, bias)
-    kept, tokens = len(context.keep_columns), context.stats.count
-    ridge = refit.refit_ridge(context.damping, kept, tokens)
-    if ridge > context.damping:  # few calibration tokens per kept input: the refit leans on the original weights
-        return f"lstsq (ridge {ridge:.3g}: {tokens / max(kept, 1):.2f} calibration tokens per kept input)"
-    return "lstsq"
+    set_linear(context.linear, fitted.weight, fitted.bias)
+    if not fitted.chosen:
+        return "lstsq"
+    # few calibration tokens per kept input: say which ridge cross-validation chose
+    per_input = f"{context.stats.count / max(len(context.keep_columns), 1):.2f} calibration tokens per kept input"
+    if math.isinf(fitted.ridge):
+        return f"lstsq (bias only, chosen by cross-validation: {per_input})"
+    return f"lstsq (ridge {fitted.ridge:.3g}, chosen by cross-validation: {per_input})"
 
 
 _bias.needs_gram = False  # type: ignore[attr-defined]

@@ -91,7 +91,8 @@ class LevelDatabase:
             weight, bias = self.dense[layer]["o" if kind == "attn" else "down"]
             stats = self.attn_stats[layer] if kind == "attn" else self.mlp_stats[layer]
             if self.refit:
-                self._cache[key] = refit.refit_least_squares(weight, bias, stats, keep, self.damping)
+                fitted = refit.refit_least_squares(weight, bias, stats, keep, self.damping)
+                self._cache[key] = (fitted.weight, fitted.bias)
             else:
                 self._cache[key] = (weight[:, keep].contiguous(), refit.compensate_bias(weight, bias, stats, keep))
         return self._cache[key]

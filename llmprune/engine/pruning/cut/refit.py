@@ -16,13 +16,15 @@ Which of them runs after a layer's cut (--compensation) is `cut.compensation`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from llmprune.engine.pruning.scores.statistics import InputStatistics
 
-__all__ = ["compensate_bias", "refit_least_squares", "MIN_TOKENS_PER_INPUT", "refit_ridge"]
+__all__ = ["compensate_bias", "refit_least_squares", "Refit", "MIN_TOKENS_PER_INPUT", "needs_choice"]
 
 
 def _removed(keep: Sequence[int], size: int, device: torch.device) -> torch.Tensor:
@@ -47,20 +49,63 @@ def compensate_bias(
     return (base + shift).to(weight.dtype).to(weight.device)
 
 
-# A least-squares refit over k inputs fitted on fewer than a few·k calibration tokens reproduces those
-# tokens and fails on every other one (measured on SmolLM2: 256 tokens for 1536 channels with the plain
-# ridge turned PPL 39 into thousands). Down to this many tokens per kept input the ridge is `damping`;
-# below it, the ridge grows as (MIN_TOKENS_PER_INPUT·k / n)^RIDGE_GROWTH, pulling the refit towards the
-# original weights more the less the calibration covers: a curve from the refit to the kept weights
-# (where only the bias is refitted), not a switch between them.
+# Where the ridge comes from when calibration tokens are few for the kept inputs (below
+# MIN_TOKENS_PER_INPUT per kept input): chosen per projection by generalised cross-validation
+# (Golub, Heath & Wahba 1979), i.e. the λ whose refit is expected to predict *unseen* tokens best,
+# from a grid running from `damping` to "only the bias" (λ = ∞, bias compensation). At and above
+# that count the fixed `damping` keeps the one Cholesky solve it always had.
 MIN_TOKENS_PER_INPUT = 4
-RIDGE_GROWTH = 2.0
+# The tokens of one calibration window are not independent observations: GCV counts this many as one.
+# Measured on SmolLM2 at 20 % with 8 windows (benchmarks/refit_calibration.py), wiki / pydoc PPL for
+# 1, 2, 4, 8, 16 tokens per observation: 106.4/66.2, 91.6/59.7, 93.3/61.8, 95.1/63.0, 95.4/65.0
+# (bias compensation alone: 94.6/70.7).
+TOKENS_PER_OBSERVATION = 2
+_GRID = torch.logspace(-4, 4, 33, dtype=torch.float64)  # relative to the mean diagonal of XᵀX / n
 
 
-def refit_ridge(damping: float, kept: int, tokens: int) -> float:
-    """The refit's ridge relative to the mean diagonal of XᵀX: `damping`, raised when tokens per kept input are few."""
-    shortfall = MIN_TOKENS_PER_INPUT * kept / max(tokens, 1)
-    return damping * max(1.0, shortfall) ** RIDGE_GROWTH
+@dataclass(frozen=True)
+class Refit:
+    """The refitted projection: weight (out × kept), bias (out,), and the ridge it used.
+
+    `ridge` is relative to the mean diagonal of the kept inputs' second moment; `math.inf` means
+    the weights were kept as they were and only the bias moved (bias compensation).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    ridge: float
+    chosen: bool  # whether the ridge was chosen by cross-validation (few tokens) or was `damping`
+
+
+def needs_choice(kept: int, tokens: int) -> bool:
+    """Whether the calibration has too few tokens per kept input for the fixed ridge."""
+    return tokens < MIN_TOKENS_PER_INPUT * kept
+
+
+def _gcv_ridge(
+    eigenvalues: torch.Tensor, explained: torch.Tensor, total: float, tokens: int, scale: float, damping: float
+) -> float:
+    """The relative ridge (≥ damping, or inf) minimising the GCV score of the multi-output ridge fit.
+
+    With d the eigenvalues of the kept inputs' covariance and e_i the target energy along each
+    eigen-direction, a ridge λ leaves the residual R(λ) = T − Σ e_i (1 − (λ/(d_i+λ))²) and uses
+    df(λ) = Σ d_i/(d_i+λ) degrees of freedom; GCV(λ) = R(λ) / (1 − df(λ)/n)², with n the observations
+    (`TOKENS_PER_OBSERVATION`). λ = ∞ is the bias alone.
+    """
+    observations = tokens // TOKENS_PER_OBSERVATION
+    best, best_score = math.inf, total  # λ = ∞: nothing fitted, R = T, df = 0
+    grid = _GRID[_GRID >= damping] if damping > 0 else _GRID
+    for relative in grid.tolist():
+        lam = relative * scale
+        shrink = lam / (eigenvalues + lam)
+        residual = total - float((explained * (1 - shrink**2)).sum())
+        freedom = float((eigenvalues / (eigenvalues + lam)).sum())
+        if freedom >= observations - 1:  # the bias takes one
+            continue
+        score = max(residual, 0.0) / (1 - freedom / (observations - 1)) ** 2
+        if score < best_score:
+            best, best_score = relative, score
+    return best
 
 
 @torch.no_grad()
@@ -70,21 +115,22 @@ def refit_least_squares(
     stats: InputStatistics,
     keep: Sequence[int],
     damping: float = 1e-3,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', b') for the kept columns that best reproduce X·Wᵀ + b on the calibration inputs.
+) -> Refit:
+    """The kept columns and bias that best reproduce X·Wᵀ + b on the calibration inputs, and on others.
 
-    Minimises ‖[X_kept, 1]·[W', b']ᵀ − (X Wᵀ + b)‖² + λ‖W' − W_kept‖²: the ridge λ (`refit_ridge`:
-    damping·mean(diag), more with few tokens per kept input) pulls W' towards the *original* kept
-    columns, not towards 0, so directions the calibration inputs do not cover (few samples, rarely
-    active channels) keep their trained weights instead of being fitted to noise, while
-    well-covered directions are refitted. The bias is fitted exactly, which centres the problem:
-    with Σ the inputs' covariance, K the kept and R the removed columns,
+    Minimises ‖[X_kept, 1]·[W', b']ᵀ − (X Wᵀ + b)‖² + λ‖W' − W_kept‖²: the ridge λ pulls W' towards the
+    *original* kept columns, not towards 0, so directions the calibration inputs do not cover keep
+    their trained weights instead of being fitted to noise. With enough tokens per kept input λ is
+    `damping`·mean(diag); with fewer it is chosen by generalised cross-validation (`_gcv_ridge`),
+    which may go as far as λ = ∞ (bias compensation) when no refit would generalise. The bias is
+    fitted exactly, which centres the problem: with Σ the inputs' covariance, K the kept and R the
+    removed columns,
 
         W'ᵀ = W_Kᵀ + (Σ_KK + λI)⁻¹ Σ_KR W_Rᵀ,    b' = b + W_R x̄_R − (W' − W_K) x̄_K.
 
     With the raw inputs kept (few tokens, `InputStatistics.low_rank`) the k × k system is solved
     through the tokens × tokens one (Σ = ZᵀZ: (ZᵀZ + λI)⁻¹Zᵀ = Zᵀ(ZZᵀ + λI)⁻¹), so no k × k matrix is
-    formed. Returns the new weight (out × kept) and bias (out,), in the weight's dtype.
+    formed. Weight and bias come back in the weight's dtype.
     """
     if not stats.has_gram:
         raise ValueError("least squares needs the Gram matrix (InputStatistics(gram=True))")
@@ -102,26 +148,84 @@ def refit_least_squares(
     n = float(max(stats.count, 1))
     mean = stats.mean
     mean_kept, mean_removed = mean[kept], mean[removed]
-    ridge = refit_ridge(damping, kept.numel(), stats.count) * float(stats.squares[kept].mean() / n)
-    ridge = max(ridge, 1e-12)
+    scale = max(float(stats.squares[kept].mean() / n), 1e-300)  # the ridge is relative to this mean diagonal
+    choose = needs_choice(kept.numel(), stats.count) and stats.count > 2
     if stats.low_rank:
         x = stats.inputs()
         z_kept = (x.index_select(1, kept) - mean_kept) / n**0.5  # tokens × k
         target = ((x.index_select(1, removed) - mean_removed) / n**0.5) @ w_removed.T  # tokens × out
         small = z_kept @ z_kept.T
-        small.diagonal().add_(ridge)
-        factor, info = torch.linalg.cholesky_ex(small)
-        solved = torch.cholesky_solve(target, factor) if int(info) == 0 else torch.linalg.solve_ex(small, target)[0]
-        shift = z_kept.T @ solved  # k × out
+        # (damping, None): the fixed ridge, solved below; (inf, None): bias only
+        ridge, shift = (
+            _chosen_low_rank(small, z_kept, target, stats.count, scale, damping)
+            if choose and bool(torch.isfinite(small).all())
+            else (damping, None)
+        )
+        if shift is None and math.isfinite(ridge):
+            small.diagonal().add_(max(ridge * scale, 1e-12))
+            factor, info = torch.linalg.cholesky_ex(small)
+            solved = torch.cholesky_solve(target, factor) if int(info) == 0 else torch.linalg.solve_ex(small, target)[0]
+            shift = z_kept.T @ solved  # k × out
     else:
         gram = stats.gram
         cov_kk = gram[kept[:, None], kept] / n
         cov_kk.addr_(mean_kept, mean_kept, alpha=-1)
-        cov_kk.diagonal().add_(ridge)  # in place: ridge * eye(k) would be two more k × k matrices
         # Σ_KR W_Rᵀ without a k × in block of the Gram (for an 8B down_proj that alone would be ~1 GB)
         rhs = gram[kept[:, None], removed] @ w_removed.T / n - torch.outer(mean_kept, mean_removed @ w_removed.T)
-        factor, info = torch.linalg.cholesky_ex(cov_kk)
-        shift = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve_ex(cov_kk, rhs)[0]
+        ridge, shift = (
+            _chosen_dense(
+                cov_kk, rhs, _removed_energy(gram, removed, mean_removed, w_removed, n), stats.count, scale, damping
+            )
+            if choose and bool(torch.isfinite(cov_kk).all())
+            else (damping, None)
+        )
+        if shift is None and math.isfinite(ridge):
+            cov_kk.diagonal().add_(max(ridge * scale, 1e-12))  # in place: ridge * eye(k) would be two more k × k
+            factor, info = torch.linalg.cholesky_ex(cov_kk)
+            shift = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve_ex(cov_kk, rhs)[0]
+    if shift is None:  # λ = ∞: the weights stay, the bias takes the removed columns' mean
+        return Refit(_as(w_kept, weight), _as(b + w_removed @ mean_removed, weight), ridge, choose)
     new_bias = b + w_removed @ mean_removed - shift.T @ mean_kept
     new_weight = w_kept.add_(shift.T)  # in place: no third out × k float64 matrix
-    return new_weight.to(weight.dtype).to(weight.device), new_bias.to(weight.dtype).to(weight.device)
+    return Refit(_as(new_weight, weight), _as(new_bias, weight), ridge, choose)
+
+
+def _as(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return value.to(like.dtype).to(like.device)
+
+
+def _removed_energy(
+    gram: torch.Tensor, removed: torch.Tensor, mean_removed: torch.Tensor, w_removed: torch.Tensor, n: float
+) -> float:
+    """tr(W_R Σ_RR W_Rᵀ): the variance per token of what the removed columns contributed."""
+    cov_rr = gram[removed[:, None], removed] / n
+    cov_rr.addr_(mean_removed, mean_removed, alpha=-1)
+    return float(((w_removed @ cov_rr) * w_removed).sum())
+
+
+def _chosen_low_rank(
+    small: torch.Tensor, z_kept: torch.Tensor, target: torch.Tensor, tokens: int, scale: float, damping: float
+) -> tuple[float, torch.Tensor | None]:
+    """GCV through the tokens × tokens ZZᵀ: its eigenvectors carry the fit for every λ at once."""
+    eigenvalues, vectors = torch.linalg.eigh(small)
+    eigenvalues.clamp_min_(0)
+    coords = vectors.T @ target  # tokens × out: the target along each eigen-direction
+    ridge = _gcv_ridge(eigenvalues, coords.pow(2).sum(1), float(target.pow(2).sum()), tokens, scale, damping)
+    if not math.isfinite(ridge):
+        return ridge, None
+    return ridge, z_kept.T @ (vectors @ (coords / (eigenvalues + ridge * scale)[:, None]))
+
+
+def _chosen_dense(
+    cov_kk: torch.Tensor, rhs: torch.Tensor, total: float, tokens: int, scale: float, damping: float
+) -> tuple[float, torch.Tensor | None]:
+    """GCV through the eigen-decomposition of Σ_KK (k × k), for when XᵀX, not X, was kept."""
+    eigenvalues, vectors = torch.linalg.eigh(cov_kk)
+    eigenvalues.clamp_min_(0)
+    coords = vectors.T @ rhs  # k × out: Σ_KR W_Rᵀ along each eigen-direction (= √d · the target's)
+    covered = eigenvalues > 1e-12 * float(eigenvalues.max().clamp_min(1e-300))
+    explained = torch.where(covered, coords.pow(2).sum(1) / eigenvalues.clamp_min(1e-300), 0.0)
+    ridge = _gcv_ridge(eigenvalues, explained, total, tokens, scale, damping)
+    if not math.isfinite(ridge):
+        return ridge, None
+    return ridge, vectors @ (coords / (eigenvalues + ridge * scale)[:, None])
