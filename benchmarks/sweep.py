@@ -101,8 +101,8 @@ def main() -> None:
             f" `run_prune` with the `{args.recipe}` recipe's settings, exactly as `llmprune recipe {args.recipe}"
             " --ratio r` does (a test checks that both give the same parameters and PPL). PPL on the first"
             f" {args.eval_windows} wikitext-2 test windows of {args.seq_len} tokens, no fine-tuning. Verdicts are those"
-            " of the recipe's gate. With so few calibration tokens the least-squares refit falls back to bias"
-            " compensation (recorded per layer in each prune's report)."
+            " of the recipe's gate. With so few calibration tokens the least-squares refit's ridge"
+            " is chosen by cross-validation (recorded per layer in each prune's report)."
         ),
         "tables": [
             {
