@@ -122,7 +122,8 @@ def whole_process(args: argparse.Namespace) -> None:
         title="llmprune analyze --importance-method removal, as a whole process, against the naive loop",
         notes=(
             "Each run is a fresh process (start-up and model loading included); the pairs alternate their order."
-            " The exact-reuse bound on SmolLM2 is about 1.64x (docs/commands/analyze.md)."
+            " The naive loop uses the model's own loss; llmprune's head works a vocabulary slice at a time"
+            " (docs/commands/analyze.md)."
         ),
         tables=[
             table(

@@ -22,6 +22,7 @@ from torch import nn
 
 from llmprune.engine.core.progress import CountProgress
 from llmprune.engine.data import TokenWindows
+from llmprune.engine.evaluate import sliced_nll
 from llmprune.engine.pruning.scores.layers import DEFAULT_LAYER_SCORE, get_layer_score
 from llmprune.engine.walk.layer_store import InMemoryLayers, LayerRunner, LayerStore, runner_for
 
@@ -89,16 +90,25 @@ def walked_scores(
 
 def model_head_nll(model: nn.Module, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """Summed next-token NLL (fp32) of a loaded model's final norm + LM head, a few windows at a time."""
+    head = model.lm_head
+    parameter = head.weight
 
     @torch.no_grad()
     def nll(hidden: torch.Tensor, ids: torch.Tensor) -> float:
         total = 0.0
         for first in range(0, hidden.shape[0], batch_size):
-            # the last position predicts nothing: leaving it out spares a copy of the (large) logits
-            logits = model.lm_head(model.model.norm(hidden[first : first + batch_size, :-1]))
-            target = ids[first : first + batch_size, 1:].to(logits.device)
+            # the last position predicts nothing
+            normed = model.model.norm(hidden[first : first + batch_size, :-1])
+            targets = ids[first : first + batch_size, 1:].reshape(-1)
             total += float(
-                F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+                sliced_nll(
+                    normed.reshape(-1, normed.shape[-1]),
+                    targets,
+                    parameter,
+                    parameter.device,
+                    parameter.dtype,
+                    head.bias,
+                )
             )
         return total
 
