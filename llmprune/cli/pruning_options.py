@@ -32,7 +32,10 @@ CalibDatasetOpt = Annotated[
     str,
     typer.Option(
         "--dataset",
-        help="Calibration text, training split: wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file.",
+        help=(
+            "Calibration text, training split: wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file;"
+            " several joined by commas (a.txt,b.jsonl) give equal numbers of windows each."
+        ),
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the calibration window positions.")]

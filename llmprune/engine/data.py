@@ -28,7 +28,7 @@ NAMED_SOURCES: dict[str, tuple[str, str | None, str, str, str]] = {
 }
 BUILTIN_SOURCES = ("pydoc",)
 LOCAL_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".parquet")
-SOURCE_HELP = "wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file"
+SOURCE_HELP = "wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file; several joined by commas are mixed"
 
 
 def _join_documents(texts: list[str], joiner: str) -> str:
@@ -130,9 +130,19 @@ def _load_pydoc() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def text_sources(source: str) -> list[str]:
+    """The sources of one --dataset value: a single source, or several joined by commas (mixed calibration)."""
+    parts = [part.strip() for part in str(source).split(",")]
+    return [part for part in parts if part] or [str(source).strip()]
+
+
 def check_text_source(source: str, option: str = "--dataset") -> None:
-    """A local text must exist, be a file and not be empty (cheap: checked before a model is loaded)."""
-    source = str(source).strip()
+    """Each local text must exist, be a file and not be empty (cheap: checked before a model is loaded)."""
+    for part in text_sources(source):
+        _check_one_source(part, option)
+
+
+def _check_one_source(source: str, option: str) -> None:
     if source in NAMED_SOURCES or source in BUILTIN_SOURCES:
         return
     path = Path(source).expanduser()
@@ -150,10 +160,16 @@ def check_text_source(source: str, option: str = "--dataset") -> None:
 
 
 def load_text(source: str, purpose: str = "eval") -> str:
-    """The raw text of `source`; `purpose` picks the split of named sources ('eval' or 'train')."""
+    """The raw text of `source`; `purpose` picks the split of named sources ('eval' or 'train').
+
+    Several sources (`a,b`) give their texts one after the other.
+    """
     if purpose not in ("eval", "train"):
         raise ValueError(f"purpose must be 'eval' or 'train', not {purpose!r}")
-    source = str(source).strip()
+    sources = text_sources(source)
+    if len(sources) > 1:
+        return _join_documents([load_text(part, purpose) for part in sources], "\n\n")
+    source = sources[0]
     if source in NAMED_SOURCES:
         return _load_named(source, purpose)
     if source == "pydoc":
@@ -317,6 +333,42 @@ def load_evaluation_windows(tokenizer: Any, source: str, seq_len: int, max_windo
 
 
 def load_calibration_windows(tokenizer: Any, source: str, count: int, seq_len: int, seed: int = 0) -> TokenWindows:
-    """Training split of `source`, `count` seeded random windows (never the test split of named sources)."""
+    """Training split of `source`, `count` seeded random windows (never the test split of named sources).
+
+    With several sources (`a,b`) the windows are drawn from each in equal numbers.
+    """
+    return calibration_and_held_out(tokenizer, source, count, 0, seq_len, seed)[0]
+
+
+def calibration_and_held_out(
+    tokenizer: Any, source: str, count: int, held_out: int, seq_len: int, seed: int = 0
+) -> tuple[TokenWindows, TokenWindows | None]:
+    """`count` calibration windows and `held_out` more that share no token with them, from each source in equal numbers.
+
+    The calibration windows are `load_calibration_windows`' whatever `held_out` is; the held-out ones
+    (None for 0) select without having been cut on, as the searched allocation needs.
+    """
     _check_seq_len(seq_len)
-    return random_windows(tokenize(tokenizer, load_text(source, "train")), count, seq_len, seed, source)
+    if count < 1:
+        raise UserInputError(f"the number of samples must be ≥ 1, got {count}", "use e.g. --samples 128")
+    sources = text_sources(source)
+    cut_parts, held_parts, total = [], [], 0
+    for index, part in enumerate(sources):
+        wanted, held = _share(count, len(sources), index), _share(held_out, len(sources), index)
+        if wanted == 0 and held == 0:
+            continue
+        stream = tokenize(tokenizer, load_text(part, "train"))
+        total += stream.numel()
+        if wanted:
+            cut_parts.append(random_windows(stream, wanted, seq_len, seed, part).ids)
+        if held:
+            avoid = window_starts(stream.numel(), wanted, seq_len, seed) if wanted else []
+            held_parts.append(held_out_windows(stream, held, seq_len, avoid, seed + 1, part).ids)
+    name = ",".join(sources)
+    cut = TokenWindows(torch.cat(cut_parts), name, total)
+    return cut, TokenWindows(torch.cat(held_parts), name, total) if held_parts else None
+
+
+def _share(count: int, parts: int, index: int) -> int:
+    """Part `index` of `count` split as evenly as possible over `parts` (the first ones take the remainder)."""
+    return count // parts + (1 if index < count % parts else 0)

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.data import evaluation_windows, load_text, random_windows, tokenize
+from llmprune.engine.data import (
+    calibration_and_held_out,
+    check_text_source,
+    evaluation_windows,
+    load_calibration_windows,
+    load_text,
+    random_windows,
+    tokenize,
+)
 
 
 def test_txt_is_read_exactly(tmp_path):
@@ -96,3 +104,49 @@ def test_tokenize_is_cached_and_identical(tiny_tokenizer, tmp_path, monkeypatch)
     second = tokenize(tiny_tokenizer, text)
     assert torch.equal(first, second)
     assert torch.equal(first, torch.tensor(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def _two_texts(tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    # counting, so that every window of tokens occurs once in its text
+    first.write_text(" ".join(str(i) for i in range(3000)), encoding="utf-8")
+    second.write_text(", ".join(f"item {i}" for i in range(3000)), encoding="utf-8")
+    return first, second
+
+
+def test_several_sources_give_equal_numbers_of_windows_from_each(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    first, second = _two_texts(tmp_path)
+    mixed = load_calibration_windows(tiny_tokenizer, f"{first}, {second}", 5, 16, seed=2)
+    alone = [
+        load_calibration_windows(tiny_tokenizer, str(path), n, 16, seed=2) for path, n in ((first, 3), (second, 2))
+    ]
+    assert len(mixed) == 5 and mixed.source == f"{first},{second}"
+    # the first source takes the odd window; each part is exactly that source's own seeded windows
+    assert torch.equal(mixed.ids, torch.cat([alone[0].ids, alone[1].ids]))
+    assert load_text(f"{first},{second}") == load_text(str(first)) + "\n\n" + load_text(str(second))
+
+
+def test_held_out_windows_share_no_token_with_the_calibration_windows_of_their_source(
+    tiny_tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    first, second = _two_texts(tmp_path)
+    source = f"{first},{second}"
+    cut, held = calibration_and_held_out(tiny_tokenizer, source, 4, 6, 16, seed=0)
+    assert torch.equal(cut.ids, load_calibration_windows(tiny_tokenizer, source, 4, 16, seed=0).ids)
+    assert len(held) == 6
+    for path, cut_rows, held_rows in ((first, cut.ids[:2], held.ids[:3]), (second, cut.ids[2:], held.ids[3:])):
+        stream = tokenize(tiny_tokenizer, load_text(str(path), "train")).tolist()
+
+        def start(row, stream=stream):  # where a window sits in its own source's token stream
+            return next(i for i in range(len(stream)) if stream[i : i + 16] == row.tolist())
+
+        cut_starts = [start(row) for row in cut_rows]
+        for row in held_rows:
+            assert all(abs(start(row) - other) >= 16 for other in cut_starts)
+
+
+def test_each_of_several_sources_is_checked():
+    with pytest.raises(UserInputError, match="no-such-file.txt"):
+        check_text_source("pydoc,no-such-file.txt")

@@ -56,13 +56,13 @@ def search_options(config: PruneConfig) -> SearchOptions:
 def prune_by_search(model: nn.Module, tokenizer, config: PruneConfig, budget: Budget, progress=None):
     """The search path of `llmprune prune` on a loaded model: the default's cut windows, held-out windows from the
     same text, the search, and the figures the report shows (as the global path reports them)."""
-    from llmprune.engine.data import held_out_windows, load_text, random_windows, tokenize, window_starts
+    from llmprune.engine.data import calibration_and_held_out
 
     calib = config.calibration
-    stream = tokenize(tokenizer, load_text(calib.dataset, "train"))
-    cut = random_windows(stream, calib.samples, calib.seq_len, calib.seed, calib.dataset)  # the default's cut
-    avoid = window_starts(stream.numel(), calib.samples, calib.seq_len, calib.seed)
-    held_out = held_out_windows(stream, config.search_windows, calib.seq_len, avoid, calib.seed + 1)
+    # the cut windows are the default's; the held-out ones share no token with them
+    cut, held_out = calibration_and_held_out(
+        tokenizer, calib.dataset, calib.samples, config.search_windows, calib.seq_len, calib.seed
+    )
     cost = ParameterCost.of_model(model)
     device = next(model.parameters()).device
     state_path = search_state_path(config)
