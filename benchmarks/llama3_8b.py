@@ -276,8 +276,10 @@ print('{"dtype": "%s", "finite": %s, "shape": %s}' % (dtype, finite, list(logits
 """
 
 
-def run_steps(model_dir: Path, work: Path, reload: bool, record) -> dict:
+def run_steps(model_dir: Path, work: Path, reload: bool, record, only: set[str] | None = None) -> dict:
     """Every step on `model_dir` (the pruned model goes to work/pruned); `record(run)` after each step.
+
+    `only`: the names of the steps to run (e.g. {"prune"}: the pruning core's figure alone); None runs all.
 
     The order puts what the memory targets are about first (prune, eval, export), so that an
     interrupted run on a busy machine still has them.
@@ -347,6 +349,8 @@ def run_steps(model_dir: Path, work: Path, reload: bool, record) -> dict:
     ]
     if reload:  # the whole pruned model in memory: only for the few-layer variants on this machine
         steps.append(("transformers reload", [sys.executable, "-c", RELOAD, str(out)]))
+    if only is not None:
+        steps = [(name, command) for name, command in steps if name in only]
     run = {
         "layers": config["num_hidden_layers"],
         "rope_scaling": config.get("rope_scaling"),
@@ -466,12 +470,18 @@ def main() -> None:
         "--rope-scaling", choices=["llama3"], default=None, help="Llama-3.1-style config (rope_scaling of type llama3)"
     )
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument(
+        "--steps", default=None, help="comma-separated step names to run (e.g. prune), recorded as a run of their own"
+    )
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "llama3_8b.json")
     args = parser.parse_args()
     model_dir = checkpoint_for(args.dir, args.layers, args.rope_scaling)
     if args.build_only:
         return
     key = f"{'Llama-3.1' if args.rope_scaling else 'Llama-3'}-8B shape, {args.layers} layers"
+    only = {name.strip() for name in args.steps.split(",")} if args.steps else None
+    if only:
+        key += f", {', '.join(sorted(only))} only ({date.today().isoformat()})"
     command = "python benchmarks/llama3_8b.py " + " ".join(
         a.replace(str(args.dir), "DIR") for a in sys.argv[1:] if not a.startswith("--results")
     )
@@ -485,7 +495,7 @@ def main() -> None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(document, indent=1) + "\n")
 
-    run_steps(model_dir, args.dir / "runs" / model_dir.name, reload=args.layers <= 4, record=record)
+    run_steps(model_dir, args.dir / "runs" / model_dir.name, reload=args.layers <= 4, record=record, only=only)
 
 
 if __name__ == "__main__":
