@@ -163,6 +163,20 @@ def prune_summary(result) -> Table:
                 ),
             )
         )
+    short = result.refit_calibration()
+    if short:
+        rows.append(
+            (
+                "refit",
+                (
+                    f"{short['tokens']:,} calibration tokens, {short['tokens_per_kept_input']:.2f} per kept input of"
+                    f" the widest projection ({short['widest_kept_inputs']:,}): its ridge was chosen by"
+                    f" cross-validation; --importance-samples {short['samples_for_plain_refit']} would give the"
+                    f" {short['plain_refit_tokens_per_input']} per input of a plain refit (the measuring pass grows"
+                    " with it)"
+                ),
+            )
+        )
     rows.append(("time", f"{result.seconds:.1f} s"))
     rows.append(
         (

@@ -171,3 +171,27 @@ def test_the_budget_resolves_targets_and_ratios():
     assert resolve_budget(0.5, None).params_to_remove(cost) == int(0.5 * cost.prunable())
     assert resolve_budget(None, "0.9").params_to_remove(cost) == cost.total - round(0.9 * cost.total)
     assert not math.isnan(resolve_budget(0.0, None).resolved_ratio)
+
+
+def test_a_refit_short_of_calibration_says_how_many_windows_a_plain_refit_needs(
+    tiny_model_dir, pydoc_text_file, tmp_path
+):
+    # 4 windows x 32 tokens = 128 tokens for the tiny model's kept MLP channels (about 100): under 4 per input
+    report = json.loads(_prune(tiny_model_dir, pydoc_text_file, tmp_path, "--ratio", "0.3").output)
+    short = report["refit_calibration"]
+    widest = max(layer["after"]["intermediate_size"] for layer in report["layers"])
+    assert short["tokens"] == 128 and short["widest_kept_inputs"] >= widest
+    assert short["tokens_per_kept_input"] == pytest.approx(128 / short["widest_kept_inputs"])
+    # that many windows of 32 tokens give the widest projection its 4 tokens per kept input, one fewer does not
+    needed = short["samples_for_plain_refit"]
+    assert needed * 32 >= 4 * short["widest_kept_inputs"] > (needed - 1) * 32
+    table = _prune(tiny_model_dir, pydoc_text_file, tmp_path / "table", "--ratio", "0.3", as_json=False).output
+    assert f"--importance-samples {needed}" in " ".join(table.split())
+
+
+def test_a_refit_with_enough_calibration_reports_no_shortfall(tiny_model_dir, pydoc_text_file, tmp_path):
+    calib = ["--dataset", str(pydoc_text_file), "--importance-samples", "40", "--seq-len", "32", "--batch-size", "8"]
+    args = ["prune", str(tiny_model_dir), "--ratio", "0.3", *calib, "--out", str(tmp_path / "m"), "--json"]
+    result = runner.invoke(app, [*args, "--log-dir", str(tmp_path / "logs")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["refit_calibration"] is None

@@ -16,6 +16,7 @@ from llmprune.engine.evaluate import PerplexityResult
 from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.pruning.config import PruneConfig
 from llmprune.engine.pruning.cut.prune_model import LayerChange
+from llmprune.engine.pruning.cut.refit import MIN_TOKENS_PER_INPUT, needs_choice
 
 
 @dataclass
@@ -71,8 +72,38 @@ class PruneResult:
         ratios = sorted({a.after.num_attention_heads // a.after.num_key_value_heads for a in self.layers})
         return "all layers keep " + " or ".join(f"{r}:1" for r in ratios)
 
+    def refit_calibration(self) -> dict | None:
+        """Where the least-squares refit had fewer calibration tokens than it needs for a plain refit.
+
+        None when every refitted projection had `MIN_TOKENS_PER_INPUT` tokens per kept input; otherwise the
+        tokens, the widest refitted projection's kept inputs, and the calibration windows that would give
+        it that many (the ridge was chosen by cross-validation instead: sound, but the refit does less).
+        """
+        calibration = self.options.get("calibration") or {}
+        samples, seq_len = calibration.get("samples"), calibration.get("seq_len")
+        widest = 0
+        for change in self.layers:
+            refitted = {name for name, ran in change.compensation.items() if ran.startswith("lstsq")}
+            if "down_proj" in refitted:
+                widest = max(widest, change.after.intermediate_size)
+            if "o_proj" in refitted:
+                widest = max(widest, change.after.num_attention_heads * change.after.head_dim)
+        if not widest or not samples or not seq_len:
+            return None
+        tokens = samples * seq_len
+        if not needs_choice(widest, tokens):
+            return None
+        return {
+            "tokens": tokens,
+            "widest_kept_inputs": widest,
+            "tokens_per_kept_input": tokens / widest,
+            "plain_refit_tokens_per_input": MIN_TOKENS_PER_INPUT,
+            "samples_for_plain_refit": -(-MIN_TOKENS_PER_INPUT * widest // seq_len),
+        }
+
     def to_dict(self) -> dict:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "loaded"}
+        data["refit_calibration"] = self.refit_calibration()
         data["layers"] = [layer.to_dict() for layer in self.layers]
         data["ppl_before"] = self.ppl_before.to_dict() if self.ppl_before else None
         data["ppl_after"] = self.ppl_after.to_dict() if self.ppl_after else None
