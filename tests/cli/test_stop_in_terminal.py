@@ -102,12 +102,14 @@ class InTerminal:
         """What an SSH drop or a closed terminal window does: the terminal's master side goes away."""
         os.close(self.master)
 
-    def wait(self) -> int:
+    def wait(self, run: Path | None = None) -> int:
         deadline = time.monotonic() + TIMEOUT
         while self.running():
             if time.monotonic() > deadline:
                 self.kill()
-                pytest.fail(f"the run did not end after the stop: {self.screen()[-2000:]}")
+                # the screen stops where the terminal went away: what the run did after it is in its folder
+                after = {name: _tail(run / name) for name in ("training.log", "run.json")} if run else {}
+                pytest.fail(f"the run did not end after the stop: {self.screen()[-2000:]}\nthen: {after}")
             time.sleep(0.05)
         return self.exit_code()
 
@@ -121,6 +123,10 @@ class InTerminal:
 
     def screen(self) -> str:
         return bytes(self.output).decode("utf-8", errors="replace")
+
+
+def _tail(path: Path, characters: int = 3000) -> str:
+    return path.read_text(errors="replace")[-characters:] if path.is_file() else "(none)"
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -148,7 +154,7 @@ def stopped_then_resumed(tiny_model_dir, pydoc_text_file, run: Path, stop, *extr
     terminal = InTerminal(finetune_args(tiny_model_dir, pydoc_text_file, run, *extra))
     terminal.wait_for_steps(run / "metrics.jsonl", 3)
     stop(terminal)
-    code = terminal.wait()
+    code = terminal.wait(run)
     assert code == 130, terminal.screen()[-3000:]
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "stopped_by_user", record
