@@ -29,7 +29,7 @@ from llmprune.engine.core.events import (
     RunFinished,
     RunStarted,
 )
-from llmprune.engine.core.stop import STOP, mute_lost_terminal, terminal_lost
+from llmprune.engine.core.stop import STOP, hangup_stops, mute_lost_terminal, terminal_lost
 from llmprune.ui.dashboard_state import DashboardState, format_duration, format_value
 from llmprune.ui.metrics_follower import MetricsFollower
 
@@ -295,9 +295,10 @@ def _run_with_dashboard(
             relay.target = None
         else:
             relay.to_fallback()
-    if terminal_lost():  # the dashboard closed because its terminal went away: that is a stop
+    if terminal_lost():  # the dashboard closed because its terminal went away: that is a stop (but under nohup)
         mute_lost_terminal()
-        STOP.request("the terminal went away")
+        if hangup_stops():
+            STOP.request("the terminal went away")
     if thread.ident is None:
         if control.stop_requested:
             raise KeyboardInterrupt

@@ -59,11 +59,13 @@ def child_env() -> dict[str, str]:
 class InTerminal:
     """`python -m llmprune ARGS` with a pseudo-terminal as its stdin, stdout, stderr and controlling terminal."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], sighup=signal.SIG_DFL):
         self.pid, self.master = pty.fork()
         if self.pid == 0:  # the child: a terminal of 40x120, then the command
             try:
                 fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+                # a terminal's shell starts commands with the default SIGHUP, whatever ran these tests (nohup)
+                signal.signal(signal.SIGHUP, sighup)
                 os.execve(sys.executable, [sys.executable, "-m", "llmprune", *args], child_env())
             finally:
                 os._exit(127)
@@ -284,3 +286,17 @@ def test_analyze_stopped_by_sigterm_exits_130_and_writes_nothing(tiny_model_dir,
     assert terminal.wait() == 130, terminal.screen()[-2000:]
     assert "interrupted" in terminal.screen() and "Traceback" not in terminal.screen()
     assert list(out.iterdir()) == []
+
+
+def test_under_nohup_a_hung_up_terminal_neither_stops_the_run_nor_keeps_it_from_ending(
+    tiny_model_dir, pydoc_text_file, tmp_path
+):
+    # SIGHUP ignored (nohup, `trap '' HUP`): the user asked the run to outlive its terminal; the dashboard
+    # must let go of the terminal when it goes, and the run must finish and exit by itself
+    run = tmp_path / "run"
+    terminal = InTerminal(finetune_args(tiny_model_dir, pydoc_text_file, run), sighup=signal.SIG_IGN)
+    terminal.wait_for_steps(run / "metrics.jsonl", 3)
+    terminal.hang_up()
+    assert terminal.wait(run) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "completed" and record["steps"] == STEPS

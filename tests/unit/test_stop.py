@@ -113,9 +113,18 @@ def test_a_printer_failing_on_a_lost_terminal_stops_the_run_without_a_traceback(
         stop.remember_terminal()
 
 
-def test_under_nohup_a_hang_up_is_left_ignored(monkeypatch):
+def test_under_nohup_a_hang_up_does_not_stop_but_lets_go_of_the_terminal(monkeypatch):
     installed = {}
+    muted = []
     monkeypatch.setattr(stop.signal, "getsignal", lambda signum: signal.SIG_IGN)
     monkeypatch.setattr(stop.signal, "signal", lambda signum, handler: installed.setdefault(signum, handler))
-    stop.install_signal_handlers()
-    assert signal.SIGINT in installed and signal.SIGTERM in installed and signal.SIGHUP not in installed
+    monkeypatch.setattr(stop, "mute_lost_terminal", lambda: muted.append(True) or True)
+    stop.STOP.reset()
+    try:
+        stop.install_signal_handlers()
+        assert installed[signal.SIGINT] is stop._on_signal and installed[signal.SIGTERM] is stop._on_signal
+        assert not stop.hangup_stops()
+        installed[signal.SIGHUP](signal.SIGHUP, None)  # the terminal goes away: no stop, no exception
+        assert muted == [True] and not stop.STOP.requested
+    finally:
+        stop._hangup_stops[0] = True

@@ -151,14 +151,28 @@ def _isatty(fd: int) -> bool:
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
+_hangup_stops = [True]  # False when started with SIGHUP ignored (nohup): the run outlives its terminal
+
+
+def hangup_stops() -> bool:
+    """Whether losing the terminal stops the work (it does, unless the command was started under nohup)."""
+    return _hangup_stops[0]
+
+
 def install_signal_handlers() -> None:
     """The command line's handlers: every stop signal goes through `STOP` (call from the main thread)."""
     remember_terminal()
+    _hangup_stops[0] = True
     for name in SIGNALS:
         if not hasattr(signal, name):
             continue
         if name == "SIGHUP" and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
-            continue  # started under nohup: the user asked to keep going without the terminal
+            # started under nohup: the user asked to keep going without the terminal. The work goes on, but
+            # the streams that were the terminal are pointed at /dev/null at once: a write to a hung-up tty
+            # fails (EIO), and a dashboard's writer thread that dies of it would block the whole process
+            _hangup_stops[0] = False
+            signal.signal(signal.SIGHUP, lambda signum, frame: mute_lost_terminal())
+            continue
         signal.signal(getattr(signal, name), _on_signal)
 
 
