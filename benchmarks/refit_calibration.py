@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import WIDTH_METHODS, count, width  # noqa: E402
 from results_file import table, write_results  # noqa: E402
-from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT  # noqa: E402
+from shared_data import CALIBRATION_TEXT, wiki_and_pydoc_windows  # noqa: E402
 
-from llmprune.engine.data import load_calibration_windows, load_evaluation_windows  # noqa: E402
+from llmprune.engine.data import load_calibration_windows  # noqa: E402
 from llmprune.engine.evaluate import perplexity  # noqa: E402
 from llmprune.engine.io.models import load_model  # noqa: E402
 
@@ -52,10 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
     dense, tokenizer = loaded.model, loaded.tokenizer
-    texts = {
-        name: load_evaluation_windows(tokenizer, source, args.seq_len, args.eval_windows)
-        for name, source in (("wiki", EVALUATION_TEXT), ("pydoc", "pydoc"))
-    }
+    texts = wiki_and_pydoc_windows(tokenizer, args.seq_len, args.eval_windows)
     rows: list[dict] = []
 
     def report(label: str, share: float, windows: int, model, seconds: float) -> None:
