@@ -28,14 +28,7 @@ import torch
 from shared_data import CALIBRATION_TEXT as VALID  # noqa: E402  (benchmarks/ is the script's directory)
 from shared_data import EVALUATION_TEXT as TEST  # noqa: E402
 
-from llmprune.engine.data import (
-    held_out_windows,
-    load_evaluation_windows,
-    load_text,
-    random_windows,
-    tokenize,
-    window_starts,
-)
+from llmprune.engine.data import calibration_and_held_out, load_evaluation_windows
 from llmprune.engine.evaluate import perplexity
 from llmprune.engine.io.models import load_model
 from llmprune.engine.pruning.allocate.search import SearchOptions
@@ -60,6 +53,14 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--search-windows", type=int, default=64)
+    parser.add_argument(
+        "--search-dataset",
+        default=None,
+        help="text the search selects on (prune --search-dataset); default: held-out windows of the calibration text",
+    )
+    parser.add_argument(
+        "--stages", default=None, help="selection stages as WINDOWSxSURVIVORS,... (default: the search's)"
+    )
     parser.add_argument("--dense", default=None, help="'wiki,pydoc' dense PPL already measured (skips that row)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -69,10 +70,10 @@ def main() -> None:
         return loaded.model.float().eval(), loaded.tokenizer
 
     model, tokenizer = fresh()
-    stream = tokenize(tokenizer, load_text(VALID, "train"))
-    cut = random_windows(stream, args.calib_windows, 128, 0)
-    avoid = window_starts(stream.numel(), args.calib_windows, 128, 0)
-    held_out = held_out_windows(stream, args.search_windows, 128, avoid, seed=1)
+    # the product's windows (`prune --allocation search`): the cut's are the default prune's
+    cut, held_out = calibration_and_held_out(
+        tokenizer, VALID, args.calib_windows, args.search_windows, 128, 0, args.search_dataset
+    )
     texts = {
         "wiki": load_evaluation_windows(tokenizer, TEST, 128, args.eval_windows),
         "pydoc": load_evaluation_windows(tokenizer, "pydoc", 128, args.eval_windows),
@@ -108,6 +109,8 @@ def main() -> None:
             options = SearchOptions(
                 **({"budget_seconds": value} if kind == "seconds" else {"budget_tokens": int(value)})
             )
+            if args.stages:
+                options.stages = tuple(tuple(int(n) for n in stage.split("x")) for stage in args.stages.split(","))
             outcome = prune_searched(model, cut.ids, held_out.ids, int(share * total), options)
             found = outcome.search
             extra = {
@@ -117,6 +120,9 @@ def main() -> None:
                 "start": found.start,
                 "start_kl": found.start_fitness,
                 "kl": found.fitness,
+                "kept_start": found.kept_start,
+                "stages": [list(stage) for stage in options.stages],
+                "search_dataset": held_out.source,
                 "dropped": outcome.dropped_layers,
                 "levels": [lv.to_dict() for lv in found.allocation],
             }

@@ -146,7 +146,7 @@ _llmprune() {
             esac
             ;;
         'prune')
-            opts='--ratio --target-params --prune-mlp --allocation --search-budget --search-windows --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
+            opts='--ratio --target-params --prune-mlp --allocation --search-budget --search-windows --search-dataset --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -155,6 +155,7 @@ _llmprune() {
                 --allocation) valued=1 values='' files=1 ;;
                 --search-budget) valued=1 values='' files=1 ;;
                 --search-windows) valued=1 values='' files=0 ;;
+                --search-dataset) valued=1 values='' files=1 ;;
                 --compensation) valued=1 values='' files=1 ;;
                 --drop-layers) valued=1 values='' files=0 ;;
                 --attn-unit) valued=1 values='' files=1 ;;
@@ -190,7 +191,7 @@ _llmprune() {
             cmds='attn-only safe sweep'
             ;;
         'recipe attn-only'|'recipe safe')
-            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --teacher --no-teacher --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --allocation --search-budget --save-dtype --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --method --samples --epochs --train-batch-size --grad-accum --lr --warmup-steps --max-grad-norm --no-tui --json --help'
+            opts='--model --base-model --trust-pickle --device --dtype --name --skip-finetune --no-skip-finetune --teacher --no-teacher --auto-retreat --no-auto-retreat --retreat-step --min-ratio --restart --no-restart --tasks --include-path --task-limit --export --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --allocation --search-budget --search-dataset --save-dtype --ratio --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --method --samples --epochs --train-batch-size --grad-accum --lr --warmup-steps --max-grad-norm --no-tui --json --help'
             cmds=''
             case "$prev" in
                 --model) valued=1 values='smollm2-135m' files=1 ;;
@@ -213,6 +214,7 @@ _llmprune() {
                 --batch-size) valued=1 values='' files=0 ;;
                 --allocation) valued=1 values='' files=1 ;;
                 --search-budget) valued=1 values='' files=1 ;;
+                --search-dataset) valued=1 values='' files=1 ;;
                 --save-dtype) valued=1 values='' files=1 ;;
                 --ratio) valued=1 values='' files=0 ;;
                 --importance-method) valued=1 values='' files=1 ;;
@@ -231,7 +233,7 @@ _llmprune() {
             esac
             ;;
         'recipe sweep')
-            opts='--base-model --trust-pickle --device --dtype --ratio --recipe --importance-config --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --allocation --search-budget --save-dtype --json --help'
+            opts='--base-model --trust-pickle --device --dtype --ratio --recipe --importance-config --importance-method --pruning-strategy --alpha --prune-mlp --no-prune-mlp --layer-start --layer-end --out --dataset --eval-dataset --seq-len --importance-samples --eval-windows --batch-size --allocation --search-budget --search-dataset --save-dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -255,6 +257,7 @@ _llmprune() {
                 --batch-size) valued=1 values='' files=0 ;;
                 --allocation) valued=1 values='' files=1 ;;
                 --search-budget) valued=1 values='' files=1 ;;
+                --search-dataset) valued=1 values='' files=1 ;;
                 --save-dtype) valued=1 values='' files=1 ;;
             esac
             ;;

@@ -92,6 +92,16 @@ def prune_command(
             help="Held-out calibration windows --allocation search selects on (disjoint from the cut's windows).",
         ),
     ] = _PRUNE.search_windows,
+    search_dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--search-dataset",
+            help=(
+                "Text --allocation search selects on, like what the model will serve (its training split; several"
+                " joined by commas are mixed). Default: --dataset."
+            ),
+        ),
+    ] = None,
     compensation: Annotated[
         str,
         typer.Option(
@@ -211,6 +221,7 @@ def prune_command(
         allocation=allocation,
         search_budget=search_budget,
         search_windows=search_windows,
+        search_dataset=search_dataset,
         compensation_kind=compensation,
         drop_layers=drop_layers,
         stream=stream,

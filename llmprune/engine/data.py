@@ -320,8 +320,9 @@ def held_out_windows(
             bisect.insort(taken, start)
     if len(chosen) < count:
         raise UserInputError(
-            f"the calibration text has room for {len(chosen)} held-out windows of {seq_len} tokens, {count} needed",
-            "use a longer --dataset, fewer --search-windows or a smaller --seq-len",
+            f"the text{' ' + source if source else ''} has room for {len(chosen)} held-out windows of {seq_len}"
+            f" tokens, {count} needed",
+            "use a longer --dataset (or --search-dataset), fewer --search-windows or a smaller --seq-len",
         )
     return TokenWindows(torch.stack([ids[s : s + seq_len] for s in chosen]), source, ids.numel())
 
@@ -341,9 +342,16 @@ def load_calibration_windows(tokenizer: Any, source: str, count: int, seq_len: i
 
 
 def calibration_and_held_out(
-    tokenizer: Any, source: str, count: int, held_out: int, seq_len: int, seed: int = 0
+    tokenizer: Any,
+    source: str,
+    count: int,
+    held_out: int,
+    seq_len: int,
+    seed: int = 0,
+    held_out_source: str | None = None,
 ) -> tuple[TokenWindows, TokenWindows | None]:
-    """`count` calibration windows and `held_out` more that share no token with them, from each source in equal numbers.
+    """`count` calibration windows of `source` and `held_out` more of `held_out_source` (default: `source`),
+    in equal numbers from each of their sources; a held-out window shares no token with a calibration window.
 
     The calibration windows are `load_calibration_windows`' whatever `held_out` is; the held-out ones
     (None for 0) select without having been cut on, as the searched allocation needs.
@@ -352,21 +360,29 @@ def calibration_and_held_out(
     if count < 1:
         raise UserInputError(f"the number of samples must be ≥ 1, got {count}", "use e.g. --samples 128")
     sources = text_sources(source)
-    cut_parts, held_parts, total = [], [], 0
+    cut_parts, cut_starts, total = [], {}, 0
     for index, part in enumerate(sources):
-        wanted, held = _share(count, len(sources), index), _share(held_out, len(sources), index)
-        if wanted == 0 and held == 0:
+        wanted = _share(count, len(sources), index)
+        if wanted == 0:
             continue
         stream = tokenize(tokenizer, load_text(part, "train"))
         total += stream.numel()
-        if wanted:
-            cut_parts.append(random_windows(stream, wanted, seq_len, seed, part).ids)
-        if held:
-            avoid = window_starts(stream.numel(), wanted, seq_len, seed) if wanted else []
-            held_parts.append(held_out_windows(stream, held, seq_len, avoid, seed + 1, part).ids)
+        cut_parts.append(random_windows(stream, wanted, seq_len, seed, part).ids)
+        cut_starts[part] = window_starts(stream.numel(), wanted, seq_len, seed)
     name = ",".join(sources)
     cut = TokenWindows(torch.cat(cut_parts), name, total)
-    return cut, TokenWindows(torch.cat(held_parts), name, total) if held_parts else None
+    if not held_out:
+        return cut, None
+    held_sources = text_sources(held_out_source or source)
+    held_parts, held_total = [], 0
+    for index, part in enumerate(held_sources):
+        wanted = _share(held_out, len(held_sources), index)
+        if wanted == 0:
+            continue
+        stream = tokenize(tokenizer, load_text(part, "train"))
+        held_total += stream.numel()
+        held_parts.append(held_out_windows(stream, wanted, seq_len, cut_starts.get(part, []), seed + 1, part).ids)
+    return cut, TokenWindows(torch.cat(held_parts), ",".join(held_sources), held_total)
 
 
 def _share(count: int, parts: int, index: int) -> int:

@@ -177,6 +177,8 @@ def prune_summary(result) -> Table:
                 ),
             )
         )
+    if result.search:
+        rows.append(("search", search_line(result.search)))
     rows.append(("time", f"{result.seconds:.1f} s"))
     rows.append(
         (
@@ -200,3 +202,15 @@ def prune_summary(result) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def search_line(search: dict) -> str:
+    """What the searched allocation did: from which start, how long, and the KL it reached on every held-out window."""
+    start = search["start"]
+    line = (
+        f"{search['generations']} generations ({search['seconds'] / 60:.1f} min, {search['tokens']:,} tokens) from the"
+        f" {start} start; KL to the dense model on the held-out windows {search['start_fitness'][start]:.4f}"
+    )
+    if search.get("kept_start"):
+        return line + ", no better allocation found there: the start was kept"
+    return line + f" → {search['fitness']:.4f}"

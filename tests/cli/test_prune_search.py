@@ -25,7 +25,7 @@ def test_the_search_path_is_chosen_by_its_option_and_says_why():
 
 def test_a_searched_prune_runs_records_its_search_and_a_rerun_resumes(tiny_model_dir, pydoc_text_file, tmp_path):
     out = tmp_path / "model"
-    args = ["--allocation", "search", "--ratio", "0.25", "--search-windows", "8", "--out", str(out)]
+    args = ["--allocation", "search", "--ratio", "0.25", "--search-windows", "16", "--out", str(out)]
     first = _prune(tiny_model_dir, pydoc_text_file, tmp_path, *args, "--search-budget", "3000")
     assert first.exit_code == 0, first.output
     report = json.loads(first.output)
@@ -42,6 +42,16 @@ def test_a_searched_prune_runs_records_its_search_and_a_rerun_resumes(tiny_model
     assert resumed["curve"][: search["generations"]] == search["curve"]
 
 
+def test_the_search_selects_on_the_text_it_is_given(tiny_model_dir, pydoc_text_file, tmp_path):
+    other = tmp_path / "served.txt"
+    other.write_text(" ".join(f"served text number {i} of the kind the model will see." for i in range(400)))
+    args = ["--allocation", "search", "--ratio", "0.25", "--search-windows", "16", "--search-budget", "2000"]
+    result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, *args, "--search-dataset", str(other))
+    assert result.exit_code == 0, result.output
+    state = json.loads(next((tmp_path / "logs").rglob("*.search-state.json")).read_text())
+    assert state["signature"]["search_dataset"] == str(other)
+
+
 @pytest.mark.parametrize("budget", ["0", "nan", "-5m", "soon", "inf"])
 def test_a_bad_search_budget_is_one_line_exit_2(budget, tiny_model_dir, pydoc_text_file, tmp_path):
     result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, "--allocation", "search", "--search-budget", budget)
@@ -54,8 +64,10 @@ def test_a_bad_search_budget_is_one_line_exit_2(budget, tiny_model_dir, pydoc_te
     [
         (["--allocation", "search", "--stream"], "does not stream"),
         (["--search-budget", "5m"], "--search-budget is not used by the global path"),
-        (["--allocation", "search", "--search-windows", "4"], "--search-windows must be ≥ 8"),
+        (["--allocation", "search", "--search-windows", "8"], "--search-windows must be ≥ 16"),
         (["--allocation", "search", "--drop-layers", "1"], "--drop-layers is not used by the search path"),
+        (["--search-dataset", "pydoc"], "--search-dataset is not used by the global path"),
+        (["--allocation", "search", "--search-dataset", "nosuch.txt"], "nosuch.txt"),
     ],
 )
 def test_what_the_search_cannot_do_is_one_line_exit_2(extra, needle, tiny_model_dir, pydoc_text_file, tmp_path):
@@ -85,11 +97,18 @@ def test_recipes_and_the_sweep_prune_with_the_allocation_prune_would_use(allocat
     prune = recipe_prune_config(config, tmp_path / "importance.json", 0.2, tmp_path, "pruned")
     assert choose_path(prune).name == allocation
     assert prune.search_budget == budget
+    if allocation == "search":
+        chosen = RecipeConfig(recipe=get_recipe("safe"), model="m", allocation="search", search_dataset="pydoc")
+        assert recipe_prune_config(chosen, tmp_path / "i.json", 0.2, tmp_path, "p").search_dataset == "pydoc"
 
 
 @pytest.mark.parametrize(
     ("values", "needle"),
-    [({"allocation": "evolve"}, "unknown --allocation"), ({"search_budget": "5m"}, "only used by --allocation search")],
+    [
+        ({"allocation": "evolve"}, "unknown --allocation"),
+        ({"search_budget": "5m"}, "only used by --allocation search"),
+        ({"search_dataset": "pydoc"}, "--search-dataset is only used by --allocation search"),
+    ],
 )
 def test_a_recipe_with_a_bad_allocation_is_refused(values, needle):
     from llmprune.engine.recipes.config import RecipeConfig
@@ -100,3 +119,14 @@ def test_a_recipe_with_a_bad_allocation_is_refused(values, needle):
     )
     with pytest.raises(UserInputError, match=needle):
         config.validate_budget()
+
+
+def test_the_summary_says_what_the_search_did_and_when_it_kept_its_start():
+    from llmprune.ui.prune_report import search_line
+
+    search = {"start": "global", "start_fitness": {"global": 0.3568, "uniform": 0.3381}, "generations": 54,
+              "seconds": 720.0, "tokens": 331776, "fitness": 0.3012, "kept_start": False}  # fmt: skip
+    line = search_line(search)
+    assert "54 generations (12.0 min, 331,776 tokens) from the global start" in line
+    assert line.endswith("0.3568 → 0.3012")
+    assert search_line({**search, "kept_start": True, "fitness": 0.3568}).endswith("the start was kept")

@@ -147,6 +147,25 @@ def test_held_out_windows_share_no_token_with_the_calibration_windows_of_their_s
             assert all(abs(start(row) - other) >= 16 for other in cut_starts)
 
 
+def test_held_out_windows_may_come_from_another_text_and_still_avoid_the_cut(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    first, second = _two_texts(tmp_path)
+    cut, held = calibration_and_held_out(
+        tiny_tokenizer, str(first), 4, 6, 16, seed=0, held_out_source=f"{first},{second}"
+    )
+    assert torch.equal(cut.ids, load_calibration_windows(tiny_tokenizer, str(first), 4, 16, seed=0).ids)
+    assert len(held) == 6 and held.source == f"{first},{second}"
+    streams = [tokenize(tiny_tokenizer, load_text(str(path), "train")).tolist() for path in (first, second)]
+
+    def starts(row, stream):
+        return [i for i in range(len(stream) - 15) if stream[i : i + 16] == row.tolist()]
+
+    cut_starts = [starts(row, streams[0])[0] for row in cut.ids]
+    for row in held.ids[:3]:  # the cut's own text: never overlapping a cut window
+        assert all(abs(starts(row, streams[0])[0] - other) >= 16 for other in cut_starts)
+    assert all(starts(row, streams[1]) for row in held.ids[3:])  # the other text: its own windows
+
+
 def test_each_of_several_sources_is_checked():
     with pytest.raises(UserInputError, match="no-such-file.txt"):
         check_text_source("pydoc,no-such-file.txt")

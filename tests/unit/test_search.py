@@ -123,6 +123,7 @@ def test_the_search_finds_the_layer_that_can_go():
     outcome = prune_searched(model, cut, held_out, one_layer, SearchOptions(generations=25, seed=0), depth=True)
     assert outcome.dropped_layers == [2]
     assert outcome.search.fitness < 0.05 * outcome.search.start_fitness["uniform"]
+    assert not outcome.search.kept_start
     assert len(model.model.layers) == 5
 
 
@@ -153,6 +154,21 @@ def test_a_rerun_resumes_from_the_saved_generation(tmp_path):
     assert resumed.curve[:2] == first.curve
     fresh = evolve(ladder, budget, fitness, 16, starts, SearchOptions(generations=4), tmp_path / "other.json")
     assert [c["fitness"] for c in fresh.curve] == pytest.approx([c["fitness"] for c in resumed.curve])
+
+
+def test_the_start_is_kept_when_the_search_won_only_on_a_few_windows():
+    """Every child beats the start on the selection stages' few windows, none on all of them: the start stays."""
+    ladder = _ladder(make_tiny_model(layers=4), depth=False)
+    budget = int(0.8 * ladder.params([ladder.full(i) for i in range(4)]))
+    start = ladder.uniform(budget)
+
+    def fitness(allocation, windows) -> float:
+        is_start = list(allocation) == start
+        return float(not is_start) if len(windows) == 32 else float(is_start)
+
+    outcome = evolve(ladder, budget, fitness, 32, {"uniform": start}, SearchOptions(generations=3))
+    assert all(c["accepted"] for c in outcome.curve)  # the stages were fooled every generation
+    assert outcome.kept_start and outcome.allocation == start and outcome.fitness == 0.0
 
 
 def test_too_few_held_out_windows_and_no_bound_are_refused():

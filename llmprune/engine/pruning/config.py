@@ -111,6 +111,9 @@ class PruneConfig(LoadOptions):
     ('2M', '500k'); None: DEFAULT_SEARCH_BUDGET."""
     search_windows: int = 64
     """Held-out calibration windows the searched allocation selects on (never the windows the cut is fitted on)."""
+    search_dataset: str | None = None
+    """Text the searched allocation selects on (its training split; several joined by commas are mixed);
+    None: the calibration text (--dataset). Windows of a text the cut also uses never overlap the cut's."""
     compensation_kind: str = DEFAULT_COMPENSATION
     """After each layer's cut: lstsq (refit o_proj/down_proj and their biases on calibration inputs) |
     bias (fold the removed units' mean output into the bias) | none."""
@@ -202,9 +205,15 @@ class PruneConfig(LoadOptions):
             raise UserInputError(f"unknown --allocation '{self.allocation}'", f"use one of {', '.join(ALLOCATIONS)}")
         if self.search_budget is not None:
             parse_search_budget(self.search_budget)
-        if self.search_windows < 8:
+        if self.search_dataset is not None:
+            check_text_source(self.search_dataset, "--search-dataset")
+        from llmprune.engine.pruning.allocate.search import SearchOptions
+
+        fewest = SearchOptions().fewest_windows()
+        if self.search_windows < fewest:
             raise UserInputError(
-                f"--search-windows must be ≥ 8 (the search selects on them), got {self.search_windows}",
+                f"--search-windows must be ≥ {fewest} (its last selection stage uses that many), got"
+                f" {self.search_windows}",
                 "e.g. --search-windows 64",
             )
         if self.compensation_kind not in COMPENSATIONS:

@@ -94,8 +94,10 @@ def _allocation(config: PruneConfig) -> PrunePath:
 
 
 def _check_unused(config: PruneConfig, path: PrunePath) -> None:
-    if path.name != "search" and (config.search_budget is not None):
-        raise _unused("--search-budget", path.name, "add --allocation search (or leave out --search-budget)")
+    if path.name != "search":
+        for option, value in (("--search-budget", config.search_budget), ("--search-dataset", config.search_dataset)):
+            if value is not None:
+                raise _unused(option, path.name, f"add --allocation search (or leave out {option})")
     if path.name == "search":
         if config.stream:
             raise UserInputError(

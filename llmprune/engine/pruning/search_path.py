@@ -61,7 +61,7 @@ def prune_by_search(model: nn.Module, tokenizer, config: PruneConfig, budget: Bu
     calib = config.calibration
     # the cut windows are the default's; the held-out ones share no token with them
     cut, held_out = calibration_and_held_out(
-        tokenizer, calib.dataset, calib.samples, config.search_windows, calib.seq_len, calib.seed
+        tokenizer, calib.dataset, calib.samples, config.search_windows, calib.seq_len, calib.seed, config.search_dataset
     )
     cost = ParameterCost.of_model(model)
     device = next(model.parameters()).device
@@ -77,7 +77,12 @@ def prune_by_search(model: nn.Module, tokenizer, config: PruneConfig, budget: Bu
         batch_size=calib.batch_size,
         state_path=state_path,
         progress=progress,
-        signature={"model": str(config.model), "dataset": calib.dataset, "samples": calib.samples},
+        signature={
+            "model": str(config.model),
+            "dataset": calib.dataset,
+            "samples": calib.samples,
+            "search_dataset": held_out.source,
+        },
     )
     outcome.state_path = str(state_path)
     done = GlobalOutcome(cost, outcome.dropped_layers, [], [], outcome.reports)

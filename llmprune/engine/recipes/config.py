@@ -45,6 +45,8 @@ class PipelineSettings(LoadOptions):
     (units ranked across all layers) | search (levels searched against KL to the dense model)."""
     search_budget: str | None = None
     """With --allocation search: how long it searches (20m, 90s, or tokens: 2M); default as on prune."""
+    search_dataset: str | None = None
+    """With --allocation search: the text it selects on, like what the model will serve; default --dataset."""
     save_dtype: str = "auto"
     """dtype of the saved models (pruned, fine-tuned): auto keeps the source's stored dtype (bf16 in -> bf16 out) |
     float32 | bfloat16 | float16.
@@ -82,6 +84,13 @@ class PipelineSettings(LoadOptions):
                 "add --allocation search, or leave --search-budget out",
             )
             parse_search_budget(self.search_budget)
+        if self.search_dataset is not None:
+            require(
+                self.allocation == "search",
+                "--search-dataset is only used by --allocation search",
+                "add --allocation search, or leave --search-dataset out",
+            )
+            check_text_source(self.search_dataset, "--search-dataset")
 
     def validate_pruning(self, ratios: list[float]) -> None:
         """The recipe's pruning settings, in the recipe's own option names, before anything runs."""

@@ -49,6 +49,7 @@ def recipe_prune_config(
             ratio=ratio,
             allocation=config.allocation,
             search_budget=config.search_budget,
+            search_dataset=config.search_dataset,
             calibration=calibration_options(config),
             log_dir=log_dir,
             save_ckpt_log_name=log_name,

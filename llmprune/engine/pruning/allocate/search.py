@@ -8,6 +8,9 @@ a removed layer is balanced with MLP steps), and select in stages on fresh
 random samples of held-out calibration windows of growing size: many
 offspring on a few windows, the survivors on more, the parent joining the
 last stage so it is replaced only by a child that beats it on the same text.
+The last parent is then judged on every held-out window, as the starts
+were, and the start is returned instead when the search did not beat it
+there: a few windows flatter whichever candidate won on them.
 
 Fitness: the mean per-token KL divergence of the candidate's next-token
 distribution to the dense model's, on the dense model's top-k tokens plus
@@ -48,8 +51,9 @@ class SearchOptions:
 
     offspring: int = 8
     """Children of the parent per generation."""
-    stages: tuple[tuple[int, int], ...] = ((2, 3), (8, 1))
-    """(windows, survivors) per selection stage; the parent joins the last stage."""
+    stages: tuple[tuple[int, int], ...] = ((4, 3), (16, 1))
+    """(windows, survivors) per selection stage; the parent joins the last stage. Fewer windows let chance
+    choose: with a last stage of 8 windows three children in four replaced their parent."""
     max_moves: int = 3
     """Level steps per child: 1..max_moves."""
     budget_tokens: int | None = None
@@ -64,6 +68,10 @@ class SearchOptions:
     """Share of moves that exchange a KV group."""
     seed: int = 0
 
+    def fewest_windows(self) -> int:
+        """Held-out windows the stages need."""
+        return max(n for n, _ in self.stages)
+
     def bounded(self) -> bool:
         return any(v is not None for v in (self.budget_tokens, self.budget_seconds, self.generations))
 
@@ -73,13 +81,14 @@ class SearchOutcome:
     """What the search found and what it cost."""
 
     allocation: list[Level]
-    fitness: float  # KL of the final parent on its last stage's windows
+    fitness: float  # KL of the allocation returned, on every held-out window
+    kept_start: bool  # the search's last parent was no better than its start on every held-out window
     start: str  # which start allocation the search began from
     start_fitness: dict[str, float]
     generations: int
     tokens: int
     seconds: float
-    curve: list[dict] = field(default_factory=list)  # per generation: fitness, tokens, seconds, accepted
+    curve: list[dict] = field(default_factory=list)  # per generation: last-stage fitness, tokens, seconds, accepted
     resumed_from: int | None = None  # generation a saved state was resumed at
     stopped_by: str = "budget"
 
@@ -340,9 +349,8 @@ def evolve(
     """Search from the best of `starts`; fitness(allocation, window indices) -> KL (lower is better)."""
     if not options.bounded():
         raise ValueError("the search needs a bound: generations, tokens or seconds")
-    last_windows = options.stages[-1][0]
-    if windows < max(n for n, _ in options.stages):
-        raise ValueError(f"the search needs at least {last_windows} held-out windows, got {windows}")
+    if windows < options.fewest_windows():
+        raise ValueError(f"the search needs at least {options.fewest_windows()} held-out windows, got {windows}")
     counted = tokens_spent or (lambda: 0)
     signature = _signature(ladder, budget, windows, options, signature_extra or {})
     state = _load_state(state_path, signature)
@@ -420,9 +428,16 @@ def evolve(
         if progress:
             progress(generation, parent_fitness, clock.left(tokens(), generation))
         stopped = clock.spent(tokens(), generation)
+    # the last stage's few windows chose the parent and flatter it (the best of several on the same
+    # windows); the allocation returned is judged on every held-out window, like the starts were
+    final_fitness = fitness(parent, range(windows))
+    kept_start = final_fitness > start_fitness[start]
+    if kept_start:
+        parent, final_fitness = list(starts[start]), start_fitness[start]
     return SearchOutcome(
         allocation=parent,
-        fitness=parent_fitness,
+        fitness=final_fitness,
+        kept_start=kept_start,
         start=start,
         start_fitness=start_fitness,
         generations=generation,
