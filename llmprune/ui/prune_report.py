@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from llmprune.engine.core.progress import stage_name
 from llmprune.ui.console import err_console, format_count, format_ppl
 
 BAR_WIDTH = 40
@@ -34,9 +35,10 @@ def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], N
     def update(stage: str, done: int, total: int) -> None:
         if not tasks:
             bar.start()
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=done, total=total)
+        name = stage_name(stage)  # one bar per stage, whatever detail it shows now
+        if name not in tasks:
+            tasks[name] = bar.add_task(stage, total=total)
+        bar.update(tasks[name], completed=done, total=total, description=stage)
 
     try:
         yield update
@@ -208,7 +210,8 @@ def search_line(search: dict) -> str:
     """What the searched allocation did: from which start, how long, and the KL it reached on every held-out window."""
     start = search["start"]
     line = (
-        f"{search['generations']} generations ({search['seconds'] / 60:.1f} min, {search['tokens']:,} tokens) from the"
+        f"{search['generations']} generation{'' if search['generations'] == 1 else 's'} ({search['seconds'] / 60:.1f}"
+        f" min, {search['tokens']:,} tokens) from the"
         f" {start} start; KL to the dense model on the held-out windows {search['start_fitness'][start]:.4f}"
     )
     if search.get("kept_start"):

@@ -130,3 +130,19 @@ def test_the_summary_says_what_the_search_did_and_when_it_kept_its_start():
     assert "54 generations (12.0 min, 331,776 tokens) from the global start" in line
     assert line.endswith("0.3568 → 0.3012")
     assert search_line({**search, "kept_start": True, "fitness": 0.3568}).endswith("the start was kept")
+
+
+def test_the_search_progress_detail_changes_without_making_a_new_phase():
+    from llmprune.engine.core.process_memory import PhasePeaks
+    from llmprune.engine.pruning.pipeline import _phase_progress
+    from llmprune.ui.prune_report import search_line
+
+    phases, shown = PhasePeaks(), []
+    update = _phase_progress(lambda stage, done, total: shown.append(stage), phases)
+    update("levels", 30, 30)
+    update("search · generation 1, KL 0.6190, ETA 4.2 min", 1, 2)
+    update("search · generation 2, KL 0.6181, ETA 0.0 min", 2, 3)
+    assert list(phases.close()) == ["levels", "search"]
+    assert shown[-1] == "search · generation 2, KL 0.6181, ETA 0.0 min"
+    one = {"start": "global", "start_fitness": {"global": 0.5}, "generations": 1, "seconds": 60.0, "tokens": 10}
+    assert search_line({**one, "fitness": 0.4}).startswith("1 generation (1.0 min")

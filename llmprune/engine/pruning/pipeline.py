@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.process_memory import PhasePeaks
-from llmprune.engine.core.progress import StageProgress, named_stage
+from llmprune.engine.core.progress import StageProgress, named_stage, stage_name
 from llmprune.engine.evaluate import perplexity
 from llmprune.engine.io.architecture import gqa_violations, layer_shapes, require_llama_style
 from llmprune.engine.pruning.allocate.budget import Budget
@@ -79,7 +79,7 @@ def _phase_progress(progress: StageProgress | None, phases: PhasePeaks) -> Stage
     """Each progress stage (measure, prune, perplexity before, ...) is a memory phase of its own."""
 
     def update(stage: str, done: int, total: int) -> None:
-        phases.enter(stage)
+        phases.enter(stage_name(stage))
         if progress:
             progress(stage, done, total)
 

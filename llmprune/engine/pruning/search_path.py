@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.core.errors import UserInputError
-from llmprune.engine.core.progress import StageProgress
+from llmprune.engine.core.progress import DETAIL, StageProgress
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.pruning.allocate.budget import Budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
@@ -155,8 +155,12 @@ def prune_searched(
 
     def report(generation: int, best: float, left: float | None) -> None:
         if progress:
-            eta = f", ETA {left / 60:.1f} min" if left is not None else ""
-            progress(f"search (KL {best:.4f}{eta})", generation, options.generations or generation + 1)
+            eta = f", ETA {max(left, 0.0) / 60:.1f} min" if left is not None else ""
+            progress(
+                f"search{DETAIL}generation {generation}, KL {best:.4f}{eta}",
+                generation,
+                options.generations or generation + 1,
+            )
 
     outcome = evolve(
         ladder, budget, fitness, select_ids.shape[0], starts, options, state_path, report,
