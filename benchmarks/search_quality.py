@@ -2,10 +2,12 @@
 
     python benchmarks/search_quality.py --shares 0.2 --search-budget 12m
     python benchmarks/search_quality.py --shares 0.1,0.2,0.3 --methods default,search --in-order
+    python benchmarks/search_quality.py --search-dataset wiki.valid.tokens,GPL-3,GFDL-1.3 --search-budget 650k
 
 SmolLM2-135M-Instruct, a share of *all* parameters removed, no fine-tuning. Calibration: 64 random windows
 of 128 tokens of wikitext-2 *validation* (the default prune's cut, as benchmarks/quality.py); the search
-selects on 64 more windows of the same text that share no token with them. PPL at seq_len 128 over the
+selects on 64 more windows of the same text that share no token with them, or of --search-dataset
+(`prune --search-dataset`: equal numbers of windows from each text it names). PPL at seq_len 128 over the
 first --eval-windows windows of wikitext-2 *test* and of CPython's pydoc prose (never seen by either).
 `search` assembles the model from the level database (each layer refitted on dense inputs, what the search
 measured); `search+in-order` (--in-order) runs the default's layer pass at the searched sizes instead
@@ -138,6 +140,11 @@ def write(args, rows: list[dict]) -> None:
     from llmprune.engine.core.paths import atomic_write_text
 
     dense = next((r for r in rows if r["method"] == "dense"), None)
+    selection = (
+        f"of {args.search_dataset} (equal numbers from each; none shares a token with the cut)"
+        if args.search_dataset
+        else "of the same text (no token shared)"
+    )
 
     def times(row, text):
         return round(row[text] / dense[text], 2) if dense else None
@@ -149,8 +156,8 @@ def write(args, rows: list[dict]) -> None:
         "date": datetime.date.today().isoformat(),
         "notes": (
             f"No fine-tuning. Calibration: {args.calib_windows} random windows of 128 tokens of wikitext-2"
-            f" validation; the search selects on {args.search_windows} held-out windows of the same text (no token"
-            f" shared) for {args.search_budget}. PPL over the first {args.eval_windows} windows of 128 tokens of"
+            f" validation; the search selects on {args.search_windows} held-out windows"
+            f" {selection} for {args.search_budget}. PPL over the first {args.eval_windows} windows of 128 tokens of"
             " wikitext-2 test and of pydoc. `search` is the model the search measured (each layer refitted on the"
             " dense model's inputs); `search+in-order` refits the searched sizes in order, as the default does."
             " Seconds: the whole prune (for the search: database, search and assembly)."

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 StageProgress = Callable[[str, int, int], None]
 """(stage name, units done, units total). The name may carry a detail that changes as the stage goes on
-after DETAIL ("search · KL 0.6181, ETA 4.2 min"); listeners key the stage by `stage_name`."""
+after DETAIL ("search · generation 12, KL 0.6181, ETA 4.2 min"); listeners key the stage by `stage_name`."""
 DETAIL = " · "
 
 
