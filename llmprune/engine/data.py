@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,30 +360,41 @@ def calibration_and_held_out(
     _check_seq_len(seq_len)
     if count < 1:
         raise UserInputError(f"the number of samples must be ≥ 1, got {count}", "use e.g. --samples 128")
+    streams: dict[str, torch.Tensor] = {}  # a text both cut and held out on is read and tokenised once
+    cut_starts: dict[str, list[int]] = {}
+
+    def cut_windows(stream: torch.Tensor, wanted: int, part: str) -> torch.Tensor:
+        cut_starts[part] = window_starts(stream.numel(), wanted, seq_len, seed)
+        return random_windows(stream, wanted, seq_len, seed, part).ids
+
+    def held_windows(stream: torch.Tensor, wanted: int, part: str) -> torch.Tensor:
+        return held_out_windows(stream, wanted, seq_len, cut_starts.get(part, []), seed + 1, part).ids
+
+    cut = _windows_of_each(tokenizer, source, count, cut_windows, streams)
+    if not held_out:
+        return cut, None
+    return cut, _windows_of_each(tokenizer, held_out_source or source, held_out, held_windows, streams)
+
+
+def _windows_of_each(
+    tokenizer: Any,
+    source: str,
+    count: int,
+    pick: Callable[[torch.Tensor, int, str], torch.Tensor],
+    streams: dict[str, torch.Tensor],
+) -> TokenWindows:
+    """`count` windows from the texts of `source` in equal numbers, `pick(stream, wanted, text)` choosing each share."""
     sources = text_sources(source)
-    cut_parts, cut_starts, total = [], {}, 0
+    parts, total = [], 0
     for index, part in enumerate(sources):
         wanted = _share(count, len(sources), index)
         if wanted == 0:
             continue
-        stream = tokenize(tokenizer, load_text(part, "train"))
-        total += stream.numel()
-        cut_parts.append(random_windows(stream, wanted, seq_len, seed, part).ids)
-        cut_starts[part] = window_starts(stream.numel(), wanted, seq_len, seed)
-    name = ",".join(sources)
-    cut = TokenWindows(torch.cat(cut_parts), name, total)
-    if not held_out:
-        return cut, None
-    held_sources = text_sources(held_out_source or source)
-    held_parts, held_total = [], 0
-    for index, part in enumerate(held_sources):
-        wanted = _share(held_out, len(held_sources), index)
-        if wanted == 0:
-            continue
-        stream = tokenize(tokenizer, load_text(part, "train"))
-        held_total += stream.numel()
-        held_parts.append(held_out_windows(stream, wanted, seq_len, cut_starts.get(part, []), seed + 1, part).ids)
-    return cut, TokenWindows(torch.cat(held_parts), ",".join(held_sources), held_total)
+        if part not in streams:
+            streams[part] = tokenize(tokenizer, load_text(part, "train"))
+        total += streams[part].numel()
+        parts.append(pick(streams[part], wanted, part))
+    return TokenWindows(torch.cat(parts), ",".join(sources), total)
 
 
 def _share(count: int, parts: int, index: int) -> int:
