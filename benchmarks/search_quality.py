@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 from shared_data import CALIBRATION_TEXT as VALID  # noqa: E402  (benchmarks/ is the script's directory)
-from shared_data import EVALUATION_TEXT as TEST  # noqa: E402
+from shared_data import wiki_and_pydoc_windows  # noqa: E402
 
-from llmprune.engine.data import calibration_and_held_out, load_evaluation_windows
+from llmprune.engine.data import calibration_and_held_out
 from llmprune.engine.evaluate import perplexity
 from llmprune.engine.io.models import load_model
 from llmprune.engine.pruning.allocate.search import SearchOptions
@@ -76,10 +76,7 @@ def main() -> None:
     cut, held_out = calibration_and_held_out(
         tokenizer, VALID, args.calib_windows, args.search_windows, 128, 0, args.search_dataset
     )
-    texts = {
-        "wiki": load_evaluation_windows(tokenizer, TEST, 128, args.eval_windows),
-        "pydoc": load_evaluation_windows(tokenizer, "pydoc", 128, args.eval_windows),
-    }
+    texts = wiki_and_pydoc_windows(tokenizer, 128, args.eval_windows)
     total = count(model)
     rows: list[dict] = []
 

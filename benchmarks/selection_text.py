@@ -39,10 +39,9 @@ from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT, wiki_and_pydoc_window
 from llmprune.engine.data import calibration_and_held_out, load_text, random_windows, tokenize  # noqa: E402
 from llmprune.engine.evaluate import perplexity  # noqa: E402
 from llmprune.engine.io.models import load_model  # noqa: E402
-from llmprune.engine.pruning.allocate.cost import ParameterCost  # noqa: E402
-from llmprune.engine.pruning.allocate.levels import Ladder, Level  # noqa: E402
+from llmprune.engine.pruning.allocate.levels import Level  # noqa: E402
 from llmprune.engine.pruning.cut.level_database import LevelDatabase  # noqa: E402
-from llmprune.engine.pruning.search_path import global_start  # noqa: E402
+from llmprune.engine.pruning.search_path import global_start, search_space  # noqa: E402
 from llmprune.engine.walk.layer_store import runner_for  # noqa: E402
 
 LICENSES = sorted(p for p in glob.glob("/usr/share/common-licenses/*") if Path(p).is_file())
@@ -90,17 +89,13 @@ def main() -> None:
             total += float((logp.exp() * (logp - logq)).sum())
         return total / texts[name].numel()
 
-    total = sum(p.numel() for p in model.parameters())
-    to_remove = int(args.share * total)
-    cost = ParameterCost.of_model(model)
-    budget = sum(cost.layer(i) for i in range(cost.num_layers)) - to_remove
-    ladder = Ladder.of_cost(cost, True, protected=frozenset({0, cost.num_layers - 1}))
+    to_remove = int(args.share * sum(p.numel() for p in model.parameters()))
+    cost, ladder, budget = search_space(model, to_remove)  # the search's own
     database = LevelDatabase(list(model.model.layers))
     database.measure(model.model.embed_tokens(cut.ids), runner_for(model, 128, 8))
-    added = sum(cost.missing_output_biases(i) for i in range(cost.num_layers))
     allocations = {
         "uniform": ladder.uniform(budget),
-        "global ranking (the default's)": global_start(database, ladder, cost, budget, to_remove + added),
+        "global ranking (the default's)": global_start(database, ladder, cost, budget, to_remove),
     }
     recorded = [row for path in args.allocations for row in json.loads(path.read_text()).get("rows", [])]
     for row in recorded:

@@ -35,7 +35,14 @@ from llmprune.engine.pruning.result import default_log_name
 from llmprune.engine.pruning.scores.measure import LayerUnitScores
 from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
 
-__all__ = ["SearchedOutcome", "prune_searched", "prune_by_search", "refit_in_order", "search_state_path"]
+__all__ = [
+    "SearchedOutcome",
+    "prune_searched",
+    "prune_by_search",
+    "refit_in_order",
+    "search_space",
+    "search_state_path",
+]
 
 
 def search_state_path(config: PruneConfig) -> Path:
@@ -127,12 +134,7 @@ def prune_searched(
 ) -> SearchedOutcome:
     """Measure, search and assemble; the model is pruned in place."""
     layers = list(model.model.layers)
-    cost = ParameterCost.of_model(model)
-    # the decoder layers' budget: what they hold now less what must go (compensation's biases are priced in)
-    budget = sum(cost.layer(i) for i in range(cost.num_layers)) - params_to_remove
-    ladder = Ladder.of_cost(
-        cost, compensation != "none", attention=attention, depth=depth, protected=frozenset({0, len(layers) - 1})
-    )
+    cost, ladder, budget = search_space(model, params_to_remove, compensation, attention, depth)
     try:
         uniform = ladder.uniform(budget)
     except ValueError:
@@ -148,8 +150,7 @@ def prune_searched(
         )
     fitness = KLFitness(model, runner_for(model, select_ids.shape[1], batch_size), database, select_ids)
     starts = {"uniform": uniform, **(extra_starts or {})}
-    added = sum(cost.missing_output_biases(i) for i in range(cost.num_layers)) if compensation != "none" else 0
-    ranked = global_start(database, ladder, cost, budget, params_to_remove + added)
+    ranked = global_start(database, ladder, cost, budget, params_to_remove, compensation)
     if ranked is not None:
         starts["global"] = ranked
 
@@ -171,11 +172,33 @@ def prune_searched(
     )
 
 
+def search_space(
+    model: nn.Module, params_to_remove: int, compensation: str = "lstsq", attention: bool = True, depth: bool = True
+) -> tuple[ParameterCost, Ladder, int]:
+    """The parameter-cost model, the ladder of levels and the decoder layers' budget that a search works in."""
+    cost = ParameterCost.of_model(model)
+    # the decoder layers' budget: what they hold now less what must go (compensation's biases are priced in)
+    budget = sum(cost.layer(i) for i in range(cost.num_layers)) - params_to_remove
+    ladder = Ladder.of_cost(
+        cost, compensation != "none", attention=attention, depth=depth, protected=frozenset({0, cost.num_layers - 1})
+    )
+    return cost, ladder, budget
+
+
 def global_start(
-    database: LevelDatabase, ladder: Ladder, cost: ParameterCost, budget: int, to_remove: int
+    database: LevelDatabase,
+    ladder: Ladder,
+    cost: ParameterCost,
+    budget: int,
+    params_to_remove: int,
+    compensation: str = "lstsq",
 ) -> list[Level] | None:
     """The global ranking's allocation (the default prune's), on the ladder and fitted to the budget."""
     import random
+
+    # the ranking removes units until the target is met, the output biases compensation adds included
+    added = sum(cost.missing_output_biases(i) for i in range(cost.num_layers)) if compensation != "none" else 0
+    to_remove = params_to_remove + added
 
     scores = [
         LayerUnitScores(database.group_scores[i], database.channel_scores[i], database.input_energy[i])
