@@ -430,7 +430,8 @@ def evolve(
         stopped = clock.spent(tokens(), generation)
     # the last stage's few windows chose the parent and flatter it (the best of several on the same
     # windows); the allocation returned is judged on every held-out window, like the starts were
-    final_fitness = fitness(parent, range(windows))
+    unchanged = parent == list(starts[start])  # then its figure on every window is the start's, already known
+    final_fitness = start_fitness[start] if unchanged else fitness(parent, range(windows))
     kept_start = final_fitness > start_fitness[start]
     if kept_start:
         parent, final_fitness = list(starts[start]), start_fitness[start]
