@@ -39,7 +39,7 @@ from shared_data import CALIBRATION_TEXT, EVALUATION_TEXT, wiki_and_pydoc_window
 from llmprune.engine.data import calibration_and_held_out, load_text, random_windows, tokenize  # noqa: E402
 from llmprune.engine.evaluate import perplexity  # noqa: E402
 from llmprune.engine.io.models import load_model  # noqa: E402
-from llmprune.engine.pruning.allocate.levels import Level  # noqa: E402
+from llmprune.engine.pruning.allocate.level import Level  # noqa: E402
 from llmprune.engine.pruning.cut.level_database import LevelDatabase  # noqa: E402
 from llmprune.engine.pruning.search_path import global_start, search_space  # noqa: E402
 from llmprune.engine.walk.layer_store import runner_for  # noqa: E402

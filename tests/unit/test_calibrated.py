@@ -71,17 +71,13 @@ def test_global_allocation_meets_the_budget_and_spares_sensitive_layers():
     cost = ParameterCost.of_model(model)
     plans = rank_units(scores, cost, target)
     removed = sum(
-        (len(s.group_scores) - p.keep_groups) * cost.kv_group(i)
-        + (len(s.channel_scores) - p.keep_channels) * cost.mlp_channel(i)
+        (len(s.group_scores) - p.groups) * cost.kv_group(i) + (len(s.channel_scores) - p.channels) * cost.mlp_channel(i)
         for i, (s, p) in enumerate(zip(scores, plans, strict=False))
     )
     assert removed >= target
-    assert all(
-        p.keep_groups >= 1 and p.keep_channels >= 0.2 * len(s.channel_scores)
-        for s, p in zip(scores, plans, strict=False)
-    )
+    assert all(p.groups >= 1 and p.channels >= 0.2 * len(s.channel_scores) for s, p in zip(scores, plans, strict=False))
     # units are ranked by damage per parameter relative to the layer's input energy: layers differ
-    assert len({p.keep_channels for p in plans}) > 1
+    assert len({p.channels for p in plans}) > 1
 
 
 def test_least_squares_tracks_the_dense_model_better_than_bias_or_nothing():

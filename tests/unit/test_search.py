@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 
 from llmprune.engine.pruning.allocate.cost import ParameterCost
-from llmprune.engine.pruning.allocate.levels import REMOVED, Ladder, Level
+from llmprune.engine.pruning.allocate.level import REMOVED, Level
+from llmprune.engine.pruning.allocate.levels import Ladder
 from llmprune.engine.pruning.allocate.search import (
     KLFitness,
     SearchOptions,
@@ -198,3 +200,9 @@ def test_held_out_windows_share_no_token_with_the_cut_and_too_few_is_refused():
     assert len(set(held.ids.flatten().tolist())) == 40 * 32  # nor with each other
     with pytest.raises(UserInputError, match="held-out windows"):
         held_out_windows(ids, 200, 32, avoid, seed=1)
+
+
+def test_a_level_round_trips_through_its_saved_form():
+    for level in (Level(2, 96), REMOVED, Level(3, 128, heads_per_group=2)):
+        assert Level.from_dict(json.loads(json.dumps(level.to_dict()))) == level
+    assert Level(2, 96).to_dict() == {"groups": 2, "channels": 96}  # the search state's form, as before

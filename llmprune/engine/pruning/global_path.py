@@ -20,7 +20,8 @@ from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.pruning.allocate.budget import Budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
-from llmprune.engine.pruning.allocate.ranking import LayerPlan, least_influential, rank_units, removed_parameters
+from llmprune.engine.pruning.allocate.level import Level
+from llmprune.engine.pruning.allocate.ranking import least_influential, rank_units, removed_parameters
 from llmprune.engine.pruning.cut.layer_pass import LayerReport, prune_layers
 from llmprune.engine.pruning.cut.prune_model import LayerChange
 from llmprune.engine.pruning.result import after_by_index
@@ -38,6 +39,7 @@ __all__ = [
     "GlobalOutcome",
     "cost_of",
     "prune_to_target",
+    "allocate_globally",
     "prune_globally",
     "prune_loaded_model",
     "global_figures",
@@ -83,8 +85,28 @@ def prune_to_target(
     options: CalibratedPruneOptions | None = None,
     progress: StageProgress | None = None,
     cost: ParameterCost | None = None,
-) -> tuple[list[LayerUnitScores], list[LayerPlan], list[LayerReport]]:
+) -> tuple[list[LayerUnitScores], list[Level], list[LayerReport]]:
     """Measure the dense model, allocate the cut, then prune layer by layer."""
+    options = options or CalibratedPruneOptions()
+    cost = cost or cost_of(store)
+    scores, plans = allocate_globally(store, ids, runner, params_to_remove, options, progress, cost)
+    store.begin_pruning()
+    reports = prune_layers(
+        store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress
+    )
+    return scores, plans, reports
+
+
+def allocate_globally(
+    store: LayerStore,
+    ids: torch.Tensor,
+    runner: LayerRunner,
+    params_to_remove: int,
+    options: CalibratedPruneOptions | None = None,
+    progress: StageProgress | None = None,
+    cost: ParameterCost | None = None,
+) -> tuple[list[LayerUnitScores], list[Level]]:
+    """The dense model's unit scores and how many units each layer keeps (nothing is cut yet)."""
     options = options or CalibratedPruneOptions()
     cost = cost or cost_of(store)
     scores = measure_units(store, ids, runner, options.unit_score, progress)
@@ -105,11 +127,7 @@ def prune_to_target(
             " its MLP channels)",
             "ask for a larger model, or add --drop-layers to remove whole layers",
         )
-    store.begin_pruning()
-    reports = prune_layers(
-        store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress
-    )
-    return scores, plans, reports
+    return scores, plans
 
 
 @dataclass
@@ -119,7 +137,7 @@ class GlobalOutcome:
     cost: ParameterCost  # of the model before anything was removed
     dropped_layers: list[int]  # original indices of the decoder layers removed whole
     scores: list[LayerUnitScores]  # of the layers that remained, measured on the dense model
-    plans: list[LayerPlan]
+    plans: list[Level]
     reports: list[LayerReport]
 
 

@@ -22,8 +22,9 @@ from llmprune.engine.core.progress import DETAIL, StageProgress
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.pruning.allocate.budget import Budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
-from llmprune.engine.pruning.allocate.levels import Ladder, Level
-from llmprune.engine.pruning.allocate.ranking import LayerPlan, rank_units
+from llmprune.engine.pruning.allocate.level import Level
+from llmprune.engine.pruning.allocate.levels import Ladder
+from llmprune.engine.pruning.allocate.ranking import rank_units
 from llmprune.engine.pruning.allocate.search import KLFitness, SearchOptions, SearchOutcome, evolve, rebalance
 from llmprune.engine.pruning.config import DEFAULT_SEARCH_BUDGET, PruneConfig, parse_search_budget
 from llmprune.engine.pruning.cut.compensation import ensure_bias
@@ -208,8 +209,8 @@ def global_start(
     allocation = []
     for i, plan in enumerate(plans):
         levels = ladder.channel_levels(i)
-        nearest = min(levels, key=lambda c: abs(c - plan.keep_channels))
-        allocation.append(Level(max(1, plan.keep_groups), nearest))
+        nearest = min(levels, key=lambda c: abs(c - plan.channels))
+        allocation.append(Level(max(1, plan.groups), nearest))
     return allocation if rebalance(allocation, ladder, budget, random.Random(0)) else None
 
 
@@ -222,7 +223,7 @@ def refit_in_order(
     dropped = [i for i, lv in enumerate(allocation) if lv.removed]
     if dropped:
         drop_layers(model, dropped)
-    plans = [LayerPlan(lv.groups, lv.channels) for lv in allocation if not lv.removed]
+    plans = [level for level in allocation if not level.removed]
     runner = runner_for(model, cut_ids.shape[1], batch_size)
     reports = prune_layers(InMemoryLayers(model), cut_ids, runner, plans, "obs", compensation)
     return dropped, reports

@@ -25,30 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llmprune.engine.pruning.allocate.cost import ParameterCost
+from llmprune.engine.pruning.allocate.level import Level
 
-__all__ = ["Level", "Ladder", "LayerCost", "REMOVED", "ladder_step"]
+__all__ = ["Ladder", "LayerCost", "ladder_step"]
 
 LayerCost = Callable[[int, int | None, int | None], int]
 """Parameters of layer i keeping g KV groups and c MLP channels; (i, None, None): the layer removed (0)."""
-
-
-@dataclass(frozen=True)
-class Level:
-    """What one layer keeps: `groups` KV groups and `channels` MLP channels, or nothing (`removed`)."""
-
-    groups: int
-    channels: int
-    removed: bool = False
-
-    def to_dict(self) -> dict:
-        return {"removed": True} if self.removed else {"groups": self.groups, "channels": self.channels}
-
-    @staticmethod
-    def from_dict(data: dict) -> Level:
-        return REMOVED if data.get("removed") else Level(int(data["groups"]), int(data["channels"]))
-
-
-REMOVED = Level(0, 0, True)
 
 
 @dataclass

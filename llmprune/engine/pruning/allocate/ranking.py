@@ -1,31 +1,22 @@
 """The global allocation: rank every unit of every layer by the damage its removal does per parameter.
 
 `rank_units` turns the dense model's unit scores (`scores.measure`) into how
-many KV groups and MLP channels each layer keeps (`LayerPlan`, what the cut
-takes); `least_influential` picks the whole layers depth pruning removes.
+many KV groups and MLP channels each layer keeps (a `level.Level`, what the
+cut takes); `least_influential` picks the whole layers depth pruning removes.
 What a unit costs comes from `cost.ParameterCost`, the one cost model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from llmprune.engine.pruning.allocate.cost import ParameterCost
+from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.scores.measure import LayerUnitScores
 
-__all__ = ["LayerPlan", "RANKINGS", "rank_units", "removed_parameters", "least_influential"]
+__all__ = ["RANKINGS", "rank_units", "removed_parameters", "least_influential"]
 
 RANKINGS = ("global", "even-mlp")
-
-
-@dataclass
-class LayerPlan:
-    """How many units of one layer survive."""
-
-    keep_groups: int
-    keep_channels: int
-    keep_heads_per_group: int | None = None  # query heads kept in every group (None: whole groups only)
 
 
 def rank_units(
@@ -35,7 +26,7 @@ def rank_units(
     attention: bool = True,
     max_channel_ratio: float = 0.8,
     strategy: str = "global",
-) -> list[LayerPlan]:
+) -> list[Level]:
     """How many KV groups and MLP channels each layer keeps so that ≥ params_to_remove go.
 
     global: rank every unit of every layer by its relative damage per parameter
@@ -45,16 +36,15 @@ def rank_units(
     layer always keeps one KV group and at least (1 - max_channel_ratio) of its
     channels.
     """
-    plans = [LayerPlan(len(s.group_scores), len(s.channel_scores)) for s in scores]
+    groups = [len(s.group_scores) for s in scores]
+    channels = [len(s.channel_scores) for s in scores]
     if params_to_remove <= 0:
-        return plans
+        return [Level(g, c) for g, c in zip(groups, channels, strict=True)]
     if strategy == "even-mlp":
         total_channels = sum(len(s.channel_scores) for s in scores)
         per_channel = cost.mlp_channel(0)
         share = min(max_channel_ratio, params_to_remove / (per_channel * total_channels))
-        for plan, s in zip(plans, scores, strict=False):
-            plan.keep_channels = len(s.channel_scores) - int(round(share * len(s.channel_scores) + 0.4999))
-        return plans
+        return [Level(g, c - int(round(share * c + 0.4999))) for g, c in zip(groups, channels, strict=True)]
     if strategy != "global":
         raise ValueError(f"unknown ranking strategy {strategy!r} (global | even-mlp)")
     candidates = []  # (damage per parameter, layer, kind, params)
@@ -74,18 +64,17 @@ def rank_units(
         if removed >= params_to_remove:
             break
         if kind == "channel":
-            plans[index].keep_channels -= 1
+            channels[index] -= 1
         else:
-            plans[index].keep_groups -= 1
+            groups[index] -= 1
         removed += params
-    return plans
+    return [Level(g, c) for g, c in zip(groups, channels, strict=True)]
 
 
-def removed_parameters(cost: ParameterCost, scores: Sequence[LayerUnitScores], plans: Sequence[LayerPlan]) -> int:
+def removed_parameters(cost: ParameterCost, scores: Sequence[LayerUnitScores], plans: Sequence[Level]) -> int:
     """Parameters the plans remove (the units' own parameters; compensation's added biases not counted)."""
     return sum(
-        (len(s.group_scores) - p.keep_groups) * cost.kv_group(i)
-        + (len(s.channel_scores) - p.keep_channels) * cost.mlp_channel(i)
+        (len(s.group_scores) - p.groups) * cost.kv_group(i) + (len(s.channel_scores) - p.channels) * cost.mlp_channel(i)
         for i, (s, p) in enumerate(zip(scores, plans, strict=False))
     )
 

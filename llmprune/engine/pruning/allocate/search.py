@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from llmprune.engine.core.paths import atomic_write_json
-from llmprune.engine.pruning.allocate.levels import REMOVED, Ladder, Level
+from llmprune.engine.pruning.allocate.level import REMOVED, Level
+from llmprune.engine.pruning.allocate.levels import Ladder
 
 __all__ = ["SearchOptions", "SearchOutcome", "KLFitness", "evolve", "mutate"]
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.io.architecture import attention_counts
-from llmprune.engine.pruning.allocate.ranking import LayerPlan
+from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.cut.compensation import Compensation, CompensationContext, compensation_step, ensure_bias
 from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels, prune_query_heads
 from llmprune.engine.pruning.scores import statistics
@@ -109,11 +109,11 @@ class _OneLayer:
     def _dense(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         return linear.weight.data.clone(), None if linear.bias is None else linear.bias.data.clone()
 
-    def attention(self, plan: LayerPlan, hidden: torch.Tensor | None) -> bool:
+    def attention(self, plan: Level, hidden: torch.Tensor | None) -> bool:
         heads, kv_heads, head_dim = attention_counts(self.layer)
         per_group = heads // kv_heads
-        by_query = plan.keep_heads_per_group is not None and plan.keep_heads_per_group < per_group
-        if plan.keep_groups >= kv_heads and not by_query:
+        by_query = plan.heads_per_group is not None and plan.heads_per_group < per_group
+        if plan.groups >= kv_heads and not by_query:
             return False
         o_proj = self.layer.self_attn.o_proj
         stats = self._record(
@@ -122,13 +122,11 @@ class _OneLayer:
         dense = self._dense(o_proj)
         if by_query:
             scores = self.score.query_heads(self.layer, stats)
-            keep = [top_units(scores[g], plan.keep_heads_per_group) for g in range(kv_heads)]
+            keep = [top_units(scores[g], plan.heads_per_group) for g in range(kv_heads)]
             prune_query_heads(self.layer, keep)
             kept_heads = [g * per_group + j for g in range(kv_heads) for j in keep[g]]
         else:
-            groups = top_units(
-                self.score.kv_groups(self.layer, stats, **self._keep(plan.keep_groups)), plan.keep_groups
-            )
+            groups = top_units(self.score.kv_groups(self.layer, stats, **self._keep(plan.groups)), plan.groups)
             prune_kv_groups(self.layer, groups)
             kept_heads = [g * per_group + j for g in groups for j in range(per_group)]
             self.report.kept_groups = groups
@@ -137,14 +135,12 @@ class _OneLayer:
         self._compensate("o_proj", self.layer.self_attn.o_proj, dense, stats, columns)
         return True
 
-    def mlp(self, plan: LayerPlan, middle: torch.Tensor | None) -> bool:
+    def mlp(self, plan: Level, middle: torch.Tensor | None) -> bool:
         down_proj = self.layer.mlp.down_proj
-        if plan.keep_channels >= down_proj.in_features:
+        if plan.channels >= down_proj.in_features:
             return False
         stats = self._record(down_proj, 1, middle, self.runner and self.runner.mlp_block)
-        keep = top_units(
-            self.score.mlp_channels(self.layer, stats, **self._keep(plan.keep_channels)), plan.keep_channels
-        )
+        keep = top_units(self.score.mlp_channels(self.layer, stats, **self._keep(plan.channels)), plan.channels)
         dense = self._dense(down_proj)
         prune_mlp_channels(self.layer, keep)
         self._compensate("down_proj", self.layer.mlp.down_proj, dense, stats, keep)
@@ -157,7 +153,7 @@ def prune_layers(
     store: LayerStore,
     ids: torch.Tensor | None,
     runner: LayerRunner | None,
-    plans: Sequence[LayerPlan],
+    plans: Sequence[Level],
     unit_score: str = DEFAULT_UNIT_SCORE,
     compensation: str | Compensation | None = "bias",
     damping: float = 1e-3,

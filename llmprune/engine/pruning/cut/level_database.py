@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.io.architecture import attention_counts
-from llmprune.engine.pruning.allocate.levels import Level
+from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.cut import refit
 from llmprune.engine.pruning.scores import statistics
 from llmprune.engine.pruning.scores.obs import obs_unit_scores

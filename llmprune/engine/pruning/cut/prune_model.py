@@ -23,8 +23,8 @@ from torch import nn
 from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.data import TokenWindows
 from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_shapes, require_llama_style
+from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.allocate.plan import LayerUnits
-from llmprune.engine.pruning.allocate.ranking import LayerPlan
 from llmprune.engine.pruning.cut.compensation import Compensation, compensation_step
 from llmprune.engine.pruning.cut.layer_pass import prune_layers
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
@@ -105,9 +105,9 @@ def _validate_units(shapes: Sequence[LayerShape], plan: Sequence[LayerUnits], at
             raise ValueError(f"layer {index}: query-head pruning keeps every KV head")
 
 
-def _layer_plan(units: LayerUnits, attn_unit: str) -> LayerPlan:
+def _level(units: LayerUnits, attn_unit: str) -> Level:
     per_group = units.heads // units.kv_heads if attn_unit == "query" else None
-    return LayerPlan(keep_groups=units.kv_heads, keep_channels=units.intermediate_size, keep_heads_per_group=per_group)
+    return Level(units.kv_heads, units.intermediate_size, heads_per_group=per_group)
 
 
 def prune_model(
@@ -141,7 +141,7 @@ def prune_model(
         InMemoryLayers(model),
         ids,
         runner,
-        [_layer_plan(u, attn_unit) for u in plan],
+        [_level(u, attn_unit) for u in plan],
         score.name,
         step,
         damping,
