@@ -3,6 +3,7 @@
     python benchmarks/search_quality.py --shares 0.2 --search-budget 12m
     python benchmarks/search_quality.py --shares 0.1,0.2,0.3 --methods default,search --in-order
     python benchmarks/search_quality.py --search-dataset wiki.valid.tokens,GPL-3,GFDL-1.3 --search-budget 650k
+    python benchmarks/search_quality.py --shares 0.3 ... --append   # adds its rows to the results file's
 
 SmolLM2-135M-Instruct, a share of *all* parameters removed, no fine-tuning. Calibration: 64 random windows
 of 128 tokens of wikitext-2 *validation* (the default prune's cut, as benchmarks/quality.py); the search
@@ -65,6 +66,15 @@ def main() -> None:
     )
     parser.add_argument("--dense", default=None, help="'wiki,pydoc' dense PPL already measured (skips that row)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        help="folder for the search states (one per share): a rerun with a larger budget continues each search",
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="keep the output file's rows and command, and add this run's after them"
+    )
     args = parser.parse_args()
 
     def fresh():
@@ -78,7 +88,13 @@ def main() -> None:
     )
     texts = wiki_and_pydoc_windows(tokenizer, 128, args.eval_windows)
     total = count(model)
-    rows: list[dict] = []
+    earlier = json.loads(args.output.read_text()) if args.append and args.output.exists() else None
+    rows: list[dict] = list(earlier["rows"]) if earlier else []
+    args.command = (
+        (earlier["command"] + "\n" if earlier else "")
+        + "python "
+        + shlex.join(["benchmarks/search_quality.py", *sys.argv[1:]])
+    )
 
     def measure(method: str, share: float, pruned, seconds: float, load: float, **extra) -> None:
         ppl = {name: perplexity(pruned, windows, 8).ppl for name, windows in texts.items()}
@@ -89,7 +105,9 @@ def main() -> None:
         rows.append(row)
         write(args, rows)
 
-    if args.dense:
+    if any(r["method"] == "dense" for r in rows):
+        pass  # measured by the run appended to
+    elif args.dense:
         wiki, pydoc = (float(v) for v in args.dense.split(","))
         rows.append({"method": "dense", "share": 0.0, "params_m": round(total / 1e6, 2), "wiki": wiki,
                      "pydoc": pydoc, "seconds": 0.0, "load": None})  # fmt: skip
@@ -110,7 +128,8 @@ def main() -> None:
             )
             if args.stages:
                 options.stages = tuple(tuple(int(n) for n in stage.split("x")) for stage in args.stages.split(","))
-            outcome = prune_searched(model, cut.ids, held_out.ids, int(share * total), options)
+            state = args.state / f"search-{share:g}.json" if args.state else None
+            outcome = prune_searched(model, cut.ids, held_out.ids, int(share * total), options, state_path=state)
             found = outcome.search
             extra = {
                 "generations": found.generations,
@@ -120,6 +139,8 @@ def main() -> None:
                 "start_kl": found.start_fitness,
                 "kl": found.fitness,
                 "kept_start": found.kept_start,
+                "resumed_from": found.resumed_from,
+                "curve": [round(c["fitness"], 4) for c in found.curve],  # the parent's KL, generation by generation
                 "stages": [list(stage) for stage in options.stages],
                 "search_dataset": held_out.source,
                 "dropped": outcome.dropped_layers,
@@ -148,7 +169,7 @@ def write(args, rows: list[dict]) -> None:
 
     result = {
         "title": "Searched allocation vs. the default prune (SmolLM2-135M, wikitext-2 and unseen pydoc)",
-        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/search_quality.py", *sys.argv[1:]]),
+        "command": args.command,
         "machine": "2-core CPU, 24 GiB, shared with other jobs (load = 1-minute load average at the row's start)",
         "date": datetime.date.today().isoformat(),
         "notes": (
