@@ -22,12 +22,11 @@ import argparse
 import datetime
 import json
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
+from results_file import this_command  # noqa: E402
 from shared_data import CALIBRATION_TEXT as VALID  # noqa: E402  (benchmarks/ is the script's directory)
 from shared_data import wiki_and_pydoc_windows  # noqa: E402
 
@@ -90,11 +89,7 @@ def main() -> None:
     total = count(model)
     earlier = json.loads(args.output.read_text()) if args.append and args.output.exists() else None
     rows: list[dict] = list(earlier["rows"]) if earlier else []
-    args.command = (
-        (earlier["command"] + "\n" if earlier else "")
-        + "python "
-        + shlex.join(["benchmarks/search_quality.py", *sys.argv[1:]])
-    )
+    args.command = (earlier["command"] + "\n" if earlier else "") + this_command()
 
     def measure(method: str, share: float, pruned, seconds: float, load: float, **extra) -> None:
         ppl = {name: perplexity(pruned, windows, 8).ppl for name, windows in texts.items()}

@@ -88,7 +88,6 @@ def prune_to_target(
 ) -> tuple[list[LayerUnitScores], list[Level], list[LayerReport]]:
     """Measure the dense model, allocate the cut, then prune layer by layer."""
     options = options or CalibratedPruneOptions()
-    cost = cost or cost_of(store)
     scores, plans = allocate_globally(store, ids, runner, params_to_remove, options, progress, cost)
     store.begin_pruning()
     reports = prune_layers(
