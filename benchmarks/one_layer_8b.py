@@ -122,6 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/one_layer_8b"), help="outside the repository")
     parser.add_argument("--label", default="this checkout", help="the row this run is recorded under")
+    parser.add_argument(
+        "--refit-samples", type=int, default=None, help="windows for the refit (default: the prune's own choice)"
+    )
     args = parser.parse_args()
     model_dir = build(args.dir / "model")
     config = json.loads((model_dir / "config.json").read_text())
@@ -145,6 +148,7 @@ def main() -> None:
         "4",
         "--seq-len",
         "64",
+        *(["--refit-samples", str(args.refit_samples)] if args.refit_samples else []),
         "--json",
     ]
     row = _timed("prune", command, args.dir / "logs")

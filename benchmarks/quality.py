@@ -61,9 +61,24 @@ def runner_for(model, seq_len: int) -> LayerRunner:
     return LayerRunner(model.config, model.model.rotary_emb, seq_len, model.device, model.dtype)
 
 
-def width(model, calibration, share: float, options: CalibratedPruneOptions) -> None:
+def width(model, calibration, share: float, options: CalibratedPruneOptions, refit_windows=None) -> int:
+    """Prune `share` of all parameters in place; returns the windows the refit was fitted on.
+
+    `refit_windows`: `product_refit`'s, or None to refit on `calibration` (the same unless it is short).
+    """
     store = InMemoryLayers(model)
-    prune_to_target(store, calibration.ids, runner_for(model, calibration.seq_len), int(share * count(model)), options)
+    runner = runner_for(model, calibration.seq_len)
+    removed = int(share * count(model))
+    return prune_to_target(store, calibration.ids, runner, removed, options, refit_windows=refit_windows)[3]
+
+
+def product_refit(tokenizer, source: str, windows: int, seq_len: int):
+    """Where `llmprune prune` (in memory) takes the refit's windows from, for `windows` calibration windows."""
+    from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig
+    from llmprune.engine.pruning.pipeline import refit_windows
+
+    config = PruneConfig(calibration=CalibrationOptions(dataset=source, samples=windows, seq_len=seq_len))
+    return refit_windows(config, tokenizer, torch.device("cpu"), streamed=False)
 
 
 def depth(model, calibration, share: float) -> None:

@@ -11,6 +11,10 @@ method, the share of all parameters removed and the calibration windows (wikitex
 seed 0). PPL on the first 256 windows of
 128 tokens of wikitext-2 test (quality.py's protocol) and of CPython's pydoc_data prose, which neither
 calibration nor training saw.
+
+`default` is `llmprune prune`'s default: the refit draws windows of its own, as many as 4 tokens per kept
+input of its widest projection take, when the calibration has fewer; `held` is the same prune with the
+refit held to the calibration windows (its ridge then chosen by cross-validation, `refit.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import WIDTH_METHODS, count, width  # noqa: E402
+from quality import WIDTH_METHODS, count, product_refit, width  # noqa: E402
 from results_file import table, write_results  # noqa: E402
 from shared_data import CALIBRATION_TEXT, wiki_and_pydoc_windows  # noqa: E402
 
@@ -33,7 +37,7 @@ from llmprune.engine.data import load_calibration_windows  # noqa: E402
 from llmprune.engine.evaluate import perplexity  # noqa: E402
 from llmprune.engine.io.models import load_model  # noqa: E402
 
-DEFAULT_RUNS = "default@0.2:64,default@0.2:8,bias@0.2:8,default@0.2:4,bias@0.2:4"
+DEFAULT_RUNS = "default@0.2:64,default@0.2:8,held@0.2:8,bias@0.2:8,default@0.2:4,held@0.2:4,bias@0.2:4"
 
 
 def parse(run: str) -> tuple[str, float, int]:
@@ -55,12 +59,13 @@ def main() -> None:
     texts = wiki_and_pydoc_windows(tokenizer, args.seq_len, args.eval_windows)
     rows: list[dict] = []
 
-    def report(label: str, share: float, windows: int, model, seconds: float) -> None:
+    def report(label: str, share: float, windows: int, model, seconds: float, refit: int = 0) -> None:
         ppl = {name: round(perplexity(model, w, batch_size=8).ppl, 2) for name, w in texts.items()}
         row = {
             "method": label,
             "share": share,
             "calibration_windows": windows,
+            "refit_windows": refit,
             "params_m": round(count(model) / 1e6, 2),
             **{f"{name}_ppl": value for name, value in ppl.items()},
             "seconds": round(seconds, 1),
@@ -76,20 +81,24 @@ def main() -> None:
                 f"PPL on the first {args.eval_windows} windows of {args.seq_len} tokens of wikitext-2 test and of"
                 " CPython's pydoc_data prose (unseen: nothing is calibrated or trained on it); calibration on N random"
                 " windows of wikitext-2 validation (seed 0). 8 windows = 1,024 tokens, fewer than SmolLM2's 1,536 MLP"
-                " inputs: the regime Llama-3-8B's 14,336 are in by default. Below 4 tokens per kept input the refit's"
-                " ridge towards the original weights is chosen per projection by generalised cross-validation, from"
-                " the plain ridge up to bias compensation alone (the `bias` rows). `removed` is the share of all"
-                " parameters."
+                " inputs: the regime Llama-3-8B's 14,336 were in by default. `default` is `llmprune prune`'s default:"
+                " the refit draws windows of its own (more of the same text and seed), as many as 4 tokens per kept"
+                " input of its widest projection take, while the allocation and the units come from the N windows;"
+                " `held` holds the refit to the N windows, where below 4 tokens per kept input its ridge towards the"
+                " original weights is chosen per projection by generalised cross-validation, from the plain ridge up"
+                " to bias compensation alone (the `bias` rows). `removed` is the share of all parameters."
             ),
             tables=[
                 table(
-                    "method, removed, calibration windows, params left, PPL wiki / pydoc (× dense)",
-                    ["method", "removed", "calib windows", "params (M)", "wiki PPL", "pydoc PPL"],
+                    "method, removed, calibration windows, windows the refit was fitted on, params left, PPL wiki /"
+                    " pydoc (× dense)",
+                    ["method", "removed", "calib windows", "refit windows", "params (M)", "wiki PPL", "pydoc PPL"],
                     [
                         [
                             r["method"],
                             f"{r['share']:.0%}",
                             r["calibration_windows"],
+                            r.get("refit_windows", "-"),
                             r["params_m"],
                             _with_ratio(r["wiki_ppl"], dense_row and dense_row["wiki_ppl"]),
                             _with_ratio(r["pydoc_ppl"], dense_row and dense_row["pydoc_ppl"]),
@@ -108,8 +117,9 @@ def main() -> None:
         calibration = load_calibration_windows(tokenizer, CALIBRATION_TEXT, windows, args.seq_len, seed=0)
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        width(model, calibration, share, WIDTH_METHODS[method])
-        report(method, share, windows, model, time.perf_counter() - start)
+        sized = product_refit(tokenizer, CALIBRATION_TEXT, windows, args.seq_len) if method == "default" else None
+        refit = width(model, calibration, share, WIDTH_METHODS["default" if method == "held" else method], sized)
+        report(method, share, windows, model, time.perf_counter() - start, refit)
         del model
 
 

@@ -146,7 +146,7 @@ _llmprune() {
             esac
             ;;
         'prune')
-            opts='--ratio --target-params --prune-mlp --allocation --search-budget --search-windows --search-dataset --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
+            opts='--ratio --target-params --prune-mlp --allocation --search-budget --search-windows --search-dataset --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --refit-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -164,6 +164,7 @@ _llmprune() {
                 --importance-config) valued=1 values='' files=1 ;;
                 --importance-method) valued=1 values='' files=1 ;;
                 --importance-samples) valued=1 values='' files=0 ;;
+                --refit-samples) valued=1 values='' files=0 ;;
                 --seq-len) valued=1 values='' files=0 ;;
                 --dataset) valued=1 values='wikitext2 ptb c4 pydoc' files=1 ;;
                 --seed) valued=1 values='' files=0 ;;

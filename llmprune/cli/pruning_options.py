@@ -27,6 +27,16 @@ PlanImportanceMethodOpt = Annotated[
 SamplesOpt = Annotated[
     int, typer.Option("--importance-samples", help="Calibration windows (training split of --dataset).")
 ]
+RefitSamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--refit-samples",
+        help=(
+            "Calibration windows the least-squares refit is fitted on (default: as many as it needs, 4 tokens per"
+            " kept input, when that is more than --importance-samples; not when streamed on the CPU)."
+        ),
+    ),
+]
 CalibSeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
 CalibDatasetOpt = Annotated[
     str,

@@ -167,18 +167,22 @@ def prune_summary(result) -> Table:
         )
     short = result.refit_calibration()
     if short:
+        # the search refits its level database on the calibration windows themselves
+        option = "--importance-samples" if (result.path or {}).get("name") == "search" else "--refit-samples"
         rows.append(
             (
                 "refit",
                 (
                     f"{short['tokens']:,} calibration tokens, {short['tokens_per_kept_input']:.2f} per kept input of"
                     f" the widest projection ({short['widest_kept_inputs']:,}): its ridge was chosen by"
-                    f" cross-validation; --importance-samples {short['samples_for_plain_refit']} would give the"
-                    f" {short['plain_refit_tokens_per_input']} per input of a plain refit (the measuring pass grows"
-                    " with it)"
+                    f" cross-validation; {option} {short['samples_for_plain_refit']} would give the"
+                    f" {short['plain_refit_tokens_per_input']} per input of a plain refit (each window is one more"
+                    " pass through every layer)"
                 ),
             )
         )
+    elif refit_line := _refit_apart(result.options):
+        rows.append(("refit", refit_line))
     if result.search:
         rows.append(("search", search_line(result.search)))
     rows.append(("time", f"{result.seconds:.1f} s"))
@@ -217,3 +221,20 @@ def search_line(search: dict) -> str:
     if search.get("kept_start"):
         return line + ", no better allocation found there: the start was kept"
     return line + f" → {search['fitness']:.4f}"
+
+
+def _refit_apart(options: dict) -> str | None:
+    """The refit's line when it was fitted on more windows than the units were chosen on."""
+    calibration = options.get("calibration") or {}
+    drawn, chosen_on = options.get("refit_samples"), calibration.get("samples")
+    if not drawn or not chosen_on or drawn <= chosen_on:
+        return None
+    why = (
+        "as many as 4 tokens per kept input of the widest projection take"
+        if calibration.get("refit_samples") is None
+        else "--refit-samples"
+    )
+    return (
+        f"least squares on {drawn} calibration windows ({why}; each is one more pass through every layer),"
+        f" the units chosen on {chosen_on}"
+    )

@@ -9,11 +9,13 @@ import json
 import math
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from llmprune.cli.app import app
 from llmprune.engine.core.errors import UserInputError
+from llmprune.engine.data import load_calibration_windows
 from llmprune.engine.io.architecture import layer_shapes
 from llmprune.engine.pruning.allocate.budget import Budget, resolve_budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
@@ -173,20 +175,40 @@ def test_the_budget_resolves_targets_and_ratios():
     assert not math.isnan(resolve_budget(0.0, None).resolved_ratio)
 
 
-def test_a_refit_short_of_calibration_says_how_many_windows_a_plain_refit_needs(
-    tiny_model_dir, pydoc_text_file, tmp_path
-):
+def test_a_refit_held_to_few_windows_says_how_many_a_plain_refit_needs(tiny_model_dir, pydoc_text_file, tmp_path):
     # 4 windows x 32 tokens = 128 tokens for the tiny model's kept MLP channels (about 100): under 4 per input
-    report = json.loads(_prune(tiny_model_dir, pydoc_text_file, tmp_path, "--ratio", "0.3").output)
+    held = ("--ratio", "0.3", "--refit-samples", "4")
+    report = json.loads(_prune(tiny_model_dir, pydoc_text_file, tmp_path, *held).output)
     short = report["refit_calibration"]
     widest = max(layer["after"]["intermediate_size"] for layer in report["layers"])
+    assert report["options"]["refit_samples"] == 4
     assert short["tokens"] == 128 and short["widest_kept_inputs"] >= widest
     assert short["tokens_per_kept_input"] == pytest.approx(128 / short["widest_kept_inputs"])
     # that many windows of 32 tokens give the widest projection its 4 tokens per kept input, one fewer does not
     needed = short["samples_for_plain_refit"]
     assert needed * 32 >= 4 * short["widest_kept_inputs"] > (needed - 1) * 32
-    table = _prune(tiny_model_dir, pydoc_text_file, tmp_path / "table", "--ratio", "0.3", as_json=False).output
-    assert f"--importance-samples {needed}" in " ".join(table.split())
+    table = _prune(tiny_model_dir, pydoc_text_file, tmp_path / "table", *held, as_json=False).output
+    assert f"--refit-samples {needed}" in " ".join(table.split())
+
+
+def test_by_default_the_refit_draws_the_windows_it_needs(tiny_model_dir, pydoc_text_file, tmp_path):
+    # the same prune as above, --refit-samples left out: the refit is fitted on windows of its own, enough for
+    # 4 tokens per kept input of its widest projection, while the units are still chosen on the 4 windows
+    report = json.loads(_prune(tiny_model_dir, pydoc_text_file, tmp_path, "--ratio", "0.3").output)
+    refitted = [layer for layer in report["layers"] if layer["compensation"]]
+    widths = {
+        "down_proj": lambda a: a["intermediate_size"],
+        "o_proj": lambda a: a["num_attention_heads"] * a["head_dim"],
+    }
+    widest = max(widths[name](layer["after"]) for layer in refitted for name in layer["compensation"])
+    assert report["options"]["calibration"]["samples"] == 4
+    assert report["options"]["refit_samples"] * 32 >= 4 * widest > (report["options"]["refit_samples"] - 1) * 32
+    assert report["refit_calibration"] is None
+    assert all(ran == "lstsq" for layer in refitted for ran in layer["compensation"].values())
+    table = " ".join(
+        _prune(tiny_model_dir, pydoc_text_file, tmp_path / "table", "--ratio", "0.3", as_json=False).output.split()
+    )
+    assert f"least squares on {report['options']['refit_samples']} calibration windows" in table
 
 
 def test_a_refit_with_enough_calibration_reports_no_shortfall(tiny_model_dir, pydoc_text_file, tmp_path):
@@ -195,3 +217,26 @@ def test_a_refit_with_enough_calibration_reports_no_shortfall(tiny_model_dir, py
     result = runner.invoke(app, [*args, "--log-dir", str(tmp_path / "logs")])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["refit_calibration"] is None
+
+
+def test_where_the_refit_windows_come_from(tiny_tokenizer, pydoc_text_file):
+    from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig
+    from llmprune.engine.pruning.pipeline import refit_windows
+
+    def config(refit=None):
+        calibration = CalibrationOptions(dataset=str(pydoc_text_file), samples=4, refit_samples=refit, seq_len=32)
+        return PruneConfig(calibration=calibration)
+
+    cpu = torch.device("cpu")
+    grows = refit_windows(config(), tiny_tokenizer, cpu, streamed=False)
+    assert grows(4) is None  # the calibration is enough: the refit stays on it
+    drawn = grows(10)
+    assert drawn.shape == (10, 32)
+    # the same seeded draw as the calibration: its first windows are the calibration's
+    calibration = load_calibration_windows(tiny_tokenizer, str(pydoc_text_file), 4, 32, 0).ids
+    assert torch.equal(drawn[:4], calibration)
+    # streamed on the CPU the refit stays on the calibration windows unless asked
+    assert refit_windows(config(), tiny_tokenizer, cpu, streamed=True) is None
+    assert refit_windows(config(refit=4), tiny_tokenizer, cpu, streamed=False) is None
+    held = refit_windows(config(refit=6), tiny_tokenizer, cpu, streamed=True)
+    assert held(100).shape == (6, 32)

@@ -23,13 +23,13 @@ def _in_memory(options: CalibratedPruneOptions, share: float):
     model = make_tiny_model()  # the same weights as tiny_model_dir
     runner = LayerRunner(model.config, model.model.rotary_emb, SEQ, torch.device("cpu"), torch.float32)
     target = int(share * sum(p.numel() for p in model.parameters()))
-    _, plans, reports = prune_to_target(InMemoryLayers(model), _ids(), runner, target, options)
+    _, plans, reports, _ = prune_to_target(InMemoryLayers(model), _ids(), runner, target, options)
     return model, plans, reports, target
 
 
 def _streamed(directory, out, options, target, tokenizer):
     store = StreamedLayers(directory, output=out)
-    _, plans, reports = prune_to_target(store, _ids(), store.runner(SEQ), target, options)
+    _, plans, reports, _ = prune_to_target(store, _ids(), store.runner(SEQ), target, options)
     # every layer went back to `meta` after being written: nothing of the model stays in memory
     assert all(p.device.type == "meta" for p in store.skeleton.model.layers.parameters())
     store.finish_output(tokenizer, {"pruned": "streamed"})
@@ -85,6 +85,8 @@ def test_prune_cli_streams_and_matches_the_in_memory_default(tiny_model_dir, pyd
         str(pydoc_text_file),
         "--importance-samples",
         "8",
+        "--refit-samples",  # the refit's own windows walk through the streamed layers too
+        "12",
         "--seq-len",
         "32",
         "--log-dir",
@@ -98,6 +100,7 @@ def test_prune_cli_streams_and_matches_the_in_memory_default(tiny_model_dir, pyd
     assert in_memory.exit_code == 0, in_memory.output
     report_s, report_m = json.loads(streamed.stdout), json.loads(in_memory.stdout)
     assert report_s["params_after"] == report_m["params_after"] <= 0.8 * report_m["params_before"]
+    assert report_s["options"]["refit_samples"] == report_m["options"]["refit_samples"] == 12
     assert [layer["after"] for layer in report_s["layers"]] == [layer["after"] for layer in report_m["layers"]]
     a, b = load_model(str(tmp_path / "s")).model, load_model(str(tmp_path / "m")).model
     assert sum(p.numel() for p in a.parameters()) == report_s["params_after"]

@@ -11,6 +11,8 @@ from llmprune.engine.io.checkpoint import save_model
 from llmprune.engine.io.models import load_model
 from llmprune.engine.pruning.allocate.cost import ParameterCost
 from llmprune.engine.pruning.allocate.ranking import rank_units
+from llmprune.engine.pruning.cut.layer_pass import widest_refitted_input
+from llmprune.engine.pruning.cut.refit import windows_for_plain_refit
 from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.pruning.scores.measure import measure_units
 
@@ -100,6 +102,40 @@ def test_least_squares_tracks_the_dense_model_better_than_bias_or_nothing():
             errors[compensation] = float((model(held_out).logits - reference).pow(2).mean())
     # (random weights: whether the mean alone helps varies; the refit must help on unseen windows)
     assert errors["lstsq"] < min(errors["bias"], errors["none"])
+
+
+def test_a_refit_on_windows_of_its_own_keeps_the_units_and_tracks_the_dense_model_better():
+    # 4 windows (128 tokens) are too few for the refit; the units are chosen on them either way
+    ids, more, held_out = _ids(4), _ids(64, seed=2), _ids(8, seed=1)
+    with torch.no_grad():
+        reference = make_tiny_model()(held_out).logits
+    asked: list[int] = []
+
+    def refit_windows(needed: int) -> torch.Tensor:
+        asked.append(needed)
+        return more
+
+    outcomes, errors = [], []
+    for windows in (None, refit_windows):
+        model = make_tiny_model()
+        outcome = prune_to_target(
+            InMemoryLayers(model), ids, _runner(model), int(0.2 * _count(model)), refit_windows=windows
+        )
+        outcomes.append(outcome)
+        with torch.no_grad():
+            errors.append(float((model(held_out).logits - reference).pow(2).mean()))
+    (_, plans, alone, on_ids), (_, plans_apart, apart, on_more) = outcomes
+    # the same allocation, and the same units in the first layer (later ones see the refitted layers' outputs)
+    assert plans == plans_apart
+    assert (alone[0].kept_channel_indices, alone[0].kept_groups) == (
+        apart[0].kept_channel_indices,
+        apart[0].kept_groups,
+    )
+    assert (on_ids, on_more) == (4, 64)
+    # asked for what 4 tokens per kept input of the widest refitted projection take
+    cost = ParameterCost.of_model(make_tiny_model())
+    assert asked == [windows_for_plain_refit(widest_refitted_input(cost.shapes, plans), SEQ)]
+    assert errors[1] < errors[0]
 
 
 def test_compensated_model_saves_and_reloads_to_the_same_logits(tmp_path, tiny_tokenizer):

@@ -73,7 +73,8 @@ def _prune(directory, out, stream: bool, text, **extra):
         out=out,
         device="cpu",
         log_dir=out.parent / "logs",
-        calibration=CalibrationOptions(dataset=str(text), samples=8, seq_len=32),
+        # the refit's own windows asked for: streamed on the CPU it would not draw them by itself
+        calibration=CalibrationOptions(dataset=str(text), samples=8, refit_samples=12, seq_len=32),
         **extra,
     )
     return run_prune(config)

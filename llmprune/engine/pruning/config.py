@@ -64,6 +64,9 @@ class CalibrationOptions:
     """Text source; its training split is used (never the test split)."""
     samples: int = 50
     """Number of calibration windows."""
+    refit_samples: int | None = None
+    """Windows the least-squares refit is fitted on; None: as many as a plain refit needs, if that is more than
+    `samples` (`pipeline.refit_windows` says where that is not done)."""
     seq_len: int = 128
     """Tokens per calibration window."""
     seed: int = 0
@@ -75,6 +78,10 @@ class CalibrationOptions:
         if self.samples < 1:
             raise UserInputError(
                 f"--importance-samples must be ≥ 1, got {self.samples}", "e.g. --importance-samples 50"
+            )
+        if self.refit_samples is not None and self.refit_samples < 1:
+            raise UserInputError(
+                f"--refit-samples must be ≥ 1, got {self.refit_samples}", "e.g. --refit-samples 64, or leave it out"
             )
         if self.seq_len < 2:
             raise UserInputError(f"--seq-len must be ≥ 2, got {self.seq_len}", "e.g. --seq-len 128")

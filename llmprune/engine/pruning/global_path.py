@@ -11,6 +11,7 @@ memory) before the width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,9 @@ from llmprune.engine.pruning.allocate.budget import Budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.allocate.ranking import least_influential, rank_units, removed_parameters
-from llmprune.engine.pruning.cut.layer_pass import LayerReport, prune_layers
+from llmprune.engine.pruning.cut.layer_pass import LayerReport, prune_layers, widest_refitted_input
 from llmprune.engine.pruning.cut.prune_model import LayerChange
+from llmprune.engine.pruning.cut.refit import windows_for_plain_refit
 from llmprune.engine.pruning.result import after_by_index
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
 from llmprune.engine.pruning.scores.measure import LayerUnitScores, measure_units
@@ -36,6 +38,7 @@ from llmprune.engine.walk.layer_store import (  # noqa: F401 (re-exported)
 
 __all__ = [
     "CalibratedPruneOptions",
+    "RefitWindows",
     "GlobalOutcome",
     "cost_of",
     "prune_to_target",
@@ -68,6 +71,13 @@ class CalibratedPruneOptions:
     """Ridge added to the least-squares normal equations, relative to their mean diagonal."""
 
 
+# Where the refit's own calibration comes from: given the windows a plain least-squares refit needs
+# (`refit.windows_for_plain_refit` of the allocation's widest refitted input), the windows to refit on,
+# or None to refit on the windows the units are chosen on. The caller decides how far to go (see
+# `pipeline.refit_windows`): every window is one more walk through each layer.
+RefitWindows = Callable[[int], torch.Tensor | None]
+
+
 def cost_of(store: LayerStore) -> ParameterCost:
     """The parameter-cost model of the model behind `store` (in memory, or streamed: counted on disk)."""
     if isinstance(store, InMemoryLayers):
@@ -85,15 +95,23 @@ def prune_to_target(
     options: CalibratedPruneOptions | None = None,
     progress: StageProgress | None = None,
     cost: ParameterCost | None = None,
-) -> tuple[list[LayerUnitScores], list[Level], list[LayerReport]]:
-    """Measure the dense model, allocate the cut, then prune layer by layer."""
+    refit_windows: RefitWindows | None = None,
+) -> tuple[list[LayerUnitScores], list[Level], list[LayerReport], int]:
+    """Measure the dense model, allocate the cut, then prune layer by layer.
+
+    Returns the scores, the allocation, what each layer's cut did, and the windows the refit ran on.
+    """
     options = options or CalibratedPruneOptions()
+    cost = cost or cost_of(store)
     scores, plans = allocate_globally(store, ids, runner, params_to_remove, options, progress, cost)
+    refit_ids = None
+    if refit_windows is not None and options.compensation == "lstsq":
+        refit_ids = refit_windows(windows_for_plain_refit(widest_refitted_input(cost.shapes, plans), ids.shape[1]))
     store.begin_pruning()
     reports = prune_layers(
-        store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress
+        store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress, refit_ids
     )
-    return scores, plans, reports
+    return scores, plans, reports, len(refit_ids if refit_ids is not None else ids)
 
 
 def allocate_globally(
@@ -138,6 +156,7 @@ class GlobalOutcome:
     scores: list[LayerUnitScores]  # of the layers that remained, measured on the dense model
     plans: list[Level]
     reports: list[LayerReport]
+    refit_samples: int = 0  # calibration windows the refit was fitted on (0: nothing was cut)
 
 
 CalibratedOutcome = GlobalOutcome  # the name it had before the pruning package had its wings
@@ -150,6 +169,7 @@ def prune_globally(
     budget: Budget,
     options: CalibratedPruneOptions | None = None,
     progress: StageProgress | None = None,
+    refit_windows: RefitWindows | None = None,
 ) -> GlobalOutcome:
     """The global path on any store: drop the budget's whole layers (in memory only), then prune units to the
     rest of the budget."""
@@ -168,10 +188,12 @@ def prune_globally(
         cost = cost_of(store)
         params_to_remove -= before.total - cost.total
     if params_to_remove > 0:
-        scores, plans, reports = prune_to_target(store, ids, runner, params_to_remove, options, progress, cost)
-    else:
-        scores, plans, reports = [], [], []
-    return GlobalOutcome(before, dropped, scores, plans, reports)
+        return GlobalOutcome(
+            before,
+            dropped,
+            *prune_to_target(store, ids, runner, params_to_remove, options, progress, cost, refit_windows),
+        )
+    return GlobalOutcome(before, dropped, [], [], [])
 
 
 def prune_loaded_model(
@@ -181,10 +203,11 @@ def prune_loaded_model(
     options: CalibratedPruneOptions | None = None,
     batch_size: int = 8,
     progress: StageProgress | None = None,
+    refit_windows: RefitWindows | None = None,
 ) -> GlobalOutcome:
     """`prune_globally` on a model in memory."""
     runner = runner_for(model, ids.shape[1], batch_size)
-    return prune_globally(InMemoryLayers(model), ids, runner, budget, options, progress)
+    return prune_globally(InMemoryLayers(model), ids, runner, budget, options, progress, refit_windows)
 
 
 # ---------------------------------------------------------------- what the global path reports

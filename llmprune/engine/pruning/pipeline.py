@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
+
 from llmprune.engine.core.errors import UserInputError
 from llmprune.engine.core.process_memory import PhasePeaks
 from llmprune.engine.core.progress import StageProgress, named_stage, stage_name
@@ -35,6 +37,7 @@ from llmprune.engine.pruning.cut.compensation import step_name
 from llmprune.engine.pruning.cut.prune_model import prune_model
 from llmprune.engine.pruning.global_path import (
     CalibratedPruneOptions,
+    RefitWindows,
     global_figures,
     prune_globally,
     prune_loaded_model,
@@ -135,6 +138,34 @@ def _run_prune(
     return _finish(result, config, start, phases=phases)
 
 
+def refit_windows(config: PruneConfig, tokenizer, device: torch.device, streamed: bool) -> RefitWindows | None:
+    """Where the least-squares refit's windows come from (`global_path.RefitWindows`).
+
+    --refit-samples N: N windows of the calibration text, drawn now. By default, as many as a plain
+    refit needs (`refit.MIN_TOKENS_PER_INPUT` tokens per kept input) when that is more than
+    --importance-samples: on SmolLM2 at 20 %, refitting on 8 windows instead of 64 costs 80.10 -> 88.91
+    wiki PPL (benchmarks/refit_split.py), and a Llama-3-8B down_proj needs about 360 windows of 128
+    tokens. Not when streamed on the CPU, the small machine's path: there each of those windows is
+    one more forward through every layer on the CPU, and its hidden states and the refit's Gram (1.6 GB
+    for an 8B down_proj) would more than double the peak; the summary says what --refit-samples would give.
+    """
+    from llmprune.engine.data import load_calibration_windows
+
+    calib = config.calibration
+
+    def draw(count: int) -> torch.Tensor:
+        return load_calibration_windows(tokenizer, calib.dataset, count, calib.seq_len, calib.seed).ids.to(device)
+
+    if calib.refit_samples == calib.samples:
+        return None  # the very windows the units are chosen on
+    if calib.refit_samples is not None:
+        fixed = draw(calib.refit_samples)
+        return lambda needed: fixed
+    if streamed and device.type == "cpu":
+        return None
+    return lambda needed: draw(needed) if needed > calib.samples else None
+
+
 def resolved_options(config: PruneConfig, **extra) -> dict:
     """The config as JSON (what report.json and llmprune.json record), plus what the run decided."""
     values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(replace(config, compensation=None)).items()}
@@ -226,6 +257,9 @@ class _Run:
             compensation,
             batch_size=config.calibration.batch_size,
             progress=self.progress,
+            refit_windows=refit_windows(config, self.loaded.tokenizer, next(model.parameters()).device, streamed=False)
+            if windows is not None
+            else None,
         )
         ppl_after = self.perplexity("after")
         share = self.cost.prunable_share_removed(
@@ -241,6 +275,7 @@ class _Run:
                 plan=options.to_dict(),
                 unit_importance=unit_score,
                 compensation=compensation if isinstance(compensation, str) else step_name(compensation),
+                refit_samples=outcome.refit_samples,
             ),
             ratio=options.ratio,
             removed_share_prunable=share,
@@ -286,7 +321,13 @@ class _Run:
         device = next(model.parameters()).device
         options = _global_options(config)
         outcome = prune_loaded_model(
-            model, windows.ids.to(device), self.budget, options, config.calibration.batch_size, self.progress
+            model,
+            windows.ids.to(device),
+            self.budget,
+            options,
+            config.calibration.batch_size,
+            self.progress,
+            refit_windows(config, self.loaded.tokenizer, device, streamed=False),
         )
         ppl_after = self.perplexity("after")
         after = layer_shapes(model)
@@ -300,6 +341,7 @@ class _Run:
                 compensation=config.compensation_kind,
                 dropped_layers=outcome.dropped_layers,
                 unit_importance=options.unit_score,
+                refit_samples=outcome.refit_samples,
             ),
             params_after=sum(p.numel() for p in model.parameters()),
             importance=influence,
@@ -333,12 +375,13 @@ def _run_streamed(
     save_dtype = None if config.save_dtype == "auto" else resolve_save_dtype(config.save_dtype, None, placement.dtype)
     store = StreamedLayers(source, placement.device, placement.dtype, output=out, save_dtype=save_dtype, phases=phases)
     windows = load_calibration_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
-    del tokenizer  # tens of MB that the layer loop does not need; read again to be saved with the output
+    refit = refit_windows(config, tokenizer, placement.device, streamed=True)
+    del tokenizer  # tens of MB that the layer loop does not need (unless the refit draws more); read again to save
     options = _global_options(config)
     phases.enter("measure")  # store.begin_pruning() starts the "prune" phase
     try:
         runner = store.runner(calib.seq_len, calib.batch_size)
-        outcome = prune_globally(store, windows.ids, runner, budget, options, progress)
+        outcome = prune_globally(store, windows.ids, runner, budget, options, progress, refit)
         after = store.output_shapes
         result = PruneResult(
             **global_figures(budget, outcome, after),
@@ -349,6 +392,7 @@ def _run_streamed(
                 compensation=config.compensation_kind,
                 streamed=True,
                 unit_importance=options.unit_score,
+                refit_samples=outcome.refit_samples,
             ),
             target_params=budget.target(outcome.cost.total),
             params_after=store.output_parameters(),

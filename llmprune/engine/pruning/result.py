@@ -16,7 +16,7 @@ from llmprune.engine.evaluate import PerplexityResult
 from llmprune.engine.io.architecture import LayerShape
 from llmprune.engine.pruning.config import PruneConfig
 from llmprune.engine.pruning.cut.prune_model import LayerChange
-from llmprune.engine.pruning.cut.refit import MIN_TOKENS_PER_INPUT, needs_choice
+from llmprune.engine.pruning.cut.refit import MIN_TOKENS_PER_INPUT, needs_choice, windows_for_plain_refit
 
 
 @dataclass
@@ -80,7 +80,8 @@ class PruneResult:
         it that many (the ridge was chosen by cross-validation instead: sound, but the refit does less).
         """
         calibration = self.options.get("calibration") or {}
-        samples, seq_len = calibration.get("samples"), calibration.get("seq_len")
+        samples = self.options.get("refit_samples") or calibration.get("samples")
+        seq_len = calibration.get("seq_len")
         widest = 0
         for change in self.layers:
             refitted = {name for name, ran in change.compensation.items() if ran.startswith("lstsq")}
@@ -98,7 +99,7 @@ class PruneResult:
             "widest_kept_inputs": widest,
             "tokens_per_kept_input": tokens / widest,
             "plain_refit_tokens_per_input": MIN_TOKENS_PER_INPUT,
-            "samples_for_plain_refit": -(-MIN_TOKENS_PER_INPUT * widest // seq_len),
+            "samples_for_plain_refit": windows_for_plain_refit(widest, seq_len),
         }
 
     def to_dict(self) -> dict:

@@ -16,6 +16,11 @@ i+1. Per layer:
 Scores come from `scores.units.UNIT_SCORES`, compensation from
 `cut.compensation`; the global path, the plan path (`prune_model`) and the
 streamed path all prune through `prune_layers`.
+
+The least-squares refit needs more tokens than the unit choice (`refit.MIN_TOKENS_PER_INPUT` per
+kept input: 46 k for a Llama-3-8B down_proj at 20 %), so it may be fitted on windows of its own
+(`refit_ids`): a second set of hidden states walks through the pruned layers beside the first, and
+compensation reads its statistics while the units are still chosen on `ids`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.core.progress import StageProgress
-from llmprune.engine.io.architecture import attention_counts
+from llmprune.engine.io.architecture import LayerShape, attention_counts
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.cut.compensation import Compensation, CompensationContext, compensation_step, ensure_bias
 from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels, prune_query_heads
@@ -54,6 +59,18 @@ class LayerReport:
         return asdict(self)
 
 
+@dataclass
+class _Streams:
+    """The calibration hidden states at one point of the pass: the units are chosen on `choose`, the
+    refit is fitted on `refit` (None: on `choose` too; both None without calibration data)."""
+
+    choose: torch.Tensor | None
+    refit: torch.Tensor | None = None
+
+    def through(self, block, layer: nn.Module) -> _Streams:
+        return _Streams(*(None if h is None else block(layer, h) for h in (self.choose, self.refit)))
+
+
 class _OneLayer:
     """Cutting and compensating one layer (its attention, then its MLP)."""
 
@@ -78,20 +95,28 @@ class _OneLayer:
         channels = layer.mlp.down_proj.in_features
         self.report = LayerReport(index, list(range(kv_heads)), channels, kv_heads, channels)
 
-    def _record(
-        self, linear: nn.Linear, width: int, hidden: torch.Tensor | None, block
-    ) -> statistics.InputStatistics | None:
-        """Statistics of `linear`'s inputs while `block` runs the dense layer (None without calibration data).
+    def _record(self, linear: nn.Linear, hidden: torch.Tensor, block, gram: bool) -> statistics.InputStatistics:
+        """Statistics of `linear`'s inputs while `block` runs the dense layer on `hidden`.
 
         With few calibration tokens the statistics keep the inputs instead of the Gram (an 8B down_proj's
         is 14,336² float64 = 1.6 GB), so asking for it costs little then.
         """
-        if hidden is None:
-            return None
-        gram = self.score.needs_gram(width) or bool(getattr(self.step, "needs_gram", False))
         with statistics.record_inputs(linear, gram=gram) as stats:
             block(self.layer, hidden)
         return stats
+
+    def _statistics(self, linear: nn.Linear, width: int, hidden: _Streams, block) -> tuple:
+        """(statistics to choose the units on, statistics to compensate with); (None, None) without calibration."""
+        if hidden.choose is None:
+            return None, None
+        step_gram = bool(getattr(self.step, "needs_gram", False))
+        if hidden.refit is None:
+            stats = self._record(linear, hidden.choose, block, self.score.needs_gram(width) or step_gram)
+            return stats, stats
+        return (
+            self._record(linear, hidden.choose, block, self.score.needs_gram(width)),
+            self._record(linear, hidden.refit, block, step_gram) if self.step is not None else None,
+        )
 
     def _compensate(self, projection: str, linear: nn.Linear, dense: tuple, stats, keep_columns: list[int]) -> None:
         if self.step is None:
@@ -109,14 +134,14 @@ class _OneLayer:
     def _dense(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         return linear.weight.data.clone(), None if linear.bias is None else linear.bias.data.clone()
 
-    def attention(self, plan: Level, hidden: torch.Tensor | None) -> bool:
+    def attention(self, plan: Level, hidden: _Streams) -> bool:
         heads, kv_heads, head_dim = attention_counts(self.layer)
         per_group = heads // kv_heads
         by_query = plan.heads_per_group is not None and plan.heads_per_group < per_group
         if plan.groups >= kv_heads and not by_query:
             return False
         o_proj = self.layer.self_attn.o_proj
-        stats = self._record(
+        stats, fit = self._statistics(
             o_proj, head_dim if by_query else per_group * head_dim, hidden, self.runner and self.runner.attention_block
         )
         dense = self._dense(o_proj)
@@ -132,20 +157,35 @@ class _OneLayer:
             self.report.kept_groups = groups
         self.report.kept_query_heads = kept_heads
         columns = [h * head_dim + d for h in kept_heads for d in range(head_dim)]
-        self._compensate("o_proj", self.layer.self_attn.o_proj, dense, stats, columns)
+        self._compensate("o_proj", self.layer.self_attn.o_proj, dense, fit, columns)
         return True
 
-    def mlp(self, plan: Level, middle: torch.Tensor | None) -> bool:
+    def mlp(self, plan: Level, middle: _Streams) -> bool:
         down_proj = self.layer.mlp.down_proj
         if plan.channels >= down_proj.in_features:
             return False
-        stats = self._record(down_proj, 1, middle, self.runner and self.runner.mlp_block)
+        stats, fit = self._statistics(down_proj, 1, middle, self.runner and self.runner.mlp_block)
         keep = top_units(self.score.mlp_channels(self.layer, stats, **self._keep(plan.channels)), plan.channels)
         dense = self._dense(down_proj)
         prune_mlp_channels(self.layer, keep)
-        self._compensate("down_proj", self.layer.mlp.down_proj, dense, stats, keep)
+        self._compensate("down_proj", self.layer.mlp.down_proj, dense, fit, keep)
         self.report.kept_channels, self.report.kept_channel_indices = len(keep), keep
         return True
+
+
+def widest_refitted_input(shapes: Sequence[LayerShape], plans: Sequence[Level]) -> int:
+    """The most inputs any compensated projection keeps under `plans` (0: nothing is cut)."""
+    widest = 0
+    for shape, plan in zip(shapes, plans, strict=True):
+        if plan.removed:
+            continue
+        per_group = shape.num_attention_heads // shape.num_key_value_heads
+        heads = plan.groups * (plan.heads_per_group if plan.heads_per_group is not None else per_group)
+        if heads < shape.num_attention_heads:
+            widest = max(widest, heads * shape.head_dim)
+        if plan.channels < shape.intermediate_size:
+            widest = max(widest, plan.channels)
+    return widest
 
 
 @torch.no_grad()
@@ -158,16 +198,19 @@ def prune_layers(
     compensation: str | Compensation | None = "bias",
     damping: float = 1e-3,
     progress: StageProgress | None = None,
+    refit_ids: torch.Tensor | None = None,
 ) -> list[LayerReport]:
     """Prune every layer to its plan, in order, on the calibration inputs it really receives.
 
-    `ids` (calibration windows) may be None only for a data-free score with no compensation.
+    `ids` (calibration windows) may be None only for a data-free score with no compensation;
+    `refit_ids`: other windows to compensate on (None: `ids`).
     """
     score = get_unit_score(unit_score)
     step = compensation_step(compensation)
     if ids is None and (score.needs_statistics or step is not None):
         raise ValueError(f"unit score '{score.name}' (or compensation) needs calibration windows")
-    hidden = store.embed(ids) if ids is not None else None
+    fit_apart = refit_ids is not None and step is not None and refit_ids is not ids
+    hidden = _Streams(store.embed(ids) if ids is not None else None, store.embed(refit_ids) if fit_apart else None)
     reports = []
     for index, plan in enumerate(plans):
         layer = store.load(index)
@@ -177,10 +220,10 @@ def prune_layers(
             ensure_bias(layer.self_attn.o_proj)
             ensure_bias(layer.mlp.down_proj)
         changed |= one.attention(plan, hidden)
-        middle = runner.attention_block(layer, hidden) if hidden is not None else None
+        middle = hidden.through(runner.attention_block, layer) if runner is not None else hidden
         hidden = None  # the layer's input is not needed any more: one set of hidden states less at the peak
         changed |= one.mlp(plan, middle)
-        hidden = runner.mlp_block(layer, middle) if middle is not None else None
+        hidden = middle.through(runner.mlp_block, layer) if runner is not None else middle
         reports.append(one.report)
         store.release(index, layer, changed=changed)
         if progress:

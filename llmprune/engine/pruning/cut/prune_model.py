@@ -15,9 +15,10 @@ calibration hidden states of one depth are held.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from llmprune.engine.core.progress import StageProgress
@@ -26,7 +27,8 @@ from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_sh
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.allocate.plan import LayerUnits
 from llmprune.engine.pruning.cut.compensation import Compensation, compensation_step
-from llmprune.engine.pruning.cut.layer_pass import prune_layers
+from llmprune.engine.pruning.cut.layer_pass import prune_layers, widest_refitted_input
+from llmprune.engine.pruning.cut.refit import windows_for_plain_refit
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
 from llmprune.engine.pruning.scores.units import get_unit_score
 from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
@@ -67,6 +69,7 @@ class PruneOutcome:
     unit_importance: str
     attn_unit: str
     gqa_violations: list[int] = field(default_factory=list)
+    refit_samples: int | None = None  # calibration windows the refit was fitted on (None: no calibration)
 
     @property
     def removed_share(self) -> float:
@@ -83,6 +86,7 @@ class PruneOutcome:
             "unit_importance": self.unit_importance,
             "attn_unit": self.attn_unit,
             "gqa_violations": self.gqa_violations,
+            "refit_samples": self.refit_samples,
         }
 
 
@@ -120,10 +124,12 @@ def prune_model(
     batch_size: int = 8,
     progress: StageProgress | None = None,
     damping: float = 1e-3,
+    refit_windows: Callable[[int], torch.Tensor | None] | None = None,
 ) -> PruneOutcome:
     """Prune `model` in place to the per-layer units of `plan` (see the module docstring).
 
-    `compensation`: none | bias | lstsq, or a `cut.compensation.Compensation` callable.
+    `compensation`: none | bias | lstsq, or a `cut.compensation.Compensation` callable;
+    `refit_windows`: where the least-squares refit's own windows come from (`global_path.RefitWindows`).
     """
     start = time.perf_counter()
     require_llama_style(model)
@@ -137,16 +143,11 @@ def prune_model(
     params_before = sum(p.numel() for p in model.parameters())
     ids = calibration.ids if needs_data else None
     runner = runner_for(model, calibration.seq_len, batch_size) if needs_data else None
-    reports = prune_layers(
-        InMemoryLayers(model),
-        ids,
-        runner,
-        [_level(u, attn_unit) for u in plan],
-        score.name,
-        step,
-        damping,
-        progress,
-    )
+    levels = [_level(u, attn_unit) for u in plan]
+    refit_ids = None
+    if refit_windows is not None and getattr(step, "needs_gram", False):
+        refit_ids = refit_windows(windows_for_plain_refit(widest_refitted_input(shapes, levels), calibration.seq_len))
+    reports = prune_layers(InMemoryLayers(model), ids, runner, levels, score.name, step, damping, progress, refit_ids)
     after = layer_shapes(model)
     changes = []
     for report, before, now in zip(reports, shapes, after, strict=False):
@@ -162,4 +163,5 @@ def prune_model(
         unit_importance=score.name,
         attn_unit=attn_unit,
         gqa_violations=gqa_violations(after),
+        refit_samples=len(refit_ids if refit_ids is not None else ids) if ids is not None else None,
     )

@@ -24,7 +24,14 @@ import torch
 
 from llmprune.engine.pruning.scores.statistics import InputStatistics
 
-__all__ = ["compensate_bias", "refit_least_squares", "Refit", "MIN_TOKENS_PER_INPUT", "needs_choice"]
+__all__ = [
+    "compensate_bias",
+    "refit_least_squares",
+    "Refit",
+    "MIN_TOKENS_PER_INPUT",
+    "needs_choice",
+    "windows_for_plain_refit",
+]
 
 
 def _removed(keep: Sequence[int], size: int, device: torch.device) -> torch.Tensor:
@@ -80,6 +87,11 @@ class Refit:
 def needs_choice(kept: int, tokens: int) -> bool:
     """Whether the calibration has too few tokens per kept input for the fixed ridge."""
     return tokens < MIN_TOKENS_PER_INPUT * kept
+
+
+def windows_for_plain_refit(kept: int, seq_len: int) -> int:
+    """Calibration windows of `seq_len` tokens that give `kept` inputs the fixed ridge's tokens."""
+    return -(-MIN_TOKENS_PER_INPUT * kept // seq_len)
 
 
 def _gcv_ridge(
