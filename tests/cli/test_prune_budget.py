@@ -240,3 +240,13 @@ def test_where_the_refit_windows_come_from(tiny_tokenizer, pydoc_text_file):
     assert refit_windows(config(refit=4), tiny_tokenizer, cpu, streamed=False) is None
     held = refit_windows(config(refit=6), tiny_tokenizer, cpu, streamed=True)
     assert held(100).shape == (6, 32)
+
+
+@pytest.mark.parametrize(
+    "args", [["--refit-samples", "0"], ["--allocation", "search", "--refit-samples", "8", "--ratio", "0.2"]]
+)
+def test_a_bad_refit_calibration_is_one_line_and_exit_2(args, tiny_model_dir, pydoc_text_file, tmp_path):
+    result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, *args, as_json=False)
+    assert result.exit_code == 2
+    assert "--refit-samples" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 2
