@@ -250,3 +250,10 @@ def test_a_bad_refit_calibration_is_one_line_and_exit_2(args, tiny_model_dir, py
     assert result.exit_code == 2
     assert "--refit-samples" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) <= 2
+
+
+def test_the_plan_path_refit_draws_its_windows_too(tiny_model_dir, pydoc_text_file, tmp_path):
+    args = ("--allocation", "plan", "--prune-mlp", "--compensation", "lstsq", "--ratio", "0.3")
+    report = json.loads(_prune(tiny_model_dir, pydoc_text_file, tmp_path, *args).output)
+    assert report["options"]["calibration"]["samples"] == 4 < report["options"]["refit_samples"]
+    assert report["refit_calibration"] is None

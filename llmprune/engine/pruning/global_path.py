@@ -11,7 +11,6 @@ memory) before the width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +22,13 @@ from llmprune.engine.pruning.allocate.budget import Budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.allocate.ranking import least_influential, rank_units, removed_parameters
-from llmprune.engine.pruning.cut.layer_pass import LayerReport, prune_layers, widest_refitted_input
+from llmprune.engine.pruning.cut.layer_pass import (  # noqa: F401 (RefitWindows re-exported)
+    LayerReport,
+    RefitWindows,
+    prune_layers,
+    refit_ids_for,
+)
 from llmprune.engine.pruning.cut.prune_model import LayerChange
-from llmprune.engine.pruning.cut.refit import windows_for_plain_refit
 from llmprune.engine.pruning.result import after_by_index
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
 from llmprune.engine.pruning.scores.measure import LayerUnitScores, measure_units
@@ -71,13 +74,6 @@ class CalibratedPruneOptions:
     """Ridge added to the least-squares normal equations, relative to their mean diagonal."""
 
 
-# Where the refit's own calibration comes from: given the windows a plain least-squares refit needs
-# (`refit.windows_for_plain_refit` of the allocation's widest refitted input), the windows to refit on,
-# or None to refit on the windows the units are chosen on. The caller decides how far to go (see
-# `pipeline.refit_windows`): every window is one more walk through each layer.
-RefitWindows = Callable[[int], torch.Tensor | None]
-
-
 def cost_of(store: LayerStore) -> ParameterCost:
     """The parameter-cost model of the model behind `store` (in memory, or streamed: counted on disk)."""
     if isinstance(store, InMemoryLayers):
@@ -104,9 +100,7 @@ def prune_to_target(
     options = options or CalibratedPruneOptions()
     cost = cost or cost_of(store)
     scores, plans = allocate_globally(store, ids, runner, params_to_remove, options, progress, cost)
-    refit_ids = None
-    if refit_windows is not None and options.compensation == "lstsq":
-        refit_ids = refit_windows(windows_for_plain_refit(widest_refitted_input(cost.shapes, plans), ids.shape[1]))
+    refit_ids = refit_ids_for(refit_windows, options.compensation, cost.shapes, plans, ids.shape[1])
     store.begin_pruning()
     reports = prune_layers(
         store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress, refit_ids

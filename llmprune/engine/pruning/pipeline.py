@@ -145,9 +145,9 @@ def refit_windows(config: PruneConfig, tokenizer, device: torch.device, streamed
     refit needs (`refit.MIN_TOKENS_PER_INPUT` tokens per kept input) when that is more than
     --importance-samples: on SmolLM2 at 20 %, refitting on 8 windows instead of 64 costs 80.10 -> 88.91
     wiki PPL (benchmarks/refit_split.py), and a Llama-3-8B down_proj needs about 360 windows of 128
-    tokens. Not when streamed on the CPU, the small machine's path: there each of those windows is
-    one more forward through every layer on the CPU, and its hidden states and the refit's Gram (1.6 GB
-    for an 8B down_proj) would more than double the peak; the summary says what --refit-samples would give.
+    tokens. Not when streamed on the CPU, the small machine's path: one layer at 8B widths took 470 s
+    and 9.06 GB with the 787 windows of 64 tokens its refit needs, against 41 s and 2.22 GB
+    (benchmarks/one_layer_8b.py); the summary says what --refit-samples would give.
     """
     from llmprune.engine.data import load_calibration_windows
 
@@ -257,9 +257,7 @@ class _Run:
             compensation,
             batch_size=config.calibration.batch_size,
             progress=self.progress,
-            refit_windows=refit_windows(config, self.loaded.tokenizer, next(model.parameters()).device, streamed=False)
-            if windows is not None
-            else None,
+            refit_windows=refit_windows(config, self.loaded.tokenizer, next(model.parameters()).device, streamed=False),
         )
         ppl_after = self.perplexity("after")
         share = self.cost.prunable_share_removed(

@@ -25,7 +25,7 @@ compensation reads its statistics while the units are still chosen on `ids`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.io.architecture import LayerShape, attention_counts
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.cut.compensation import Compensation, CompensationContext, compensation_step, ensure_bias
+from llmprune.engine.pruning.cut.refit import windows_for_plain_refit
 from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels, prune_query_heads
 from llmprune.engine.pruning.scores import statistics
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
@@ -171,6 +172,26 @@ class _OneLayer:
         self._compensate("down_proj", self.layer.mlp.down_proj, dense, fit, keep)
         self.report.kept_channels, self.report.kept_channel_indices = len(keep), keep
         return True
+
+
+# Where the refit's own windows come from: given the windows a plain least-squares refit of the widest
+# refitted projection needs, the windows to refit on, or None to refit on the calibration windows the
+# units are chosen on. The caller decides how far to go (`pipeline.refit_windows`): every window is one
+# more walk through each layer.
+RefitWindows = Callable[[int], torch.Tensor | None]
+
+
+def refit_ids_for(
+    refit_windows: RefitWindows | None,
+    compensation: str | Compensation | None,
+    shapes: Sequence[LayerShape],
+    plans: Sequence[Level],
+    seq_len: int,
+) -> torch.Tensor | None:
+    """The windows the refit is fitted on under `plans` (None: the calibration windows, or no refit)."""
+    if refit_windows is None or not getattr(compensation_step(compensation), "needs_gram", False):
+        return None
+    return refit_windows(windows_for_plain_refit(widest_refitted_input(shapes, plans), seq_len))
 
 
 def widest_refitted_input(shapes: Sequence[LayerShape], plans: Sequence[Level]) -> int:

@@ -15,10 +15,9 @@ calibration hidden states of one depth are held.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from llmprune.engine.core.progress import StageProgress
@@ -27,8 +26,7 @@ from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_sh
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.allocate.plan import LayerUnits
 from llmprune.engine.pruning.cut.compensation import Compensation, compensation_step
-from llmprune.engine.pruning.cut.layer_pass import prune_layers, widest_refitted_input
-from llmprune.engine.pruning.cut.refit import windows_for_plain_refit
+from llmprune.engine.pruning.cut.layer_pass import RefitWindows, prune_layers, refit_ids_for
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
 from llmprune.engine.pruning.scores.units import get_unit_score
 from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
@@ -124,12 +122,12 @@ def prune_model(
     batch_size: int = 8,
     progress: StageProgress | None = None,
     damping: float = 1e-3,
-    refit_windows: Callable[[int], torch.Tensor | None] | None = None,
+    refit_windows: RefitWindows | None = None,
 ) -> PruneOutcome:
     """Prune `model` in place to the per-layer units of `plan` (see the module docstring).
 
     `compensation`: none | bias | lstsq, or a `cut.compensation.Compensation` callable;
-    `refit_windows`: where the least-squares refit's own windows come from (`global_path.RefitWindows`).
+    `refit_windows`: where the least-squares refit's own windows come from (`layer_pass.RefitWindows`).
     """
     start = time.perf_counter()
     require_llama_style(model)
@@ -144,9 +142,7 @@ def prune_model(
     ids = calibration.ids if needs_data else None
     runner = runner_for(model, calibration.seq_len, batch_size) if needs_data else None
     levels = [_level(u, attn_unit) for u in plan]
-    refit_ids = None
-    if refit_windows is not None and getattr(step, "needs_gram", False):
-        refit_ids = refit_windows(windows_for_plain_refit(widest_refitted_input(shapes, levels), calibration.seq_len))
+    refit_ids = refit_ids_for(refit_windows, step, shapes, levels, calibration.seq_len) if needs_data else None
     reports = prune_layers(InMemoryLayers(model), ids, runner, levels, score.name, step, damping, progress, refit_ids)
     after = layer_shapes(model)
     changes = []
