@@ -2,6 +2,7 @@
 
     python benchmarks/refit_split.py
     python benchmarks/refit_split.py --runs 64/64/64,64/64/8 --output /tmp/split.json
+    python benchmarks/refit_split.py --runs 64/64/128 --append   # adds its rows to the results file's
 
 benchmarks/refit_calibration.py shows the default 20 % prune of SmolLM2-135M losing 14 % on wikitext with 8
 calibration windows (1,024 tokens, fewer than the MLP's 1,536 inputs: the regime Llama-3-8B is in by
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import count  # noqa: E402
-from results_file import table, write_results  # noqa: E402
+from results_file import RESULTS, earlier_run, table, write_results  # noqa: E402
 from shared_data import CALIBRATION_TEXT, wiki_and_pydoc_windows  # noqa: E402
 
 from llmprune.engine.data import load_calibration_windows  # noqa: E402
@@ -111,7 +112,10 @@ def main() -> None:
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="A/S/F: windows to allocate / choose units / refit")
     parser.add_argument("--share", type=float, default=0.2, help="share of all parameters removed")
     parser.add_argument("--eval-windows", type=int, default=256)
-    parser.add_argument("--output", type=Path, default=None, help="results file (default: results/refit_split)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "refit_split.json", help="results file")
+    parser.add_argument(
+        "--append", action="store_true", help="keep the output file's rows and command, and add this run's after them"
+    )
     args = parser.parse_args()
     loaded = load_model("smollm2-135m")
     dense, tokenizer = loaded.model, loaded.tokenizer
@@ -119,7 +123,7 @@ def main() -> None:
     runs = [tuple(int(n) for n in run.split("/")) for run in args.runs.split(",")]
     windows = load_calibration_windows(tokenizer, CALIBRATION_TEXT, max(max(r) for r in runs), 128, seed=0).ids
     allocations: dict[int, list] = {}
-    rows: list[dict] = []
+    rows, command = earlier_run(args.output, args.append)
     for allocate, select, refit in runs:
         start = time.perf_counter()
         if allocate not in allocations:
@@ -143,6 +147,7 @@ def main() -> None:
         write_results(
             "refit_split",
             path=args.output,
+            command=command,
             title="Few calibration tokens, part by part: allocation, unit choice, refit (SmolLM2-135M, 20 %)",
             notes=(
                 f"{args.share:.0%} of all parameters removed by the default prune, no fine-tuning. The calibration"

@@ -49,6 +49,14 @@ def this_command() -> str:
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
+def earlier_run(path: Path, append: bool) -> tuple[list[dict[str, Any]], str]:
+    """The rows a run with `--append` starts from (those of `path`, else none) and its command: the earlier
+    run's command lines, then this one's."""
+    earlier = json.loads(path.read_text()) if append and path.exists() else None
+    rows = list(earlier["rows"]) if earlier else []
+    return rows, (earlier["command"] + "\n" if earlier else "") + this_command()
+
+
 def write_results(
     name: str,
     *,

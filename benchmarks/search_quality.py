@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_file import this_command  # noqa: E402
+from results_file import earlier_run  # noqa: E402
 from shared_data import CALIBRATION_TEXT as VALID  # noqa: E402  (benchmarks/ is the script's directory)
 from shared_data import wiki_and_pydoc_windows  # noqa: E402
 
@@ -87,9 +87,7 @@ def main() -> None:
     )
     texts = wiki_and_pydoc_windows(tokenizer, 128, args.eval_windows)
     total = count(model)
-    earlier = json.loads(args.output.read_text()) if args.append and args.output.exists() else None
-    rows: list[dict] = list(earlier["rows"]) if earlier else []
-    args.command = (earlier["command"] + "\n" if earlier else "") + this_command()
+    rows, args.command = earlier_run(args.output, args.append)
 
     def measure(method: str, share: float, pruned, seconds: float, load: float, **extra) -> None:
         ppl = {name: perplexity(pruned, windows, 8).ppl for name, windows in texts.items()}
