@@ -144,7 +144,14 @@ def main() -> None:
                 model, _ = fresh()
                 load, begin = os.getloadavg()[0], time.perf_counter()
                 refit_in_order(model, cut.ids, found.allocation)
-                measure("search+in-order", share, model, time.perf_counter() - begin + found.seconds, load)
+                measure(
+                    "search+in-order",
+                    share,
+                    model,
+                    time.perf_counter() - begin + found.seconds,
+                    load,
+                    tokens=found.tokens,
+                )
 
 
 def write(args, rows: list[dict]) -> None:
@@ -160,6 +167,13 @@ def write(args, rows: list[dict]) -> None:
     def times(row, text):
         return round(row[text] / dense[text], 2) if dense else None
 
+    def search_tokens(index: int) -> str:
+        """The tokens the row's search forwarded (an in-order row's: those of the search row before it)."""
+        row = rows[index]
+        if row["method"] == "search+in-order" and "tokens" not in row:
+            row = next((r for r in reversed(rows[:index]) if r["method"] == "search"), row)
+        return f"{row['tokens'] / 1e3:,.0f} k" if "tokens" in row else "–"
+
     result = {
         "title": "Searched allocation vs. the default prune (SmolLM2-135M, wikitext-2 and unseen pydoc)",
         "command": args.command,
@@ -168,10 +182,10 @@ def write(args, rows: list[dict]) -> None:
         "notes": (
             f"No fine-tuning. Calibration: {args.calib_windows} random windows of 128 tokens of wikitext-2"
             f" validation; the search selects on {args.search_windows} held-out windows"
-            f" {selection} for {args.search_budget}. PPL over the first {args.eval_windows} windows of 128 tokens of"
-            " wikitext-2 test and of pydoc. `search` is the model the search measured (each layer refitted on the"
-            " dense model's inputs); `search+in-order` refits the searched sizes in order, as the default does."
-            " Seconds: the whole prune (for the search: database, search and assembly)."
+            f" {selection}, for the row's `search tokens`. PPL over the first {args.eval_windows} windows of 128"
+            " tokens of wikitext-2 test and of pydoc. `search` is the model the search measured (each layer"
+            " refitted on the dense model's inputs); `search+in-order` refits the searched sizes in order, as the"
+            " default does. Seconds: the whole prune (for the search: database, search and assembly)."
         ),
         "tables": [
             {
@@ -185,6 +199,7 @@ def write(args, rows: list[dict]) -> None:
                     "x dense (wiki)",
                     "x dense (pydoc)",
                     "generations",
+                    "search tokens",
                     "seconds",
                     "load",
                 ],  # fmt: skip
@@ -198,10 +213,11 @@ def write(args, rows: list[dict]) -> None:
                         times(r, "wiki"),
                         times(r, "pydoc"),
                         r.get("generations", "–"),
+                        search_tokens(i) if r["method"].startswith("search") else "–",
                         r["seconds"],
                         r["load"],
                     ]
-                    for r in rows
+                    for i, r in enumerate(rows)
                 ],  # fmt: skip
             }
         ],
