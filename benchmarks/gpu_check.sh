@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One check a GPU machine runs as is (under 8 minutes on one GPU): SmolLM2 eval, prune, a 50-step full
 # fine-tune and a LoRA fine-tune in bf16 on CUDA, a short FSDP fine-tune over all GPUs when there are two or
-# more (accelerate/fsdp.yaml), the Llama-3-8B-shaped streamed prune to 6.5 B on the GPU (its refit drawing the
-# ~790 windows of 64 tokens a plain refit of down_proj needs, which the CPU does not) and the memory plan
+# more (accelerate/fsdp.yaml), the Llama-3-8B-shaped streamed prune to 6.5 B on the GPU (its refit drawing
+# ~1,570 windows of 64 tokens, 8 per kept input of down_proj, which the CPU does not) and the memory plan
 # of fine-tuning that pruned model on this device (finetune --dry-run: full, full + gradient checkpointing,
 # LoRA), each step's wall time and peak memory written to one JSON (benchmarks/results/gpu_check_<device>.json).
 #

@@ -32,8 +32,8 @@ RefitSamplesOpt = Annotated[
     typer.Option(
         "--refit-samples",
         help=(
-            "Calibration windows the least-squares refit is fitted on (default: as many as it needs, 4 tokens per"
-            " kept input, when that is more than --importance-samples; not when streamed on the CPU)."
+            "Calibration windows the least-squares refit is fitted on (default: --importance-samples, or, when those"
+            " give fewer than 4 tokens per kept input, windows of its own for 8; not when streamed on the CPU)."
         ),
     ),
 ]

@@ -230,7 +230,7 @@ def _refit_apart(options: dict) -> str | None:
     if not drawn or not chosen_on or drawn <= chosen_on:
         return None
     why = (
-        "as many as 4 tokens per kept input of the widest projection take"
+        "short of 4 tokens per kept input of the widest projection, drawn for 8"
         if calibration.get("refit_samples") is None
         else "--refit-samples"
     )

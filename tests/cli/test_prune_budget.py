@@ -192,8 +192,9 @@ def test_a_refit_held_to_few_windows_says_how_many_a_plain_refit_needs(tiny_mode
 
 
 def test_by_default_the_refit_draws_the_windows_it_needs(tiny_model_dir, pydoc_text_file, tmp_path):
-    # the same prune as above, --refit-samples left out: the refit is fitted on windows of its own, enough for
-    # 4 tokens per kept input of its widest projection, while the units are still chosen on the 4 windows
+    # the same prune as above, --refit-samples left out: short of 4 tokens per kept input, the refit is fitted on
+    # windows of its own, enough for 8 per kept input of its widest projection, while the units are still chosen
+    # on the 4 windows
     report = json.loads(_prune(tiny_model_dir, pydoc_text_file, tmp_path, "--ratio", "0.3").output)
     refitted = [layer for layer in report["layers"] if layer["compensation"]]
     widths = {
@@ -202,7 +203,7 @@ def test_by_default_the_refit_draws_the_windows_it_needs(tiny_model_dir, pydoc_t
     }
     widest = max(widths[name](layer["after"]) for layer in refitted for name in layer["compensation"])
     assert report["options"]["calibration"]["samples"] == 4
-    assert report["options"]["refit_samples"] * 32 >= 4 * widest > (report["options"]["refit_samples"] - 1) * 32
+    assert report["options"]["refit_samples"] * 32 >= 8 * widest > (report["options"]["refit_samples"] - 1) * 32
     assert report["refit_calibration"] is None
     assert all(ran == "lstsq" for layer in refitted for ran in layer["compensation"].values())
     table = " ".join(

@@ -12,7 +12,7 @@ from llmprune.engine.io.models import load_model
 from llmprune.engine.pruning.allocate.cost import ParameterCost
 from llmprune.engine.pruning.allocate.ranking import rank_units
 from llmprune.engine.pruning.cut.layer_pass import widest_refitted_input
-from llmprune.engine.pruning.cut.refit import windows_for_plain_refit
+from llmprune.engine.pruning.cut.refit import DRAWN_TOKENS_PER_INPUT, windows_for_plain_refit
 from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, LayerRunner, prune_to_target
 from llmprune.engine.pruning.scores.measure import measure_units
 
@@ -132,9 +132,9 @@ def test_a_refit_on_windows_of_its_own_keeps_the_units_and_tracks_the_dense_mode
         apart[0].kept_groups,
     )
     assert (on_ids, on_more) == (4, 64)
-    # asked for what 4 tokens per kept input of the widest refitted projection take
+    # 128 tokens are short of 4 per kept input: asked for what 8 per kept input of the widest projection take
     cost = ParameterCost.of_model(make_tiny_model())
-    assert asked == [windows_for_plain_refit(widest_refitted_input(cost.shapes, plans), SEQ)]
+    assert asked == [windows_for_plain_refit(widest_refitted_input(cost.shapes, plans), SEQ, DRAWN_TOKENS_PER_INPUT)]
     assert errors[1] < errors[0]
 
 

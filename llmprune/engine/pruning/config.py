@@ -65,8 +65,8 @@ class CalibrationOptions:
     samples: int = 50
     """Number of calibration windows."""
     refit_samples: int | None = None
-    """Windows the least-squares refit is fitted on; None: as many as a plain refit needs, if that is more than
-    `samples` (`pipeline.refit_windows` says where that is not done)."""
+    """Windows the least-squares refit is fitted on; None: `samples`, or windows of its own where those are short
+    (`pipeline.refit_windows`)."""
     seq_len: int = 128
     """Tokens per calibration window."""
     seed: int = 0

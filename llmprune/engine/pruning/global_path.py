@@ -100,7 +100,7 @@ def prune_to_target(
     options = options or CalibratedPruneOptions()
     cost = cost or cost_of(store)
     scores, plans = allocate_globally(store, ids, runner, params_to_remove, options, progress, cost)
-    refit_ids = refit_ids_for(refit_windows, options.compensation, cost.shapes, plans, ids.shape[1])
+    refit_ids = refit_ids_for(refit_windows, options.compensation, cost.shapes, plans, ids)
     store.begin_pruning()
     reports = prune_layers(
         store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress, refit_ids

@@ -141,13 +141,14 @@ def _run_prune(
 def refit_windows(config: PruneConfig, tokenizer, device: torch.device, streamed: bool) -> RefitWindows | None:
     """Where the least-squares refit's windows come from (`global_path.RefitWindows`).
 
-    --refit-samples N: N windows of the calibration text, drawn now. By default, as many as a plain
-    refit needs (`refit.MIN_TOKENS_PER_INPUT` tokens per kept input) when that is more than
-    --importance-samples: on SmolLM2 at 20 %, refitting on 8 windows instead of 64 costs 80.10 -> 88.91
-    wiki PPL (benchmarks/refit_split.py), and a Llama-3-8B down_proj needs about 360 windows of 128
-    tokens. Not when streamed on the CPU, the small machine's path: one layer at 8B widths took 470 s
-    and 9.06 GB with the 787 windows of 64 tokens its refit needs, against 41 s and 2.22 GB
-    (benchmarks/one_layer_8b.py); the summary says what --refit-samples would give.
+    --refit-samples N: N windows of the calibration text, drawn now. By default, when --importance-samples
+    give the refit fewer than `refit.MIN_TOKENS_PER_INPUT` tokens per kept input, windows of its own for
+    `refit.DRAWN_TOKENS_PER_INPUT` (`layer_pass.refit_ids_for`): on SmolLM2 at 20 %, refitting on 8
+    windows instead of 64 costs 80.10 -> 88.91 wiki PPL (benchmarks/refit_split.py), and a Llama-3-8B
+    down_proj kept at 12.6 k inputs asks for about 790 windows of 128 tokens. Not when streamed on the CPU,
+    the small machine's path: one layer at 8B widths took 470 s and 9.06 GB refitted plainly on 787
+    windows of 64 tokens, against 41 s and 2.22 GB (benchmarks/one_layer_8b.py); the summary says what
+    --refit-samples would give.
     """
     from llmprune.engine.data import load_calibration_windows
 

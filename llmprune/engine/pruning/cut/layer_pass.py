@@ -35,7 +35,7 @@ from llmprune.engine.core.progress import StageProgress
 from llmprune.engine.io.architecture import LayerShape, attention_counts
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.cut.compensation import Compensation, CompensationContext, compensation_step, ensure_bias
-from llmprune.engine.pruning.cut.refit import windows_for_plain_refit
+from llmprune.engine.pruning.cut.refit import DRAWN_TOKENS_PER_INPUT, needs_choice, windows_for_plain_refit
 from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels, prune_query_heads
 from llmprune.engine.pruning.scores import statistics
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
@@ -186,12 +186,18 @@ def refit_ids_for(
     compensation: str | Compensation | None,
     shapes: Sequence[LayerShape],
     plans: Sequence[Level],
-    seq_len: int,
+    ids: torch.Tensor,
 ) -> torch.Tensor | None:
-    """The windows the refit is fitted on under `plans` (None: the calibration windows, or no refit)."""
+    """The windows the refit is fitted on under `plans` (None: the calibration windows `ids`, or no refit).
+
+    `refit_windows` is asked for `refit.DRAWN_TOKENS_PER_INPUT` tokens per kept input of the widest refitted
+    projection when `ids` give it fewer than `refit.MIN_TOKENS_PER_INPUT`, else for `ids`' own count.
+    """
     if refit_windows is None or not getattr(compensation_step(compensation), "needs_gram", False):
         return None
-    return refit_windows(windows_for_plain_refit(widest_refitted_input(shapes, plans), seq_len))
+    widest, (count, seq_len) = widest_refitted_input(shapes, plans), ids.shape
+    short = needs_choice(widest, count * seq_len)
+    return refit_windows(windows_for_plain_refit(widest, seq_len, DRAWN_TOKENS_PER_INPUT) if short else count)
 
 
 def widest_refitted_input(shapes: Sequence[LayerShape], plans: Sequence[Level]) -> int:

@@ -142,7 +142,7 @@ def prune_model(
     ids = calibration.ids if needs_data else None
     runner = runner_for(model, calibration.seq_len, batch_size) if needs_data else None
     levels = [_level(u, attn_unit) for u in plan]
-    refit_ids = refit_ids_for(refit_windows, step, shapes, levels, calibration.seq_len) if needs_data else None
+    refit_ids = refit_ids_for(refit_windows, step, shapes, levels, ids) if needs_data else None
     reports = prune_layers(InMemoryLayers(model), ids, runner, levels, score.name, step, damping, progress, refit_ids)
     after = layer_shapes(model)
     changes = []
