@@ -182,7 +182,7 @@ complete -c llmprune -n '__llmprune_at prune' -l importance-config -r -F -d 'Reu
 complete -c llmprune -n '__llmprune_at prune' -l skip-importance-analysis -d 'Same as --importance-config layer_importance_config.json.'
 complete -c llmprune -n '__llmprune_at prune' -l importance-method -r -F -d 'Layer importance of the plan: removal (loss increase when the layer is skipped), block-influence (1 - cos(in, out)), taylor (|w·grad|) (default removal). With prune: selects the layer-importance plan path.'
 complete -c llmprune -n '__llmprune_at prune' -l importance-samples -x -d 'Calibration windows (training split of --dataset).'
-complete -c llmprune -n '__llmprune_at prune' -l refit-samples -x -d 'Calibration windows the least-squares refit is fitted on (default: as many as it needs, 4 tokens per kept input, when that is more than --importance-samples; not when streamed on the CPU).'
+complete -c llmprune -n '__llmprune_at prune' -l refit-samples -x -d 'Calibration windows the least-squares refit is fitted on (default: --importance-samples, or, when those give fewer than 4 tokens per kept input, windows of its own for 8; not when streamed on the CPU).'
 complete -c llmprune -n '__llmprune_at prune' -l seq-len -x -d 'Tokens per calibration window.'
 complete -c llmprune -n '__llmprune_at prune' -l dataset -r -F -a 'wikitext2 ptb c4 pydoc' -d 'Calibration text, training split: wikitext2, ptb, c4, pydoc, or a local .txt/.jsonl/.parquet file; several joined by commas (a.txt,b.jsonl) give equal numbers of windows each.'
 complete -c llmprune -n '__llmprune_at prune' -l seed -x -d 'Seed of the calibration window positions.'
