@@ -167,15 +167,13 @@ def prune_summary(result) -> Table:
         )
     short = result.refit_calibration()
     if short:
-        # the search refits its level database on the calibration windows themselves
-        option = "--importance-samples" if (result.path or {}).get("name") == "search" else "--refit-samples"
         rows.append(
             (
                 "refit",
                 (
                     f"{short['tokens']:,} calibration tokens, {short['tokens_per_kept_input']:.2f} per kept input of"
                     f" the widest projection ({short['widest_kept_inputs']:,}): its ridge was chosen by"
-                    f" cross-validation; {option} {short['samples_for_plain_refit']} would give the"
+                    f" cross-validation; --refit-samples {short['samples_for_plain_refit']} would give the"
                     f" {short['plain_refit_tokens_per_input']} per input of a plain refit (each window is one more"
                     " pass through every layer)"
                 ),

@@ -42,6 +42,15 @@ def test_a_searched_prune_runs_records_its_search_and_a_rerun_resumes(tiny_model
     assert resumed["curve"][: search["generations"]] == search["curve"]
 
 
+def test_the_searched_sizes_are_refitted_on_the_windows_asked_for(tiny_model_dir, pydoc_text_file, tmp_path):
+    args = ["--allocation", "search", "--ratio", "0.25", "--search-windows", "16", "--search-budget", "2000"]
+    result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, *args, "--refit-samples", "12")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["options"]["refit_samples"] == 12 and report["options"]["calibration"]["samples"] == 4
+    assert all(ran == "lstsq" for layer in report["layers"] for ran in layer["compensation"].values())
+
+
 def test_the_search_selects_on_the_text_it_is_given(tiny_model_dir, pydoc_text_file, tmp_path):
     other = tmp_path / "served.txt"
     other.write_text(" ".join(f"served text number {i} of the kind the model will see." for i in range(400)))

@@ -22,7 +22,7 @@ from llmprune.engine.pruning.allocate.search import (
     mutate,
 )
 from llmprune.engine.pruning.cut.level_database import LevelDatabase
-from llmprune.engine.pruning.search_path import prune_searched
+from llmprune.engine.pruning.search_path import cut_in_order, prune_searched
 from llmprune.engine.walk.layer_store import runner_for
 from tests.conftest import make_tiny_model
 
@@ -138,6 +138,31 @@ def test_the_pruned_model_lands_on_the_budget():
     assert int(0.2 * before) <= removed < int(0.2 * before) + outcome.tolerance
     with torch.no_grad():
         assert torch.isfinite(model(cut[:2]).logits).all()
+
+
+def test_the_searched_model_is_the_dense_model_cut_in_order_at_the_chosen_sizes():
+    """The search installs levels into the live model; the result is cut afresh from the dense weights, as the default
+    cuts, with the refit on windows of its own when they are given."""
+    import copy
+
+    model = make_tiny_model(layers=4)
+    dense = copy.deepcopy(model)
+    cut, held_out, refit = (torch.randint(0, 384, (n, 16)) for n in (16, 16, 24))
+    asked = []
+
+    def refit_windows(needed: int) -> torch.Tensor:
+        asked.append(needed)
+        return refit
+
+    share = int(0.2 * sum(p.numel() for p in model.parameters()))
+    outcome = prune_searched(model, cut, held_out, share, SearchOptions(generations=3), refit_windows=refit_windows)
+    assert asked and outcome.refit_samples == 24
+    dropped, _, refit_samples = cut_in_order(dense, cut, outcome.search.allocation, refit_windows=lambda n: refit)
+    assert (dropped, refit_samples) == (outcome.dropped_layers, 24)
+    pruned, fresh = model.state_dict(), dense.state_dict()
+    assert pruned.keys() == fresh.keys()
+    for name, tensor in pruned.items():
+        assert torch.equal(tensor, fresh[name]), name
 
 
 def test_a_rerun_resumes_from_the_saved_generation(tmp_path):

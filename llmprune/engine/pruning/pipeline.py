@@ -294,7 +294,15 @@ class _Run:
 
         config, model = self.config, self.model
         ppl_before = self.perplexity("before")
-        outcome, figures = prune_by_search(model, self.loaded.tokenizer, config, self.budget, self.progress)
+        device = next(model.parameters()).device
+        outcome, figures = prune_by_search(
+            model,
+            self.loaded.tokenizer,
+            config,
+            self.budget,
+            self.progress,
+            refit_windows(config, self.loaded.tokenizer, device, streamed=False),
+        )
         return self.result(
             **figures,
             options=resolved_options(
@@ -303,6 +311,7 @@ class _Run:
                 compensation=config.compensation_kind,
                 dropped_layers=outcome.dropped_layers,
                 unit_importance="obs",
+                refit_samples=outcome.refit_samples,
             ),
             params_after=sum(p.numel() for p in model.parameters()),
             importance=[0.0] * len(figures["layers"]),

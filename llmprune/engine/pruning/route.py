@@ -106,8 +106,6 @@ def _check_unused(config: PruneConfig, path: PrunePath) -> None:
             )
         if config.drop_layers:
             raise _unused("--drop-layers", "search", "the search removes whole layers itself where that costs least")
-        if config.calibration.refit_samples is not None:
-            raise _unused("--refit-samples", "search", "its level database refits on the --importance-samples windows")
     if path.name == "plan":
         if config.drop_layers:
             raise _unused(
