@@ -12,8 +12,8 @@ seed 0). PPL on the first 256 windows of
 128 tokens of wikitext-2 test (quality.py's protocol) and of CPython's pydoc_data prose, which neither
 calibration nor training saw.
 
-`default` is `llmprune prune`'s default: the refit draws windows of its own, as many as 4 tokens per kept
-input of its widest projection take, when the calibration has fewer; `held` is the same prune with the
+`default` is `llmprune prune`'s default: when the calibration gives the refit fewer than 4 tokens per kept input
+of its widest projection, the refit draws windows of its own for 8; `held` is the same prune with the
 refit held to the calibration windows (its ridge then chosen by cross-validation, `refit.py`).
 """
 
@@ -82,8 +82,8 @@ def main() -> None:
                 " CPython's pydoc_data prose (unseen: nothing is calibrated or trained on it); calibration on N random"
                 " windows of wikitext-2 validation (seed 0). 8 windows = 1,024 tokens, fewer than SmolLM2's 1,536 MLP"
                 " inputs: the regime Llama-3-8B's 14,336 were in by default. `default` is `llmprune prune`'s default:"
-                " the refit draws windows of its own (more of the same text and seed), as many as 4 tokens per kept"
-                " input of its widest projection take, while the allocation and the units come from the N windows;"
+                " short of 4 tokens per kept input of its widest projection, the refit draws windows of its own (more of"
+                " the same text and seed) for 8, while the allocation and the units come from the N windows;"
                 " `held` holds the refit to the N windows, where below 4 tokens per kept input its ridge towards the"
                 " original weights is chosen per projection by generalised cross-validation, from the plain ridge up"
                 " to bias compensation alone (the `bias` rows). `removed` is the share of all parameters."

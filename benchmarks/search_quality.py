@@ -1,19 +1,22 @@
 """The searched allocation against the default prune: wikitext-2 and unseen pydoc PPL, and what the search cost.
 
     python benchmarks/search_quality.py --shares 0.2 --search-budget 12m
-    python benchmarks/search_quality.py --shares 0.1,0.2,0.3 --methods default,search --in-order
+    python benchmarks/search_quality.py --shares 0.1,0.2,0.3 --methods default,search --refit-samples 256
     python benchmarks/search_quality.py --search-dataset wiki.valid.tokens,GPL-3,GFDL-1.3 --search-budget 650k
     python benchmarks/search_quality.py --shares 0.3 ... --append   # adds its rows to the results file's
+    python benchmarks/search_quality.py ... --levels-from results/search_assembly.json   # no new search
 
 SmolLM2-135M-Instruct, a share of *all* parameters removed, no fine-tuning. Calibration: 64 random windows
 of 128 tokens of wikitext-2 *validation* (the default prune's cut, as benchmarks/quality.py); the search
 selects on 64 more windows of the same text that share no token with them, or of --search-dataset
 (`prune --search-dataset`: equal numbers of windows from each text it names). PPL at seq_len 128 over the
 first --eval-windows windows of wikitext-2 *test* and of CPython's pydoc prose (never seen by either).
-`search` assembles the model from the level database (each layer refitted on dense inputs, what the search
-measured); `search+in-order` (--in-order) runs the default's layer pass at the searched sizes instead
-(each layer refitted on the inputs the pruned layers before it give). The machine is shared: the 1-minute
-load average at the start of each row is recorded next to its seconds.
+`search` is `prune --allocation search`: the search, then the default's layer pass at the searched sizes
+(each layer cut and refitted on the inputs the pruned layers before it give). --refit-samples is the
+prune's option, for both methods: the refit on that many windows of the calibration text (their first 64
+are the cut's). --levels-from takes the sizes an earlier run's search found at each share (its `search`
+rows' `levels`, the budget's tokens) instead of searching again, and cuts them as the product does. The
+machine is shared: the 1-minute load average at the start of each row is recorded next to its seconds.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from shared_data import wiki_and_pydoc_windows  # noqa: E402
 from llmprune.engine.data import calibration_and_held_out
 from llmprune.engine.evaluate import perplexity
 from llmprune.engine.io.models import load_model
+from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.allocate.search import SearchOptions
-from llmprune.engine.pruning.config import parse_search_budget
+from llmprune.engine.pruning.config import CalibrationOptions, PruneConfig, parse_search_budget
 from llmprune.engine.pruning.global_path import CalibratedPruneOptions, InMemoryLayers, prune_to_target
-from llmprune.engine.pruning.search_path import prune_searched, refit_in_order
+from llmprune.engine.pruning.pipeline import refit_windows
+from llmprune.engine.pruning.search_path import cut_in_order, prune_searched
 from llmprune.engine.walk.layer_store import runner_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "search_quality.json"
@@ -51,7 +56,10 @@ def main() -> None:
     parser.add_argument("--shares", default="0.2", help="shares of all parameters removed, comma-separated")
     parser.add_argument("--methods", default="default,search", help="default and/or search, comma-separated")
     parser.add_argument("--search-budget", default="12m")
-    parser.add_argument("--in-order", action="store_true", help="also the in-order refit at the searched sizes")
+    parser.add_argument("--refit-samples", type=int, default=None, help="prune --refit-samples (default: its own)")
+    parser.add_argument(
+        "--levels-from", type=Path, default=None, help="results file whose search rows' sizes to cut (no new search)"
+    )
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--search-windows", type=int, default=64)
@@ -107,14 +115,35 @@ def main() -> None:
     else:
         measure("dense", 0.0, model, 0.0, os.getloadavg()[0])
     kind, value = parse_search_budget(args.search_budget)
+    calibration = CalibrationOptions(dataset=VALID, samples=args.calib_windows, refit_samples=args.refit_samples)
+    # the product's policy for the refit's windows (`prune --refit-samples`), the same for both methods
+    refit = refit_windows(PruneConfig(calibration=calibration), tokenizer, torch.device("cpu"), streamed=False)
     for share in (float(s) for s in args.shares.split(",")):
         for method in args.methods.split(","):
             model, _ = fresh()
             load, start = os.getloadavg()[0], time.perf_counter()
             if method == "default":
                 runner = runner_for(model, 128)
-                prune_to_target(InMemoryLayers(model), cut.ids, runner, int(share * total), CalibratedPruneOptions())
-                measure("default", share, model, time.perf_counter() - start, load)
+                *_, refit_samples = prune_to_target(
+                    InMemoryLayers(model),
+                    cut.ids,
+                    runner,
+                    int(share * total),
+                    CalibratedPruneOptions(),
+                    refit_windows=refit,
+                )
+                measure("default", share, model, time.perf_counter() - start, load, refit_windows=refit_samples)
+                continue
+            if args.levels_from:
+                earlier, index = earlier_search(args.levels_from, share, kind, value)
+                levels = [Level.from_dict(d) for d in earlier["levels"]]
+                *_, refit_samples = cut_in_order(model, cut.ids, levels, refit_windows=refit)
+                extra = {k: earlier[k] for k in ("generations", "accepted", "tokens", "kl", "search_dataset")}
+                measure(
+                    "search", share, model, time.perf_counter() - start + earlier["seconds"], load,
+                    refit_windows=refit_samples, levels_from=f"{args.levels_from.name}, row {index}", **extra,
+                    levels=earlier["levels"],
+                )  # fmt: skip
                 continue
             options = SearchOptions(
                 **({"budget_seconds": value} if kind == "seconds" else {"budget_tokens": int(value)})
@@ -122,9 +151,12 @@ def main() -> None:
             if args.stages:
                 options.stages = tuple(tuple(int(n) for n in stage.split("x")) for stage in args.stages.split(","))
             state = args.state / f"search-{share:g}.json" if args.state else None
-            outcome = prune_searched(model, cut.ids, held_out.ids, int(share * total), options, state_path=state)
+            outcome = prune_searched(
+                model, cut.ids, held_out.ids, int(share * total), options, state_path=state, refit_windows=refit
+            )
             found = outcome.search
             extra = {
+                "refit_windows": outcome.refit_samples,
                 "generations": found.generations,
                 "accepted": sum(c["accepted"] for c in found.curve),
                 "tokens": found.tokens,
@@ -140,18 +172,16 @@ def main() -> None:
                 "levels": [lv.to_dict() for lv in found.allocation],
             }
             measure("search", share, model, time.perf_counter() - start, load, **extra)
-            if args.in_order:
-                model, _ = fresh()
-                load, begin = os.getloadavg()[0], time.perf_counter()
-                refit_in_order(model, cut.ids, found.allocation)
-                measure(
-                    "search+in-order",
-                    share,
-                    model,
-                    time.perf_counter() - begin + found.seconds,
-                    load,
-                    tokens=found.tokens,
-                )
+
+
+def earlier_search(path: Path, share: float, kind: str, value: float) -> tuple[dict, int]:
+    """The search row of an earlier results file at this share (and this many tokens, for a budget in tokens)."""
+    rows = json.loads(path.read_text())["rows"]
+    for index, row in enumerate(rows):
+        if row["method"] == "search" and row["share"] == share and "levels" in row:
+            if kind == "seconds" or row["tokens"] == int(value) or abs(row["tokens"] / value - 1) < 0.02:
+                return row, index
+    raise SystemExit(f"{path} has no search row at {share:g} for that budget")
 
 
 def write(args, rows: list[dict]) -> None:
@@ -167,11 +197,7 @@ def write(args, rows: list[dict]) -> None:
     def times(row, text):
         return round(row[text] / dense[text], 2) if dense else None
 
-    def search_tokens(index: int) -> str:
-        """The tokens the row's search forwarded (an in-order row's: those of the search row before it)."""
-        row = rows[index]
-        if row["method"] == "search+in-order" and "tokens" not in row:
-            row = next((r for r in reversed(rows[:index]) if r["method"] == "search"), row)
+    def search_tokens(row: dict) -> str:
         return f"{row['tokens'] / 1e3:,.0f} k" if "tokens" in row else "–"
 
     result = {
@@ -183,9 +209,11 @@ def write(args, rows: list[dict]) -> None:
             f"No fine-tuning. Calibration: {args.calib_windows} random windows of 128 tokens of wikitext-2"
             f" validation; the search selects on {args.search_windows} held-out windows"
             f" {selection}, for the row's `search tokens`. PPL over the first {args.eval_windows} windows of 128"
-            " tokens of wikitext-2 test and of pydoc. `search` is the model the search measured (each layer"
-            " refitted on the dense model's inputs); `search+in-order` refits the searched sizes in order, as the"
-            " default does. Seconds: the whole prune (for the search: database, search and assembly)."
+            " tokens of wikitext-2 test and of pydoc. `search` is `prune --allocation search`: the searched sizes"
+            " cut in order, as the default cuts; `refit windows`: the windows the least-squares refit ran on"
+            " (`prune --refit-samples`; the first 64 are the cut's). A row with `levels from` cut the sizes an"
+            " earlier search found (same cut windows, selection text and budget) instead of searching again; its"
+            " seconds add that search's. Seconds: the whole prune (for the search: database, search and cut)."
         ),
         "tables": [
             {
@@ -198,8 +226,10 @@ def write(args, rows: list[dict]) -> None:
                     "pydoc PPL",
                     "x dense (wiki)",
                     "x dense (pydoc)",
+                    "refit windows",
                     "generations",
                     "search tokens",
+                    "levels from",
                     "seconds",
                     "load",
                 ],  # fmt: skip
@@ -212,12 +242,14 @@ def write(args, rows: list[dict]) -> None:
                         r["pydoc"],
                         times(r, "wiki"),
                         times(r, "pydoc"),
+                        r.get("refit_windows", "–"),
                         r.get("generations", "–"),
-                        search_tokens(i) if r["method"].startswith("search") else "–",
+                        search_tokens(r),
+                        r.get("levels_from", "–"),
                         r["seconds"],
                         r["load"],
                     ]
-                    for i, r in enumerate(rows)
+                    for r in rows
                 ],  # fmt: skip
             }
         ],

@@ -1,6 +1,6 @@
 """Which text can the searched allocation select on? KL to the dense model on several texts against PPL.
 
-    python benchmarks/selection_text.py --allocations benchmarks/results/search_quality.json
+    python benchmarks/selection_text.py --allocations benchmarks/results/search_assembly.json
     python benchmarks/selection_text.py --allocations benchmarks/results/selection_text.json  # the same ones again
 
 The search ranks allocations by KL to the dense model on its selection windows. This checks that
@@ -100,7 +100,7 @@ def main() -> None:
     recorded = [row for path in args.allocations for row in json.loads(path.read_text()).get("rows", [])]
     for row in recorded:
         if row.get("levels") and abs(row.get("share", args.share) - args.share) < 1e-9:
-            # a search_quality row is named by its selection text; a row of this file keeps its own name
+            # a search_assembly row is named by its selection text; a row of this file keeps its own name
             where = ", ".join(Path(part).name for part in (row.get("search_dataset") or CALIBRATION_TEXT).split(","))
             label = row.get("allocation") or f"searched on {where}"
             allocations.setdefault(label, [Level.from_dict(d) for d in row["levels"]])
