@@ -11,21 +11,24 @@ import pytest
 from conftest import REPO_ROOT
 
 
-def _two_processes(tmp_path, pydoc_text_file, port: int, *mode: str) -> tuple:
+# --standalone: torchrun picks a free port for each run, so runs never meet on one another's port
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _two_processes(tmp_path, pydoc_text_file, *mode: str) -> tuple:
     """Run tests/ddp_finetune_script.py under torchrun with two CPU processes; its run folder and each rank's report."""
     run = tmp_path / "run"
     run.with_suffix(".txt").write_text(pydoc_text_file.read_text()[:60_000])
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     script = str(REPO_ROOT / "tests" / "ddp_finetune_script.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    finished = subprocess.run([*command, script, str(run), *mode], env=env, capture_output=True, text=True, timeout=240)
+    finished = subprocess.run([*TORCHRUN, script, str(run), *mode], env=env, capture_output=True, text=True, timeout=240)
     assert finished.returncode == 0, finished.stderr[-3000:]
     return run, [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 @pytest.mark.slow
 def test_two_processes_share_the_steps_and_write_one_run(tmp_path, pydoc_text_file):
-    run, ranks = _two_processes(tmp_path, pydoc_text_file, 29533)
+    run, ranks = _two_processes(tmp_path, pydoc_text_file)
     # 8 windows, batch 1 per process, 2 processes: 4 optimizer steps, the same on both ranks
     assert [(r["world"], r["steps"], r["status"]) for r in ranks] == [(2, 4, "completed")] * 2
     assert ranks[0]["best_loss"] == ranks[1]["best_loss"]
@@ -40,7 +43,7 @@ def test_two_processes_share_the_steps_and_write_one_run(tmp_path, pydoc_text_fi
 @pytest.mark.slow
 def test_a_nan_on_one_process_is_a_nan_for_both(tmp_path, pydoc_text_file):
     """Process 1's third forward pass turns NaN: both processes refuse that step and roll back together, no hang."""
-    run, ranks = _two_processes(tmp_path, pydoc_text_file, 29534, "nan-on-rank1")
+    run, ranks = _two_processes(tmp_path, pydoc_text_file, "nan-on-rank1")
     for report in ranks:
         assert (report["world"], report["status"], report["rollbacks"], report["steps"]) == (2, "completed", 1, 4)
     # the same decision at the same step on both, though process 0's own loss was finite
@@ -54,7 +57,7 @@ def test_a_nan_on_one_process_is_a_nan_for_both(tmp_path, pydoc_text_file):
 @pytest.mark.slow
 def test_a_save_or_a_stop_asked_of_one_process_is_done_by_both(tmp_path, pydoc_text_file):
     """Process 0 is asked to save (the dashboard's key), process 1 to stop (a signal): both save, both stop, no hang."""
-    run, ranks = _two_processes(tmp_path, pydoc_text_file, 29535, "requests-on-one-rank")
+    run, ranks = _two_processes(tmp_path, pydoc_text_file, "requests-on-one-rank")
     assert [(r["status"], r["steps"]) for r in ranks] == [("stopped_by_user", 1)] * 2
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
@@ -69,17 +72,7 @@ def test_a_sharded_fsdp_checkpoint_consolidates_into_the_reloadable_model(tmp_pa
     from llmprune.engine.io.models import load_model
 
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29535",
-        str(REPO_ROOT / "tests" / "fsdp_consolidate_script.py"),
-        str(tmp_path),
-    ]
+    command = [*TORCHRUN, str(REPO_ROOT / "tests" / "fsdp_consolidate_script.py"), str(tmp_path)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert finished.returncode == 0, finished.stderr[-3000:]
     saved = consolidate_checkpoint(tmp_path / "checkpoint", tmp_path / "start", tmp_path / "model")
