@@ -10,7 +10,6 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-
 # --standalone: torchrun picks a free port for each run, so runs never meet on one another's port
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -21,7 +20,9 @@ def _two_processes(tmp_path, pydoc_text_file, *mode: str) -> tuple:
     run.with_suffix(".txt").write_text(pydoc_text_file.read_text()[:60_000])
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     script = str(REPO_ROOT / "tests" / "ddp_finetune_script.py")
-    finished = subprocess.run([*TORCHRUN, script, str(run), *mode], env=env, capture_output=True, text=True, timeout=240)
+    finished = subprocess.run(
+        [*TORCHRUN, script, str(run), *mode], env=env, capture_output=True, text=True, timeout=240
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     return run, [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 

@@ -182,9 +182,9 @@ def prune_searched(
     )  # fmt: skip
     # The chosen sizes are cut as the default cuts, not assembled from the database's levels: each layer's
     # units chosen and refitted on the inputs the layers pruned before it really pass on, the refit on its own
-    # windows where those are given. SmolLM2 at 20 %, the levels of one search (benchmarks/search_quality.py):
-    # 79.08 / 53.96 wiki / pydoc PPL assembled, 77.31 / 55.16 cut in order, 74.54 / 53.05 with the refit on
-    # 256 windows.
+    # windows where those are given. SmolLM2 at 20 %, the sizes of one search (benchmarks/results/
+    # search_assembly.json, search_quality.json): 79.08 / 53.96 wiki / pydoc PPL assembled, 77.31 / 55.16 cut
+    # in order, 74.54 / 53.05 with the refit on 256 windows.
     database.restore_dense()
     fitness = database = None  # their Gram matrices and cached dense logits go before the pass gathers its own
     dropped, reports, refit_samples = cut_in_order(
