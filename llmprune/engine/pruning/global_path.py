@@ -27,6 +27,7 @@ from llmprune.engine.pruning.cut.layer_pass import (  # noqa: F401 (RefitWindows
     RefitWindows,
     prune_layers,
     refit_ids_for,
+    refit_window_count,
 )
 from llmprune.engine.pruning.cut.prune_model import LayerChange
 from llmprune.engine.pruning.result import after_by_index
@@ -105,7 +106,7 @@ def prune_to_target(
     reports = prune_layers(
         store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress, refit_ids
     )
-    return scores, plans, reports, len(refit_ids if refit_ids is not None else ids)
+    return scores, plans, reports, refit_window_count(refit_ids, ids)
 
 
 def allocate_globally(

@@ -29,7 +29,13 @@ from llmprune.engine.pruning.allocate.ranking import rank_units
 from llmprune.engine.pruning.allocate.search import KLFitness, SearchOptions, SearchOutcome, evolve, rebalance
 from llmprune.engine.pruning.config import DEFAULT_SEARCH_BUDGET, PruneConfig, parse_search_budget
 from llmprune.engine.pruning.cut.depth import drop_layers
-from llmprune.engine.pruning.cut.layer_pass import LayerReport, RefitWindows, prune_layers, refit_ids_for
+from llmprune.engine.pruning.cut.layer_pass import (
+    LayerReport,
+    RefitWindows,
+    prune_layers,
+    refit_ids_for,
+    refit_window_count,
+)
 from llmprune.engine.pruning.cut.level_database import LevelDatabase
 from llmprune.engine.pruning.global_path import GlobalOutcome, global_figures
 from llmprune.engine.pruning.result import default_log_name
@@ -259,4 +265,4 @@ def cut_in_order(
     reports = prune_layers(
         InMemoryLayers(model), cut_ids, runner, plans, "obs", compensation, progress=progress, refit_ids=refit_ids
     )
-    return dropped, reports, len(refit_ids if refit_ids is not None else cut_ids)
+    return dropped, reports, refit_window_count(refit_ids, cut_ids)

@@ -200,6 +200,12 @@ def refit_ids_for(
     return refit_windows(windows_for_plain_refit(widest, seq_len, DRAWN_TOKENS_PER_INPUT) if short else count)
 
 
+def refit_window_count(refit_ids: torch.Tensor | None, ids: torch.Tensor | None) -> int | None:
+    """How many windows the refit ran on: its own (`refit_ids_for`), else the calibration's (None: none)."""
+    fitted_on = refit_ids if refit_ids is not None else ids
+    return None if fitted_on is None else len(fitted_on)
+
+
 def widest_refitted_input(shapes: Sequence[LayerShape], plans: Sequence[Level]) -> int:
     """The most inputs any compensated projection keeps under `plans` (0: nothing is cut)."""
     widest = 0

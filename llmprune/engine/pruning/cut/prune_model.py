@@ -26,7 +26,7 @@ from llmprune.engine.io.architecture import LayerShape, gqa_violations, layer_sh
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.allocate.plan import LayerUnits
 from llmprune.engine.pruning.cut.compensation import Compensation, compensation_step
-from llmprune.engine.pruning.cut.layer_pass import RefitWindows, prune_layers, refit_ids_for
+from llmprune.engine.pruning.cut.layer_pass import RefitWindows, prune_layers, refit_ids_for, refit_window_count
 from llmprune.engine.pruning.scores.defaults import DEFAULT_UNIT_SCORE
 from llmprune.engine.pruning.scores.units import get_unit_score
 from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for
@@ -159,5 +159,5 @@ def prune_model(
         unit_importance=score.name,
         attn_unit=attn_unit,
         gqa_violations=gqa_violations(after),
-        refit_samples=len(refit_ids if refit_ids is not None else ids) if ids is not None else None,
+        refit_samples=refit_window_count(refit_ids, ids),
     )
