@@ -10,9 +10,9 @@ default) instead of 64. The default prune uses its calibration windows three tim
 units each layer keeps: `global_path.allocate_globally`), to choose the units (the greedy OBS order, on the
 inputs each layer really receives) and to refit o_proj / down_proj (`cut.refit`). Each run here is
 `A/S/F`: the windows for each of the three, the first A, S or F of the same 64 random windows of wikitext-2
-validation (seed 0). The pass below is the default's (`cut.layer_pass.prune_layers`: layers in order, on
-the hidden states the pruned layers before give), except that it carries two sets of hidden states, one
-for choosing the units and one for refitting, when S and F differ. PPL on the first 256 windows of 128
+validation (seed 0). The pass is the default's (`cut.layer_pass.prune_layers`: layers in order, on the
+hidden states the pruned layers before give); when S and F differ it carries the refit's windows as a
+second set of hidden states (its `refit_ids`). PPL on the first 256 windows of 128
 tokens of wikitext-2 test and of CPython's pydoc prose (unseen).
 """
 
@@ -34,77 +34,13 @@ from shared_data import CALIBRATION_TEXT, wiki_and_pydoc_windows  # noqa: E402
 
 from llmprune.engine.data import load_calibration_windows  # noqa: E402
 from llmprune.engine.evaluate import perplexity  # noqa: E402
-from llmprune.engine.io.architecture import attention_counts  # noqa: E402
 from llmprune.engine.io.models import load_model  # noqa: E402
-from llmprune.engine.pruning.cut.compensation import (  # noqa: E402
-    CompensationContext,
-    compensation_step,
-    ensure_bias,
-)
-from llmprune.engine.pruning.cut.surgery import prune_kv_groups, prune_mlp_channels  # noqa: E402
+from llmprune.engine.pruning.cut.layer_pass import prune_layers  # noqa: E402
 from llmprune.engine.pruning.global_path import CalibratedPruneOptions, allocate_globally  # noqa: E402
-from llmprune.engine.pruning.scores import statistics  # noqa: E402
-from llmprune.engine.pruning.scores.units import get_unit_score, top_units  # noqa: E402
 from llmprune.engine.walk.layer_store import InMemoryLayers, runner_for  # noqa: E402
 
 DEFAULT_RUNS = "64/64/64,8/8/8,8/64/64,64/8/64,64/64/8"
 OPTIONS = CalibratedPruneOptions()  # the default prune's
-
-
-def _inputs(linear: torch.nn.Linear, run) -> statistics.InputStatistics:
-    with statistics.record_inputs(linear, gram=True) as stats:
-        run()
-    return stats
-
-
-@torch.no_grad()
-def split_pass(model, plans, select_ids: torch.Tensor, refit_ids: torch.Tensor) -> None:
-    """The default pruning pass, choosing units on `select_ids` and refitting on `refit_ids`.
-
-    Each set of windows has its own hidden states through the pruned layers: "select" always, "refit" only
-    when its windows differ (the default pass is then exactly `prune_layers`).
-    """
-    runner = runner_for(model, select_ids.shape[1])
-    score, refit = get_unit_score(OPTIONS.unit_score), compensation_step(OPTIONS.compensation)
-    streams = {"select": model.model.embed_tokens(select_ids)}
-    if refit_ids is not select_ids:
-        streams["refit"] = model.model.embed_tokens(refit_ids)
-
-    def cut(index, layer, projection, block, inputs, choose):
-        linear = getattr(layer.self_attn if projection == "o_proj" else layer.mlp, projection)
-        stats = {name: _inputs(linear, lambda h=h: block(layer, h)) for name, h in inputs.items()}
-        weight, bias = linear.weight.data.clone(), linear.bias.data.clone()
-        columns = choose(stats["select"])  # cuts the layer: the projection is a new, narrower module
-        sliced = getattr(layer.self_attn if projection == "o_proj" else layer.mlp, projection)
-        fit_on = stats.get("refit", stats["select"])
-        refit(CompensationContext(index, layer, projection, sliced, weight, bias, fit_on, columns, OPTIONS.damping))
-
-    for index, plan in enumerate(plans):
-        layer = model.model.layers[index]
-        ensure_bias(layer.self_attn.o_proj)
-        ensure_bias(layer.mlp.down_proj)
-        heads, kv_heads, head_dim = attention_counts(layer)
-        per_group = heads // kv_heads
-        if plan.groups < kv_heads:
-
-            def groups(stats, layer=layer, plan=plan, per_group=per_group, head_dim=head_dim):
-                kept = top_units(score.kv_groups(layer, stats, keep=plan.groups), plan.groups)
-                prune_kv_groups(layer, kept)
-                return [
-                    (g * per_group + j) * head_dim + d for g in kept for j in range(per_group) for d in range(head_dim)
-                ]
-
-            cut(index, layer, "o_proj", runner.attention_block, streams, groups)
-        middle = {name: runner.attention_block(layer, h) for name, h in streams.items()}
-        if plan.channels < layer.mlp.down_proj.in_features:
-
-            def channels(stats, layer=layer, plan=plan):
-                kept = top_units(score.mlp_channels(layer, stats, keep=plan.channels), plan.channels)
-                prune_mlp_channels(layer, kept)
-                return kept
-
-            cut(index, layer, "down_proj", runner.mlp_block, middle, channels)
-        streams = {name: runner.mlp_block(layer, m) for name, m in middle.items()}
 
 
 def main() -> None:
@@ -131,8 +67,16 @@ def main() -> None:
             removed = int(args.share * count(dense))
             allocations[allocate] = allocate_globally(InMemoryLayers(dense), windows[:allocate], runner, removed)[1]
         model = copy.deepcopy(dense)
-        select_ids = windows[:select]
-        split_pass(model, allocations[allocate], select_ids, select_ids if refit == select else windows[:refit])
+        prune_layers(
+            InMemoryLayers(model),
+            windows[:select],
+            runner_for(model, 128),
+            allocations[allocate],
+            unit_score=OPTIONS.unit_score,
+            compensation=OPTIONS.compensation,
+            damping=OPTIONS.damping,
+            refit_ids=None if refit == select else windows[:refit],  # the refit's own hidden states when they differ
+        )
         ppl = {name: round(perplexity(model, w, batch_size=8).ppl, 2) for name, w in texts.items()}
         row = {
             "allocate": allocate,
