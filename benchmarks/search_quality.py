@@ -15,8 +15,8 @@ first --eval-windows windows of wikitext-2 *test* and of CPython's pydoc prose (
 (each layer cut and refitted on the inputs the pruned layers before it give). --refit-samples is the
 prune's option, for both methods: the refit on that many windows of the calibration text (their first 64
 are the cut's). --levels-from takes the sizes an earlier run's search found at each share (its `search`
-rows' `levels`, the budget's tokens) instead of searching again, and cuts them as the product does. The
-machine is shared: the 1-minute load average at the start of each row is recorded next to its seconds.
+rows' `levels`, the budget's tokens) instead of searching again, and cuts them as the product does.
+--residual-correction is the prune's option, for both methods. The machine is shared: the 1-minute load average at the start of each row is recorded next to its seconds.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--methods", default="default,search", help="default and/or search, comma-separated")
     parser.add_argument("--search-budget", default="12m")
     parser.add_argument("--refit-samples", type=int, default=None, help="prune --refit-samples (default: its own)")
+    parser.add_argument(
+        "--residual-correction", type=float, default=0.0, help="prune --residual-correction, for both methods"
+    )
     parser.add_argument(
         "--levels-from", type=Path, default=None, help="results file whose search rows' sizes to cut (no new search)"
     )
@@ -102,6 +105,8 @@ def main() -> None:
         row = {"method": method, "share": share, "params_m": round(count(pruned) / 1e6, 2),
                "wiki": round(ppl["wiki"], 2), "pydoc": round(ppl["pydoc"], 2), "seconds": round(seconds, 1),
                "load": round(load, 2), **extra}  # fmt: skip
+        if method != "dense" and args.residual_correction:
+            row["correction"] = args.residual_correction
         print(json.dumps(row), flush=True)
         rows.append(row)
         write(args, rows)
@@ -129,7 +134,7 @@ def main() -> None:
                     cut.ids,
                     runner,
                     int(share * total),
-                    CalibratedPruneOptions(),
+                    CalibratedPruneOptions(correction=args.residual_correction),
                     refit_windows=refit,
                 )
                 measure("default", share, model, time.perf_counter() - start, load, refit_windows=refit_samples)
@@ -137,7 +142,9 @@ def main() -> None:
             if args.levels_from:
                 earlier, index = earlier_search(args.levels_from, share, kind, value)
                 levels = [Level.from_dict(d) for d in earlier["levels"]]
-                *_, refit_samples = cut_in_order(model, cut.ids, levels, refit_windows=refit)
+                *_, refit_samples = cut_in_order(
+                    model, cut.ids, levels, refit_windows=refit, correction=args.residual_correction
+                )
                 extra = {k: earlier[k] for k in ("generations", "accepted", "tokens", "kl", "search_dataset")}
                 measure(
                     "search", share, model, time.perf_counter() - start + earlier["seconds"], load,
@@ -152,8 +159,9 @@ def main() -> None:
                 options.stages = tuple(tuple(int(n) for n in stage.split("x")) for stage in args.stages.split(","))
             state = args.state / f"search-{share:g}.json" if args.state else None
             outcome = prune_searched(
-                model, cut.ids, held_out.ids, int(share * total), options, state_path=state, refit_windows=refit
-            )
+                model, cut.ids, held_out.ids, int(share * total), options, state_path=state, refit_windows=refit,
+                correction=args.residual_correction,
+            )  # fmt: skip
             found = outcome.search
             extra = {
                 "refit_windows": outcome.refit_samples,
@@ -212,7 +220,8 @@ def write(args, rows: list[dict]) -> None:
             f" {selection}, for the row's `search tokens`. PPL over the first {args.eval_windows} windows of 128"
             " tokens of wikitext-2 test and of pydoc. `search` is `prune --allocation search`: the searched sizes"
             " cut in order, as the default cuts; `refit windows`: the windows the least-squares refit ran on"
-            " (`prune --refit-samples`; the first 64 are the cut's). A row with `levels from` cut the sizes an"
+            " (`prune --refit-samples`; the first 64 are the cut's); `correction`: `prune --residual-correction`."
+            " A row with `levels from` cut the sizes an"
             " earlier search found (same cut windows, selection text and budget) instead of searching again; its"
             " seconds add that search's. Seconds: the whole prune (for the search: database, search and cut)."
         ),
@@ -228,6 +237,7 @@ def write(args, rows: list[dict]) -> None:
                     "x dense (wiki)",
                     "x dense (pydoc)",
                     "refit windows",
+                    "correction",
                     "generations",
                     "search tokens",
                     "levels from",
@@ -244,6 +254,7 @@ def write(args, rows: list[dict]) -> None:
                         times(r, "wiki"),
                         times(r, "pydoc"),
                         r.get("refit_windows", "–"),
+                        r.get("correction", 0.0) if r["method"] != "dense" else "–",
                         r.get("generations", "–"),
                         search_tokens(r),
                         r.get("levels_from", "–"),

@@ -113,6 +113,16 @@ def prune_command(
             ),
         ),
     ] = _PRUNE.compensation_kind,
+    residual_correction: Annotated[
+        float,
+        typer.Option(
+            "--residual-correction",
+            help=(
+                "0–1: how much of the pruned model's drift from the dense model each least-squares refit also takes"
+                " away (the dense model runs beside, on the refit's windows). 0: none (default)."
+            ),
+        ),
+    ] = _PRUNE.residual_correction,
     stream: Annotated[
         bool | None,
         typer.Option(
@@ -225,6 +235,7 @@ def prune_command(
         search_windows=search_windows,
         search_dataset=search_dataset,
         compensation_kind=compensation,
+        residual_correction=residual_correction,
         drop_layers=drop_layers,
         stream=stream,
         round_to=round_to,

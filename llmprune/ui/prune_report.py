@@ -181,6 +181,14 @@ def prune_summary(result) -> Table:
         )
     elif refit_line := _refit_apart(result.options):
         rows.append(("refit", refit_line))
+    if correction := result.options.get("residual_correction"):
+        rows.append(
+            (
+                "correction",
+                f"each least-squares refit also took away {correction:.0%} of the pruned model's gap to the dense"
+                " model's residual stream (--residual-correction; the dense model ran beside, on the refit's windows)",
+            )
+        )
     if result.search:
         rows.append(("search", search_line(result.search)))
     rows.append(("time", f"{result.seconds:.1f} s"))

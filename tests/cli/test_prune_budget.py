@@ -255,3 +255,37 @@ def test_the_plan_path_refit_draws_its_windows_too(tiny_model_dir, pydoc_text_fi
     report = json.loads(_prune(tiny_model_dir, pydoc_text_file, tmp_path, *args).output)
     assert report["options"]["calibration"]["samples"] == 4 < report["options"]["refit_samples"]
     assert report["refit_calibration"] is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        (),
+        ("--allocation", "plan", "--prune-mlp", "--compensation", "lstsq"),
+        ("--allocation", "search", "--search-windows", "16", "--search-budget", "2000"),
+    ],
+    ids=["global", "plan", "search"],
+)
+def test_residual_correction_runs_on_every_path_and_is_reported(path, tiny_model_dir, pydoc_text_file, tmp_path):
+    args = ("--ratio", "0.3", *path, "--residual-correction", "0.5")
+    report = json.loads(_prune(tiny_model_dir, pydoc_text_file, tmp_path, *args).output)
+    assert report["options"]["residual_correction"] == 0.5
+    assert all(ran == "lstsq" for layer in report["layers"] for ran in layer["compensation"].values())
+    table = " ".join(_prune(tiny_model_dir, pydoc_text_file, tmp_path / "table", *args, as_json=False).output.split())
+    assert "took away 50% of the pruned model's gap" in table
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--residual-correction", "1.5"], "between 0 and 1"),
+        (["--residual-correction", "nan"], "between 0 and 1"),
+        (["--residual-correction", "-0.1"], "between 0 and 1"),
+        (["--residual-correction", "0.5", "--compensation", "bias"], "least-squares refit"),
+    ],
+)
+def test_a_bad_residual_correction_is_one_line_and_exit_2(extra, needle, tiny_model_dir, pydoc_text_file, tmp_path):
+    result = _prune(tiny_model_dir, pydoc_text_file, tmp_path, *extra, as_json=False)
+    assert result.exit_code == 2
+    assert needle in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 2

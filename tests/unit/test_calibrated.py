@@ -182,3 +182,43 @@ def test_uniform_heads_that_do_not_divide_the_hidden_size_save_with_per_layer_sh
     assert {s.num_attention_heads for s in layer_shapes(reloaded)} == {6}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def _first_layer_error(correction: float, ids: torch.Tensor, refit_ids: torch.Tensor | None = None):
+    """Cut layer 0 (one KV group of two, half its MLP) with `correction`; its output's squared error to the dense
+    model's on the windows the refit was fitted on, and what the cut kept."""
+    from llmprune.engine.pruning.allocate.level import Level
+    from llmprune.engine.pruning.cut.layer_pass import prune_layers
+
+    dense, model = make_tiny_model(), make_tiny_model()
+    plans = [Level(1, 64)] + [Level(2, 128)] * 3
+    reports = prune_layers(
+        InMemoryLayers(model), ids, _runner(model), plans, compensation="lstsq", refit_ids=refit_ids,
+        correction=correction,
+    )  # fmt: skip
+    store, runner = InMemoryLayers(dense), _runner(dense)
+    fitted_on = refit_ids if refit_ids is not None else ids
+    target = runner.layer(dense.model.layers[0], store.embed(fitted_on))
+    out = _runner(model).layer(model.model.layers[0], InMemoryLayers(model).embed(fitted_on))
+    return float((out - target).pow(2).mean()), (reports[0].kept_groups, reports[0].kept_channel_indices)
+
+
+def test_residual_correction_brings_a_cut_layers_output_closer_to_the_dense_models():
+    # The attention cut leaves the MLP's residual stream off the dense one. Without correction the MLP's refit only
+    # reproduces the dense MLP on that stream; with correction 1 it also takes the stream's gap away, so the layer's
+    # output is closer to the dense layer's (on the windows it was fitted on). The units kept are the same.
+    ids = _ids(64)
+    plain, kept = _first_layer_error(0.0, ids)
+    corrected, kept_corrected = _first_layer_error(1.0, ids)
+    half, _ = _first_layer_error(0.5, ids)
+    assert kept == kept_corrected
+    assert corrected < half < plain
+
+
+def test_residual_correction_follows_the_refit_onto_windows_of_its_own():
+    # the dense stream walks on the refit's windows (64), not the 4 the units are chosen on
+    ids, more = _ids(4), _ids(64, seed=2)
+    plain, kept = _first_layer_error(0.0, ids, refit_ids=more)
+    corrected, kept_corrected = _first_layer_error(1.0, ids, refit_ids=more)
+    assert kept == kept_corrected
+    assert corrected < plain

@@ -179,3 +179,55 @@ def test_statistics_keep_the_inputs_only_while_they_are_smaller_than_the_gram():
     stats = _stats(linear, x, chunks=4)  # 40 > 64 / 4: the Gram takes over, built from the inputs seen so far
     assert not stats.low_rank
     torch.testing.assert_close(stats.gram, x.double().T @ x.double())
+
+
+def _ridge_solution(x: torch.Tensor, target: torch.Tensor, w_kept: torch.Tensor, keep: list[int], ridge: float):
+    """min ‖[X_K, 1]·[W', b']ᵀ − target‖² + λ‖W' − W_K‖², solved directly (λ relative to mean diag(X_KᵀX_K)/n)."""
+    x = x.double()[:, keep]
+    n = x.shape[0]
+    mean, target_mean = x.mean(0), target.mean(0)
+    z, t = x - mean, target - target_mean
+    if math.isinf(ridge):  # only the bias moves
+        return w_kept.double(), target_mean - w_kept.double() @ mean
+    lam = ridge * float((x * x).mean(0).mean())
+    system = z.T @ z / n + lam * torch.eye(len(keep), dtype=torch.float64)
+    weight = torch.linalg.solve(system, z.T @ t / n + lam * w_kept.double().T).T
+    return weight, target_mean - weight @ mean
+
+
+def _paired_stats(linear: nn.Linear, x: torch.Tensor, error: torch.Tensor, chunks: int):
+    with statistics.record_inputs(linear, error=error) as stats, torch.no_grad():
+        for part in x.chunk(chunks):
+            linear(part)
+    return stats
+
+
+def test_a_paired_error_is_refitted_away_with_the_dense_output():
+    # residual correction: the target is X·Wᵀ + b + e. The refit must be the ridge solution for that target, from
+    # the Gram (many tokens) and from the kept inputs (few tokens, ridge chosen by cross-validation) alike
+    for tokens, features in ((512, 12), (12, 64)):
+        keep = [k for k in range(features) if k % 4]
+        linear = nn.Linear(features, 6)
+        x = _inputs(tokens=tokens, features=features, seed=7)
+        g = torch.Generator().manual_seed(8)
+        error = x[:, keep[:3]] @ torch.randn(3, 6, generator=g) + 0.3 * torch.randn(tokens, 6, generator=g)
+        stats = _paired_stats(linear, x, error, chunks=3)
+        assert stats.low_rank == (tokens == 12)
+        fitted = refit.refit_least_squares(linear.weight, linear.bias, stats, keep)
+        target = x.double() @ linear.weight.double().T + linear.bias.double() + error.double()
+        weight, bias = _ridge_solution(x, target, linear.weight[:, keep], keep, fitted.ridge)
+        torch.testing.assert_close(fitted.weight.double(), weight, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fitted.bias.double(), bias, atol=1e-5, rtol=1e-4)
+        plain = refit.refit_least_squares(linear.weight, linear.bias, _stats(linear, x, chunks=3), keep)
+        assert not torch.allclose(plain.bias, fitted.bias, atol=1e-3)  # the error moved the fit
+
+
+def test_a_paired_error_must_cover_every_input_token():
+    linear = nn.Linear(12, 6)
+    x = _inputs(tokens=64)
+    try:
+        _paired_stats(linear, x, torch.zeros(32, 6), chunks=4)
+    except ValueError as error:
+        assert "paired error has 32 tokens" in str(error)
+    else:
+        raise AssertionError("inputs beyond the paired error were accepted")

@@ -24,6 +24,7 @@ COMPENSATIONS = ("none", "bias", "lstsq")
 ALLOCATIONS = ("global", "plan", "search")
 DEFAULT_SEARCH_BUDGET = "15m"
 DEFAULT_COMPENSATION = "lstsq"
+DEFAULT_RESIDUAL_CORRECTION = 0.0
 
 
 def parse_search_budget(text: str) -> tuple[str, float]:
@@ -124,6 +125,10 @@ class PruneConfig(LoadOptions):
     compensation_kind: str = DEFAULT_COMPENSATION
     """After each layer's cut: lstsq (refit o_proj/down_proj and their biases on calibration inputs) |
     bias (fold the removed units' mean output into the bias) | none."""
+    residual_correction: float = DEFAULT_RESIDUAL_CORRECTION
+    """0–1: how much of the pruned model's drift from the dense model's residual stream each lstsq refit also takes
+    away (the dense model walks beside the pruned one on the refit's windows); 0: each projection only reproduces
+    its dense self on the inputs it receives."""
     stream: bool | None = None
     """Layer-streamed pruning (streaming.StreamedLayers): weights stay on disk, one layer at a time in memory.
     None: automatically when the model would not fit the device (a safetensors directory or the alias)."""
@@ -226,6 +231,17 @@ class PruneConfig(LoadOptions):
         if self.compensation_kind not in COMPENSATIONS:
             raise UserInputError(
                 f"unknown --compensation '{self.compensation_kind}'", f"use one of {', '.join(COMPENSATIONS)}"
+            )
+        if not 0.0 <= self.residual_correction <= 1.0:  # NaN fails this too
+            raise UserInputError(
+                f"--residual-correction must be between 0 and 1, got {self.residual_correction}",
+                "e.g. --residual-correction 0.25, or 0 for none",
+            )
+        if self.residual_correction > 0 and self.compensation_kind != "lstsq":
+            raise UserInputError(
+                f"--residual-correction works through the least-squares refit, not --compensation"
+                f" {self.compensation_kind}",
+                "use --compensation lstsq (the default), or leave --residual-correction out",
             )
         if self.round_to < 1:
             raise UserInputError(f"--round-to must be ≥ 1, got {self.round_to}", "e.g. --round-to 8 or 64")

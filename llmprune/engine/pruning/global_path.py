@@ -73,6 +73,9 @@ class CalibratedPruneOptions:
     """At most this share of a layer's MLP channels goes."""
     damping: float = 1e-3
     """Ridge added to the least-squares normal equations, relative to their mean diagonal."""
+    correction: float = 0.0
+    """Residual correction (0–1): how much of the pruned model's drift from the dense model's residual stream each
+    least-squares refit also takes away (`cut.layer_pass.prune_layers`)."""
 
 
 def cost_of(store: LayerStore) -> ParameterCost:
@@ -104,7 +107,16 @@ def prune_to_target(
     refit_ids = refit_ids_for(refit_windows, options.compensation, cost.shapes, plans, ids)
     store.begin_pruning()
     reports = prune_layers(
-        store, ids, runner, plans, options.unit_score, options.compensation, options.damping, progress, refit_ids
+        store,
+        ids,
+        runner,
+        plans,
+        options.unit_score,
+        options.compensation,
+        options.damping,
+        progress,
+        refit_ids,
+        options.correction,
     )
     return scores, plans, reports, refit_window_count(refit_ids, ids)
 

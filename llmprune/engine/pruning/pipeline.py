@@ -259,6 +259,7 @@ class _Run:
             batch_size=config.calibration.batch_size,
             progress=self.progress,
             refit_windows=refit_windows(config, self.loaded.tokenizer, next(model.parameters()).device, streamed=False),
+            correction=config.residual_correction,
         )
         ppl_after = self.perplexity("after")
         share = self.cost.prunable_share_removed(
@@ -360,7 +361,11 @@ class _Run:
 
 
 def _global_options(config: PruneConfig) -> CalibratedPruneOptions:
-    return CalibratedPruneOptions(unit_score=config.unit_score_for("global"), compensation=config.compensation_kind)
+    return CalibratedPruneOptions(
+        unit_score=config.unit_score_for("global"),
+        compensation=config.compensation_kind,
+        correction=config.residual_correction,
+    )
 
 
 def _run_streamed(

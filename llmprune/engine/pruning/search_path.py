@@ -106,6 +106,7 @@ def prune_by_search(
             "search_dataset": held_out.source,
         },
         refit_windows=refit_windows,
+        correction=config.residual_correction,
     )
     outcome.state_path = str(state_path)
     done = GlobalOutcome(cost, outcome.dropped_layers, [], [], outcome.reports)
@@ -149,9 +150,11 @@ def prune_searched(
     extra_starts: dict[str, list[Level]] | None = None,
     signature: dict | None = None,
     refit_windows: RefitWindows | None = None,
+    correction: float = 0.0,
 ) -> SearchedOutcome:
     """Measure, search, then cut the dense model at the chosen sizes (`cut_in_order`); the model is pruned in
-    place. `refit_windows`: where the final cut's refit windows come from (`layer_pass.RefitWindows`)."""
+    place. `refit_windows`: where the final cut's refit windows come from (`layer_pass.RefitWindows`);
+    `correction`: the final cut's residual correction (`layer_pass.prune_layers`)."""
     layers = list(model.model.layers)
     cost, ladder, budget = search_space(model, params_to_remove, compensation, attention, depth)
     try:
@@ -194,7 +197,7 @@ def prune_searched(
     database.restore_dense()
     fitness = database = None  # their Gram matrices and cached dense logits go before the pass gathers its own
     dropped, reports, refit_samples = cut_in_order(
-        model, cut_ids, outcome.allocation, compensation, batch_size, refit_windows, progress
+        model, cut_ids, outcome.allocation, compensation, batch_size, refit_windows, progress, correction
     )
     return SearchedOutcome(dropped, reports, outcome, budget, ladder.tolerance, refit_samples=refit_samples)
 
@@ -248,10 +251,11 @@ def cut_in_order(
     batch_size: int = 8,
     refit_windows: RefitWindows | None = None,
     progress: StageProgress | None = None,
+    correction: float = 0.0,
 ) -> tuple[list[int], list[LayerReport], int]:
     """The default prune's pass at the searched sizes, on the dense model: drop the removed layers, then cut and
     refit each layer on the inputs it really receives from the layers pruned before it
-    (`cut.layer_pass.prune_layers`; the refit on `refit_windows` as the default's is).
+    (`cut.layer_pass.prune_layers`; the refit on `refit_windows`, with residual `correction`, as the default's is).
 
     Returns the dropped layers, what each kept layer's cut did and the windows the refit ran on.
     """
@@ -263,6 +267,14 @@ def cut_in_order(
         drop_layers(model, dropped)
     runner = runner_for(model, cut_ids.shape[1], batch_size)
     reports = prune_layers(
-        InMemoryLayers(model), cut_ids, runner, plans, "obs", compensation, progress=progress, refit_ids=refit_ids
+        InMemoryLayers(model),
+        cut_ids,
+        runner,
+        plans,
+        "obs",
+        compensation,
+        progress=progress,
+        refit_ids=refit_ids,
+        correction=correction,
     )
     return dropped, reports, refit_window_count(refit_ids, cut_ids)

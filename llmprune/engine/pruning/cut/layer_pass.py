@@ -63,13 +63,20 @@ class LayerReport:
 @dataclass
 class _Streams:
     """The calibration hidden states at one point of the pass: the units are chosen on `choose`, the
-    refit is fitted on `refit` (None: on `choose` too; both None without calibration data)."""
+    refit is fitted on `refit` (None: on `choose` too; both None without calibration data), and with
+    residual correction `dense` is the dense model's on the refit's windows."""
 
     choose: torch.Tensor | None
     refit: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
 
-    def through(self, block, layer: nn.Module) -> _Streams:
-        return _Streams(*(None if h is None else block(layer, h) for h in (self.choose, self.refit)))
+    @property
+    def fit(self) -> torch.Tensor | None:
+        return self.refit if self.refit is not None else self.choose
+
+    def through(self, block, layer: nn.Module, dense: torch.Tensor | None) -> _Streams:
+        """The streams after `block` of the (cut) layer; `dense`: the dense stream after the uncut block."""
+        return _Streams(*(None if h is None else block(layer, h) for h in (self.choose, self.refit)), dense)
 
 
 class _OneLayer:
@@ -83,6 +90,7 @@ class _OneLayer:
         score: UnitScore,
         step: Compensation | None,
         damping: float,
+        correction: float = 0.0,
     ):
         self.index, self.layer, self.runner, self.score, self.step, self.damping = (
             index,
@@ -92,31 +100,44 @@ class _OneLayer:
             step,
             damping,
         )
+        self.correction = correction
         _, kv_heads, _ = attention_counts(layer)
         channels = layer.mlp.down_proj.in_features
         self.report = LayerReport(index, list(range(kv_heads)), channels, kv_heads, channels)
 
-    def _record(self, linear: nn.Linear, hidden: torch.Tensor, block, gram: bool) -> statistics.InputStatistics:
-        """Statistics of `linear`'s inputs while `block` runs the dense layer on `hidden`.
+    def _record(
+        self, linear: nn.Linear, hidden: torch.Tensor, block, gram: bool, error: torch.Tensor | None = None
+    ) -> statistics.InputStatistics:
+        """Statistics of `linear`'s inputs while `block` runs the dense layer on `hidden` (paired with `error`).
 
         With few calibration tokens the statistics keep the inputs instead of the Gram (an 8B down_proj's
         is 14,336² float64 = 1.6 GB), so asking for it costs little then.
         """
-        with statistics.record_inputs(linear, gram=gram) as stats:
+        with statistics.record_inputs(linear, gram=gram, error=error) as stats:
             block(self.layer, hidden)
         return stats
 
-    def _statistics(self, linear: nn.Linear, width: int, hidden: _Streams, block) -> tuple:
+    def _error(self, hidden: _Streams, dense_after: torch.Tensor | None, block) -> torch.Tensor | None:
+        """What the refit should also take away: `correction` × (the dense stream after the block − the pruned
+        stream after the still uncut block), on the refit's windows; None without residual correction."""
+        if dense_after is None or self.step is None or not getattr(self.step, "needs_gram", False):
+            return None
+        return (dense_after - block(self.layer, hidden.fit)).mul_(self.correction)
+
+    def _statistics(
+        self, linear: nn.Linear, width: int, hidden: _Streams, block, dense_after: torch.Tensor | None = None
+    ) -> tuple:
         """(statistics to choose the units on, statistics to compensate with); (None, None) without calibration."""
         if hidden.choose is None:
             return None, None
         step_gram = bool(getattr(self.step, "needs_gram", False))
+        error = self._error(hidden, dense_after, block)
         if hidden.refit is None:
-            stats = self._record(linear, hidden.choose, block, self.score.needs_gram(width) or step_gram)
+            stats = self._record(linear, hidden.choose, block, self.score.needs_gram(width) or step_gram, error)
             return stats, stats
         return (
             self._record(linear, hidden.choose, block, self.score.needs_gram(width)),
-            self._record(linear, hidden.refit, block, step_gram) if self.step is not None else None,
+            self._record(linear, hidden.refit, block, step_gram, error) if self.step is not None else None,
         )
 
     def _compensate(self, projection: str, linear: nn.Linear, dense: tuple, stats, keep_columns: list[int]) -> None:
@@ -135,7 +156,7 @@ class _OneLayer:
     def _dense(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         return linear.weight.data.clone(), None if linear.bias is None else linear.bias.data.clone()
 
-    def attention(self, plan: Level, hidden: _Streams) -> bool:
+    def attention(self, plan: Level, hidden: _Streams, dense_after: torch.Tensor | None = None) -> bool:
         heads, kv_heads, head_dim = attention_counts(self.layer)
         per_group = heads // kv_heads
         by_query = plan.heads_per_group is not None and plan.heads_per_group < per_group
@@ -143,7 +164,11 @@ class _OneLayer:
             return False
         o_proj = self.layer.self_attn.o_proj
         stats, fit = self._statistics(
-            o_proj, head_dim if by_query else per_group * head_dim, hidden, self.runner and self.runner.attention_block
+            o_proj,
+            head_dim if by_query else per_group * head_dim,
+            hidden,
+            self.runner and self.runner.attention_block,
+            dense_after,
         )
         dense = self._dense(o_proj)
         if by_query:
@@ -161,11 +186,11 @@ class _OneLayer:
         self._compensate("o_proj", self.layer.self_attn.o_proj, dense, fit, columns)
         return True
 
-    def mlp(self, plan: Level, middle: _Streams) -> bool:
+    def mlp(self, plan: Level, middle: _Streams, dense_after: torch.Tensor | None = None) -> bool:
         down_proj = self.layer.mlp.down_proj
         if plan.channels >= down_proj.in_features:
             return False
-        stats, fit = self._statistics(down_proj, 1, middle, self.runner and self.runner.mlp_block)
+        stats, fit = self._statistics(down_proj, 1, middle, self.runner and self.runner.mlp_block, dense_after)
         keep = top_units(self.score.mlp_channels(self.layer, stats, **self._keep(plan.channels)), plan.channels)
         dense = self._dense(down_proj)
         prune_mlp_channels(self.layer, keep)
@@ -232,31 +257,44 @@ def prune_layers(
     damping: float = 1e-3,
     progress: StageProgress | None = None,
     refit_ids: torch.Tensor | None = None,
+    correction: float = 0.0,
 ) -> list[LayerReport]:
     """Prune every layer to its plan, in order, on the calibration inputs it really receives.
 
     `ids` (calibration windows) may be None only for a data-free score with no compensation;
-    `refit_ids`: other windows to compensate on (None: `ids`).
+    `refit_ids`: other windows to compensate on (None: `ids`); `correction` (residual correction, 0–1): how
+    much of the gap between the pruned and the dense model's residual stream each least-squares refit also
+    takes away (0: each projection only reproduces its dense self on the inputs it receives).
     """
     score = get_unit_score(unit_score)
     step = compensation_step(compensation)
     if ids is None and (score.needs_statistics or step is not None):
         raise ValueError(f"unit score '{score.name}' (or compensation) needs calibration windows")
     fit_apart = refit_ids is not None and step is not None and refit_ids is not ids
-    hidden = _Streams(store.embed(ids) if ids is not None else None, store.embed(refit_ids) if fit_apart else None)
+    # residual correction walks the dense model beside the pruned one, on the windows the refit is fitted on
+    corrects = correction > 0 and runner is not None and ids is not None and getattr(step, "needs_gram", False)
+    fit_ids = refit_ids if fit_apart else ids
+    hidden = _Streams(
+        store.embed(ids) if ids is not None else None,
+        store.embed(refit_ids) if fit_apart else None,
+        store.embed(fit_ids) if corrects else None,
+    )
     reports = []
     for index, plan in enumerate(plans):
         layer = store.load(index)
-        one = _OneLayer(index, layer, runner, score, step, damping)
+        one = _OneLayer(index, layer, runner, score, step, damping, correction)
         changed = step is not None
         if step is not None:
             ensure_bias(layer.self_attn.o_proj)
             ensure_bias(layer.mlp.down_proj)
-        changed |= one.attention(plan, hidden)
-        middle = hidden.through(runner.attention_block, layer) if runner is not None else hidden
+        # the dense stream goes through each block before that block is cut
+        dense_middle = runner.attention_block(layer, hidden.dense) if corrects else None
+        changed |= one.attention(plan, hidden, dense_middle)
+        middle = hidden.through(runner.attention_block, layer, dense_middle) if runner is not None else hidden
         hidden = None  # the layer's input is not needed any more: one set of hidden states less at the peak
-        changed |= one.mlp(plan, middle)
-        hidden = middle.through(runner.mlp_block, layer) if runner is not None else middle
+        dense_out = runner.mlp_block(layer, dense_middle) if corrects else None
+        changed |= one.mlp(plan, middle, dense_out)
+        hidden = middle.through(runner.mlp_block, layer, dense_out) if runner is not None else middle
         reports.append(one.report)
         store.release(index, layer, changed=changed)
         if progress:

@@ -123,11 +123,13 @@ def prune_model(
     progress: StageProgress | None = None,
     damping: float = 1e-3,
     refit_windows: RefitWindows | None = None,
+    correction: float = 0.0,
 ) -> PruneOutcome:
     """Prune `model` in place to the per-layer units of `plan` (see the module docstring).
 
     `compensation`: none | bias | lstsq, or a `cut.compensation.Compensation` callable;
-    `refit_windows`: where the least-squares refit's own windows come from (`layer_pass.RefitWindows`).
+    `refit_windows`: where the least-squares refit's own windows come from (`layer_pass.RefitWindows`);
+    `correction`: residual correction (`layer_pass.prune_layers`).
     """
     start = time.perf_counter()
     require_llama_style(model)
@@ -143,7 +145,9 @@ def prune_model(
     runner = runner_for(model, calibration.seq_len, batch_size) if needs_data else None
     levels = [_level(u, attn_unit) for u in plan]
     refit_ids = refit_ids_for(refit_windows, step, shapes, levels, ids) if needs_data else None
-    reports = prune_layers(InMemoryLayers(model), ids, runner, levels, score.name, step, damping, progress, refit_ids)
+    reports = prune_layers(
+        InMemoryLayers(model), ids, runner, levels, score.name, step, damping, progress, refit_ids, correction
+    )
     after = layer_shapes(model)
     changes = []
     for report, before, now in zip(reports, shapes, after, strict=False):

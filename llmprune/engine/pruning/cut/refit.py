@@ -149,6 +149,10 @@ def refit_least_squares(
     With the raw inputs kept (few tokens, `InputStatistics.low_rank`) the k × k system is solved
     through the tokens × tokens one (Σ = ZᵀZ: (ZᵀZ + λI)⁻¹Zᵀ = Zᵀ(ZZᵀ + λI)⁻¹), so no k × k matrix is
     formed. Weight and bias come back in the weight's dtype.
+
+    With `stats.paired` (`scores.statistics.PairedError`, an error e per token) the target is X·Wᵀ + b + e:
+    the refit also takes away what e says the residual stream lacks there, and Σ_KR W_Rᵀ above gains
+    Cov(x_K, e), the bias ē.
     """
     if not stats.has_gram:
         raise ValueError("least squares needs the Gram matrix (InputStatistics(gram=True))")
@@ -168,10 +172,14 @@ def refit_least_squares(
     mean_kept, mean_removed = mean[kept], mean[removed]
     scale = max(float(stats.squares[kept].mean() / n), 1e-300)  # the ridge is relative to this mean diagonal
     choose = needs_choice(kept.numel(), stats.count) and stats.count > 2
+    paired = stats.paired  # an error to take away as well (residual correction): the target gains it
+    paired_mean = paired.mean if paired is not None else torch.zeros_like(b)
     if stats.low_rank:
         x = stats.inputs()
         z_kept = (x.index_select(1, kept) - mean_kept) / n**0.5  # tokens × k
         target = ((x.index_select(1, removed) - mean_removed) / n**0.5) @ w_removed.T  # tokens × out
+        if paired is not None:
+            target += (paired.raw() - paired_mean) / n**0.5
         small = z_kept @ z_kept.T
         # (damping, None): the fixed ridge, solved below; (inf, None): bias only
         ridge, shift = (
@@ -190,10 +198,10 @@ def refit_least_squares(
         cov_kk.addr_(mean_kept, mean_kept, alpha=-1)
         # Σ_KR W_Rᵀ without a k × in block of the Gram (for an 8B down_proj that alone would be ~1 GB)
         rhs = gram[kept[:, None], removed] @ w_removed.T / n - torch.outer(mean_kept, mean_removed @ w_removed.T)
+        if paired is not None:
+            rhs += paired.cross[kept] / n - torch.outer(mean_kept, paired_mean)  # + Cov(x_K, e)
         ridge, shift = (
-            _chosen_dense(
-                cov_kk, rhs, _removed_energy(gram, removed, mean_removed, w_removed, n), stats.count, scale, damping
-            )
+            _chosen_dense(cov_kk, rhs, _target_energy(gram, removed, w_removed, stats, n), stats.count, scale, damping)
             if choose and bool(torch.isfinite(cov_kk).all())
             else (damping, None)
         )
@@ -201,9 +209,9 @@ def refit_least_squares(
             cov_kk.diagonal().add_(max(ridge * scale, 1e-12))  # in place: ridge * eye(k) would be two more k × k
             factor, info = torch.linalg.cholesky_ex(cov_kk)
             shift = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve_ex(cov_kk, rhs)[0]
-    if shift is None:  # λ = ∞: the weights stay, the bias takes the removed columns' mean
-        return Refit(_as(w_kept, weight), _as(b + w_removed @ mean_removed, weight), ridge, choose)
-    new_bias = b + w_removed @ mean_removed - shift.T @ mean_kept
+    if shift is None:  # λ = ∞: the weights stay, the bias takes the removed columns' mean (and the error's)
+        return Refit(_as(w_kept, weight), _as(b + w_removed @ mean_removed + paired_mean, weight), ridge, choose)
+    new_bias = b + w_removed @ mean_removed + paired_mean - shift.T @ mean_kept
     new_weight = w_kept.add_(shift.T)  # in place: no third out × k float64 matrix
     return Refit(_as(new_weight, weight), _as(new_bias, weight), ridge, choose)
 
@@ -212,13 +220,20 @@ def _as(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.to(like.dtype).to(like.device)
 
 
-def _removed_energy(
-    gram: torch.Tensor, removed: torch.Tensor, mean_removed: torch.Tensor, w_removed: torch.Tensor, n: float
+def _target_energy(
+    gram: torch.Tensor, removed: torch.Tensor, w_removed: torch.Tensor, stats: InputStatistics, n: float
 ) -> float:
-    """tr(W_R Σ_RR W_Rᵀ): the variance per token of what the removed columns contributed."""
+    """The variance per token of what the refit has to make up: tr(W_R Σ_RR W_Rᵀ), what the removed columns
+    contributed, and with a paired error e also 2·tr(W_R Cov(x_R, e)) + tr(Cov(e))."""
+    mean_removed = stats.mean[removed]
     cov_rr = gram[removed[:, None], removed] / n
     cov_rr.addr_(mean_removed, mean_removed, alpha=-1)
-    return float(((w_removed @ cov_rr) * w_removed).sum())
+    energy = float(((w_removed @ cov_rr) * w_removed).sum())
+    paired = stats.paired
+    if paired is None:
+        return energy
+    cov_re = paired.cross[removed] / n - torch.outer(mean_removed, paired.mean)
+    return energy + 2 * float((w_removed * cov_re.T).sum()) + paired.energy / n - float(paired.mean.pow(2).sum())
 
 
 def _chosen_low_rank(

@@ -45,6 +45,7 @@ class InputStatistics:
         self.has_gram = gram
         self._gram: torch.Tensor | None = None
         self._inputs: list[torch.Tensor] | None = [] if gram else None
+        self.paired: PairedError | None = None  # an error to refit away as well (`record_inputs(error=)`)
 
     @torch.no_grad()
     def add(self, inputs: torch.Tensor) -> None:
@@ -103,16 +104,58 @@ class InputStatistics:
         return cov.addr_(mean, mean, alpha=-1)  # in place: no second features² matrix
 
 
-class record_inputs:
-    """Context manager: accumulate the inputs of `linear` into InputStatistics while it is open."""
+class PairedError:
+    """An error the refit of a projection should also take away, paired token by token with its inputs x.
 
-    def __init__(self, linear: nn.Linear, gram: bool = True):
+    `error` (tokens × outputs, the tokens in the order the projection sees them) is what the projection's
+    output would have to add so that the pruned model's residual stream matches the dense model's there
+    (`cut.layer_pass`, residual correction). Accumulates Σ x·eᵀ (features × outputs, float64) as the
+    inputs go by, and keeps Σ e and Σ‖e‖² for the refit's centring and its cross-validation.
+    """
+
+    def __init__(self, error: torch.Tensor, features: int, device: torch.device | str = "cpu"):
+        self.error = error.reshape(-1, error.shape[-1]).to(device)
+        self.cross = torch.zeros(features, self.error.shape[1], dtype=torch.float64, device=device)
+        self.total = self.error.sum(0, dtype=torch.float64)
+        self.energy = float(self.error.to(torch.float64).pow(2).sum())
+        self._seen = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = self.error[self._seen : self._seen + x.shape[0]].to(torch.float64)
+        if rows.shape[0] != x.shape[0]:
+            raise ValueError(f"the paired error has {self.error.shape[0]} tokens; the inputs ran past them")
+        self.cross.addmm_(x.T, rows)
+        self._seen += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.error.shape[0], 1)
+
+    def raw(self) -> torch.Tensor:
+        """e (tokens × outputs, float64), for the refit on the raw inputs (`InputStatistics.low_rank`)."""
+        return self.error.to(torch.float64)
+
+
+class record_inputs:
+    """Context manager: accumulate the inputs of `linear` into InputStatistics while it is open.
+
+    With `error` (tokens × outputs, `PairedError`) the statistics also pair the inputs with it (`stats.paired`).
+    """
+
+    def __init__(self, linear: nn.Linear, gram: bool = True, error: torch.Tensor | None = None):
         self.linear = linear
         self.stats = InputStatistics(linear.in_features, linear.weight.device, gram=gram)
+        if error is not None:
+            self.stats.paired = PairedError(error, linear.in_features, linear.weight.device)
         self._handle = None
 
+    def _add(self, _module, args) -> None:
+        self.stats.add(args[0])
+        if self.stats.paired is not None:
+            self.stats.paired.add(args[0].reshape(-1, args[0].shape[-1]).to(torch.float64))
+
     def __enter__(self) -> InputStatistics:
-        self._handle = self.linear.register_forward_pre_hook(lambda _module, args: self.stats.add(args[0]))
+        self._handle = self.linear.register_forward_pre_hook(self._add)
         return self.stats
 
     def __exit__(self, *exc) -> None:
