@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument(
         "--refit-samples", type=int, default=None, help="windows for the refit (default: the prune's own choice)"
     )
+    parser.add_argument(
+        "--residual-correction", type=float, default=None, help="prune --residual-correction (default: the prune's)"
+    )
     args = parser.parse_args()
     model_dir = build(args.dir / "model")
     config = json.loads((model_dir / "config.json").read_text())
@@ -149,6 +152,7 @@ def main() -> None:
         "--seq-len",
         "64",
         *(["--refit-samples", str(args.refit_samples)] if args.refit_samples else []),
+        *(["--residual-correction", str(args.residual_correction)] if args.residual_correction is not None else []),
         "--json",
     ]
     row = _timed("prune", command, args.dir / "logs")

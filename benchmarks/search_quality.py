@@ -16,7 +16,8 @@ first --eval-windows windows of wikitext-2 *test* and of CPython's pydoc prose (
 prune's option, for both methods: the refit on that many windows of the calibration text (their first 64
 are the cut's). --levels-from takes the sizes an earlier run's search found at each share (its `search`
 rows' `levels`, the budget's tokens) instead of searching again, and cuts them as the product does.
---residual-correction is the prune's option, for both methods. The machine is shared: the 1-minute load average at the start of each row is recorded next to its seconds.
+--residual-correction is the prune's option, for both methods. The machine is shared: the 1-minute load
+average at the start of each row is recorded next to its seconds.
 """
 
 from __future__ import annotations
@@ -210,7 +211,12 @@ def write(args, rows: list[dict]) -> None:
         return f"{row['tokens'] / 1e3:,.0f} k" if "tokens" in row else "–"
 
     result = {
-        "title": "Searched allocation vs. the default prune (SmolLM2-135M, wikitext-2 and unseen pydoc)",
+        "title": (
+            "Residual correction, with the default and the searched allocation"
+            if any(r.get("correction") for r in rows)
+            else "Searched allocation vs. the default prune"
+        )
+        + " (SmolLM2-135M, wikitext-2 and unseen pydoc)",
         "command": args.command,
         "machine": "2-core CPU, 24 GiB, shared with other jobs (load = 1-minute load average at the row's start)",
         "date": datetime.date.today().isoformat(),

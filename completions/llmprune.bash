@@ -146,7 +146,7 @@ _llmprune() {
             esac
             ;;
         'prune')
-            opts='--ratio --target-params --prune-mlp --allocation --search-budget --search-windows --search-dataset --compensation --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --refit-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
+            opts='--ratio --target-params --prune-mlp --allocation --search-budget --search-windows --search-dataset --compensation --residual-correction --stream --no-stream --drop-layers --attn-unit --unit-importance --round-to --uniform --importance-config --skip-importance-analysis --importance-method --importance-samples --refit-samples --seq-len --dataset --seed --batch-size --pruning-strategy --alpha --min-pruning-rate --max-pruning-rate --layer-start --layer-end --test-after-prune --eval-dataset --eval-seq-len --max-windows --save-model --out --save-dtype --overwrite --force --log-dir --save-ckpt-log-name --base-model --trust-pickle --device --dtype --json --help'
             cmds=''
             args='smollm2-135m' argfiles=1
             case "$prev" in
@@ -157,6 +157,7 @@ _llmprune() {
                 --search-windows) valued=1 values='' files=0 ;;
                 --search-dataset) valued=1 values='' files=1 ;;
                 --compensation) valued=1 values='' files=1 ;;
+                --residual-correction) valued=1 values='' files=0 ;;
                 --drop-layers) valued=1 values='' files=0 ;;
                 --attn-unit) valued=1 values='' files=1 ;;
                 --unit-importance) valued=1 values='' files=1 ;;

@@ -172,6 +172,7 @@ complete -c llmprune -n '__llmprune_at prune' -l search-budget -r -F -d 'How lon
 complete -c llmprune -n '__llmprune_at prune' -l search-windows -x -d 'Held-out calibration windows --allocation search selects on (disjoint from the cut'\''s windows).'
 complete -c llmprune -n '__llmprune_at prune' -l search-dataset -r -F -d 'Text --allocation search selects on, like what the model will serve (its training split; several joined by commas are mixed). Default: --dataset.'
 complete -c llmprune -n '__llmprune_at prune' -l compensation -r -F -d 'After each layer'\''s cut: lstsq (least-squares refit of o_proj/down_proj + bias, default) | bias (removed units'\'' mean into the bias) | none.'
+complete -c llmprune -n '__llmprune_at prune' -l residual-correction -x -d '0–1: how much of the pruned model'\''s drift from the dense model each least-squares refit also takes away (the dense model runs beside, on the refit'\''s windows). 0: none (default).'
 complete -c llmprune -n '__llmprune_at prune' -l stream -l no-stream -d 'Layer-streamed: weights stay on disk, one layer at a time in memory, the pruned layer written out before the next (default: automatic when the model does not fit the device).'
 complete -c llmprune -n '__llmprune_at prune' -l drop-layers -x -d 'Depth pruning: remove this many whole layers (least block influence) before cutting units.'
 complete -c llmprune -n '__llmprune_at prune' -l attn-unit -r -F -d 'group: remove whole KV groups, q:kv unchanged (default); query: remove query heads evenly from every group.'

@@ -22,6 +22,7 @@ from llmprune.engine.pruning.allocate.budget import Budget
 from llmprune.engine.pruning.allocate.cost import ParameterCost
 from llmprune.engine.pruning.allocate.level import Level
 from llmprune.engine.pruning.allocate.ranking import least_influential, rank_units, removed_parameters
+from llmprune.engine.pruning.config import DEFAULT_COMPENSATION, DEFAULT_RESIDUAL_CORRECTION
 from llmprune.engine.pruning.cut.layer_pass import (  # noqa: F401 (RefitWindows re-exported)
     LayerReport,
     RefitWindows,
@@ -60,7 +61,7 @@ class CalibratedPruneOptions:
 
     unit_score: str = DEFAULT_UNIT_SCORE
     """Which units of a layer to keep: obs | fluctuation | activation | magnitude (scores.units.UNIT_SCORES)."""
-    compensation: str = "lstsq"
+    compensation: str = DEFAULT_COMPENSATION
     """What to do for the removed units: none | bias (their mean, into the output bias) | lstsq (refit
     o_proj/down_proj).
     """
@@ -73,7 +74,7 @@ class CalibratedPruneOptions:
     """At most this share of a layer's MLP channels goes."""
     damping: float = 1e-3
     """Ridge added to the least-squares normal equations, relative to their mean diagonal."""
-    correction: float = 0.0
+    correction: float = DEFAULT_RESIDUAL_CORRECTION
     """Residual correction (0–1): how much of the pruned model's drift from the dense model's residual stream each
     least-squares refit also takes away (`cut.layer_pass.prune_layers`)."""
 

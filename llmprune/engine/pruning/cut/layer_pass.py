@@ -122,7 +122,8 @@ class _OneLayer:
         stream after the still uncut block), on the refit's windows; None without residual correction."""
         if dense_after is None or self.step is None or not getattr(self.step, "needs_gram", False):
             return None
-        return (dense_after - block(self.layer, hidden.fit)).mul_(self.correction)
+        # in float32 at least: the gap is small beside either stream, and bf16 would round most of it away
+        return (dense_after.float() - block(self.layer, hidden.fit).float()).mul_(self.correction)
 
     def _statistics(
         self, linear: nn.Linear, width: int, hidden: _Streams, block, dense_after: torch.Tensor | None = None

@@ -113,11 +113,17 @@ class PairedError:
     inputs go by, and keeps Σ e and Σ‖e‖² for the refit's centring and its cross-validation.
     """
 
+    ROWS = 4096  # tokens at a time in float64: a float64 copy of all of them would be GBs at 8B widths
+
     def __init__(self, error: torch.Tensor, features: int, device: torch.device | str = "cpu"):
         self.error = error.reshape(-1, error.shape[-1]).to(device)
         self.cross = torch.zeros(features, self.error.shape[1], dtype=torch.float64, device=device)
-        self.total = self.error.sum(0, dtype=torch.float64)
-        self.energy = float(self.error.to(torch.float64).pow(2).sum())
+        self.total = torch.zeros(self.error.shape[1], dtype=torch.float64, device=device)
+        self.energy = 0.0
+        for first in range(0, self.error.shape[0], self.ROWS):
+            rows = self.error[first : first + self.ROWS].to(torch.float64)
+            self.total += rows.sum(0)
+            self.energy += float(rows.pow(2).sum())
         self._seen = 0
 
     def add(self, x: torch.Tensor) -> None:
