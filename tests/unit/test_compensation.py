@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -225,9 +226,5 @@ def test_a_paired_error_is_refitted_away_with_the_dense_output():
 def test_a_paired_error_must_cover_every_input_token():
     linear = nn.Linear(12, 6)
     x = _inputs(tokens=64)
-    try:
+    with pytest.raises(ValueError, match="paired error has 32 tokens"):
         _paired_stats(linear, x, torch.zeros(32, 6), chunks=4)
-    except ValueError as error:
-        assert "paired error has 32 tokens" in str(error)
-    else:
-        raise AssertionError("inputs beyond the paired error were accepted")

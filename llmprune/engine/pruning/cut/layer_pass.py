@@ -119,8 +119,12 @@ class _OneLayer:
 
     def _error(self, hidden: _Streams, dense_after: torch.Tensor | None, block) -> torch.Tensor | None:
         """What the refit should also take away: `correction` × (the dense stream after the block − the pruned
-        stream after the still uncut block), on the refit's windows; None without residual correction."""
-        if dense_after is None or self.step is None or not getattr(self.step, "needs_gram", False):
+        stream after the still uncut block), on the refit's windows; None without residual correction
+        (`prune_layers` walks the dense stream only when its step refits by least squares).
+
+        The uncut block runs here and again in the record pass: the gap has to be known while the inputs go by,
+        since keeping the inputs to pair them afterwards would cost tokens × inputs (GBs at 8B widths)."""
+        if dense_after is None:
             return None
         # in float32 at least: the gap is small beside either stream, and bf16 would round most of it away
         return (dense_after.float() - block(self.layer, hidden.fit).float()).mul_(self.correction)
